@@ -1,0 +1,49 @@
+# RGrid developer commands. `make setup` is idempotent and fast the second time.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+RUNTIME := python:3.11
+
+.PHONY: setup packages services runtime db demo test test-fast up down bench lint
+
+setup: $(INSTALLED) packages services runtime db
+
+# Every recipe writes to stderr, so that `make -s up` prints only its export lines.
+$(INSTALLED): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || python3 -m venv $(VENV) >&2
+	@$(BIN)/pip install -q --upgrade pip >&2
+	@$(BIN)/pip install -q -e '.[dev]' >&2
+	@touch $@
+
+packages:
+	@scripts/services.sh install >&2
+
+services: $(INSTALLED) packages
+	@scripts/services.sh start >&2
+
+runtime: $(INSTALLED) packages
+	@$(BIN)/rgrid runtime build $(RUNTIME) --if-missing >&2
+
+db: services
+	@set -a; . scripts/dev.env; set +a; $(BIN)/alembic upgrade head 2>&1 | grep -v '^INFO' >&2 || true
+
+demo: $(INSTALLED) runtime
+	@scripts/demo.sh
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+up: setup
+	@scripts/up.sh
+
+down:
+	@scripts/down.sh
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check rgrid workers tests bench

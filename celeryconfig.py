@@ -1,0 +1,47 @@
+"""Celery settings, in one place, read from the environment (loaded by workers/celery_app.py)."""
+
+import os
+
+from celery.schedules import crontab
+
+broker_url = os.environ.get("RGRID_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Results are not read (state lives in the execution row), but Flower shows them.
+result_backend = os.environ.get("RGRID_RESULT_BACKEND", broker_url)
+result_expires = 24 * 3600
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+# A step is acknowledged when it finishes, so a worker that dies mid-step has it redelivered;
+# every step is idempotent for that reason.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# A hard limit per step; the run step's own deadline (the execution's timeout) is enforced by
+# the runner, and the hard limit only catches a worker that hangs past it.
+task_soft_time_limit = int(os.environ.get("RGRID_TASK_SOFT_TIME_LIMIT", 24 * 3600 + 300))
+task_time_limit = int(os.environ.get("RGRID_TASK_TIME_LIMIT", 24 * 3600 + 600))
+# Redis redelivers an unacked task after the visibility timeout: keep it above the hard limit,
+# or a long run would be started a second time while the first still runs.
+broker_transport_options = {"visibility_timeout": task_time_limit + 3600}
+
+task_default_queue = "rgrid"
+task_track_started = True
+worker_send_task_events = True
+task_send_sent_event = True
+broker_connection_retry_on_startup = True
+
+beat_schedule = {
+    "reap-leftover-containers": {
+        "task": "rgrid.reap_containers",
+        "schedule": 300.0,
+    },
+    "purge-unused-cache-entries": {
+        "task": "rgrid.purge_caches",
+        "schedule": crontab(hour=3, minute=17),
+    },
+}

@@ -1,0 +1,46 @@
+"""Alembic environment: the schema's only way to change."""
+
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+from rgrid.config import get_settings
+from rgrid.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+if not config.get_main_option("sqlalchemy.url"):
+    url = get_settings().effective_database_url
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connectable = engine_from_config(
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+    )
+    with connectable.connect() as connection:
+        # Batch mode lets later ALTERs work on SQLite, the embedded default's database.
+        context.configure(
+            connection=connection, target_metadata=target_metadata, render_as_batch=True
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,43 @@
+"""The HTTP API: a thin layer that authenticates, validates, writes rows and queues work.
+
+Serve it with a WSGI server: ``gunicorn 'rgrid.api:create_app()'``.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from rgrid.config import Settings, get_settings
+from rgrid.context import server_context
+from rgrid.errors import RGridError
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["RGRID_SETTINGS"] = settings
+    app.extensions["rgrid"] = server_context(settings)
+
+    from rgrid.api.executions import bp as executions_bp
+
+    app.register_blueprint(executions_bp, url_prefix="/v1")
+
+    @app.errorhandler(RGridError)
+    def _rgrid_error(exc: RGridError):
+        return jsonify(error=exc.message), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return jsonify(error=exc.description), exc.code
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @app.get("/metrics")
+    def metrics():
+        return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+    return app

@@ -1,0 +1,108 @@
+"""Executions: create, read, follow logs, list outputs. Every query is scoped to the caller."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, jsonify, request
+from prometheus_client import Counter
+
+from rgrid import executions as svc
+from rgrid.accounts import authenticate
+from rgrid.db import session_scope
+from rgrid.errors import BadInput, ServiceUnavailable
+from rgrid.pipeline import PipelineContext
+
+bp = Blueprint("executions", __name__)
+
+SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
+
+
+def _ctx() -> PipelineContext:
+    return current_app.extensions["rgrid"]
+
+
+@bp.before_request
+def _authenticate() -> None:
+    header = request.headers.get("Authorization", "")
+    secret = header[7:].strip() if header.lower().startswith("bearer ") else None
+    with session_scope(_ctx().session_factory) as session:
+        g.account_id = authenticate(session, secret).id
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadInput("request body must be a JSON object")
+    return body
+
+
+@bp.post("/executions")
+def create_execution():
+    from workers.tasks import enqueue_pipeline
+
+    body = _json_body()
+    script = body.get("script")
+    if not isinstance(script, str):
+        raise BadInput("'script' must be the script's text")
+    timeout = body.get("timeout_s")
+    if timeout is not None and not isinstance(timeout, int):
+        raise BadInput("'timeout_s' must be a whole number of seconds")
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=g.account_id,
+            script=script,
+            script_name=str(body.get("script_name") or "script.py"),
+            runtime=str(body.get("runtime") or "python:3.11"),
+            timeout_s=timeout,
+            args=body.get("args") or [],
+        )
+        execution_id = execution.id
+    # Only now, after the commit, may a worker go looking for the row.
+    try:
+        enqueue_pipeline(execution_id)
+    except Exception as exc:  # noqa: BLE001 - broker down: the row must not stay queued for ever
+        with session_scope(ctx.session_factory) as session:
+            execution = svc.get_execution(session, g.account_id, execution_id)
+            execution.status = "error"
+            execution.error = "could not queue the execution: broker unavailable"
+        raise ServiceUnavailable(f"could not queue the execution: {exc}") from exc
+    SUBMITTED.inc()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        return jsonify(svc.execution_to_dict(execution)), 201
+
+
+@bp.get("/executions")
+def list_executions():
+    limit = request.args.get("limit", default=20, type=int)
+    with session_scope(_ctx().session_factory) as session:
+        rows = svc.list_executions(session, g.account_id, limit)
+        return jsonify(executions=[svc.execution_to_dict(row) for row in rows])
+
+
+@bp.get("/executions/<execution_id>")
+def get_execution(execution_id: str):
+    with session_scope(_ctx().session_factory) as session:
+        return jsonify(
+            svc.execution_to_dict(svc.get_execution(session, g.account_id, execution_id))
+        )
+
+
+@bp.get("/executions/<execution_id>/logs")
+def get_logs(execution_id: str):
+    offset = max(0, request.args.get("offset", default=0, type=int))
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        return jsonify(svc.read_logs(execution, ctx.logs, ctx.store, offset))
+
+
+@bp.get("/executions/<execution_id>/outputs")
+def get_outputs(execution_id: str):
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        return jsonify(outputs=svc.output_listing(execution, ctx.store))

@@ -1,0 +1,43 @@
+"""Every cache key and every name derived from one, in one place (DESIGN.md, "Cache keys").
+
+Keys include the account so that no account can learn whether another ran a script, and the
+script key includes the dependency hash so that a script never gets an image built with
+another requirements set.
+"""
+
+from __future__ import annotations
+
+from rgrid.hashing import sha256_bytes
+
+SCRIPT_IMAGE_REPOSITORY = "rgrid-exec"
+KEY_SEPARATOR = "\x1f"
+
+#: The dependency hash of a script with no requirements (the normalised empty set).
+EMPTY_DEPENDENCY_HASH = sha256_bytes(b"")
+
+
+def script_cache_key(account_id: int, runtime: str, dependency_hash: str, script_hash: str) -> str:
+    parts = ("script", str(account_id), runtime, dependency_hash, script_hash)
+    return sha256_bytes(KEY_SEPARATOR.join(parts).encode())
+
+
+def script_image_ref(cache_key: str) -> str:
+    """The tag a script image is built under: ``rgrid-exec:<first 12 of the key>``."""
+    return f"{SCRIPT_IMAGE_REPOSITORY}:{cache_key[:12]}"
+
+
+def build_lock_name(cache_key: str) -> str:
+    """Single-flight lock: one build per key at a time across the grid."""
+    return f"rgrid:build-lock:{cache_key}"
+
+
+def script_object_key(account_id: int, script_hash: str) -> str:
+    return f"scripts/{account_id}/{script_hash}.py"
+
+
+def log_object_key(execution_id: str) -> str:
+    return f"logs/{execution_id}.jsonl"
+
+
+def output_object_key(execution_id: str, relpath: str) -> str:
+    return f"outputs/{execution_id}/{relpath}"

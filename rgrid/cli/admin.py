@@ -1,0 +1,99 @@
+"""Operator commands: accounts and API keys, straight against the database."""
+
+from __future__ import annotations
+
+import click
+from sqlalchemy import select
+
+from rgrid import accounts
+from rgrid.cli import cli
+from rgrid.cli.output import print_json
+from rgrid.config import get_settings
+from rgrid.db import get_session_factory, session_scope, upgrade
+from rgrid.models import Account, ApiKey
+
+
+def _factory():
+    return get_session_factory(get_settings().effective_database_url)
+
+
+@cli.group()
+def admin() -> None:
+    """Manage accounts and API keys (uses RGRID_DATABASE_URL)."""
+
+
+@admin.command()
+def migrate() -> None:
+    """Bring the database schema up to date (alembic upgrade head)."""
+    upgrade(get_settings().effective_database_url)
+    click.echo("database is up to date")
+
+
+@admin.command("create-account")
+@click.argument("name")
+@click.option("--with-key", is_flag=True, help="Also issue an API key and print it.")
+@click.option("--json", "json_mode", is_flag=True)
+def create_account(name: str, with_key: bool, json_mode: bool) -> None:
+    """Create an account."""
+    with session_scope(_factory()) as session:
+        account = accounts.create_account(session, name)
+        result = {"account_id": account.id, "name": account.name}
+        if with_key:
+            row, secret = accounts.issue_key(session, account)
+            result.update(key_id=row.id, api_key=secret)
+    if json_mode:
+        print_json(result)
+        return
+    click.echo(f"account {result['name']} created (id {result['account_id']})")
+    if with_key:
+        click.echo(f"API key (shown once, store it now): {result['api_key']}")
+
+
+@admin.command("create-key")
+@click.argument("account_name")
+@click.option("--json", "json_mode", is_flag=True)
+def create_key(account_name: str, json_mode: bool) -> None:
+    """Issue an API key for ACCOUNT_NAME. The key is shown once; only its hash is kept."""
+    with session_scope(_factory()) as session:
+        account = accounts.find_account(session, account_name)
+        row, secret = accounts.issue_key(session, account)
+        result = {"key_id": row.id, "account": account.name, "api_key": secret}
+    if json_mode:
+        print_json(result)
+    else:
+        click.echo(f"key {result['key_id']} for {account_name} (shown once): {secret}")
+
+
+@admin.command("revoke-key")
+@click.argument("key_id", type=int)
+def revoke_key(key_id: int) -> None:
+    """Revoke an API key by its id; requests with it are refused from now on."""
+    with session_scope(_factory()) as session:
+        accounts.revoke_key(session, key_id)
+    click.echo(f"key {key_id} revoked")
+
+
+@admin.command("list-keys")
+@click.option("--json", "json_mode", is_flag=True)
+def list_keys(json_mode: bool) -> None:
+    """List API keys (their prefixes, never the keys)."""
+    with session_scope(_factory()) as session:
+        rows = session.execute(
+            select(ApiKey, Account.name).join(Account).order_by(ApiKey.id)
+        ).all()
+        result = [
+            {
+                "key_id": key.id,
+                "account": name,
+                "prefix": key.prefix,
+                "created_at": key.created_at.isoformat(),
+                "revoked": key.revoked_at is not None,
+            }
+            for key, name in rows
+        ]
+    if json_mode:
+        print_json(result)
+        return
+    for row in result:
+        state = "revoked" if row["revoked"] else "active"
+        click.echo(f"{row['key_id']:>4}  {row['account']:20} {row['prefix']}…  {state}")

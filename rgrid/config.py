@@ -1,0 +1,120 @@
+"""Every setting RGrid reads, in one place.
+
+Settings come from the environment (``RGRID_*``) so that the API, the workers, beat and the CLI
+can be pointed at the same services without a config file. Nothing else in the code base reads
+``os.environ`` for RGrid settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+#: The repository root when running from a checkout (editable install); migrations live there.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the environment; build one with :meth:`from_env`."""
+
+    # Where the CLI sends work. Unset: the embedded default runs everything in process.
+    api_url: str | None = None
+    api_key: str | None = None
+
+    # Server side (API, workers, beat). The embedded default fills these from data_dir.
+    data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("rgrid")))
+    database_url: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "rgrid"
+    s3_region: str = "us-east-1"
+    store_dir: Path | None = None
+
+    # Sandbox limits for every execution container.
+    default_timeout_s: int = 600
+    max_timeout_s: int = 24 * 3600
+    memory_limit: str = "1g"
+    cpu_limit: float = 1.0
+    pids_limit: int = 256
+    tmp_size: str = "256m"
+    max_output_bytes: int = 1024**3
+    max_script_bytes: int = 1024**2
+    container_user: str = "1000:1000"
+
+    # How long a build waits for another builder of the same key before giving up.
+    build_lock_timeout_s: int = 1800
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        data_dir = Path(_env("RGRID_DATA_DIR") or platformdirs.user_data_dir("rgrid"))
+        store_dir = _env("RGRID_STORE_DIR")
+        return cls(
+            api_url=_env("RGRID_API_URL"),
+            api_key=_env("RGRID_API_KEY"),
+            data_dir=data_dir,
+            database_url=_env("RGRID_DATABASE_URL"),
+            redis_url=_env("RGRID_REDIS_URL", cls.redis_url),
+            s3_endpoint_url=_env("RGRID_S3_ENDPOINT_URL"),
+            s3_bucket=_env("RGRID_S3_BUCKET", cls.s3_bucket),
+            s3_region=_env("RGRID_S3_REGION", cls.s3_region),
+            store_dir=Path(store_dir) if store_dir else None,
+            default_timeout_s=_env_int("RGRID_DEFAULT_TIMEOUT", cls.default_timeout_s),
+            max_timeout_s=_env_int("RGRID_MAX_TIMEOUT", cls.max_timeout_s),
+            memory_limit=_env("RGRID_MEMORY_LIMIT", cls.memory_limit),
+            cpu_limit=_env_float("RGRID_CPU_LIMIT", cls.cpu_limit),
+            pids_limit=_env_int("RGRID_PIDS_LIMIT", cls.pids_limit),
+            tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
+            max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
+            max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
+            build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when the CLI should run the pipeline in process (no API configured)."""
+        return self.api_url is None
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database, or the embedded default's SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'rgrid.db'}"
+
+    @property
+    def effective_store_dir(self) -> Path:
+        return self.store_dir or self.data_dir / "store"
+
+
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,50 @@
+"""Builds the pipeline's surroundings for each way RGrid runs: server side (PostgreSQL, S3,
+Redis) or the embedded default (SQLite, a local folder, memory, file locks)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from rgrid.config import Settings
+from rgrid.db import get_session_factory, upgrade
+from rgrid.locks import FileLocks, RedisLocks
+from rgrid.logbuffer import MemoryLogBuffer, RedisLogBuffer
+from rgrid.objectstore import LocalStore, S3Store, store_from_settings
+from rgrid.pipeline import PipelineContext
+
+
+@lru_cache(maxsize=4)
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def server_context(settings: Settings) -> PipelineContext:
+    if not settings.database_url:
+        raise RuntimeError("RGRID_DATABASE_URL must be set for the API and the workers")
+    store = store_from_settings(settings)
+    if isinstance(store, S3Store):
+        store.ensure_bucket()
+    client = redis_client(settings.redis_url)
+    return PipelineContext(
+        settings=settings,
+        session_factory=get_session_factory(settings.database_url),
+        store=store,
+        logs=RedisLogBuffer(client),
+        locks=RedisLocks(client, lease_s=settings.build_lock_timeout_s),
+    )
+
+
+def embedded_context(settings: Settings) -> PipelineContext:
+    """Everything under the user's data directory; the schema is migrated on first use."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.effective_database_url
+    upgrade(url)
+    return PipelineContext(
+        settings=settings,
+        session_factory=get_session_factory(url),
+        store=LocalStore(settings.effective_store_dir),
+        logs=MemoryLogBuffer(),
+        locks=FileLocks(settings.data_dir / "locks"),
+    )

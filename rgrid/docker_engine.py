@@ -1,0 +1,30 @@
+"""Access to the Docker engine, with the one-line error a user sees when it is not there."""
+
+from __future__ import annotations
+
+import docker
+from docker.errors import DockerException
+
+from rgrid.errors import ServiceUnavailable
+
+#: Every container and volume RGrid creates carries this label, so leftovers can be reaped.
+MANAGED_LABEL = "rgrid.managed"
+EXECUTION_LABEL = "rgrid.execution"
+
+
+def get_docker() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except DockerException as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ServiceUnavailable(f"cannot reach the Docker engine: {reason}") from exc
+    return client
+
+
+def image_exists(client: docker.DockerClient, ref: str) -> bool:
+    try:
+        client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True

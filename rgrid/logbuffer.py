@@ -1,0 +1,90 @@
+"""Live log chunks of running executions.
+
+While an execution runs, its output is appended here so that the CLI can follow it; the store
+step then writes the whole log to the object store and clears the buffer. The API serves logs
+from here while the buffer exists and from the object store afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from typing import Protocol
+
+import redis
+
+#: Streams: the script's stdout and stderr, and RGrid's own messages (build log, notes).
+STREAMS = ("stdout", "stderr", "system")
+
+LogChunk = tuple[str, str]
+
+
+class LogBuffer(Protocol):
+    def append(self, execution_id: str, stream: str, text: str) -> None: ...
+    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]: ...
+    def exists(self, execution_id: str) -> bool: ...
+    def clear(self, execution_id: str) -> None: ...
+
+
+class MemoryLogBuffer:
+    """For the embedded default, where the pipeline runs in the CLI's own process."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, list[LogChunk]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def append(self, execution_id: str, stream: str, text: str) -> None:
+        with self._lock:
+            self._chunks[execution_id].append((stream, text))
+
+    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
+        with self._lock:
+            return list(self._chunks.get(execution_id, [])[start:])
+
+    def exists(self, execution_id: str) -> bool:
+        with self._lock:
+            return execution_id in self._chunks
+
+    def clear(self, execution_id: str) -> None:
+        with self._lock:
+            self._chunks.pop(execution_id, None)
+
+
+class RedisLogBuffer:
+    """A Redis list per execution, shared by the workers that write and the API that reads."""
+
+    TTL_S = 7 * 24 * 3600
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @staticmethod
+    def _key(execution_id: str) -> str:
+        return f"rgrid:log:{execution_id}"
+
+    def append(self, execution_id: str, stream: str, text: str) -> None:
+        key = self._key(execution_id)
+        pipe = self.client.pipeline()
+        pipe.rpush(key, json.dumps([stream, text]))
+        pipe.expire(key, self.TTL_S)
+        pipe.execute()
+
+    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
+        raw = self.client.lrange(self._key(execution_id), start, -1)
+        return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
+
+    def exists(self, execution_id: str) -> bool:
+        return bool(self.client.exists(self._key(execution_id)))
+
+    def clear(self, execution_id: str) -> None:
+        self.client.delete(self._key(execution_id))
+
+
+def encode_log(chunks: list[LogChunk]) -> bytes:
+    """The stored form of a finished log: one JSON ``[stream, text]`` per line."""
+    return "".join(json.dumps(list(chunk)) + "\n" for chunk in chunks).encode()
+
+
+def decode_log(data: bytes) -> list[LogChunk]:
+    return [tuple(json.loads(line)) for line in data.decode().splitlines() if line]  # type: ignore[misc]

@@ -1,0 +1,113 @@
+"""The schema, as SQLAlchemy models. It only ever changes through a migration in migrations/."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key. Only its sha256 is stored: the key itself is shown once, when issued."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Execution(Base):
+    """One run of one script. Its row is the single source of truth for its state."""
+
+    __tablename__ = "executions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    # What the run/build steps found; becomes ``status`` once logs and outputs are stored.
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    runtime: Mapped[str] = mapped_column(String(40))
+    script_name: Mapped[str] = mapped_column(String(255))
+    script_hash: Mapped[str] = mapped_column(String(64))
+    dependency_hash: Mapped[str | None] = mapped_column(String(64))
+    input_hash: Mapped[str | None] = mapped_column(String(64))
+    args: Mapped[list] = mapped_column(JSON, default=list)
+    timeout_s: Mapped[int] = mapped_column(Integer)
+    image_ref: Mapped[str | None] = mapped_column(String(200))
+    script_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    dependency_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    input_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    bytes_uploaded: Mapped[int] = mapped_column(BigInteger, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    outputs: Mapped[list] = mapped_column(JSON, default=list)
+    build_s: Mapped[float | None] = mapped_column(Float)
+    run_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScriptCache(Base):
+    """A built script image, keyed as DESIGN.md's cache contract says."""
+
+    __tablename__ = "script_cache"
+    __table_args__ = (
+        UniqueConstraint(
+            "account_id", "runtime", "dependency_hash", "script_hash", name="uq_script_cache_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    runtime: Mapped[str] = mapped_column(String(40))
+    dependency_hash: Mapped[str] = mapped_column(String(64))
+    script_hash: Mapped[str] = mapped_column(String(64))
+    image_ref: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+TERMINAL_STATUSES = frozenset(
+    {"succeeded", "failed", "timed_out", "build_failed", "error", "cancelled"}
+)

@@ -1,0 +1,321 @@
+"""The execution pipeline: hash -> cache-lookup -> build -> run -> store.
+
+Each step takes an execution id, reads and writes that execution's row, and is safe to run
+again (Celery may redeliver a task). The same functions run as separate Celery tasks on a worker
+and one after another in process for the embedded default, so both give the same results.
+
+A step that decides how the execution ends (a failed build, the script's exit) records it in
+``outcome``; only the store step, once logs and outputs are safely stored, turns it into the
+final ``status``. A client that sees a final status can therefore always read the whole log.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import docker
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from rgrid import cache_keys
+from rgrid.builder import build_script_image
+from rgrid.config import Settings
+from rgrid.db import session_scope
+from rgrid.docker_engine import get_docker, image_exists
+from rgrid.errors import BuildError, RGridError
+from rgrid.hashing import script_hash
+from rgrid.locks import LockFactory
+from rgrid.logbuffer import LogBuffer, encode_log
+from rgrid.models import TERMINAL_STATUSES, Execution, ScriptCache, utcnow
+from rgrid.objectstore import ObjectStore
+from rgrid.runner import OutputLimitExceeded, Sandbox, run_script
+from rgrid.runtimes import resolve_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineContext:
+    """What the steps need from their surroundings; built once per worker process or CLI run."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+    logs: LogBuffer
+    locks: LockFactory
+    docker_factory: Callable[[], docker.DockerClient] = get_docker
+
+    @cached_property
+    def docker(self) -> docker.DockerClient:
+        return self.docker_factory()
+
+    @property
+    def sandbox(self) -> Sandbox:
+        s = self.settings
+        return Sandbox(
+            user=s.container_user,
+            memory=s.memory_limit,
+            cpus=s.cpu_limit,
+            pids=s.pids_limit,
+            tmp_size=s.tmp_size,
+            max_output_bytes=s.max_output_bytes,
+        )
+
+    def note(self, execution_id: str, text: str) -> None:
+        """A line from RGrid itself in the execution's log (build output, cache decisions)."""
+        self.logs.append(execution_id, "system", text if text.endswith("\n") else text + "\n")
+
+
+def _load(session: Session, execution_id: str) -> Execution:
+    execution = session.get(Execution, execution_id)
+    if execution is None:
+        raise RGridError(f"execution {execution_id} not found")
+    return execution
+
+
+def _finished(execution: Execution) -> bool:
+    return execution.status in TERMINAL_STATUSES or execution.outcome is not None
+
+
+def hash_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Recompute the script hash from the stored bytes: never trust the submitter's word."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if _finished(execution):
+            return
+        key = cache_keys.script_object_key(execution.account_id, execution.script_hash)
+        actual = script_hash(ctx.store.get_bytes(key))
+        if actual != execution.script_hash:
+            execution.outcome = "error"
+            execution.error = "stored script does not match its hash"
+            return
+        execution.dependency_hash = cache_keys.EMPTY_DEPENDENCY_HASH
+
+
+def _script_key(execution: Execution) -> str:
+    assert execution.dependency_hash is not None
+    return cache_keys.script_cache_key(
+        execution.account_id, execution.runtime, execution.dependency_hash, execution.script_hash
+    )
+
+
+def _find_cached_image(ctx: PipelineContext, session: Session, execution: Execution) -> str | None:
+    """The cached image for this execution's key, if its row exists and the image still does."""
+    row = session.scalars(
+        select(ScriptCache).where(
+            ScriptCache.account_id == execution.account_id,
+            ScriptCache.runtime == execution.runtime,
+            ScriptCache.dependency_hash == execution.dependency_hash,
+            ScriptCache.script_hash == execution.script_hash,
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    if not image_exists(ctx.docker, row.image_ref):
+        # A row whose image vanished (pruned, new host) is a miss: rebuild and carry on.
+        return None
+    return row.image_ref
+
+
+def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if _finished(execution):
+            return
+        image = _find_cached_image(ctx, session, execution)
+        execution.script_cache_hit = image is not None
+        execution.image_ref = image
+        ctx.note(execution_id, f"script cache {'hit' if image else 'miss'}")
+
+
+def _record_image(session: Session, execution: Execution, image_ref: str) -> None:
+    row = session.scalars(
+        select(ScriptCache).where(
+            ScriptCache.account_id == execution.account_id,
+            ScriptCache.runtime == execution.runtime,
+            ScriptCache.dependency_hash == execution.dependency_hash,
+            ScriptCache.script_hash == execution.script_hash,
+        )
+    ).one_or_none()
+    if row is None:
+        session.add(
+            ScriptCache(
+                account_id=execution.account_id,
+                runtime=execution.runtime,
+                dependency_hash=execution.dependency_hash,
+                script_hash=execution.script_hash,
+                image_ref=image_ref,
+                use_count=0,
+            )
+        )
+    else:
+        row.image_ref = image_ref
+
+
+def build_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Build the script image on a miss; one build per key at a time across the grid."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if _finished(execution) or execution.script_cache_hit:
+            return
+        execution.status = "building"
+    key = _script_key(execution)
+    with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            image = _find_cached_image(ctx, session, execution)
+            if image is not None:
+                # Another builder finished this key while we waited for the lock.
+                execution.script_cache_hit = True
+                execution.image_ref = image
+                execution.status = "queued"
+                ctx.note(execution_id, "script image built by a concurrent run: cache hit")
+                return
+        spec = resolve_runtime(execution.runtime)
+        if not image_exists(ctx.docker, spec.image):
+            # The classic builder would try to pull the FROM image, and there is no registry.
+            raise BuildError(
+                f"runtime image {spec.image} is not built on this Docker host: "
+                f"run `rgrid runtime build {spec.name}`"
+            )
+        script = ctx.store.get_bytes(
+            cache_keys.script_object_key(execution.account_id, execution.script_hash)
+        )
+        tag = cache_keys.script_image_ref(key)
+        ctx.note(execution_id, f"building script image {tag} on {spec.image}")
+        try:
+            build_s = build_script_image(
+                ctx.docker,
+                spec.image,
+                script,
+                tag,
+                labels={"rgrid.cache": "script", "rgrid.cache-key": key},
+                log=lambda line: ctx.logs.append(execution_id, "system", line),
+            )
+        except BuildError as exc:
+            with session_scope(ctx.session_factory) as session:
+                execution = _load(session, execution_id)
+                execution.outcome = "build_failed"
+                execution.error = exc.message
+            ctx.note(execution_id, exc.message)
+            return
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            _record_image(session, execution, tag)
+            execution.image_ref = tag
+            execution.build_s = build_s
+            execution.status = "queued"
+
+
+def run_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Run the container, stream its output, and store the files it wrote under outputs/."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if _finished(execution):
+            return
+        execution.status = "running"
+        execution.started_at = utcnow()
+    spool = Path(tempfile.mkdtemp(prefix=f"rgrid-out-{execution_id}-"))
+    try:
+        try:
+            result = run_script(
+                ctx.docker,
+                execution_id=execution_id,
+                image=execution.image_ref or "",
+                args=list(execution.args or []),
+                timeout_s=execution.timeout_s,
+                sandbox=ctx.sandbox,
+                outputs_dest=spool,
+                on_output=lambda stream, text: ctx.logs.append(execution_id, stream, text),
+            )
+        except OutputLimitExceeded as exc:
+            with session_scope(ctx.session_factory) as session:
+                execution = _load(session, execution_id)
+                execution.outcome = "failed"
+                execution.error = str(exc)
+            ctx.note(execution_id, str(exc))
+            return
+        for note in result.notes:
+            ctx.note(execution_id, note)
+        for output in result.outputs:
+            with open(spool / output["path"], "rb") as fh:
+                ctx.store.put_stream(cache_keys.output_object_key(execution_id, output["path"]), fh)
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            execution.exit_code = result.exit_code
+            execution.run_s = round(result.run_s, 3)
+            execution.outputs = result.outputs
+            if result.timed_out:
+                execution.outcome = "timed_out"
+                execution.error = f"timed out after {execution.timeout_s}s"
+                ctx.note(execution_id, execution.error)
+            else:
+                execution.outcome = "succeeded" if result.exit_code == 0 else "failed"
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
+    chunks = ctx.logs.read(execution_id)
+    ctx.store.put_bytes(cache_keys.log_object_key(execution_id), encode_log(chunks))
+
+
+def store_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Store the log, touch the cache row, and only then publish the final status."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if execution.status in TERMINAL_STATUSES:
+            return
+        if execution.image_ref and execution.outcome in ("succeeded", "failed", "timed_out"):
+            row = session.scalars(
+                select(ScriptCache).where(ScriptCache.image_ref == execution.image_ref)
+            ).first()
+            if row is not None:
+                row.last_used_at = utcnow()
+                row.use_count += 1
+    _persist_logs(ctx, execution_id)
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        execution.status = execution.outcome or "error"
+        execution.finished_at = utcnow()
+    ctx.logs.clear(execution_id)
+
+
+def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
+    """Called when a step raised: the execution ends in ``error`` with its log kept."""
+    log.error("execution %s failed: %s", execution_id, message)
+    try:
+        ctx.note(execution_id, f"error: {message}")
+        _persist_logs(ctx, execution_id)
+    except Exception:  # noqa: BLE001 - the row must still be marked even if the store is down
+        log.exception("could not store the log of %s", execution_id)
+    with session_scope(ctx.session_factory) as session:
+        execution = session.get(Execution, execution_id)
+        if execution is None or execution.status in TERMINAL_STATUSES:
+            return
+        execution.status = "error"
+        execution.outcome = "error"
+        execution.error = message
+        execution.finished_at = utcnow()
+    ctx.logs.clear(execution_id)
+
+
+STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)
+
+
+def run_all(ctx: PipelineContext, execution_id: str) -> None:
+    """Every step in order, in this process: the embedded default."""
+    try:
+        for step in STEPS:
+            step(ctx, execution_id)
+    except RGridError as exc:
+        fail(ctx, execution_id, exc.message)
+    except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
+        log.exception("pipeline crashed")
+        fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")

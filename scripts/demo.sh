@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make demo`: run examples/hello.py twice on the embedded default (no servers) and show that
+# the second run starts from the script cache instead of building.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+unset RGRID_API_URL RGRID_API_KEY RGRID_DATABASE_URL RGRID_S3_ENDPOINT_URL
+# A fresh data folder each time, so the first run is always a miss and the second a hit.
+export RGRID_DATA_DIR="$REPO/.rgrid-dev/demo"
+rm -rf "$RGRID_DATA_DIR"
+RGRID="$REPO/.venv/bin/rgrid"
+
+echo "== first run: the script is new, so its image is built" >&2
+"$RGRID" run examples/hello.py
+echo >&2
+echo "== second run: same script, so the cached image is used (no build)" >&2
+"$RGRID" run examples/hello.py --json >"$RGRID_DATA_DIR/second.json"
+"$REPO/.venv/bin/python" - "$RGRID_DATA_DIR/second.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(f"second run: {result['status']}, script cache {'hit' if result['script_cache_hit'] else 'MISS'},"
+      f" {result['duration_s']}s; outputs in {result['outputs_dir']}")
+sys.exit(0 if result["script_cache_hit"] and result["status"] == "succeeded" else 1)
+PY

@@ -1,0 +1,1 @@
+"""The Celery side of RGrid: the app and its tasks."""

@@ -1,0 +1,85 @@
+"""Pipeline steps as Celery tasks (one per step, so each shows in Flower) and the beat jobs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Task, chain
+from celery.utils.log import get_task_logger
+
+from rgrid import pipeline
+from rgrid.config import get_settings
+from rgrid.context import redis_client, server_context
+from rgrid.db import session_scope
+from rgrid.errors import RGridError
+from rgrid.maintenance import purge_script_cache, reap_containers
+from rgrid.pipeline import PipelineContext
+from workers.celery_app import app
+
+log = get_task_logger(__name__)
+
+
+@lru_cache(maxsize=1)
+def worker_context() -> PipelineContext:
+    """Built once per worker process, on first use (not at import, so the API can import this)."""
+    return server_context(get_settings())
+
+
+class PipelineTask(Task):
+    """A step of an execution's chain; a step that raises ends the execution in ``error``."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        execution_id = args[0] if args else kwargs.get("execution_id")
+        if not execution_id:
+            return
+        message = exc.message if isinstance(exc, RGridError) else f"{type(exc).__name__}: {exc}"
+        pipeline.fail(worker_context(), execution_id, message)
+
+
+def _step(name: str, fn):
+    @app.task(name=f"rgrid.{name}", base=PipelineTask, bind=True)
+    def task(self, execution_id: str) -> str:
+        fn(worker_context(), execution_id)
+        return execution_id
+
+    return task
+
+
+hash_task = _step("hash", pipeline.hash_step)
+cache_lookup_task = _step("cache_lookup", pipeline.cache_lookup_step)
+build_task = _step("build", pipeline.build_step)
+run_task = _step("run", pipeline.run_step)
+store_task = _step("store", pipeline.store_step)
+
+
+def enqueue_pipeline(execution_id: str) -> None:
+    """Queue the chain; call only after the transaction that wrote the row has committed."""
+    chain(
+        hash_task.s(execution_id),
+        cache_lookup_task.s(),
+        build_task.s(),
+        run_task.s(),
+        store_task.s(),
+    ).apply_async()
+
+
+@app.task(name="rgrid.reap_containers")
+def reap_containers_task() -> list[str]:
+    ctx = worker_context()
+    with session_scope(ctx.session_factory) as session:
+        return reap_containers(ctx.docker, session)
+
+
+@app.task(name="rgrid.purge_caches")
+def purge_caches_task() -> int:
+    """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
+    ctx = worker_context()
+    lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
+    if not lock.acquire(blocking=False):
+        log.info("another purge is running")
+        return 0
+    try:
+        with session_scope(ctx.session_factory) as session:
+            return purge_script_cache(ctx.docker, session)
+    finally:
+        lock.release()
