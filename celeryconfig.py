@@ -38,7 +38,7 @@ broker_connection_retry_on_startup = True
 beat_schedule = {
     "reap-leftover-containers": {
         "task": "rgrid.reap_containers",
-        "schedule": 300.0,
+        "schedule": float(os.environ.get("RGRID_REAP_INTERVAL_S", 300)),
     },
     "purge-unused-cache-entries": {
         "task": "rgrid.purge_caches",

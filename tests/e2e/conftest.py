@@ -1,0 +1,140 @@
+"""A running stack for end-to-end tests: the API under gunicorn, a Celery worker and beat, as
+real processes on the test database, Redis database and bucket; the CLI is run as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+BIN = Path(sys.executable).parent
+RGRID = str(BIN / "rgrid")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
+    logs = tmp_path_factory.mktemp("stack-logs")
+    env = {
+        **os.environ,
+        "RGRID_DATABASE_URL": server_settings.database_url,
+        "RGRID_REDIS_URL": server_settings.redis_url,
+        "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
+        "RGRID_S3_BUCKET": server_settings.s3_bucket,
+        "RGRID_REAP_INTERVAL_S": "2",
+    }
+    port = _free_port()
+    commands = {
+        "api": [
+            str(BIN / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "4",
+            "rgrid.api:create_app()",
+        ],
+        "worker": [
+            str(BIN / "celery"),
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "2",
+            "--hostname",
+            f"e2e-{port}@%h",
+        ],
+        "beat": [
+            str(BIN / "celery"),
+            "-A",
+            "workers.celery_app",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(logs / "beat-schedule"),
+        ],
+    }
+    processes = {
+        name: subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logs / f"{name}.log", "w"),  # noqa: SIM115 - lives as long as the process
+            stderr=subprocess.STDOUT,
+        )
+        for name, command in commands.items()
+    }
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError((logs / "api.log").read_text())
+        created = subprocess.run(
+            [RGRID, "admin", "create-account", f"e2e-{port}", "--with-key", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(created.stdout)["api_key"]
+        yield {**env, "RGRID_API_URL": url, "RGRID_API_KEY": key, "STACK_LOGS": str(logs)}
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: int = 180):
+    return subprocess.run(
+        [RGRID, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def run_json(
+    *args: str, env: dict[str, str], cwd: Path
+) -> tuple[dict, subprocess.CompletedProcess]:
+    result = run_cli(*args, "--json", env=env, cwd=cwd)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, (result.stdout, result.stderr)
+    return json.loads(lines[0]), result
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]

@@ -1,0 +1,45 @@
+"""The CLI with no server configured: the embedded default."""
+
+import os
+
+import pytest
+
+from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
+
+
+@pytest.fixture
+def embedded_env(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("RGRID_API_URL", "RGRID_API_KEY", "RGRID_DATABASE_URL", "RGRID_S3_ENDPOINT_URL")
+    }
+    env["RGRID_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+def test_embedded_run_twice_hits_cache(embedded_env, tmp_path):
+    (tmp_path / "hello.py").write_text("print('hi')\nopen('outputs/o.txt','w').write('o')\n")
+    first, result = run_json("run", "hello.py", env=embedded_env, cwd=tmp_path)
+    assert result.returncode == 0 and first["status"] == "succeeded"
+    assert first["script_cache_hit"] is False
+    assert (tmp_path / first["outputs_dir"] / "o.txt").read_text() == "o"
+    second, _ = run_json("run", "hello.py", env=embedded_env, cwd=tmp_path)
+    assert second["script_cache_hit"] is True
+
+    status = run_cli("status", second["execution_id"], env=embedded_env, cwd=tmp_path)
+    assert "succeeded" in status.stdout
+    logs = run_cli("logs", second["execution_id"], env=embedded_env, cwd=tmp_path)
+    assert logs.stdout == "hi\n"
+    assert (tmp_path / "data" / "rgrid.db").exists()
+
+
+def test_embedded_docker_unreachable(embedded_env, tmp_path):
+    (tmp_path / "hello.py").write_text("print('hi')\n")
+    env = {**embedded_env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    result = run_cli("run", "hello.py", env=env, cwd=tmp_path)
+    assert_one_line_error(result, "cannot reach the Docker engine")
+    assert result.returncode == 2
+    listed = run_cli("list", "--json", env=env, cwd=tmp_path)
+    assert listed.stdout.strip() == "[]"

@@ -1,0 +1,93 @@
+"""The HTTP API against the real database, Redis and object store."""
+
+import pytest
+
+from rgrid import accounts
+from rgrid.api import create_app
+from rgrid.db import session_scope
+
+
+@pytest.fixture(scope="module")
+def app(server_settings):
+    return create_app(server_settings)
+
+
+@pytest.fixture
+def issue_key(ctx):
+    def _issue(name: str) -> tuple[int, int, str]:
+        with session_scope(ctx.session_factory) as session:
+            account = accounts.get_or_create_account(session, name)
+            row, secret = accounts.issue_key(session, account)
+            return account.id, row.id, secret
+
+    return _issue
+
+
+def _auth(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_requests_without_a_valid_key_are_refused(app, ctx, issue_key):
+    client = app.test_client()
+    response = client.get("/v1/executions")
+    assert response.status_code == 401
+    assert response.json == {"error": "missing API key: set RGRID_API_KEY"}
+    response = client.get("/v1/executions", headers=_auth("rgk_not-a-key"))
+    assert response.status_code == 401
+    assert response.json["error"] == "invalid or revoked API key"
+
+    _, key_id, secret = issue_key("revoked-user")
+    assert client.get("/v1/executions", headers=_auth(secret)).status_code == 200
+    with session_scope(ctx.session_factory) as session:
+        accounts.revoke_key(session, key_id)
+    response = client.get("/v1/executions", headers=_auth(secret))
+    assert response.status_code == 401 and response.json["error"] == "invalid or revoked API key"
+
+
+def test_keys_are_stored_hashed(ctx, issue_key):
+    from rgrid.models import ApiKey
+
+    _, key_id, secret = issue_key("hashed-user")
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(ApiKey, key_id)
+        assert secret not in (row.key_hash, row.prefix) and len(row.key_hash) == 64
+
+
+def test_create_validates_and_scopes_to_the_account(app, issue_key):
+    client = app.test_client()
+    _, _, alice = issue_key("alice")
+    _, _, bob = issue_key("bob")
+
+    response = client.post(
+        "/v1/executions", json={"script": "pass\n", "runtime": "python:2.7"}, headers=_auth(alice)
+    )
+    assert response.status_code == 400
+    assert response.json["error"] == "unknown runtime 'python:2.7' (known: python:3.11)"
+    response = client.post("/v1/executions", data="not json", headers=_auth(alice))
+    assert response.status_code == 400
+    response = client.post(
+        "/v1/executions", json={"script": "pass\n", "timeout_s": "soon"}, headers=_auth(alice)
+    )
+    assert response.status_code == 400
+
+    response = client.post(
+        "/v1/executions", json={"script": "print(1)\n", "script_name": "a.py"}, headers=_auth(alice)
+    )
+    assert response.status_code == 201
+    execution = response.json
+    assert execution["status"] == "queued" and execution["script_name"] == "a.py"
+    execution_id = execution["execution_id"]
+
+    assert client.get(f"/v1/executions/{execution_id}", headers=_auth(alice)).status_code == 200
+    # Another account cannot tell the execution exists: 404, not 403.
+    for path in ("", "/logs", "/outputs"):
+        response = client.get(f"/v1/executions/{execution_id}{path}", headers=_auth(bob))
+        assert response.status_code == 404, path
+    listed = client.get("/v1/executions", headers=_auth(bob)).json["executions"]
+    assert execution_id not in [e["execution_id"] for e in listed]
+
+
+def test_health_and_metrics_need_no_key(app):
+    client = app.test_client()
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert b"rgrid_executions_submitted_total" in client.get("/metrics").data

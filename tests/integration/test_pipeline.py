@@ -1,0 +1,225 @@
+"""The pipeline on the real services: PostgreSQL, Redis, the S3 endpoint and Docker."""
+
+import json
+import threading
+
+import docker
+import pytest
+
+from rgrid import cache_keys
+from rgrid.db import session_scope
+from rgrid.docker_engine import EXECUTION_LABEL
+from rgrid.logbuffer import decode_log
+from rgrid.models import ScriptCache
+
+HELLO = "print('hello')\nopen('outputs/result.txt', 'w').write('42')\n"
+
+
+def _log(ctx, execution_id: str) -> list:
+    return decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+
+
+def _stdout(ctx, execution_id: str) -> str:
+    return "".join(text for stream, text in _log(ctx, execution_id) if stream == "stdout")
+
+
+def _leftovers(execution_id: str) -> list:
+    client = docker.from_env()
+    containers = client.containers.list(
+        all=True, filters={"label": f"{EXECUTION_LABEL}={execution_id}"}
+    )
+    volumes = client.volumes.list(filters={"name": f"rgrid-work-{execution_id}"})
+    return containers + volumes
+
+
+def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script):
+    first = run_script(HELLO)
+    assert first["status"] == "succeeded" and first["exit_code"] == 0
+    assert first["script_cache_hit"] is False and first["build_s"] is not None
+    assert _stdout(ctx, first["execution_id"]) == "hello\n"
+    assert [o["path"] for o in first["outputs"]] == ["result.txt"]
+    key = cache_keys.output_object_key(first["execution_id"], "result.txt")
+    assert ctx.store.get_bytes(key) == b"42"
+
+    second = run_script(HELLO)
+    assert second["status"] == "succeeded"
+    assert second["script_cache_hit"] is True and second["build_s"] is None
+    assert second["image_ref"] == first["image_ref"]
+    assert _stdout(ctx, second["execution_id"]) == "hello\n"
+    with session_scope(ctx.session_factory) as session:
+        row = session.query(ScriptCache).filter_by(image_ref=first["image_ref"]).one()
+        assert row.use_count == 2
+
+
+def test_one_changed_space_is_a_miss(run_script):
+    first = run_script("print('x')\n")
+    second = run_script("print('x') \n")
+    assert second["script_cache_hit"] is False
+    assert second["image_ref"] != first["image_ref"]
+
+
+def test_cache_row_whose_image_vanished_is_a_miss_not_an_error(run_script):
+    first = run_script("print('soon gone')\n")
+    docker.from_env().images.remove(first["image_ref"], force=True)
+    second = run_script("print('soon gone')\n")
+    assert second["status"] == "succeeded"
+    assert second["script_cache_hit"] is False
+    third = run_script("print('soon gone')\n")
+    assert third["script_cache_hit"] is True
+
+
+def test_same_script_in_two_accounts_does_not_share_a_cache_row(ctx, run_script):
+    from rgrid.accounts import create_account
+
+    with session_scope(ctx.session_factory) as session:
+        other = create_account(session, "other-" + HELLO.__hash__().__str__()[-6:]).id
+    run_script("print('mine')\n")
+    theirs = run_script("print('mine')\n", account_id=other)
+    assert theirs["script_cache_hit"] is False
+
+
+def test_exit_code_3_is_failed_and_keeps_output_and_log(ctx, run_script):
+    result = run_script(
+        "import sys\nprint('partial')\nopen('outputs/part.txt','w').write('p')\nsys.exit(3)\n"
+    )
+    assert result["status"] == "failed" and result["exit_code"] == 3
+    assert [o["path"] for o in result["outputs"]] == ["part.txt"]
+    assert _stdout(ctx, result["execution_id"]) == "partial\n"
+
+
+def test_empty_script_runs(run_script):
+    result = run_script("")
+    assert result["status"] == "succeeded" and result["exit_code"] == 0
+
+
+def test_timeout_kills_and_removes_the_container(ctx, run_script):
+    result = run_script("import time\nprint('started', flush=True)\ntime.sleep(60)\n", timeout_s=2)
+    assert result["status"] == "timed_out" and result["exit_code"] is None
+    assert result["error"] == "timed out after 2s"
+    assert result["run_s"] < 30
+    assert _stdout(ctx, result["execution_id"]) == "started\n"
+    assert _leftovers(result["execution_id"]) == []
+
+
+def test_stdout_and_stderr_stay_apart_and_args_are_passed(ctx, run_script):
+    script = "import sys\nprint(sys.argv[1:])\nprint('oops', file=sys.stderr)\n"
+    result = run_script(script, args=["a b", "--flag"])
+    chunks = _log(ctx, result["execution_id"])
+    assert "".join(t for s, t in chunks if s == "stdout") == "['a b', '--flag']\n"
+    assert "".join(t for s, t in chunks if s == "stderr") == "oops\n"
+
+
+SANDBOX_PROBE = r"""
+import json, os, socket
+report = {"uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd()}
+try:
+    socket.create_connection(("127.0.0.1", 5432), timeout=2)
+    report["network"] = "reached"
+except OSError as exc:
+    report["network"] = type(exc).__name__
+try:
+    open("/usr/rgrid-probe", "w")
+    report["root_fs"] = "writable"
+except OSError:
+    report["root_fs"] = "read-only"
+open("/tmp/scratch", "w").write("ok")
+report["tmp"] = open("/tmp/scratch").read()
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines()
+              if ":\t" in line)
+report["cap_eff"] = status["CapEff"].strip()
+report["no_new_privs"] = status["NoNewPrivs"].strip()
+report["interfaces"] = sorted(os.listdir("/sys/class/net"))
+report["memory_max"] = open("/sys/fs/cgroup/memory.max").read().strip() \
+    if os.path.exists("/sys/fs/cgroup/memory.max") else \
+    open("/sys/fs/cgroup/memory/memory.limit_in_bytes").read().strip()
+print(json.dumps(report))
+"""
+
+
+def test_sandbox_has_no_network_no_root_no_capabilities(ctx, run_script):
+    result = run_script(SANDBOX_PROBE)
+    assert result["status"] == "succeeded", result
+    report = json.loads(_stdout(ctx, result["execution_id"]))
+    assert report["uid"] == 1000 and report["gid"] == 1000
+    assert report["cwd"] == "/work"
+    assert report["network"] != "reached"
+    assert report["interfaces"] == ["lo"]
+    assert report["root_fs"] == "read-only"
+    assert report["tmp"] == "ok"
+    assert int(report["cap_eff"], 16) == 0
+    assert report["no_new_privs"] == "1"
+    assert int(report["memory_max"]) == 1024**3
+
+
+def test_fork_bomb_is_stopped_by_the_pid_limit(run_script):
+    script = (
+        "import os, sys\ncount = 0\n"
+        "try:\n    while count < 5000:\n        pid = os.fork()\n"
+        "        if pid == 0:\n            import time; time.sleep(30); os._exit(0)\n"
+        "        count += 1\nexcept OSError:\n    print('limited at', count)\n    sys.exit(7)\n"
+    )
+    result = run_script(script, timeout_s=60)
+    assert result["status"] == "failed" and result["exit_code"] == 7
+
+
+def test_nested_outputs_come_back_and_links_are_not_followed(ctx, run_script):
+    script = (
+        "import os\nos.makedirs('outputs/a/b')\nopen('outputs/a/b/deep.txt','w').write('d')\n"
+        "os.symlink('/etc/passwd', 'outputs/passwd')\n"
+    )
+    result = run_script(script)
+    assert result["status"] == "succeeded"
+    assert [o["path"] for o in result["outputs"]] == ["a/b/deep.txt"]
+    system = "".join(t for s, t in _log(ctx, result["execution_id"]) if s == "system")
+    assert "skipped outputs/passwd" in system
+
+
+def test_concurrent_misses_on_one_key_build_once(ctx, account):
+    """Single flight: both executions wait on one build, the second then hits."""
+    from rgrid import executions as svc
+    from rgrid.pipeline import run_all
+
+    script = "print('built once')\n"
+    ids = []
+    with session_scope(ctx.session_factory) as session:
+        for _ in range(3):
+            execution = svc.create_execution(
+                session,
+                ctx.store,
+                ctx.settings,
+                account_id=account.id,
+                script=script,
+                script_name="job.py",
+            )
+            ids.append(execution.id)
+    threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    with session_scope(ctx.session_factory) as session:
+        rows = [session.get(svc.Execution, i) for i in ids]
+        assert [r.status for r in rows] == ["succeeded"] * 3
+        assert sum(r.build_s is not None for r in rows) == 1
+        assert len({r.image_ref for r in rows}) == 1
+
+
+@pytest.mark.parametrize("runtime", ["python:2.7", ""])
+def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime):
+    from rgrid import executions as svc
+    from rgrid.errors import BadInput
+
+    with session_scope(ctx.session_factory) as session:
+        before = len(svc.list_executions(session, account.id))
+        with pytest.raises(BadInput, match="unknown runtime"):
+            svc.create_execution(
+                session,
+                ctx.store,
+                ctx.settings,
+                account_id=account.id,
+                script="pass\n",
+                script_name="job.py",
+                runtime=runtime,
+            )
+    with session_scope(ctx.session_factory) as session:
+        assert len(svc.list_executions(session, account.id)) == before
