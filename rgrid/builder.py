@@ -36,6 +36,22 @@ def script_archive(script: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _image_id(client: docker.DockerClient, ref: str) -> str | None:
+    try:
+        return client.api.inspect_image(ref)["Id"]
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _remove_if_unused(client: docker.DockerClient, image_id: str) -> None:
+    """The image the tag pointed to before (another database on this host built the same key):
+    untagged now, nothing would ever purge it."""
+    try:
+        client.api.remove_image(image_id)
+    except docker.errors.APIError:
+        pass  # Still tagged elsewhere or used by a container: not ours to remove.
+
+
 def build_script_image(
     client: docker.DockerClient,
     base_image: str,
@@ -46,6 +62,7 @@ def build_script_image(
 ) -> float:
     """Commit ``base_image`` + the script as ``tag``. Returns the seconds it took."""
     started = time.monotonic()
+    superseded = _image_id(client, tag)
     repository, _, version = tag.partition(":")
     all_labels = {MANAGED_LABEL: "1", **labels}
     container = None
@@ -59,6 +76,8 @@ def build_script_image(
             container["Id"], repository=repository, tag=version or "latest", changes=changes
         )
         log(f"committed {tag} ({image['Id'][7:19]})\n")
+        if superseded and superseded != image["Id"]:
+            _remove_if_unused(client, superseded)
     except docker.errors.APIError as exc:
         raise BuildError(f"image build failed: {exc.explanation or exc}") from exc
     finally:

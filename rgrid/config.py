@@ -13,6 +13,9 @@ from pathlib import Path
 
 import platformdirs
 
+#: The runtime a script gets when none is named.
+DEFAULT_RUNTIME = "python:3.11"
+
 #: The repository root when running from a checkout (editable install); migrations live there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = REPO_ROOT / "migrations"

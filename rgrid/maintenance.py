@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from datetime import timedelta
 
 import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid.docker_engine import EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.models import TERMINAL_STATUSES, Execution, ScriptCache, utcnow
 
 log = logging.getLogger(__name__)
@@ -18,20 +19,36 @@ log = logging.getLogger(__name__)
 UNUSED_AFTER = timedelta(days=30)
 
 
+def _abandoned(labels: dict[str, str], execution: Execution | None, now: float) -> bool:
+    """Over in our database, or past the deadline stamped on it. A container this database does
+    not know may belong to another installation (or the embedded default) sharing the Docker
+    host, so only its deadline may condemn it."""
+    if execution is not None and execution.status in TERMINAL_STATUSES:
+        return True
+    try:
+        return now > int(labels.get(DEADLINE_LABEL, ""))
+    except ValueError:
+        return False
+
+
 def reap_containers(client: docker.DockerClient, session: Session) -> list[str]:
-    """Remove execution containers (and volumes) whose execution is over or unknown.
+    """Remove execution containers (and volumes) that nobody will ever collect.
 
     A killed worker process does not stop its container; this is what stops it.
     """
     removed = []
+    now = time.time()
     for container in client.containers.list(all=True, filters={"label": MANAGED_LABEL}):
         execution_id = container.labels.get(EXECUTION_LABEL)
         if not execution_id:
             continue
-        execution = session.get(Execution, execution_id)
-        if execution is not None and execution.status not in TERMINAL_STATUSES:
+        if not _abandoned(container.labels, session.get(Execution, execution_id), now):
             continue
-        container.remove(force=True)
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError as exc:  # already gone, or being removed by its runner
+            log.info("could not reap %s: %s", execution_id, exc)
+            continue
         with contextlib.suppress(docker.errors.NotFound):
             client.volumes.get(f"rgrid-work-{execution_id}").remove(force=True)
         removed.append(execution_id)

@@ -24,7 +24,12 @@ import docker
 from docker.types import Mount
 
 from rgrid.builder import SCRIPT_PATH
-from rgrid.docker_engine import EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.docker_engine import (
+    DEADLINE_GRACE_S,
+    DEADLINE_LABEL,
+    EXECUTION_LABEL,
+    MANAGED_LABEL,
+)
 
 WORK_DIR = "/work"
 OUTPUTS_DIR = "/work/outputs"
@@ -174,7 +179,11 @@ def run_script(
 ) -> RunResult:
     name = f"rgrid-run-{execution_id}"
     volume = f"rgrid-work-{execution_id}"
-    labels = {MANAGED_LABEL: "1", EXECUTION_LABEL: execution_id}
+    labels = {
+        MANAGED_LABEL: "1",
+        EXECUTION_LABEL: execution_id,
+        DEADLINE_LABEL: str(int(time.time()) + timeout_s + DEADLINE_GRACE_S),
+    }
     _remove_leftovers(client, name, volume)
     client.volumes.create(name=volume, labels=labels)
     container = None

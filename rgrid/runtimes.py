@@ -27,6 +27,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from rgrid.config import DEFAULT_RUNTIME  # noqa: F401 - re-exported
 from rgrid.errors import BuildError, UnknownRuntime
 
 RUNTIME_LABEL = "rgrid.runtime"
@@ -71,7 +72,6 @@ RUNTIMES: dict[str, RuntimeSpec] = {
     ),
 }
 
-DEFAULT_RUNTIME = "python:3.11"
 
 
 def resolve_runtime(name: str) -> RuntimeSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 
 import click
@@ -32,4 +34,7 @@ def cli() -> None:
 def main() -> None:
     from rgrid.cli import admin, executions, runtime  # noqa: F401 - registers the commands
 
+    # A short-lived CLI: skip the collector's final pass over every object at exit, which
+    # measured ~0.3 s of a 1 s warm `rgrid run`.
+    atexit.register(gc.freeze)
     cli()

@@ -17,9 +17,8 @@ from rgrid.cli.output import (
     stderr_console,
 )
 from rgrid.client import Client, make_client
-from rgrid.config import get_settings
+from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.errors import BadInput
-from rgrid.runtimes import DEFAULT_RUNTIME
 
 OUTPUTS_ROOT = Path("rgrid-outputs")
 

@@ -9,6 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
+
 stderr_console = Console(stderr=True, highlight=False)
 
 
@@ -32,6 +34,10 @@ def _hit(value: bool | None, applies: bool = True) -> str:
     return "hit" if value else "miss"
 
 
+def _has_dependencies(execution: dict) -> bool:
+    return execution.get("dependency_hash") not in (None, EMPTY_DEPENDENCY_HASH)
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -50,8 +56,8 @@ def summary_line(execution: dict, outputs_dir: str | None) -> str:
         f"exit {exit_code if exit_code is not None else '-'}",
         f"{duration:.2f}s" if duration is not None else "-",
         f"script cache {_hit(execution.get('script_cache_hit'))}",
-        f"deps {_hit(execution.get('dependency_cache_hit'))}",
-        f"inputs {_hit(execution.get('input_cache_hit'))}",
+        f"deps {_hit(execution.get('dependency_cache_hit'), _has_dependencies(execution))}",
+        f"inputs {_hit(execution.get('input_cache_hit'), execution.get('input_hash') is not None)}",
         f"uploaded {human_bytes(execution.get('bytes_uploaded') or 0)}",
     ]
     if outputs_dir:

@@ -6,8 +6,6 @@ import click
 
 from rgrid.cli import cli
 from rgrid.cli.output import stderr_console
-from rgrid.docker_engine import get_docker
-from rgrid.runtimes import RUNTIMES, build_runtime, resolve_runtime, runtime_image_exists
 
 
 @cli.group()
@@ -18,6 +16,9 @@ def runtime() -> None:
 @runtime.command("list")
 def list_runtimes() -> None:
     """Show each runtime, its image, and whether the image is built on this Docker host."""
+    from rgrid.docker_engine import get_docker
+    from rgrid.runtimes import RUNTIMES, runtime_image_exists
+
     client = get_docker()
     for name, spec in RUNTIMES.items():
         state = "built" if runtime_image_exists(spec, client) else "not built"
@@ -29,6 +30,9 @@ def list_runtimes() -> None:
 @click.option("--if-missing", is_flag=True, help="Do nothing if the image already exists.")
 def build(name: str, if_missing: bool) -> None:
     """Build the base image for runtime NAME from Debian packages."""
+    from rgrid.docker_engine import get_docker
+    from rgrid.runtimes import build_runtime, resolve_runtime, runtime_image_exists
+
     spec = resolve_runtime(name)
     client = get_docker()
     if if_missing and runtime_image_exists(spec, client):

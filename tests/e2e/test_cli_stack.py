@@ -5,7 +5,7 @@ import time
 
 import docker
 
-from rgrid.docker_engine import EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json
 
 JSON_FIELDS = {
@@ -158,7 +158,11 @@ def test_beat_reaps_a_leftover_container(stack_env):
         "rgrid-runtime:python-3.11",
         command=["sleep", "600"],
         network_mode="none",
-        labels={MANAGED_LABEL: "1", EXECUTION_LABEL: "ffffffffffffffff"},
+        labels={
+            MANAGED_LABEL: "1",
+            EXECUTION_LABEL: "ffffffffffffffff",
+            DEADLINE_LABEL: str(int(time.time()) - 1),
+        },
     )
     container.start()
     deadline = time.monotonic() + 60

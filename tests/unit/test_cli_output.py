@@ -22,7 +22,15 @@ def test_summary_line_names_status_exit_duration_and_caches():
     line = summary_line(_execution(), "rgrid-outputs/abc")
     assert line.startswith("succeeded · exit 0 · 1.23s · script cache hit")
     assert "uploaded 0 B" in line
+    assert "deps - · inputs -" in line  # neither applies to a script without them
     assert line.endswith("outputs rgrid-outputs/abc")
+
+
+def test_summary_line_reports_dependency_and_input_caches_when_they_apply():
+    line = summary_line(
+        _execution(dependency_hash="d" * 64, dependency_cache_hit=True, input_hash="i" * 64), None
+    )
+    assert "deps hit · inputs miss" in line
 
 
 def test_summary_line_shows_the_error_of_a_failed_execution():
