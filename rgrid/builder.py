@@ -1,9 +1,10 @@
 """Builds a script image: the runtime (or dependency) image plus one layer holding the script.
 
-The layer is made by creating a container from the base image (never started), copying the
-script in with ``put_archive`` and committing it. That is what a one-line ``COPY`` Dockerfile
-does, without the classic builder's per-instruction containers: no BuildKit in docker-py, and a
-``# syntax=`` line would try to pull a frontend image.
+The classic builder with an in-memory context and a two-line Dockerfile (docker-py has no
+BuildKit; a ``# syntax=`` line would try to pull a frontend image). Every extra instruction,
+``LABEL`` included, costs a container and a commit, so there are none: the ``rgrid-exec``
+repository name is what marks these images. Measured here, this beats create + put_archive +
+commit by ~0.5 s (1.5 s against 2.0 s on fuse-overlayfs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable
 
 import docker
 
-from rgrid.docker_engine import MANAGED_LABEL
 from rgrid.errors import BuildError
 
 APP_DIR = "/app"
@@ -23,16 +23,21 @@ SCRIPT_NAME = "script.py"
 SCRIPT_PATH = f"{APP_DIR}/{SCRIPT_NAME}"
 
 
-def script_archive(script: bytes) -> bytes:
-    """The script as a root-owned, world-readable file: the sandbox user may read, not write."""
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644  # root-owned and read-only for the sandbox user
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def script_build_context(base_image: str, script: bytes) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(SCRIPT_NAME)
-        info.size = len(script)
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.mtime = 0
-        tar.addfile(info, io.BytesIO(script))
+        _add_file(
+            tar, "Dockerfile", f"FROM {base_image}\nCOPY {SCRIPT_NAME} {SCRIPT_PATH}\n".encode()
+        )
+        _add_file(tar, SCRIPT_NAME, script)
     return buf.getvalue()
 
 
@@ -57,33 +62,31 @@ def build_script_image(
     base_image: str,
     script: bytes,
     tag: str,
-    labels: dict[str, str],
     log: Callable[[str], None],
 ) -> float:
-    """Commit ``base_image`` + the script as ``tag``. Returns the seconds it took."""
+    """Build ``base_image`` + the script as ``tag``, streaming the builder's output to ``log``.
+    Returns the seconds it took."""
     started = time.monotonic()
     superseded = _image_id(client, tag)
-    repository, _, version = tag.partition(":")
-    all_labels = {MANAGED_LABEL: "1", **labels}
-    container = None
     try:
-        log(f"FROM {base_image}\n")
-        container = client.api.create_container(base_image, command=["true"])
-        log(f"COPY {SCRIPT_NAME} {SCRIPT_PATH} ({len(script)} bytes)\n")
-        client.api.put_archive(container["Id"], APP_DIR, script_archive(script))
-        changes = [f"LABEL {key}={value}" for key, value in all_labels.items()]
-        image = client.api.commit(
-            container["Id"], repository=repository, tag=version or "latest", changes=changes
+        stream = client.api.build(
+            fileobj=io.BytesIO(script_build_context(base_image, script)),
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
         )
-        log(f"committed {tag} ({image['Id'][7:19]})\n")
-        if superseded and superseded != image["Id"]:
-            _remove_if_unused(client, superseded)
+        for event in stream:
+            if "error" in event:
+                raise BuildError(f"image build failed: {event['error'].strip()}")
+            text = event.get("stream", "")
+            if text.strip():
+                log(text if text.endswith("\n") else text + "\n")
     except docker.errors.APIError as exc:
         raise BuildError(f"image build failed: {exc.explanation or exc}") from exc
-    finally:
-        if container is not None:
-            try:
-                client.api.remove_container(container["Id"], force=True)
-            except docker.errors.APIError:
-                pass  # Already gone; nothing to clean.
+    new_id = _image_id(client, tag)
+    if superseded and new_id and superseded != new_id:
+        _remove_if_unused(client, superseded)
     return time.monotonic() - started

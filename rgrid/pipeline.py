@@ -195,7 +195,6 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
                 spec.image,
                 script,
                 tag,
-                labels={"rgrid.cache": "script", "rgrid.cache-key": key},
                 log=lambda line: ctx.logs.append(execution_id, "system", line),
             )
         except BuildError as exc:
