@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import docker
 
@@ -41,6 +43,33 @@ def script_build_context(base_image: str, script: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _stream_build(
+    client: docker.DockerClient, context, tag: str, log: Callable[[str], None]
+) -> None:
+    superseded = _image_id(client, tag)
+    try:
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+        )
+        for event in stream:
+            if "error" in event:
+                raise BuildError(f"image build failed: {event['error'].strip()}")
+            text = event.get("stream", "")
+            if text.strip():
+                log(text if text.endswith("\n") else text + "\n")
+    except docker.errors.APIError as exc:
+        raise BuildError(f"image build failed: {exc.explanation or exc}") from exc
+    new_id = _image_id(client, tag)
+    if superseded and new_id and superseded != new_id:
+        _remove_if_unused(client, superseded)
+
+
 def _image_id(client: docker.DockerClient, ref: str) -> str | None:
     try:
         return client.api.inspect_image(ref)["Id"]
@@ -67,26 +96,37 @@ def build_script_image(
     """Build ``base_image`` + the script as ``tag``, streaming the builder's output to ``log``.
     Returns the seconds it took."""
     started = time.monotonic()
-    superseded = _image_id(client, tag)
-    try:
-        stream = client.api.build(
-            fileobj=io.BytesIO(script_build_context(base_image, script)),
-            custom_context=True,
-            tag=tag,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            decode=True,
-        )
-        for event in stream:
-            if "error" in event:
-                raise BuildError(f"image build failed: {event['error'].strip()}")
-            text = event.get("stream", "")
-            if text.strip():
-                log(text if text.endswith("\n") else text + "\n")
-    except docker.errors.APIError as exc:
-        raise BuildError(f"image build failed: {exc.explanation or exc}") from exc
-    new_id = _image_id(client, tag)
-    if superseded and new_id and superseded != new_id:
-        _remove_if_unused(client, superseded)
+    _stream_build(client, io.BytesIO(script_build_context(base_image, script)), tag, log)
     return time.monotonic() - started
+
+
+def build_dependency_image(
+    client: docker.DockerClient,
+    base_image: str,
+    installed: Path,
+    site_packages: str,
+    tag: str,
+    log: Callable[[str], None],
+) -> None:
+    """``base_image`` + one layer holding an installed requirements set at ``site_packages``.
+    The context is spooled to disk, not memory: a set such as numpy is tens of megabytes."""
+    with tempfile.TemporaryFile() as context:
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            _add_file(
+                tar, "Dockerfile", f"FROM {base_image}\nCOPY deps/ {site_packages}/\n".encode()
+            )
+            for path in sorted(installed.rglob("*")):
+                relative = path.relative_to(installed)
+                if relative.name == ".lock" and len(relative.parts) == 1:
+                    continue  # uv's lock file for the target folder
+                info = tar.gettarinfo(str(path), arcname=f"deps/{relative.as_posix()}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mode &= 0o755  # readable by the sandbox user, writable by nobody
+                if info.isfile():
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    tar.addfile(info)
+        context.seek(0)
+        _stream_build(client, context, tag, log)

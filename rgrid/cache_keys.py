@@ -10,6 +10,7 @@ from __future__ import annotations
 from rgrid.hashing import sha256_bytes
 
 SCRIPT_IMAGE_REPOSITORY = "rgrid-exec"
+DEPENDENCY_IMAGE_REPOSITORY = "rgrid-deps"
 KEY_SEPARATOR = "\x1f"
 
 #: The dependency hash of a script with no requirements (the normalised empty set).
@@ -24,6 +25,21 @@ def script_cache_key(account_id: int, runtime: str, dependency_hash: str, script
 def script_image_ref(cache_key: str) -> str:
     """The tag a script image is built under: ``rgrid-exec:<first 12 of the key>``."""
     return f"{SCRIPT_IMAGE_REPOSITORY}:{cache_key[:12]}"
+
+
+def dependency_cache_key(account_id: int, runtime: str, dependency_hash: str) -> str:
+    return sha256_bytes(
+        KEY_SEPARATOR.join(("deps", str(account_id), runtime, dependency_hash)).encode()
+    )
+
+
+def dependency_image_ref(account_id: int, resolution_hash: str) -> str:
+    """Named by what is installed, not by the requirements text: two texts that resolve to the
+    same pins share one image. Still per account, so no account can time another's cache."""
+    key = sha256_bytes(
+        KEY_SEPARATOR.join(("deps-image", str(account_id), resolution_hash)).encode()
+    )
+    return f"{DEPENDENCY_IMAGE_REPOSITORY}:{key[:12]}"
 
 
 def build_lock_name(cache_key: str) -> str:

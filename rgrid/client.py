@@ -20,7 +20,15 @@ class Client(Protocol):
     poll_interval_s: float
 
     def submit(
-        self, *, script: str, script_name: str, runtime: str, timeout_s: int | None, args: list[str]
+        self,
+        *,
+        script: str,
+        script_name: str,
+        runtime: str,
+        timeout_s: int | None,
+        args: list[str],
+        requirements: str | None = None,
+        refresh_deps: bool = False,
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
     def list(self, limit: int) -> list[dict]: ...
@@ -79,13 +87,14 @@ class RemoteClient:
         )
         raise error_class(message)
 
-    def submit(self, *, script, script_name, runtime, timeout_s, args) -> dict:
+    def submit(self, *, script, script_name, runtime, timeout_s, args, **options) -> dict:
         payload = {
             "script": script,
             "script_name": script_name,
             "runtime": runtime,
             "timeout_s": timeout_s,
             "args": args,
+            **options,
         }
         return self._request("POST", "/executions", json=payload)
 

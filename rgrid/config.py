@@ -115,6 +115,11 @@ class Settings:
         return f"sqlite:///{self.data_dir / 'rgrid.db'}"
 
     @property
+    def uv_cache_dir(self) -> Path:
+        """uv's wheel cache on this host, shared by every requirements set."""
+        return Path(_env("RGRID_UV_CACHE_DIR") or self.data_dir / "uv-cache")
+
+    @property
     def effective_store_dir(self) -> Path:
         return self.store_dir or self.data_dir / "store"
 

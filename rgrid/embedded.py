@@ -28,7 +28,7 @@ class EmbeddedClient:
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
-    def submit(self, *, script, script_name, runtime, timeout_s, args) -> dict:
+    def submit(self, *, script, script_name, runtime, timeout_s, args, **options) -> dict:
         resolve_runtime(runtime)
         get_docker()  # Fail now, with one line, rather than after writing a row.
         with session_scope(self.ctx.session_factory) as session:
@@ -42,6 +42,7 @@ class EmbeddedClient:
                 runtime=runtime,
                 timeout_s=timeout_s,
                 args=args,
+                **options,
             )
             result = svc.execution_to_dict(execution)
         thread = threading.Thread(

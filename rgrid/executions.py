@@ -15,6 +15,7 @@ from rgrid.hashing import script_hash
 from rgrid.logbuffer import LogBuffer, LogChunk, decode_log
 from rgrid.models import TERMINAL_STATUSES, Execution
 from rgrid.objectstore import ObjectStore
+from rgrid.requirements import inline_requirements, normalise
 from rgrid.runtimes import DEFAULT_RUNTIME, resolve_runtime
 
 
@@ -38,6 +39,16 @@ def validate_submission(
     return timeout_s
 
 
+def requirements_for(script: str, requirements: str | None, runtime: str) -> str:
+    """The normalised requirements, from a requirements text or the script's PEP 723 block."""
+    inline = inline_requirements(script, resolve_runtime(runtime).python_version)
+    if requirements is not None and inline is not None:
+        raise BadInput(
+            "the script has inline '# /// script' dependencies and -r was given: use one of them"
+        )
+    return normalise(requirements if requirements is not None else inline or "")
+
+
 def create_execution(
     session: Session,
     store: ObjectStore,
@@ -49,10 +60,13 @@ def create_execution(
     runtime: str = DEFAULT_RUNTIME,
     timeout_s: int | None = None,
     args: list[str] | None = None,
+    requirements: str | None = None,
+    refresh_deps: bool = False,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline."""
     timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
+    normalised = requirements_for(script, requirements, runtime)
     if args is not None and not all(isinstance(a, str) for a in args):
         raise BadInput("args must be a list of strings")
     data = script.encode()
@@ -68,6 +82,8 @@ def create_execution(
         script_name=script_name,
         script_hash=digest,
         args=list(args or []),
+        requirements=normalised,
+        refresh_deps=bool(refresh_deps),
         timeout_s=timeout,
         script_cache_hit=False,
         dependency_cache_hit=False,
@@ -122,6 +138,9 @@ def execution_to_dict(execution: Execution) -> dict:
         "script_name": execution.script_name,
         "script_hash": execution.script_hash,
         "dependency_hash": execution.dependency_hash,
+        "dependency_image": execution.dependency_image,
+        "resolved_dependencies": execution.resolved_dependencies,
+        "refresh_deps": execution.refresh_deps,
         "input_hash": execution.input_hash,
         "args": execution.args,
         "timeout_s": execution.timeout_s,
@@ -131,6 +150,7 @@ def execution_to_dict(execution: Execution) -> dict:
         "input_cache_hit": execution.input_cache_hit,
         "bytes_uploaded": execution.bytes_uploaded,
         "build_s": execution.build_s,
+        "deps_build_s": execution.deps_build_s,
         "run_s": execution.run_s,
         "duration_s": duration_s(execution),
         "outputs": execution.outputs,
@@ -140,9 +160,7 @@ def execution_to_dict(execution: Execution) -> dict:
     }
 
 
-def read_logs(
-    execution: Execution, logs: LogBuffer, store: ObjectStore, offset: int = 0
-) -> dict:
+def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset: int = 0) -> dict:
     """Log chunks from ``offset`` on. ``complete`` is true once the final log is stored, so a
     follower knows it has seen everything."""
     complete = execution.status in TERMINAL_STATUSES

@@ -67,6 +67,11 @@ class Execution(Base):
     script_name: Mapped[str] = mapped_column(String(255))
     script_hash: Mapped[str] = mapped_column(String(64))
     dependency_hash: Mapped[str | None] = mapped_column(String(64))
+    # The normalised requirements (from -r or the script's inline metadata); "" for none.
+    requirements: Mapped[str] = mapped_column(Text, default="")
+    refresh_deps: Mapped[bool] = mapped_column(Boolean, default=False)
+    dependency_image: Mapped[str | None] = mapped_column(String(200))
+    resolved_dependencies: Mapped[list | None] = mapped_column(JSON)
     input_hash: Mapped[str | None] = mapped_column(String(64))
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)
@@ -79,6 +84,7 @@ class Execution(Base):
     error: Mapped[str | None] = mapped_column(Text)
     outputs: Mapped[list] = mapped_column(JSON, default=list)
     build_s: Mapped[float | None] = mapped_column(Float)
+    deps_build_s: Mapped[float | None] = mapped_column(Float)
     run_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -101,6 +107,32 @@ class ScriptCache(Base):
     dependency_hash: Mapped[str] = mapped_column(String(64))
     script_hash: Mapped[str] = mapped_column(String(64))
     image_ref: Mapped[str] = mapped_column(String(200))
+    # The image this one was built on: after --refresh-deps changes the dependency image, a
+    # script image built on the old one is stale.
+    base_image: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DependencyCache(Base):
+    """An installed requirements set: a dependency image that script images are built on."""
+
+    __tablename__ = "dependency_cache"
+    __table_args__ = (
+        UniqueConstraint(
+            "account_id", "runtime", "dependency_hash", name="uq_dependency_cache_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    runtime: Mapped[str] = mapped_column(String(40))
+    dependency_hash: Mapped[str] = mapped_column(String(64))
+    image_ref: Mapped[str] = mapped_column(String(200))
+    resolved: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,8 +24,8 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import cache_keys
-from rgrid.builder import build_script_image
+from rgrid import cache_keys, dependencies
+from rgrid.builder import build_dependency_image, build_script_image
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_exists
@@ -32,8 +33,9 @@ from rgrid.errors import BuildError, RGridError
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
-from rgrid.models import TERMINAL_STATUSES, Execution, ScriptCache, utcnow
+from rgrid.models import TERMINAL_STATUSES, DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.objectstore import ObjectStore
+from rgrid.requirements import dependency_hash, normalise
 from rgrid.runner import OutputLimitExceeded, Sandbox, run_script
 from rgrid.runtimes import resolve_runtime
 
@@ -84,7 +86,7 @@ def _finished(execution: Execution) -> bool:
 
 
 def hash_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Recompute the script hash from the stored bytes: never trust the submitter's word."""
+    """Recompute the hashes from the stored content: never trust the submitter's word."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
@@ -95,7 +97,11 @@ def hash_step(ctx: PipelineContext, execution_id: str) -> None:
             execution.outcome = "error"
             execution.error = "stored script does not match its hash"
             return
-        execution.dependency_hash = cache_keys.EMPTY_DEPENDENCY_HASH
+        execution.dependency_hash = dependency_hash(normalise(execution.requirements or ""))
+
+
+def _has_dependencies(execution: Execution) -> bool:
+    return execution.dependency_hash != cache_keys.EMPTY_DEPENDENCY_HASH
 
 
 def _script_key(execution: Execution) -> str:
@@ -105,9 +111,8 @@ def _script_key(execution: Execution) -> str:
     )
 
 
-def _find_cached_image(ctx: PipelineContext, session: Session, execution: Execution) -> str | None:
-    """The cached image for this execution's key, if its row exists and the image still does."""
-    row = session.scalars(
+def _script_row(session: Session, execution: Execution) -> ScriptCache | None:
+    return session.scalars(
         select(ScriptCache).where(
             ScriptCache.account_id == execution.account_id,
             ScriptCache.runtime == execution.runtime,
@@ -115,100 +120,215 @@ def _find_cached_image(ctx: PipelineContext, session: Session, execution: Execut
             ScriptCache.script_hash == execution.script_hash,
         )
     ).one_or_none()
-    if row is None:
+
+
+def _dependency_row(session: Session, execution: Execution) -> DependencyCache | None:
+    return session.scalars(
+        select(DependencyCache).where(
+            DependencyCache.account_id == execution.account_id,
+            DependencyCache.runtime == execution.runtime,
+            DependencyCache.dependency_hash == execution.dependency_hash,
+        )
+    ).one_or_none()
+
+
+def _base_image(execution: Execution) -> str:
+    return execution.dependency_image or resolve_runtime(execution.runtime).image
+
+
+def _find_script_image(ctx: PipelineContext, session: Session, execution: Execution) -> str | None:
+    """The cached script image for this execution, if its row exists, it was built on the
+    base this execution uses, and the image is still there. Anything else is a miss: a row
+    whose image vanished (pruned, new host) is rebuilt, not an error."""
+    row = _script_row(session, execution)
+    if row is None or (row.base_image or resolve_runtime(row.runtime).image) != _base_image(
+        execution
+    ):
         return None
-    if not image_exists(ctx.docker, row.image_ref):
-        # A row whose image vanished (pruned, new host) is a miss: rebuild and carry on.
+    return row.image_ref if image_exists(ctx.docker, row.image_ref) else None
+
+
+def _find_dependency_image(
+    ctx: PipelineContext, session: Session, execution: Execution
+) -> DependencyCache | None:
+    row = _dependency_row(session, execution)
+    if row is None or not image_exists(ctx.docker, row.image_ref):
         return None
-    return row.image_ref
+    return row
+
+
+def _use_dependencies(execution: Execution, row: DependencyCache) -> None:
+    execution.dependency_image = row.image_ref
+    execution.resolved_dependencies = list(row.resolved)
 
 
 def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Dependency cache, then script cache. With --refresh-deps the dependency set is resolved
+    again in the build step first, so the script cache is consulted there."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
             return
-        image = _find_cached_image(ctx, session, execution)
+        if _has_dependencies(execution):
+            if execution.refresh_deps:
+                ctx.note(execution_id, "dependency cache skipped: --refresh-deps")
+                return
+            row = _find_dependency_image(ctx, session, execution)
+            execution.dependency_cache_hit = row is not None
+            ctx.note(execution_id, f"dependency cache {'hit' if row else 'miss'}")
+            if row is None:
+                return
+            _use_dependencies(execution, row)
+        image = _find_script_image(ctx, session, execution)
         execution.script_cache_hit = image is not None
         execution.image_ref = image
         ctx.note(execution_id, f"script cache {'hit' if image else 'miss'}")
 
 
-def _record_image(session: Session, execution: Execution, image_ref: str) -> None:
-    row = session.scalars(
-        select(ScriptCache).where(
-            ScriptCache.account_id == execution.account_id,
-            ScriptCache.runtime == execution.runtime,
-            ScriptCache.dependency_hash == execution.dependency_hash,
-            ScriptCache.script_hash == execution.script_hash,
-        )
-    ).one_or_none()
-    if row is None:
-        session.add(
-            ScriptCache(
-                account_id=execution.account_id,
-                runtime=execution.runtime,
-                dependency_hash=execution.dependency_hash,
-                script_hash=execution.script_hash,
-                image_ref=image_ref,
-                use_count=0,
+def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
+    """A failed build ends the execution; no cache row is written, so fixing and rerunning works."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        execution.outcome = "build_failed"
+        execution.error = message
+    ctx.note(execution_id, message)
+
+
+def _ensure_dependency_image(ctx: PipelineContext, execution_id: str) -> bool:
+    """Resolve, install and build the dependency image, once per key across the grid.
+    Returns False when the build failed (the execution is then over)."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+    spec = resolve_runtime(execution.runtime)
+    key = cache_keys.dependency_cache_key(
+        execution.account_id, execution.runtime, execution.dependency_hash or ""
+    )
+    log = lambda line: ctx.logs.append(execution_id, "system", line)  # noqa: E731
+    with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            row = _find_dependency_image(ctx, session, execution)
+            if row is not None and not execution.refresh_deps:
+                # Another builder finished this set while we waited for the lock.
+                _use_dependencies(execution, row)
+                execution.dependency_cache_hit = True
+                ctx.note(execution_id, "dependency image built by a concurrent run: cache hit")
+                return True
+        requirements = execution.requirements
+        cache_dir = ctx.settings.uv_cache_dir
+        try:
+            ctx.note(execution_id, "resolving dependencies")
+            pinned = dependencies.resolve(
+                requirements, spec, cache_dir, log, refresh=execution.refresh_deps
             )
+            tag = cache_keys.dependency_image_ref(
+                execution.account_id, dependencies.resolution_hash(spec, requirements, pinned)
+            )
+            deps_build_s = None
+            if image_exists(ctx.docker, tag):
+                ctx.note(execution_id, f"resolved set already installed in {tag}: no install")
+            else:
+                started = time.monotonic()
+                with tempfile.TemporaryDirectory(prefix="rgrid-deps-") as target:
+                    ctx.note(execution_id, f"installing {len(pinned)} packages")
+                    dependencies.install(requirements, pinned, spec, Path(target), cache_dir, log)
+                    ctx.note(execution_id, f"building dependency image {tag}")
+                    build_dependency_image(
+                        ctx.docker, spec.image, Path(target), spec.site_packages, tag, log
+                    )
+                deps_build_s = round(time.monotonic() - started, 3)
+        except BuildError as exc:
+            _fail_build(ctx, execution_id, exc.message)
+            return False
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            row = _dependency_row(session, execution)
+            if row is None:
+                row = DependencyCache(
+                    account_id=execution.account_id,
+                    runtime=execution.runtime,
+                    dependency_hash=execution.dependency_hash,
+                    use_count=0,
+                )
+                session.add(row)
+            row.image_ref, row.resolved = tag, pinned
+            execution.dependency_image, execution.resolved_dependencies = tag, pinned
+            execution.deps_build_s = deps_build_s
+    return True
+
+
+def _record_image(session: Session, execution: Execution, image_ref: str) -> None:
+    row = _script_row(session, execution)
+    if row is None:
+        row = ScriptCache(
+            account_id=execution.account_id,
+            runtime=execution.runtime,
+            dependency_hash=execution.dependency_hash,
+            script_hash=execution.script_hash,
+            use_count=0,
         )
-    else:
-        row.image_ref = image_ref
+        session.add(row)
+    row.image_ref = image_ref
+    row.base_image = _base_image(execution)
 
 
 def build_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Build the script image on a miss; one build per key at a time across the grid."""
+    """Build what the caches lacked: the dependency image, then the script layer on it."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution) or execution.script_cache_hit:
             return
         execution.status = "building"
+        needs_dependencies = _has_dependencies(execution) and execution.dependency_image is None
+    spec = resolve_runtime(execution.runtime)
+    if not image_exists(ctx.docker, spec.image):
+        # The classic builder would try to pull the FROM image, and there is no registry.
+        _fail_build(
+            ctx,
+            execution_id,
+            f"runtime image {spec.image} is not built on this Docker host: "
+            f"run `rgrid runtime build {spec.name}`",
+        )
+        return
+    if needs_dependencies and not _ensure_dependency_image(ctx, execution_id):
+        return
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
     key = _script_key(execution)
     with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
-            image = _find_cached_image(ctx, session, execution)
+            image = _find_script_image(ctx, session, execution)
             if image is not None:
-                # Another builder finished this key while we waited for the lock.
+                # Built by a concurrent run while we waited, or still valid after a refresh
+                # that resolved to the same set.
                 execution.script_cache_hit = True
                 execution.image_ref = image
                 execution.status = "queued"
-                ctx.note(execution_id, "script image built by a concurrent run: cache hit")
+                ctx.note(execution_id, "script cache hit")
                 return
-        spec = resolve_runtime(execution.runtime)
-        if not image_exists(ctx.docker, spec.image):
-            # The classic builder would try to pull the FROM image, and there is no registry.
-            raise BuildError(
-                f"runtime image {spec.image} is not built on this Docker host: "
-                f"run `rgrid runtime build {spec.name}`"
-            )
         script = ctx.store.get_bytes(
             cache_keys.script_object_key(execution.account_id, execution.script_hash)
         )
         tag = cache_keys.script_image_ref(key)
-        ctx.note(execution_id, f"building script image {tag} on {spec.image}")
+        base = _base_image(execution)
+        ctx.note(execution_id, f"building script image {tag} on {base}")
         try:
             build_s = build_script_image(
                 ctx.docker,
-                spec.image,
+                base,
                 script,
                 tag,
                 log=lambda line: ctx.logs.append(execution_id, "system", line),
             )
         except BuildError as exc:
-            with session_scope(ctx.session_factory) as session:
-                execution = _load(session, execution_id)
-                execution.outcome = "build_failed"
-                execution.error = exc.message
-            ctx.note(execution_id, exc.message)
+            _fail_build(ctx, execution_id, exc.message)
             return
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             _record_image(session, execution, tag)
             execution.image_ref = tag
-            execution.build_s = build_s
+            execution.build_s = round(build_s, 3)
             execution.status = "queued"
 
 
@@ -272,12 +392,13 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.status in TERMINAL_STATUSES:
             return
         if execution.image_ref and execution.outcome in ("succeeded", "failed", "timed_out"):
-            row = session.scalars(
-                select(ScriptCache).where(ScriptCache.image_ref == execution.image_ref)
-            ).first()
-            if row is not None:
-                row.last_used_at = utcnow()
-                row.use_count += 1
+            rows = [_script_row(session, execution)]
+            if _has_dependencies(execution):
+                rows.append(_dependency_row(session, execution))
+            for row in rows:
+                if row is not None:
+                    row.last_used_at = utcnow()
+                    row.use_count += 1
     _persist_logs(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)

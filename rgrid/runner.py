@@ -217,9 +217,7 @@ def run_script(
 
         started = time.monotonic()
         client.api.start(cid)
-        reader = threading.Thread(
-            target=_stream_output, args=(client, cid, on_output), daemon=True
-        )
+        reader = threading.Thread(target=_stream_output, args=(client, cid, on_output), daemon=True)
         reader.start()
         exit_holder: dict[str, int] = {}
         waiter = threading.Thread(

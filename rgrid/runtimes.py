@@ -53,6 +53,13 @@ class RuntimeSpec:
     image: str
     suite: str = "bookworm"
     python_version: str = "3.11"
+    #: What wheels must be built for: bookworm's glibc is 2.36.
+    python_platform: str = "x86_64-manylinux_2_36"
+
+    @property
+    def site_packages(self) -> str:
+        """Where dependency layers go: on Debian's python3 path, so no ENV step is needed."""
+        return f"/usr/local/lib/python{self.python_version}/dist-packages"
 
     @property
     def repository(self) -> str:
@@ -71,7 +78,6 @@ RUNTIMES: dict[str, RuntimeSpec] = {
         python_version="3.11",
     ),
 }
-
 
 
 def resolve_runtime(name: str) -> RuntimeSpec:

@@ -108,12 +108,19 @@ def ctx(server_settings):
 
 @pytest.fixture
 def account(ctx):
-    """A fresh account per test, so cache rows never leak between tests."""
-    from rgrid.accounts import create_account
+    """A fresh account per test, so cache rows never leak between tests. Its id is random:
+    images are named from account ids, and Docker keeps images between test sessions whose
+    databases would otherwise hand out the same ids again."""
     from rgrid.db import session_scope
+    from rgrid.models import Account
 
     with session_scope(ctx.session_factory) as session:
-        return create_account(session, f"acct-{secrets.token_hex(4)}")
+        row = Account(
+            id=10**6 + secrets.randbelow(2**31 - 10**6), name=f"acct-{secrets.token_hex(4)}"
+        )
+        session.add(row)
+        session.flush()
+        return row
 
 
 @pytest.fixture
@@ -129,6 +136,8 @@ def run_script(ctx, account):
         timeout_s: int | None = None,
         args: list[str] | None = None,
         account_id: int | None = None,
+        requirements: str | None = None,
+        refresh_deps: bool = False,
     ) -> dict:
         with session_scope(ctx.session_factory) as session:
             execution = svc.create_execution(
@@ -136,6 +145,8 @@ def run_script(ctx, account):
                 ctx.store,
                 ctx.settings,
                 account_id=account_id or account.id,
+                requirements=requirements,
+                refresh_deps=refresh_deps,
                 script=script,
                 script_name="job.py",
                 timeout_s=timeout_s,

@@ -43,6 +43,9 @@ def create_execution():
     script = body.get("script")
     if not isinstance(script, str):
         raise BadInput("'script' must be the script's text")
+    requirements = body.get("requirements")
+    if requirements is not None and not isinstance(requirements, str):
+        raise BadInput("'requirements' must be the requirements text")
     timeout = body.get("timeout_s")
     if timeout is not None and not isinstance(timeout, int):
         raise BadInput("'timeout_s' must be a whole number of seconds")
@@ -58,6 +61,8 @@ def create_execution():
             runtime=str(body.get("runtime") or "python:3.11"),
             timeout_s=timeout,
             args=body.get("args") or [],
+            requirements=requirements,
+            refresh_deps=bool(body.get("refresh_deps")),
         )
         execution_id = execution.id
     # Only now, after the commit, may a worker go looking for the row.

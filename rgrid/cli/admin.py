@@ -95,9 +95,7 @@ def list_keys(json_mode: bool) -> None:
     from rgrid.models import Account, ApiKey
 
     with session_scope(_factory()) as session:
-        rows = session.execute(
-            select(ApiKey, Account.name).join(Account).order_by(ApiKey.id)
-        ).all()
+        rows = session.execute(select(ApiKey, Account.name).join(Account).order_by(ApiKey.id)).all()
         result = [
             {
                 "key_id": key.id,

@@ -66,15 +66,45 @@ def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Runtime image.")
 @click.option("--timeout", "timeout_s", type=int, help="Wall-clock limit in seconds.")
+@click.option(
+    "-r",
+    "--requirements",
+    "requirements_file",
+    type=click.Path(path_type=Path),
+    help="A requirements file (or use PEP 723 '# /// script' metadata in the script).",
+)
+@click.option(
+    "--refresh-deps", is_flag=True, help="Resolve unpinned requirements again (new versions)."
+)
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
-def run(script: Path, args: tuple[str, ...], runtime: str, timeout_s: int | None, json_mode: bool):
+def run(
+    script: Path,
+    args: tuple[str, ...],
+    runtime: str,
+    timeout_s: int | None,
+    requirements_file: Path | None,
+    refresh_deps: bool,
+    json_mode: bool,
+):
     """Run SCRIPT (with ARGS) in a sandboxed container, stream its output, fetch its outputs."""
     text = read_script(script)
     if timeout_s is not None and timeout_s < 1:
         raise BadInput("--timeout must be at least 1 second")
+    requirements = None
+    if requirements_file is not None:
+        from rgrid.requirements import normalise, read_requirements_file
+
+        requirements = read_requirements_file(requirements_file)
+        normalise(requirements)  # a malformed line is reported here, before anything is sent
     client = _client()
     submitted = client.submit(
-        script=text, script_name=script.name, runtime=runtime, timeout_s=timeout_s, args=list(args)
+        script=text,
+        script_name=script.name,
+        runtime=runtime,
+        timeout_s=timeout_s,
+        args=list(args),
+        requirements=requirements,
+        refresh_deps=refresh_deps,
     )
     execution_id = submitted["execution_id"]
     if not json_mode:
@@ -104,12 +134,30 @@ def status(execution_id: str, json_mode: bool):
         print_json(execution)
         return
     for key in (
-        "execution_id", "status", "exit_code", "error", "script_name", "runtime", "script_hash",
-        "dependency_hash", "image_ref", "script_cache_hit", "dependency_cache_hit",
-        "input_cache_hit", "build_s", "run_s", "duration_s", "created_at", "finished_at",
+        "execution_id",
+        "status",
+        "exit_code",
+        "error",
+        "script_name",
+        "runtime",
+        "script_hash",
+        "dependency_hash",
+        "dependency_image",
+        "image_ref",
+        "script_cache_hit",
+        "dependency_cache_hit",
+        "input_cache_hit",
+        "deps_build_s",
+        "build_s",
+        "run_s",
+        "duration_s",
+        "created_at",
+        "finished_at",
     ):
         if execution.get(key) is not None:
             click.echo(f"{key:22} {execution[key]}")
+    for pin in execution.get("resolved_dependencies") or []:
+        click.echo(f"{'dependency':22} {pin}")
     for output in execution["outputs"]:
         click.echo(f"{'output':22} {output['path']} ({output['size']} bytes)")
 

@@ -38,7 +38,11 @@ def build(name: str, if_missing: bool) -> None:
     if if_missing and runtime_image_exists(spec, client):
         click.echo(f"{spec.image} already built")
         return
-    image_id = build_runtime(spec, client, log=lambda line: stderr_console.print(
-        f"[dim]{line.rstrip()}[/dim]", markup=True, soft_wrap=True, highlight=False
-    ))
+    image_id = build_runtime(
+        spec,
+        client,
+        log=lambda line: stderr_console.print(
+            f"[dim]{line.rstrip()}[/dim]", markup=True, soft_wrap=True, highlight=False
+        ),
+    )
     click.echo(f"built {spec.image} ({image_id[:19]})")

@@ -1,12 +1,16 @@
 """The CLI against a running API, worker and beat."""
 
 import json
+import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import docker
+import requests
 
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json
+from tests.wheels import make_wheel
 
 JSON_FIELDS = {
     "execution_id",
@@ -177,3 +181,84 @@ def test_beat_reaps_a_leftover_container(stack_env):
 
 def test_cli_entry_point_is_installed():
     assert RGRID.endswith("rgrid")
+
+
+def test_requirements_file_dependency_cache_and_status(stack_env, tmp_path):
+    (tmp_path / "requirements.txt").write_text("# pinned\nsix==1.16.0\n")
+    (tmp_path / "job.py").write_text("import six\nprint('six', six.__version__)\n")
+    first, result = run_json("run", "job.py", "-r", "requirements.txt", env=stack_env, cwd=tmp_path)
+    assert first["status"] == "succeeded", result.stderr
+    assert first["dependency_cache_hit"] is False
+    assert "six 1.16.0" in result.stderr
+    assert "Resolved 1 package" in result.stderr  # the build log streams
+
+    (tmp_path / "job.py").write_text("import six\nprint('edited', six.__version__)\n")
+    second, result = run_json(
+        "run", "job.py", "-r", "requirements.txt", env=stack_env, cwd=tmp_path
+    )
+    assert second["dependency_cache_hit"] is True and second["script_cache_hit"] is False
+    assert "Resolved" not in result.stderr
+
+    human = run_cli("run", "job.py", "-r", "requirements.txt", env=stack_env, cwd=tmp_path)
+    assert "deps hit" in human.stderr and "script cache hit" in human.stderr
+
+    status = run_cli("status", second["execution_id"], env=stack_env, cwd=tmp_path).stdout
+    assert "six==1.16.0" in status and second["dependency_hash"] in status
+    as_json = json.loads(
+        run_cli("status", second["execution_id"], "--json", env=stack_env, cwd=tmp_path).stdout
+    )
+    assert as_json["resolved_dependencies"] == ["six==1.16.0"]
+
+
+def test_bad_requirements_show_the_installers_message(stack_env, tmp_path):
+    (tmp_path / "bad.txt").write_text("rgrid-no-such-package-e2e\n")
+    (tmp_path / "job.py").write_text("print('never runs')\n")
+    result = run_cli("run", "job.py", "-r", "bad.txt", env=stack_env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "build_failed" in result.stderr
+    assert "not found in the package registry" in result.stderr
+    execution_id = result.stderr.split("execution ", 1)[1].split()[0]
+    logs = run_cli("logs", execution_id, env=stack_env, cwd=tmp_path)
+    assert "not found in the package registry" in logs.stderr
+
+    (tmp_path / "malformed.txt").write_text("six >> 1\n")
+    assert_one_line_error(
+        run_cli("run", "job.py", "-r", "malformed.txt", env=stack_env, cwd=tmp_path),
+        "line 1: 'six >> 1' is not a valid requirement",
+    )
+    (tmp_path / "inline.py").write_text("# /// script\n# dependencies = ['six']\n# ///\n")
+    (tmp_path / "ok.txt").write_text("six\n")
+    assert_one_line_error(
+        run_cli("run", "inline.py", "-r", "ok.txt", env=stack_env, cwd=tmp_path), "one of them"
+    )
+
+
+def test_twenty_concurrent_runs_build_each_image_once_across_workers(stack_env, tmp_path):
+    """Single flight across the worker's two processes: 20 submissions of the same new
+    requirements and script build one dependency image and one script image."""
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "1.0")
+    headers = {"Authorization": f"Bearer {stack_env['RGRID_API_KEY']}"}
+    body = {
+        "script": f"import {dist.replace('-', '_')} as p\nprint(p.VERSION)\n",
+        "script_name": "job.py",
+        "requirements": f"--find-links {tmp_path}\n{dist}\n",
+    }
+    url = f"{stack_env['RGRID_API_URL']}/v1/executions"
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(
+            pool.map(lambda _: requests.post(url, json=body, headers=headers), range(20))
+        )
+    assert [r.status_code for r in responses] == [201] * 20
+    ids = [r.json()["execution_id"] for r in responses]
+    deadline = time.monotonic() + 240
+    while True:
+        rows = [requests.get(f"{url}/{i}", headers=headers).json() for i in ids]
+        if all(row["status"] not in ("queued", "building", "running") for row in rows):
+            break
+        assert time.monotonic() < deadline, [row["status"] for row in rows]
+        time.sleep(1)
+    assert [row["status"] for row in rows] == ["succeeded"] * 20, [row["error"] for row in rows]
+    assert sum(row["deps_build_s"] is not None for row in rows) == 1
+    assert sum(row["build_s"] is not None for row in rows) == 1
+    assert len({row["image_ref"] for row in rows}) == 1

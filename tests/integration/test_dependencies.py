@@ -1,0 +1,192 @@
+"""Dependency layers on the real services, the real package index (through the host's own
+configuration) and Docker."""
+
+import secrets
+import threading
+
+import pytest
+
+from rgrid import cache_keys
+from rgrid.db import session_scope
+from rgrid.errors import BadInput
+from rgrid.logbuffer import decode_log
+from rgrid.models import DependencyCache
+from tests.wheels import make_sdist, make_wheel
+
+IMPORTS = "import numpy, six\nprint('numpy', numpy.__version__, 'six', six.__version__)\n"
+
+
+def _log(ctx, execution_id: str, stream: str) -> str:
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    return "".join(text for s, text in chunks if s == stream)
+
+
+def test_packages_are_installed_once_and_the_edit_loop_builds_only_the_script(ctx, run_script):
+    first = run_script(IMPORTS, requirements="numpy\nsix==1.16.0\n")
+    assert first["status"] == "succeeded", first["error"]
+    assert first["dependency_cache_hit"] is False and first["deps_build_s"] is not None
+    assert "six==1.16.0" in first["resolved_dependencies"]
+    assert any(pin.startswith("numpy==") for pin in first["resolved_dependencies"])
+    assert _log(ctx, first["execution_id"], "stdout").startswith("numpy 2.")
+    assert "Installed 2 packages" in _log(ctx, first["execution_id"], "system")
+
+    # Same set in another order and case; an edited script.
+    edited = run_script(IMPORTS + "print('edited')\n", requirements="SIX==1.16.0\n\nnumpy\n")
+    assert edited["status"] == "succeeded"
+    assert edited["dependency_hash"] == first["dependency_hash"]
+    assert edited["dependency_cache_hit"] is True and edited["deps_build_s"] is None
+    assert edited["script_cache_hit"] is False and edited["build_s"] is not None
+    assert edited["dependency_image"] == first["dependency_image"]
+    assert "Installed" not in _log(ctx, edited["execution_id"], "system")
+    assert _log(ctx, edited["execution_id"], "stdout").endswith("edited\n")
+
+    again = run_script(IMPORTS + "print('edited')\n", requirements="numpy\nsix==1.16.0\n")
+    assert again["script_cache_hit"] is True and again["dependency_cache_hit"] is True
+
+
+def test_the_same_script_with_other_requirements_never_reuses_an_image(run_script):
+    script = "import six\nprint(six.__version__)\n"
+    old = run_script(script, requirements="six==1.16.0\n")
+    new = run_script(script, requirements="six==1.17.0\n")
+    assert new["script_cache_hit"] is False
+    assert new["image_ref"] != old["image_ref"]
+
+
+PEP723 = """\
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["six==1.16.0"]
+# ///
+import six
+print("six", six.__version__)
+"""
+
+
+def test_inline_script_metadata_gets_its_packages(ctx, run_script):
+    result = run_script(PEP723)
+    assert result["status"] == "succeeded", result["error"]
+    assert result["resolved_dependencies"] == ["six==1.16.0"]
+    assert _log(ctx, result["execution_id"], "stdout") == "six 1.16.0\n"
+
+
+def test_inline_metadata_and_a_requirements_file_together_are_refused(ctx, account):
+    from rgrid import executions as svc
+
+    with session_scope(ctx.session_factory) as session, pytest.raises(BadInput, match="one of"):
+        svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script=PEP723,
+            script_name="job.py",
+            requirements="six\n",
+        )
+
+
+def _dependency_rows(ctx, account_id: int) -> list:
+    with session_scope(ctx.session_factory) as session:
+        return list(session.query(DependencyCache).filter_by(account_id=account_id))
+
+
+@pytest.mark.parametrize(
+    ("requirements", "message"),
+    [
+        ("rgrid-no-such-package-7f3a\n", "not found in the package registry"),
+        ("six==1.16.0\nsix==1.17.0\n", "unsatisfiable"),
+    ],
+)
+def test_bad_requirements_fail_the_build_with_the_installers_message(
+    ctx, run_script, account, requirements, message
+):
+    result = run_script("import six\n", requirements=requirements)
+    assert result["status"] == "build_failed"
+    assert message in result["error"]
+    assert message in _log(ctx, result["execution_id"], "system")
+    assert _dependency_rows(ctx, account.id) == []
+    fixed = run_script("import six\n", requirements="six==1.16.0\n")
+    assert fixed["status"] == "succeeded"
+
+
+def test_a_package_with_no_wheel_for_the_runtime_fails_clearly(ctx, run_script, account, tmp_path):
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    make_sdist(tmp_path, dist, "1.0")
+    result = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}\n")
+    assert result["status"] == "build_failed"
+    assert "wheel" in result["error"].lower() or "binary" in result["error"].lower()
+    assert _dependency_rows(ctx, account.id) == []
+
+
+def test_refresh_deps_picks_up_a_new_release_and_reuses_an_unchanged_one(ctx, run_script, tmp_path):
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    module = dist.replace("-", "_")
+    make_wheel(tmp_path, dist, "1.0")
+    requirements = f"--find-links {tmp_path}\n{dist}\n"
+    script = f"import {module}\nprint({module}.VERSION)\n"
+
+    first = run_script(script, requirements=requirements)
+    assert first["status"] == "succeeded", first["error"]
+    assert first["resolved_dependencies"] == [f"{dist}==1.0"]
+
+    make_wheel(tmp_path, dist, "1.1")
+    stale = run_script(script, requirements=requirements)
+    assert stale["dependency_cache_hit"] is True and stale["script_cache_hit"] is True
+    assert _log(ctx, stale["execution_id"], "stdout") == "1.0\n"  # the classic stale cache
+
+    refreshed = run_script(script, requirements=requirements, refresh_deps=True)
+    assert refreshed["status"] == "succeeded", refreshed["error"]
+    assert refreshed["resolved_dependencies"] == [f"{dist}==1.1"]
+    assert refreshed["dependency_image"] != first["dependency_image"]
+    assert refreshed["script_cache_hit"] is False  # rebuilt on the new dependency image
+    assert _log(ctx, refreshed["execution_id"], "stdout") == "1.1\n"
+
+    unchanged = run_script(script, requirements=requirements, refresh_deps=True)
+    assert unchanged["dependency_image"] == refreshed["dependency_image"]
+    assert unchanged["deps_build_s"] is None and unchanged["script_cache_hit"] is True
+
+    after = run_script(script, requirements=requirements)  # the cache now serves 1.1
+    assert after["dependency_cache_hit"] is True
+    assert _log(ctx, after["execution_id"], "stdout") == "1.1\n"
+
+
+def test_two_texts_resolving_to_the_same_pins_share_one_image(run_script, tmp_path):
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "2.0")
+    exact = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}==2.0\n")
+    ranged = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}>=2,<3\n")
+    assert exact["dependency_hash"] != ranged["dependency_hash"]
+    assert ranged["dependency_cache_hit"] is False
+    assert ranged["dependency_image"] == exact["dependency_image"]
+    assert ranged["deps_build_s"] is None  # nothing installed the second time
+
+
+def test_concurrent_runs_with_new_requirements_build_each_image_once(ctx, account, tmp_path):
+    from rgrid import executions as svc
+    from rgrid.pipeline import run_all
+
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "1.0")
+    ids = []
+    with session_scope(ctx.session_factory) as session:
+        for _ in range(4):
+            execution = svc.create_execution(
+                session,
+                ctx.store,
+                ctx.settings,
+                account_id=account.id,
+                script="print('x')\n",
+                script_name="job.py",
+                requirements=f"--find-links {tmp_path}\n{dist}\n",
+            )
+            ids.append(execution.id)
+    threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    with session_scope(ctx.session_factory) as session:
+        rows = [session.get(svc.Execution, i) for i in ids]
+        assert [r.status for r in rows] == ["succeeded"] * 4
+        assert sum(r.deps_build_s is not None for r in rows) == 1
+        assert sum(r.build_s is not None for r in rows) == 1
+        assert len({r.image_ref for r in rows}) == 1
