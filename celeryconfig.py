@@ -29,7 +29,8 @@ task_time_limit = int(os.environ.get("RGRID_TASK_TIME_LIMIT", 24 * 3600 + 600))
 # or a long run would be started a second time while the first still runs.
 broker_transport_options = {"visibility_timeout": task_time_limit + 3600}
 
-task_default_queue = "rgrid"
+# One queue per deployment; test sessions take their own so that two never share tasks.
+task_default_queue = os.environ.get("RGRID_QUEUE", "rgrid")
 task_track_started = True
 worker_send_task_events = True
 task_send_sent_event = True

@@ -51,9 +51,17 @@ def script_object_key(account_id: int, script_hash: str) -> str:
     return f"scripts/{account_id}/{script_hash}.py"
 
 
+def blob_object_key(account_id: int, name: str) -> str:
+    """Where a blob's bytes live. ``name`` is an upload's id, not the digest: the bytes are
+    only trusted through the Blob row written after their digest was checked."""
+    return f"blobs/{account_id}/{name}"
+
+
+def input_hash(manifest: list[dict]) -> str:
+    """The hash of the sorted manifest: renamed files are a new manifest but no new upload."""
+    pairs = sorted((item["path"], item["sha256"]) for item in manifest)
+    return sha256_bytes("\n".join(f"{path}\t{digest}" for path, digest in pairs).encode())
+
+
 def log_object_key(execution_id: str) -> str:
     return f"logs/{execution_id}.jsonl"
-
-
-def output_object_key(execution_id: str, relpath: str) -> str:
-    return f"outputs/{execution_id}/{relpath}"

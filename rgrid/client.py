@@ -6,13 +6,16 @@ Both offer the same calls, so every CLI command works the same way against eithe
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import requests
 
 from rgrid.config import Settings
 from rgrid.errors import AuthError, BadInput, NotFound, RGridError, ServiceUnavailable
+from rgrid.inputs import InputFile
 
 
 class Client(Protocol):
@@ -29,11 +32,18 @@ class Client(Protocol):
         args: list[str],
         requirements: str | None = None,
         refresh_deps: bool = False,
+        inputs: list[dict] | None = None,
+        files_uploaded: int = 0,
+        bytes_uploaded: int = 0,
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
     def list(self, limit: int) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int) -> dict: ...
-    def download_outputs(self, execution: dict, dest: Path) -> list[Path]: ...
+    def download_outputs(
+        self, execution: dict, dest: Path, advance: Callable[[int], None] = ...
+    ) -> list[Path]: ...
+    def missing(self, digests: list[str]) -> list[str]: ...
+    def upload(self, item: InputFile, advance: Callable[[int], None]) -> None: ...
 
 
 def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
@@ -51,11 +61,42 @@ def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
     partial.replace(target)
 
 
+def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        advance(len(chunk))
+        yield chunk
+
+
 def safe_target(dest: Path, relpath: str) -> Path:
     target = (dest / relpath).resolve()
     if not target.is_relative_to(dest.resolve()):
         raise RGridError(f"refusing output path {relpath!r} outside the outputs folder")
     return target
+
+
+class FileSlice(io.RawIOBase):
+    """Part of an open file as a request body: streamed (never held in memory), with a length
+    so the presigned PUT gets its Content-Length, and a callback for the progress bar."""
+
+    def __init__(self, fh: BinaryIO, offset: int, length: int, advance: Callable[[int], None]):
+        self.fh, self.remaining, self.advance = fh, length, advance
+        self.length = length
+        fh.seek(offset)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.remaining <= 0:
+            return b""
+        size = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        data = self.fh.read(min(size, 1024 * 1024))
+        self.remaining -= len(data)
+        self.advance(len(data))
+        return data
 
 
 class RemoteClient:
@@ -107,7 +148,35 @@ class RemoteClient:
     def logs(self, execution_id: str, offset: int) -> dict:
         return self._request("GET", f"/executions/{execution_id}/logs", params={"offset": offset})
 
-    def download_outputs(self, execution: dict, dest: Path) -> list[Path]:
+    def missing(self, digests: list[str]) -> list[str]:
+        return self._request("POST", "/blobs/missing", json={"digests": digests})["missing"]
+
+    def _put(self, url: str, body: FileSlice) -> requests.Response:
+        try:
+            response = requests.put(url, data=body, timeout=600)
+        except requests.RequestException as exc:
+            raise ServiceUnavailable(f"upload to the object store failed: {exc}") from exc
+        if not response.ok:
+            raise ServiceUnavailable(
+                f"upload to the object store failed: HTTP {response.status_code}"
+            )
+        return response
+
+    def upload(self, item: InputFile, advance: Callable[[int], None]) -> None:
+        plan = self._request("POST", "/uploads", json={"sha256": item.sha256, "size": item.size})
+        parts = []
+        with open(item.path, "rb") as fh:
+            if "url" in plan:
+                self._put(plan["url"], FileSlice(fh, 0, item.size, advance))
+            for part in plan.get("parts", []):
+                body = FileSlice(fh, part["offset"], part["length"], advance)
+                response = self._put(part["url"], body)
+                parts.append({"part_number": part["part_number"], "etag": response.headers["ETag"]})
+        self._request("POST", f"/uploads/{plan['upload_id']}/complete", json={"parts": parts})
+
+    def download_outputs(
+        self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
+    ) -> list[Path]:
         listing = self._request("GET", f"/executions/{execution['execution_id']}/outputs")
         written = []
         for output in listing["outputs"]:
@@ -115,7 +184,11 @@ class RemoteClient:
             try:
                 with requests.get(output["url"], stream=True, timeout=60) as response:
                     response.raise_for_status()
-                    verified_copy(response.iter_content(1024 * 1024), target, output["sha256"])
+                    verified_copy(
+                        _counted(response.iter_content(1024 * 1024), advance),
+                        target,
+                        output["sha256"],
+                    )
             except requests.RequestException as exc:
                 raise ServiceUnavailable(
                     f"could not download output {output['path']}: {exc}"

@@ -72,6 +72,11 @@ class Settings:
     tmp_size: str = "256m"
     max_output_bytes: int = 1024**3
     max_script_bytes: int = 1024**2
+    max_input_file_bytes: int = 5 * 1024**3
+    max_input_total_bytes: int = 20 * 1024**3
+    max_input_files: int = 10_000
+    #: Multipart upload part size: the CLI holds at most one part's read buffer, not the file.
+    upload_part_bytes: int = 64 * 1024**2
     container_user: str = "1000:1000"
 
     # How long a build waits for another builder of the same key before giving up.
@@ -99,6 +104,12 @@ class Settings:
             tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
+            max_input_file_bytes=_env_int("RGRID_MAX_INPUT_FILE_BYTES", cls.max_input_file_bytes),
+            max_input_total_bytes=_env_int(
+                "RGRID_MAX_INPUT_TOTAL_BYTES", cls.max_input_total_bytes
+            ),
+            max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
+            upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
         )
 
@@ -118,6 +129,11 @@ class Settings:
     def uv_cache_dir(self) -> Path:
         """uv's wheel cache on this host, shared by every requirements set."""
         return Path(_env("RGRID_UV_CACHE_DIR") or self.data_dir / "uv-cache")
+
+    @property
+    def blob_cache_dir(self) -> Path:
+        """Verified input blobs on this worker host, by digest: a repeat downloads nothing."""
+        return Path(_env("RGRID_BLOB_CACHE_DIR") or self.data_dir / "blob-cache")
 
     @property
     def effective_store_dir(self) -> Path:

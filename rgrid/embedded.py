@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from rgrid import cache_keys
+from rgrid import blobs
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
 from rgrid.client import safe_target, verified_copy
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
+from rgrid.inputs import InputFile
 from rgrid.pipeline import PipelineContext, run_all
 from rgrid.runtimes import resolve_runtime
 
@@ -66,17 +68,32 @@ class EmbeddedClient:
             execution = svc.get_execution(session, self.account_id, execution_id)
             return svc.read_logs(execution, self.ctx.logs, self.ctx.store, offset)
 
-    def download_outputs(self, execution: dict, dest: Path) -> list[Path]:
+    def missing(self, digests: list[str]) -> list[str]:
+        with session_scope(self.ctx.session_factory) as session:
+            return blobs.missing_digests(session, self.ctx.store, self.account_id, digests)
+
+    def upload(self, item: InputFile, advance: Callable[[int], None]) -> None:
+        """Into the local store, checked against the digest like any upload."""
+        with session_scope(self.ctx.session_factory) as session:
+            blobs.store_file(session, self.ctx.store, self.account_id, item.path, item.sha256)
+        advance(item.size)
+
+    def download_outputs(
+        self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
+    ) -> list[Path]:
+        with session_scope(self.ctx.session_factory) as session:
+            row = svc.get_execution(session, self.account_id, execution["execution_id"])
+            listing = svc.output_listing(session, row, self.ctx.store)
         written = []
-        for output in execution["outputs"]:
+        for output in listing:
             target = safe_target(dest, output["path"])
-            key = cache_keys.output_object_key(execution["execution_id"], output["path"])
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".fetch")
-            self.ctx.store.download(key, tmp)
-            with open(tmp, "rb") as fh:
+            fetched = target.with_name(target.name + ".fetch")
+            self.ctx.store.download(output["key"], fetched)
+            with open(fetched, "rb") as fh:
                 verified_copy(iter(lambda: fh.read(1024 * 1024), b""), target, output["sha256"])
-            tmp.unlink(missing_ok=True)
+            fetched.unlink(missing_ok=True)
+            advance(output["size"])
             written.append(target)
         return written
 

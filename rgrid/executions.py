@@ -9,9 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
+from rgrid.blobs import find_blob
 from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound
 from rgrid.hashing import script_hash
+from rgrid.inputs import check_manifest
 from rgrid.logbuffer import LogBuffer, LogChunk, decode_log
 from rgrid.models import TERMINAL_STATUSES, Execution
 from rgrid.objectstore import ObjectStore
@@ -62,11 +64,21 @@ def create_execution(
     args: list[str] | None = None,
     requirements: str | None = None,
     refresh_deps: bool = False,
+    inputs: list[dict] | None = None,
+    files_uploaded: int = 0,
+    bytes_uploaded: int = 0,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
-    only then enqueues the pipeline."""
+    only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
     timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
     normalised = requirements_for(script, requirements, runtime)
+    manifest = check_manifest(inputs or [], settings)
+    for item in manifest:
+        blob = find_blob(session, account_id, item["sha256"])
+        if blob is None or blob.size != item["size"]:
+            raise BadInput(f"input {item['path']} was not uploaded")
+    if not all(isinstance(n, int) and n >= 0 for n in (files_uploaded, bytes_uploaded)):
+        raise BadInput("files_uploaded and bytes_uploaded must be counts")
     if args is not None and not all(isinstance(a, str) for a in args):
         raise BadInput("args must be a list of strings")
     data = script.encode()
@@ -84,11 +96,14 @@ def create_execution(
         args=list(args or []),
         requirements=normalised,
         refresh_deps=bool(refresh_deps),
+        inputs=manifest,
+        input_hash=cache_keys.input_hash(manifest) if manifest else None,
+        input_cache_hit=bool(manifest) and files_uploaded == 0,
+        files_uploaded=files_uploaded,
         timeout_s=timeout,
         script_cache_hit=False,
         dependency_cache_hit=False,
-        input_cache_hit=False,
-        bytes_uploaded=0,
+        bytes_uploaded=bytes_uploaded,
         outputs=[],
     )
     session.add(execution)
@@ -142,6 +157,8 @@ def execution_to_dict(execution: Execution) -> dict:
         "resolved_dependencies": execution.resolved_dependencies,
         "refresh_deps": execution.refresh_deps,
         "input_hash": execution.input_hash,
+        "inputs": execution.inputs,
+        "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,
         "image_ref": execution.image_ref,
@@ -182,12 +199,14 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
     }
 
 
-def output_listing(execution: Execution, store: ObjectStore) -> list[dict]:
-    return [
-        {
-            **output,
-            "key": cache_keys.output_object_key(execution.id, output["path"]),
-            "url": store.download_url(cache_keys.output_object_key(execution.id, output["path"])),
-        }
-        for output in execution.outputs or []
-    ]
+def output_listing(session: Session, execution: Execution, store: ObjectStore) -> list[dict]:
+    """Each output with where to fetch it (a presigned URL, or the key for a local store)."""
+    listing = []
+    for output in execution.outputs or []:
+        blob = find_blob(session, execution.account_id, output["sha256"])
+        if blob is None:
+            raise NotFound(f"output {output['path']} is no longer stored")
+        listing.append(
+            {**output, "key": blob.object_key, "url": store.download_url(blob.object_key)}
+        )
+    return listing

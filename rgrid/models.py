@@ -73,6 +73,9 @@ class Execution(Base):
     dependency_image: Mapped[str | None] = mapped_column(String(200))
     resolved_dependencies: Mapped[list | None] = mapped_column(JSON)
     input_hash: Mapped[str | None] = mapped_column(String(64))
+    # The input manifest: [{"path": relative name in /work, "sha256": ..., "size": ...}].
+    inputs: Mapped[list] = mapped_column(JSON, default=list)
+    files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)
     image_ref: Mapped[str | None] = mapped_column(String(200))
@@ -138,6 +141,42 @@ class DependencyCache(Base):
         DateTime(timezone=True), default=utcnow, index=True
     )
     use_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Blob(Base):
+    """A stored file (input or output), content-addressed per account: the digest is a promise,
+    checked before the row is written."""
+
+    __tablename__ = "blobs"
+    __table_args__ = (UniqueConstraint("account_id", "digest", name="uq_blob_account_digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    digest: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    object_key: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Upload(Base):
+    """An upload in progress: bytes sent to a staging key, not yet checked against the digest
+    they claim. Nothing can reference them until the check passes and a Blob row exists."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    digest: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    object_key: Mapped[str] = mapped_column(String(300))
+    multipart_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
 
 
 TERMINAL_STATUSES = frozenset(

@@ -19,6 +19,8 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def download_url(self, key: str, expires_s: int = 3600) -> str | None: ...
+    def open_stream(self, key: str) -> BinaryIO: ...
+    def copy(self, source: str, dest: str) -> None: ...
 
 
 def _check_key(key: str) -> PurePosixPath:
@@ -73,6 +75,16 @@ class LocalStore:
 
     def download_url(self, key: str, expires_s: int = 3600) -> str | None:
         return None
+
+    def open_stream(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"object {key} not found") from exc
+
+    def copy(self, source: str, dest: str) -> None:
+        with self.open_stream(source) as stream:
+            self.put_stream(dest, stream)
 
 
 def store_from_settings(settings: Settings) -> ObjectStore:

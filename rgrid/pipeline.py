@@ -24,7 +24,7 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import cache_keys, dependencies
+from rgrid import blobs, cache_keys, dependencies
 from rgrid.builder import build_dependency_image, build_script_image
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -332,14 +332,49 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
             execution.status = "queued"
 
 
+def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str, Path]]:
+    """Each input as (name in /work, verified local copy from this host's blob cache)."""
+    keys = {}
+    with session_scope(ctx.session_factory) as session:
+        for item in execution.inputs or []:
+            blob = blobs.find_blob(session, execution.account_id, item["sha256"])
+            if blob is None:
+                raise RGridError(
+                    f"input {item['path']} is no longer stored; run again to upload it"
+                )
+            keys[item["sha256"]] = blob.object_key
+    return [
+        (
+            item["path"],
+            blobs.cached_copy(
+                ctx.store, keys[item["sha256"]], item["sha256"], ctx.settings.blob_cache_dir
+            ),
+        )
+        for item in execution.inputs or []
+    ]
+
+
+def _store_outputs(ctx: PipelineContext, execution: Execution, spool: Path, outputs: list) -> None:
+    """Outputs are blobs of the account too: a file some run already produced is not stored
+    twice."""
+    for output in outputs:
+        with session_scope(ctx.session_factory) as session:
+            blobs.store_file(
+                session, ctx.store, execution.account_id, spool / output["path"], output["sha256"]
+            )
+
+
 def run_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Run the container, stream its output, and store the files it wrote under outputs/."""
+    """Place the inputs, run the container, stream its output, store what it wrote."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
             return
         execution.status = "running"
         execution.started_at = utcnow()
+    inputs = _local_inputs(ctx, execution)
+    if inputs:
+        ctx.note(execution_id, f"placing {len(inputs)} input file(s) in /work")
     spool = Path(tempfile.mkdtemp(prefix=f"rgrid-out-{execution_id}-"))
     try:
         try:
@@ -352,6 +387,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
                 sandbox=ctx.sandbox,
                 outputs_dest=spool,
                 on_output=lambda stream, text: ctx.logs.append(execution_id, stream, text),
+                inputs=inputs,
             )
         except OutputLimitExceeded as exc:
             with session_scope(ctx.session_factory) as session:
@@ -362,9 +398,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
             return
         for note in result.notes:
             ctx.note(execution_id, note)
-        for output in result.outputs:
-            with open(spool / output["path"], "rb") as fh:
-                ctx.store.put_stream(cache_keys.output_object_key(execution_id, output["path"]), fh)
+        _store_outputs(ctx, execution, spool, result.outputs)
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             execution.exit_code = result.exit_code
@@ -399,6 +433,10 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
                 if row is not None:
                     row.last_used_at = utcnow()
                     row.use_count += 1
+            for item in execution.inputs or []:
+                blob = blobs.find_blob(session, execution.account_id, item["sha256"])
+                if blob is not None:
+                    blobs.touch(blob)
     _persist_logs(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)

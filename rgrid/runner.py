@@ -14,11 +14,13 @@ import contextlib
 import hashlib
 import io
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import docker
 from docker.types import Mount
@@ -54,19 +56,36 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _work_skeleton(user: str) -> bytes:
-    """A tar with ``outputs/`` owned by the sandbox user: with every capability dropped, even
-    root inside the container could not fix ownership later, so it is set in the archive."""
+def _owned_dir(name: str, uid: int, gid: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    info.uid, info.gid = uid, gid
+    info.mtime = int(time.time())
+    return info
+
+
+def write_work_archive(dest: BinaryIO, user: str, inputs: list[tuple[str, Path]]) -> None:
+    """The tar copied into /work before the script starts: ``outputs/`` and every input, owned
+    by the sandbox user. With every capability dropped, even root in the container could not
+    fix ownership later, so it is set in the archive."""
     uid, gid = (int(part) for part in user.split(":"))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("outputs")
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o755
-        info.uid, info.gid = uid, gid
-        info.mtime = int(time.time())
-        tar.addfile(info)
-    return buf.getvalue()
+    with tarfile.open(fileobj=dest, mode="w") as tar:
+        tar.addfile(_owned_dir("outputs", uid, gid))
+        made = set()
+        for name, source in sorted(inputs):
+            parents = list(PurePosixPath(name).parents)[:-1]
+            for parent in reversed(parents):
+                if str(parent) not in made:
+                    tar.addfile(_owned_dir(str(parent), uid, gid))
+                    made.add(str(parent))
+            info = tarfile.TarInfo(name)
+            info.size = source.stat().st_size
+            info.mode = 0o644
+            info.uid, info.gid = uid, gid
+            info.mtime = int(source.stat().st_mtime)
+            with open(source, "rb") as fh:
+                tar.addfile(info, fh)
 
 
 class _ChunkReader(io.RawIOBase):
@@ -176,7 +195,9 @@ def run_script(
     sandbox: Sandbox,
     outputs_dest: Path,
     on_output: Callable[[str, str], None],
+    inputs: list[tuple[str, Path]] | None = None,
 ) -> RunResult:
+    """Run the script image with ``inputs`` (name in /work, local file) placed in /work."""
     name = f"rgrid-run-{execution_id}"
     volume = f"rgrid-work-{execution_id}"
     labels = {
@@ -213,7 +234,11 @@ def run_script(
             network_disabled=True,
         )
         cid = container["Id"]
-        client.api.put_archive(cid, WORK_DIR, _work_skeleton(sandbox.user))
+        # Spooled to disk and streamed: inputs can be gigabytes.
+        with tempfile.TemporaryFile() as archive:
+            write_work_archive(archive, sandbox.user, inputs or [])
+            archive.seek(0)
+            client.api.put_archive(cid, WORK_DIR, archive)
 
         started = time.monotonic()
         client.api.start(cid)

@@ -74,3 +74,52 @@ class S3Store:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
+
+    def open_stream(self, key: str) -> BinaryIO:
+        """The object's body as a stream (read in chunks: constant memory)."""
+        return self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
+
+    def copy(self, source: str, dest: str) -> None:
+        # The managed copy switches to multipart copy for objects over 5 GB.
+        self._call(self.client.copy, {"Bucket": self.bucket, "Key": source}, self.bucket, dest)
+
+    # Presigned uploads: the CLI sends bytes straight to the store, never through the API.
+
+    def upload_url(self, key: str, expires_s: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+
+    def start_multipart(self, key: str) -> str:
+        return self._call(self.client.create_multipart_upload, Bucket=self.bucket, Key=key)[
+            "UploadId"
+        ]
+
+    def part_url(self, key: str, upload_id: str, part_number: int, expires_s: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "upload_part",
+            Params={
+                "Bucket": self.bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "PartNumber": part_number,
+            },
+            ExpiresIn=expires_s,
+        )
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        self._call(
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={
+                "Parts": [{"PartNumber": p["part_number"], "ETag": p["etag"]} for p in parts]
+            },
+        )
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError):
+            pass  # Already completed or gone: nothing to abort.

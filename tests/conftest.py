@@ -32,6 +32,9 @@ DEV_ENV = _dev_env()
 for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RGRID_S3_ENDPOINT_URL"):
     os.environ.setdefault(_key, DEV_ENV[_key])
 os.environ["RGRID_REDIS_URL"] = os.environ.get("RGRID_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+# A queue of this session's own: two test runs at once (two checkouts) never take each
+# other's tasks.
+os.environ["RGRID_QUEUE"] = f"rgrid-test-{secrets.token_hex(4)}"
 os.environ.pop("RGRID_API_URL", None)
 os.environ.pop("RGRID_API_KEY", None)
 
@@ -76,11 +79,9 @@ def bucket() -> str:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    import redis
-
-    url = os.environ["RGRID_REDIS_URL"]
-    redis.Redis.from_url(url).flushdb()
-    return url
+    """Redis database 1, shared: every key the tests write is per execution or per queue, so
+    nothing is flushed (another test run may be using it)."""
+    return os.environ["RGRID_REDIS_URL"]
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["RGRID_SETTINGS"] = settings
     app.extensions["rgrid"] = server_context(settings)
 
+    from rgrid.api.blobs import bp as blobs_bp
     from rgrid.api.executions import bp as executions_bp
 
     app.register_blueprint(executions_bp, url_prefix="/v1")
+    app.register_blueprint(blobs_bp, url_prefix="/v1")
 
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):

@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from prometheus_client import Counter
 
 from rgrid import executions as svc
-from rgrid.accounts import authenticate
+from rgrid.api.common import authenticate_request, json_body
+from rgrid.api.common import context as _ctx
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, ServiceUnavailable
-from rgrid.pipeline import PipelineContext
 
 bp = Blueprint("executions", __name__)
+bp.before_request(authenticate_request)
 
 SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
-
-
-def _ctx() -> PipelineContext:
-    return current_app.extensions["rgrid"]
-
-
-@bp.before_request
-def _authenticate() -> None:
-    header = request.headers.get("Authorization", "")
-    secret = header[7:].strip() if header.lower().startswith("bearer ") else None
-    with session_scope(_ctx().session_factory) as session:
-        g.account_id = authenticate(session, secret).id
-
-
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadInput("request body must be a JSON object")
-    return body
 
 
 @bp.post("/executions")
 def create_execution():
     from workers.tasks import enqueue_pipeline
 
-    body = _json_body()
+    body = json_body()
     script = body.get("script")
     if not isinstance(script, str):
         raise BadInput("'script' must be the script's text")
@@ -63,6 +45,9 @@ def create_execution():
             args=body.get("args") or [],
             requirements=requirements,
             refresh_deps=bool(body.get("refresh_deps")),
+            inputs=body.get("inputs") or [],
+            files_uploaded=body.get("files_uploaded", 0),
+            bytes_uploaded=body.get("bytes_uploaded", 0),
         )
         execution_id = execution.id
     # Only now, after the commit, may a worker go looking for the row.
@@ -110,4 +95,5 @@ def get_outputs(execution_id: str):
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
-        return jsonify(outputs=svc.output_listing(execution, ctx.store))
+        listing = svc.output_listing(session, execution, ctx.store)
+        return jsonify(outputs=[{k: v for k, v in o.items() if k != "key"} for o in listing])

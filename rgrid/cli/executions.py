@@ -12,13 +12,17 @@ from rgrid.cli import cli
 from rgrid.cli.output import (
     emit_chunk,
     executions_table,
+    human_bytes,
     print_json,
     print_summary,
+    progress,
     stderr_console,
 )
 from rgrid.client import Client, make_client
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.errors import BadInput
+from rgrid.inputs import InputFile, hash_files, input_name
+from rgrid.inputs import collect as collect_inputs
 
 OUTPUTS_ROOT = Path("rgrid-outputs")
 
@@ -58,12 +62,37 @@ def follow(client: Client, execution_id: str, json_mode: bool) -> None:
 def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
     if not execution["outputs"]:
         return []
-    return client.download_outputs(execution, dest)
+    total = sum(output["size"] for output in execution["outputs"])
+    with progress("downloading outputs", total) as advance:
+        return client.download_outputs(execution, dest, advance)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tuple[int, int]:
+    """Hash every input, ask which digests the account lacks, upload only those (each distinct
+    content once). Returns (files uploaded, bytes uploaded)."""
+    total = sum(item.size for item in files)
+    with progress("hashing inputs", total) as advance:
+        hash_files(files, advance)
+    missing = set(client.missing([item.sha256 for item in files]))
+    to_send = list({item.sha256: item for item in files if item.sha256 in missing}.values())
+    sent_bytes = sum(item.size for item in to_send)
+    with progress("uploading inputs", sent_bytes) as advance:
+        for item in to_send:
+            client.upload(item, advance)
+    if not json_mode:
+        stderr_console.print(
+            f"[dim]inputs: {len(files)} file(s), {len(to_send)} uploaded "
+            f"({human_bytes(sent_bytes)}), {len(files) - len(to_send)} already stored[/dim]"
+        )
+    return len(to_send), sent_bytes
+
+
+@cli.command()
 @click.argument("script", type=click.Path(path_type=Path))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("inputs", nargs=-1)
+@click.option(
+    "-a", "--arg", "extra_args", multiple=True, help="An argument for the script (repeatable)."
+)
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Runtime image.")
 @click.option("--timeout", "timeout_s", type=int, help="Wall-clock limit in seconds.")
 @click.option(
@@ -79,15 +108,21 @@ def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
 def run(
     script: Path,
-    args: tuple[str, ...],
+    inputs: tuple[str, ...],
+    extra_args: tuple[str, ...],
     runtime: str,
     timeout_s: int | None,
     requirements_file: Path | None,
     refresh_deps: bool,
     json_mode: bool,
 ):
-    """Run SCRIPT (with ARGS) in a sandboxed container, stream its output, fetch its outputs."""
+    """Run SCRIPT in a sandboxed container with INPUTS (files or folders) placed under /work,
+    stream its output and fetch what it writes to /work/outputs.
+
+    The script receives the inputs' names as arguments, then any --arg values."""
     text = read_script(script)
+    settings = get_settings()
+    files = collect_inputs(list(inputs), Path.cwd(), settings)
     if timeout_s is not None and timeout_s < 1:
         raise BadInput("--timeout must be at least 1 second")
     requirements = None
@@ -96,15 +131,20 @@ def run(
 
         requirements = read_requirements_file(requirements_file)
         normalise(requirements)  # a malformed line is reported here, before anything is sent
-    client = _client()
+    client = make_client(settings)
+    files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
+    script_args = [input_name(arg) for arg in inputs] + list(extra_args)
     submitted = client.submit(
         script=text,
         script_name=script.name,
         runtime=runtime,
         timeout_s=timeout_s,
-        args=list(args),
+        args=script_args,
         requirements=requirements,
         refresh_deps=refresh_deps,
+        inputs=[item.manifest_entry() for item in files],
+        files_uploaded=files_uploaded,
+        bytes_uploaded=bytes_uploaded,
     )
     execution_id = submitted["execution_id"]
     if not json_mode:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
@@ -26,6 +36,28 @@ def emit_chunk(stream: str, text: str, json_mode: bool) -> None:
     else:
         sys.stderr.write(text)
         sys.stderr.flush()
+
+
+#: Transfers smaller than this finish too fast for a progress bar to help.
+PROGRESS_MIN_BYTES = 8 * 1024 * 1024
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar on stderr for long transfers; yields the function to advance it."""
+    if total < PROGRESS_MIN_BYTES or not stderr_console.is_terminal:
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _hit(value: bool | None, applies: bool = True) -> str:
@@ -60,6 +92,9 @@ def summary_line(execution: dict, outputs_dir: str | None) -> str:
         f"inputs {_hit(execution.get('input_cache_hit'), execution.get('input_hash') is not None)}",
         f"uploaded {human_bytes(execution.get('bytes_uploaded') or 0)}",
     ]
+    if execution.get("inputs"):
+        total = len(execution["inputs"])
+        parts[-1] += f" ({execution.get('files_uploaded') or 0} of {total} files)"
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
     line = " · ".join(parts)

@@ -23,6 +23,13 @@ def _stdout(ctx, execution_id: str) -> str:
     return "".join(text for stream, text in _log(ctx, execution_id) if stream == "stdout")
 
 
+def _blob(ctx, digest: str):
+    from rgrid.models import Blob
+
+    with session_scope(ctx.session_factory) as session:
+        return session.query(Blob).filter_by(digest=digest).first()
+
+
 def _leftovers(execution_id: str) -> list:
     client = docker.from_env()
     containers = client.containers.list(
@@ -38,8 +45,8 @@ def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script):
     assert first["script_cache_hit"] is False and first["build_s"] is not None
     assert _stdout(ctx, first["execution_id"]) == "hello\n"
     assert [o["path"] for o in first["outputs"]] == ["result.txt"]
-    key = cache_keys.output_object_key(first["execution_id"], "result.txt")
-    assert ctx.store.get_bytes(key) == b"42"
+    blob = _blob(ctx, first["outputs"][0]["sha256"])
+    assert ctx.store.get_bytes(blob.object_key) == b"42"
 
     second = run_script(HELLO)
     assert second["status"] == "succeeded"

@@ -1,0 +1,195 @@
+"""Content-addressed files per account: which an account lacks, uploading them, trusting them.
+
+A digest is a promise. Uploaded bytes land under a fresh key and are hashed by the server
+before any Blob row points at them; a client that lied about its digest gets an error and its
+bytes are deleted. Every lookup is per account: an account asking about another's digest is told
+"missing" and uploads its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rgrid import cache_keys
+from rgrid.config import Settings
+from rgrid.errors import BadInput, NotFound, RGridError
+from rgrid.hashing import CHUNK_SIZE
+from rgrid.models import Blob, Upload, utcnow
+from rgrid.objectstore import ObjectStore
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BadInput(f"not a sha256 hex digest: {digest!r}")
+    return digest
+
+
+def find_blob(session: Session, account_id: int, digest: str) -> Blob | None:
+    return session.scalars(
+        select(Blob).where(Blob.account_id == account_id, Blob.digest == digest)
+    ).one_or_none()
+
+
+def missing_digests(
+    session: Session, store: ObjectStore, account_id: int, digests: list[str]
+) -> list[str]:
+    """The digests this account has no stored copy of. A row whose object vanished counts as
+    missing (and is dropped), so the file is simply uploaded again."""
+    missing = []
+    for digest in dict.fromkeys(check_digest(d) for d in digests):
+        blob = find_blob(session, account_id, digest)
+        if blob is not None and not store.exists(blob.object_key):
+            session.delete(blob)
+            session.flush()
+            blob = None
+        if blob is None:
+            missing.append(digest)
+    return missing
+
+
+def _hash_stream(stream: BinaryIO) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(CHUNK_SIZE):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def check_size(settings: Settings, size: object) -> int:
+    if not isinstance(size, int) or size < 0:
+        raise BadInput(f"not a file size: {size!r}")
+    if size > settings.max_input_file_bytes:
+        raise BadInput(
+            f"file of {size} bytes is over the {settings.max_input_file_bytes} byte limit"
+        )
+    return size
+
+
+def start_upload(
+    session: Session, store, settings: Settings, account_id: int, digest: str, size: int
+) -> dict:
+    """Where to send the bytes: one presigned PUT, or presigned parts for a large file."""
+    check_digest(digest)
+    check_size(settings, size)
+    upload = Upload(
+        id=secrets.token_hex(16),
+        account_id=account_id,
+        digest=digest,
+        size=size,
+        object_key="",
+    )
+    upload.object_key = cache_keys.blob_object_key(account_id, upload.id)
+    part = settings.upload_part_bytes
+    result: dict = {"upload_id": upload.id}
+    if size <= part:
+        result["url"] = store.upload_url(upload.object_key)
+    else:
+        upload.multipart_id = store.start_multipart(upload.object_key)
+        result["parts"] = [
+            {
+                "part_number": number,
+                "offset": offset,
+                "length": min(part, size - offset),
+                "url": store.part_url(upload.object_key, upload.multipart_id, number),
+            }
+            for number, offset in enumerate(range(0, size, part), start=1)
+        ]
+    session.add(upload)
+    return result
+
+
+def _adopt(
+    session: Session, store: ObjectStore, account_id: int, key: str, expected: str, size_hint: int
+) -> Blob:
+    """Hash what is stored at ``key``; only if it matches ``expected`` does a Blob row point
+    at it. Otherwise the bytes are deleted and nothing references them."""
+    with store.open_stream(key) as stream:
+        actual, size = _hash_stream(stream)
+    if actual != expected:
+        store.delete(key)
+        raise BadInput(
+            f"uploaded bytes do not match their digest (claimed {expected[:12]}…, "
+            f"got {actual[:12]}…): nothing was stored"
+        )
+    existing = find_blob(session, account_id, expected)
+    if existing is not None and store.exists(existing.object_key):
+        store.delete(key)  # a concurrent upload of the same file won
+        return existing
+    if existing is not None:
+        session.delete(existing)
+        session.flush()
+    blob = Blob(account_id=account_id, digest=expected, size=size, object_key=key, use_count=0)
+    session.add(blob)
+    session.flush()
+    return blob
+
+
+def complete_upload(
+    session: Session, store, account_id: int, upload_id: str, parts: list[dict] | None
+) -> Blob:
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.account_id != account_id:
+        raise NotFound(f"no upload {upload_id}")
+    if upload.multipart_id:
+        if not parts:
+            raise BadInput("a multipart upload needs its parts' ETags to complete")
+        store.complete_multipart(upload.object_key, upload.multipart_id, parts)
+    try:
+        blob = _adopt(session, store, account_id, upload.object_key, upload.digest, upload.size)
+    except NotFound as exc:
+        raise BadInput("the upload never arrived (or was cut off): send it again") from exc
+    finally:
+        session.delete(upload)
+    return blob
+
+
+def store_file(
+    session: Session, store: ObjectStore, account_id: int, path: Path, digest: str
+) -> tuple[Blob, bool]:
+    """Store a local file as a blob unless the account has it already (embedded uploads and
+    worker outputs). Returns the blob and whether bytes were written."""
+    existing = find_blob(session, account_id, digest)
+    if existing is not None and store.exists(existing.object_key):
+        return existing, False
+    key = cache_keys.blob_object_key(account_id, secrets.token_hex(16))
+    with open(path, "rb") as fh:
+        store.put_stream(key, fh)
+    return _adopt(session, store, account_id, key, digest, path.stat().st_size), True
+
+
+def touch(blob: Blob) -> None:
+    blob.last_used_at = utcnow()
+    blob.use_count += 1
+
+
+def cached_copy(store: ObjectStore, key: str, digest: str, cache_dir: Path) -> Path:
+    """A verified copy of a blob on this host, downloaded at most once: the worker trusts the
+    store no more than the API trusts the client."""
+    target = cache_dir / digest[:2] / digest
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{digest}.{secrets.token_hex(4)}.part")
+    try:
+        store.download(key, partial)
+        with open(partial, "rb") as fh:
+            actual, _ = _hash_stream(fh)
+        if actual != digest:
+            raise RGridError(
+                f"stored blob {digest[:12]}… is corrupt (its bytes hash to "
+                f"{actual[:12]}…); upload the file again"
+            )
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
