@@ -115,6 +115,11 @@ def _adopt(
     at it. Otherwise the bytes are deleted and nothing references them."""
     with store.open_stream(key) as stream:
         actual, size = _hash_stream(stream)
+    if size != size_hint:
+        store.delete(key)
+        raise BadInput(
+            f"the upload was cut off ({size} of {size_hint} bytes arrived): send it again"
+        )
     if actual != expected:
         store.delete(key)
         raise BadInput(
@@ -134,6 +139,13 @@ def _adopt(
     return blob
 
 
+def _discard(session: Session, upload: Upload) -> None:
+    """Forget a failed upload for good: committed now, because the caller's transaction is
+    about to roll back with the error."""
+    session.delete(upload)
+    session.commit()
+
+
 def complete_upload(
     session: Session, store, account_id: int, upload_id: str, parts: list[dict] | None
 ) -> Blob:
@@ -141,15 +153,25 @@ def complete_upload(
     if upload is None or upload.account_id != account_id:
         raise NotFound(f"no upload {upload_id}")
     if upload.multipart_id:
-        if not parts:
-            raise BadInput("a multipart upload needs its parts' ETags to complete")
-        store.complete_multipart(upload.object_key, upload.multipart_id, parts)
+        try:
+            if not parts:
+                raise BadInput("a multipart upload needs its parts' ETags to complete")
+            store.complete_multipart(upload.object_key, upload.multipart_id, parts)
+        except RGridError as exc:
+            store.abort_multipart(upload.object_key, upload.multipart_id)
+            _discard(session, upload)
+            raise BadInput(
+                "the upload was cut off before all its parts arrived: send it again"
+            ) from exc
     try:
         blob = _adopt(session, store, account_id, upload.object_key, upload.digest, upload.size)
     except NotFound as exc:
+        _discard(session, upload)
         raise BadInput("the upload never arrived (or was cut off): send it again") from exc
-    finally:
-        session.delete(upload)
+    except BadInput:
+        _discard(session, upload)
+        raise
+    session.delete(upload)
     return blob
 
 

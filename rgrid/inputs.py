@@ -134,15 +134,9 @@ def check_manifest(manifest: object, settings: Settings) -> list[dict]:
         name = item.get("path")
         if not isinstance(name, str) or not name:
             raise BadInput("every input needs a path")
-        parts = PurePosixPath(name).parts
-        if (
-            name.startswith("/")
-            or ".." in parts
-            or "." in parts
-            or "\\" in name
-            or parts[0] == RESERVED
-            or name.endswith("/")
-        ):
+        # The raw segments, not PurePosixPath's: it quietly folds "a/./b" and "a//b".
+        parts = name.split("/")
+        if any(part in ("", ".", "..") for part in parts) or "\\" in name or parts[0] == RESERVED:
             raise BadInput(f"bad input name {name!r}")
         if name in names:
             raise BadInput(f"two inputs map to the same name {name}")

@@ -1,0 +1,229 @@
+"""Blobs on the real S3 endpoint, PostgreSQL and Docker: presigned uploads checked against
+their digest, per-account isolation, the worker's verification and cache."""
+
+import hashlib
+import os
+import secrets
+import shutil
+from dataclasses import replace
+
+import pytest
+import requests
+
+from rgrid import blobs
+from rgrid import executions as svc
+from rgrid.db import session_scope
+from rgrid.errors import BadInput
+from rgrid.models import Blob, Upload
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _upload(ctx, account_id: int, data: bytes, claimed: str | None = None, settings=None):
+    """The CLI's side, by hand: start, PUT the bytes to the presigned URL(s), complete."""
+    settings = settings or ctx.settings
+    claimed = claimed or _digest(data)
+    with session_scope(ctx.session_factory) as session:
+        plan = blobs.start_upload(session, ctx.store, settings, account_id, claimed, len(data))
+    parts = []
+    if "url" in plan:
+        assert requests.put(plan["url"], data=data, timeout=60).ok
+    for part in plan.get("parts", []):
+        chunk = data[part["offset"] : part["offset"] + part["length"]]
+        response = requests.put(part["url"], data=chunk, timeout=60)
+        assert response.ok, response.text
+        parts.append({"part_number": part["part_number"], "etag": response.headers["ETag"]})
+    with session_scope(ctx.session_factory) as session:
+        blob = blobs.complete_upload(session, ctx.store, account_id, plan["upload_id"], parts)
+        return blob.digest, plan
+
+
+def _missing(ctx, account_id: int, digests: list[str]) -> list[str]:
+    with session_scope(ctx.session_factory) as session:
+        return blobs.missing_digests(session, ctx.store, account_id, digests)
+
+
+def test_a_presigned_upload_is_stored_once_verified(ctx, account):
+    data = secrets.token_bytes(1000)
+    digest = _digest(data)
+    assert _missing(ctx, account.id, [digest]) == [digest]
+    _upload(ctx, account.id, data)
+    assert _missing(ctx, account.id, [digest]) == []
+    with session_scope(ctx.session_factory) as session:
+        blob = blobs.find_blob(session, account.id, digest)
+        assert blob.size == 1000 and ctx.store.get_bytes(blob.object_key) == data
+
+
+def test_large_files_go_up_in_parts(ctx, account):
+    settings = replace(ctx.settings, upload_part_bytes=5 * 1024 * 1024)
+    data = secrets.token_bytes(11 * 1024 * 1024)
+    digest, plan = _upload(ctx, account.id, data, settings=settings)
+    assert [p["length"] for p in plan["parts"]] == [5 * 1024 * 1024] * 2 + [1024 * 1024]
+    assert _missing(ctx, account.id, [digest]) == []
+
+
+def test_a_wrong_digest_is_refused_and_nothing_is_referenced(ctx, account):
+    data = b"the real bytes"
+    claimed = _digest(b"what the client claimed")
+    with pytest.raises(BadInput, match="do not match their digest"):
+        _upload(ctx, account.id, data, claimed=claimed)
+    assert _missing(ctx, account.id, [claimed]) == [claimed]
+    with session_scope(ctx.session_factory) as session:
+        assert session.query(Upload).filter_by(account_id=account.id).count() == 0
+        assert session.query(Blob).filter_by(account_id=account.id).count() == 0
+
+
+def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx, account):
+    settings = replace(ctx.settings, upload_part_bytes=5 * 1024 * 1024)
+    data = secrets.token_bytes(11 * 1024 * 1024)
+    digest = _digest(data)
+    with session_scope(ctx.session_factory) as session:
+        plan = blobs.start_upload(session, ctx.store, settings, account.id, digest, len(data))
+    first = plan["parts"][0]  # the connection drops after the first part
+    response = requests.put(first["url"], data=data[: first["length"]], timeout=60)
+    parts = [{"part_number": 1, "etag": response.headers["ETag"]}]
+    with pytest.raises(BadInput, match="cut off"), session_scope(ctx.session_factory) as session:
+        blobs.complete_upload(session, ctx.store, account.id, plan["upload_id"], parts)
+    assert _missing(ctx, account.id, [digest]) == [digest]
+    _upload(ctx, account.id, data, settings=settings)  # the next run sends it whole
+    assert _missing(ctx, account.id, [digest]) == []
+
+
+def test_a_single_put_that_never_arrived_is_refused(ctx, account):
+    digest = _digest(b"never sent")
+    with session_scope(ctx.session_factory) as session:
+        plan = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 10)
+    with pytest.raises(BadInput, match="never arrived"), session_scope(ctx.session_factory) as s:
+        blobs.complete_upload(s, ctx.store, account.id, plan["upload_id"], None)
+    assert _missing(ctx, account.id, [digest]) == [digest]
+
+
+def test_accounts_never_see_each_others_blobs(ctx, account):
+    from rgrid.accounts import create_account
+
+    data = secrets.token_bytes(64)
+    digest, _ = _upload(ctx, account.id, data)
+    with session_scope(ctx.session_factory) as session:
+        other = create_account(session, f"other-{secrets.token_hex(4)}").id
+    assert _missing(ctx, other, [digest]) == [digest]
+    with (
+        session_scope(ctx.session_factory) as session,
+        pytest.raises(BadInput, match="not uploaded"),
+    ):
+        svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=other,
+            script="pass\n",
+            script_name="job.py",
+            inputs=[{"path": "x.bin", "sha256": digest, "size": 64}],
+        )
+    _upload(ctx, other, data)  # its own copy
+    with session_scope(ctx.session_factory) as session:
+        mine = blobs.find_blob(session, account.id, digest)
+        theirs = blobs.find_blob(session, other, digest)
+        assert mine.object_key != theirs.object_key
+
+
+def test_a_blob_whose_object_vanished_is_missing_again(ctx, account):
+    digest, _ = _upload(ctx, account.id, b"soon deleted")
+    with session_scope(ctx.session_factory) as session:
+        ctx.store.delete(blobs.find_blob(session, account.id, digest).object_key)
+    assert _missing(ctx, account.id, [digest]) == [digest]
+
+
+READER = """\
+import os, sys
+for name in sys.argv[1:]:
+    print(name, open(name, 'rb').read().decode(errors='replace').strip())
+os.makedirs('outputs/nested', exist_ok=True)
+open('outputs/nested/count.txt', 'w').write(str(len(sys.argv) - 1))
+"""
+
+
+def _run_with_inputs(ctx, account, run_script, files: dict[str, bytes]) -> dict:
+    manifest = []
+    for name, data in files.items():
+        digest = _digest(data)
+        if _missing(ctx, account.id, [digest]):
+            _upload(ctx, account.id, data)
+        manifest.append({"path": name, "sha256": digest, "size": len(data)})
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script=READER,
+            script_name="job.py",
+            inputs=manifest,
+            args=list(files),
+        )
+        execution_id = execution.id
+    from rgrid.pipeline import run_all
+
+    run_all(ctx, execution_id)
+    with session_scope(ctx.session_factory) as session:
+        return svc.execution_to_dict(session.get(svc.Execution, execution_id))
+
+
+def _stdout(ctx, execution_id):
+    from rgrid import cache_keys
+    from rgrid.logbuffer import decode_log
+
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    return "".join(t for s, t in chunks if s == "stdout")
+
+
+def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script):
+    files = {"data/a.csv": b"alpha\n", "data/deep/b.csv": b"beta\n", "top.txt": b"top\n"}
+    result = _run_with_inputs(ctx, account, run_script, files)
+    assert result["status"] == "succeeded", result["error"]
+    assert _stdout(ctx, result["execution_id"]) == (
+        "data/a.csv alpha\ndata/deep/b.csv beta\ntop.txt top\n"
+    )
+    assert result["outputs"][0]["path"] == "nested/count.txt"
+    assert result["input_hash"] is not None
+
+
+def test_worker_verifies_downloads_and_caches_them(ctx, account, run_script):
+    data = secrets.token_bytes(256)
+    digest, _ = _upload(ctx, account.id, data)
+    cache = ctx.settings.blob_cache_dir
+    shutil.rmtree(cache / digest[:2], ignore_errors=True)
+    with session_scope(ctx.session_factory) as session:
+        key = blobs.find_blob(session, account.id, digest).object_key
+    ctx.store.put_bytes(key, b"tampered with in the store")  # the store lies
+    corrupt = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    assert corrupt["status"] == "error" and "corrupt" in corrupt["error"]
+    assert not (cache / digest[:2] / digest).exists()
+
+    ctx.store.put_bytes(key, data)
+    good = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    assert good["status"] == "succeeded"
+    assert (cache / digest[:2] / digest).read_bytes() == data
+    ctx.store.put_bytes(key, b"changed again")  # a repeat never downloads: the cache serves it
+    again = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    assert again["status"] == "succeeded"
+    ctx.store.put_bytes(key, data)
+
+
+def test_identical_outputs_are_stored_once(ctx, account, run_script):
+    script = "open('outputs/same.txt', 'w').write('same bytes')\n"
+    first = run_script(script)
+    second = run_script(script + "# another script, same output\n")
+    digest = first["outputs"][0]["sha256"]
+    assert second["outputs"][0]["sha256"] == digest
+    with session_scope(ctx.session_factory) as session:
+        assert session.query(Blob).filter_by(account_id=account.id, digest=digest).count() == 1
+
+
+def test_large_input_is_streamed_into_the_container(ctx, account, run_script, tmp_path):
+    size = 64 * 1024 * 1024
+    data = os.urandom(size)
+    result = _run_with_inputs(ctx, account, run_script, {"big.bin": data})
+    assert result["status"] == "succeeded", result["error"]
+    assert _stdout(ctx, result["execution_id"]).startswith("big.bin ")
