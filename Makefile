@@ -43,6 +43,7 @@ down:
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/inputs.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -12,7 +12,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
-from rgrid.models import TERMINAL_STATUSES, Execution, ScriptCache, utcnow
+from rgrid.models import (
+    TERMINAL_STATUSES,
+    Blob,
+    DependencyCache,
+    Execution,
+    ScriptCache,
+    Upload,
+    utcnow,
+)
+from rgrid.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,15 @@ def reap_containers(client: docker.DockerClient, session: Session) -> list[str]:
     return removed
 
 
+def _remove_image(client: docker.DockerClient, ref: str) -> None:
+    try:
+        client.images.remove(ref, noprune=False)
+    except docker.errors.ImageNotFound:
+        pass
+    except docker.errors.APIError as exc:  # in use, or a script image still sits on it
+        log.warning("could not remove %s (next night): %s", ref, exc)
+
+
 def purge_script_cache(client: docker.DockerClient, session: Session) -> int:
     """Drop script-cache rows unused for 30 days, and the images only they referenced."""
     cutoff = utcnow() - UNUSED_AFTER
@@ -64,12 +82,44 @@ def purge_script_cache(client: docker.DockerClient, session: Session) -> int:
     session.flush()
     still_used = set(session.scalars(select(ScriptCache.image_ref)))
     for row in stale:
-        if row.image_ref in still_used:
-            continue
-        try:
-            client.images.remove(row.image_ref, noprune=False)
-        except docker.errors.ImageNotFound:
-            pass
-        except docker.errors.APIError as exc:  # in use by a running container: next night
-            log.warning("could not remove %s: %s", row.image_ref, exc)
+        if row.image_ref not in still_used:
+            _remove_image(client, row.image_ref)
+    return len(stale)
+
+
+def purge_dependency_cache(client: docker.DockerClient, session: Session) -> int:
+    """Drop dependency-cache rows unused for 30 days, and their images once no other row and no
+    cached script image is built on them. Run after the script purge, which frees the latter."""
+    cutoff = utcnow() - UNUSED_AFTER
+    stale = list(
+        session.scalars(select(DependencyCache).where(DependencyCache.last_used_at < cutoff))
+    )
+    for row in stale:
+        session.delete(row)
+    session.flush()
+    still_used = set(session.scalars(select(DependencyCache.image_ref))) | set(
+        session.scalars(select(ScriptCache.base_image))
+    )
+    for row in stale:
+        if row.image_ref not in still_used:
+            _remove_image(client, row.image_ref)
+    return len(stale)
+
+
+def purge_blobs(store: ObjectStore, session: Session) -> int:
+    """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
+    were started a day ago and never completed."""
+    cutoff = utcnow() - UNUSED_AFTER
+    stale = list(session.scalars(select(Blob).where(Blob.last_used_at < cutoff)))
+    for blob in stale:
+        store.delete(blob.object_key)
+        session.delete(blob)
+    abandoned = list(
+        session.scalars(select(Upload).where(Upload.created_at < utcnow() - timedelta(days=1)))
+    )
+    for upload in abandoned:
+        if upload.multipart_id and hasattr(store, "abort_multipart"):
+            store.abort_multipart(upload.object_key, upload.multipart_id)
+        store.delete(upload.object_key)
+        session.delete(upload)
     return len(stale)

@@ -12,7 +12,12 @@ from rgrid.config import get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import session_scope
 from rgrid.errors import RGridError
-from rgrid.maintenance import purge_script_cache, reap_containers
+from rgrid.maintenance import (
+    purge_blobs,
+    purge_dependency_cache,
+    purge_script_cache,
+    reap_containers,
+)
 from rgrid.pipeline import PipelineContext
 from workers.celery_app import app
 
@@ -71,15 +76,21 @@ def reap_containers_task() -> list[str]:
 
 
 @app.task(name="rgrid.purge_caches")
-def purge_caches_task() -> int:
+def purge_caches_task() -> dict[str, int]:
     """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
     ctx = worker_context()
     lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
     if not lock.acquire(blocking=False):
         log.info("another purge is running")
-        return 0
+        return {}
     try:
+        # Scripts first: their images sit on dependency images, which are then free to go.
         with session_scope(ctx.session_factory) as session:
-            return purge_script_cache(ctx.docker, session)
+            scripts = purge_script_cache(ctx.docker, session)
+        with session_scope(ctx.session_factory) as session:
+            deps = purge_dependency_cache(ctx.docker, session)
+        with session_scope(ctx.session_factory) as session:
+            files = purge_blobs(ctx.store, session)
+        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files}
     finally:
         lock.release()

@@ -77,3 +77,36 @@ def test_purge_drops_entries_unused_for_30_days_and_their_images(ctx, run_script
     client.images.get(recent["image_ref"])
     again = run_script("print('old')\n")  # a purged entry is simply a miss next time
     assert again["status"] == "succeeded" and again["script_cache_hit"] is False
+
+
+def test_purge_drops_unused_dependency_images_and_blobs(ctx, run_script):
+    from rgrid import blobs
+    from rgrid.maintenance import purge_blobs, purge_dependency_cache
+    from rgrid.models import Blob, DependencyCache
+
+    old = run_script(
+        "import six\nopen('outputs/o.txt','w').write('old output')\n",
+        requirements="six==1.16.0\n",
+    )
+    assert old["status"] == "succeeded", old["error"]
+    month_ago = utcnow() - timedelta(days=31)
+    with session_scope(ctx.session_factory) as session:
+        account_id = (
+            session.query(ScriptCache).filter_by(image_ref=old["image_ref"]).one().account_id
+        )
+        for model in (ScriptCache, DependencyCache, Blob):
+            for row in session.query(model).filter_by(account_id=account_id):
+                row.last_used_at = month_ago
+        blob_key = blobs.find_blob(session, account_id, old["outputs"][0]["sha256"]).object_key
+    with session_scope(ctx.session_factory) as session:
+        purge_script_cache(ctx.docker, session)
+    with session_scope(ctx.session_factory) as session:
+        assert purge_dependency_cache(ctx.docker, session) == 1
+    with session_scope(ctx.session_factory) as session:
+        assert purge_blobs(ctx.store, session) >= 1
+    client = docker.from_env()
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(old["dependency_image"])
+    assert not ctx.store.exists(blob_key)
+    again = run_script("import six\n", requirements="six==1.16.0\n")
+    assert again["status"] == "succeeded" and again["dependency_cache_hit"] is False
