@@ -8,19 +8,18 @@ bytes are deleted. Every lookup is per account: an account asking about another'
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 from pathlib import Path
-from typing import BinaryIO
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
 from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound, RGridError
-from rgrid.hashing import CHUNK_SIZE
+from rgrid.hashing import sha256_stream
 from rgrid.models import Blob, Upload, utcnow
 from rgrid.objectstore import ObjectStore
 
@@ -54,15 +53,6 @@ def missing_digests(
         if blob is None:
             missing.append(digest)
     return missing
-
-
-def _hash_stream(stream: BinaryIO) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := stream.read(CHUNK_SIZE):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def check_size(settings: Settings, size: object) -> int:
@@ -114,7 +104,7 @@ def _adopt(
     """Hash what is stored at ``key``; only if it matches ``expected`` does a Blob row point
     at it. Otherwise the bytes are deleted and nothing references them."""
     with store.open_stream(key) as stream:
-        actual, size = _hash_stream(stream)
+        actual, size = sha256_stream(stream)
     if size != size_hint:
         store.delete(key)
         raise BadInput(
@@ -127,15 +117,26 @@ def _adopt(
             f"got {actual[:12]}…): nothing was stored"
         )
     existing = find_blob(session, account_id, expected)
-    if existing is not None and store.exists(existing.object_key):
-        store.delete(key)  # a concurrent upload of the same file won
+    if existing is not None and existing.object_key != key and store.exists(existing.object_key):
+        store.delete(key)  # an earlier upload of the same file is already stored
+        touch(existing)
         return existing
     if existing is not None:
+        if existing.object_key == key:  # a retried completion of this very upload
+            touch(existing)
+            return existing
         session.delete(existing)
         session.flush()
     blob = Blob(account_id=account_id, digest=expected, size=size, object_key=key, use_count=0)
-    session.add(blob)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent upload or output of the same bytes may win
+            session.add(blob)
+    except IntegrityError:
+        store.delete(key)
+        winner = find_blob(session, account_id, expected)
+        assert winner is not None
+        touch(winner)
+        return winner
     return blob
 
 
@@ -182,6 +183,7 @@ def store_file(
     worker outputs). Returns the blob and whether bytes were written."""
     existing = find_blob(session, account_id, digest)
     if existing is not None and store.exists(existing.object_key):
+        touch(existing)  # used again today: not to be purged as unused
         return existing, False
     key = cache_keys.blob_object_key(account_id, secrets.token_hex(16))
     with open(path, "rb") as fh:
@@ -196,7 +198,9 @@ def touch(blob: Blob) -> None:
 
 def cached_copy(store: ObjectStore, key: str, digest: str, cache_dir: Path) -> Path:
     """A verified copy of a blob on this host, downloaded at most once: the worker trusts the
-    store no more than the API trusts the client."""
+    store no more than the API trusts the client. The caller gives each account its own
+    ``cache_dir``: a warm copy must not make one account's run faster because another account
+    uploaded the same file."""
     target = cache_dir / digest[:2] / digest
     if target.is_file():
         return target
@@ -205,7 +209,7 @@ def cached_copy(store: ObjectStore, key: str, digest: str, cache_dir: Path) -> P
     try:
         store.download(key, partial)
         with open(partial, "rb") as fh:
-            actual, _ = _hash_stream(fh)
+            actual, _ = sha256_stream(fh)
         if actual != digest:
             raise RGridError(
                 f"stored blob {digest[:12]}… is corrupt (its bytes hash to "

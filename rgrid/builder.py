@@ -56,6 +56,9 @@ def _stream_build(
             forcerm=True,
             pull=False,
             decode=True,
+            # Docker's layer cache is shared by every account on the host: "Using cache" (and
+            # its speed) would tell one account that another built the same script.
+            nocache=True,
         )
         for event in stream:
             if "error" in event:

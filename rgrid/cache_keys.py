@@ -17,6 +17,10 @@ KEY_SEPARATOR = "\x1f"
 EMPTY_DEPENDENCY_HASH = sha256_bytes(b"")
 
 
+def has_dependencies(dependency_hash: str | None) -> bool:
+    return dependency_hash not in (None, EMPTY_DEPENDENCY_HASH)
+
+
 def script_cache_key(account_id: int, runtime: str, dependency_hash: str, script_hash: str) -> str:
     parts = ("script", str(account_id), runtime, dependency_hash, script_hash)
     return sha256_bytes(KEY_SEPARATOR.join(parts).encode())

@@ -69,7 +69,7 @@ def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterato
 
 def safe_target(dest: Path, relpath: str) -> Path:
     target = (dest / relpath).resolve()
-    if not target.is_relative_to(dest.resolve()):
+    if target == dest.resolve() or not target.is_relative_to(dest.resolve()):
         raise RGridError(f"refusing output path {relpath!r} outside the outputs folder")
     return target
 
@@ -116,9 +116,13 @@ class RemoteClient:
             raise ServiceUnavailable(f"cannot reach the RGrid API at {self.base_url}") from exc
         except requests.Timeout as exc:
             raise ServiceUnavailable(f"the RGrid API at {self.base_url} did not answer") from exc
+        except requests.RequestException as exc:  # e.g. RGRID_API_URL without http://
+            raise BadInput(f"bad RGRID_API_URL {self.base_url!r}: {exc}") from exc
         try:
             body = response.json()
         except ValueError:
+            body = {}
+        if not isinstance(body, dict):
             body = {}
         if response.ok:
             return body
@@ -171,7 +175,10 @@ class RemoteClient:
             for part in plan.get("parts", []):
                 body = FileSlice(fh, part["offset"], part["length"], advance)
                 response = self._put(part["url"], body)
-                parts.append({"part_number": part["part_number"], "etag": response.headers["ETag"]})
+                etag = response.headers.get("ETag")
+                if not etag:
+                    raise ServiceUnavailable("the object store did not acknowledge an upload part")
+                parts.append({"part_number": part["part_number"], "etag": etag})
         self._request("POST", f"/uploads/{plan['upload_id']}/complete", json={"parts": parts})
 
     def download_outputs(

@@ -48,7 +48,8 @@ def _env_float(name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    """A snapshot of the environment; build one with :meth:`from_env`."""
+    """A snapshot of the environment; build one with :meth:`from_env`. (Celery's own settings
+    are read from the environment in celeryconfig.py.)"""
 
     # Where the CLI sends work. Unset: the embedded default runs everything in process.
     api_url: str | None = None
@@ -71,6 +72,7 @@ class Settings:
     pids_limit: int = 256
     tmp_size: str = "256m"
     max_output_bytes: int = 1024**3
+    max_log_bytes: int = 64 * 1024**2
     max_script_bytes: int = 1024**2
     max_input_file_bytes: int = 5 * 1024**3
     max_input_total_bytes: int = 20 * 1024**3
@@ -79,7 +81,11 @@ class Settings:
     upload_part_bytes: int = 64 * 1024**2
     container_user: str = "1000:1000"
 
-    # How long a build waits for another builder of the same key before giving up.
+    # Whether requirements may name a --find-links folder on the worker hosts.
+    allow_local_find_links: bool = False
+
+    # How long a build waits for another builder of the same key before giving up. The lock's
+    # lease is twice that, so a waiter gives up before a live builder's lease can lapse.
     build_lock_timeout_s: int = 1800
 
     @classmethod
@@ -103,6 +109,7 @@ class Settings:
             pids_limit=_env_int("RGRID_PIDS_LIMIT", cls.pids_limit),
             tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
+            max_log_bytes=_env_int("RGRID_MAX_LOG_BYTES", cls.max_log_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
             max_input_file_bytes=_env_int("RGRID_MAX_INPUT_FILE_BYTES", cls.max_input_file_bytes),
             max_input_total_bytes=_env_int(
@@ -111,6 +118,8 @@ class Settings:
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
+            allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
+            in ("1", "true", "yes"),
         )
 
     @property

@@ -33,7 +33,7 @@ def server_context(settings: Settings) -> PipelineContext:
         session_factory=get_session_factory(settings.database_url),
         store=store,
         logs=RedisLogBuffer(client),
-        locks=RedisLocks(client, lease_s=settings.build_lock_timeout_s),
+        locks=RedisLocks(client, lease_s=2 * settings.build_lock_timeout_s),
     )
 
 

@@ -156,6 +156,8 @@ def install(
     with tempfile.TemporaryDirectory(prefix="rgrid-req-") as tmp:
         path = Path(tmp) / "pinned.txt"
         path.write_text("\n".join([*option_lines(requirements), *pinned]) + "\n")
+        # Bytecode is compiled once here: the sandbox's root is read-only, so a script could never
+        # cache it, and importing numpy without it measured 347 ms against 168 ms.
         _run_uv(
             [
                 "pip",
@@ -165,7 +167,7 @@ def install(
                 "--no-deps",
                 "--link-mode",
                 "copy",
-                "--no-compile",
+                "--compile-bytecode",
                 *_target_args(spec),
                 "-r",
                 str(path),

@@ -26,7 +26,6 @@ class EmbeddedClient:
 
     def __init__(self, ctx: PipelineContext):
         self.ctx = ctx
-        self._threads: dict[str, threading.Thread] = {}
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
@@ -50,7 +49,6 @@ class EmbeddedClient:
         thread = threading.Thread(
             target=run_all, args=(self.ctx, result["execution_id"]), daemon=True
         )
-        self._threads[result["execution_id"]] = thread
         thread.start()
         return result
 
@@ -87,17 +85,10 @@ class EmbeddedClient:
         written = []
         for output in listing:
             target = safe_target(dest, output["path"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fetched = target.with_name(target.name + ".fetch")
-            self.ctx.store.download(output["key"], fetched)
-            with open(fetched, "rb") as fh:
-                verified_copy(iter(lambda: fh.read(1024 * 1024), b""), target, output["sha256"])
-            fetched.unlink(missing_ok=True)
+            with self.ctx.store.open_stream(output["key"]) as stream:
+                verified_copy(
+                    iter(lambda s=stream: s.read(1024 * 1024), b""), target, output["sha256"]
+                )
             advance(output["size"])
             written.append(target)
         return written
-
-    def wait(self, execution_id: str) -> None:
-        thread = self._threads.get(execution_id)
-        if thread is not None:
-            thread.join()

@@ -17,7 +17,7 @@ from rgrid.inputs import check_manifest
 from rgrid.logbuffer import LogBuffer, LogChunk, decode_log
 from rgrid.models import TERMINAL_STATUSES, Execution
 from rgrid.objectstore import ObjectStore
-from rgrid.requirements import inline_requirements, normalise
+from rgrid.requirements import check_local_paths, inline_requirements, normalise
 from rgrid.runtimes import DEFAULT_RUNTIME, resolve_runtime
 
 
@@ -72,6 +72,7 @@ def create_execution(
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
     timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
     normalised = requirements_for(script, requirements, runtime)
+    check_local_paths(normalised, settings.allow_local_find_links)
     manifest = check_manifest(inputs or [], settings)
     for item in manifest:
         blob = find_blob(session, account_id, item["sha256"])

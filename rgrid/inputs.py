@@ -36,7 +36,7 @@ def input_name(arg: str) -> str:
     return PurePosixPath(*Path(os.path.normpath(arg)).parts).as_posix()
 
 
-def _relative_name(arg: str, cwd: Path) -> str:
+def _relative_name(arg: str) -> str:
     if os.path.isabs(arg):
         raise BadInput(f"input path must be relative to the working folder: {arg}")
     normal = os.path.normpath(arg)
@@ -51,7 +51,7 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
-def _files_under(folder: Path, name: str, root: Path) -> list[tuple[str, Path]]:
+def _files_under(folder: Path, name: str) -> list[tuple[str, Path]]:
     found = []
     for current, dirs, files in os.walk(folder):  # links to folders are not followed
         dirs.sort()
@@ -71,13 +71,13 @@ def collect(args: list[str], cwd: Path, settings: Settings) -> list[InputFile]:
     seen: dict[str, str] = {}
     files: list[InputFile] = []
     for arg in args:
-        name = _relative_name(arg, cwd)
+        name = _relative_name(arg)
         path = cwd / name
         if not path.exists() and not path.is_symlink():
             raise BadInput(f"input not found: {arg}")
         if not _inside(path, root):
             raise BadInput(f"input {arg} is a link pointing outside the working folder")
-        pairs = _files_under(path, name, root) if path.is_dir() else [(name, path)]
+        pairs = _files_under(path, name) if path.is_dir() else [(name, path)]
         for file_name, file_path in pairs:
             if file_path.is_symlink() and not _inside(file_path, root):
                 raise BadInput(f"input {file_name} is a link pointing outside the working folder")

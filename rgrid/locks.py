@@ -30,8 +30,9 @@ class RedisLocks:
 
     @contextmanager
     def hold(self, name: str, timeout_s: int) -> Iterator[None]:
-        # The lease outlasts the longest build (the build task's hard time limit) and lapses if
-        # the holder dies, so a killed builder blocks the others for at most one lease.
+        # The lease (twice the waiters' timeout) outlasts any wait, so a waiter gives up rather
+        # than build alongside a live builder; it lapses if the holder dies, so a killed
+        # builder blocks the others for at most one lease.
         lock = self.client.lock(
             name, timeout=self.lease_s, blocking_timeout=timeout_s, thread_local=False
         )

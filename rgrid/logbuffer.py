@@ -1,8 +1,8 @@
 """Live log chunks of running executions.
 
 While an execution runs, its output is appended here so that the CLI can follow it; the store
-step then writes the whole log to the object store and clears the buffer. The API serves logs
-from here while the buffer exists and from the object store afterwards.
+step then writes the whole log to the object store and clears the buffer. Readers take logs
+from here until the execution's status is final, and from the object store afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ LogChunk = tuple[str, str]
 class LogBuffer(Protocol):
     def append(self, execution_id: str, stream: str, text: str) -> None: ...
     def read(self, execution_id: str, start: int = 0) -> list[LogChunk]: ...
-    def exists(self, execution_id: str) -> bool: ...
     def clear(self, execution_id: str) -> None: ...
 
 
@@ -41,10 +40,6 @@ class MemoryLogBuffer:
     def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
         with self._lock:
             return list(self._chunks.get(execution_id, [])[start:])
-
-    def exists(self, execution_id: str) -> bool:
-        with self._lock:
-            return execution_id in self._chunks
 
     def clear(self, execution_id: str) -> None:
         with self._lock:
@@ -73,9 +68,6 @@ class RedisLogBuffer:
     def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
         raw = self.client.lrange(self._key(execution_id), start, -1)
         return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
-
-    def exists(self, execution_id: str) -> bool:
-        return bool(self.client.exists(self._key(execution_id)))
 
     def clear(self, execution_id: str) -> None:
         self.client.delete(self._key(execution_id))

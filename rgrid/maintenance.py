@@ -64,6 +64,29 @@ def reap_containers(client: docker.DockerClient, session: Session) -> list[str]:
     return removed
 
 
+#: How long past its own timeout an unfinished execution may take (queueing, builds) before
+#: it is declared lost.
+LOST_AFTER = timedelta(hours=2)
+
+
+def sweep_lost_executions(session: Session) -> list[str]:
+    """End executions no worker will ever finish (a task killed at its hard limit, a broker
+    message lost with Redis), so that a CLI following one stops waiting."""
+    now = utcnow()
+    lost = []
+    rows = session.scalars(select(Execution).where(Execution.status.not_in(TERMINAL_STATUSES)))
+    for execution in rows:
+        created = execution.created_at
+        if created.tzinfo is None:  # SQLite drops the zone
+            created = created.replace(tzinfo=now.tzinfo)
+        if now - created > timedelta(seconds=execution.timeout_s) + LOST_AFTER:
+            execution.status = execution.outcome = "error"
+            execution.error = "lost: no worker finished this execution; run it again"
+            execution.finished_at = now
+            lost.append(execution.id)
+    return lost
+
+
 def _remove_image(client: docker.DockerClient, ref: str) -> None:
     try:
         client.images.remove(ref, noprune=False)

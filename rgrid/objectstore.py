@@ -3,6 +3,7 @@ embedded default. Both speak the same small interface so the pipeline does not c
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
@@ -20,7 +21,11 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def download_url(self, key: str, expires_s: int = 3600) -> str | None: ...
     def open_stream(self, key: str) -> BinaryIO: ...
-    def copy(self, source: str, dest: str) -> None: ...
+
+
+def _partial(path: Path) -> Path:
+    """A temporary name of this writer's own: two writers of one key must not share one."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
 
 
 def _check_key(key: str) -> PurePosixPath:
@@ -43,14 +48,14 @@ class LocalStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
+        tmp = _partial(path)
         tmp.write_bytes(data)
         tmp.replace(path)
 
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
+        tmp = _partial(path)
         with open(tmp, "wb") as fh:
             shutil.copyfileobj(stream, fh, 1024 * 1024)
         tmp.replace(path)
@@ -82,13 +87,10 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise NotFound(f"object {key} not found") from exc
 
-    def copy(self, source: str, dest: str) -> None:
-        with self.open_stream(source) as stream:
-            self.put_stream(dest, stream)
-
 
 def store_from_settings(settings: Settings) -> ObjectStore:
-    """S3 when an endpoint is configured or a server database is used; else a local folder."""
+    """S3 when an endpoint is configured (RGRID_S3_ENDPOINT_URL); else a local folder, the
+    embedded default's."""
     if settings.s3_endpoint_url:
         from rgrid.s3store import S3Store  # boto3 is slow to import; the embedded CLI skips it
 

@@ -101,7 +101,7 @@ def hash_step(ctx: PipelineContext, execution_id: str) -> None:
 
 
 def _has_dependencies(execution: Execution) -> bool:
-    return execution.dependency_hash != cache_keys.EMPTY_DEPENDENCY_HASH
+    return cache_keys.has_dependencies(execution.dependency_hash)
 
 
 def _script_key(execution: Execution) -> str:
@@ -216,6 +216,7 @@ def _ensure_dependency_image(ctx: PipelineContext, execution_id: str) -> bool:
                 return True
         requirements = execution.requirements
         cache_dir = ctx.settings.uv_cache_dir
+        started = time.monotonic()
         try:
             ctx.note(execution_id, "resolving dependencies")
             pinned = dependencies.resolve(
@@ -228,7 +229,6 @@ def _ensure_dependency_image(ctx: PipelineContext, execution_id: str) -> bool:
             if image_exists(ctx.docker, tag):
                 ctx.note(execution_id, f"resolved set already installed in {tag}: no install")
             else:
-                started = time.monotonic()
                 with tempfile.TemporaryDirectory(prefix="rgrid-deps-") as target:
                     ctx.note(execution_id, f"installing {len(pinned)} packages")
                     dependencies.install(requirements, pinned, spec, Path(target), cache_dir, log)
@@ -347,7 +347,10 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
         (
             item["path"],
             blobs.cached_copy(
-                ctx.store, keys[item["sha256"]], item["sha256"], ctx.settings.blob_cache_dir
+                ctx.store,
+                keys[item["sha256"]],
+                item["sha256"],
+                ctx.settings.blob_cache_dir / str(execution.account_id),
             ),
         )
         for item in execution.inputs or []
@@ -364,8 +367,50 @@ def _store_outputs(ctx: PipelineContext, execution: Execution, spool: Path, outp
             )
 
 
+def _capped_log(ctx: PipelineContext, execution_id: str):
+    """The log sink for a running script: the buffer lives in Redis, which is also the broker,
+    so a script printing in a loop must not be able to fill it. Past the cap, output is
+    dropped with one note saying so."""
+    limit = ctx.settings.max_log_bytes
+    written = 0
+
+    def sink(stream: str, text: str) -> None:
+        nonlocal written
+        if written >= limit:
+            return
+        size = len(text.encode())
+        if written + size > limit:
+            text = text.encode()[: limit - written].decode(errors="ignore")
+            ctx.logs.append(execution_id, stream, text)
+            ctx.note(execution_id, f"\nlog truncated: the script printed more than {limit} bytes")
+            written = limit
+            return
+        written += size
+        ctx.logs.append(execution_id, stream, text)
+
+    return sink
+
+
 def run_step(ctx: PipelineContext, execution_id: str) -> None:
     """Place the inputs, run the container, stream its output, store what it wrote."""
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        if _finished(execution):
+            return
+        image = execution.image_ref
+    if not image or not image_exists(ctx.docker, image):
+        # Pruned since the lookup (or built on another host): a miss, not an error.
+        ctx.note(execution_id, f"image {image} is gone from this Docker host: building again")
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+            execution.script_cache_hit = False
+            execution.image_ref = None
+            if execution.dependency_image and not image_exists(
+                ctx.docker, execution.dependency_image
+            ):
+                execution.dependency_image = None
+                execution.dependency_cache_hit = False
+        build_step(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
@@ -386,7 +431,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
                 timeout_s=execution.timeout_s,
                 sandbox=ctx.sandbox,
                 outputs_dest=spool,
-                on_output=lambda stream, text: ctx.logs.append(execution_id, stream, text),
+                on_output=_capped_log(ctx, execution_id),
                 inputs=inputs,
             )
         except OutputLimitExceeded as exc:

@@ -112,6 +112,20 @@ def inline_requirements(script: str, python_version: str) -> str | None:
     return "\n".join(deps) + ("\n" if deps else "")
 
 
+def _is_web_url(value: str) -> bool:
+    return value.lower().startswith(("http://", "https://"))
+
+
+def check_local_paths(normalised: str, allowed: bool) -> None:
+    """``--find-links`` to a folder reads the worker host's disk: only where the operator
+    allows it (RGRID_ALLOW_LOCAL_FIND_LINKS, e.g. for a shared wheel folder on every host)."""
+    if allowed:
+        return
+    for line in normalised.splitlines():
+        if line.startswith("--find-links ") and not _is_web_url(line.split(" ", 1)[1]):
+            raise BadInput("--find-links to a local folder is not allowed here: use an http(s) URL")
+
+
 def _strip_comment(line: str) -> str:
     # A '#' starts a comment at the line's start or after whitespace (pip's rule), so URL
     # fragments such as 'pkg @ https://x/y.whl#sha256=...' survive.
@@ -132,6 +146,8 @@ def _normalise_option(line: str, number: int) -> str:
         return canonical
     if not value:
         raise BadInput(f"requirements line {number}: '{flag}' needs a value")
+    if canonical in ("--index-url", "--extra-index-url") and not _is_web_url(value):
+        raise BadInput(f"requirements line {number}: '{flag}' must be an http(s) URL")
     return f"{canonical} {value}"
 
 
@@ -140,8 +156,10 @@ def _normalise_requirement(line: str, number: int) -> str:
         req = Requirement(line)
     except InvalidRequirement as exc:
         raise BadInput(f"requirements line {number}: '{line}' is not a valid requirement") from exc
-    if req.url and req.url.startswith("file:"):
-        raise BadInput(f"requirements line {number}: local paths are not available on workers")
+    if req.url and not _is_web_url(req.url):
+        raise BadInput(
+            f"requirements line {number}: only http(s) URLs can be installed, not {req.url!r}"
+        )
     text = canonicalize_name(req.name)
     if req.extras:
         text += "[" + ",".join(sorted(canonicalize_name(e) for e in req.extras)) + "]"

@@ -118,26 +118,50 @@ def _remove_leftovers(client: docker.DockerClient, name: str, volume: str) -> No
         client.api.remove_volume(volume, force=True)
 
 
-def _stream_output(
-    client: docker.DockerClient, container_id: str, on_output: Callable[[str, str], None]
-) -> None:
-    decoders = {
-        "stdout": codecs.getincrementaldecoder("utf-8")(errors="replace"),
-        "stderr": codecs.getincrementaldecoder("utf-8")(errors="replace"),
-    }
-    stream = client.api.attach(
-        container_id, stdout=True, stderr=True, stream=True, logs=True, demux=True
-    )
-    for out, err in stream:
-        for name, data in (("stdout", out), ("stderr", err)):
+class _OutputStream:
+    """The container's stdout and stderr, attached to *before* it starts (as `docker run`
+    does): a container that exits at once can no longer be attached to, and its output would
+    be lost. If streaming fails before the first chunk, the whole output is read back from the
+    engine instead."""
+
+    def __init__(
+        self, client: docker.DockerClient, container_id: str, on_output: Callable[[str, str], None]
+    ):
+        self.client, self.container_id, self.on_output = client, container_id, on_output
+        self.streamed = False
+        self._stream = client.api.attach(
+            container_id, stdout=True, stderr=True, stream=True, logs=True, demux=True
+        )
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+
+    def _pump(self) -> None:
+        decoders = {
+            "stdout": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            "stderr": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        }
+        try:
+            for out, err in self._stream:
+                for name, data in (("stdout", out), ("stderr", err)):
+                    if data and (text := decoders[name].decode(data)):
+                        self.streamed = True
+                        self.on_output(name, text)
+        except Exception:  # noqa: BLE001 - the fallback below reads what was missed
+            return
+        for name, decoder in decoders.items():
+            if tail := decoder.decode(b"", final=True):
+                self.on_output(name, tail)
+        self.streamed = True
+
+    def finish(self) -> None:
+        self.thread.join(30)
+        if self.streamed or self.thread.is_alive():
+            return
+        for name in ("stdout", "stderr"):
+            data = self.client.api.logs(
+                self.container_id, stdout=name == "stdout", stderr=name == "stderr"
+            )
             if data:
-                text = decoders[name].decode(data)
-                if text:
-                    on_output(name, text)
-    for name, decoder in decoders.items():
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            on_output(name, tail)
+                self.on_output(name, data.decode("utf-8", errors="replace"))
 
 
 def _collect_outputs(
@@ -241,9 +265,9 @@ def run_script(
             client.api.put_archive(cid, WORK_DIR, archive)
 
         started = time.monotonic()
+        output = _OutputStream(client, cid, on_output)
         client.api.start(cid)
-        reader = threading.Thread(target=_stream_output, args=(client, cid, on_output), daemon=True)
-        reader.start()
+        output.thread.start()
         exit_holder: dict[str, int] = {}
         waiter = threading.Thread(
             target=lambda: exit_holder.update(client.api.wait(cid, timeout=None)),
@@ -259,7 +283,7 @@ def run_script(
                 pass  # It exited between the deadline and the kill.
             waiter.join(30)
         run_s = time.monotonic() - started
-        reader.join(30)
+        output.finish()
 
         result = RunResult(
             exit_code=None if timed_out else exit_holder.get("StatusCode"),

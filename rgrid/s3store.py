@@ -58,7 +58,18 @@ class S3Store:
         return self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"].read()
 
     def download(self, key: str, dest: Path) -> None:
-        self._call(self.client.download_file, self.bucket, key, str(dest))
+        """One streamed GET in 1 MiB reads. boto3's download_file splits into parallel ranged
+        GETs instead, and the S3 endpoint used here (moto) copies the whole object for every
+        range: a 2 GiB download took minutes."""
+        body = self.open_stream(key)
+        try:
+            with open(dest, "wb") as fh:
+                for chunk in body.iter_chunks(1024 * 1024):
+                    fh.write(chunk)
+        except BotoCoreError as exc:
+            raise ServiceUnavailable(f"object store download failed: {exc}") from exc
+        finally:
+            body.close()
 
     def exists(self, key: str) -> bool:
         try:
@@ -78,10 +89,6 @@ class S3Store:
     def open_stream(self, key: str) -> BinaryIO:
         """The object's body as a stream (read in chunks: constant memory)."""
         return self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
-
-    def copy(self, source: str, dest: str) -> None:
-        # The managed copy switches to multipart copy for objects over 5 GB.
-        self._call(self.client.copy, {"Bucket": self.bucket, "Key": source}, self.bucket, dest)
 
     # Presigned uploads: the CLI sends bytes straight to the store, never through the API.
 

@@ -17,6 +17,7 @@ from rgrid.maintenance import (
     purge_dependency_cache,
     purge_script_cache,
     reap_containers,
+    sweep_lost_executions,
 )
 from rgrid.pipeline import PipelineContext
 from workers.celery_app import app
@@ -69,10 +70,13 @@ def enqueue_pipeline(execution_id: str) -> None:
 
 
 @app.task(name="rgrid.reap_containers")
-def reap_containers_task() -> list[str]:
+def reap_containers_task() -> dict[str, list[str]]:
+    """Every few minutes: containers nobody will collect, executions nobody will finish."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
-        return reap_containers(ctx.docker, session)
+        lost = sweep_lost_executions(session)
+    with session_scope(ctx.session_factory) as session:
+        return {"reaped": reap_containers(ctx.docker, session), "lost": lost}
 
 
 @app.task(name="rgrid.purge_caches")

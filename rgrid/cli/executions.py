@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rgrid.cli.output import (
 )
 from rgrid.client import Client, make_client
 from rgrid.config import DEFAULT_RUNTIME, get_settings
-from rgrid.errors import BadInput
+from rgrid.errors import BadInput, RGridError
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
 
@@ -32,6 +33,13 @@ EXIT_STATUS = {"succeeded": 0, "timed_out": 124, "build_failed": 1, "error": 1, 
 
 def _client() -> Client:
     return make_client(get_settings())
+
+
+def outputs_dir_for(execution_id: str) -> Path:
+    """``./rgrid-outputs/<id>/``; the id comes from a server, so it must look like one."""
+    if not re.fullmatch(r"[0-9a-f]{16}", execution_id):
+        raise RGridError(f"the server sent an odd execution id {execution_id!r}")
+    return OUTPUTS_ROOT / execution_id
 
 
 def read_script(path: Path) -> str:
@@ -151,7 +159,7 @@ def run(
         stderr_console.print(f"[dim]execution {execution_id}[/dim]")
     follow(client, execution_id, json_mode)
     execution = client.get(execution_id)
-    dest = OUTPUTS_ROOT / execution_id
+    dest = outputs_dir_for(execution_id)
     written = fetch_outputs(client, execution, dest)
     outputs_dir = str(dest) if written else None
     if json_mode:
@@ -224,7 +232,7 @@ def outputs(execution_id: str, output_dir: Path | None):
     """Download an execution's output files (again)."""
     client = _client()
     execution = client.get(execution_id)
-    dest = output_dir or OUTPUTS_ROOT / execution_id
+    dest = output_dir or outputs_dir_for(execution["execution_id"])
     written = fetch_outputs(client, execution, dest)
     for path in written:
         click.echo(str(path))

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
+from rgrid.cache_keys import has_dependencies
 
 stderr_console = Console(stderr=True, highlight=False)
 
@@ -66,10 +66,6 @@ def _hit(value: bool | None, applies: bool = True) -> str:
     return "hit" if value else "miss"
 
 
-def _has_dependencies(execution: dict) -> bool:
-    return execution.get("dependency_hash") not in (None, EMPTY_DEPENDENCY_HASH)
-
-
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -82,13 +78,14 @@ def human_bytes(n: int) -> str:
 def summary_line(execution: dict, outputs_dir: str | None) -> str:
     status = execution["status"]
     exit_code = execution.get("exit_code")
+    with_deps = has_dependencies(execution.get("dependency_hash"))
     duration = execution.get("duration_s")
     parts = [
         status,
         f"exit {exit_code if exit_code is not None else '-'}",
         f"{duration:.2f}s" if duration is not None else "-",
         f"script cache {_hit(execution.get('script_cache_hit'))}",
-        f"deps {_hit(execution.get('dependency_cache_hit'), _has_dependencies(execution))}",
+        f"deps {_hit(execution.get('dependency_cache_hit'), with_deps)}",
         f"inputs {_hit(execution.get('input_cache_hit'), execution.get('input_hash') is not None)}",
         f"uploaded {human_bytes(execution.get('bytes_uploaded') or 0)}",
     ]

@@ -35,6 +35,7 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "RGRID_REAP_INTERVAL_S": "2",
+        "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
     }
     port = _free_port()
     commands = {

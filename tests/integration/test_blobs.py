@@ -192,7 +192,7 @@ def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script)
 def test_worker_verifies_downloads_and_caches_them(ctx, account, run_script):
     data = secrets.token_bytes(256)
     digest, _ = _upload(ctx, account.id, data)
-    cache = ctx.settings.blob_cache_dir
+    cache = ctx.settings.blob_cache_dir / str(account.id)
     shutil.rmtree(cache / digest[:2], ignore_errors=True)
     with session_scope(ctx.session_factory) as session:
         key = blobs.find_blob(session, account.id, digest).object_key
@@ -227,3 +227,29 @@ def test_large_input_is_streamed_into_the_container(ctx, account, run_script, tm
     result = _run_with_inputs(ctx, account, run_script, {"big.bin": data})
     assert result["status"] == "succeeded", result["error"]
     assert _stdout(ctx, result["execution_id"]).startswith("big.bin ")
+
+
+def test_concurrent_writers_of_the_same_bytes_end_with_one_blob(ctx, account, tmp_path):
+    import threading
+
+    path = tmp_path / "same.bin"
+    path.write_bytes(secrets.token_bytes(4096))
+    digest = _digest(path.read_bytes())
+    errors = []
+
+    def write() -> None:
+        try:
+            with session_scope(ctx.session_factory) as session:
+                blobs.store_file(session, ctx.store, account.id, path, digest)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with session_scope(ctx.session_factory) as session:
+        rows = session.query(Blob).filter_by(account_id=account.id, digest=digest).all()
+        assert len(rows) == 1 and ctx.store.get_bytes(rows[0].object_key) == path.read_bytes()

@@ -110,3 +110,38 @@ def test_purge_drops_unused_dependency_images_and_blobs(ctx, run_script):
     assert not ctx.store.exists(blob_key)
     again = run_script("import six\n", requirements="six==1.16.0\n")
     assert again["status"] == "succeeded" and again["dependency_cache_hit"] is False
+
+
+def test_sweeper_ends_executions_no_worker_will_finish(ctx, account):
+    from rgrid import executions as svc
+    from rgrid.maintenance import sweep_lost_executions
+
+    with session_scope(ctx.session_factory) as session:
+        stuck = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script="pass\n",
+            script_name="job.py",
+            timeout_s=60,
+        )
+        fresh = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script="pass\n",
+            script_name="job.py",
+            timeout_s=60,
+        )
+        stuck.status = "running"
+        stuck.created_at = utcnow() - timedelta(hours=3)
+        ids = stuck.id, fresh.id
+    with session_scope(ctx.session_factory) as session:
+        lost = sweep_lost_executions(session)
+    assert ids[0] in lost and ids[1] not in lost
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(svc.Execution, ids[0])
+        assert row.status == "error" and row.error.startswith("lost")
+        assert session.get(svc.Execution, ids[1]).status == "queued"

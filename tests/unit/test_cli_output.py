@@ -58,4 +58,4 @@ def test_memory_log_buffer_reads_from_offset():
         buf.append("e1", "stdout", f"{i}\n")
     assert buf.read("e1", 1) == [("stdout", "1\n"), ("stdout", "2\n")]
     buf.clear("e1")
-    assert not buf.exists("e1")
+    assert buf.read("e1") == []

@@ -54,7 +54,10 @@ def test_markers_and_urls_survive():
         ("-c constraints.txt", "constraint files"),
         ("-e ./mypkg", "editable installs"),
         ("--no-deps", "unsupported option"),
-        ("pkg @ file:///home/me/pkg", "local paths"),
+        ("pkg @ file:///home/me/pkg", "only http"),
+        ("pkg @ FILE:///home/me/pkg", "only http"),
+        ("pkg @ /abs/pkg.whl", "only http"),
+        ("--index-url /srv/simple", "must be an http"),
     ],
 )
 def test_bad_lines_are_refused_with_their_line_number(line, message):
@@ -104,3 +107,13 @@ def test_inline_metadata_requires_python_is_checked():
 def test_inline_metadata_must_be_valid_toml():
     with pytest.raises(BadInput, match="not valid TOML"):
         inline_requirements("# /// script\n# dependencies = [\n# ///\n", "3.11")
+
+
+def test_local_find_links_only_where_the_operator_allows():
+    from rgrid.requirements import check_local_paths
+
+    text = normalise("--find-links /srv/wheels\nsix\n")
+    with pytest.raises(BadInput, match="not allowed here"):
+        check_local_paths(text, allowed=False)
+    check_local_paths(text, allowed=True)
+    check_local_paths(normalise("--find-links https://wheels.invalid/\nsix\n"), allowed=False)
