@@ -72,7 +72,8 @@ def create_execution(
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
     timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
     normalised = requirements_for(script, requirements, runtime)
-    check_local_paths(normalised, settings.allow_local_find_links)
+    # The embedded default's "worker host" is the user's own machine: its folders are theirs.
+    check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
     manifest = check_manifest(inputs or [], settings)
     for item in manifest:
         blob = find_blob(session, account_id, item["sha256"])
