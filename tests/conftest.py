@@ -127,37 +127,70 @@ def account(ctx):
 
 
 @pytest.fixture
-def run_script(ctx, account):
-    """Submit a script as ``account`` and run the whole pipeline; returns the execution dict."""
+def submit(ctx, account):
+    """Submit a script as ``account`` (or ``account_id``) without running it; returns its id."""
     from rgrid import executions as svc
     from rgrid.db import session_scope
-    from rgrid.pipeline import run_all
 
-    def _run(
-        script: str,
-        *,
-        timeout_s: int | None = None,
-        args: list[str] | None = None,
-        account_id: int | None = None,
-        requirements: str | None = None,
-        refresh_deps: bool = False,
-    ) -> dict:
+    def _submit(script: str, *, account_id: int | None = None, **options) -> str:
         with session_scope(ctx.session_factory) as session:
             execution = svc.create_execution(
                 session,
                 ctx.store,
                 ctx.settings,
                 account_id=account_id or account.id,
-                requirements=requirements,
-                refresh_deps=refresh_deps,
                 script=script,
                 script_name="job.py",
-                timeout_s=timeout_s,
-                args=args,
+                **options,
             )
-            execution_id = execution.id
+            return execution.id
+
+    return _submit
+
+
+def _as_dicts(ctx, ids: list[str]) -> list[dict]:
+    from rgrid import executions as svc
+    from rgrid.db import session_scope
+
+    with session_scope(ctx.session_factory) as session:
+        return [svc.execution_to_dict(session.get(svc.Execution, i)) for i in ids]
+
+
+@pytest.fixture
+def run_script(ctx, submit):
+    """Submit a script and run the whole pipeline in this process; returns the execution."""
+    from rgrid.pipeline import run_all
+
+    def _run(script: str, **options) -> dict:
+        execution_id = submit(script, **options)
         run_all(ctx, execution_id)
-        with session_scope(ctx.session_factory) as session:
-            return svc.execution_to_dict(session.get(svc.Execution, execution_id))
+        return _as_dicts(ctx, [execution_id])[0]
 
     return _run
+
+
+@pytest.fixture
+def run_concurrently(ctx):
+    """Run the pipelines of several submitted executions at once, one thread each."""
+    import threading
+
+    from rgrid.pipeline import run_all
+
+    def _run(ids: list[str], timeout_s: int = 300) -> list[dict]:
+        threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout_s)
+        return _as_dicts(ctx, ids)
+
+    return _run
+
+
+@pytest.fixture
+def embedded_env(tmp_path) -> dict[str, str]:
+    """The environment of a user with no server configured: the embedded default."""
+    server_only = ("RGRID_API_URL", "RGRID_API_KEY", "RGRID_DATABASE_URL", "RGRID_S3_ENDPOINT_URL")
+    env = {k: v for k, v in os.environ.items() if k not in server_only}
+    env["RGRID_DATA_DIR"] = str(tmp_path / ".rgrid-data")
+    return env

@@ -1,22 +1,6 @@
 """The CLI with no server configured: the embedded default."""
 
-import os
-
-import pytest
-
 from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
-
-
-@pytest.fixture
-def embedded_env(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("RGRID_API_URL", "RGRID_API_KEY", "RGRID_DATABASE_URL", "RGRID_S3_ENDPOINT_URL")
-    }
-    env["RGRID_DATA_DIR"] = str(tmp_path / "data")
-    return env
 
 
 def test_embedded_run_twice_hits_cache(embedded_env, tmp_path):
@@ -32,7 +16,7 @@ def test_embedded_run_twice_hits_cache(embedded_env, tmp_path):
     assert "succeeded" in status.stdout
     logs = run_cli("logs", second["execution_id"], env=embedded_env, cwd=tmp_path)
     assert logs.stdout == "hi\n"
-    assert (tmp_path / "data" / "rgrid.db").exists()
+    assert (tmp_path / ".rgrid-data" / "rgrid.db").exists()
 
 
 def test_embedded_docker_unreachable(embedded_env, tmp_path):

@@ -122,14 +122,8 @@ def test_another_account_uploads_its_own_copy_and_sees_nothing_of_ours(stack_env
         assert_one_line_error(result, f"no execution {mine['execution_id']}")
 
 
-def test_embedded_inputs(workdir):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("RGRID_API_URL", "RGRID_API_KEY", "RGRID_DATABASE_URL", "RGRID_S3_ENDPOINT_URL")
-    }
-    env["RGRID_DATA_DIR"] = str(workdir / ".rgrid-data")
+def test_embedded_inputs(workdir, embedded_env):
+    env = embedded_env
     first, result = run_json("run", "process.py", "data", env=env, cwd=workdir)
     assert first["status"] == "succeeded", result.stderr
     assert first["files_uploaded"] == 2 and first["bytes_uploaded"] == 16

@@ -2,7 +2,6 @@
 configuration) and Docker."""
 
 import secrets
-import threading
 
 import pytest
 
@@ -160,33 +159,14 @@ def test_two_texts_resolving_to_the_same_pins_share_one_image(run_script, tmp_pa
     assert ranged["deps_build_s"] is None  # nothing installed the second time
 
 
-def test_concurrent_runs_with_new_requirements_build_each_image_once(ctx, account, tmp_path):
-    from rgrid import executions as svc
-    from rgrid.pipeline import run_all
-
+def test_concurrent_runs_with_new_requirements_build_each_image_once(
+    submit, run_concurrently, tmp_path
+):
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
     make_wheel(tmp_path, dist, "1.0")
-    ids = []
-    with session_scope(ctx.session_factory) as session:
-        for _ in range(4):
-            execution = svc.create_execution(
-                session,
-                ctx.store,
-                ctx.settings,
-                account_id=account.id,
-                script="print('x')\n",
-                script_name="job.py",
-                requirements=f"--find-links {tmp_path}\n{dist}\n",
-            )
-            ids.append(execution.id)
-    threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    with session_scope(ctx.session_factory) as session:
-        rows = [session.get(svc.Execution, i) for i in ids]
-        assert [r.status for r in rows] == ["succeeded"] * 4
-        assert sum(r.deps_build_s is not None for r in rows) == 1
-        assert sum(r.build_s is not None for r in rows) == 1
-        assert len({r.image_ref for r in rows}) == 1
+    requirements = f"--find-links {tmp_path}\n{dist}\n"
+    rows = run_concurrently([submit("print('x')\n", requirements=requirements) for _ in range(4)])
+    assert [r["status"] for r in rows] == ["succeeded"] * 4
+    assert sum(r["deps_build_s"] is not None for r in rows) == 1
+    assert sum(r["build_s"] is not None for r in rows) == 1
+    assert len({r["image_ref"] for r in rows}) == 1

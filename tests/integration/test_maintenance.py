@@ -112,36 +112,19 @@ def test_purge_drops_unused_dependency_images_and_blobs(ctx, run_script):
     assert again["status"] == "succeeded" and again["dependency_cache_hit"] is False
 
 
-def test_sweeper_ends_executions_no_worker_will_finish(ctx, account):
+def test_sweeper_ends_executions_no_worker_will_finish(ctx, submit):
     from rgrid import executions as svc
     from rgrid.maintenance import sweep_lost_executions
 
+    stuck, fresh = submit("pass\n", timeout_s=60), submit("pass\n", timeout_s=60)
     with session_scope(ctx.session_factory) as session:
-        stuck = svc.create_execution(
-            session,
-            ctx.store,
-            ctx.settings,
-            account_id=account.id,
-            script="pass\n",
-            script_name="job.py",
-            timeout_s=60,
-        )
-        fresh = svc.create_execution(
-            session,
-            ctx.store,
-            ctx.settings,
-            account_id=account.id,
-            script="pass\n",
-            script_name="job.py",
-            timeout_s=60,
-        )
-        stuck.status = "running"
-        stuck.created_at = utcnow() - timedelta(hours=3)
-        ids = stuck.id, fresh.id
+        row = session.get(svc.Execution, stuck)
+        row.status = "running"
+        row.created_at = utcnow() - timedelta(hours=3)
     with session_scope(ctx.session_factory) as session:
         lost = sweep_lost_executions(session)
-    assert ids[0] in lost and ids[1] not in lost
+    assert stuck in lost and fresh not in lost
     with session_scope(ctx.session_factory) as session:
-        row = session.get(svc.Execution, ids[0])
+        row = session.get(svc.Execution, stuck)
         assert row.status == "error" and row.error.startswith("lost")
-        assert session.get(svc.Execution, ids[1]).status == "queued"
+        assert session.get(svc.Execution, fresh).status == "queued"

@@ -1,7 +1,6 @@
 """The pipeline on the real services: PostgreSQL, Redis, the S3 endpoint and Docker."""
 
 import json
-import threading
 
 import docker
 import pytest
@@ -181,34 +180,12 @@ def test_nested_outputs_come_back_and_links_are_not_followed(ctx, run_script):
     assert "skipped outputs/passwd" in system
 
 
-def test_concurrent_misses_on_one_key_build_once(ctx, account):
+def test_concurrent_misses_on_one_key_build_once(submit, run_concurrently):
     """Single flight: both executions wait on one build, the second then hits."""
-    from rgrid import executions as svc
-    from rgrid.pipeline import run_all
-
-    script = "print('built once')\n"
-    ids = []
-    with session_scope(ctx.session_factory) as session:
-        for _ in range(3):
-            execution = svc.create_execution(
-                session,
-                ctx.store,
-                ctx.settings,
-                account_id=account.id,
-                script=script,
-                script_name="job.py",
-            )
-            ids.append(execution.id)
-    threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    with session_scope(ctx.session_factory) as session:
-        rows = [session.get(svc.Execution, i) for i in ids]
-        assert [r.status for r in rows] == ["succeeded"] * 3
-        assert sum(r.build_s is not None for r in rows) == 1
-        assert len({r.image_ref for r in rows}) == 1
+    rows = run_concurrently([submit("print('built once')\n") for _ in range(3)])
+    assert [r["status"] for r in rows] == ["succeeded"] * 3
+    assert sum(r["build_s"] is not None for r in rows) == 1
+    assert len({r["image_ref"] for r in rows}) == 1
 
 
 @pytest.mark.parametrize("runtime", ["python:2.7", ""])
