@@ -207,3 +207,24 @@ def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime)
             )
     with session_scope(ctx.session_factory) as session:
         assert len(svc.list_executions(session, account.id)) == before
+
+
+def test_image_pruned_between_lookup_and_run_is_rebuilt(ctx, submit):
+    from rgrid import pipeline
+
+    script = "print('survived a prune')\n"
+    first = submit(script)
+    pipeline.run_all(ctx, first)
+    second = submit(script)
+    for step in (pipeline.hash_step, pipeline.cache_lookup_step, pipeline.build_step):
+        step(ctx, second)
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(pipeline.Execution, second)
+        assert row.script_cache_hit is True
+        docker.from_env().images.remove(row.image_ref, force=True)  # pruned right now
+    pipeline.run_step(ctx, second)
+    pipeline.store_step(ctx, second)
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(pipeline.Execution, second)
+        assert row.status == "succeeded" and row.script_cache_hit is False
+    assert _stdout(ctx, second) == "survived a prune\n"
