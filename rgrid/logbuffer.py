@@ -14,9 +14,8 @@ from typing import Protocol
 
 import redis
 
-#: Streams: the script's stdout and stderr, and RGrid's own messages (build log, notes).
-STREAMS = ("stdout", "stderr", "system")
-
+#: (stream, text); the stream is "stdout" or "stderr" (the script's) or "system" (RGrid's own
+#: messages: the build log, cache decisions, notes).
 LogChunk = tuple[str, str]
 
 

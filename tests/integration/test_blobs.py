@@ -145,29 +145,14 @@ open('outputs/nested/count.txt', 'w').write(str(len(sys.argv) - 1))
 
 
 def _run_with_inputs(ctx, account, run_script, files: dict[str, bytes]) -> dict:
+    """Upload what the account lacks (as the CLI does), then run READER on the files."""
     manifest = []
     for name, data in files.items():
         digest = _digest(data)
         if _missing(ctx, account.id, [digest]):
             _upload(ctx, account.id, data)
         manifest.append({"path": name, "sha256": digest, "size": len(data)})
-    with session_scope(ctx.session_factory) as session:
-        execution = svc.create_execution(
-            session,
-            ctx.store,
-            ctx.settings,
-            account_id=account.id,
-            script=READER,
-            script_name="job.py",
-            inputs=manifest,
-            args=list(files),
-        )
-        execution_id = execution.id
-    from rgrid.pipeline import run_all
-
-    run_all(ctx, execution_id)
-    with session_scope(ctx.session_factory) as session:
-        return svc.execution_to_dict(session.get(svc.Execution, execution_id))
+    return run_script(READER, inputs=manifest, args=list(files))
 
 
 def _stdout(ctx, execution_id):
