@@ -1,16 +1,15 @@
 """Every cache key and every name derived from one, in one place (DESIGN.md, "Cache keys").
 
 Keys include the account so that no account can learn whether another ran a script, and the
-script key includes the dependency hash so that a script never gets an image built with
-another requirements set.
+script cache's key (its table's unique columns: account, runtime, dependency hash, script hash)
+includes the dependency hash so that a script never gets another requirements set's
+environment.
 """
 
 from __future__ import annotations
 
 from rgrid.hashing import sha256_bytes
 
-SCRIPT_IMAGE_REPOSITORY = "rgrid-exec"
-DEPENDENCY_IMAGE_REPOSITORY = "rgrid-deps"
 KEY_SEPARATOR = "\x1f"
 
 #: The dependency hash of a script with no requirements (the normalised empty set).
@@ -21,29 +20,23 @@ def has_dependencies(dependency_hash: str | None) -> bool:
     return dependency_hash not in (None, EMPTY_DEPENDENCY_HASH)
 
 
-def script_cache_key(account_id: int, runtime: str, dependency_hash: str, script_hash: str) -> str:
-    parts = ("script", str(account_id), runtime, dependency_hash, script_hash)
-    return sha256_bytes(KEY_SEPARATOR.join(parts).encode())
-
-
-def script_image_ref(cache_key: str) -> str:
-    """The tag a script image is built under: ``rgrid-exec:<first 12 of the key>``."""
-    return f"{SCRIPT_IMAGE_REPOSITORY}:{cache_key[:12]}"
-
-
 def dependency_cache_key(account_id: int, runtime: str, dependency_hash: str) -> str:
     return sha256_bytes(
         KEY_SEPARATOR.join(("deps", str(account_id), runtime, dependency_hash)).encode()
     )
 
 
-def dependency_image_ref(account_id: int, resolution_hash: str) -> str:
-    """Named by what is installed, not by the requirements text: two texts that resolve to the
-    same pins share one image. Still per account, so no account can time another's cache."""
-    key = sha256_bytes(
-        KEY_SEPARATOR.join(("deps-image", str(account_id), resolution_hash)).encode()
-    )
-    return f"{DEPENDENCY_IMAGE_REPOSITORY}:{key[:12]}"
+def environment_name(account_id: int, resolution_hash: str) -> str:
+    """The folder an installed dependency set lives in on a worker host. Named by what is
+    installed, not by the requirements text: two texts that resolve to the same pins share
+    one folder. Still per account, so no account can time another's cache."""
+    key = sha256_bytes(KEY_SEPARATOR.join(("env", str(account_id), resolution_hash)).encode())
+    return key[:32]
+
+
+def script_local_name(account_id: int, script_hash: str) -> str:
+    """A verified script in a worker host's local cache: a script cache hit fetches nothing."""
+    return f"scripts/{account_id}/{script_hash}.py"
 
 
 def build_lock_name(cache_key: str) -> str:

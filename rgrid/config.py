@@ -71,6 +71,7 @@ class Settings:
     cpu_limit: float = 1.0
     pids_limit: int = 256
     tmp_size: str = "256m"
+    home_size: str = "64m"
     max_output_bytes: int = 1024**3
     max_log_bytes: int = 64 * 1024**2
     max_script_bytes: int = 1024**2
@@ -80,6 +81,12 @@ class Settings:
     #: Multipart upload part size: the CLI holds at most one part's read buffer, not the file.
     upload_part_bytes: int = 64 * 1024**2
     container_user: str = "1000:1000"
+
+    # The warm pool: sandboxes started before they are needed, per environment and per host.
+    # Two per environment and six in all fit a 2-core host (each idle one holds ~10 MB).
+    pool_size: int = 2
+    pool_max: int = 6
+    pool_idle_s: int = 600
 
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
@@ -108,6 +115,10 @@ class Settings:
             cpu_limit=_env_float("RGRID_CPU_LIMIT", cls.cpu_limit),
             pids_limit=_env_int("RGRID_PIDS_LIMIT", cls.pids_limit),
             tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
+            home_size=_env("RGRID_HOME_SIZE", cls.home_size),
+            pool_size=_env_int("RGRID_POOL_SIZE", cls.pool_size),
+            pool_max=_env_int("RGRID_POOL_MAX", cls.pool_max),
+            pool_idle_s=_env_int("RGRID_POOL_IDLE", cls.pool_idle_s),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
             max_log_bytes=_env_int("RGRID_MAX_LOG_BYTES", cls.max_log_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
@@ -143,6 +154,17 @@ class Settings:
     def blob_cache_dir(self) -> Path:
         """Verified input blobs on this worker host, by digest: a repeat downloads nothing."""
         return Path(_env("RGRID_BLOB_CACHE_DIR") or self.data_dir / "blob-cache")
+
+    @property
+    def environments_dir(self) -> Path:
+        """Installed dependency sets on this host, one folder each. On the same filesystem as
+        the uv cache, so installs hard-link instead of copying."""
+        return self.data_dir / "environments"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        """The host folders behind each sandbox's ``/work``."""
+        return self.data_dir / "sandboxes"
 
     @property
     def effective_store_dir(self) -> Path:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-
-import redis
+from typing import TYPE_CHECKING
 
 from rgrid.config import MIGRATIONS_DIR, Settings
 from rgrid.db import get_session_factory, upgrade
@@ -15,9 +14,14 @@ from rgrid.logbuffer import MemoryLogBuffer, RedisLogBuffer
 from rgrid.objectstore import LocalStore, store_from_settings
 from rgrid.pipeline import PipelineContext
 
+if TYPE_CHECKING:
+    import redis
+
 
 @lru_cache(maxsize=4)
 def redis_client(url: str) -> redis.Redis:
+    import redis  # the embedded default never needs it
+
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
 
 
@@ -67,4 +71,7 @@ def embedded_context(settings: Settings) -> PipelineContext:
         store=LocalStore(settings.effective_store_dir),
         logs=MemoryLogBuffer(),
         locks=FileLocks(settings.data_dir / "locks"),
+        # One warm sandbox for the environment just used, so the next run is warm too; it
+        # ends itself when idle.
+        pool_size=1,
     )

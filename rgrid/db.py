@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -15,6 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rgrid.config import MIGRATIONS_DIR
 from rgrid.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 @lru_cache(maxsize=8)
@@ -57,6 +59,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Config:
+    # Imported here: Alembic costs ~0.3 s to import, and only migrations need it.
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -65,4 +70,6 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str) -> None:
     """Bring the schema at ``url`` to the newest migration (the only way it ever changes)."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), "head")

@@ -1,14 +1,15 @@
 """Resolving and installing a requirements set with uv, on the worker host.
 
-The install happens on the host, into a folder that then becomes one image layer: the container
-being built needs no network (the Docker host may have none), and uv's cache on the host is
-shared by every set, so each wheel is downloaded once per host. Wheels are chosen for the
-runtime's interpreter and platform (``--only-binary :all:``), not the host's, so a package
-with no wheel for it fails clearly instead of being built for the wrong platform.
+The install happens on the host, into a folder that sandboxes then mount read-only: no
+container needs network (the Docker host may have none), and uv's cache on the host is shared
+by every set, so each wheel is downloaded once per host. Wheels are chosen for the runtime's
+interpreter and platform (``--only-binary :all:``), not the host's, so a package with no
+wheel for it fails clearly instead of being built for the wrong platform.
 """
 
 from __future__ import annotations
 
+import configparser
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 from rgrid.errors import BuildError
 from rgrid.hashing import sha256_bytes
@@ -39,25 +42,40 @@ def uv_binary() -> str:
     return find_uv_bin()
 
 
+def pip_settings() -> dict[str, str]:
+    """pip's effective settings, read where pip reads them: its config files (global, user,
+    site, then ``PIP_CONFIG_FILE``; ``[global]`` then ``[install]``), then ``PIP_*`` variables.
+    Read directly rather than through ``pip config list``, which costs ~0.2 s of interpreter
+    start in every process that installs (the embedded default is one per run)."""
+    xdg_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(":")
+    files = [Path(d) / "pip" / "pip.conf" for d in xdg_dirs if d]
+    files += [
+        Path("/etc/pip.conf"),
+        Path.home() / ".pip" / "pip.conf",
+        Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "pip" / "pip.conf",
+        Path(sys.prefix) / "pip.conf",
+    ]
+    if os.environ.get("PIP_CONFIG_FILE") and os.environ["PIP_CONFIG_FILE"] != os.devnull:
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    parser = configparser.RawConfigParser()
+    parser.read([f for f in files if f.is_file()], encoding="utf-8")
+    settings: dict[str, str] = {}
+    for section in ("global", "install"):
+        if parser.has_section(section):
+            settings.update(parser.items(section))
+    for key, value in os.environ.items():
+        if key.startswith("PIP_") and key != "PIP_CONFIG_FILE":
+            settings[key[4:].lower().replace("_", "-")] = value
+    return settings
+
+
 @lru_cache(maxsize=1)
 def uv_environment() -> dict[str, str]:
-    """uv does not read pip's configuration: translate the host's (``pip config list``, which
-    includes PIP_* variables) so uv reaches the same index with the same certificates. No index
-    host is named in this code; explicit UV_* variables win."""
-    try:
-        listing = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        listing = ""
+    """uv does not read pip's configuration: translate the host's so uv reaches the same index
+    with the same certificates. No index host is named in this code; explicit UV_* variables
+    win."""
     env: dict[str, str] = {}
-    for line in listing.splitlines():
-        key, _, value = line.partition("=")
-        setting = key.rpartition(".")[2]
+    for setting, value in pip_settings().items():
         value = value.strip().strip("'\"")
         target = _PIP_TO_UV.get(setting)
         if not target or not value or target in os.environ:
@@ -107,71 +125,92 @@ def _target_args(spec: RuntimeSpec) -> list[str]:
     ]
 
 
-def resolve(
-    requirements: str,
-    spec: RuntimeSpec,
-    cache_dir: Path,
-    log: Callable[[str], None],
-    refresh: bool = False,
-) -> list[str]:
-    """The pinned set (``name==version`` lines, sorted) that ``requirements`` resolves to for
-    the runtime's interpreter and platform. ``refresh`` revalidates uv's cached index pages,
-    which is what a user asking to re-resolve unpinned requirements means."""
-    with tempfile.TemporaryDirectory(prefix="rgrid-req-") as tmp:
-        path = Path(tmp) / "requirements.in"
-        path.write_text(requirements)
-        args = ["pip", "compile", str(path), "--no-header", "--no-annotate", *_target_args(spec)]
-        if refresh:
-            args.append("--refresh")
-        output = _run_uv(args, cache_dir, log)
-    pinned = sorted(
-        line.strip()
-        for line in output.splitlines()
-        if line.strip() and not line.startswith(("#", "-"))
-    )
-    return pinned
+#: Options uv takes on its command line, not in a requirements file (from PEP 723's
+#: ``[tool.uv]``), kept in the normalised text so they are part of the cache key.
+COMMAND_LINE_OPTIONS = ("--exclude-newer",)
 
 
 def option_lines(requirements: str) -> list[str]:
-    """The normalised text's option lines (index, find-links): needed again at install."""
+    """The normalised text's option lines (index, find-links, exclude-newer)."""
     return [line for line in requirements.splitlines() if line.startswith("-")]
+
+
+def _split(requirements: str) -> tuple[list[str], list[str]]:
+    """(lines for uv's requirements file, arguments for its command line)."""
+    file_lines, arguments = [], []
+    for line in requirements.splitlines():
+        flag, _, value = line.partition(" ")
+        if flag in COMMAND_LINE_OPTIONS:
+            arguments += [flag, value]
+        else:
+            file_lines.append(line)
+    return file_lines, arguments
 
 
 def resolution_hash(spec: RuntimeSpec, requirements: str, pinned: list[str]) -> str:
     """Identifies the installed content: two texts that resolve to the same pins from the same
-    indexes share one dependency image."""
+    indexes share one environment."""
     text = "\n".join([spec.name, *option_lines(requirements), *pinned])
     return sha256_bytes(text.encode())
 
 
 def install(
     requirements: str,
-    pinned: list[str],
     spec: RuntimeSpec,
     target: Path,
     cache_dir: Path,
     log: Callable[[str], None],
-) -> None:
-    """Install exactly the pinned set into ``target`` (what becomes the image's site-packages)."""
+    *,
+    pinned: list[str] | None = None,
+    refresh: bool = False,
+) -> list[str]:
+    """Resolve and install ``requirements`` into ``target`` in one uv call, and return what
+    was installed as sorted ``name==version`` pins. With ``pinned`` (a set resolved before,
+    e.g. on another host) exactly those are installed and nothing is resolved.
+
+    Files are hard-linked from uv's cache (``target`` must be on the cache's filesystem):
+    measured here, numpy + six install in 0.24 s linked against 0.86 s copied. Bytecode is
+    compiled afterwards, off the user's path (``environments.compile_bytecode``): compiling
+    numpy took 2 s, eight times the install."""
+    file_lines, arguments = _split(requirements)
+    if pinned is not None:
+        file_lines = [line for line in file_lines if line.startswith("-")] + pinned
+        arguments.append("--no-deps")
+    if refresh:
+        arguments.append("--refresh")
     with tempfile.TemporaryDirectory(prefix="rgrid-req-") as tmp:
-        path = Path(tmp) / "pinned.txt"
-        path.write_text("\n".join([*option_lines(requirements), *pinned]) + "\n")
-        # Bytecode is compiled once here: the sandbox's root is read-only, so a script could never
-        # cache it, and importing numpy without it measured 347 ms against 168 ms.
+        path = Path(tmp) / "requirements.txt"
+        path.write_text("\n".join(file_lines) + "\n")
         _run_uv(
             [
                 "pip",
                 "install",
                 "--target",
                 str(target),
-                "--no-deps",
                 "--link-mode",
-                "copy",
-                "--compile-bytecode",
+                "hardlink",
                 *_target_args(spec),
+                *arguments,
                 "-r",
                 str(path),
             ],
             cache_dir,
             log,
         )
+    return installed_pins(target)
+
+
+def installed_pins(target: Path) -> list[str]:
+    """``name==version`` for every distribution in an installed folder, sorted."""
+    pins = []
+    for metadata in target.glob("*.dist-info/METADATA"):
+        fields = {}
+        with open(metadata, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+        if "name" in fields and "version" in fields:
+            pins.append(f"{canonicalize_name(fields['name'])}=={fields['version']}")
+    return sorted(pins)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +23,13 @@ EMBEDDED_ACCOUNT = "local"
 class EmbeddedClient:
     """The whole pipeline in this process: SQLite, a local store and the local Docker engine."""
 
-    poll_interval_s = 0.02
+    log_wait_s = 5.0
 
     def __init__(self, ctx: PipelineContext):
         self.ctx = ctx
+        # Refilling the warm pool runs beside the script; the process waits for it to finish
+        # starting its sandbox, which then outlives the process until it is used or idles out.
+        atexit.register(ctx.join_background)
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
@@ -61,10 +65,21 @@ class EmbeddedClient:
             rows = svc.list_executions(session, self.account_id, limit)
             return [svc.execution_to_dict(row) for row in rows]
 
-    def logs(self, execution_id: str, offset: int) -> dict:
+    def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:
+        page = self._logs(execution_id, offset)
+        if wait and not page["chunks"] and not page["complete"]:
+            # The pipeline runs in this process: wait for its next write, then look again.
+            self.ctx.logs.wait(execution_id, offset, self.log_wait_s)
+            page = self._logs(execution_id, offset)
+        return page
+
+    def _logs(self, execution_id: str, offset: int) -> dict:
         with session_scope(self.ctx.session_factory) as session:
             execution = svc.get_execution(session, self.account_id, execution_id)
-            return svc.read_logs(execution, self.ctx.logs, self.ctx.store, offset)
+            page = svc.read_logs(execution, self.ctx.logs, self.ctx.store, offset)
+            if page["complete"]:
+                page["execution"] = svc.execution_to_dict(execution)
+            return page
 
     def missing(self, digests: list[str]) -> list[str]:
         with session_scope(self.ctx.session_factory) as session:

@@ -13,12 +13,13 @@ from rgrid.blobs import find_blob
 from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound
 from rgrid.hashing import script_hash
-from rgrid.inputs import check_manifest
+from rgrid.inputs import OUTPUTS_DIR, check_manifest
 from rgrid.logbuffer import LogBuffer, LogChunk, decode_log
-from rgrid.models import TERMINAL_STATUSES, Execution
+from rgrid.models import Execution
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import check_local_paths, inline_requirements, normalise
 from rgrid.runtimes import DEFAULT_RUNTIME, resolve_runtime
+from rgrid.statuses import TERMINAL_STATUSES
 
 
 def new_execution_id() -> str:
@@ -31,7 +32,12 @@ def validate_submission(
     """Check what a user sent; returns the timeout to use."""
     if len(script.encode()) > settings.max_script_bytes:
         raise BadInput(f"script is larger than {settings.max_script_bytes} bytes")
-    if not script_name or "/" in script_name or script_name in (".", ".."):
+    if (
+        not script_name
+        or "/" in script_name
+        or script_name in (".", "..", OUTPUTS_DIR)
+        or any(ord(c) < 32 for c in script_name)
+    ):
         raise BadInput(f"bad script name {script_name!r}")
     resolve_runtime(runtime)
     if timeout_s is None:
@@ -75,6 +81,9 @@ def create_execution(
     # The embedded default's "worker host" is the user's own machine: its folders are theirs.
     check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
     manifest = check_manifest(inputs or [], settings)
+    if any(item["path"] == script_name for item in manifest):
+        # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
+        raise BadInput(f"an input has the script's own name {script_name}")
     for item in manifest:
         blob = find_blob(session, account_id, item["sha256"])
         if blob is None or blob.size != item["size"]:
@@ -104,7 +113,7 @@ def create_execution(
         files_uploaded=files_uploaded,
         timeout_s=timeout,
         script_cache_hit=False,
-        dependency_cache_hit=False,
+        dependency_cache_hit=None,
         bytes_uploaded=bytes_uploaded,
         outputs=[],
     )
@@ -155,7 +164,9 @@ def execution_to_dict(execution: Execution) -> dict:
         "script_name": execution.script_name,
         "script_hash": execution.script_hash,
         "dependency_hash": execution.dependency_hash,
-        "dependency_image": execution.dependency_image,
+        "environment": execution.environment,
+        "runtime_image": execution.runtime_image,
+        "sandbox_warm": execution.sandbox_warm,
         "resolved_dependencies": execution.resolved_dependencies,
         "refresh_deps": execution.refresh_deps,
         "input_hash": execution.input_hash,
@@ -163,12 +174,10 @@ def execution_to_dict(execution: Execution) -> dict:
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,
-        "image_ref": execution.image_ref,
         "script_cache_hit": execution.script_cache_hit,
         "dependency_cache_hit": execution.dependency_cache_hit,
         "input_cache_hit": execution.input_cache_hit,
         "bytes_uploaded": execution.bytes_uploaded,
-        "build_s": execution.build_s,
         "deps_build_s": execution.deps_build_s,
         "run_s": execution.run_s,
         "duration_s": duration_s(execution),

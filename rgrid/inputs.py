@@ -17,7 +17,8 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput
 from rgrid.hashing import CHUNK_SIZE
 
-RESERVED = "outputs"
+#: The folder in /work whose files come back as outputs: no input may be placed there.
+OUTPUTS_DIR = "outputs"
 
 
 @dataclass
@@ -83,7 +84,7 @@ def collect(args: list[str], cwd: Path, settings: Settings) -> list[InputFile]:
                 raise BadInput(f"input {file_name} is a link pointing outside the working folder")
             if not file_path.is_file():
                 raise BadInput(f"input {file_name} is not a regular file")
-            if file_name == RESERVED or file_name.startswith(RESERVED + "/"):
+            if file_name == OUTPUTS_DIR or file_name.startswith(OUTPUTS_DIR + "/"):
                 raise BadInput(f"input {file_name}: 'outputs/' is where the script's outputs go")
             if file_name in seen:
                 raise BadInput(
@@ -136,7 +137,8 @@ def check_manifest(manifest: object, settings: Settings) -> list[dict]:
             raise BadInput("every input needs a path")
         # The raw segments, not PurePosixPath's: it quietly folds "a/./b" and "a//b".
         parts = name.split("/")
-        if any(part in ("", ".", "..") for part in parts) or "\\" in name or parts[0] == RESERVED:
+        bad_part = any(part in ("", ".", "..") for part in parts)
+        if bad_part or "\\" in name or parts[0] == OUTPUTS_DIR:
             raise BadInput(f"bad input name {name!r}")
         if name in names:
             raise BadInput(f"two inputs map to the same name {name}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import redis
+if TYPE_CHECKING:
+    import redis  # imported by the server context only: ~0.1 s the embedded default saves
 
 #: (stream, text); the stream is "stdout" or "stderr" (the script's) or "system" (RGrid's own
 #: messages: the build log, cache decisions, notes).
@@ -31,10 +32,22 @@ class MemoryLogBuffer:
     def __init__(self) -> None:
         self._chunks: dict[str, list[LogChunk]] = defaultdict(list)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._cleared: set[str] = set()
 
     def append(self, execution_id: str, stream: str, text: str) -> None:
         with self._lock:
             self._chunks[execution_id].append((stream, text))
+            self._changed.notify_all()
+
+    def wait(self, execution_id: str, start: int, timeout_s: float) -> None:
+        """Until the log has more than ``start`` chunks or is cleared (the run is over): the
+        CLI's follower wakes the moment the pipeline thread writes, instead of polling."""
+        with self._lock:
+            self._changed.wait_for(
+                lambda: execution_id not in self._chunks or len(self._chunks[execution_id]) > start,
+                timeout_s,
+            )
 
     def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
         with self._lock:
@@ -43,6 +56,8 @@ class MemoryLogBuffer:
     def clear(self, execution_id: str) -> None:
         with self._lock:
             self._chunks.pop(execution_id, None)
+            self._cleared.add(execution_id)
+            self._changed.notify_all()
 
 
 class RedisLogBuffer:

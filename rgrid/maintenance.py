@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
+from rgrid import environments
+from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.models import (
-    TERMINAL_STATUSES,
     Blob,
     DependencyCache,
     Execution,
@@ -22,6 +22,9 @@ from rgrid.models import (
     utcnow,
 )
 from rgrid.objectstore import ObjectStore
+from rgrid.pool import sweep_folders
+from rgrid.sandbox import RUN_NAME_PREFIX
+from rgrid.statuses import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +43,20 @@ def _abandoned(labels: dict[str, str], execution: Execution | None, now: float) 
         return False
 
 
-def reap_containers(client: docker.DockerClient, session: Session) -> list[str]:
-    """Remove execution containers (and volumes) that nobody will ever collect.
+def reap_containers(
+    client: docker.DockerClient, session: Session, sandboxes_dir: Path
+) -> list[str]:
+    """Remove execution sandboxes that nobody will ever collect, and the host folders of
+    sandboxes that are gone.
 
-    A killed worker process does not stop its container; this is what stops it.
-    """
+    A sandbox ends itself (its supervisor enforces the deadline, and the engine removes it),
+    so this is the backstop for a runner killed between the script's end and its cleanup."""
     removed = []
     now = time.time()
     for container in client.containers.list(all=True, filters={"label": MANAGED_LABEL}):
-        execution_id = container.labels.get(EXECUTION_LABEL)
-        if not execution_id:
-            continue
+        if not container.name.startswith(RUN_NAME_PREFIX):
+            continue  # unclaimed pool sandboxes end themselves when idle
+        execution_id = container.name.removeprefix(RUN_NAME_PREFIX)
         if not _abandoned(container.labels, session.get(Execution, execution_id), now):
             continue
         try:
@@ -58,9 +64,8 @@ def reap_containers(client: docker.DockerClient, session: Session) -> list[str]:
         except docker.errors.APIError as exc:  # already gone, or being removed by its runner
             log.info("could not reap %s: %s", execution_id, exc)
             continue
-        with contextlib.suppress(docker.errors.NotFound):
-            client.volumes.get(f"rgrid-work-{execution_id}").remove(force=True)
         removed.append(execution_id)
+    sweep_folders(client, sandboxes_dir)
     return removed
 
 
@@ -87,32 +92,18 @@ def sweep_lost_executions(session: Session) -> list[str]:
     return lost
 
 
-def _remove_image(client: docker.DockerClient, ref: str) -> None:
-    try:
-        client.images.remove(ref, noprune=False)
-    except docker.errors.ImageNotFound:
-        pass
-    except docker.errors.APIError as exc:  # in use, or a script image still sits on it
-        log.warning("could not remove %s (next night): %s", ref, exc)
-
-
-def purge_script_cache(client: docker.DockerClient, session: Session) -> int:
-    """Drop script-cache rows unused for 30 days, and the images only they referenced."""
+def purge_script_cache(session: Session) -> int:
+    """Drop script-cache rows unused for 30 days (the scripts' bytes go with the blobs)."""
     cutoff = utcnow() - UNUSED_AFTER
     stale = list(session.scalars(select(ScriptCache).where(ScriptCache.last_used_at < cutoff)))
     for row in stale:
         session.delete(row)
-    session.flush()
-    still_used = set(session.scalars(select(ScriptCache.image_ref)))
-    for row in stale:
-        if row.image_ref not in still_used:
-            _remove_image(client, row.image_ref)
     return len(stale)
 
 
-def purge_dependency_cache(client: docker.DockerClient, session: Session) -> int:
-    """Drop dependency-cache rows unused for 30 days, and their images once no other row and no
-    cached script image is built on them. Run after the script purge, which frees the latter."""
+def purge_dependency_cache(session: Session, environments_dir: Path) -> int:
+    """Drop dependency-cache rows unused for 30 days, and the environment folders on this host
+    that no remaining row names."""
     cutoff = utcnow() - UNUSED_AFTER
     stale = list(
         session.scalars(select(DependencyCache).where(DependencyCache.last_used_at < cutoff))
@@ -120,12 +111,10 @@ def purge_dependency_cache(client: docker.DockerClient, session: Session) -> int
     for row in stale:
         session.delete(row)
     session.flush()
-    still_used = set(session.scalars(select(DependencyCache.image_ref))) | set(
-        session.scalars(select(ScriptCache.base_image))
-    )
+    still_used = set(session.scalars(select(DependencyCache.environment)))
     for row in stale:
-        if row.image_ref not in still_used:
-            _remove_image(client, row.image_ref)
+        if row.environment and row.environment not in still_used:
+            environments.remove(environments_dir, row.environment)
     return len(stale)
 
 

@@ -70,7 +70,6 @@ class Execution(Base):
     # The normalised requirements (from -r or the script's inline metadata); "" for none.
     requirements: Mapped[str] = mapped_column(Text, default="")
     refresh_deps: Mapped[bool] = mapped_column(Boolean, default=False)
-    dependency_image: Mapped[str | None] = mapped_column(String(200))
     resolved_dependencies: Mapped[list | None] = mapped_column(JSON)
     input_hash: Mapped[str | None] = mapped_column(String(64))
     # The input manifest: [{"path": relative name in /work, "sha256": ..., "size": ...}].
@@ -78,15 +77,20 @@ class Execution(Base):
     files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)
-    image_ref: Mapped[str | None] = mapped_column(String(200))
+    # The environment it ran in: the installed dependency set's folder name on the worker
+    # host (None without dependencies) and the runtime image's id.
+    environment: Mapped[str | None] = mapped_column(String(64))
+    runtime_image: Mapped[str | None] = mapped_column(String(80))
+    # Whether the run found a pre-started sandbox (None until it ran).
+    sandbox_warm: Mapped[bool | None] = mapped_column(Boolean)
     script_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
-    dependency_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    # None when the script has no dependencies: there is no dependency cache to hit.
+    dependency_cache_hit: Mapped[bool | None] = mapped_column(Boolean)
     input_cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
     bytes_uploaded: Mapped[int] = mapped_column(BigInteger, default=0)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     outputs: Mapped[list] = mapped_column(JSON, default=list)
-    build_s: Mapped[float | None] = mapped_column(Float)
     deps_build_s: Mapped[float | None] = mapped_column(Float)
     run_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -95,7 +99,8 @@ class Execution(Base):
 
 
 class ScriptCache(Base):
-    """A built script image, keyed as DESIGN.md's cache contract says."""
+    """A script seen before, keyed as DESIGN.md's cache contract says; its value is the
+    environment it ran in. The script itself is stored content-addressed beside it."""
 
     __tablename__ = "script_cache"
     __table_args__ = (
@@ -109,10 +114,10 @@ class ScriptCache(Base):
     runtime: Mapped[str] = mapped_column(String(40))
     dependency_hash: Mapped[str] = mapped_column(String(64))
     script_hash: Mapped[str] = mapped_column(String(64))
-    image_ref: Mapped[str] = mapped_column(String(200))
-    # The image this one was built on: after --refresh-deps changes the dependency image, a
-    # script image built on the old one is stale.
-    base_image: Mapped[str | None] = mapped_column(String(200))
+    # The installed dependency set it ran with (None: none); after --refresh-deps installs
+    # another set, a row naming the old one is stale.
+    environment: Mapped[str | None] = mapped_column(String(64))
+    runtime_image: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
@@ -121,7 +126,9 @@ class ScriptCache(Base):
 
 
 class DependencyCache(Base):
-    """An installed requirements set: a dependency image that script images are built on."""
+    """A requirements set resolved before: its pins and the folder they are installed in on
+    a worker host (named by the resolved set, so a host that lacks it installs the same pins
+    again without resolving)."""
 
     __tablename__ = "dependency_cache"
     __table_args__ = (
@@ -134,7 +141,8 @@ class DependencyCache(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     runtime: Mapped[str] = mapped_column(String(40))
     dependency_hash: Mapped[str] = mapped_column(String(64))
-    image_ref: Mapped[str] = mapped_column(String(200))
+    # None when the set installs nothing (e.g. only requirements for another platform).
+    environment: Mapped[str | None] = mapped_column(String(64))
     resolved: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(
@@ -177,8 +185,3 @@ class Upload(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
-
-
-TERMINAL_STATUSES = frozenset(
-    {"succeeded", "failed", "timed_out", "build_failed", "error", "cancelled"}
-)

@@ -7,37 +7,40 @@ and one after another in process for the embedded default, so both give the same
 A step that decides how the execution ends (a failed build, the script's exit) records it in
 ``outcome``; only the store step, once logs and outputs are safely stored, turns it into the
 final ``status``. A client that sees a final status can therefore always read the whole log.
+
+Nothing is built for a script: it reaches its sandbox as a file. The build step only installs
+a dependency set this host lacks (``rgrid/environments.py``), and the run step claims a
+pre-started sandbox for the environment (``rgrid/pool.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import docker
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import blobs, cache_keys, dependencies
-from rgrid.builder import build_dependency_image, build_script_image
+from rgrid import blobs, cache_keys, environments, pool, sandbox
 from rgrid.config import Settings
 from rgrid.db import session_scope
-from rgrid.docker_engine import get_docker, image_exists
+from rgrid.docker_engine import get_docker
 from rgrid.errors import BuildError, RGridError
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
-from rgrid.models import TERMINAL_STATUSES, DependencyCache, Execution, ScriptCache, utcnow
+from rgrid.models import DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import dependency_hash, normalise
-from rgrid.runner import OutputLimitExceeded, Sandbox, run_script
 from rgrid.runtimes import resolve_runtime
+from rgrid.statuses import TERMINAL_STATUSES, Status, check_transition
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +55,57 @@ class PipelineContext:
     logs: LogBuffer
     locks: LockFactory
     docker_factory: Callable[[], docker.DockerClient] = get_docker
+    #: Warm sandboxes kept per environment; None: the operator's setting. The embedded
+    #: default keeps one, for the environment it last used.
+    pool_size: int | None = None
+    #: Work started off the user's path (refilling the pool). A process that is about to
+    #: exit joins these first.
+    background: list[threading.Thread] = field(default_factory=list)
 
     @cached_property
     def docker(self) -> docker.DockerClient:
         return self.docker_factory()
 
     @property
-    def sandbox(self) -> Sandbox:
+    def limits(self) -> sandbox.Limits:
         s = self.settings
-        return Sandbox(
+        return sandbox.Limits(
             user=s.container_user,
             memory=s.memory_limit,
             cpus=s.cpu_limit,
             pids=s.pids_limit,
             tmp_size=s.tmp_size,
+            home_size=s.home_size,
             max_output_bytes=s.max_output_bytes,
         )
 
+    @property
+    def pool(self) -> pool.PoolSettings:
+        s = self.settings
+        return pool.PoolSettings(
+            root=s.sandboxes_dir,
+            size=s.pool_size if self.pool_size is None else self.pool_size,
+            max_total=s.pool_max,
+            idle_s=s.pool_idle_s,
+        )
+
     def note(self, execution_id: str, text: str) -> None:
-        """A line from RGrid itself in the execution's log (build output, cache decisions)."""
+        """A line from RGrid itself in the execution's log (cache decisions, limits hit)."""
         self.logs.append(execution_id, "system", text if text.endswith("\n") else text + "\n")
+
+    def phase(self, execution_id: str, text: str) -> None:
+        """The start of a phase a user waits through (resolving, installing, starting): the
+        CLI shows one line per phase with its elapsed time."""
+        self.logs.append(execution_id, "phase", text)
+
+    def detail(self, execution_id: str) -> Callable[[str], None]:
+        """A sink for an installer's raw output: kept in the log, shown with ``-v``."""
+        return lambda line: self.logs.append(execution_id, "detail", line)
+
+    def join_background(self, timeout_s: float = 30) -> None:
+        for thread in self.background:
+            thread.join(timeout_s)
+        self.background.clear()
 
 
 def _load(session: Session, execution_id: str) -> Execution:
@@ -81,34 +115,59 @@ def _load(session: Session, execution_id: str) -> Execution:
     return execution
 
 
+@contextmanager
+def execution_row(ctx: PipelineContext, execution_id: str) -> Iterator[Execution]:
+    """Load, change and commit one execution's row: the one way the steps touch it."""
+    with session_scope(ctx.session_factory) as session:
+        yield _load(session, execution_id)
+
+
+def set_status(execution: Execution, status: Status) -> None:
+    execution.status = check_transition(execution.status, status)
+
+
 def _finished(execution: Execution) -> bool:
     return execution.status in TERMINAL_STATUSES or execution.outcome is not None
-
-
-def hash_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Recompute the hashes from the stored content: never trust the submitter's word."""
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        if _finished(execution):
-            return
-        key = cache_keys.script_object_key(execution.account_id, execution.script_hash)
-        actual = script_hash(ctx.store.get_bytes(key))
-        if actual != execution.script_hash:
-            execution.outcome = "error"
-            execution.error = "stored script does not match its hash"
-            return
-        execution.dependency_hash = dependency_hash(normalise(execution.requirements or ""))
 
 
 def _has_dependencies(execution: Execution) -> bool:
     return cache_keys.has_dependencies(execution.dependency_hash)
 
 
-def _script_key(execution: Execution) -> str:
-    assert execution.dependency_hash is not None
-    return cache_keys.script_cache_key(
-        execution.account_id, execution.runtime, execution.dependency_hash, execution.script_hash
+def _script_bytes(ctx: PipelineContext, execution: Execution) -> bytes:
+    """The script, verified against its hash, from this host's local copy when it has one (a
+    script cache hit fetches nothing), else from the object store."""
+    local = ctx.settings.blob_cache_dir / cache_keys.script_local_name(
+        execution.account_id, execution.script_hash
     )
+    if local.is_file():
+        data = local.read_bytes()
+        if script_hash(data) == execution.script_hash:
+            return data
+    data = ctx.store.get_bytes(
+        cache_keys.script_object_key(execution.account_id, execution.script_hash)
+    )
+    if script_hash(data) != execution.script_hash:
+        raise RGridError("stored script does not match its hash")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f"{local.name}.{execution.id}.part")
+    partial.write_bytes(data)
+    partial.replace(local)
+    return data
+
+
+def hash_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Recompute the hashes from the stored content: never trust the submitter's word."""
+    with execution_row(ctx, execution_id) as execution:
+        if _finished(execution):
+            return
+        try:
+            _script_bytes(ctx, execution)
+        except RGridError as exc:
+            execution.outcome = Status.ERROR
+            execution.error = exc.message
+            return
+        execution.dependency_hash = dependency_hash(normalise(execution.requirements or ""))
 
 
 def _script_row(session: Session, execution: Execution) -> ScriptCache | None:
@@ -132,111 +191,100 @@ def _dependency_row(session: Session, execution: Execution) -> DependencyCache |
     ).one_or_none()
 
 
-def _base_image(execution: Execution) -> str:
-    return execution.dependency_image or resolve_runtime(execution.runtime).image
-
-
-def _find_script_image(ctx: PipelineContext, session: Session, execution: Execution) -> str | None:
-    """The cached script image for this execution, if its row exists, it was built on the
-    base this execution uses, and the image is still there. Anything else is a miss: a row
-    whose image vanished (pruned, new host) is rebuilt, not an error."""
-    row = _script_row(session, execution)
-    if row is None or (row.base_image or resolve_runtime(row.runtime).image) != _base_image(
-        execution
-    ):
-        return None
-    return row.image_ref if image_exists(ctx.docker, row.image_ref) else None
-
-
-def _find_dependency_image(
-    ctx: PipelineContext, session: Session, execution: Execution
-) -> DependencyCache | None:
-    row = _dependency_row(session, execution)
-    if row is None or not image_exists(ctx.docker, row.image_ref):
-        return None
-    return row
-
-
-def _use_dependencies(execution: Execution, row: DependencyCache) -> None:
-    execution.dependency_image = row.image_ref
-    execution.resolved_dependencies = list(row.resolved)
+def _environment_present(ctx: PipelineContext, name: str | None) -> bool:
+    return environments.present(ctx.settings.environments_dir, name)
 
 
 def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Dependency cache, then script cache. With --refresh-deps the dependency set is resolved
-    again in the build step first, so the script cache is consulted there."""
+    """Script cache, then dependency cache. A row whose environment this host lacks is a
+    miss (the build step installs its pins again, without resolving). With --refresh-deps
+    the set is resolved again in the build step, so both are skipped."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
             return
-        if _has_dependencies(execution):
-            if execution.refresh_deps:
-                ctx.note(execution_id, "dependency cache skipped: --refresh-deps")
-                return
-            row = _find_dependency_image(ctx, session, execution)
-            execution.dependency_cache_hit = row is not None
-            ctx.note(execution_id, f"dependency cache {'hit' if row else 'miss'}")
-            if row is None:
-                return
-            _use_dependencies(execution, row)
-        image = _find_script_image(ctx, session, execution)
-        execution.script_cache_hit = image is not None
-        execution.image_ref = image
-        ctx.note(execution_id, f"script cache {'hit' if image else 'miss'}")
+        deps = _has_dependencies(execution)
+        if deps and execution.refresh_deps:
+            ctx.note(execution_id, "dependency cache skipped: --refresh-deps")
+            execution.dependency_cache_hit = False
+            return
+        dep_row = _dependency_row(session, execution) if deps else None
+        if dep_row is not None:
+            execution.resolved_dependencies = list(dep_row.resolved)
+            execution.environment = dep_row.environment
+        dep_hit = dep_row is not None and _environment_present(ctx, dep_row.environment)
+        execution.dependency_cache_hit = dep_hit if deps else None
+        script_row = _script_row(session, execution)
+        execution.script_cache_hit = (
+            script_row is not None
+            and (not deps or dep_hit)
+            and script_row.environment == execution.environment
+        )
+        ctx.note(
+            execution_id,
+            f"script cache {'hit' if execution.script_cache_hit else 'miss'}"
+            + (f" · dependency cache {'hit' if dep_hit else 'miss'}" if deps else ""),
+        )
+        if dep_row is not None and not dep_hit:
+            ctx.note(execution_id, "the installed set is not on this host: installing its pins")
 
 
 def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
     """A failed build ends the execution; no cache row is written, so fixing and rerunning works."""
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        execution.outcome = "build_failed"
+    with execution_row(ctx, execution_id) as execution:
+        execution.outcome = Status.BUILD_FAILED
         execution.error = message
     ctx.note(execution_id, message)
 
 
-def _ensure_dependency_image(ctx: PipelineContext, execution_id: str) -> bool:
-    """Resolve, install and build the dependency image, once per key across the grid.
-    Returns False when the build failed (the execution is then over)."""
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-    spec = resolve_runtime(execution.runtime)
-    key = cache_keys.dependency_cache_key(
-        execution.account_id, execution.runtime, execution.dependency_hash or ""
-    )
-    log = lambda line: ctx.logs.append(execution_id, "system", line)  # noqa: E731
+def _runtime_image_id(ctx: PipelineContext, image: str) -> str | None:
+    try:
+        return ctx.docker.api.inspect_image(image)["Id"]
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
+    """Install the execution's dependency set on this host unless it is there, once per key
+    across the grid. Returns False when the install failed (the execution is then over)."""
+    with execution_row(ctx, execution_id) as execution:
+        spec = resolve_runtime(execution.runtime)
+        key = cache_keys.dependency_cache_key(
+            execution.account_id, execution.runtime, execution.dependency_hash or ""
+        )
     with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
-            row = _find_dependency_image(ctx, session, execution)
-            if row is not None and not execution.refresh_deps:
+            row = _dependency_row(session, execution)
+            if (
+                row is not None
+                and not execution.refresh_deps
+                and _environment_present(ctx, row.environment)
+            ):
                 # Another builder finished this set while we waited for the lock.
-                _use_dependencies(execution, row)
-                execution.dependency_cache_hit = True
-                ctx.note(execution_id, "dependency image built by a concurrent run: cache hit")
+                execution.environment = row.environment
+                execution.resolved_dependencies = list(row.resolved)
+                ctx.note(execution_id, "installed by a concurrent run: dependency cache hit")
                 return True
-        requirements = execution.requirements
-        cache_dir = ctx.settings.uv_cache_dir
-        started = time.monotonic()
+            pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
+            requirements, account_id = execution.requirements, execution.account_id
+            refresh = execution.refresh_deps
+        if pinned is None:
+            count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
+            ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
+        else:
+            ctx.phase(execution_id, f"installing {len(pinned)} package(s)")
         try:
-            ctx.note(execution_id, "resolving dependencies")
-            pinned = dependencies.resolve(
-                requirements, spec, cache_dir, log, refresh=execution.refresh_deps
+            installed = environments.install(
+                ctx.settings.environments_dir,
+                account_id=account_id,
+                spec=spec,
+                requirements=requirements,
+                uv_cache_dir=ctx.settings.uv_cache_dir,
+                log=ctx.detail(execution_id),
+                pinned=pinned,
+                refresh=refresh,
             )
-            tag = cache_keys.dependency_image_ref(
-                execution.account_id, dependencies.resolution_hash(spec, requirements, pinned)
-            )
-            deps_build_s = None
-            if image_exists(ctx.docker, tag):
-                ctx.note(execution_id, f"resolved set already installed in {tag}: no install")
-            else:
-                with tempfile.TemporaryDirectory(prefix="rgrid-deps-") as target:
-                    ctx.note(execution_id, f"installing {len(pinned)} packages")
-                    dependencies.install(requirements, pinned, spec, Path(target), cache_dir, log)
-                    ctx.note(execution_id, f"building dependency image {tag}")
-                    build_dependency_image(
-                        ctx.docker, spec.image, Path(target), spec.site_packages, tag, log
-                    )
-                deps_build_s = round(time.monotonic() - started, 3)
         except BuildError as exc:
             _fail_build(ctx, execution_id, exc.message)
             return False
@@ -251,85 +299,31 @@ def _ensure_dependency_image(ctx: PipelineContext, execution_id: str) -> bool:
                     use_count=0,
                 )
                 session.add(row)
-            row.image_ref, row.resolved = tag, pinned
-            execution.dependency_image, execution.resolved_dependencies = tag, pinned
-            execution.deps_build_s = deps_build_s
+            row.environment, row.resolved = installed.name, installed.pinned
+            execution.environment = installed.name
+            execution.resolved_dependencies = installed.pinned
+            execution.deps_build_s = installed.install_s
+    summary = f"installed {len(installed.pinned)} package(s) in {installed.install_s:.2f}s"
+    ctx.note(execution_id, summary if installed.name else "the requirements install nothing")
+    if installed.name:
+        deps_dir = ctx.settings.environments_dir / installed.name
+        # Sandboxes warmed for an earlier folder of this name still mount the removed one.
+        env = sandbox.Environment(spec.image, deps_dir)
+        pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
+        environments.compile_bytecode(ctx.docker, spec.image, deps_dir)
     return True
 
 
-def _record_image(session: Session, execution: Execution, image_ref: str) -> None:
-    row = _script_row(session, execution)
-    if row is None:
-        row = ScriptCache(
-            account_id=execution.account_id,
-            runtime=execution.runtime,
-            dependency_hash=execution.dependency_hash,
-            script_hash=execution.script_hash,
-            use_count=0,
-        )
-        session.add(row)
-    row.image_ref = image_ref
-    row.base_image = _base_image(execution)
-
-
 def build_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Build what the caches lacked: the dependency image, then the script layer on it."""
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        if _finished(execution) or execution.script_cache_hit:
+    """Install the dependency set if this host lacks it. Nothing is built for the script."""
+    with execution_row(ctx, execution_id) as execution:
+        if _finished(execution) or not _has_dependencies(execution):
             return
-        execution.status = "building"
-        needs_dependencies = _has_dependencies(execution) and execution.dependency_image is None
-    spec = resolve_runtime(execution.runtime)
-    if not image_exists(ctx.docker, spec.image):
-        # The classic builder would try to pull the FROM image, and there is no registry.
-        _fail_build(
-            ctx,
-            execution_id,
-            f"runtime image {spec.image} is not built on this Docker host: "
-            f"run `rgrid runtime build {spec.name}`",
-        )
-        return
-    if needs_dependencies and not _ensure_dependency_image(ctx, execution_id):
-        return
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-    key = _script_key(execution)
-    with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
-        with session_scope(ctx.session_factory) as session:
-            execution = _load(session, execution_id)
-            image = _find_script_image(ctx, session, execution)
-            if image is not None:
-                # Built by a concurrent run while we waited, or still valid after a refresh
-                # that resolved to the same set.
-                execution.script_cache_hit = True
-                execution.image_ref = image
-                execution.status = "queued"
-                ctx.note(execution_id, "script cache hit")
-                return
-        script = ctx.store.get_bytes(
-            cache_keys.script_object_key(execution.account_id, execution.script_hash)
-        )
-        tag = cache_keys.script_image_ref(key)
-        base = _base_image(execution)
-        ctx.note(execution_id, f"building script image {tag} on {base}")
-        try:
-            build_s = build_script_image(
-                ctx.docker,
-                base,
-                script,
-                tag,
-                log=lambda line: ctx.logs.append(execution_id, "system", line),
-            )
-        except BuildError as exc:
-            _fail_build(ctx, execution_id, exc.message)
+        if execution.dependency_cache_hit and _environment_present(ctx, execution.environment):
             return
-        with session_scope(ctx.session_factory) as session:
-            execution = _load(session, execution_id)
-            _record_image(session, execution, tag)
-            execution.image_ref = tag
-            execution.build_s = round(build_s, 3)
-            execution.status = "queued"
+        if execution.status == Status.QUEUED:
+            set_status(execution, Status.BUILDING)
+    _ensure_environment(ctx, execution_id)
 
 
 def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str, Path]]:
@@ -357,13 +351,19 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
     ]
 
 
-def _store_outputs(ctx: PipelineContext, execution: Execution, spool: Path, outputs: list) -> None:
+def _store_outputs(
+    ctx: PipelineContext, execution: Execution, box: sandbox.Box, outputs: list[dict]
+) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
     twice."""
     for output in outputs:
         with session_scope(ctx.session_factory) as session:
             blobs.store_file(
-                session, ctx.store, execution.account_id, spool / output["path"], output["sha256"]
+                session,
+                ctx.store,
+                execution.account_id,
+                sandbox.output_path(box, output["path"]),
+                output["sha256"],
             )
 
 
@@ -391,72 +391,119 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
     return sink
 
 
-def run_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Place the inputs, run the container, stream its output, store what it wrote."""
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        if _finished(execution):
-            return
-        image = execution.image_ref
-    if not image or not image_exists(ctx.docker, image):
-        # Pruned since the lookup (or built on another host): a miss, not an error.
-        ctx.note(execution_id, f"image {image} is gone from this Docker host: building again")
-        with session_scope(ctx.session_factory) as session:
-            execution = _load(session, execution_id)
-            execution.script_cache_hit = False
-            execution.image_ref = None
-            if execution.dependency_image and not image_exists(
-                ctx.docker, execution.dependency_image
-            ):
-                execution.dependency_image = None
-                execution.dependency_cache_hit = False
-        build_step(ctx, execution_id)
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        if _finished(execution):
-            return
-        execution.status = "running"
-        execution.started_at = utcnow()
-    inputs = _local_inputs(ctx, execution)
-    if inputs:
-        ctx.note(execution_id, f"placing {len(inputs)} input file(s) in /work")
-    spool = Path(tempfile.mkdtemp(prefix=f"rgrid-out-{execution_id}-"))
+def _sandbox_for(
+    ctx: PipelineContext, env: sandbox.Environment, execution_id: str, timeout_s: int
+) -> tuple[sandbox.Box, bool]:
+    """A warm sandbox from the pool if one is free, else one started now; either way the pool
+    is refilled in the background. Returns (sandbox, whether it was warm)."""
+    limits = ctx.limits
+    box = pool.claim(ctx.docker, env, limits, ctx.pool, execution_id)
+    warm = box is not None
+    if box is None:
+        ctx.phase(execution_id, "starting a sandbox")
+        box = sandbox.start_box(
+            ctx.docker,
+            env,
+            limits,
+            root=ctx.settings.sandboxes_dir,
+            idle_s=ctx.settings.pool_idle_s,
+            name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
+            labels=sandbox.execution_labels(execution_id, timeout_s),
+        )
+    ctx.background[:] = [t for t in ctx.background if t.is_alive()]
+    ctx.background.append(pool.fill_in_background(ctx.docker, env, limits, ctx.pool))
+    return box, warm
+
+
+def _remove_leftover(ctx: PipelineContext, execution_id: str) -> None:
+    """A redelivered run step may find the sandbox of an earlier attempt: end it first, so the
+    script never runs twice at once and the name is free."""
+    name = f"{sandbox.RUN_NAME_PREFIX}{execution_id}"
     try:
+        info = ctx.docker.api.inspect_container(name)
+    except docker.errors.NotFound:
+        return
+    ctx.note(execution_id, "an earlier attempt of this run was interrupted: running it again")
+    box = sandbox.Box(name, info["Id"], Path(info["Config"]["Labels"][sandbox.HOST_DIR_LABEL]))
+    sandbox.discard(ctx.docker, box)
+
+
+def run_step(ctx: PipelineContext, execution_id: str) -> None:
+    """Claim a sandbox, place the script and inputs, run it once, store what it wrote."""
+    with execution_row(ctx, execution_id) as execution:
+        if _finished(execution):
+            return
+        retried = execution.started_at is not None
+    if _has_dependencies(execution) and not _environment_present(ctx, execution.environment):
+        # Evicted since the lookup (or the lookup ran on another host): a miss, not an error.
+        ctx.note(execution_id, "environment gone from this host: installing it again")
+        if not _ensure_environment(ctx, execution_id):
+            return
+    spec = resolve_runtime(execution.runtime)
+    image_id = _runtime_image_id(ctx, spec.image)
+    if image_id is None:
+        _fail_build(
+            ctx,
+            execution_id,
+            f"runtime image {spec.image} is not built on this Docker host: "
+            f"run `rgrid runtime build {spec.name}`",
+        )
+        return
+    with execution_row(ctx, execution_id) as execution:
+        set_status(execution, Status.RUNNING)
+        execution.started_at = utcnow()
+        execution.runtime_image = image_id[:80]
+    if retried:
+        _remove_leftover(ctx, execution_id)
+    script = _script_bytes(ctx, execution)
+    inputs = _local_inputs(ctx, execution)
+    env = sandbox.Environment(
+        image=spec.image,
+        deps_dir=(ctx.settings.environments_dir / execution.environment)
+        if execution.environment
+        else None,
+    )
+    box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
+    try:
+        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        if inputs:
+            ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
+        result = sandbox.run(
+            ctx.docker,
+            box,
+            env,
+            argv=["python3", f"/work/{execution.script_name}", *(execution.args or [])],
+            timeout_s=execution.timeout_s,
+            on_output=_capped_log(ctx, execution_id),
+        )
         try:
-            result = run_script(
-                ctx.docker,
-                execution_id=execution_id,
-                image=execution.image_ref or "",
-                args=list(execution.args or []),
-                timeout_s=execution.timeout_s,
-                sandbox=ctx.sandbox,
-                outputs_dest=spool,
-                on_output=_capped_log(ctx, execution_id),
-                inputs=inputs,
-            )
-        except OutputLimitExceeded as exc:
-            with session_scope(ctx.session_factory) as session:
-                execution = _load(session, execution_id)
-                execution.outcome = "failed"
+            outputs = sandbox.collect_outputs(box, ctx.limits.max_output_bytes, result.notes)
+        except sandbox.OutputLimitExceeded as exc:
+            for note in result.notes:
+                ctx.note(execution_id, note)
+            with execution_row(ctx, execution_id) as execution:
+                execution.outcome = Status.FAILED
                 execution.error = str(exc)
+                execution.sandbox_warm = warm
             ctx.note(execution_id, str(exc))
             return
         for note in result.notes:
             ctx.note(execution_id, note)
-        _store_outputs(ctx, execution, spool, result.outputs)
-        with session_scope(ctx.session_factory) as session:
-            execution = _load(session, execution_id)
+        _store_outputs(ctx, execution, box, outputs)
+        with execution_row(ctx, execution_id) as execution:
+            execution.sandbox_warm = warm
             execution.exit_code = result.exit_code
             execution.run_s = round(result.run_s, 3)
-            execution.outputs = result.outputs
+            execution.outputs = outputs
             if result.timed_out:
-                execution.outcome = "timed_out"
+                execution.outcome = Status.TIMED_OUT
                 execution.error = f"timed out after {execution.timeout_s}s"
                 ctx.note(execution_id, execution.error)
             else:
-                execution.outcome = "succeeded" if result.exit_code == 0 else "failed"
+                ok = result.exit_code == 0
+                execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
     finally:
-        shutil.rmtree(spool, ignore_errors=True)
+        sandbox.discard(ctx.docker, box)
 
 
 def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
@@ -464,28 +511,50 @@ def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
     ctx.store.put_bytes(cache_keys.log_object_key(execution_id), encode_log(chunks))
 
 
+def _remember_script(session: Session, execution: Execution) -> None:
+    """Record (or touch) the script cache row: the next run of these bytes in this environment
+    resolves, fetches and builds nothing."""
+    row = _script_row(session, execution)
+    if row is None:
+        row = ScriptCache(
+            account_id=execution.account_id,
+            runtime=execution.runtime,
+            dependency_hash=execution.dependency_hash,
+            script_hash=execution.script_hash,
+            use_count=0,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:  # a concurrent run of the same script wrote it first
+            row = _script_row(session, execution)
+            if row is None:
+                return
+    row.environment = execution.environment
+    row.runtime_image = execution.runtime_image
+    row.last_used_at = utcnow()
+    row.use_count += 1
+
+
 def store_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Store the log, touch the cache row, and only then publish the final status."""
+    """Store the log, touch the cache rows, and only then publish the final status."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if execution.status in TERMINAL_STATUSES:
             return
-        if execution.image_ref and execution.outcome in ("succeeded", "failed", "timed_out"):
-            rows = [_script_row(session, execution)]
-            if _has_dependencies(execution):
-                rows.append(_dependency_row(session, execution))
-            for row in rows:
-                if row is not None:
-                    row.last_used_at = utcnow()
-                    row.use_count += 1
+        ran = execution.outcome in (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT)
+        if ran and execution.dependency_hash is not None:
+            _remember_script(session, execution)
+            if _has_dependencies(execution) and (row := _dependency_row(session, execution)):
+                row.last_used_at = utcnow()
+                row.use_count += 1
             for item in execution.inputs or []:
                 blob = blobs.find_blob(session, execution.account_id, item["sha256"])
                 if blob is not None:
                     blobs.touch(blob)
     _persist_logs(ctx, execution_id)
-    with session_scope(ctx.session_factory) as session:
-        execution = _load(session, execution_id)
-        execution.status = execution.outcome or "error"
+    with execution_row(ctx, execution_id) as execution:
+        set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
     ctx.logs.clear(execution_id)
 
@@ -502,8 +571,8 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
         execution = session.get(Execution, execution_id)
         if execution is None or execution.status in TERMINAL_STATUSES:
             return
-        execution.status = "error"
-        execution.outcome = "error"
+        set_status(execution, Status.ERROR)
+        execution.outcome = Status.ERROR
         execution.error = message
         execution.finished_at = utcnow()
     ctx.logs.clear(execution_id)
@@ -522,3 +591,13 @@ def run_all(ctx: PipelineContext, execution_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
         log.exception("pipeline crashed")
         fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")
+
+
+def warm_up(ctx: PipelineContext, runtime: str) -> int:
+    """Fill the pool for a runtime with no dependencies (a worker starting up); returns how
+    many sandboxes were started. Also clears host folders of sandboxes that are gone."""
+    spec = resolve_runtime(runtime)
+    if _runtime_image_id(ctx, spec.image) is None:
+        return 0
+    pool.sweep_folders(ctx.docker, ctx.settings.sandboxes_dir)
+    return pool.fill(ctx.docker, sandbox.Environment(image=spec.image), ctx.limits, ctx.pool)

@@ -34,6 +34,19 @@ _KEPT_OPTIONS = {
     "--find-links": "--find-links",
     "-f": "--find-links",
     "--pre": "--pre",
+    # Not a pip option: uv takes it on its command line (rgrid/dependencies.py). It comes
+    # from a PEP 723 block's ``[tool.uv] exclude-newer``.
+    "--exclude-newer": "--exclude-newer",
+}
+
+#: ``[tool.uv]`` settings of a PEP 723 block that RGrid honours, as the option each becomes.
+#: Any other is refused: silently ignoring a setting would install something else than
+#: ``uv run`` would.
+_TOOL_UV_OPTIONS = {
+    "exclude-newer": "--exclude-newer",
+    "index-url": "--index-url",
+    "extra-index-url": "--extra-index-url",
+    "find-links": "--find-links",
 }
 _REFUSED_OPTIONS = {
     "-c": "constraint files (-c) are not supported: pin the versions in the requirements",
@@ -109,7 +122,32 @@ def inline_requirements(script: str, python_version: str) -> str | None:
     deps = metadata.get("dependencies", [])
     if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
         raise BadInput("the script's 'dependencies' must be a list of strings")
-    return "\n".join(deps) + ("\n" if deps else "")
+    for dep in deps:
+        if dep.strip().startswith("-"):
+            raise BadInput(f"the script's dependency {dep!r} is not a requirement specifier")
+    lines = _tool_uv_options(metadata) + deps
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _tool_uv_options(metadata: dict) -> list[str]:
+    """The block's ``[tool.uv]`` settings as option lines (part of the cache key)."""
+    tool = metadata.get("tool", {})
+    settings = tool.get("uv", {}) if isinstance(tool, dict) else {}
+    if not isinstance(settings, dict):
+        raise BadInput("the script's [tool.uv] must be a table")
+    lines = []
+    for key, value in settings.items():
+        if key not in _TOOL_UV_OPTIONS:
+            supported = ", ".join(sorted(_TOOL_UV_OPTIONS))
+            raise BadInput(
+                f"the script's [tool.uv] setting {key!r} is not supported (supported: {supported})"
+            )
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if not isinstance(item, str) or not item.strip() or any(c.isspace() for c in item):
+                raise BadInput(f"the script's [tool.uv] {key} must be a string without spaces")
+            lines.append(f"{_TOOL_UV_OPTIONS[key]} {item}")
+    return lines
 
 
 def _is_web_url(value: str) -> bool:

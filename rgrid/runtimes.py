@@ -8,8 +8,7 @@ and the build goes wherever this machine's apt already goes. ``docker import`` t
 tarball into an image, with the environment, working directory, user and command set on import.
 
 Every runtime image has an unprivileged user ``rgrid`` (uid and gid 1000, home ``/home/rgrid``),
-a ``/work`` directory owned by that user (a fresh named volume mounted there inherits that
-ownership) and a root-owned ``/app`` directory.
+and a ``/work`` directory owned by that user (where a sandbox mounts its work folder).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ CONTAINER_UID = 1000
 CONTAINER_GID = 1000
 CONTAINER_HOME = "/home/rgrid"
 WORK_DIR = "/work"
-APP_DIR = "/app"
 
 #: Packages installed on top of the ``minbase`` variant.
 INCLUDE_PACKAGES: tuple[str, ...] = ("python3", "ca-certificates")
@@ -148,7 +146,6 @@ def customize_script(spec: RuntimeSpec) -> str:
             f'chroot "$1" useradd --uid {uid} --gid {gid} --home-dir {CONTAINER_HOME}'
             " --create-home --no-log-init --shell /bin/sh rgrid",
             f'chroot "$1" install -d -o {uid} -g {gid} -m 0755 {WORK_DIR}',
-            f'chroot "$1" install -d -o 0 -g 0 -m 0755 {APP_DIR}',
             """v=$(chroot "$1" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')""",
             f'[ "$v" = "{want}" ] || {{ echo "E: suite {spec.suite} ships python $v,'
             f' runtime {spec.name} wants {want}" >&2; exit 1; }}',

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: run examples/hello.py twice on the embedded default (no servers) and show that
-# the second run starts from the script cache instead of building.
+# the second run is a script cache hit in a pre-started (warm) sandbox. No image is built.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -10,15 +10,16 @@ export RGRID_DATA_DIR="$REPO/.rgrid-dev/demo"
 rm -rf "$RGRID_DATA_DIR"
 RGRID="$REPO/.venv/bin/rgrid"
 
-echo "== first run: the script is new, so its image is built" >&2
+echo "== first run: the script is new (a cache miss; nothing is built, a sandbox is started)" >&2
 "$RGRID" run examples/hello.py
 echo >&2
-echo "== second run: same script, so the cached image is used (no build)" >&2
+echo "== second run: same script: a cache hit, in the warm sandbox the first run left" >&2
 "$RGRID" run examples/hello.py --json >"$RGRID_DATA_DIR/second.json"
 "$REPO/.venv/bin/python" - "$RGRID_DATA_DIR/second.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))
 print(f"second run: {result['status']}, script cache {'hit' if result['script_cache_hit'] else 'MISS'},"
-      f" {result['duration_s']}s; outputs in {result['outputs_dir']}")
+      f" {'warm' if result['sandbox_warm'] else 'cold'} sandbox, {result['duration_s']}s;"
+      f" outputs in {result['outputs_dir']}")
 sys.exit(0 if result["script_cache_hit"] and result["status"] == "succeeded" else 1)
 PY

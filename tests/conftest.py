@@ -101,19 +101,33 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
     )
 
 
+def retire_sandboxes(root: Path) -> int:
+    """End the warm sandboxes of one test session (or one embedded user): unclaimed, they
+    would idle on for ``pool_idle_s`` after their folders are deleted."""
+    import docker
+
+    from rgrid import pool
+    from rgrid.config import Settings
+
+    return pool.retire_installation(docker.from_env(), Settings(data_dir=root).sandboxes_dir)
+
+
 @pytest.fixture(scope="session")
 def ctx(server_settings):
     """The pipeline's surroundings on the real services, as a worker has them."""
     from rgrid.context import server_context
 
-    return server_context(server_settings)
+    context = server_context(server_settings)
+    yield context
+    context.join_background()
+    retire_sandboxes(server_settings.data_dir)
 
 
 @pytest.fixture
 def account(ctx):
-    """A fresh account per test, so cache rows never leak between tests. Its id is random:
-    images are named from account ids, and Docker keeps images between test sessions whose
-    databases would otherwise hand out the same ids again."""
+    """A fresh account per test, so cache rows never leak between tests. Its id is random, so
+    that what is named from account ids (environment folders, local script copies) never meets
+    another test session's on this host."""
     from rgrid.db import session_scope
     from rgrid.models import Account
 
@@ -188,9 +202,10 @@ def run_concurrently(ctx):
 
 
 @pytest.fixture
-def embedded_env(tmp_path) -> dict[str, str]:
+def embedded_env(tmp_path) -> Iterator[dict[str, str]]:
     """The environment of a user with no server configured: the embedded default."""
     server_only = ("RGRID_API_URL", "RGRID_API_KEY", "RGRID_DATABASE_URL", "RGRID_S3_ENDPOINT_URL")
     env = {k: v for k, v in os.environ.items() if k not in server_only}
     env["RGRID_DATA_DIR"] = str(tmp_path / ".rgrid-data")
-    return env
+    yield env
+    retire_sandboxes(tmp_path / ".rgrid-data")

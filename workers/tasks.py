@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Task, chain
+from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
 from rgrid import pipeline
-from rgrid.config import get_settings
+from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import session_scope
 from rgrid.errors import RGridError
@@ -69,6 +70,17 @@ def enqueue_pipeline(execution_id: str) -> None:
     ).apply_async()
 
 
+@worker_ready.connect
+def warm_pool(**_kwargs) -> None:
+    """A worker host starts with sandboxes already waiting for the default runtime, so even
+    its first run is warm. A failure here only makes that run cold."""
+    try:
+        started = pipeline.warm_up(worker_context(), DEFAULT_RUNTIME)
+        log.info("warm pool: started %d sandbox(es) for %s", started, DEFAULT_RUNTIME)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("could not fill the warm pool")
+
+
 @app.task(name="rgrid.reap_containers")
 def reap_containers_task() -> dict[str, list[str]]:
     """Every few minutes: containers nobody will collect, executions nobody will finish."""
@@ -76,7 +88,8 @@ def reap_containers_task() -> dict[str, list[str]]:
     with session_scope(ctx.session_factory) as session:
         lost = sweep_lost_executions(session)
     with session_scope(ctx.session_factory) as session:
-        return {"reaped": reap_containers(ctx.docker, session), "lost": lost}
+        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+    return {"reaped": reaped, "lost": lost}
 
 
 @app.task(name="rgrid.purge_caches")
@@ -88,11 +101,10 @@ def purge_caches_task() -> dict[str, int]:
         log.info("another purge is running")
         return {}
     try:
-        # Scripts first: their images sit on dependency images, which are then free to go.
         with session_scope(ctx.session_factory) as session:
-            scripts = purge_script_cache(ctx.docker, session)
+            scripts = purge_script_cache(session)
         with session_scope(ctx.session_factory) as session:
-            deps = purge_dependency_cache(ctx.docker, session)
+            deps = purge_dependency_cache(session, ctx.settings.environments_dir)
         with session_scope(ctx.session_factory) as session:
             files = purge_blobs(ctx.store, session)
         return {"script_cache": scripts, "dependency_cache": deps, "blobs": files}

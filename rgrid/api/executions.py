@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import Blueprint, g, jsonify, request
 from prometheus_client import Counter
 
 from rgrid import executions as svc
 from rgrid.api.common import authenticate_request, json_body
 from rgrid.api.common import context as _ctx
+from rgrid.config import DEFAULT_RUNTIME
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, ServiceUnavailable
 
@@ -40,7 +43,7 @@ def create_execution():
             account_id=g.account_id,
             script=script,
             script_name=str(body.get("script_name") or "script.py"),
-            runtime=str(body.get("runtime") or "python:3.11"),
+            runtime=str(body.get("runtime") or DEFAULT_RUNTIME),
             timeout_s=timeout,
             args=body.get("args") or [],
             requirements=requirements,
@@ -81,13 +84,30 @@ def get_execution(execution_id: str):
         )
 
 
+#: The longest a log request may wait for something new (``?wait=``), and how often it looks.
+MAX_LOG_WAIT_S = 10.0
+LOG_WAIT_STEP_S = 0.02
+
+
 @bp.get("/executions/<execution_id>/logs")
 def get_logs(execution_id: str):
+    """Log chunks from ``offset``. With ``wait`` (seconds), a long poll: the answer comes as
+    soon as there is something new or the execution is over, so a follower neither sleeps
+    past its script's end nor asks ten times a second. The final page carries the finished
+    execution, which saves the follower one more request."""
     offset = max(0, request.args.get("offset", default=0, type=int))
+    wait = min(max(0.0, request.args.get("wait", default=0.0, type=float)), MAX_LOG_WAIT_S)
     ctx = _ctx()
-    with session_scope(ctx.session_factory) as session:
-        execution = svc.get_execution(session, g.account_id, execution_id)
-        return jsonify(svc.read_logs(execution, ctx.logs, ctx.store, offset))
+    deadline = time.monotonic() + wait
+    while True:
+        with session_scope(ctx.session_factory) as session:
+            execution = svc.get_execution(session, g.account_id, execution_id)
+            page = svc.read_logs(execution, ctx.logs, ctx.store, offset)
+            if page["complete"]:
+                page["execution"] = svc.execution_to_dict(execution)
+        if page["chunks"] or page["complete"] or time.monotonic() >= deadline:
+            return jsonify(page)
+        time.sleep(LOG_WAIT_STEP_S)
 
 
 @bp.get("/executions/<execution_id>/outputs")

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from rgrid.cli import cli
 from rgrid.cli.output import (
-    emit_chunk,
+    LogPrinter,
     executions_table,
     human_bytes,
+    note,
     print_json,
     print_summary,
     progress,
-    stderr_console,
 )
 from rgrid.client import Client, make_client
 from rgrid.config import DEFAULT_RUNTIME, get_settings
@@ -53,18 +51,20 @@ def read_script(path: Path) -> str:
         raise BadInput(f"script is not UTF-8 text: {path} (byte {exc.start})") from exc
 
 
-def follow(client: Client, execution_id: str, json_mode: bool) -> None:
-    """Print log chunks as they arrive until the execution's whole log is stored."""
+def follow(client: Client, execution_id: str, printer: LogPrinter) -> dict:
+    """Print log chunks as they arrive until the execution's whole log is stored; returns the
+    finished execution."""
     offset = 0
-    while True:
-        page = client.logs(execution_id, offset)
-        for stream, text in page["chunks"]:
-            emit_chunk(stream, text, json_mode)
-        offset = page["next_offset"]
-        if page["complete"]:
-            return
-        if not page["chunks"]:
-            time.sleep(client.poll_interval_s)
+    try:
+        while True:
+            page = client.logs(execution_id, offset, wait=True)
+            for stream, text in page["chunks"]:
+                printer.emit(stream, text)
+            offset = page["next_offset"]
+            if page["complete"]:
+                return page.get("execution") or client.get(execution_id)
+    finally:
+        printer.close()
 
 
 def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
@@ -88,9 +88,9 @@ def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tupl
         for item in to_send:
             client.upload(item, advance)
     if not json_mode:
-        stderr_console.print(
-            f"[dim]inputs: {len(files)} file(s), {len(to_send)} uploaded "
-            f"({human_bytes(sent_bytes)}), {len(files) - len(to_send)} already stored[/dim]"
+        note(
+            f"inputs: {len(files)} file(s), {len(to_send)} uploaded "
+            f"({human_bytes(sent_bytes)}), {len(files) - len(to_send)} already stored"
         )
     return len(to_send), sent_bytes
 
@@ -114,6 +114,7 @@ def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tupl
     "--refresh-deps", is_flag=True, help="Resolve unpinned requirements again (new versions)."
 )
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the installer's own output too.")
 def run(
     script: Path,
     inputs: tuple[str, ...],
@@ -123,6 +124,7 @@ def run(
     requirements_file: Path | None,
     refresh_deps: bool,
     json_mode: bool,
+    verbose: bool,
 ):
     """Run SCRIPT in a sandboxed container with INPUTS (files or folders) placed under /work,
     stream its output and fetch what it writes to /work/outputs.
@@ -156,9 +158,8 @@ def run(
     )
     execution_id = submitted["execution_id"]
     if not json_mode:
-        stderr_console.print(f"[dim]execution {execution_id}[/dim]")
-    follow(client, execution_id, json_mode)
-    execution = client.get(execution_id)
+        note(f"execution {execution_id}")
+    execution = follow(client, execution_id, LogPrinter(json_mode, verbose))
     dest = outputs_dir_for(execution_id)
     written = fetch_outputs(client, execution, dest)
     outputs_dir = str(dest) if written else None
@@ -190,13 +191,13 @@ def status(execution_id: str, json_mode: bool):
         "runtime",
         "script_hash",
         "dependency_hash",
-        "dependency_image",
-        "image_ref",
+        "environment",
+        "runtime_image",
+        "sandbox_warm",
         "script_cache_hit",
         "dependency_cache_hit",
         "input_cache_hit",
         "deps_build_s",
-        "build_s",
         "run_s",
         "duration_s",
         "created_at",
@@ -218,11 +219,13 @@ def status(execution_id: str, json_mode: bool):
 def logs(execution_id: str, follow_logs: bool):
     """Print an execution's log (stdout to stdout, stderr and RGrid's notes to stderr)."""
     client = _client()
+    printer = LogPrinter(verbose=True)
     if follow_logs:
-        follow(client, execution_id, json_mode=False)
+        follow(client, execution_id, printer)
         return
     for stream, text in client.logs(execution_id, 0)["chunks"]:
-        emit_chunk(stream, text, json_mode=False)
+        printer.emit(stream, text)
+    printer.close()
 
 
 @cli.command()
@@ -237,7 +240,7 @@ def outputs(execution_id: str, output_dir: Path | None):
     for path in written:
         click.echo(str(path))
     if not written:
-        stderr_console.print("no outputs")
+        note("no outputs")
 
 
 @cli.command(name="list")
@@ -249,4 +252,6 @@ def list_(limit: int, json_mode: bool):
     if json_mode:
         print_json(rows)
     else:
+        from rich.console import Console
+
         Console().print(executions_table(rows)) if rows else click.echo("no executions")

@@ -4,38 +4,110 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from rgrid.cache_keys import has_dependencies
 
-stderr_console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
-def emit_chunk(stream: str, text: str, json_mode: bool) -> None:
-    """The script's stdout goes to stdout (stderr with --json, which owns stdout); RGrid's own
-    messages and the script's stderr go to stderr."""
-    if stream == "stdout" and not json_mode:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    elif stream == "system":
-        for line in text.splitlines():
-            stderr_console.print(f"[dim]│ {line}[/dim]", markup=True, soft_wrap=True)
-    else:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+@cache
+def err_console() -> Console:
+    """rich, for what needs it (live phase lines, progress bars, tables): imported on first
+    use, because a warm run needs none of it and the import costs ~40 ms of every start."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def note(text: str) -> None:
+    """A dim line of RGrid's own on stderr (plain when stderr is not a terminal)."""
+    click.echo(click.style(text, dim=True), err=True)
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class LogPrinter:
+    """Shows an execution's log as it arrives.
+
+    The script's stdout goes to stdout (stderr with --json, which owns stdout); its stderr and
+    RGrid's own notes go to stderr. A phase (resolving, installing, starting) is one line that
+    counts its elapsed time in place on a terminal and is closed with its duration when the
+    next thing arrives; elsewhere it is printed once, closed. An installer's raw output is
+    shown only when ``verbose``; it is always kept in the stored log."""
+
+    def __init__(self, json_mode: bool = False, verbose: bool = False):
+        self.json_mode, self.verbose = json_mode, verbose
+        self._phase: str | None = None
+        self._phase_started = 0.0
+        self._live = None
+
+    def emit(self, stream: str, text: str) -> None:
+        if stream == "phase":
+            self._close_phase()
+            self._open_phase(text.strip())
+            return
+        if stream == "detail" and not self.verbose:
+            return
+        self._close_phase()
+        if stream == "stdout" and not self.json_mode:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        elif stream in ("system", "detail"):
+            for line in text.splitlines():
+                note(f"│ {line}")
+        else:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self._close_phase()
+
+    def _open_phase(self, text: str) -> None:
+        self._phase, self._phase_started = text, time.monotonic()
+        if stderr_is_terminal():
+            from rich.live import Live
+
+            self._live = Live(
+                _Elapsed(text, self._phase_started),
+                console=err_console(),
+                transient=True,
+                refresh_per_second=10,
+            )
+            self._live.start()
+
+    def _close_phase(self) -> None:
+        if self._phase is None:
+            return
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        elapsed = time.monotonic() - self._phase_started
+        note(f"│ {self._phase} · {elapsed:.2f}s")
+        self._phase = None
+
+
+class _Elapsed:
+    """A phase line whose elapsed time is recomputed at each refresh."""
+
+    def __init__(self, text: str, started: float):
+        self.text, self.started = text, started
+
+    def __rich__(self) -> str:
+        from rich.markup import escape
+
+        elapsed = time.monotonic() - self.started
+        return f"[cyan]…[/cyan] {escape(self.text)} [dim]{elapsed:.1f}s[/dim]"
 
 
 #: Transfers smaller than this finish too fast for a progress bar to help.
@@ -45,9 +117,18 @@ PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 @contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A byte progress bar on stderr for long transfers; yields the function to advance it."""
-    if total < PROGRESS_MIN_BYTES or not stderr_console.is_terminal:
+    if total < PROGRESS_MIN_BYTES or not stderr_is_terminal():
         yield lambda n: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -55,7 +136,7 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=stderr_console, transient=True) as bar:
+    with Progress(*columns, console=err_console(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -103,9 +184,9 @@ def summary_line(execution: dict, outputs_dir: str | None) -> str:
 def print_summary(execution: dict, outputs_dir: str | None) -> None:
     colour = "green" if execution["status"] == "succeeded" else "red"
     first, *rest = summary_line(execution, outputs_dir).split("\n")
-    stderr_console.print(f"[bold {colour}]{first}[/]", soft_wrap=True)
+    click.echo(click.style(first, fg=colour, bold=True), err=True)
     for line in rest:
-        stderr_console.print(line, soft_wrap=True, markup=False)
+        click.echo(line, err=True)
 
 
 def print_json(data: dict | list) -> None:
@@ -113,6 +194,8 @@ def print_json(data: dict | list) -> None:
 
 
 def executions_table(rows: list[dict]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False)
     for column in ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED"):
         table.add_column(column)

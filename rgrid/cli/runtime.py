@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from rgrid.cli import cli
-from rgrid.cli.output import stderr_console
+from rgrid.cli.output import note
 
 
 @cli.group()
@@ -41,8 +41,6 @@ def build(name: str, if_missing: bool) -> None:
     image_id = build_runtime(
         spec,
         client,
-        log=lambda line: stderr_console.print(
-            f"[dim]{line.rstrip()}[/dim]", markup=True, soft_wrap=True, highlight=False
-        ),
+        log=lambda line: note(line.rstrip()),
     )
     click.echo(f"built {spec.image} ({image_id[:19]})")

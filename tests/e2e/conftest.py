@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import retire_sandboxes
+
 BIN = Path(sys.executable).parent
 RGRID = str(BIN / "rgrid")
 
@@ -25,11 +27,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+# Stopped when the e2e tests are done, not at the end of the session: its beat reaps
+# containers and ends executions in the shared test database, which the integration tests
+# must see only their own code do.
+@pytest.fixture(scope="package")
 def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
     logs = tmp_path_factory.mktemp("stack-logs")
+    # The stack's worker host keeps its environments and sandbox folders here, not in the
+    # user's own data folder.
+    data_dir = tmp_path_factory.mktemp("stack-data")
     env = {
         **os.environ,
+        "RGRID_DATA_DIR": str(data_dir),
         "RGRID_DATABASE_URL": server_settings.database_url,
         "RGRID_REDIS_URL": server_settings.redis_url,
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
@@ -110,6 +119,7 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+        retire_sandboxes(data_dir)
 
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: int = 180):

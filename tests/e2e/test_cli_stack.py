@@ -4,11 +4,13 @@ import json
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import docker
 import requests
 
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.sandbox import RUN_NAME_PREFIX
 from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json
 from tests.wheels import make_wheel
 
@@ -40,17 +42,19 @@ def test_run_repeat_edit_revert(stack_env, tmp_path):
     assert first["outputs_dir"] == f"rgrid-outputs/{first['execution_id']}"
 
     second, _ = run_json("run", "job.py", env=stack_env, cwd=tmp_path)
-    assert second["script_cache_hit"] is True and second["build_s"] is None
+    assert second["script_cache_hit"] is True and second["deps_build_s"] is None
     assert second["script_hash"] == first["script_hash"]
 
     script.write_text(original + "print('edited')\n")
     edited, result = run_json("run", "job.py", env=stack_env, cwd=tmp_path)
     assert edited["script_cache_hit"] is False and "edited" in result.stderr
+    assert edited["deps_build_s"] is None and "install" not in result.stderr
 
     script.write_text(original)
     reverted, _ = run_json("run", "job.py", env=stack_env, cwd=tmp_path)
     assert reverted["script_cache_hit"] is True
-    assert reverted["image_ref"] == first["image_ref"]
+    assert reverted["script_hash"] == first["script_hash"]
+    assert reverted["runtime_image"] == first["runtime_image"]
 
 
 def test_human_output_streams_and_summarises(stack_env, tmp_path):
@@ -158,13 +162,15 @@ def test_admin_issues_and_revokes_keys(stack_env, tmp_path):
 def test_beat_reaps_a_leftover_container(stack_env):
     """A worker killed mid-run leaves its container; beat's reaper removes it."""
     client = docker.from_env()
+    execution_id = secrets.token_hex(8)
     container = client.containers.create(
         "rgrid-runtime:python-3.11",
         command=["sleep", "600"],
+        name=f"{RUN_NAME_PREFIX}{execution_id}",
         network_mode="none",
         labels={
             MANAGED_LABEL: "1",
-            EXECUTION_LABEL: "ffffffffffffffff",
+            EXECUTION_LABEL: execution_id,
             DEADLINE_LABEL: str(int(time.time()) - 1),
         },
     )
@@ -190,14 +196,31 @@ def test_requirements_file_dependency_cache_and_status(stack_env, tmp_path):
     assert first["status"] == "succeeded", result.stderr
     assert first["dependency_cache_hit"] is False
     assert "six 1.16.0" in result.stderr
-    assert "Resolved 1 package" in result.stderr  # the build log streams
+    # One line per phase, closed with its time; uv's own output only with -v and in the log.
+    assert "│ resolving and installing 1 requirement(s) · " in result.stderr
+    assert "Resolved 1 package" not in result.stderr
+    logs = run_cli("logs", first["execution_id"], env=stack_env, cwd=tmp_path)
+    assert "Resolved 1 package" in logs.stderr and logs.stdout == "six 1.16.0\n"
 
     (tmp_path / "job.py").write_text("import six\nprint('edited', six.__version__)\n")
     second, result = run_json(
         "run", "job.py", "-r", "requirements.txt", env=stack_env, cwd=tmp_path
     )
     assert second["dependency_cache_hit"] is True and second["script_cache_hit"] is False
-    assert "Resolved" not in result.stderr
+    assert "resolving" not in result.stderr and "Resolved" not in result.stderr
+
+    verbose = run_cli(
+        "run",
+        "job.py",
+        "-r",
+        "requirements.txt",
+        "--refresh-deps",
+        "-v",
+        env=stack_env,
+        cwd=tmp_path,
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Resolved 1 package" in verbose.stderr
 
     human = run_cli("run", "job.py", "-r", "requirements.txt", env=stack_env, cwd=tmp_path)
     assert "deps hit" in human.stderr and "script cache hit" in human.stderr
@@ -233,9 +256,9 @@ def test_bad_requirements_show_the_installers_message(stack_env, tmp_path):
     )
 
 
-def test_twenty_concurrent_runs_build_each_image_once_across_workers(stack_env, tmp_path):
+def test_twenty_concurrent_runs_install_each_environment_once_across_workers(stack_env, tmp_path):
     """Single flight across the worker's two processes: 20 submissions of the same new
-    requirements and script build one dependency image and one script image."""
+    requirements and script install one environment, once, and build nothing."""
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
     make_wheel(tmp_path, dist, "1.0")
     headers = {"Authorization": f"Bearer {stack_env['RGRID_API_KEY']}"}
@@ -245,6 +268,8 @@ def test_twenty_concurrent_runs_build_each_image_once_across_workers(stack_env, 
         "requirements": f"--find-links {tmp_path}\n{dist}\n",
     }
     url = f"{stack_env['RGRID_API_URL']}/v1/executions"
+    environments = Path(stack_env["RGRID_DATA_DIR"]) / "environments"
+    before = set(environments.iterdir()) if environments.is_dir() else set()
     with ThreadPoolExecutor(max_workers=20) as pool:
         responses = list(
             pool.map(lambda _: requests.post(url, json=body, headers=headers), range(20))
@@ -260,5 +285,5 @@ def test_twenty_concurrent_runs_build_each_image_once_across_workers(stack_env, 
         time.sleep(1)
     assert [row["status"] for row in rows] == ["succeeded"] * 20, [row["error"] for row in rows]
     assert sum(row["deps_build_s"] is not None for row in rows) == 1
-    assert sum(row["build_s"] is not None for row in rows) == 1
-    assert len({row["image_ref"] for row in rows}) == 1
+    assert len({row["environment"] for row in rows}) == 1
+    assert set(environments.iterdir()) - before == {environments / rows[0]["environment"]}

@@ -1,5 +1,5 @@
-"""Dependency layers on the real services, the real package index (through the host's own
-configuration) and Docker."""
+"""Dependency sets on the real services, the real package index (through the host's own
+configuration) and Docker: each installed once into a folder on the worker host."""
 
 import secrets
 
@@ -20,35 +20,55 @@ def _log(ctx, execution_id: str, stream: str) -> str:
     return "".join(text for s, text in chunks if s == stream)
 
 
-def test_packages_are_installed_once_and_the_edit_loop_builds_only_the_script(ctx, run_script):
+def _phases(ctx, execution_id: str) -> list[str]:
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    return [text for s, text in chunks if s == "phase"]
+
+
+def _folders(ctx) -> set[str]:
+    """Every entry in this host's environments folder, temporary ones included."""
+    root = ctx.settings.environments_dir
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def test_packages_are_installed_once_and_an_edited_script_installs_nothing(ctx, run_script):
     first = run_script(IMPORTS, requirements="numpy\nsix==1.16.0\n")
     assert first["status"] == "succeeded", first["error"]
     assert first["dependency_cache_hit"] is False and first["deps_build_s"] is not None
     assert "six==1.16.0" in first["resolved_dependencies"]
     assert any(pin.startswith("numpy==") for pin in first["resolved_dependencies"])
     assert _log(ctx, first["execution_id"], "stdout").startswith("numpy 2.")
-    assert "Installed 2 packages" in _log(ctx, first["execution_id"], "system")
+    assert "resolving and installing 2 requirement(s)" in _phases(ctx, first["execution_id"])
+    # uv's own words are kept in the log (shown with -v and by `rgrid logs`), RGrid's summary
+    # is a note.
+    assert "Installed 2 packages" in _log(ctx, first["execution_id"], "detail")
+    assert "installed 2 package(s)" in _log(ctx, first["execution_id"], "system")
+    assert (ctx.settings.environments_dir / first["environment"]).is_dir()
 
     # Same set in another order and case; an edited script.
     edited = run_script(IMPORTS + "print('edited')\n", requirements="SIX==1.16.0\n\nnumpy\n")
     assert edited["status"] == "succeeded"
     assert edited["dependency_hash"] == first["dependency_hash"]
     assert edited["dependency_cache_hit"] is True and edited["deps_build_s"] is None
-    assert edited["script_cache_hit"] is False and edited["build_s"] is not None
-    assert edited["dependency_image"] == first["dependency_image"]
-    assert "Installed" not in _log(ctx, edited["execution_id"], "system")
+    assert edited["script_cache_hit"] is False
+    assert edited["environment"] == first["environment"]
+    assert _log(ctx, edited["execution_id"], "detail") == ""
+    assert "installed" not in _log(ctx, edited["execution_id"], "system")
+    assert not [p for p in _phases(ctx, edited["execution_id"]) if "install" in p]
     assert _log(ctx, edited["execution_id"], "stdout").endswith("edited\n")
 
     again = run_script(IMPORTS + "print('edited')\n", requirements="numpy\nsix==1.16.0\n")
     assert again["script_cache_hit"] is True and again["dependency_cache_hit"] is True
 
 
-def test_the_same_script_with_other_requirements_never_reuses_an_image(run_script):
+def test_the_same_script_with_other_requirements_never_reuses_an_environment(ctx, run_script):
     script = "import six\nprint(six.__version__)\n"
     old = run_script(script, requirements="six==1.16.0\n")
     new = run_script(script, requirements="six==1.17.0\n")
     assert new["script_cache_hit"] is False
-    assert new["image_ref"] != old["image_ref"]
+    assert new["environment"] != old["environment"]
+    assert _log(ctx, old["execution_id"], "stdout") == "1.16.0\n"
+    assert _log(ctx, new["execution_id"], "stdout") == "1.17.0\n"
 
 
 PEP723 = """\
@@ -135,38 +155,43 @@ def test_refresh_deps_picks_up_a_new_release_and_reuses_an_unchanged_one(ctx, ru
     refreshed = run_script(script, requirements=requirements, refresh_deps=True)
     assert refreshed["status"] == "succeeded", refreshed["error"]
     assert refreshed["resolved_dependencies"] == [f"{dist}==1.1"]
-    assert refreshed["dependency_image"] != first["dependency_image"]
-    assert refreshed["script_cache_hit"] is False  # rebuilt on the new dependency image
+    assert refreshed["environment"] != first["environment"]
+    assert refreshed["script_cache_hit"] is False  # it runs in another environment now
     assert _log(ctx, refreshed["execution_id"], "stdout") == "1.1\n"
 
+    folders = _folders(ctx)
     unchanged = run_script(script, requirements=requirements, refresh_deps=True)
-    assert unchanged["dependency_image"] == refreshed["dependency_image"]
-    assert unchanged["deps_build_s"] is None and unchanged["script_cache_hit"] is True
+    assert unchanged["status"] == "succeeded", unchanged["error"]
+    assert unchanged["environment"] == refreshed["environment"]
+    assert _folders(ctx) == folders  # the same set again: the folder it has is kept
 
     after = run_script(script, requirements=requirements)  # the cache now serves 1.1
     assert after["dependency_cache_hit"] is True
     assert _log(ctx, after["execution_id"], "stdout") == "1.1\n"
 
 
-def test_two_texts_resolving_to_the_same_pins_share_one_image(run_script, tmp_path):
+def test_two_texts_resolving_to_the_same_pins_share_one_folder(ctx, run_script, tmp_path):
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
     make_wheel(tmp_path, dist, "2.0")
     exact = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}==2.0\n")
+    folders = _folders(ctx)
+    assert exact["environment"] in folders
     ranged = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}>=2,<3\n")
     assert exact["dependency_hash"] != ranged["dependency_hash"]
-    assert ranged["dependency_cache_hit"] is False
-    assert ranged["dependency_image"] == exact["dependency_image"]
-    assert ranged["deps_build_s"] is None  # nothing installed the second time
+    assert ranged["status"] == "succeeded" and ranged["dependency_cache_hit"] is False
+    assert ranged["environment"] == exact["environment"]
+    assert _folders(ctx) == folders  # no second folder, no temporary one left behind
 
 
-def test_concurrent_runs_with_new_requirements_build_each_image_once(
-    submit, run_concurrently, tmp_path
+def test_concurrent_runs_with_new_requirements_install_once(
+    ctx, submit, run_concurrently, tmp_path
 ):
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
     make_wheel(tmp_path, dist, "1.0")
     requirements = f"--find-links {tmp_path}\n{dist}\n"
+    folders = _folders(ctx)
     rows = run_concurrently([submit("print('x')\n", requirements=requirements) for _ in range(4)])
     assert [r["status"] for r in rows] == ["succeeded"] * 4
     assert sum(r["deps_build_s"] is not None for r in rows) == 1
-    assert sum(r["build_s"] is not None for r in rows) == 1
-    assert len({r["image_ref"] for r in rows}) == 1
+    assert len({r["environment"] for r in rows}) == 1
+    assert _folders(ctx) - folders == {rows[0]["environment"]}

@@ -1,5 +1,6 @@
 """Beat's jobs on the real database and Docker engine: reaping and the 30-day purge."""
 
+import os
 import secrets
 import time
 from datetime import timedelta
@@ -11,17 +12,21 @@ from rgrid.db import session_scope
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.maintenance import purge_script_cache, reap_containers
 from rgrid.models import ScriptCache, utcnow
+from rgrid.sandbox import POOL_NAME_PREFIX, RUN_NAME_PREFIX
 
 
 @pytest.fixture
 def make_container():
+    """A sandbox-like container as a runner leaves it behind: named for its execution (or,
+    with ``name``, e.g. an unclaimed pool sandbox), labelled with its deadline."""
     client = docker.from_env()
     made = []
 
-    def _make(execution_id: str, deadline: int):
+    def _make(execution_id: str, deadline: int, name: str | None = None):
         container = client.containers.create(
             "rgrid-runtime:python-3.11",
             command=["sleep", "600"],
+            name=name or f"{RUN_NAME_PREFIX}{execution_id}",
             network_mode="none",
             labels={
                 MANAGED_LABEL: "1",
@@ -52,34 +57,60 @@ def test_reaper_spares_live_and_foreign_containers_and_removes_abandoned_ones(
     ours_done = make_container(finished["execution_id"], now + 3600)
     foreign_live = make_container(secrets.token_hex(8), now + 3600)
     foreign_dead = make_container(secrets.token_hex(8), now - 1)
+    # Unclaimed pool sandboxes end themselves when idle; the reaper leaves them be.
+    pooled = make_container(
+        secrets.token_hex(8), now - 1, name=f"{POOL_NAME_PREFIX}test-{secrets.token_hex(4)}"
+    )
     with session_scope(ctx.session_factory) as session:
-        removed = reap_containers(ctx.docker, session)
+        removed = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
     assert finished["execution_id"] in removed
     assert not _exists(ours_done)
     assert _exists(foreign_live)  # another installation's running execution
     assert not _exists(foreign_dead)
+    assert _exists(pooled)
 
 
-def test_purge_drops_entries_unused_for_30_days_and_their_images(ctx, run_script):
+def test_reaper_deletes_host_folders_whose_sandbox_is_gone(ctx):
+    root = ctx.settings.sandboxes_dir
+    root.mkdir(parents=True, exist_ok=True)
+    orphan = root / f"rgrid-run-{secrets.token_hex(8)}"
+    (orphan / "work" / "outputs").mkdir(parents=True)
+    (orphan / "work" / "outputs" / "left.txt").write_text("x")
+    two_minutes_ago = time.time() - 120
+    os.utime(orphan, (two_minutes_ago, two_minutes_ago))
+    starting = root / f"rgrid-pool-{secrets.token_hex(8)}"  # its sandbox may be starting
+    starting.mkdir()
+    try:
+        with session_scope(ctx.session_factory) as session:
+            reap_containers(ctx.docker, session, root)
+        assert not orphan.exists()
+        assert starting.exists()
+    finally:
+        starting.rmdir()
+
+
+def test_purge_drops_script_entries_unused_for_30_days(ctx, run_script, account):
     old = run_script("print('old')\n")
     recent = run_script("print('recent')\n")
     with session_scope(ctx.session_factory) as session:
-        row = session.query(ScriptCache).filter_by(image_ref=old["image_ref"]).one()
+        row = (
+            session.query(ScriptCache)
+            .filter_by(account_id=account.id, script_hash=old["script_hash"])
+            .one()
+        )
         row.last_used_at = utcnow() - timedelta(days=31)
     with session_scope(ctx.session_factory) as session:
-        assert purge_script_cache(ctx.docker, session) >= 1
+        assert purge_script_cache(session) >= 1
     with session_scope(ctx.session_factory) as session:
-        refs = {r.image_ref for r in session.query(ScriptCache)}
-    assert old["image_ref"] not in refs and recent["image_ref"] in refs
-    client = docker.from_env()
-    with pytest.raises(docker.errors.ImageNotFound):
-        client.images.get(old["image_ref"])
-    client.images.get(recent["image_ref"])
+        hashes = {
+            r.script_hash for r in session.query(ScriptCache).filter_by(account_id=account.id)
+        }
+    assert hashes == {recent["script_hash"]}
     again = run_script("print('old')\n")  # a purged entry is simply a miss next time
     assert again["status"] == "succeeded" and again["script_cache_hit"] is False
 
 
-def test_purge_drops_unused_dependency_images_and_blobs(ctx, run_script):
+def test_purge_drops_unused_environments_and_blobs(ctx, run_script, account):
     from rgrid import blobs
     from rgrid.maintenance import purge_blobs, purge_dependency_cache
     from rgrid.models import Blob, DependencyCache
@@ -89,27 +120,51 @@ def test_purge_drops_unused_dependency_images_and_blobs(ctx, run_script):
         requirements="six==1.16.0\n",
     )
     assert old["status"] == "succeeded", old["error"]
+    folder = ctx.settings.environments_dir / old["environment"]
+    assert folder.is_dir()
     month_ago = utcnow() - timedelta(days=31)
     with session_scope(ctx.session_factory) as session:
-        account_id = (
-            session.query(ScriptCache).filter_by(image_ref=old["image_ref"]).one().account_id
-        )
         for model in (ScriptCache, DependencyCache, Blob):
-            for row in session.query(model).filter_by(account_id=account_id):
+            for row in session.query(model).filter_by(account_id=account.id):
                 row.last_used_at = month_ago
-        blob_key = blobs.find_blob(session, account_id, old["outputs"][0]["sha256"]).object_key
+        blob_key = blobs.find_blob(session, account.id, old["outputs"][0]["sha256"]).object_key
     with session_scope(ctx.session_factory) as session:
-        purge_script_cache(ctx.docker, session)
+        purge_script_cache(session)
     with session_scope(ctx.session_factory) as session:
-        assert purge_dependency_cache(ctx.docker, session) == 1
+        assert purge_dependency_cache(session, ctx.settings.environments_dir) == 1
     with session_scope(ctx.session_factory) as session:
         assert purge_blobs(ctx.store, session) >= 1
-    client = docker.from_env()
-    with pytest.raises(docker.errors.ImageNotFound):
-        client.images.get(old["dependency_image"])
+    assert not folder.exists()
     assert not ctx.store.exists(blob_key)
     again = run_script("import six\n", requirements="six==1.16.0\n")
     assert again["status"] == "succeeded" and again["dependency_cache_hit"] is False
+    assert again["environment"] == old["environment"] and folder.is_dir()
+
+
+def test_purge_keeps_an_environment_another_entry_still_uses(ctx, run_script, account, tmp_path):
+    """Two texts that resolve to the same set share one folder: purging one entry leaves the
+    folder to the other."""
+    from rgrid.maintenance import purge_dependency_cache
+    from rgrid.models import DependencyCache
+    from tests.wheels import make_wheel
+
+    dist = f"rgrid-probe-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "1.0")
+    stale = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}==1.0\n")
+    live = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}>=1\n")
+    assert stale["environment"] == live["environment"]
+    with session_scope(ctx.session_factory) as session:
+        row = (
+            session.query(DependencyCache)
+            .filter_by(account_id=account.id, dependency_hash=stale["dependency_hash"])
+            .one()
+        )
+        row.last_used_at = utcnow() - timedelta(days=31)
+    with session_scope(ctx.session_factory) as session:
+        assert purge_dependency_cache(session, ctx.settings.environments_dir) == 1
+    assert (ctx.settings.environments_dir / live["environment"]).is_dir()
+    again = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}>=1\n")
+    assert again["dependency_cache_hit"] is True and again["deps_build_s"] is None
 
 
 def test_sweeper_ends_executions_no_worker_will_finish(ctx, submit):

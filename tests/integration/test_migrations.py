@@ -1,8 +1,13 @@
 """The models and the migrations never disagree."""
 
+import secrets
+from datetime import UTC, datetime
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from rgrid.db import upgrade
 from rgrid.models import Base
@@ -25,3 +30,81 @@ def test_sqlite_schema_from_migrations_matches_models(tmp_path):
     url = f"sqlite:///{tmp_path / 'embedded.db'}"
     upgrade(url)
     assert _diff(url) == []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request, tmp_path, database_url):
+    """A database with no schema yet, of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    name = f"rgrid_mig_{secrets.token_hex(4)}"
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield database_url.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_image_era_rows_migrate_to_environments(empty_database):
+    """Executions of the image era stay readable; cache rows that named images (which no
+    longer exist) are dropped, so the next run repopulates them; and back down again."""
+    from alembic import command
+
+    from rgrid.db import alembic_config
+    from rgrid.executions import execution_to_dict
+    from rgrid.models import Execution, ScriptCache
+
+    config = alembic_config(empty_database)
+    command.upgrade(config, "0003")
+    engine = create_engine(empty_database)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO accounts (id, name, created_at) VALUES (7, 'old', :now)"),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO executions (id, account_id, status, runtime, script_name,"
+                " script_hash, args, timeout_s, image_ref, script_cache_hit,"
+                " dependency_cache_hit, input_cache_hit, bytes_uploaded, exit_code, outputs,"
+                " build_s, run_s, created_at, requirements, refresh_deps, dependency_image)"
+                " VALUES ('e1', 7, 'succeeded', 'python:3.11', 'job.py', :h, '[]', 60,"
+                " 'rgrid-exec:abc', true, false, false, 0, 0, '[]', 1.5, 0.2, :now, '', false,"
+                " NULL)"
+            ),
+            {"h": "a" * 64, "now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO script_cache (account_id, runtime, dependency_hash, script_hash,"
+                " image_ref, created_at, last_used_at, use_count)"
+                " VALUES (7, 'python:3.11', :d, :h, 'rgrid-exec:abc', :now, :now, 1)"
+            ),
+            {"d": "d" * 64, "h": "a" * 64, "now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO dependency_cache (account_id, runtime, dependency_hash, image_ref,"
+                " resolved, created_at, last_used_at, use_count)"
+                " VALUES (7, 'python:3.11', :d, 'rgrid-deps:abc', '[]', :now, :now, 1)"
+            ),
+            {"d": "d" * 64, "now": now},
+        )
+    command.upgrade(config, "head")
+    with Session(engine) as session:
+        row = execution_to_dict(session.get(Execution, "e1"))
+        assert row["status"] == "succeeded" and row["exit_code"] == 0
+        assert row["environment"] is None and row["runtime_image"] is None
+        assert "image_ref" not in row and "build_s" not in row
+        assert session.query(ScriptCache).count() == 0
+        assert session.execute(text("SELECT count(*) FROM dependency_cache")).scalar() == 0
+    command.downgrade(config, "0003")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM executions")).scalars().all() == ["succeeded"]
+    command.upgrade(config, "head")
+    assert _diff(empty_database) == []
+    engine.dispose()

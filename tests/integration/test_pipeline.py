@@ -1,13 +1,13 @@
 """The pipeline on the real services: PostgreSQL, Redis, the S3 endpoint and Docker."""
 
 import json
+import time
 
 import docker
 import pytest
 
-from rgrid import cache_keys
+from rgrid import cache_keys, sandbox
 from rgrid.db import session_scope
-from rgrid.docker_engine import EXECUTION_LABEL
 from rgrid.logbuffer import decode_log
 from rgrid.models import ScriptCache
 
@@ -29,19 +29,36 @@ def _blob(ctx, digest: str):
         return session.query(Blob).filter_by(digest=digest).first()
 
 
-def _leftovers(execution_id: str) -> list:
+def _leftovers(ctx, execution_id: str, wait_s: float = 15) -> list:
+    """The execution's sandbox if it is still there (removing it happens off the user's path,
+    so it may take a moment), and host folders no sandbox owns any more."""
     client = docker.from_env()
-    containers = client.containers.list(
-        all=True, filters={"label": f"{EXECUTION_LABEL}={execution_id}"}
-    )
-    volumes = client.volumes.list(filters={"name": f"rgrid-work-{execution_id}"})
-    return containers + volumes
+    name = f"{sandbox.RUN_NAME_PREFIX}{execution_id}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        containers = [
+            c for c in client.containers.list(all=True, filters={"name": name}) if c.name == name
+        ]
+        if not containers or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ctx.join_background()  # a pool refill may be creating a folder for its next sandbox
+    owned = {
+        c["Labels"][sandbox.HOST_DIR_LABEL]
+        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+    }
+    root = ctx.settings.sandboxes_dir
+    orphans = [p for p in root.iterdir() if str(p) not in owned] if root.is_dir() else []
+    return containers + orphans
 
 
-def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script):
+def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script, account):
     first = run_script(HELLO)
     assert first["status"] == "succeeded" and first["exit_code"] == 0
-    assert first["script_cache_hit"] is False and first["build_s"] is not None
+    assert first["script_cache_hit"] is False
+    assert first["dependency_cache_hit"] is None  # no requirements: nothing to look up
+    assert first["environment"] is None and first["deps_build_s"] is None
+    assert first["runtime_image"].startswith("sha256:")
     assert _stdout(ctx, first["execution_id"]) == "hello\n"
     assert [o["path"] for o in first["outputs"]] == ["result.txt"]
     blob = _blob(ctx, first["outputs"][0]["sha256"])
@@ -49,29 +66,46 @@ def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script):
 
     second = run_script(HELLO)
     assert second["status"] == "succeeded"
-    assert second["script_cache_hit"] is True and second["build_s"] is None
-    assert second["image_ref"] == first["image_ref"]
+    assert second["script_cache_hit"] is True and second["deps_build_s"] is None
+    assert second["runtime_image"] == first["runtime_image"]
     assert _stdout(ctx, second["execution_id"]) == "hello\n"
     with session_scope(ctx.session_factory) as session:
-        row = session.query(ScriptCache).filter_by(image_ref=first["image_ref"]).one()
+        row = (
+            session.query(ScriptCache)
+            .filter_by(account_id=account.id, script_hash=first["script_hash"])
+            .one()
+        )
         assert row.use_count == 2
+        assert row.environment is None and row.runtime_image == first["runtime_image"]
 
 
 def test_one_changed_space_is_a_miss(run_script):
     first = run_script("print('x')\n")
     second = run_script("print('x') \n")
-    assert second["script_cache_hit"] is False
-    assert second["image_ref"] != first["image_ref"]
-
-
-def test_cache_row_whose_image_vanished_is_a_miss_not_an_error(run_script):
-    first = run_script("print('soon gone')\n")
-    docker.from_env().images.remove(first["image_ref"], force=True)
-    second = run_script("print('soon gone')\n")
     assert second["status"] == "succeeded"
     assert second["script_cache_hit"] is False
-    third = run_script("print('soon gone')\n")
-    assert third["script_cache_hit"] is True
+    assert second["script_hash"] != first["script_hash"]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_a_local_script_copy_that_vanished_or_changed_is_fetched_again(
+    ctx, run_script, account, damage
+):
+    """A worker host keeps a verified copy of each script it ran; a copy that is gone or no
+    longer matches its hash is fetched from the object store again, never run."""
+    first = run_script("print('soon gone')\n")
+    local = ctx.settings.blob_cache_dir / cache_keys.script_local_name(
+        account.id, first["script_hash"]
+    )
+    assert local.read_text() == "print('soon gone')\n"
+    if damage == "deleted":
+        local.unlink()
+    else:
+        local.write_text("print('tampered')\n")
+    second = run_script("print('soon gone')\n")
+    assert second["status"] == "succeeded" and second["script_cache_hit"] is True
+    assert _stdout(ctx, second["execution_id"]) == "soon gone\n"
+    assert local.read_text() == "print('soon gone')\n"
 
 
 def test_same_script_in_two_accounts_does_not_share_a_cache_row(ctx, run_script):
@@ -104,7 +138,7 @@ def test_timeout_kills_and_removes_the_container(ctx, run_script):
     assert result["error"] == "timed out after 2s"
     assert result["run_s"] < 30
     assert _stdout(ctx, result["execution_id"]) == "started\n"
-    assert _leftovers(result["execution_id"]) == []
+    assert _leftovers(ctx, result["execution_id"]) == []
 
 
 def test_stdout_and_stderr_stay_apart_and_args_are_passed(ctx, run_script):
@@ -180,12 +214,22 @@ def test_nested_outputs_come_back_and_links_are_not_followed(ctx, run_script):
     assert "skipped outputs/passwd" in system
 
 
-def test_concurrent_misses_on_one_key_build_once(submit, run_concurrently):
-    """Single flight: both executions wait on one build, the second then hits."""
-    rows = run_concurrently([submit("print('built once')\n") for _ in range(3)])
+def test_concurrent_misses_on_one_new_script_build_nothing_and_share_one_row(
+    ctx, submit, run_concurrently, account
+):
+    """Nothing is built for a script: three concurrent first runs all just run, and the
+    script cache gets one row that counts all three."""
+    rows = run_concurrently([submit("print('never built')\n") for _ in range(3)])
     assert [r["status"] for r in rows] == ["succeeded"] * 3
-    assert sum(r["build_s"] is not None for r in rows) == 1
-    assert len({r["image_ref"] for r in rows}) == 1
+    assert [r["deps_build_s"] for r in rows] == [None] * 3
+    assert len({r["execution_id"] for r in rows}) == 3
+    with session_scope(ctx.session_factory) as session:
+        row = (
+            session.query(ScriptCache)
+            .filter_by(account_id=account.id, script_hash=rows[0]["script_hash"])
+            .one()
+        )
+        assert row.use_count == 3
 
 
 @pytest.mark.parametrize("runtime", ["python:2.7", ""])
@@ -207,24 +251,3 @@ def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime)
             )
     with session_scope(ctx.session_factory) as session:
         assert len(svc.list_executions(session, account.id)) == before
-
-
-def test_image_pruned_between_lookup_and_run_is_rebuilt(ctx, submit):
-    from rgrid import pipeline
-
-    script = "print('survived a prune')\n"
-    first = submit(script)
-    pipeline.run_all(ctx, first)
-    second = submit(script)
-    for step in (pipeline.hash_step, pipeline.cache_lookup_step, pipeline.build_step):
-        step(ctx, second)
-    with session_scope(ctx.session_factory) as session:
-        row = session.get(pipeline.Execution, second)
-        assert row.script_cache_hit is True
-        docker.from_env().images.remove(row.image_ref, force=True)  # pruned right now
-    pipeline.run_step(ctx, second)
-    pipeline.store_step(ctx, second)
-    with session_scope(ctx.session_factory) as session:
-        row = session.get(pipeline.Execution, second)
-        assert row.status == "succeeded" and row.script_cache_hit is False
-    assert _stdout(ctx, second) == "survived a prune\n"

@@ -1,4 +1,4 @@
-from rgrid.cli.output import human_bytes, summary_line
+from rgrid.cli.output import LogPrinter, human_bytes, summary_line
 from rgrid.logbuffer import MemoryLogBuffer, decode_log, encode_log
 
 
@@ -8,7 +8,7 @@ def _execution(**overrides):
         "exit_code": 0,
         "duration_s": 1.234,
         "script_cache_hit": True,
-        "dependency_cache_hit": False,
+        "dependency_cache_hit": None,
         "input_cache_hit": False,
         "bytes_uploaded": 0,
         "error": None,
@@ -39,6 +39,37 @@ def test_summary_line_shows_the_error_of_a_failed_execution():
     )
     assert line.splitlines() == [line.splitlines()[0], "timed out after 2s"]
     assert "exit -" in line
+
+
+def test_log_printer_shows_phases_closed_with_their_time_and_hides_raw_installer_output(capsys):
+    printer = LogPrinter()
+    printer.emit("phase", "resolving and installing 2 requirement(s)")
+    printer.emit("detail", "Installed 2 packages in 3ms\n")
+    printer.emit("system", "installed 2 package(s) in 0.20s\n")
+    printer.emit("stdout", "hello\n")
+    printer.close()
+    out, err = capsys.readouterr()
+    assert out == "hello\n"
+    lines = err.splitlines()
+    assert lines[0].startswith("│ resolving and installing 2 requirement(s) · ")
+    assert lines[0].endswith("s")
+    assert lines[1:] == ["│ installed 2 package(s) in 0.20s"]
+    assert "Installed 2 packages" not in err
+
+
+def test_log_printer_shows_raw_installer_output_when_verbose(capsys):
+    printer = LogPrinter(verbose=True)
+    printer.emit("detail", "Installed 2 packages in 3ms\n")
+    printer.close()
+    assert "Installed 2 packages in 3ms" in capsys.readouterr().err
+
+
+def test_log_printer_json_mode_keeps_stdout_for_the_json(capsys):
+    printer = LogPrinter(json_mode=True)
+    printer.emit("stdout", "script output\n")
+    printer.close()
+    out, err = capsys.readouterr()
+    assert out == "" and err == "script output\n"
 
 
 def test_human_bytes():

@@ -33,18 +33,20 @@ def test_stream_and_file_agree_with_bytes(tmp_path):
     assert sha256_file(path) == (script_hash(data), len(data))
 
 
-def test_script_key_depends_on_every_part():
-    key = cache_keys.script_cache_key(1, "python:3.11", "d" * 64, "s" * 64)
-    assert key == cache_keys.script_cache_key(1, "python:3.11", "d" * 64, "s" * 64)
+def test_dependency_key_depends_on_every_part():
+    key = cache_keys.dependency_cache_key(1, "python:3.11", "d" * 64)
+    assert key == cache_keys.dependency_cache_key(1, "python:3.11", "d" * 64)
     others = {
-        cache_keys.script_cache_key(2, "python:3.11", "d" * 64, "s" * 64),
-        cache_keys.script_cache_key(1, "python:3.12", "d" * 64, "s" * 64),
-        cache_keys.script_cache_key(1, "python:3.11", "e" * 64, "s" * 64),
-        cache_keys.script_cache_key(1, "python:3.11", "d" * 64, "t" * 64),
+        cache_keys.dependency_cache_key(2, "python:3.11", "d" * 64),
+        cache_keys.dependency_cache_key(1, "python:3.12", "d" * 64),
+        cache_keys.dependency_cache_key(1, "python:3.11", "e" * 64),
     }
-    assert key not in others and len(others) == 4
+    assert key not in others and len(others) == 3
 
 
-def test_script_image_ref_uses_first_12_of_the_key():
-    key = cache_keys.script_cache_key(1, "python:3.11", "d" * 64, "s" * 64)
-    assert cache_keys.script_image_ref(key) == f"rgrid-exec:{key[:12]}"
+def test_environment_name_is_per_account_and_per_resolved_set():
+    name = cache_keys.environment_name(1, "r" * 64)
+    assert name == cache_keys.environment_name(1, "r" * 64)
+    assert len(name) == 32 and name.isalnum()
+    assert cache_keys.environment_name(2, "r" * 64) != name
+    assert cache_keys.environment_name(1, "q" * 64) != name

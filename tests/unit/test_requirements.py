@@ -109,6 +109,27 @@ def test_inline_metadata_must_be_valid_toml():
         inline_requirements("# /// script\n# dependencies = [\n# ///\n", "3.11")
 
 
+TOOL_UV = """\
+# /// script
+# dependencies = ["six"]
+# [tool.uv]
+# exclude-newer = "2021-06-01T00:00:00Z"
+# ///
+"""
+
+
+def test_inline_tool_uv_settings_are_honoured_as_part_of_the_key():
+    text = normalise(inline_requirements(TOOL_UV, "3.11"))
+    assert text == "--exclude-newer 2021-06-01T00:00:00Z\nsix\n"
+    assert dependency_hash(text) != dependency_hash(normalise("six\n"))
+
+
+def test_unsupported_inline_tool_uv_settings_are_refused_not_ignored():
+    script = TOOL_UV.replace("# exclude-newer", "# prerelease = 'allow'\n# exclude-newer")
+    with pytest.raises(BadInput, match="'prerelease' is not supported"):
+        inline_requirements(script, "3.11")
+
+
 def test_local_find_links_only_where_the_operator_allows():
     from rgrid.requirements import check_local_paths
 

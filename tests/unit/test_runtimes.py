@@ -102,7 +102,6 @@ def test_mmdebstrap_command_customize_hook(spec: RuntimeSpec, tmp_path: Path) ->
     hook = hooks[0]
     assert "--uid 1000 --gid 1000 --home-dir /home/rgrid" in hook
     assert "install -d -o 1000 -g 1000 -m 0755 /work" in hook
-    assert "install -d -o 0 -g 0 -m 0755 /app" in hook
     assert '"3.11"' in hook
 
 

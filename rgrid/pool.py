@@ -1,0 +1,209 @@
+"""The warm pool: sandboxes started before anyone needs them, one execution each.
+
+The pool's state is the Docker engine itself (containers labelled with their pool key), not a
+process's memory: every Celery child on a host, and the next ``rgrid run`` of the embedded
+default, sees the same pool, and a restarted worker finds what its predecessor started. A
+claim is an atomic rename (``sandbox.claim``), so no sandbox is ever handed out twice.
+Sandboxes nobody claims end themselves after the idle timeout; nothing here has to stop them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+
+from rgrid import sandbox
+from rgrid.sandbox import Box, Environment, Limits
+
+log = logging.getLogger(__name__)
+
+#: A sandbox this close to its idle deadline is left alone: it may exit mid-claim.
+CLAIM_MARGIN_S = 15
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    root: Path
+    #: Warm sandboxes kept per environment.
+    size: int = 2
+    #: Warm sandboxes kept on the host in all; the least recently started go first.
+    max_total: int = 6
+    idle_s: float = 600.0
+
+
+#: Which installation (API + workers of one deployment, or one embedded data folder) started
+#: a sandbox: each keeps, counts and retires only its own.
+INSTALLATION_LABEL = "rgrid.installation"
+
+
+def _installation(pool: PoolSettings) -> str:
+    return hashlib.sha256(str(pool.root).encode()).hexdigest()[:16]
+
+
+def pool_key(env: Environment, limits: Limits, pool: PoolSettings) -> str:
+    """Interchangeable sandboxes: same environment, same limits, same installation. Two
+    installations sharing a Docker host (a test session, a stack, the embedded default) never
+    hand each other sandboxes whose host folders the other may delete."""
+    text = f"{env.pool_key(limits)}\x1f{_installation(pool)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _warm(
+    client: docker.DockerClient, key: str | None = None, installation: str | None = None
+) -> list[dict]:
+    """Unclaimed running sandboxes (of one pool, or of one installation), newest first."""
+    if key:
+        label = f"{sandbox.POOL_LABEL}={key}"
+    elif installation:
+        label = f"{INSTALLATION_LABEL}={installation}"
+    else:
+        label = sandbox.POOL_LABEL
+    found = client.api.containers(filters={"label": label, "status": "running"})
+    warm = [
+        c
+        for c in found
+        if any(n.lstrip("/").startswith(sandbox.POOL_NAME_PREFIX) for n in c.get("Names", []))
+    ]
+    return sorted(warm, key=lambda c: c.get("Created", 0), reverse=True)
+
+
+def _box(container: dict) -> Box:
+    name = container["Names"][0].lstrip("/")
+    return Box(
+        name=name,
+        container_id=container["Id"],
+        host_dir=Path(container["Labels"][sandbox.HOST_DIR_LABEL]),
+    )
+
+
+def claim(
+    client: docker.DockerClient,
+    env: Environment,
+    limits: Limits,
+    pool: PoolSettings,
+    execution_id: str,
+) -> Box | None:
+    """A warm sandbox for ``env``, now belonging to ``execution_id``; None when none is free."""
+    now = time.time()
+    for container in _warm(client, pool_key(env, limits, pool)):
+        try:
+            idle_until = int(container["Labels"].get(sandbox.IDLE_UNTIL_LABEL, "0"))
+        except ValueError:
+            continue
+        if idle_until - now < CLAIM_MARGIN_S:
+            continue
+        box = _box(container)
+        if not box.work.is_dir():
+            # Its host folder was deleted under it (a data folder wiped while it waited):
+            # files written now would never reach it.
+            retire(client, box)
+            continue
+        if sandbox.claim(client, box, execution_id):
+            return box
+    return None
+
+
+def start(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> Box:
+    key = pool_key(env, limits, pool)
+    name = f"{sandbox.POOL_NAME_PREFIX}{key[:12]}-{secrets.token_hex(4)}"
+    labels = {sandbox.POOL_LABEL: key, INSTALLATION_LABEL: _installation(pool)}
+    return sandbox.start_box(
+        client, env, limits, root=pool.root, idle_s=pool.idle_s, name=name, labels=labels
+    )
+
+
+def fill(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> int:
+    """Start sandboxes until ``env`` has ``pool.size`` warm ones, making room under
+    ``pool.max_total`` by retiring the oldest sandboxes of other environments. Returns how
+    many were started."""
+    key = pool_key(env, limits, pool)
+    missing = pool.size - len(_warm(client, key))
+    started = 0
+    while started < missing:
+        everyone = _warm(client, installation=_installation(pool))
+        others = [c for c in everyone if c["Labels"].get(sandbox.POOL_LABEL) != key]
+        while len(everyone) >= pool.max_total and others:
+            oldest = others.pop()
+            retire(client, _box(oldest))
+            everyone.remove(oldest)
+        if len(everyone) >= pool.max_total:
+            break
+        start(client, env, limits, pool)
+        started += 1
+    return started
+
+
+def retire(client: docker.DockerClient, box: Box) -> None:
+    """End an unclaimed sandbox: claim it under a throwaway name first, so that no execution
+    can be claiming it at the same moment."""
+    if sandbox.claim(client, box, f"retired-{secrets.token_hex(4)}"):
+        sandbox.discard(client, box)
+
+
+def retire_all(
+    client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings
+) -> int:
+    """End every unclaimed sandbox of ``env``. Needed when its dependency folder has just been
+    installed again under the same name (evicted or purged, then a miss): sandboxes started
+    before still mount the removed folder, and a script there would find no packages."""
+    boxes = [_box(container) for container in _warm(client, pool_key(env, limits, pool))]
+    for box in boxes:
+        retire(client, box)
+    return len(boxes)
+
+
+def retire_installation(client: docker.DockerClient, root: Path) -> int:
+    """End every unclaimed sandbox whose host folder is under ``root`` (an installation's
+    sandboxes folder): for a test session or an embedded user tidying up. Returns how many."""
+    ended = 0
+    for container in _warm(client):
+        box = _box(container)
+        if box.host_dir.is_relative_to(root):
+            retire(client, box)
+            ended += 1
+    return ended
+
+
+def fill_in_background(
+    client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings
+) -> threading.Thread:
+    """Refill off the user's path (after a claim). Failures are logged, never raised: a pool
+    that cannot be refilled only makes the next run a cold one."""
+
+    def work() -> None:
+        try:
+            fill(client, env, limits, pool)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("could not refill the warm pool")
+
+    thread = threading.Thread(target=work, name="rgrid-pool-fill", daemon=True)
+    thread.start()
+    return thread
+
+
+def sweep_folders(client: docker.DockerClient, root: Path) -> int:
+    """Delete host folders whose sandbox no longer exists (it idled out and removed itself, or
+    its runner died). Folders younger than a minute are left: their sandbox may be starting."""
+    if not root.is_dir():
+        return 0
+    alive = {
+        c["Labels"].get(sandbox.HOST_DIR_LABEL)
+        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+    }
+    removed = 0
+    for folder in root.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if str(folder) in alive or time.time() - folder.stat().st_mtime < 60:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
