@@ -1,22 +1,23 @@
-"""RGrid benchmark: what a run costs through the CLI, next to the bare Docker floor beneath it.
+"""RGrid benchmark: what a run costs through the CLI, next to the bare floor beneath it.
 
-DESIGN.md sets the bar: a warm run costs little more than a bare ``docker run`` of the same image,
-and editing one line of a script costs about as much. This measures both, in one invocation, as
-ratios against the floor, for scripts without and with dependencies (``-r requirements.txt``),
-and RGrid's dependency install next to a bare ``uv pip install``; nothing here passes or fails.
-Every measurement is the wall time of a whole process (``time.perf_counter`` around
-``subprocess.run``), because that is what a user waits for: interpreter start, imports,
-submission, the container, the summary, the download.
+DESIGN.md sets the bar: a warm run costs no more than a bare ``docker run`` of the same script
+on the same host, editing one line costs the same as a warm run, and a new requirements set
+costs about what ``uv pip install`` of it costs on the host. This measures each of those in one
+invocation, as ratios against its floor, plus a first run of a PEP 723 pandas script against
+``uv run`` of it; nothing here passes or fails. Every measurement is the wall time of a whole
+process (``time.perf_counter`` around ``subprocess.run``), because that is what a user waits
+for: interpreter start, imports, submission, the sandbox, the summary, the download.
 
-Repetitions are interleaved (each round runs every row once, in a rotated order) so that a slow
-spell on a shared machine spreads over all rows instead of landing on one.
+Repetitions are interleaved (each round runs every row of a section once, in a rotated order)
+so that a slow spell on a shared machine spreads over all rows instead of landing on one.
 
 Run with ``make bench`` or ``.venv/bin/python bench/run.py [--repeat N] [--stack private]``.
-Needs the runtime image (``make setup``), the local services and the package index (numpy and
-six; pip for the floor's Dockerfile). The stack is the one ``scripts/up.sh`` starts (idempotent),
-or with ``--stack private`` an API and a worker of this checkout that the benchmark starts on a
-database, Redis database and bucket of their own, and stops at the end. Every image, container
-and temporary directory made here (and a private stack's database and bucket) is removed.
+Needs the runtime image (``make setup``), the local services and the package index (numpy,
+six, pandas; pip for the ``docker build`` floor's Dockerfile). The stack is the one
+``scripts/up.sh`` starts (idempotent), or with ``--stack private`` an API and a worker of this
+checkout that the benchmark starts on a database, Redis database and bucket of their own, and
+stops at the end. Every image, container, environment folder and temporary directory made here
+(and a private stack's database and bucket) is removed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import functools
 import hashlib
+import http.server
 import json
 import os
 import platform
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -50,53 +54,60 @@ RGRID = BIN / "rgrid"
 UV = BIN / "uv"
 UP_SCRIPT = REPO / "scripts" / "up.sh"
 DEV_ENV_FILE = REPO / "scripts" / "dev.env"
+UP_WORKER_PID = REPO / ".rgrid-dev" / "run" / "worker.pid"
 RESULTS_FILE = REPO / "bench" / "results" / "latest.md"
 
+sys.path.insert(0, str(REPO))
+
 RUNTIME_IMAGE = "rgrid-runtime:python-3.11"
-EXEC_REPOSITORY = "rgrid-exec"
-DEPS_REPOSITORY = "rgrid-deps"
 #: Images the floors build are tagged here, so cleanup can never touch anyone else's.
 FLOOR_REPOSITORY = "rgrid-bench-floor"
-SCRIPT_PATH = "/app/script.py"
+#: Where the bare floors put the script: RGrid's sandbox has it at /work/<name> too.
+WORK_DIR = "/work"
+SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
+#: Where the ``docker build`` floor COPYs the script (it is part of that image).
+SCRIPT_IN_IMAGE = "/app/script.py"
+#: Where RGrid mounts an environment's dependency set, read-only, on PYTHONPATH
+#: (rgrid/sandbox.py); the edit floor mounts its own set there the same way.
+DEPS_MOUNT = "/opt/rgrid/deps"
 
-#: The runtime's interpreter, platform and site-packages (rgrid/runtimes.py): the hand-made
-#: dependency image below is built for them exactly as RGrid builds its own.
+#: The runtime's interpreter and platform (rgrid/runtimes.py): the floors' dependency folder is
+#: installed for them exactly as RGrid installs its own (rgrid/dependencies.py).
 PYTHON_VERSION = "3.11"
 PYTHON_PLATFORM = "x86_64-manylinux_2_36"
-SITE_PACKAGES = "/usr/local/lib/python3.11/dist-packages"
 #: The host's CA bundle: the package index is reached through a TLS-intercepting proxy, so the
 #: floor's ``pip install`` inside a build container needs it too.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 #: sha256 of no bytes: the dependency hash of a run without requirements.
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
+#: Longest any one measured command may take (the ``docker build`` floor takes ~30 s here).
+COMMAND_TIMEOUT_S = 900
+#: The uid the runtime image runs as: the floors' output folders must be writable by it.
+SANDBOX_UID = 1000
 
-#: The sandbox RGrid applies (rgrid/runner.py), minus the cgroup limits. ``-v /work`` is an
-#: anonymous volume (removed with ``--rm``) standing in for RGrid's per-execution volume: with a
-#: read-only root the script could not write its output file anywhere else.
+#: RGrid's sandbox (rgrid/sandbox.py, rgrid/config.py defaults) as ``docker run`` flags, for
+#: the "+ sandbox flags" floors: read-only root, /tmp tmpfs, uid 1000, no capabilities, no new
+#: privileges, the memory/CPU/PID limits, no network. (RGrid's home tmpfs is left out: the
+#: scripts never write there.)
 SANDBOX_FLAGS = [
     "--read-only",
-    "--tmpfs",
-    "/tmp",
-    "--user",
-    "1000:1000",
-    "--cap-drop",
-    "ALL",
-    "--security-opt",
-    "no-new-privileges",
-    "--network",
-    "none",
-    "-v",
-    "/work",
+    *("--tmpfs", "/tmp"),
+    *("--user", f"{SANDBOX_UID}:{SANDBOX_UID}"),
+    *("--cap-drop", "ALL"),
+    *("--security-opt", "no-new-privileges"),
+    *("--memory", "1g", "--memory-swap", "1g", "--cpus", "1", "--pids-limit", "256"),
+    *("--network", "none"),
 ]
 
-#: The small script: one line on stdout, one file under /work/outputs. It creates the folder
-#: itself because the bare floor runs have no RGrid skeleton in /work.
+#: The small script: one line on stdout, one file under outputs/ (relative: the working
+#: directory is /work in RGrid's sandbox and in the runtime image, a folder of its own for
+#: ``uv run``).
 SCRIPT = """\
 import os
 
 print("hello from the rgrid benchmark")
-os.makedirs("/work/outputs", exist_ok=True)
-with open("/work/outputs/result.txt", "w") as fh:
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/result.txt", "w") as fh:
     fh.write("ok\\n")
 """
 
@@ -108,16 +119,38 @@ import numpy
 import six
 
 print("hello from the rgrid benchmark: numpy", numpy.__version__, "six", six.__version__)
-os.makedirs("/work/outputs", exist_ok=True)
-with open("/work/outputs/result.txt", "w") as fh:
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/result.txt", "w") as fh:
     fh.write(f"{numpy.arange(10).sum()}\\n")
 """
 
-DOCKERFILE = f"FROM {RUNTIME_IMAGE}\nCOPY script.py {SCRIPT_PATH}\n"
+#: A small pandas script whose dependencies are PEP 723 inline metadata: pandas from the
+#: package index, and the pad package (a new version every time, see :func:`pad_url`) so
+#: that each run is the first run of a new set, for RGrid and for ``uv run`` alike.
+PANDAS_SCRIPT = """\
+# /// script
+# dependencies = [
+#   "pandas",
+#   "{pad} @ {url}",
+# ]
+# ///
+import os
 
-#: A tiny local package, a new version in its own folder for every requirements set (see
-#: :func:`new_requirements`).
+import pandas as pd
+
+frame = pd.DataFrame({{"a": range(100), "b": range(100)}})
+total = int(frame.to_numpy().sum())
+print("hello from the rgrid benchmark: pandas", pd.__version__, "sum", total)
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/result.txt", "w") as fh:
+    fh.write(f"{{total}}\\n")
+"""
+
+#: A tiny local package, a new version for every requirements set (see :func:`pad_wheel`).
 PAD_PACKAGE = "rgrid-bench-pad"
+
+#: The benchmark's sections, in the order they run (``--only`` picks some).
+SECTIONS = ("warm", "edit", "new-set", "pep723")
 
 
 class BenchError(RuntimeError):
@@ -125,7 +158,7 @@ class BenchError(RuntimeError):
 
 
 class SetupError(BenchError):
-    """Retrying cannot help (for example, the stack cannot install dependencies at all)."""
+    """Retrying cannot help (for example, the stack runs code from before environments)."""
 
 
 @dataclass
@@ -137,6 +170,8 @@ class Row:
     #: The keys of the rows this one is divided by (the ratio columns), if any.
     floor: str | None = None
     sandbox_floor: str | None = None
+    #: Issue 7's target for this row's ratio to its floor, shown beside it.
+    target: str = ""
     times: list[float] = field(default_factory=list)
     #: What rgrid itself reported for each run (--json), to show where the wall time goes.
     reports: list[dict] = field(default_factory=list)
@@ -152,36 +187,54 @@ class Row:
         return min(self.times)
 
 
+@dataclass(frozen=True)
+class Mode:
+    """A way the CLI runs: against the stack, or the embedded default."""
+
+    name: str  # "stack" or "embedded"
+    label: str  # "against the stack" / "embedded default"
+    env: dict[str, str]
+
+
 @dataclass
 class Env:
-    """Everything the rows share: temp folders, the two CLI environments, images to remove."""
+    """Everything the rows share: temp folders, the two CLI modes, what to clean up."""
 
     root: Path
     embedded_env: dict[str, str]
     stack_env: dict[str, str]
     stack_kind: str
-    #: One warm script per mode, each new to this benchmark run (see :func:`warm_up`).
-    warm_embedded: Path = Path()
-    warm_stack: Path = Path()
-    warm_image: str = ""
-    #: One requirements set per mode for the edit loop with dependencies, and what the first
-    #: (untimed) run with it built: see :func:`deps_warm_up`.
-    edit_req_embedded: Path = Path()
-    edit_req_stack: Path = Path()
-    deps_warm_image: str = ""
-    deps_image: str = ""
-    #: pip's wheel, for the floor's Dockerfile (the runtime image has no pip).
+    #: The stack worker's environments folder (its data dir + environments), if known.
+    stack_environments: Path | None = None
+    #: The base URL of the local HTTP server that serves pad wheels (see :func:`pad_url`).
+    pad_base_url: str = ""
+    #: One warm script per mode, new to this benchmark run; the floors run the stack's file.
+    warm_script: dict[str, Path] = field(default_factory=dict)
+    #: One requirements set per mode for the edit loop, installed by the warm-up.
+    edit_requirements: dict[str, Path] = field(default_factory=dict)
+    #: The edit floor's dependency folder: the same packages, installed by uv with RGrid's
+    #: flags, bytecode compiled (see :func:`install_floor_deps`).
+    floor_deps: Path = Path()
+    #: pip's wheel, for the ``docker build`` floor's Dockerfile (the runtime image has no pip).
     pip_wheel: Path = Path()
     #: The untimed warm-up runs, kept only for their failures (reported with the table).
     warmup: Row = field(default_factory=lambda: Row("warm-up", "warm-up (untimed)"))
-    preexisting_tags: set[str] = field(default_factory=set)
-    made_exec_images: set[str] = field(default_factory=set)
-    made_deps_images: set[str] = field(default_factory=set)
     made_floor_images: set[str] = field(default_factory=set)
+    #: Environment folders this run's stack runs installed (removed at the end).
+    made_stack_environments: set[str] = field(default_factory=set)
+
+    @property
+    def modes(self) -> list[Mode]:
+        """The stack first: its rows are the headline."""
+        return [
+            Mode("stack", "against the stack", self.stack_env),
+            Mode("embedded", "embedded default", self.embedded_env),
+        ]
 
     @property
     def embedded_uv_cache(self) -> Path:
-        """Where the embedded default keeps uv's cache (rgrid/config.py: data dir/uv-cache)."""
+        """Where the embedded default keeps uv's cache (rgrid/config.py: data dir/uv-cache).
+        The bare uv floors use it too, so both sides find the same wheels."""
         return Path(self.embedded_env["RGRID_DATA_DIR"]) / "uv-cache"
 
 
@@ -196,9 +249,15 @@ def timed(
     check: bool = True,
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Run ``cmd`` to completion and return (seconds, completed process). Output is captured
-    rather than shown, so terminal speed is not part of the measurement."""
+    rather than shown, so terminal speed is not part of the measurement. A command that hangs
+    for ``COMMAND_TIMEOUT_S`` is a failed run, not a benchmark that never ends."""
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(
+            cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"`{shlex.join(cmd)}` still running after {COMMAND_TIMEOUT_S}s") from exc
     elapsed = time.perf_counter() - started
     if check:
         raise_for_exit(cmd, proc)
@@ -220,11 +279,13 @@ def docker_server_version() -> str:
     return output_of(["docker", "version", "--format", "{{.Server.Version}}"])
 
 
-def image_tags(repository: str) -> set[str]:
-    """Every image of ``repository`` present now, so cleanup removes only the ones this run
-    made."""
-    out = output_of(["docker", "images", repository, "--format", "{{.Repository}}:{{.Tag}}"])
-    return set(out.split())
+@functools.cache
+def docker_client():
+    """docker-py, for untimed bookkeeping only (waiting for RGrid's background work, cleanup):
+    every timed Docker command goes through the docker CLI, as a user would type it."""
+    import docker
+
+    return docker.from_env(timeout=120)
 
 
 # --- environments ---------------------------------------------------------------------------
@@ -399,9 +460,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def up_stack_environments() -> Path:
+    """The environments folder of the stack scripts/up.sh started: its worker's RGRID_DATA_DIR
+    (read from the running worker's environment), else the default data dir of this user, which
+    is what the worker uses when the variable is unset (scripts/dev.env does not set it)."""
+    from rgrid.config import Settings
+
+    data_dir = None
+    try:
+        pid = int(UP_WORKER_PID.read_text().strip())
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            name, _, value = item.partition(b"=")
+            if name == b"RGRID_DATA_DIR" and value:
+                data_dir = Path(value.decode())
+    except (OSError, ValueError):
+        pass
+    if data_dir is None:
+        return Settings().environments_dir
+    return data_dir / "environments"
+
+
+def start_pad_server(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """An HTTP server on loopback for the pad wheels of the PEP 723 rows: a PEP 723 block can
+    only name a package index or a URL (RGrid takes http(s) URLs, no local paths), and RGrid's
+    installs and ``uv run`` both run on this host, so both fetch the same tiny wheel from here.
+    """
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name="pad-server", daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @contextmanager
 def bench_env(stack_kind: str) -> Iterator[Env]:
-    """Temp folders and CLI environments; on the way out, every image and folder made here."""
+    """Temp folders, CLI environments and the pad server; on the way out, everything made here
+    (see :func:`cleanup`)."""
     root = Path(tempfile.mkdtemp(prefix="rgrid-bench-"))
     env = Env(
         root=root,
@@ -412,49 +510,122 @@ def bench_env(stack_kind: str) -> Iterator[Env]:
     try:
         with ExitStack() as stack:
             (root / "cwd").mkdir()  # the CLI writes ./rgrid-outputs/<id>/ under its cwd
-            env.warm_embedded = unique_script(root, "warm-embedded")
-            env.warm_stack = unique_script(root, "warm-stack")
-            env.edit_req_embedded = new_requirements(root, "edit-embedded")
-            env.edit_req_stack = new_requirements(root, "edit-stack")
-            env.preexisting_tags = image_tags(EXEC_REPOSITORY) | image_tags(DEPS_REPOSITORY)
+            (root / "pad-http").mkdir()
+            server, env.pad_base_url = start_pad_server(root / "pad-http")
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            for mode in ("stack", "embedded"):
+                env.warm_script[mode] = unique_script(root, f"warm-{mode}")
+                env.edit_requirements[mode] = new_requirements(root, f"edit-{mode}")
             env.pip_wheel = download_pip(root)
             if stack_kind == "private":
                 exports = stack.enter_context(private_stack(root))
+                env.stack_environments = root / "stack-data" / "environments"
             else:
                 exports = stack_exports()
+                env.stack_environments = up_stack_environments()
             env.stack_env = {**clean_environ(), **exports}
             yield env
     finally:
-        remove_images(env)
-        shutil.rmtree(root, ignore_errors=True)
+        cleanup(env)
 
 
-def remove_images(env: Env) -> None:
-    """Floor images are always ours. An rgrid-exec or rgrid-deps image is removed only if it
-    appeared during this run; rgrid-runtime is never touched. Images built on a dependency
-    image go first: Docker keeps a parent while a child uses it."""
-    made = {
-        ref
-        for ref in env.made_exec_images | env.made_deps_images
-        if ref.startswith((f"{EXEC_REPOSITORY}:", f"{DEPS_REPOSITORY}:"))
-    } - env.preexisting_tags
-    children = sorted({r for r in made if r.startswith(EXEC_REPOSITORY)} | env.made_floor_images)
-    parents = sorted(r for r in made if r.startswith(DEPS_REPOSITORY))
-    for refs in (children, parents):
-        if not refs:
-            continue
+def cleanup(env: Env) -> None:
+    """Remove what this run made: the floor images; every container that mounts something
+    under the temp root (the embedded default's and a private stack's warm sandboxes, bytecode
+    compiles); the environment folders this run's stack runs installed, with the stack's warm
+    sandboxes for them (sets nobody will run again); then the temp root. ``rgrid-runtime:*``
+    is never touched, nor any other container or folder of the stack."""
+    if env.made_floor_images:
+        refs = sorted(env.made_floor_images)
         proc = subprocess.run(["docker", "rmi", *refs], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(f"cleanup: docker rmi: {proc.stderr.strip()}", file=sys.stderr)
+    doomed = [env.root]
+    made = sorted(env.made_stack_environments)
+    if env.stack_environments is not None and env.stack_kind == "up":
+        doomed += [env.stack_environments / name for name in made]
+    containers = removed_envs = 0
+    try:
+        containers = remove_containers_mounting(doomed)
+        if env.stack_kind == "up" and env.stack_environments is not None:
+            from rgrid import environments
+
+            for name in made:
+                if (env.stack_environments / name).is_dir():
+                    environments.remove(env.stack_environments, name)
+                    removed_envs += 1
+    except Exception as exc:  # noqa: BLE001 - the temp root goes anyway; say what was left
+        print(f"cleanup: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(env.root, ignore_errors=True)
     print(
-        f"cleanup: removed {len(children) + len(parents)} image(s) made by this run",
+        f"cleanup: removed {len(env.made_floor_images)} floor image(s), {containers} "
+        f"container(s), {removed_envs} stack environment folder(s) and {env.root}",
         file=sys.stderr,
     )
 
 
+def remove_containers_mounting(paths: list[Path]) -> int:
+    """End every container (RGrid's, by its label) with a mount at or under one of ``paths``.
+    A warm sandbox is retired as RGrid retires it (claimed under a throwaway name first, so no
+    execution can be claiming it at that moment); anything else is removed by force."""
+    from rgrid import pool, sandbox
+    from rgrid.docker_engine import MANAGED_LABEL
+
+    client = docker_client()
+    prefixes = [str(p).rstrip("/") for p in paths]
+
+    def ours(container: dict) -> bool:
+        sources = [m.get("Source", "") for m in container.get("Mounts", [])]
+        return any(s == p or s.startswith(p + "/") for s in sources for p in prefixes)
+
+    count = 0
+    for container in client.api.containers(all=True, filters={"label": MANAGED_LABEL}):
+        if not ours(container):
+            continue
+        name = container["Names"][0].lstrip("/")
+        host_dir = container["Labels"].get(sandbox.HOST_DIR_LABEL)
+        try:
+            if name.startswith(sandbox.POOL_NAME_PREFIX) and host_dir:
+                pool.retire(client, sandbox.Box(name, container["Id"], Path(host_dir)))
+            else:
+                client.api.remove_container(container["Id"], force=True)
+            count += 1
+        except Exception as exc:  # noqa: BLE001 - cleanup goes on; say what was left
+            print(f"cleanup: container {name}: {exc}", file=sys.stderr)
+    return count
+
+
+def wait_for_compile(environment: str, timeout_s: float = 600) -> float:
+    """Wait (untimed) until RGrid's background bytecode compile of ``environment`` has ended
+    (rgrid/environments.py ``compile_bytecode``: a container that mounts the environment's
+    folder and runs compileall). A first run leaves one behind, and it must not land on the
+    next row's time. Compiles of other environments (tests, other users) are not waited for.
+    Returns the seconds waited."""
+    from rgrid.docker_engine import MANAGED_LABEL
+
+    filters = {"label": MANAGED_LABEL, "status": "running"}
+    started = time.perf_counter()
+    deadline = started + timeout_s
+
+    def compiling(container: dict) -> bool:
+        sources = [m.get("Source", "") for m in container.get("Mounts", [])]
+        return "compileall" in container.get("Command", "") and any(
+            Path(source).name == environment for source in sources
+        )
+
+    while time.perf_counter() < deadline:
+        if not any(compiling(c) for c in docker_client().api.containers(filters=filters)):
+            return time.perf_counter() - started
+        time.sleep(0.2)
+    print(f"  the bytecode compile of {environment} is still running; going on", file=sys.stderr)
+    return time.perf_counter() - started
+
+
 def download_pip(root: Path) -> Path:
     """pip's wheel, once per benchmark run (untimed): the runtime image has no pip, and the
-    floor's Dockerfile runs pip straight from the wheel."""
+    ``docker build`` floor's Dockerfile runs pip straight from the wheel."""
     folder = root / "pip"
     pip = [str(BIN / "pip"), "download", "pip", "--no-deps", "--quiet", "-d", str(folder)]
     proc = subprocess.run(pip, capture_output=True, text=True, check=False)
@@ -469,8 +640,8 @@ Sample = tuple[float, dict]
 
 
 def unique_script(root: Path, tag: str, body: str = SCRIPT) -> Path:
-    """The small script plus one comment line nobody has hashed before: the edit loop's one
-    changed line, and a guaranteed script-cache miss."""
+    """The script plus one comment line nobody has hashed before: the edit loop's one changed
+    line, and a guaranteed script-cache miss. Each in a folder of its own (``script.py``)."""
     folder = root / f"{tag}-{uuid.uuid4().hex[:12]}"
     folder.mkdir()
     path = folder / "script.py"
@@ -478,18 +649,19 @@ def unique_script(root: Path, tag: str, body: str = SCRIPT) -> Path:
     return path
 
 
-def new_requirements(root: Path, tag: str) -> Path:
-    """A requirements set nobody has installed before: numpy and six, plus a tiny package of a
-    new version from a new ``--find-links`` folder.
+def new_version() -> str:
+    return f"1.{int(uuid.uuid4().hex[:8], 16)}"
 
-    The folder alone would make a new dependency key (options are part of it) but the same
-    installed files, and Docker's layer cache would then skip the dependency image's COPY: a
-    miss for RGrid, a hit for Docker. The new version makes the installed files, hence the
-    layer, new as well, so every step of the cold path runs, while numpy stays the bulk."""
+
+def new_requirements(root: Path, tag: str) -> Path:
+    """A requirements set nobody has installed before: numpy and six, plus the pad package of a
+    new version from a new ``--find-links`` folder. The new version changes what is installed,
+    so no step anywhere (RGrid's environment folder, Docker's layer cache for the floor's pip
+    layer) can reuse an earlier set's work, while numpy stays the bulk."""
     folder = root / f"req-{tag}-{uuid.uuid4().hex[:12]}"
     wheels = folder / "wheels"
     wheels.mkdir(parents=True)
-    pad_wheel(wheels, f"1.{int(uuid.uuid4().hex[:8], 16)}")
+    pad_wheel(wheels, new_version())
     path = folder / "requirements.txt"
     path.write_text(f"numpy\nsix\n{PAD_PACKAGE}\n--find-links {wheels}\n")
     return path
@@ -521,75 +693,97 @@ def pad_wheel(folder: Path, version: str) -> Path:
     return path
 
 
+def pad_url(env: Env) -> str:
+    """A new version of the pad wheel on the local HTTP server: its URL, for a PEP 723 block."""
+    wheel = pad_wheel(env.root / "pad-http", new_version())
+    return f"{env.pad_base_url}/{wheel.name}"
+
+
+def pandas_script(env: Env, tag: str) -> Path:
+    """The PEP 723 pandas script with a new pad version: a set nobody has installed before."""
+    folder = env.root / f"{tag}-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    path = folder / "script.py"
+    path.write_text(PANDAS_SCRIPT.format(pad=PAD_PACKAGE, url=pad_url(env)))
+    return path
+
+
 def cli_run(
     env: Env,
+    mode: Mode,
     script: Path,
-    cli_env: dict[str, str],
-    expect_hit: bool | None,
+    *,
     requirements: Path | None = None,
-    expect_deps_hit: bool | None = None,
+    script_hit: bool | None = None,
+    deps_hit: bool | None = None,
+    with_deps: bool = False,
 ) -> Sample:
-    """One ``rgrid run --json``: wall time of the whole process and the JSON it printed. A run
-    that fails, or hits a cache when it should miss (or the reverse), is not a sample: its
-    time would measure something else. The images are recorded first, failed or not, so that
-    cleanup still finds them."""
+    """One ``rgrid run --json``: wall time of the whole process and the JSON it printed.
+
+    A run that fails, or hits a cache it should miss (or the reverse), is not a sample: its
+    time would measure something else. ``deps_hit`` None: no dependencies, or (``with_deps``)
+    some, hit or miss.
+    After a run that installed a set, untimed: the environment folder is recorded for cleanup,
+    RGrid's background bytecode compile is waited for (so it lands on no other row), and uv's
+    own timings are read from the execution's stored log."""
     cmd = [str(RGRID), "run", str(script), "--json"]
     if requirements is not None:
         cmd += ["-r", str(requirements)]
-    elapsed, proc = timed(cmd, env=cli_env, cwd=env.root / "cwd", check=False)
+    elapsed, proc = timed(cmd, env=mode.env, cwd=env.root / "cwd", check=False)
     report = last_json_line(proc.stdout)
-    env.made_exec_images.add(report.get("image_ref") or "")
-    env.made_deps_images.add(report.get("dependency_image") or "")
+    installed = report.get("deps_build_s") is not None
+    if installed and mode.name == "stack" and report.get("environment"):
+        env.made_stack_environments.add(report["environment"])
+    compile_wait = None
+    if installed and report.get("environment"):
+        compile_wait = wait_for_compile(report["environment"])
     raise_for_exit(cmd, proc)
+    if "image_ref" in report or "environment" not in report:
+        raise SetupError(
+            f"the {mode.label} runs RGrid from before environments (issue 7): its --json has "
+            "image_ref or lacks environment. Restart the stack (`make down && make up`) or run "
+            f"the benchmark with --stack private. Report: {report}"
+        )
     if report.get("status") != "succeeded" or not report.get("outputs_dir"):
         raise BenchError(f"rgrid run did not succeed with an output: {report}")
-    if expect_hit is not None and bool(report.get("script_cache_hit")) != expect_hit:
-        raise BenchError(f"expected a script cache {'hit' if expect_hit else 'miss'}: {report}")
-    if requirements is None:
+    if script_hit is not None and bool(report.get("script_cache_hit")) != script_hit:
+        raise BenchError(f"expected a script cache {'hit' if script_hit else 'miss'}: {report}")
+    has_deps = report.get("dependency_hash") not in (None, EMPTY_HASH)
+    if deps_hit is None and not with_deps:
+        if has_deps:
+            raise BenchError(f"a script without dependencies had some: {report}")
         return elapsed, report
-    if "deps_build_s" not in report or report.get("dependency_hash") in (None, EMPTY_HASH):
-        raise SetupError(
-            "the requirements were ignored: this RGrid (the stack's API or worker?) predates "
-            "dependency support. Restart the stack (`make down && make up`) or run the "
-            f"benchmark with --stack private. Report: {report}"
-        )
-    if expect_deps_hit is not None:
-        if bool(report.get("dependency_cache_hit")) != expect_deps_hit:
-            raise BenchError(
-                f"expected a dependency cache {'hit' if expect_deps_hit else 'miss'}: {report}"
-            )
-        if not expect_deps_hit and report.get("deps_build_s") is None:
-            raise BenchError(f"a dependency cache miss that installed nothing: {report}")
-    return elapsed, {**report, **uv_phases(proc.stderr, report.get("deps_build_s"))}
+    if not has_deps:
+        raise SetupError(f"the {mode.label} ignored the script's dependencies: {report}")
+    if deps_hit is not None and bool(report.get("dependency_cache_hit")) != deps_hit:
+        raise BenchError(f"expected a dependency cache {'hit' if deps_hit else 'miss'}: {report}")
+    if deps_hit is False and not installed:
+        raise BenchError(f"a dependency cache miss that installed nothing: {report}")
+    if installed:
+        report = {**report, **uv_timings(mode, report["execution_id"])}
+        if compile_wait is not None:
+            report["compile_after_s"] = compile_wait
+    return elapsed, report
 
-
-#: The parts of RGrid's dependency work that :func:`uv_phases` tells apart.
-PHASES = ("resolve_s", "install_s", "image_s")
 
 #: uv's own summary lines: "Resolved 3 packages in 162ms", "Installed 3 packages in 1.02s".
-_UV_TIMING = re.compile(
-    r"\b(?:Resolved|Prepared|Installed|Uninstalled) \d+ packages? in ([\d.]+)(ms|s)\b"
-)
+_UV_TIMING = re.compile(r"\b(Resolved|Prepared|Installed) \d+ packages? in ([\d.]+)(ms|s)\b")
+_UV_KEYS = {"Resolved": "uv_resolved_s", "Prepared": "uv_prepared_s", "Installed": "uv_installed_s"}
 
 
-def uv_phases(log: str, deps_build_s: float | None) -> dict[str, float]:
-    """Split RGrid's dependency work using the log it streams: uv's own timings under the
-    pipeline's "resolving dependencies" and "installing N packages" notes, and the dependency
-    image build as the rest of ``deps_build_s`` (which starts after the resolve)."""
-    phase, spent = None, {"resolve_s": 0.0, "install_s": 0.0}
-    for line in log.splitlines():
-        if "resolving dependencies" in line:
-            phase = "resolve_s"
-        elif re.search(r"installing \d+ packages", line):
-            phase = "install_s"
-        elif "building dependency image" in line:
-            phase = None
-        match = _UV_TIMING.search(line)
-        if phase and match:
-            spent[phase] += float(match[1]) / (1000 if match[2] == "ms" else 1)
-    found = {name: value for name, value in spent.items() if value > 0}
-    if deps_build_s is not None and "install_s" in found:
-        found["image_s"] = max(deps_build_s - found["install_s"], 0.0)
+def uv_timings(mode: Mode, execution_id: str) -> dict[str, float]:
+    """uv's own timings of RGrid's one install command, from the execution's stored log (the
+    ``detail`` stream, which ``rgrid logs`` prints): read after the run, untimed."""
+    cmd = [str(RGRID), "logs", execution_id, "--no-follow"]
+    proc = subprocess.run(cmd, env=mode.env, capture_output=True, text=True, check=False)
+    return parse_uv_timings(proc.stdout + proc.stderr)
+
+
+def parse_uv_timings(log: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for match in _UV_TIMING.finditer(log):
+        key = _UV_KEYS[match[1]]
+        found[key] = found.get(key, 0.0) + float(match[2]) / (1000 if match[3] == "ms" else 1)
     return found
 
 
@@ -602,10 +796,38 @@ def last_json_line(stdout: str) -> dict:
         return {}
 
 
-def bare_run(image: str, sandboxed: bool) -> Sample:
-    """The floor: the same image and command through the docker CLI, nothing around it."""
+def writable_outputs(folder: Path) -> Path:
+    """An ``outputs`` folder the runtime image's user can write, for a floor's bind mount."""
+    outputs = folder / "outputs"
+    outputs.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(outputs, SANDBOX_UID, SANDBOX_UID)
+    else:
+        outputs.chmod(0o777)
+    return outputs
+
+
+def bare_run(
+    script: Path,
+    *,
+    image: str = RUNTIME_IMAGE,
+    deps: Path | None = None,
+    sandboxed: bool = False,
+    in_image: bool = False,
+) -> Sample:
+    """The floor: ``docker run --rm --network none`` of the runtime image with the script
+    bind-mounted read-only at /work/script.py and a writable /work/outputs (RGrid's sandbox has
+    both at the same paths), optionally with a dependency folder mounted read-only at RGrid's
+    path and put on PYTHONPATH, as RGrid does. ``in_image``: the script is already in the image
+    (the ``docker build`` floor), so only the outputs folder is mounted."""
     flags = SANDBOX_FLAGS if sandboxed else ["--network", "none"]
-    elapsed, _ = timed(["docker", "run", "--rm", *flags, image, "python3", SCRIPT_PATH])
+    mounts = ["-v", f"{writable_outputs(script.parent)}:{WORK_DIR}/outputs"]
+    if not in_image:
+        mounts += ["-v", f"{script}:{SCRIPT_IN_WORK}:ro"]
+    if deps is not None:
+        mounts += ["-v", f"{deps}:{DEPS_MOUNT}:ro", "-e", f"PYTHONPATH={DEPS_MOUNT}"]
+    target = SCRIPT_IN_IMAGE if in_image else SCRIPT_IN_WORK
+    elapsed, _ = timed(["docker", "run", "--rm", *flags, *mounts, image, "python3", target])
     return elapsed, {}
 
 
@@ -617,8 +839,8 @@ def cli_start() -> Sample:
 
 
 def bare_build(env: Env, context: Path) -> tuple[float, str]:
-    """``docker build`` of ``context`` on the classic builder, as RGrid builds. The tag is
-    recorded before the build so that even a half-finished build gets cleaned up."""
+    """``docker build`` of ``context`` on the classic builder. The tag is recorded before the
+    build so that even a half-finished build gets cleaned up."""
     tag = f"{FLOOR_REPOSITORY}:{uuid.uuid4().hex[:12]}"
     env.made_floor_images.add(tag)
     build = ["docker", "build", "-q", "--force-rm", "-t", tag, str(context)]
@@ -626,27 +848,19 @@ def bare_build(env: Env, context: Path) -> tuple[float, str]:
     return build_s, tag
 
 
-def bare_build_and_run(env: Env, base: str = RUNTIME_IMAGE, body: str = SCRIPT) -> Sample:
-    """The cold floor: a one-line COPY Dockerfile on ``base``, then one run."""
-    script = unique_script(env.root, "floor", body)
-    (script.parent / "Dockerfile").write_text(f"FROM {base}\nCOPY script.py {SCRIPT_PATH}\n")
-    build_s, tag = bare_build(env, script.parent)
-    run_s, _ = bare_run(tag, sandboxed=False)
-    return build_s + run_s, {"build_s": build_s, "run_s": run_s}
-
-
 def bare_deps_build_and_run(env: Env) -> Sample:
-    """The cold floor with dependencies: what one would write without RGrid, a Dockerfile that
-    pip-installs the same requirements.txt (a new set, as for RGrid) and copies the script, on
-    the classic builder, then one run. The CA bundle and pip's wheel are the same bytes every
-    time, so their layers come from Docker's cache after the first build; the requirements
-    layer is new every time, and with it everything after."""
+    """The new-set floor: what one would write without RGrid, a Dockerfile that pip-installs
+    the same requirements.txt (a new set, as for RGrid) and copies the script, on the classic
+    builder, then one run. The CA bundle and pip's wheel are the same bytes every time, so
+    their layers come from Docker's cache after the first build; the requirements layer is new
+    every time, and with it everything after."""
     requirements = new_requirements(env.root, "floor")
     context = requirements.parent
     wheels = context / "wheels"
     shutil.copy(CA_BUNDLE, context / "ca.crt")
     shutil.copy(env.pip_wheel, context / env.pip_wheel.name)
-    shutil.copy(unique_script(env.root, "floor-deps", DEPS_SCRIPT), context / "script.py")
+    script = context / "script.py"
+    shutil.copy(unique_script(env.root, "floor-deps", DEPS_SCRIPT), script)
     pip = f"/tmp/{env.pip_wheel.name}/pip"
     (context / "Dockerfile").write_text(
         f"FROM {RUNTIME_IMAGE}\n"
@@ -659,109 +873,138 @@ def bare_deps_build_and_run(env: Env) -> Sample:
         "RUN PIP_CERT=/tmp/ca.crt SSL_CERT_FILE=/tmp/ca.crt python3 "
         f"{pip} install --no-cache-dir --break-system-packages --root-user-action=ignore "
         "--disable-pip-version-check -r /tmp/requirements.txt\n"
-        "USER 1000:1000\n"
-        f"COPY script.py {SCRIPT_PATH}\n"
+        f"USER {SANDBOX_UID}:{SANDBOX_UID}\n"
+        f"COPY script.py {SCRIPT_IN_IMAGE}\n"
     )
     build_s, tag = bare_build(env, context)
-    run_s, _ = bare_run(tag, sandboxed=False)
-    return build_s + run_s, {"build_s": build_s, "run_s": run_s}
+    run_s, _ = bare_run(script, image=tag, in_image=True)
+    return build_s + run_s, {"docker_build_s": build_s, "docker_run_s": run_s}
+
+
+@functools.cache
+def rgrid_uv_settings() -> dict[str, str]:
+    """The settings RGrid gives uv (the host's pip configuration translated,
+    rgrid/dependencies.py): the bare uv floors get exactly the same."""
+    from rgrid.dependencies import uv_environment
+
+    return dict(uv_environment())
 
 
 def uv_env(cache_dir: Path) -> dict[str, str]:
-    return {**clean_environ(), "UV_CACHE_DIR": str(cache_dir), "NO_COLOR": "1"}
+    return {
+        **clean_environ(),
+        **rgrid_uv_settings(),
+        "UV_CACHE_DIR": str(cache_dir),
+        "NO_COLOR": "1",
+    }
 
 
 def bare_uv_install(env: Env, cache_dir: Path) -> Sample:
     """The install floor: ``uv venv`` + ``uv pip install -r`` of a new requirements set on the
-    host (resolve and install; uv's default link mode), with the given uv cache."""
+    host (resolve and install; uv's defaults), with the given uv cache."""
     requirements = new_requirements(env.root, "uv")
     folder, venv = requirements.parent, requirements.parent / "venv"
     uv = uv_env(cache_dir)
     venv_s, _ = timed([str(UV), "venv", "--python", PYTHON_VERSION, str(venv)], env=uv, cwd=folder)
     install = [str(UV), "pip", "install", "--python", str(venv / "bin" / "python")]
     install_s, _ = timed([*install, "-r", str(requirements)], env=uv, cwd=folder)
-    return venv_s + install_s, {"venv_s": venv_s, "install_s": install_s}
+    return venv_s + install_s, {"venv_s": venv_s, "uv_install_s": install_s}
 
 
-def steps_by_hand(env: Env) -> Sample:
-    """Diagnostic: RGrid's three dependency steps as bare commands with its arguments
-    (rgrid/dependencies.py, rgrid/builder.py) and the embedded default's warm uv cache:
-    ``uv pip compile``, ``uv pip install --target``, ``docker build`` of one COPY layer."""
-    requirements = new_requirements(env.root, "hand")
-    folder = requirements.parent
-    uv = uv_env(env.embedded_uv_cache)
-    target = ["--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM]
-    target += ["--only-binary", ":all:"]
-    compile_ = [str(UV), "pip", "compile", str(requirements), "--no-header", "--no-annotate"]
-    resolve_s, proc = timed([*compile_, *target], env=uv, cwd=folder)
-    pinned = [line.strip() for line in proc.stdout.splitlines()]
-    pinned = [line for line in pinned if line and not line.startswith(("#", "-"))]
-    options = [line for line in requirements.read_text().splitlines() if line.startswith("-")]
-    (folder / "pinned.txt").write_text("\n".join([*options, *pinned]) + "\n")
-    context = folder / "image"
-    install = [str(UV), "pip", "install", "--target", str(context / "deps"), "--no-deps"]
-    install += ["--link-mode", "copy", "--no-compile", *target, "-r", str(folder / "pinned.txt")]
-    install_s, _ = timed(install, env=uv, cwd=folder)
-    (context / "deps" / ".lock").unlink(missing_ok=True)  # RGrid leaves uv's lock file out
-    (context / "Dockerfile").write_text(f"FROM {RUNTIME_IMAGE}\nCOPY deps/ {SITE_PACKAGES}/\n")
-    image_s, _ = bare_build(env, context)
-    return resolve_s + install_s + image_s, {
-        "resolve_s": resolve_s,
-        "install_s": install_s,
-        "image_s": image_s,
-    }
+def bare_uv_run(env: Env) -> Sample:
+    """The PEP 723 floor: ``uv run script.py`` on the host, in the script's own folder, with
+    the embedded default's (warm) uv cache. The block names a new pad version, so uv creates
+    and fills a new environment every time, as RGrid installs a new set."""
+    script = pandas_script(env, "uv-run")
+    cmd = [str(UV), "run", "--python", PYTHON_VERSION, str(script)]
+    elapsed, _ = timed(cmd, env=uv_env(env.embedded_uv_cache), cwd=script.parent)
+    if not (script.parent / "outputs" / "result.txt").is_file():
+        raise BenchError(f"`uv run` of {script} wrote no output")
+    return elapsed, {}
+
+
+def install_floor_deps(env: Env) -> Path:
+    """The edit floor's dependency folder, once (untimed): the same packages as the edit loop's
+    set, installed by uv with RGrid's command line (rgrid/dependencies.py) from the embedded
+    default's warm cache, then compiled to bytecode with the runtime's interpreter, as RGrid
+    compiles its folders in the background. Without the bytecode the floor would compile numpy
+    on every import (read-only mount) and flatter RGrid."""
+    requirements = new_requirements(env.root, "edit-floor")
+    target = requirements.parent / "deps"
+    install = [str(UV), "pip", "install", "--target", str(target), "--link-mode", "hardlink"]
+    install += ["--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM]
+    install += ["--only-binary", ":all:", "-r", str(requirements)]
+    timed(install, env=uv_env(env.embedded_uv_cache), cwd=requirements.parent)
+    (target / ".lock").unlink(missing_ok=True)
+    compile_ = ["docker", "run", "--rm", "--network", "none", "--user", "0:0"]
+    compile_ += ["-v", f"{target}:{DEPS_MOUNT}", RUNTIME_IMAGE]
+    timed([*compile_, "python3", "-m", "compileall", "-q", "-j", "0", DEPS_MOUNT])
+    return target
+
+
+# --- warm-ups ---------------------------------------------------------------------------------
 
 
 def warm_up(env: Env) -> None:
-    """One untimed pass over the warm rows (a build for each CLI row), so that every timed warm
-    run is a cache hit on an engine with the image's layers in the page cache.
-
-    Each mode gets its own script, new to this run: the embedded account and the stack's account
-    can have the same id, hence the same image tag for the same script, and a second build would
-    leave the first image dangling where cleanup cannot see it. A new script also means every
-    rgrid-exec image this run reports is one it made, and can remove."""
+    """Untimed, before section 1: each mode's warm script once (a script cache miss, which
+    also starts the warm pool's sandbox for the runtime), and both floors once, so every timed
+    run is a cache hit on an engine with the image's layers in the page cache. Each mode has a
+    script of its own, new to this run."""
     row = env.warmup
-    _, report = measure_with_retries(
-        row, lambda: cli_run(env, env.warm_embedded, env.embedded_env, expect_hit=None)
-    )
-    env.warm_image = report["image_ref"]
-    _, report = measure_with_retries(
-        row, lambda: cli_run(env, env.warm_stack, env.stack_env, expect_hit=None)
-    )
-    if "deps_build_s" not in report:
-        raise SetupError(
-            "the stack predates dependency support (its executions have no deps_build_s): "
-            "restart it (`make down && make up`) or run the benchmark with --stack private"
-        )
-    measure_with_retries(row, lambda: bare_run(env.warm_image, sandboxed=False))
-    measure_with_retries(row, lambda: bare_run(env.warm_image, sandboxed=True))
+    for mode in env.modes:
+        script = env.warm_script[mode.name]
+        measure_with_retries(row, lambda m=mode, s=script: cli_run(env, m, s))
+    floor_script = env.warm_script["stack"]
+    measure_with_retries(row, lambda: bare_run(floor_script))
+    measure_with_retries(row, lambda: bare_run(floor_script, sandboxed=True))
 
 
-def deps_warm_up(env: Env, first: Row) -> None:
-    """Untimed: per mode, the edit loop's requirements set is installed (the embedded one on a
-    fresh data dir, so uv's cache is cold: kept in ``first`` as context) and one edited script
-    runs on it, so the timed edit loop only ever hits the dependency cache. This also fills each
-    mode's uv cache, so that the timed cold runs find numpy's wheel there, as on any host that
-    has installed it once."""
+def edit_warm_up(env: Env, first: Row) -> None:
+    """Untimed, before section 2: each mode installs its edit-loop set (the embedded one on
+    its fresh data dir, so with uv's cache empty: kept in ``first`` as context), then runs one
+    more edited script on it, so the timed edit loop only ever hits the dependency cache with
+    the bytecode compiled and a warm sandbox waiting. This also fills each mode's uv cache with
+    numpy and six, as on any host that has installed them once. Then the floor's folder."""
     row = env.warmup
-
-    def deps_run(cli_env: dict[str, str], requirements: Path, hit: bool | None) -> Measure:
-        script = unique_script(env.root, "deps-warm", DEPS_SCRIPT)
-        return lambda: cli_run(env, script, cli_env, None, requirements, expect_deps_hit=hit)
-
-    elapsed, report = measure_with_retries(
-        row, deps_run(env.embedded_env, env.edit_req_embedded, False)
-    )
-    first.times.append(report["deps_build_s"])
-    first.reports.append({k: report[k] for k in PHASES if k in report})
-    env.deps_warm_image = report["image_ref"]
-    env.deps_image = report["dependency_image"]
-    measure_with_retries(row, deps_run(env.stack_env, env.edit_req_stack, None))
-    measure_with_retries(row, deps_run(env.embedded_env, env.edit_req_embedded, True))
-    measure_with_retries(row, deps_run(env.stack_env, env.edit_req_stack, True))
-    measure_with_retries(row, lambda: bare_run(env.deps_warm_image, sandboxed=False))
+    for mode in reversed(env.modes):  # the embedded default first: its uv cache is empty
+        requirements = env.edit_requirements[mode.name]
+        # The first run installs the set (a retry after a failed run may find it installed);
+        # the second must find it.
+        for hit in (None, True):
+            script = unique_script(env.root, f"edit-warm-{mode.name}", DEPS_SCRIPT)
+            _, report = measure_with_retries(
+                row,
+                lambda m=mode, s=script, r=requirements, h=hit: cli_run(
+                    env, m, s, requirements=r, deps_hit=h, with_deps=True
+                ),
+            )
+            if (
+                mode.name == "embedded"
+                and report.get("deps_build_s") is not None
+                and not first.times
+            ):
+                first.times.append(report["deps_build_s"])
+                first.reports.append(report)
     if not env.embedded_uv_cache.is_dir():
         raise SetupError(f"the embedded default's uv cache is not at {env.embedded_uv_cache}")
+    env.floor_deps = install_floor_deps(env)
+    script = unique_script(env.root, "edit-warm-floor", DEPS_SCRIPT)
+    measure_with_retries(row, lambda: bare_run(script, deps=env.floor_deps))
+
+
+def pep723_warm_up(env: Env) -> None:
+    """Untimed, before section 5: one first run per side, which downloads pandas into each uv
+    cache (the stack's, and the embedded default's that ``uv run`` shares), so that the timed
+    runs find every wheel there, as on a host that has installed pandas once."""
+    row = env.warmup
+    for mode in env.modes:
+        measure_with_retries(
+            row,
+            lambda m=mode: cli_run(
+                env, m, pandas_script(env, f"pep723-warm-{m.name}"), deps_hit=False
+            ),
+        )
+    measure_with_retries(row, lambda: bare_uv_run(env))
 
 
 # --- rows and rounds -------------------------------------------------------------------------
@@ -771,183 +1014,178 @@ Measure = Callable[[], Sample]
 #: Attempts per sample before the benchmark gives up (see :func:`measure_with_retries`).
 MAX_ATTEMPTS = 3
 
-FLOOR = "floor"
-SANDBOX_FLOOR = "sandbox-floor"
-COLD_FLOOR = "cold-floor"
-DEPS_COLD_FLOOR = "deps-cold-floor"
-EDIT_FLOOR = "deps-edit-floor"
+FLOOR = "warm-floor"
+SANDBOX_FLOOR = "warm-sandbox-floor"
+EDIT_FLOOR = "edit-floor"
+EDIT_SANDBOX_FLOOR = "edit-sandbox-floor"
+NEW_SET_FLOOR = "new-set-floor"
 UV_FLOOR = "uv-floor"
+UV_RUN_FLOOR = "uv-run-floor"
+
+#: Issue 7's targets (ratio of the median to the floor's median), by row key.
+TARGETS = {
+    "warm-stack": "≤ 1.0×",
+    "warm-embedded": "≤ 1.2×",
+    "edit-stack": "≤ 1.1×",
+    "new-set-stack": "≤ 0.1×",
+    "install-stack": "≤ 1.5×",
+    "pep723-stack": "≤ 1.5×",
+}
+
+
+def rgrid_row(key: str, label: str, floor: str, sandbox_floor: str | None = None) -> Row:
+    return Row(key, label, floor=floor, sandbox_floor=sandbox_floor, target=TARGETS.get(key, ""))
 
 
 def warm_rows(env: Env) -> list[tuple[Row, Measure]]:
-    image = env.warm_image
-
-    def row(key: str, label: str) -> Row:
-        return Row(key, label, floor=FLOOR, sandbox_floor=SANDBOX_FLOOR)
-
-    return [
+    """Section 1: the same script, every cache hit, next to a bare ``docker run`` of it."""
+    floor_script = env.warm_script["stack"]
+    rows: list[tuple[Row, Measure]] = [
         (
-            row(FLOOR, "floor: `docker run --rm --network none` IMAGE"),
-            lambda: bare_run(image, sandboxed=False),
+            Row(FLOOR, "floor: `docker run --rm --network none`, script bind-mounted", FLOOR),
+            lambda: bare_run(floor_script),
         ),
         (
-            row(SANDBOX_FLOOR, "floor: `docker run --rm` + RGrid's sandbox flags"),
-            lambda: bare_run(image, sandboxed=True),
-        ),
-        (
-            row("warm-embedded", "`rgrid run`, embedded default"),
-            lambda: cli_run(env, env.warm_embedded, env.embedded_env, expect_hit=True),
-        ),
-        (
-            row("warm-stack", "`rgrid run`, against the stack"),
-            lambda: cli_run(env, env.warm_stack, env.stack_env, expect_hit=True),
-        ),
-        (row("cli-start", "diagnostic: `rgrid --version` (CLI start-up only)"), cli_start),
-    ]
-
-
-def cold_rows(env: Env) -> list[tuple[Row, Measure]]:
-    def cold(cli_env: dict[str, str], tag: str) -> Measure:
-        return lambda: cli_run(env, unique_script(env.root, tag), cli_env, expect_hit=False)
-
-    return [
-        (
-            Row(
-                COLD_FLOOR,
-                "floor: `DOCKER_BUILDKIT=0 docker build` + `docker run --rm`",
-                floor=COLD_FLOOR,
-            ),
-            lambda: bare_build_and_run(env),
-        ),
-        (
-            Row("cold-embedded", "`rgrid run` new script, embedded default", floor=COLD_FLOOR),
-            cold(env.embedded_env, "emb"),
-        ),
-        (
-            Row("cold-stack", "`rgrid run` new script, against the stack", floor=COLD_FLOOR),
-            cold(env.stack_env, "stack"),
+            Row(SANDBOX_FLOOR, "floor + RGrid's sandbox flags", FLOOR, SANDBOX_FLOOR),
+            lambda: bare_run(floor_script, sandboxed=True),
         ),
     ]
+    for mode in env.modes:
+        script = env.warm_script[mode.name]
+        rows.append(
+            (
+                rgrid_row(f"warm-{mode.name}", f"`rgrid run`, {mode.label}", FLOOR, SANDBOX_FLOOR),
+                lambda m=mode, s=script: cli_run(env, m, s, script_hit=True),
+            )
+        )
+    rows.append(
+        (Row("cli-start", "diagnostic: `rgrid --version` (CLI start-up only)", FLOOR), cli_start)
+    )
+    return rows
 
 
-def deps_cold_rows(env: Env) -> list[tuple[Row, Measure]]:
-    """Section 4 (a new requirements set every time), and section 6's two bare rows, timed in
-    the same rounds so that they see the same machine."""
+def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
+    """Section 2: numpy + six cached, the script changed by one line every run; the floor runs
+    the same kind of new script with the same packages mounted the same way."""
 
-    def cold(cli_env: dict[str, str], tag: str) -> Measure:
+    def floor(sandboxed: bool) -> Measure:
         def measure() -> Sample:
-            script = unique_script(env.root, tag, DEPS_SCRIPT)
-            requirements = new_requirements(env.root, tag)
-            return cli_run(env, script, cli_env, False, requirements, expect_deps_hit=False)
+            script = unique_script(env.root, "edit-floor", DEPS_SCRIPT)
+            return bare_run(script, deps=env.floor_deps, sandboxed=sandboxed)
 
         return measure
 
-    return [
+    def edit(mode: Mode) -> Measure:
+        def measure() -> Sample:
+            script = unique_script(env.root, f"edit-{mode.name}", DEPS_SCRIPT)
+            requirements = env.edit_requirements[mode.name]
+            return cli_run(
+                env, mode, script, requirements=requirements, script_hit=False, deps_hit=True
+            )
+
+        return measure
+
+    rows: list[tuple[Row, Measure]] = [
         (
             Row(
-                DEPS_COLD_FLOOR,
-                "floor: `docker build` (`RUN pip install -r requirements.txt`) + `docker run`",
-                floor=DEPS_COLD_FLOOR,
+                EDIT_FLOOR,
+                f"floor: `docker run --rm --network none -v DEPS:{DEPS_MOUNT}:ro "
+                f"-e PYTHONPATH={DEPS_MOUNT}`, new script",
+                EDIT_FLOOR,
+            ),
+            floor(False),
+        ),
+        (
+            Row(
+                EDIT_SANDBOX_FLOOR, "floor + RGrid's sandbox flags", EDIT_FLOOR, EDIT_SANDBOX_FLOOR
+            ),
+            floor(True),
+        ),
+    ]
+    for mode in env.modes:
+        label = f"`rgrid run -r` edited script, {mode.label}"
+        row = rgrid_row(f"edit-{mode.name}", label, EDIT_FLOOR, EDIT_SANDBOX_FLOOR)
+        rows.append((row, edit(mode)))
+    return rows
+
+
+def new_set_rows(env: Env) -> list[tuple[Row, Measure]]:
+    """Section 3 (a new requirements set every time), and section 4's bare uv row, timed in
+    the same rounds so that they see the same machine."""
+
+    def new_set(mode: Mode) -> Measure:
+        def measure() -> Sample:
+            script = unique_script(env.root, f"new-set-{mode.name}", DEPS_SCRIPT)
+            requirements = new_requirements(env.root, f"new-set-{mode.name}")
+            return cli_run(
+                env, mode, script, requirements=requirements, script_hit=False, deps_hit=False
+            )
+
+        return measure
+
+    rows: list[tuple[Row, Measure]] = [
+        (
+            Row(
+                NEW_SET_FLOOR,
+                "floor: `DOCKER_BUILDKIT=0 docker build` (`RUN pip install -r "
+                "requirements.txt`) + `docker run`",
+                NEW_SET_FLOOR,
             ),
             lambda: bare_deps_build_and_run(env),
         ),
-        (
-            Row(
-                "deps-cold-embedded",
-                "`rgrid run -r` new requirements, embedded default",
-                floor=DEPS_COLD_FLOOR,
-            ),
-            cold(env.embedded_env, "deps-emb"),
-        ),
-        (
-            Row(
-                "deps-cold-stack",
-                "`rgrid run -r` new requirements, against the stack",
-                floor=DEPS_COLD_FLOOR,
-            ),
-            cold(env.stack_env, "deps-stack"),
-        ),
+    ]
+    for mode in env.modes:
+        label = f"`rgrid run -r` new requirements, {mode.label}"
+        rows.append((rgrid_row(f"new-set-{mode.name}", label, NEW_SET_FLOOR), new_set(mode)))
+    rows.append(
         (
             Row(
                 UV_FLOOR,
                 "floor: `uv venv` + `uv pip install -r` on the host, uv cache warm",
-                floor=UV_FLOOR,
+                UV_FLOOR,
             ),
             lambda: bare_uv_install(env, env.embedded_uv_cache),
-        ),
-        (
-            Row(
-                "deps-by-hand",
-                "diagnostic: RGrid's steps by hand: `uv pip compile` + "
-                "`uv pip install --target` + `docker build` (COPY)",
-                floor=UV_FLOOR,
-            ),
-            lambda: steps_by_hand(env),
-        ),
-    ]
+        )
+    )
+    return rows
 
 
-def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
-    def edit(cli_env: dict[str, str], requirements: Path, tag: str) -> Measure:
-        def measure() -> Sample:
-            script = unique_script(env.root, tag, DEPS_SCRIPT)
-            return cli_run(env, script, cli_env, False, requirements, expect_deps_hit=True)
-
-        return measure
-
-    return [
-        (
-            Row(
-                EDIT_FLOOR,
-                "floor: `docker run --rm --network none` IMAGE (with numpy)",
-                floor=EDIT_FLOOR,
-            ),
-            lambda: bare_run(env.deps_warm_image, sandboxed=False),
-        ),
-        (
-            Row(
-                "deps-edit-floor-build",
-                "floor + build: `docker build` (COPY script onto the rgrid-deps image) + run",
-                floor=EDIT_FLOOR,
-            ),
-            lambda: bare_build_and_run(env, base=env.deps_image, body=DEPS_SCRIPT),
-        ),
-        (
-            Row(
-                "deps-edit-embedded",
-                "`rgrid run -r` edited script, embedded default",
-                floor=EDIT_FLOOR,
-            ),
-            edit(env.embedded_env, env.edit_req_embedded, "edit-emb"),
-        ),
-        (
-            Row(
-                "deps-edit-stack",
-                "`rgrid run -r` edited script, against the stack",
-                floor=EDIT_FLOOR,
-            ),
-            edit(env.stack_env, env.edit_req_stack, "edit-stack"),
-        ),
-    ]
-
-
-def install_rows(deps_cold: list[Row], first: Row, uv_cold: Row) -> list[Row]:
-    """Section 6: RGrid's ``deps_build_s`` (install + dependency image) from section 4's runs,
-    next to section 4's bare uv rows, with the log-derived split of each run's time."""
-    by_key = {row.key: row for row in deps_cold}
+def install_rows(env: Env, new_set: list[Row], first: Row, uv_cold: Row) -> list[Row]:
+    """Section 4: RGrid's ``deps_build_s`` from section 3's runs next to section 3's bare uv
+    row, with uv's own timings from each run's log; then the cold-cache context rows."""
+    by_key = {row.key: row for row in new_set}
     rows = [by_key[UV_FLOOR]]
-    for mode, label in (("embedded", "embedded default"), ("stack", "against the stack")):
-        source = by_key[f"deps-cold-{mode}"]
+    for mode in env.modes:
+        source = by_key.get(f"new-set-{mode.name}")
+        if source is None:
+            continue
+        key = f"install-{mode.name}"
+        row = rgrid_row(key, f"RGrid `deps_build_s`, {mode.label}", UV_FLOOR)
+        row.times = [r["deps_build_s"] for r in source.reports]
+        row.reports = [{k: v for k, v in r.items() if k.startswith("uv_")} for r in source.reports]
+        rows.append(row)
+    return [*rows, *(row for row in (uv_cold, first) if row.times)]
+
+
+def pep723_rows(env: Env) -> list[tuple[Row, Measure]]:
+    """Section 5: the first run of a PEP 723 pandas script (a new set every time, for both)."""
+    rows: list[tuple[Row, Measure]] = [
+        (
+            Row(UV_RUN_FLOOR, "floor: `uv run script.py` on the host, uv cache warm", UV_RUN_FLOOR),
+            lambda: bare_uv_run(env),
+        ),
+    ]
+    for mode in env.modes:
+        label = f"`rgrid run` PEP 723 script, first run, {mode.label}"
         rows.append(
-            Row(
-                f"deps-install-{mode}",
-                f"RGrid `deps_build_s` (install + dependency image), {label}",
-                floor=UV_FLOOR,
-                times=[r["deps_build_s"] for r in source.reports],
-                reports=[{k: r[k] for k in PHASES if k in r} for r in source.reports],
+            (
+                rgrid_row(f"pep723-{mode.name}", label, UV_RUN_FLOOR),
+                lambda m=mode: cli_run(
+                    env, m, pandas_script(env, f"pep723-{m.name}"), script_hit=False, deps_hit=False
+                ),
             )
         )
-    return [*rows, by_key["deps-by-hand"], uv_cold, first]
+    return rows
 
 
 def run_rounds(cases: list[tuple[Row, Measure]], repeat: int, title: str) -> None:
@@ -980,14 +1218,17 @@ def measure_with_retries(row: Row, measure: Measure) -> Sample:
 
 #: Self-reported timings shown in the last column, in this order: (report key, label).
 OWN_TIMINGS = (
-    ("resolve_s", "resolve"),
-    ("install_s", "install"),
-    ("image_s", "dep image"),
-    ("venv_s", "venv"),
+    ("docker_build_s", "docker build"),
+    ("docker_run_s", "docker run"),
+    ("venv_s", "uv venv"),
+    ("uv_install_s", "uv pip install"),
+    ("uv_resolved_s", "uv: resolved"),
+    ("uv_prepared_s", "uv: prepared"),
+    ("uv_installed_s", "uv: installed"),
     ("deps_build_s", "deps"),
-    ("build_s", "build"),
     ("run_s", "run"),
     ("duration_s", "pipeline"),
+    ("compile_after_s", "bytecode compile left after exit"),
 )
 
 
@@ -997,8 +1238,9 @@ def _median_of(row: Row, name: str) -> float | None:
 
 
 def own_timings(row: Row) -> str:
-    """What rgrid (or the bare build) said about itself, and the wall time outside the
-    pipeline: process start, imports, submission, polling, the download, exit."""
+    """What rgrid (or the bare commands) said about itself, how many runs found a warm
+    sandbox, and the wall time outside the pipeline: process start, imports, submission,
+    polling, the download, exit."""
     parts = []
     for name, label in OWN_TIMINGS:
         value = _median_of(row, name)
@@ -1008,6 +1250,9 @@ def own_timings(row: Row) -> str:
     if durations and all(isinstance(d, int | float) for d in durations):
         outside = statistics.median(t - d for t, d in zip(row.times, durations, strict=True))
         parts.append(f"**outside pipeline {outside:.2f}**")
+    warm = [r["sandbox_warm"] for r in row.reports if "sandbox_warm" in r]
+    if warm:
+        parts.append(f"warm sandbox {sum(1 for w in warm if w)}/{len(warm)}")
     if row.failures:
         parts.append(f"⚠ {len(row.failures)} failed run(s) retried")
     return ", ".join(parts)
@@ -1020,24 +1265,27 @@ def failure_notes(rows: list[Row]) -> str:
 
 
 def ratio(row: Row, floor: Row | None) -> str:
-    return f"{row.median / floor.median:.2f}×" if floor else ""
+    if floor is None or not floor.times or not row.times:
+        return ""
+    return f"{row.median / floor.median:.2f}×"
 
 
 def table(sections: list[tuple[str, list[Row]]]) -> str:
-    """Markdown: median and min per row, median ÷ floor median, rgrid's own timings."""
+    """Markdown: median and min per row, median ÷ floor median (and issue 7's target for it),
+    median ÷ the sandboxed floor's median, rgrid's own timings."""
     lines = [
-        "| row | median s | min s | ÷ floor | ÷ sandboxed floor | own timings, median s |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| row | median s | min s | ÷ floor | target | ÷ sandboxed floor | own timings, median s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     by_key = {row.key: row for _, rows in sections for row in rows}
     for title, rows in sections:
-        lines.append(f"| **{title}** | | | | | |")
+        lines.append(f"| **{title}** | | | | | | |")
         for row in rows:
             floor = by_key.get(row.floor) if row.floor else None
             sandbox = by_key.get(row.sandbox_floor) if row.sandbox_floor else None
             lines.append(
                 f"| {row.label} | {row.median:.3f} | {row.best:.3f} | {ratio(row, floor)} "
-                f"| {ratio(row, sandbox)} | {own_timings(row)} |"
+                f"| {row.target} | {ratio(row, sandbox)} | {own_timings(row)} |"
             )
     return "\n".join(lines)
 
@@ -1076,19 +1324,25 @@ def write_results(command: str, facts: list[str], body: str, repeat: int) -> Non
 
 LEGEND = """\
 Times are wall seconds of the whole process, from start to exit. Ratios are median ÷ median of \
-the row's floor (warm rows: the bare run; cold rows: the bare build + run; section 5: the bare \
-run of an image with numpy; section 6: the bare `uv venv` + `uv pip install`). Cold rows run a \
-script that was never seen before (one unique comment line): that is also the edit loop, \
-one changed line, since these scripts have no dependencies. Section 4 installs a requirements \
-set never seen before (numpy, six and a tiny local package of a new version from a new \
-`--find-links` folder), with the wheel caches warm: uv's for RGrid, none for the floor's pip \
-(a `docker build` has no cache between builds). "pipeline" is rgrid's own `duration_s` \
-(submission to final status); "outside pipeline" is wall time minus that: interpreter start, \
-imports, client setup, polling, the download and exit. "deps" is rgrid's `deps_build_s`; it \
-starts after the resolve. "resolve" and "install" on RGrid rows are uv's own timings from the \
-streamed log ("Resolved/Prepared/Installed N packages in …", excluding uv's start-up); \
-"dep image" there is `deps_build_s` minus "install", so it includes uv's start-up and the tar; \
-on the by-hand row all three are whole processes.
+the row's floor; "target" is issue 7's bound for that ratio. Floors run the same script on the \
+same runtime image (`rgrid-runtime:python-3.11`) with the script bind-mounted read-only at \
+`/work/script.py` and a writable `/work/outputs`, as in RGrid's sandbox; the edit floor also \
+mounts a dependency folder installed once by uv with RGrid's flags (bytecode compiled) at \
+`/opt/rgrid/deps`, read-only, on `PYTHONPATH`. Section 3 installs a requirements set never \
+seen before (numpy, six and a tiny local package of a new version from a new `--find-links` \
+folder) with uv's cache warm for RGrid and for the bare uv row, none for the floor's pip (a \
+`docker build` has no cache between builds). Section 5's script names pandas and a new version \
+of the tiny package (a URL on a local HTTP server) in its PEP 723 block, so every run, RGrid's \
+and `uv run`'s, is the first run of a new set; both use a warm uv cache. After every RGrid run \
+that installed a set, the benchmark waits (untimed) for RGrid's background bytecode compile, so \
+it lands on no other row. "deps" is rgrid's `deps_build_s` (the one uv install, into a new \
+folder); "uv: resolved/prepared/installed" are uv's own figures from the execution's log \
+(excluding uv's start-up); "run" is `run_s`, "pipeline" `duration_s` (submission to final \
+status); "outside pipeline" is wall time minus that: interpreter start, imports, client setup, \
+polling, the download and exit. "warm sandbox k/n": runs that claimed a pre-started sandbox. \
+"bytecode compile left after exit": how long RGrid's background compile of the new set still \
+ran after the CLI exited (the benchmark's untimed wait; the run itself imported without it). \
+On the floors, "docker build"/"docker run" and "uv venv"/"uv pip install" are whole processes.
 """
 
 
@@ -1104,6 +1358,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="up",
         help="the stack from scripts/up.sh (default), or a private one started for this run",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only these sections (repeatable; default: all). new-set includes the "
+        "dependency-install section",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1112,11 +1373,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    only = set(args.only or SECTIONS)
     command = shlex.join([os.path.relpath(sys.executable, REPO), "bench/run.py", *sys.argv[1:]])
     facts = machine_facts(args.stack)
     first = Row(
         "deps-first",
-        "context: RGrid `deps_build_s`, first run on a fresh data dir (uv cache cold), once",
+        "context: RGrid `deps_build_s`, first install on a fresh data dir (uv cache empty), once",
         floor=UV_FLOOR,
     )
     uv_cold = Row(
@@ -1124,56 +1386,76 @@ def main(argv: list[str] | None = None) -> int:
         "context: `uv venv` + `uv pip install -r`, empty uv cache, once",
         floor=UV_FLOOR,
     )
+    sections: list[tuple[str, list[Row]]] = []
     try:
         with bench_env(args.stack) as env:
-            print("warming up (embedded default and stack)…", file=sys.stderr)
+            print("warming up (stack and embedded default)…", file=sys.stderr)
             warm_up(env)
-            warm = warm_rows(env)
-            run_rounds(warm, args.repeat, "warm")
-            cold = cold_rows(env)
-            run_rounds(cold, args.repeat, "cold")
-            print("warming up with dependencies…", file=sys.stderr)
-            deps_warm_up(env, first)
-            deps_cold = deps_cold_rows(env)
-            run_rounds(deps_cold, args.repeat, "cold with dependencies")
-            edit = edit_rows(env)
-            run_rounds(edit, args.repeat, "edit loop with dependencies")
-            cold_cache = env.root / f"uv-cold-cache-{uuid.uuid4().hex[:8]}"
-            elapsed, report = measure_with_retries(
-                uv_cold, lambda: bare_uv_install(env, cold_cache)
-            )
-            uv_cold.times.append(elapsed)
-            uv_cold.reports.append(report)
+            if "warm" in only:
+                warm = warm_rows(env)
+                run_rounds(warm, args.repeat, "warm")
+                sections.append(("1. Warm run (all caches hit), no dependencies", rows_of(warm)))
+            if only & {"edit", "new-set"}:
+                print("warming up with dependencies…", file=sys.stderr)
+                edit_warm_up(env, first)
+            if "edit" in only:
+                edit = edit_rows(env)
+                run_rounds(edit, args.repeat, "edit loop")
+                sections.append(
+                    (
+                        "2. One-line edit, dependencies cached (numpy + six; a new script "
+                        "every run)",
+                        rows_of(edit),
+                    )
+                )
+            if "new-set" in only:
+                new_set = new_set_rows(env)
+                run_rounds(new_set, args.repeat, "new requirements set")
+                cold_cache = env.root / f"uv-cold-cache-{uuid.uuid4().hex[:8]}"
+                elapsed, report = measure_with_retries(
+                    uv_cold, lambda: bare_uv_install(env, cold_cache)
+                )
+                uv_cold.times.append(elapsed)
+                uv_cold.reports.append(report)
+                first.reports = [
+                    {k: v for k, v in r.items() if k.startswith("uv_")} for r in first.reports
+                ]
+                sections += [
+                    (
+                        "3. New requirements set (numpy + six + a new pad version): whole run",
+                        [row for row in rows_of(new_set) if row.key != UV_FLOOR],
+                    ),
+                    (
+                        "4. Dependency install for a new set: RGrid vs bare uv (RGrid rows "
+                        "from section 3's runs)",
+                        install_rows(env, rows_of(new_set), first, uv_cold),
+                    ),
+                ]
+            if "pep723" in only:
+                print("warming up for PEP 723 (pandas)…", file=sys.stderr)
+                pep723_warm_up(env)
+                pep723 = pep723_rows(env)
+                run_rounds(pep723, args.repeat, "PEP 723 first run")
+                sections.append(
+                    (
+                        "5. First run of a pandas script with a PEP 723 block (a new set "
+                        "every run, for both)",
+                        rows_of(pep723),
+                    )
+                )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    cold_deps_rows = [row for row, _ in deps_cold]
-    sections = [
-        ("1. Warm run (script cache hit)", [row for row, _ in warm]),
-        (
-            "2. Cold run (new script → build) = 3. Edit loop (one changed line), no dependencies",
-            [row for row, _ in cold],
-        ),
-        (
-            "4. Cold run with dependencies (new requirements set: resolve, install, "
-            "dependency image, script layer)",
-            [row for row in cold_deps_rows if row.key.startswith("deps-cold")],
-        ),
-        (
-            "5. Edit loop with dependencies (dependency cache hit, one changed line)",
-            [row for row, _ in edit],
-        ),
-        (
-            "6. Dependency install: RGrid vs bare uv (RGrid rows from section 4's runs)",
-            install_rows(cold_deps_rows, first, uv_cold),
-        ),
-    ]
     all_rows = [env.warmup, *(row for _, rows in sections for row in rows)]
     body = "\n\n".join(part for part in (table(sections), failure_notes(all_rows)) if part)
     print(body)
     write_results(command, facts, body, args.repeat)
     print(f"\nwritten to {RESULTS_FILE.relative_to(REPO)}", file=sys.stderr)
     return 0
+
+
+def rows_of(cases: list[tuple[Row, Measure]]) -> list[Row]:
+    return [row for row, _ in cases]
 
 
 if __name__ == "__main__":
