@@ -37,6 +37,10 @@ task_send_sent_event = True
 broker_connection_retry_on_startup = True
 
 beat_schedule = {
+    "sweep-lost-workers": {
+        "task": "rgrid.sweep_lost_workers",
+        "schedule": 30.0,
+    },
     "reap-leftover-containers": {
         "task": "rgrid.reap_containers",
         "schedule": float(os.environ.get("RGRID_REAP_INTERVAL_S", 300)),

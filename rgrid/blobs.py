@@ -193,7 +193,7 @@ def store_file(
 
 def touch(blob: Blob) -> None:
     blob.last_used_at = utcnow()
-    blob.use_count += 1
+    blob.use_count = Blob.use_count + 1  # in SQL: concurrent runs must each count
 
 
 def cached_copy(store: ObjectStore, key: str, digest: str, cache_dir: Path) -> Path:

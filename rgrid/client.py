@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import io
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -38,6 +39,7 @@ class Client(Protocol):
         bytes_uploaded: int = 0,
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
+    def cancel(self, execution_id: str) -> dict: ...
     def list(self, limit: int) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
     def download_outputs(
@@ -157,8 +159,10 @@ class RemoteClient:
     #: Each log request waits (long poll) up to this long for something new.
     log_wait_s = 5.0
 
-    def __init__(self, base_url: str, api_key: str | None):
+    def __init__(self, base_url: str, api_key: str | None, retry_s: float = 60):
         self.base_url = base_url.rstrip("/")
+        #: How long a transient failure (API down, 503, refused connection) is retried.
+        self.retry_s = retry_s
         self.headers = {"Accept": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -166,8 +170,43 @@ class RemoteClient:
         self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
 
     def _request(
-        self, method: str, path: str, json_body: object = None, params: dict | None = None
+        self,
+        method: str,
+        path: str,
+        json_body: object = None,
+        params: dict | None = None,
+        retry: bool = False,
     ) -> dict:
+        """One API call. With ``retry`` (calls that follow a submitted run and change
+        nothing), a transient failure (the API or a service behind it restarting, a blip) is
+        retried with backoff for ``retry_s``: a run in progress is not abandoned over a
+        restart. Other calls fail at once, so a wrong address is reported at once."""
+        try:
+            return self._request_once(method, path, json_body, params)
+        except ServiceUnavailable as first:
+            if not retry or self.retry_s <= 0:
+                raise
+            failure = first
+        from tenacity import (
+            Retrying,
+            retry_if_exception_type,
+            stop_after_delay,
+            wait_exponential,
+        )
+
+        print(f"rgrid: {failure.message}; retrying for up to {self.retry_s:.0f}s", file=sys.stderr)
+        retrying = Retrying(
+            retry=retry_if_exception_type(ServiceUnavailable),
+            stop=stop_after_delay(self.retry_s),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                return self._request_once(method, path, json_body, params)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, json_body: object, params: dict | None) -> dict:
         url = f"{self.base_url}/v1{path}"
         if params:
             url += "?" + urlencode(params)
@@ -211,7 +250,10 @@ class RemoteClient:
         return self._request("POST", "/executions", payload)
 
     def get(self, execution_id: str) -> dict:
-        return self._request("GET", f"/executions/{execution_id}")
+        return self._request("GET", f"/executions/{execution_id}", retry=True)
+
+    def cancel(self, execution_id: str) -> dict:
+        return self._request("POST", f"/executions/{execution_id}/cancel", retry=True)
 
     def list(self, limit: int) -> list[dict]:
         return self._request("GET", "/executions", params={"limit": limit})["executions"]
@@ -220,7 +262,7 @@ class RemoteClient:
         params = {"offset": offset}
         if wait:
             params["wait"] = self.log_wait_s
-        return self._request("GET", f"/executions/{execution_id}/logs", params=params)
+        return self._request("GET", f"/executions/{execution_id}/logs", params=params, retry=wait)
 
     def missing(self, digests: list[str]) -> list[str]:
         return self._request("POST", "/blobs/missing", {"digests": digests})["missing"]
@@ -255,7 +297,9 @@ class RemoteClient:
     def download_outputs(
         self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
     ) -> list[Path]:
-        listing = self._request("GET", f"/executions/{execution['execution_id']}/outputs")
+        listing = self._request(
+            "GET", f"/executions/{execution['execution_id']}/outputs", retry=True
+        )
         written = []
         for output in listing["outputs"]:
             target = safe_target(dest, output["path"])
@@ -284,4 +328,4 @@ def make_client(settings: Settings) -> Client:
         from rgrid.embedded import EmbeddedClient
 
         return EmbeddedClient(embedded_context(settings))
-    return RemoteClient(settings.api_url, settings.api_key)  # type: ignore[arg-type]
+    return RemoteClient(settings.api_url, settings.api_key, settings.api_retry_s)  # type: ignore[arg-type]

@@ -54,6 +54,8 @@ class Settings:
     # Where the CLI sends work. Unset: the embedded default runs everything in process.
     api_url: str | None = None
     api_key: str | None = None
+    #: How long the CLI keeps retrying an API that is down or answers 503 before it gives up.
+    api_retry_s: float = 60.0
 
     # Server side (API, workers, beat). The embedded default fills these from data_dir.
     data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("rgrid")))
@@ -88,6 +90,10 @@ class Settings:
     pool_max: int = 6
     pool_idle_s: int = 600
 
+    # A running execution's worker renews a lease on its row; one not renewed for this long
+    # means the worker is gone, and the execution ends `error` (never run twice at once).
+    lease_s: int = 60
+
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
 
@@ -102,6 +108,7 @@ class Settings:
         return cls(
             api_url=_env("RGRID_API_URL"),
             api_key=_env("RGRID_API_KEY"),
+            api_retry_s=_env_float("RGRID_API_RETRY", cls.api_retry_s),
             data_dir=data_dir,
             database_url=_env("RGRID_DATABASE_URL"),
             redis_url=_env("RGRID_REDIS_URL", cls.redis_url),
@@ -119,6 +126,7 @@ class Settings:
             pool_size=_env_int("RGRID_POOL_SIZE", cls.pool_size),
             pool_max=_env_int("RGRID_POOL_MAX", cls.pool_max),
             pool_idle_s=_env_int("RGRID_POOL_IDLE", cls.pool_idle_s),
+            lease_s=_env_int("RGRID_LEASE", cls.lease_s),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
             max_log_bytes=_env_int("RGRID_MAX_LOG_BYTES", cls.max_log_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),

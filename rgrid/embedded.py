@@ -7,14 +7,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from rgrid import blobs
+from rgrid import blobs, pipeline
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
 from rgrid.client import safe_target, verified_copy
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.inputs import InputFile
-from rgrid.pipeline import PipelineContext, run_all
+from rgrid.pipeline import PipelineContext
 from rgrid.runtimes import resolve_runtime
 
 EMBEDDED_ACCOUNT = "local"
@@ -30,6 +30,7 @@ class EmbeddedClient:
         # Refilling the warm pool runs beside the script; the process waits for it to finish
         # starting its sandbox, which then outlives the process until it is used or idles out.
         atexit.register(ctx.join_background)
+        pipeline.recover_interrupted(ctx)
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
@@ -49,9 +50,12 @@ class EmbeddedClient:
                 args=args,
                 **options,
             )
+            # Owned by this process from the start: if it is killed before the script ends,
+            # the next `rgrid` on this machine ends the row (recover_interrupted).
+            execution.worker = self.ctx.worker_id
             result = svc.execution_to_dict(execution)
         thread = threading.Thread(
-            target=run_all, args=(self.ctx, result["execution_id"]), daemon=True
+            target=pipeline.run_all, args=(self.ctx, result["execution_id"]), daemon=True
         )
         thread.start()
         return result
@@ -59,6 +63,12 @@ class EmbeddedClient:
     def get(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
             return svc.execution_to_dict(svc.get_execution(session, self.account_id, execution_id))
+
+    def cancel(self, execution_id: str) -> dict:
+        with session_scope(self.ctx.session_factory) as session:
+            svc.get_execution(session, self.account_id, execution_id)  # the account's own
+        _status, changed = pipeline.cancel(self.ctx, execution_id)
+        return {**self.get(execution_id), "cancelled": changed}
 
     def list(self, limit: int) -> list[dict]:
         with session_scope(self.ctx.session_factory) as session:

@@ -87,8 +87,8 @@ def compile_bytecode(client: docker.DockerClient, image: str, path: Path) -> Non
     measured here). Why afterwards: it took 2 s for numpy, eight times the install, and the
     first run should not wait for it. Two of these on one folder are harmless: pyc files are
     written atomically."""
-    if (path / COMPILED_MARKER).exists():
-        return
+    if not path.is_dir() or (path / COMPILED_MARKER).exists():
+        return  # gone (a bind mount would create it empty), or done
     uid, gid = os.geteuid(), os.getegid()
     host_config = client.api.create_host_config(
         network_mode="none",

@@ -15,17 +15,22 @@ pre-started sandbox for the environment (``rgrid/pool.py``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
 import docker
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rgrid import blobs, cache_keys, environments, pool, sandbox
@@ -61,6 +66,8 @@ class PipelineContext:
     #: Work started off the user's path (refilling the pool). A process that is about to
     #: exit joins these first.
     background: list[threading.Thread] = field(default_factory=list)
+    #: True for the embedded default: the pipeline runs in the CLI's own process.
+    embedded: bool = False
 
     @cached_property
     def docker(self) -> docker.DockerClient:
@@ -101,6 +108,12 @@ class PipelineContext:
     def detail(self, execution_id: str) -> Callable[[str], None]:
         """A sink for an installer's raw output: kept in the log, shown with ``-v``."""
         return lambda line: self.logs.append(execution_id, "detail", line)
+
+    @property
+    def worker_id(self) -> str:
+        """Who runs a script: this host and process (the pid changes in each Celery child)."""
+        prefix = "embedded:" if self.embedded else ""
+        return f"{prefix}{socket.gethostname()}:{os.getpid()}"
 
     def join_background(self, timeout_s: float = 30) -> None:
         for thread in self.background:
@@ -191,6 +204,21 @@ def _dependency_row(session: Session, execution: Execution) -> DependencyCache |
     ).one_or_none()
 
 
+@contextmanager
+def cache_tables(ctx: PipelineContext, execution_id: str, session: Session) -> Iterator[None]:
+    """Cache-table work in a savepoint. If the cache tables cannot be read or written (a
+    damaged or locked table), the execution goes on without the cache, as a miss, and says
+    so; losing the whole database is not this (it raises, and the step is retried)."""
+    try:
+        with session.begin_nested():
+            yield
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+        ctx.note(execution_id, f"cache unavailable ({reason}): going on without it")
+
+
 def _environment_present(ctx: PipelineContext, name: str | None) -> bool:
     return environments.present(ctx.settings.environments_dir, name)
 
@@ -208,13 +236,15 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
             ctx.note(execution_id, "dependency cache skipped: --refresh-deps")
             execution.dependency_cache_hit = False
             return
-        dep_row = _dependency_row(session, execution) if deps else None
+        dep_row = script_row = None
+        with cache_tables(ctx, execution_id, session):
+            dep_row = _dependency_row(session, execution) if deps else None
+            script_row = _script_row(session, execution)
         if dep_row is not None:
             execution.resolved_dependencies = list(dep_row.resolved)
             execution.environment = dep_row.environment
         dep_hit = dep_row is not None and _environment_present(ctx, dep_row.environment)
         execution.dependency_cache_hit = dep_hit if deps else None
-        script_row = _script_row(session, execution)
         execution.script_cache_hit = (
             script_row is not None
             and (not deps or dep_hit)
@@ -255,7 +285,9 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
     with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
-            row = _dependency_row(session, execution)
+            row = None
+            with cache_tables(ctx, execution_id, session):
+                row = _dependency_row(session, execution)
             if (
                 row is not None
                 and not execution.refresh_deps
@@ -290,16 +322,18 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
             return False
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
-            row = _dependency_row(session, execution)
-            if row is None:
-                row = DependencyCache(
-                    account_id=execution.account_id,
-                    runtime=execution.runtime,
-                    dependency_hash=execution.dependency_hash,
-                    use_count=0,
-                )
-                session.add(row)
-            row.environment, row.resolved = installed.name, installed.pinned
+            with cache_tables(ctx, execution_id, session):
+                row = _dependency_row(session, execution)
+                if row is None:
+                    row = DependencyCache(
+                        account_id=execution.account_id,
+                        runtime=execution.runtime,
+                        dependency_hash=execution.dependency_hash,
+                        use_count=0,
+                    )
+                    session.add(row)
+                row.environment, row.resolved = installed.name, installed.pinned
+                session.flush()
             execution.environment = installed.name
             execution.resolved_dependencies = installed.pinned
             execution.deps_build_s = installed.install_s
@@ -310,7 +344,6 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
         # Sandboxes warmed for an earlier folder of this name still mount the removed one.
         env = sandbox.Environment(spec.image, deps_dir)
         pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
-        environments.compile_bytecode(ctx.docker, spec.image, deps_dir)
     return True
 
 
@@ -428,10 +461,78 @@ def _remove_leftover(ctx: PipelineContext, execution_id: str) -> None:
     sandbox.discard(ctx.docker, box)
 
 
+class RunWatch:
+    """Beside a running script: renews the worker's lease on the execution row (so a lost
+    worker is noticed within ``settings.lease_s``) and stops the sandbox as soon as a cancel
+    is requested, from this process or any other."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, ctx: PipelineContext, execution_id: str, box: sandbox.Box):
+        self.ctx, self.execution_id, self.box = ctx, execution_id, box
+        self.cancelled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rgrid-run-watch", daemon=True)
+
+    def __enter__(self) -> RunWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _watch(self) -> None:
+        renew_every = max(1.0, self.ctx.settings.lease_s / 6)
+        renewed = time.monotonic()
+        while not self._stop.wait(self.INTERVAL_S):
+            try:
+                with session_scope(self.ctx.session_factory) as session:
+                    row = session.get(Execution, self.execution_id)
+                    if row is None:
+                        return
+                    if row.cancel_requested:
+                        self.cancelled = True
+                        sandbox.kill(self.ctx.docker, self.box)
+                        return
+                    if time.monotonic() - renewed >= renew_every:
+                        row.heartbeat_at = utcnow()
+                        renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - a blip must not stop the watch; next tick retries
+                log.warning("could not check execution %s", self.execution_id, exc_info=True)
+
+
+def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
+    """Ask for an execution to stop. One that has not started running ends ``cancelled`` at
+    once; a running one is stopped by its worker's watch within a second. Returns (status,
+    whether anything changed): a finished execution is left as it is."""
+    with execution_row(ctx, execution_id) as execution:
+        if execution.status in TERMINAL_STATUSES:
+            return execution.status, False
+        execution.cancel_requested = True
+        if execution.status == Status.RUNNING:
+            return execution.status, True
+    ctx.note(execution_id, "cancelled before it ran")
+    _persist_logs(ctx, execution_id)
+    with execution_row(ctx, execution_id) as execution:
+        if execution.status in TERMINAL_STATUSES or execution.status == Status.RUNNING:
+            return execution.status, True  # the run step got there first; its watch stops it
+        set_status(execution, Status.CANCELLED)
+        execution.outcome = Status.CANCELLED
+        execution.error = "cancelled"
+        execution.finished_at = utcnow()
+    ctx.logs.clear(execution_id)
+    return Status.CANCELLED, True
+
+
 def run_step(ctx: PipelineContext, execution_id: str) -> None:
     """Claim a sandbox, place the script and inputs, run it once, store what it wrote."""
     with execution_row(ctx, execution_id) as execution:
         if _finished(execution):
+            return
+        if execution.cancel_requested:
+            execution.outcome = Status.CANCELLED
+            execution.error = "cancelled"
             return
         retried = execution.started_at is not None
     if _has_dependencies(execution) and not _environment_present(ctx, execution.environment):
@@ -453,6 +554,8 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         set_status(execution, Status.RUNNING)
         execution.started_at = utcnow()
         execution.runtime_image = image_id[:80]
+        execution.worker = ctx.worker_id
+        execution.heartbeat_at = execution.started_at
     if retried:
         _remove_leftover(ctx, execution_id)
     script = _script_bytes(ctx, execution)
@@ -468,14 +571,23 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
-        result = sandbox.run(
-            ctx.docker,
-            box,
-            env,
-            argv=["python3", f"/work/{execution.script_name}", *(execution.args or [])],
-            timeout_s=execution.timeout_s,
-            on_output=_capped_log(ctx, execution_id),
-        )
+        with RunWatch(ctx, execution_id, box) as watch:
+            result = sandbox.run(
+                ctx.docker,
+                box,
+                env,
+                argv=["python3", f"/work/{execution.script_name}", *(execution.args or [])],
+                timeout_s=execution.timeout_s,
+                on_output=_capped_log(ctx, execution_id),
+            )
+        if watch.cancelled:
+            with execution_row(ctx, execution_id) as execution:
+                execution.outcome = Status.CANCELLED
+                execution.error = "cancelled"
+                execution.sandbox_warm = warm
+                execution.run_s = round(result.run_s, 3)
+            ctx.note(execution_id, "cancelled: the script was stopped")
+            return
         try:
             outputs = sandbox.collect_outputs(box, ctx.limits.max_output_bytes, result.notes)
         except sandbox.OutputLimitExceeded as exc:
@@ -533,7 +645,8 @@ def _remember_script(session: Session, execution: Execution) -> None:
     row.environment = execution.environment
     row.runtime_image = execution.runtime_image
     row.last_used_at = utcnow()
-    row.use_count += 1
+    # In SQL, not in Python: concurrent runs of one script must each count.
+    row.use_count = ScriptCache.use_count + 1
 
 
 def store_step(ctx: PipelineContext, execution_id: str) -> None:
@@ -544,10 +657,12 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
             return
         ran = execution.outcome in (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT)
         if ran and execution.dependency_hash is not None:
-            _remember_script(session, execution)
-            if _has_dependencies(execution) and (row := _dependency_row(session, execution)):
-                row.last_used_at = utcnow()
-                row.use_count += 1
+            with cache_tables(ctx, execution_id, session):
+                _remember_script(session, execution)
+                if _has_dependencies(execution) and (row := _dependency_row(session, execution)):
+                    row.last_used_at = utcnow()
+                    row.use_count = DependencyCache.use_count + 1
+                session.flush()
             for item in execution.inputs or []:
                 blob = blobs.find_blob(session, execution.account_id, item["sha256"])
                 if blob is not None:
@@ -557,6 +672,15 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
     ctx.logs.clear(execution_id)
+    if execution.environment:
+        # Only now, with the result published: compiling beside the first run took CPU from
+        # it (pandas' first run 1.96 s with the compile alongside).
+        with contextlib.suppress(docker.errors.DockerException):
+            environments.compile_bytecode(
+                ctx.docker,
+                resolve_runtime(execution.runtime).image,
+                ctx.settings.environments_dir / execution.environment,
+            )
 
 
 def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
@@ -591,6 +715,73 @@ def run_all(ctx: PipelineContext, execution_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
         log.exception("pipeline crashed")
         fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")
+
+
+def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:
+    """The run step, then the store step in the same task: an execution's result is published
+    the moment its script ends, instead of waiting in the queue behind other executions'
+    steps (measured before: run end to final status p50 18 s under 200 queued runs). The
+    chain's own store task then finds it done."""
+    run_step(ctx, execution_id)
+    store_step(ctx, execution_id)
+
+
+def _end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:
+    """End an execution whose runner is gone: its sandbox (if on this host) and its row."""
+    with contextlib.suppress(docker.errors.DockerException, RGridError):
+        ctx.docker.api.kill(f"{sandbox.RUN_NAME_PREFIX}{execution_id}")
+    fail(ctx, execution_id, message)
+
+
+def sweep_lost_workers(ctx: PipelineContext) -> list[str]:
+    """End running executions whose worker stopped renewing its lease (killed, or its host
+    died): within a minute, rather than at the broker's visibility timeout. They end `error`
+    rather than run again, so a script never runs twice at once; a redelivered task then
+    finds the row over and does nothing."""
+    cutoff = utcnow() - timedelta(seconds=ctx.settings.lease_s)
+    with session_scope(ctx.session_factory) as session:
+        lost = session.execute(
+            select(Execution.id, Execution.worker).where(
+                Execution.status == Status.RUNNING, Execution.heartbeat_at < cutoff
+            )
+        ).all()
+    for execution_id, worker in lost:
+        _end_lost(
+            ctx, execution_id, f"worker lost: {worker} stopped while running it; run it again"
+        )
+    return [execution_id for execution_id, _ in lost]
+
+
+def _process_alive(worker: str | None, host: str) -> bool:
+    prefix, _, pid = (worker or "").rpartition(":")
+    if prefix != f"embedded:{host}" or not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(ctx: PipelineContext) -> list[str]:
+    """The embedded default, on start: end what an earlier `rgrid run` on this machine left
+    unfinished when it was killed (its sandbox, its row), so nothing waits for ever."""
+    host = socket.gethostname()
+    with session_scope(ctx.session_factory) as session:
+        rows = session.execute(
+            select(Execution.id, Execution.worker).where(
+                Execution.status.not_in(TERMINAL_STATUSES),
+                Execution.worker.like(f"embedded:{host}:%"),
+            )
+        ).all()
+    ended = []
+    for execution_id, worker in rows:
+        if not _process_alive(worker, host):
+            _end_lost(ctx, execution_id, "interrupted: the rgrid process running it was killed")
+            ended.append(execution_id)
+    return ended
 
 
 def warm_up(ctx: PipelineContext, runtime: str) -> int:

@@ -9,7 +9,7 @@ import boto3
 from botocore.client import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from rgrid.errors import NotFound, ServiceUnavailable
+from rgrid.errors import NotFound, RGridError, ServiceUnavailable
 
 
 class S3Store:
@@ -32,12 +32,17 @@ class S3Store:
         try:
             return fn(*args, **kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise NotFound(f"object {kwargs.get('Key', '')} not found") from exc
-            raise ServiceUnavailable(f"object store error: {exc}") from exc
+            if exc.response.get("Error", {}).get("Code", "") != "NoSuchBucket":
+                raise _translate(exc, kwargs) from exc
         except BotoCoreError as exc:
-            raise ServiceUnavailable(f"object store unreachable: {exc}") from exc
+            raise _translate(exc, kwargs) from exc
+        # The store lost everything (a restarted endpoint, a recreated bucket): make the bucket
+        # again and carry on. Cache rows that point at lost bytes are misses where read.
+        self.ensure_bucket()
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, kwargs) from exc
 
     def ensure_bucket(self) -> None:
         try:
@@ -130,3 +135,13 @@ class S3Store:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError):
             pass  # Already completed or gone: nothing to abort.
+
+
+def _translate(exc: ClientError | BotoCoreError, kwargs: dict) -> RGridError:
+    """A boto3 failure as the error a user can act on."""
+    if isinstance(exc, BotoCoreError):
+        return ServiceUnavailable(f"object store unreachable: {exc}")
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return NotFound(f"object {kwargs.get('Key', '')} not found")
+    return ServiceUnavailable(f"object store error: {exc}")

@@ -469,10 +469,15 @@ def output_path(box: Box, relpath: str) -> Path:
     return box.work / OUTPUTS_DIR / relpath
 
 
-def discard(client: docker.DockerClient, box: Box) -> None:
-    """End the sandbox (it removes itself) and delete its host folder."""
+def kill(client: docker.DockerClient, box: Box) -> None:
+    """Stop the sandbox now (it removes itself); its host folder stays until ``discard``."""
     with contextlib.suppress(docker.errors.APIError):
         client.api.kill(box.container_id)
+
+
+def discard(client: docker.DockerClient, box: Box) -> None:
+    """End the sandbox (it removes itself) and delete its host folder."""
+    kill(client, box)
     shutil.rmtree(box.host_dir, ignore_errors=True)
 
 

@@ -30,8 +30,10 @@ start() {
 "$BIN/alembic" upgrade head >&2 2>/dev/null || "$BIN/alembic" upgrade head >&2
 start api "$BIN/gunicorn" --bind "127.0.0.1:$RGRID_API_PORT" --workers 2 --threads 4 \
     --access-logfile - "rgrid.api:create_app()"
-start worker "$BIN/celery" -A workers.celery_app worker --loglevel INFO --concurrency 2 \
-    --hostname "rgrid-worker-$$@%h"
+# Supervised as systemd would (Restart=always): a worker that exits, for whatever reason (a
+# broker restart has killed celery 5.7's main process here), is started again after a second.
+start worker "$REPO/scripts/supervise.sh" "$BIN/celery" -A workers.celery_app worker \
+    --loglevel INFO --concurrency 2 --hostname "rgrid-worker-$$@%h"
 start beat "$BIN/celery" -A workers.celery_app beat --loglevel INFO \
     --schedule "$RUN/beat-schedule"
 start flower "$BIN/celery" -A workers.celery_app flower --address=127.0.0.1 \

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import botocore.exceptions
+import redis.exceptions
 from celery import Task, chain
 from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
+from sqlalchemy.exc import OperationalError
 
 from rgrid import pipeline
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import session_scope
-from rgrid.errors import RGridError
+from rgrid.errors import RGridError, ServiceUnavailable
 from rgrid.maintenance import (
     purge_blobs,
     purge_dependency_cache,
@@ -32,8 +35,30 @@ def worker_context() -> PipelineContext:
     return server_context(get_settings())
 
 
+#: Failures of a service that comes back (a restart, a blip): the step is retried with
+#: backoff, since every step is idempotent; only when retries run out does it end the
+#: execution, naming the service.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ServiceUnavailable,
+    OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+)
+
+
 class PipelineTask(Task):
-    """A step of an execution's chain; a step that raises ends the execution in ``error``."""
+    """A step of an execution's chain. A transient service error retries the step (about a
+    minute in all); any other error, or one that outlasts the retries, ends the execution in
+    ``error``."""
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 1
+    retry_backoff_max = 20
+    retry_jitter = True
+    max_retries = 6
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         execution_id = args[0] if args else kwargs.get("execution_id")
@@ -55,7 +80,7 @@ def _step(name: str, fn):
 hash_task = _step("hash", pipeline.hash_step)
 cache_lookup_task = _step("cache_lookup", pipeline.cache_lookup_step)
 build_task = _step("build", pipeline.build_step)
-run_task = _step("run", pipeline.run_step)
+run_task = _step("run", pipeline.run_and_store_step)
 store_task = _step("store", pipeline.store_step)
 
 
@@ -90,6 +115,12 @@ def reap_containers_task() -> dict[str, list[str]]:
     with session_scope(ctx.session_factory) as session:
         reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
     return {"reaped": reaped, "lost": lost}
+
+
+@app.task(name="rgrid.sweep_lost_workers")
+def sweep_lost_workers_task() -> list[str]:
+    """Every 30 s: running executions whose worker stopped renewing its lease."""
+    return pipeline.sweep_lost_workers(worker_context())
 
 
 @app.task(name="rgrid.purge_caches")

@@ -5,6 +5,8 @@ Serve it with a WSGI server: ``gunicorn 'rgrid.api:create_app()'``.
 
 from __future__ import annotations
 
+import botocore.exceptions
+import redis.exceptions
 from flask import Flask, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -29,6 +31,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):
         return jsonify(error=exc.message), exc.http_status
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    def _redis_down(exc: Exception):
+        # A client following a run retries a 503; a 500 would end its wait for nothing.
+        app.logger.warning("redis unavailable: %s", exc)
+        return jsonify(error="the queue and log service (Redis) is unavailable"), 503
+
+    @app.errorhandler(botocore.exceptions.EndpointConnectionError)
+    @app.errorhandler(botocore.exceptions.ConnectionClosedError)
+    def _store_down(exc: Exception):
+        app.logger.warning("object store unavailable: %s", exc)
+        return jsonify(error="the object store is unavailable"), 503
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

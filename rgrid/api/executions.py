@@ -8,6 +8,7 @@ from flask import Blueprint, g, jsonify, request
 from prometheus_client import Counter
 
 from rgrid import executions as svc
+from rgrid import pipeline
 from rgrid.api.common import authenticate_request, json_body
 from rgrid.api.common import context as _ctx
 from rgrid.config import DEFAULT_RUNTIME
@@ -108,6 +109,19 @@ def get_logs(execution_id: str):
         if page["chunks"] or page["complete"] or time.monotonic() >= deadline:
             return jsonify(page)
         time.sleep(LOG_WAIT_STEP_S)
+
+
+@bp.post("/executions/<execution_id>/cancel")
+def cancel_execution(execution_id: str):
+    """Stop an execution: at once if it has not started running, within a second if it runs
+    (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        svc.get_execution(session, g.account_id, execution_id)
+    _status, changed = pipeline.cancel(ctx, execution_id)
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        return jsonify({**svc.execution_to_dict(execution), "cancelled": changed})
 
 
 @bp.get("/executions/<execution_id>/outputs")

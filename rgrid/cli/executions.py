@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -22,6 +28,7 @@ from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.errors import BadInput, RGridError
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
+from rgrid.statuses import TERMINAL_STATUSES
 
 OUTPUTS_ROOT = Path("rgrid-outputs")
 
@@ -115,6 +122,9 @@ def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tupl
 )
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the installer's own output too.")
+@click.option(
+    "-d", "--detach", is_flag=True, help="Submit, print the execution id and return at once."
+)
 def run(
     script: Path,
     inputs: tuple[str, ...],
@@ -125,11 +135,14 @@ def run(
     refresh_deps: bool,
     json_mode: bool,
     verbose: bool,
+    detach: bool,
 ):
     """Run SCRIPT in a sandboxed container with INPUTS (files or folders) placed under /work,
     stream its output and fetch what it writes to /work/outputs.
 
-    The script receives the inputs' names as arguments, then any --arg values."""
+    The script receives the inputs' names as arguments, then any --arg values. Stopping
+    rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`) cancels the
+    execution and exits 130, 143, 129 or 141; with --detach the execution goes on."""
     text = read_script(script)
     settings = get_settings()
     files = collect_inputs(list(inputs), Path.cwd(), settings)
@@ -141,6 +154,11 @@ def run(
 
         requirements = read_requirements_file(requirements_file)
         normalise(requirements)  # a malformed line is reported here, before anything is sent
+    if detach and settings.embedded:
+        raise BadInput(
+            "--detach needs an RGrid API (RGRID_API_URL): the embedded default runs the script"
+            " in this process"
+        )
     client = make_client(settings)
     files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
     script_args = [input_name(arg) for arg in inputs] + list(extra_args)
@@ -157,9 +175,21 @@ def run(
         bytes_uploaded=bytes_uploaded,
     )
     execution_id = submitted["execution_id"]
+    if detach:
+        print_json(submitted) if json_mode else click.echo(execution_id)
+        return
     if not json_mode:
         note(f"execution {execution_id}")
-    execution = follow(client, execution_id, LogPrinter(json_mode, verbose))
+    try:
+        with stop_signals():
+            execution = follow(client, execution_id, LogPrinter(json_mode, verbose))
+    except (KeyboardInterrupt, Stopped, BrokenPipeError) as exc:
+        code = {KeyboardInterrupt: 130, BrokenPipeError: 141}.get(type(exc)) or exc.exit_code
+        if isinstance(exc, BrokenPipeError):
+            silence_stdout()
+        status = cancel_and_wait(client, execution_id)
+        click.echo(f"rgrid: stopped; execution {execution_id} {status}", err=True)
+        raise SystemExit(code) from None
     dest = outputs_dir_for(execution_id)
     written = fetch_outputs(client, execution, dest)
     outputs_dir = str(dest) if written else None
@@ -171,6 +201,69 @@ def run(
     if status == "failed":
         raise SystemExit(execution["exit_code"] or 1)
     raise SystemExit(EXIT_STATUS.get(status, 1))
+
+
+class Stopped(Exception):
+    """`rgrid run` was told to stop by a signal other than Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop a followed run the way Ctrl-C does."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def silence_stdout() -> None:
+    """Nobody reads stdout any more (``| head``): point it at /dev/null, so that nothing left
+    to flush raises again at exit (Python's documented recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+#: How long a stopped `rgrid run` waits for its execution to end before it leaves anyway.
+CANCEL_WAIT_S = 15.0
+
+
+def cancel_and_wait(client: Client, execution_id: str) -> str:
+    """Cancel the execution and wait (bounded) until it has ended; returns its status. A
+    second Ctrl-C leaves at once: the cancel is already recorded, and the sandbox's own
+    deadline and the next start's recovery end the rest."""
+    try:
+        client.cancel(execution_id)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            status = client.get(execution_id)["status"]
+            if status in TERMINAL_STATUSES:
+                return status
+            time.sleep(0.1)
+        return "is being cancelled"
+    except KeyboardInterrupt:
+        return "is being cancelled"
+
+
+@cli.command()
+@click.argument("execution_id")
+def cancel(execution_id: str):
+    """Cancel an execution: it ends `cancelled` and its sandbox is stopped. A finished one is
+    left as it is."""
+    result = _client().cancel(execution_id)
+    if result.get("cancelled"):
+        click.echo(f"cancelled {result['execution_id']}")
+    else:
+        click.echo(f"{result['execution_id']} already finished ({result['status']}): nothing to do")
 
 
 @cli.command()

@@ -1,0 +1,179 @@
+"""Stopping a run: Ctrl-C, SIGTERM, SIGHUP, a closed stdout, `rgrid cancel` from another
+terminal, and a killed CLI. Each ends the execution once, clearly, and leaves no sandbox."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from rgrid.sandbox import RUN_NAME_PREFIX
+from tests.e2e.conftest import RGRID, run_cli
+
+TICKER = (
+    "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
+)
+
+
+def _start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
+    (cwd / "ticker.py").write_text(TICKER)
+    return subprocess.Popen(
+        [RGRID, "run", "ticker.py", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _wait_for_ticks(process: subprocess.Popen) -> None:
+    """Until the script is running (its first line arrived)."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("tick"), line
+
+
+def _execution_id(stderr: str) -> str:
+    match = re.search(r"execution ([0-9a-f]{16})", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+def _status(env: dict[str, str], cwd: Path, execution_id: str) -> dict:
+    result = run_cli("status", execution_id, "--json", env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _sandbox_gone(execution_id: str, within_s: float = 10) -> bool:
+    client = docker.from_env()
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not client.api.containers(all=True, filters={"name": RUN_NAME_PREFIX + execution_id}):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _no_work_folders(data_dir: Path) -> bool:
+    sandboxes = data_dir / "sandboxes"
+    # What is left may only be warm pool sandboxes' folders, never the run's.
+    return all(
+        not (folder / "work" / "ticker.py").exists()
+        for folder in (sandboxes.iterdir() if sandboxes.is_dir() else [])
+    )
+
+
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+)
+def test_stopping_rgrid_run_cancels_the_execution(embedded_env, tmp_path, signum, exit_code):
+    process = _start(embedded_env, tmp_path)
+    _wait_for_ticks(process)
+    started = time.monotonic()
+    process.send_signal(signum)
+    _out, err = process.communicate(timeout=30)
+    took = time.monotonic() - started
+    assert process.returncode == exit_code, err
+    assert "Traceback" not in err
+    execution_id = _execution_id(err)
+    assert err.strip().splitlines()[-1] == f"rgrid: stopped; execution {execution_id} cancelled"
+    assert took < 10
+    assert _status(embedded_env, tmp_path, execution_id)["status"] == "cancelled"
+    assert _sandbox_gone(execution_id)
+    assert _no_work_folders(Path(embedded_env["RGRID_DATA_DIR"]))
+
+
+def test_a_closed_stdout_cancels_the_execution(embedded_env, tmp_path):
+    """`rgrid run ticker.py | head -1`: the reader goes away, the run stops."""
+    process = _start(embedded_env, tmp_path)
+    _wait_for_ticks(process)
+    assert process.stdout is not None
+    process.stdout.close()
+    assert process.stderr is not None
+    err = process.stderr.read()
+    process.wait(30)
+    assert process.returncode == 141, err
+    execution_id = _execution_id(err)
+    assert _status(embedded_env, tmp_path, execution_id)["status"] == "cancelled"
+    assert _sandbox_gone(execution_id)
+
+
+def test_rgrid_cancel_from_another_terminal(embedded_env, tmp_path):
+    process = _start(embedded_env, tmp_path)
+    _wait_for_ticks(process)
+    # The execution id is printed before the first tick.
+    time.sleep(0.3)
+    execution_id = None
+    for execution in json.loads(run_cli("list", "--json", env=embedded_env, cwd=tmp_path).stdout):
+        if execution["status"] == "running":
+            execution_id = execution["execution_id"]
+    assert execution_id is not None
+    result = run_cli("cancel", execution_id, env=embedded_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cancelled {execution_id}"
+    _out, err = process.communicate(timeout=30)
+    # The followed run ended cancelled, and says so in its summary line.
+    assert process.returncode == 130, err
+    assert "cancelled" in err.strip().splitlines()[-1]
+    assert _sandbox_gone(execution_id)
+    again = run_cli("cancel", execution_id, env=embedded_env, cwd=tmp_path)
+    assert again.returncode == 0
+    assert again.stdout.strip() == f"{execution_id} already finished (cancelled): nothing to do"
+
+
+def test_a_killed_cli_is_cleaned_up_by_the_next_one(embedded_env, tmp_path):
+    """SIGKILL leaves no chance to clean up: the next `rgrid` on this machine does it."""
+    process = _start(embedded_env, tmp_path)
+    _wait_for_ticks(process)
+    process.kill()
+    process.wait(10)
+    executions = json.loads(run_cli("list", "--json", env=embedded_env, cwd=tmp_path).stdout)
+    (killed,) = [e for e in executions if e["script_name"] == "ticker.py"]
+    assert killed["status"] == "error"
+    assert killed["error"] == "interrupted: the rgrid process running it was killed"
+    assert _sandbox_gone(killed["execution_id"])
+
+
+def test_detach_returns_at_once_and_the_run_goes_on(stack_env, tmp_path):
+    (tmp_path / "ticker.py").write_text(TICKER)
+    result = run_cli("run", "ticker.py", "--detach", env=stack_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    execution_id = result.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", execution_id)
+    deadline = time.monotonic() + 30
+    while _status(stack_env, tmp_path, execution_id)["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    started = time.monotonic()
+    cancel = run_cli("cancel", execution_id, env=stack_env, cwd=tmp_path)
+    assert cancel.stdout.strip() == f"cancelled {execution_id}"
+    while _status(stack_env, tmp_path, execution_id)["status"] == "running":
+        assert time.monotonic() - started < 10, "the worker did not stop it"
+        time.sleep(0.1)
+    assert _status(stack_env, tmp_path, execution_id)["status"] == "cancelled"
+    assert _sandbox_gone(execution_id)
+    # Its log was kept up to the moment it stopped.
+    log = run_cli("logs", execution_id, "--no-follow", env=stack_env, cwd=tmp_path)
+    assert "tick 0" in log.stdout
+    assert "cancelled" in log.stderr
+
+
+def test_ctrl_c_against_the_stack(stack_env, tmp_path):
+    process = _start(stack_env, tmp_path)
+    _wait_for_ticks(process)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    execution_id = _execution_id(err)
+    assert err.strip().splitlines()[-1] == f"rgrid: stopped; execution {execution_id} cancelled"
+    assert _sandbox_gone(execution_id)
