@@ -4,6 +4,10 @@ import os
 
 from celery.schedules import crontab
 
+from rgrid.config import get_settings
+
+_settings = get_settings()
+
 broker_url = os.environ.get("RGRID_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Results are not read (state lives in the execution row), but Flower shows them.
 result_backend = os.environ.get("RGRID_RESULT_BACKEND", broker_url)
@@ -37,9 +41,10 @@ task_send_sent_event = True
 broker_connection_retry_on_startup = True
 
 beat_schedule = {
+    # Twice per lease, so a lost worker is noticed within 1.5 leases.
     "sweep-lost-workers": {
         "task": "rgrid.sweep_lost_workers",
-        "schedule": 30.0,
+        "schedule": _settings.lease_s / 2,
     },
     "reap-leftover-containers": {
         "task": "rgrid.reap_containers",

@@ -148,7 +148,13 @@ class _Http:
             try:
                 connection.request(method, target, body=body, headers=headers or {})
                 return connection.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (
+                http.client.RemoteDisconnected,
+                http.client.CannotSendRequest,  # an earlier call was interrupted mid-response
+                http.client.ResponseNotReady,
+                BrokenPipeError,
+                ConnectionResetError,
+            ):
                 connection.close()
                 if attempt == 2 or not (body is None or isinstance(body, bytes)):
                     raise

@@ -90,9 +90,10 @@ class Settings:
     pool_max: int = 6
     pool_idle_s: int = 600
 
-    # A running execution's worker renews a lease on its row; one not renewed for this long
-    # means the worker is gone, and the execution ends `error` (never run twice at once).
-    lease_s: int = 60
+    # A running execution's worker renews a lease on its row (every lease/6); one not renewed
+    # for this long means the worker is gone, and beat's sweep (every lease/2) ends the
+    # execution `error`, never running it twice at once: noticed within 45 s by default.
+    lease_s: int = 30
 
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from sqlalchemy import create_engine, event
@@ -19,9 +18,26 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 
-@lru_cache(maxsize=8)
+_ENGINES: dict[str, Engine] = {}
+
+
 def get_engine(url: str) -> Engine:
     """One engine (and so one pool) per database URL per process."""
+    if url not in _ENGINES:
+        _ENGINES[url] = _create_engine(url)
+    return _ENGINES[url]
+
+
+def forget_engines_after_fork() -> None:
+    """In a process just forked from one that used the database: drop the inherited pools
+    without closing the parent's connections (SQLAlchemy's advice), so that no socket is
+    ever shared between two processes."""
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+    _ENGINES.clear()
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 

@@ -7,10 +7,13 @@ from here until the execution's status is final, and from the object store after
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Protocol
+
+from rgrid.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     import redis  # imported by the server context only: ~0.1 s the embedded default saves
@@ -60,6 +63,22 @@ class MemoryLogBuffer:
             self._changed.notify_all()
 
 
+def _redis_unavailable(method):
+    """Redis down is a service outage like any other: ServiceUnavailable, which the worker
+    retries and the API answers with 503."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        try:
+            return method(*args, **kwargs)
+        except (ConnectionError, TimeoutError) as exc:
+            raise ServiceUnavailable("the queue and log service (Redis) is unavailable") from exc
+
+    return wrapper
+
+
 class RedisLogBuffer:
     """A Redis list per execution, shared by the workers that write and the API that reads."""
 
@@ -72,6 +91,7 @@ class RedisLogBuffer:
     def _key(execution_id: str) -> str:
         return f"rgrid:log:{execution_id}"
 
+    @_redis_unavailable
     def append(self, execution_id: str, stream: str, text: str) -> None:
         key = self._key(execution_id)
         pipe = self.client.pipeline()
@@ -79,10 +99,12 @@ class RedisLogBuffer:
         pipe.expire(key, self.TTL_S)
         pipe.execute()
 
+    @_redis_unavailable
     def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
         raw = self.client.lrange(self._key(execution_id), start, -1)
         return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
 
+    @_redis_unavailable
     def clear(self, execution_id: str) -> None:
         self.client.delete(self._key(execution_id))
 

@@ -53,14 +53,18 @@ def reap_containers(
     so this is the backstop for a runner killed between the script's end and its cleanup."""
     removed = []
     now = time.time()
-    for container in client.containers.list(all=True, filters={"label": MANAGED_LABEL}):
-        if not container.name.startswith(RUN_NAME_PREFIX):
+    # The low-level listing: the high-level one inspects each container, and sandboxes remove
+    # themselves at any moment (a 404 there failed the whole reap).
+    for container in client.api.containers(all=True, filters={"label": MANAGED_LABEL}):
+        name = container["Names"][0].lstrip("/") if container.get("Names") else ""
+        if not name.startswith(RUN_NAME_PREFIX):
             continue  # unclaimed pool sandboxes end themselves when idle
-        execution_id = container.name.removeprefix(RUN_NAME_PREFIX)
-        if not _abandoned(container.labels, session.get(Execution, execution_id), now):
+        execution_id = name.removeprefix(RUN_NAME_PREFIX)
+        labels = container.get("Labels") or {}
+        if not _abandoned(labels, session.get(Execution, execution_id), now):
             continue
         try:
-            container.remove(force=True)
+            client.api.remove_container(container["Id"], force=True)
         except docker.errors.APIError as exc:  # already gone, or being removed by its runner
             log.info("could not reap %s: %s", execution_id, exc)
             continue

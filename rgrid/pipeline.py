@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 from sqlalchemy import select
@@ -37,7 +38,7 @@ from rgrid import blobs, cache_keys, environments, pool, sandbox
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
-from rgrid.errors import BuildError, RGridError
+from rgrid.errors import BuildError, RGridError, ServiceUnavailable
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
@@ -48,6 +49,7 @@ from rgrid.runtimes import resolve_runtime
 from rgrid.statuses import TERMINAL_STATUSES, Status, check_transition
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,6 +135,41 @@ def execution_row(ctx: PipelineContext, execution_id: str) -> Iterator[Execution
     """Load, change and commit one execution's row: the one way the steps touch it."""
     with session_scope(ctx.session_factory) as session:
         yield _load(session, execution_id)
+
+
+#: How long a step waits for a service to come back before giving up on a result it holds.
+PATIENCE_S = 120.0
+
+
+def patiently(fn: Callable[[], T]) -> T:
+    """Call ``fn`` until a momentary outage (database, Redis, object store: all raise
+    ServiceUnavailable) has passed, for up to ``PATIENCE_S``. For what comes after a script
+    ran: its result must not be lost to a restart, and running the script again to recover
+    it is no answer."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(ServiceUnavailable),
+        stop=stop_after_delay(PATIENCE_S),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        before_sleep=lambda state: log.warning(
+            "waiting for a service: %s", state.outcome.exception() if state.outcome else ""
+        ),
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+def update_execution(
+    ctx: PipelineContext, execution_id: str, change: Callable[[Execution], None]
+) -> None:
+    """Change the row and commit, patiently (see ``patiently``)."""
+
+    def attempt() -> None:
+        with execution_row(ctx, execution_id) as execution:
+            change(execution)
+
+    patiently(attempt)
 
 
 def set_status(execution: Execution, status: Status) -> None:
@@ -571,15 +608,42 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
-        with RunWatch(ctx, execution_id, box) as watch:
-            result = sandbox.run(
+        argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
+        try:
+            with RunWatch(ctx, execution_id, box) as watch:
+                result = sandbox.run(
+                    ctx.docker,
+                    box,
+                    env,
+                    argv=argv,
+                    timeout_s=execution.timeout_s,
+                    on_output=_capped_log(ctx, execution_id),
+                )
+        except sandbox.SandboxUnresponsive as exc:
+            # The script never started there, so running it elsewhere runs it once.
+            log.warning("%s: %s", execution_id, exc)
+            ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
+            sandbox.discard(ctx.docker, box)
+            box = sandbox.start_box(
                 ctx.docker,
-                box,
                 env,
-                argv=["python3", f"/work/{execution.script_name}", *(execution.args or [])],
-                timeout_s=execution.timeout_s,
-                on_output=_capped_log(ctx, execution_id),
+                ctx.limits,
+                root=ctx.settings.sandboxes_dir,
+                idle_s=ctx.settings.pool_idle_s,
+                name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
+                labels=sandbox.execution_labels(execution_id, execution.timeout_s),
             )
+            warm = False
+            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+            with RunWatch(ctx, execution_id, box) as watch:
+                result = sandbox.run(
+                    ctx.docker,
+                    box,
+                    env,
+                    argv=argv,
+                    timeout_s=execution.timeout_s,
+                    on_output=_capped_log(ctx, execution_id),
+                )
         if watch.cancelled:
             with execution_row(ctx, execution_id) as execution:
                 execution.outcome = Status.CANCELLED
@@ -601,8 +665,9 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
             return
         for note in result.notes:
             ctx.note(execution_id, note)
-        _store_outputs(ctx, execution, box, outputs)
-        with execution_row(ctx, execution_id) as execution:
+        patiently(lambda: _store_outputs(ctx, execution, box, outputs))
+
+        def record(execution: Execution) -> None:
             execution.sandbox_warm = warm
             execution.exit_code = result.exit_code
             execution.run_s = round(result.run_s, 3)
@@ -610,10 +675,13 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
             if result.timed_out:
                 execution.outcome = Status.TIMED_OUT
                 execution.error = f"timed out after {execution.timeout_s}s"
-                ctx.note(execution_id, execution.error)
             else:
                 ok = result.exit_code == 0
                 execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
+
+        update_execution(ctx, execution_id, record)
+        if result.timed_out:
+            ctx.note(execution_id, f"timed out after {execution.timeout_s}s")
     finally:
         sandbox.discard(ctx.docker, box)
 
@@ -667,10 +735,13 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
                 blob = blobs.find_blob(session, execution.account_id, item["sha256"])
                 if blob is not None:
                     blobs.touch(blob)
-    _persist_logs(ctx, execution_id)
-    with execution_row(ctx, execution_id) as execution:
+    patiently(lambda: _persist_logs(ctx, execution_id))
+
+    def publish(execution: Execution) -> None:
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
+
+    update_execution(ctx, execution_id, publish)
     ctx.logs.clear(execution_id)
     if execution.environment:
         # Only now, with the result published: compiling beside the first run took CPU from

@@ -59,6 +59,9 @@ RUN_NAME_PREFIX = "rgrid-run-"
 #: How long the runner waits past the deadline for the supervisor to end the script itself
 #: before it kills the container from outside.
 KILL_GRACE_S = 5.0
+#: How long the supervisor may take to acknowledge the job (it writes ``status.json.started``
+#: before it starts the script) before the sandbox is given up as unresponsive.
+JOB_ACK_S = 10.0
 
 # PID 1 of every sandbox. Started with ``python3 -I -S`` (no site, no user paths: ~20 ms).
 # SIGINT is ignored so that a script cannot end it that way; SIGTERM and SIGKILL from inside
@@ -76,6 +79,7 @@ while not line.endswith(b"\n"):
         sys.exit(0)
     line += byte
 job = json.loads(line)
+open(job["status"] + ".started", "w").close()
 pid = os.fork()
 if pid == 0:
     os.setsid()
@@ -184,6 +188,11 @@ class RunResult:
 
 class OutputLimitExceeded(Exception):
     pass
+
+
+class SandboxUnresponsive(Exception):
+    """The sandbox never acknowledged the job, so the script never started: it is safe to run
+    it in another sandbox."""
 
 
 def sandbox_uid_gid(limits: Limits) -> tuple[int, int]:
@@ -358,6 +367,16 @@ def run(
 
     watchdog = threading.Timer(timeout_s + KILL_GRACE_S, kill_at_deadline)
     watchdog.daemon = True
+    unresponsive = threading.Event()
+
+    def check_acknowledged() -> None:
+        if not (box.meta / (STATUS_FILE + ".started")).exists():
+            unresponsive.set()
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.kill(box.container_id)
+
+    ack_check = threading.Timer(JOB_ACK_S, check_acknowledged)
+    ack_check.daemon = True
     started = time.monotonic()
     try:
         raw.sendall(json.dumps(job).encode() + b"\n")
@@ -366,6 +385,7 @@ def run(
         else:
             raw.shutdown(socket.SHUT_WR)
         watchdog.start()
+        ack_check.start()
         decoders = {
             1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
             2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -379,9 +399,12 @@ def run(
                 on_output(names[stream], tail)
     finally:
         watchdog.cancel()
+        ack_check.cancel()
         with contextlib.suppress(OSError):
             sock.close()
     run_s = time.monotonic() - started
+    if unresponsive.is_set():
+        raise SandboxUnresponsive(f"sandbox {box.name} did not take its job in {JOB_ACK_S:.0f}s")
     status = _read_status(box)
     if killed.is_set() or status is None:
         # Killed from outside (the deadline passed and the supervisor did not end it), or

@@ -52,12 +52,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def database_url() -> Iterator[str]:
     """A database of its own for this test session, built by the migrations."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
 
     from rgrid.db import get_engine, upgrade
 
     base = DEV_ENV["RGRID_DATABASE_URL"]
     name = f"rgrid_test_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    # No pooled connection: a test restarts PostgreSQL, and teardown must still reach it.
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.rsplit("/", 1)[0] + "/" + name

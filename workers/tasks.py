@@ -7,14 +7,14 @@ from functools import lru_cache
 import botocore.exceptions
 import redis.exceptions
 from celery import Task, chain
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
 from rgrid import pipeline
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
-from rgrid.db import session_scope
+from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import RGridError, ServiceUnavailable
 from rgrid.maintenance import (
     purge_blobs,
@@ -95,12 +95,23 @@ def enqueue_pipeline(execution_id: str) -> None:
     ).apply_async()
 
 
+@worker_process_init.connect
+def fresh_context(**_kwargs) -> None:
+    """A pool process forked from the main one must not share its database connections,
+    Redis or Docker sockets: it builds its own on first use (SQLAlchemy's advice for forks:
+    dispose inherited pools without closing the parent's connections)."""
+    forget_engines_after_fork()
+    redis_client.cache_clear()
+    worker_context.cache_clear()
+
+
 @worker_ready.connect
 def warm_pool(**_kwargs) -> None:
     """A worker host starts with sandboxes already waiting for the default runtime, so even
-    its first run is warm. A failure here only makes that run cold."""
+    its first run is warm. A failure here only makes that run cold. Runs in the main
+    process, with a context of its own that pool processes never inherit."""
     try:
-        started = pipeline.warm_up(worker_context(), DEFAULT_RUNTIME)
+        started = pipeline.warm_up(server_context(get_settings()), DEFAULT_RUNTIME)
         log.info("warm pool: started %d sandbox(es) for %s", started, DEFAULT_RUNTIME)
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("could not fill the warm pool")
@@ -119,7 +130,7 @@ def reap_containers_task() -> dict[str, list[str]]:
 
 @app.task(name="rgrid.sweep_lost_workers")
 def sweep_lost_workers_task() -> list[str]:
-    """Every 30 s: running executions whose worker stopped renewing its lease."""
+    """Twice per lease: running executions whose worker stopped renewing it."""
     return pipeline.sweep_lost_workers(worker_context())
 
 

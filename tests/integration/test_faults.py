@@ -278,3 +278,36 @@ def test_supervise_restarts_what_exits_and_stops_with_it(tmp_path):
     loop.send_signal(signal.SIGTERM)
     assert loop.wait(10) == 0
     assert "exited with status 3; starting it again" in (loop.stderr.read() if loop.stderr else "")
+
+
+def _postgres_cluster() -> tuple[str, str]:
+    line = subprocess.run(
+        ["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True
+    ).stdout.split("\n")[0]
+    version, name = line.split()[:2]
+    return version, name
+
+
+def test_a_database_restart_mid_run_loses_nothing_and_runs_nothing_twice(ctx, submit):
+    """PostgreSQL goes away while the script runs and comes back after it ended: the result
+    waits for it instead of being lost, and the script is not run again to recover it."""
+    script = "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done', flush=True)\n"
+    execution_id = submit(script)
+    runner = threading.Thread(target=pipeline.run_all, args=(ctx, execution_id))
+    runner.start()
+    _wait_for(lambda: "started" in _live_log(ctx, execution_id), 60, "started")
+    version, name = _postgres_cluster()
+    subprocess.run(["pg_ctlcluster", version, name, "stop", "-m", "fast"], check=True)
+    try:
+        time.sleep(6)  # the script ends while the database is down
+    finally:
+        subprocess.run(["pg_ctlcluster", version, name, "start"], check=True)
+    came_back = time.monotonic()
+    runner.join(120)
+    assert not runner.is_alive()
+    row = _row(ctx, execution_id)
+    assert row.status == "succeeded", row.error
+    stdout = "".join(t for s, t in _log(ctx, execution_id) if s == "stdout")
+    assert stdout == "started\ndone\n"
+    print(f"terminal {time.monotonic() - came_back:.1f}s after the database came back")
+    assert _leftovers(ctx, execution_id) == []
