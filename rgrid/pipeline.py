@@ -461,6 +461,21 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
     return sink
 
 
+def _cold_box(
+    ctx: PipelineContext, env: sandbox.Environment, execution_id: str, timeout_s: int
+) -> sandbox.Box:
+    """A sandbox started now, for one execution (none was warm, or the warm one failed)."""
+    return sandbox.start_box(
+        ctx.docker,
+        env,
+        ctx.limits,
+        root=ctx.settings.sandboxes_dir,
+        idle_s=ctx.settings.pool_idle_s,
+        name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
+        labels=sandbox.execution_labels(execution_id, timeout_s),
+    )
+
+
 def _sandbox_for(
     ctx: PipelineContext, env: sandbox.Environment, execution_id: str, timeout_s: int
 ) -> tuple[sandbox.Box, bool]:
@@ -471,15 +486,7 @@ def _sandbox_for(
     warm = box is not None
     if box is None:
         ctx.phase(execution_id, "starting a sandbox")
-        box = sandbox.start_box(
-            ctx.docker,
-            env,
-            limits,
-            root=ctx.settings.sandboxes_dir,
-            idle_s=ctx.settings.pool_idle_s,
-            name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
-            labels=sandbox.execution_labels(execution_id, timeout_s),
-        )
+        box = _cold_box(ctx, env, execution_id, timeout_s)
     ctx.background[:] = [t for t in ctx.background if t.is_alive()]
     ctx.background.append(pool.fill_in_background(ctx.docker, env, limits, ctx.pool))
     return box, warm
@@ -609,41 +616,27 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
         argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
-        try:
-            with RunWatch(ctx, execution_id, box) as watch:
-                result = sandbox.run(
-                    ctx.docker,
-                    box,
-                    env,
-                    argv=argv,
-                    timeout_s=execution.timeout_s,
-                    on_output=_capped_log(ctx, execution_id),
-                )
-        except sandbox.SandboxUnresponsive as exc:
-            # The script never started there, so running it elsewhere runs it once.
-            log.warning("%s: %s", execution_id, exc)
-            ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
-            sandbox.discard(ctx.docker, box)
-            box = sandbox.start_box(
-                ctx.docker,
-                env,
-                ctx.limits,
-                root=ctx.settings.sandboxes_dir,
-                idle_s=ctx.settings.pool_idle_s,
-                name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
-                labels=sandbox.execution_labels(execution_id, execution.timeout_s),
-            )
-            warm = False
-            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
-            with RunWatch(ctx, execution_id, box) as watch:
-                result = sandbox.run(
-                    ctx.docker,
-                    box,
-                    env,
-                    argv=argv,
-                    timeout_s=execution.timeout_s,
-                    on_output=_capped_log(ctx, execution_id),
-                )
+        for attempt in (1, 2):
+            try:
+                with RunWatch(ctx, execution_id, box) as watch:
+                    result = sandbox.run(
+                        ctx.docker,
+                        box,
+                        env,
+                        argv=argv,
+                        timeout_s=execution.timeout_s,
+                        on_output=_capped_log(ctx, execution_id),
+                    )
+                break
+            except sandbox.SandboxUnresponsive as exc:
+                if attempt == 2:
+                    raise RGridError(str(exc)) from exc
+                # The script never started there, so running it elsewhere runs it once.
+                log.warning("%s: %s", execution_id, exc)
+                ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
+                sandbox.discard(ctx.docker, box)
+                box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
+                sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
         if watch.cancelled:
             with execution_row(ctx, execution_id) as execution:
                 execution.outcome = Status.CANCELLED

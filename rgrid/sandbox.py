@@ -360,10 +360,15 @@ def run(
     raw: socket.socket = sock._sock  # docker-py exposes no half-close on its wrapper
     killed = threading.Event()
 
+    def end_reading() -> None:
+        # Ends the read below even if the engine never closes the stream.
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
     def kill_at_deadline() -> None:
         killed.set()
-        with contextlib.suppress(docker.errors.APIError):
-            client.api.kill(box.container_id)
+        kill(client, box)
+        end_reading()
 
     watchdog = threading.Timer(timeout_s + KILL_GRACE_S, kill_at_deadline)
     watchdog.daemon = True
@@ -372,8 +377,8 @@ def run(
     def check_acknowledged() -> None:
         if not (box.meta / (STATUS_FILE + ".started")).exists():
             unresponsive.set()
-            with contextlib.suppress(docker.errors.APIError):
-                client.api.kill(box.container_id)
+            kill(client, box)
+            end_reading()
 
     ack_check = threading.Timer(JOB_ACK_S, check_acknowledged)
     ack_check.daemon = True
@@ -493,9 +498,16 @@ def output_path(box: Box, relpath: str) -> Path:
 
 
 def kill(client: docker.DockerClient, box: Box) -> None:
-    """Stop the sandbox now (it removes itself); its host folder stays until ``discard``."""
-    with contextlib.suppress(docker.errors.APIError):
+    """Stop the sandbox now (it removes itself); its host folder stays until ``discard``. A
+    paused one cannot be killed: it is unpaused first."""
+    try:
         client.api.kill(box.container_id)
+    except docker.errors.APIError as exc:
+        if "paused" not in str(exc).lower():
+            return  # already gone, or exiting
+        with contextlib.suppress(docker.errors.APIError):
+            client.api.unpause(box.container_id)
+            client.api.kill(box.container_id)
 
 
 def discard(client: docker.DockerClient, box: Box) -> None:

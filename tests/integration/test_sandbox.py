@@ -4,6 +4,7 @@ outliving its run, unclaimed ones ending themselves, and a deadline enforced ins
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -300,3 +301,27 @@ def test_pipeline_never_gives_a_warm_sandbox_to_a_second_execution(ctx, run_scri
         pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
     assert _warm_ids(ctx.docker, key) == set()
     assert _orphan_folders(ctx.docker, ctx.settings.sandboxes_dir) == []
+
+
+def test_a_sandbox_that_never_takes_its_job_is_given_up(client, pool_root):
+    """A frozen supervisor never acknowledges the job: the runner gives the sandbox up after
+    JOB_ACK_S (the script never started, so the pipeline may run it elsewhere), and kills it."""
+    env = sandbox.Environment(IMAGE)
+    box = pool.start(client, env, LIMITS, pool.PoolSettings(root=pool_root, idle_s=120))
+    assert sandbox.claim(client, box, secrets.token_hex(8))
+    sandbox.place_files(box, [("job.py", b"print('never')\n")], LIMITS)
+    # Freeze the supervisor from the host (nothing inside the sandbox could).
+    os.kill(client.api.inspect_container(box.container_id)["State"]["Pid"], signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(sandbox.SandboxUnresponsive):
+        sandbox.run(
+            client,
+            box,
+            env,
+            argv=["python3", "/work/job.py"],
+            timeout_s=60,
+            on_output=lambda stream, text: None,
+        )
+    assert sandbox.JOB_ACK_S <= time.monotonic() - started < sandbox.JOB_ACK_S + 10
+    sandbox.discard(client, box)
+    assert _gone_within(client, [box.container_id], 15)
