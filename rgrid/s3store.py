@@ -98,6 +98,9 @@ class S3Store:
     # Presigned uploads: the CLI sends bytes straight to the store, never through the API.
 
     def upload_url(self, key: str, expires_s: int = 3600) -> str:
+        # Signing involves no request, so a lost bucket would only show as the client's PUT
+        # failing: make sure it exists first (one HEAD per new file).
+        self.ensure_bucket()
         return self.client.generate_presigned_url(
             "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )

@@ -27,6 +27,11 @@ def _dev_env() -> dict[str, str]:
 
 
 DEV_ENV = _dev_env()
+
+#: A script that prints a numbered line every 0.2 s for two minutes: something to stop.
+TICKER = (
+    "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
+)
 # Set before anything imports celeryconfig: the tests' broker is Redis database 1, so a stack
 # started with `make up` (database 0) never sees the tests' tasks.
 for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RGRID_S3_ENDPOINT_URL"):

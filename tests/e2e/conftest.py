@@ -18,6 +18,7 @@ import requests
 from tests.conftest import retire_sandboxes
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 RGRID = str(BIN / "rgrid")
 
 
@@ -44,6 +45,8 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "RGRID_REAP_INTERVAL_S": "2",
+        # A short lease, so a killed worker's execution is swept within seconds.
+        "RGRID_LEASE": "4",
         "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
     }
     port = _free_port()
@@ -58,7 +61,9 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
             "4",
             "rgrid.api:create_app()",
         ],
+        # Supervised, as `make up` runs it: a test kills it, and it comes back.
         "worker": [
+            str(REPO / "scripts" / "supervise.sh"),
             str(BIN / "celery"),
             "-A",
             "workers.celery_app",
@@ -110,7 +115,13 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
             check=True,
         )
         key = json.loads(created.stdout)["api_key"]
-        yield {**env, "RGRID_API_URL": url, "RGRID_API_KEY": key, "STACK_LOGS": str(logs)}
+        yield {
+            **env,
+            "RGRID_API_URL": url,
+            "RGRID_API_KEY": key,
+            "STACK_LOGS": str(logs),
+            "STACK_WORKER_PID": str(processes["worker"].pid),
+        }
     finally:
         for process in processes.values():
             process.terminate()

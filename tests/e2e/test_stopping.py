@@ -14,11 +14,8 @@ import docker
 import pytest
 
 from rgrid.sandbox import RUN_NAME_PREFIX
+from tests.conftest import TICKER
 from tests.e2e.conftest import RGRID, run_cli
-
-TICKER = (
-    "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
-)
 
 
 def _start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:

@@ -27,12 +27,9 @@ from rgrid.db import session_scope
 from rgrid.errors import ServiceUnavailable
 from rgrid.models import Execution
 from rgrid.s3store import S3Store
-from tests.conftest import retire_sandboxes
+from tests.conftest import TICKER, retire_sandboxes
 from tests.integration.test_pipeline import _leftovers, _log
 
-TICKER = (
-    "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
-)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -311,3 +308,46 @@ def test_a_database_restart_mid_run_loses_nothing_and_runs_nothing_twice(ctx, su
     assert stdout == "started\ndone\n"
     print(f"terminal {time.monotonic() - came_back:.1f}s after the database came back")
     assert _leftovers(ctx, execution_id) == []
+
+
+def test_cancel_while_building_ends_it_at_once_and_nothing_runs(ctx, submit, tmp_path):
+    """The install is slow (an index that takes seconds to answer): cancelling during it ends
+    the execution at once, and when the install finishes no sandbox is started."""
+    import functools
+
+    from tests.wheels import make_wheel
+
+    dist = f"slowpkg-{secrets.token_hex(3)}"
+    make_wheel(tmp_path, dist, "1.0")
+
+    class SlowIndex(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path in ("/", ""):
+                time.sleep(6)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(SlowIndex, directory=str(tmp_path))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        requirements = f"--find-links http://127.0.0.1:{server.server_port}/\n{dist}\n"
+        execution_id = submit(f"import {dist.replace('-', '_')}\n", requirements=requirements)
+        runner = threading.Thread(target=pipeline.run_all, args=(ctx, execution_id))
+        runner.start()
+        _wait_for(lambda: _row(ctx, execution_id).status == "building", 30, "building")
+        started = time.monotonic()
+        assert pipeline.cancel(ctx, execution_id) == ("cancelled", True)
+        assert time.monotonic() - started < 1
+        assert _row(ctx, execution_id).status == "cancelled"
+        runner.join(60)
+        assert not runner.is_alive()
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = _row(ctx, execution_id)
+    assert (row.status, row.started_at) == ("cancelled", None)
+    assert _no_sandbox(execution_id)
