@@ -44,6 +44,7 @@ down:
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/inputs.py
+	$(BIN)/python bench/load.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

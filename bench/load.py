@@ -1,0 +1,86 @@
+"""Load: many executions of one cached script from many client threads against the stack, each
+submitted and followed as `rgrid run` does. Reports executions/s and how long an execution's
+final status takes to appear once its script has ended (script end = started_at + run_s;
+final status = finished_at): issue 15 asks that results never wait behind other work.
+
+Run: `.venv/bin/python bench/load.py [--runs 200] [--threads 20]`. It uses the stack
+`scripts/up.sh` starts (idempotent). Nothing passes or fails."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+from rgrid.client import RemoteClient
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = "print('load')\n"
+
+
+def stack_exports() -> dict[str, str]:
+    """RGRID_API_URL and RGRID_API_KEY of the stack `scripts/up.sh` starts or finds."""
+    out = subprocess.run(
+        [str(REPO / "scripts" / "up.sh")], capture_output=True, text=True, check=True
+    ).stdout
+    pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    return {key: value for key, value in pairs}
+
+
+class Clients(threading.local):
+    """One client (one kept-alive connection) per thread, as separate CLI processes have."""
+
+    def __init__(self, exports: dict[str, str]):
+        self.client = RemoteClient(exports["RGRID_API_URL"], exports["RGRID_API_KEY"])
+
+
+def run_once(client: RemoteClient) -> dict:
+    submitted = client.submit(
+        script=SCRIPT, script_name="load.py", runtime="python:3.11", timeout_s=60, args=[]
+    )
+    offset = 0
+    while True:
+        page = client.logs(submitted["execution_id"], offset, wait=True)
+        offset = page["next_offset"]
+        if page["complete"]:
+            return page["execution"]
+
+
+def _seconds(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=20)
+    args = parser.parse_args()
+    clients = Clients(stack_exports())
+    run_once(clients.client)  # a script cache hit for every timed run
+    started = time.monotonic()
+    with ThreadPoolExecutor(args.threads) as pool:
+        results = list(pool.map(lambda _: run_once(clients.client), range(args.runs)))
+    wall = time.monotonic() - started
+    lag = sorted(
+        _seconds(r["finished_at"]) - (_seconds(r["started_at"]) + r["run_s"])
+        for r in results
+        if r["started_at"] and r["run_s"] is not None
+    )
+    statuses = {s: sum(r["status"] == s for r in results) for s in {r["status"] for r in results}}
+    print(
+        f"{args.runs} runs from {args.threads} client threads: {wall:.1f} s, "
+        f"{args.runs / wall:.2f} executions/s; statuses {statuses}"
+    )
+    print(
+        f"script end -> final status: p50 {statistics.median(lag):.3f} s, "
+        f"p95 {lag[int(len(lag) * 0.95) - 1]:.3f} s, max {lag[-1]:.3f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
