@@ -10,27 +10,10 @@ import shutil
 import docker
 import pytest
 
-from rgrid import cache_keys, pipeline
+from rgrid import pipeline
 from rgrid.db import session_scope
-from rgrid.logbuffer import decode_log
+from tests.integration.test_dependencies import _folders, _log, _phases
 from tests.wheels import make_wheel
-
-
-def _log(ctx, execution_id: str, stream: str) -> str:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for s, text in chunks if s == stream)
-
-
-def _phases(ctx, execution_id: str) -> list[str]:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return [text for s, text in chunks if s == "phase"]
-
-
-def _folders(ctx) -> set[str]:
-    """Every entry in this host's environments folder, temporary ones included."""
-    root = ctx.settings.environments_dir
-    return {p.name for p in root.iterdir()} if root.is_dir() else set()
-
 
 #: The bench builds its ``docker build`` floor's images under this name, maybe meanwhile.
 BENCH_REPOSITORY = "rgrid-bench-floor:"
