@@ -176,12 +176,15 @@ def retire_installation(client: docker.DockerClient, root: Path) -> int:
 def fill_in_background(
     client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings
 ) -> threading.Thread:
-    """Refill off the user's path (after a claim). Failures are logged, never raised: a pool
-    that cannot be refilled only makes the next run a cold one."""
+    """Refill off the user's path (after a claim), and tidy the folders of sandboxes that are
+    gone. Failures are logged, never raised: a pool that cannot be refilled only makes the
+    next run a cold one."""
 
     def work() -> None:
         try:
             fill(client, env, limits, pool)
+            # Folders of sandboxes that idled out: the embedded default has no reaper.
+            sweep_folders(client, pool.root)
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("could not refill the warm pool")
 
