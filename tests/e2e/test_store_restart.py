@@ -14,16 +14,24 @@ from tests.conftest import DEV_ENV
 from tests.e2e.conftest import run_json
 
 REPO = Path(__file__).resolve().parents[2]
-MOTO_PIDFILE = REPO / ".rgrid-dev" / "moto" / "moto.pid"
 
 
 def _restart_the_store() -> float:
     """Stop the S3 endpoint and start it again through the project's own script; returns how
     long it was away."""
-    stopped = time.monotonic()
-    os.kill(int(MOTO_PIDFILE.read_text()), signal.SIGTERM)
-    deadline = time.monotonic() + 20
     endpoint = DEV_ENV["RGRID_S3_ENDPOINT_URL"]
+    port = endpoint.rsplit(":", 1)[1].strip("/")
+    # By its command line, not this checkout's pidfile: another checkout's `make setup` on
+    # this machine may have started the endpoint this one uses.
+    found = subprocess.run(
+        ["pgrep", "-f", f"moto_server -H 127.0.0.1 -p {port}"], capture_output=True, text=True
+    )
+    pids = [int(pid) for pid in found.stdout.split()]
+    assert pids, "no S3 endpoint process found"
+    stopped = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
     while subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
         assert time.monotonic() < deadline, "the S3 endpoint did not stop"
         time.sleep(0.1)
