@@ -1,6 +1,5 @@
-"""Celery settings, in one place, read from the environment (loaded by workers/celery_app.py)."""
-
-import os
+"""Celery settings, in one place, built from RGrid's one Settings (rgrid/config.py), so each
+has one name and one default (loaded by workers/celery_app.py)."""
 
 from celery.schedules import crontab
 
@@ -8,9 +7,9 @@ from rgrid.config import get_settings
 
 _settings = get_settings()
 
-broker_url = os.environ.get("RGRID_REDIS_URL", "redis://127.0.0.1:6379/0")
+broker_url = _settings.redis_url
 # Results are not read (state lives in the execution row), but Flower shows them.
-result_backend = os.environ.get("RGRID_RESULT_BACKEND", broker_url)
+result_backend = _settings.result_backend or broker_url
 result_expires = 24 * 3600
 
 task_serializer = "json"
@@ -26,15 +25,15 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
 # A hard limit per step; the run step's own deadline (the execution's timeout) is enforced by
-# the runner, and the hard limit only catches a worker that hangs past it.
-task_soft_time_limit = int(os.environ.get("RGRID_TASK_SOFT_TIME_LIMIT", 24 * 3600 + 300))
-task_time_limit = int(os.environ.get("RGRID_TASK_TIME_LIMIT", 24 * 3600 + 600))
+# the sandbox and the runner, and the hard limit only catches a worker that hangs past it.
+task_time_limit = _settings.task_time_limit_s
+task_soft_time_limit = task_time_limit - 300
 # Redis redelivers an unacked task after the visibility timeout: keep it above the hard limit,
 # or a long run would be started a second time while the first still runs.
 broker_transport_options = {"visibility_timeout": task_time_limit + 3600}
 
 # One queue per deployment; test sessions take their own so that two never share tasks.
-task_default_queue = os.environ.get("RGRID_QUEUE", "rgrid")
+task_default_queue = _settings.queue
 task_track_started = True
 worker_send_task_events = True
 task_send_sent_event = True
@@ -48,7 +47,7 @@ beat_schedule = {
     },
     "reap-leftover-containers": {
         "task": "rgrid.reap_containers",
-        "schedule": float(os.environ.get("RGRID_REAP_INTERVAL_S", 300)),
+        "schedule": _settings.reap_interval_s,
     },
     "purge-unused-cache-entries": {
         "task": "rgrid.purge_caches",

@@ -48,8 +48,8 @@ def _env_float(name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    """A snapshot of the environment; build one with :meth:`from_env`. (Celery's own settings
-    are read from the environment in celeryconfig.py.)"""
+    """A snapshot of the environment; build one with :meth:`from_env`. Celery's settings in
+    celeryconfig.py are built from it too."""
 
     # Where the CLI sends work. Unset: the embedded default runs everything in process.
     api_url: str | None = None
@@ -61,6 +61,14 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("rgrid")))
     database_url: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery's result backend (Flower shows results; RGrid reads none). None: Redis.
+    result_backend: str | None = None
+    #: One Celery queue per deployment; test sessions take their own.
+    queue: str = "rgrid"
+    #: A hard limit per pipeline step, above the longest execution timeout.
+    task_time_limit_s: int = 24 * 3600 + 600
+    #: How often beat reaps sandboxes and executions nobody will finish.
+    reap_interval_s: float = 300.0
     s3_endpoint_url: str | None = None
     s3_bucket: str = "rgrid"
     s3_region: str = "us-east-1"
@@ -113,6 +121,10 @@ class Settings:
             data_dir=data_dir,
             database_url=_env("RGRID_DATABASE_URL"),
             redis_url=_env("RGRID_REDIS_URL", cls.redis_url),
+            result_backend=_env("RGRID_RESULT_BACKEND"),
+            queue=_env("RGRID_QUEUE", cls.queue),
+            task_time_limit_s=_env_int("RGRID_TASK_TIME_LIMIT", cls.task_time_limit_s),
+            reap_interval_s=_env_float("RGRID_REAP_INTERVAL_S", cls.reap_interval_s),
             s3_endpoint_url=_env("RGRID_S3_ENDPOINT_URL"),
             s3_bucket=_env("RGRID_S3_BUCKET", cls.s3_bucket),
             s3_region=_env("RGRID_S3_REGION", cls.s3_region),

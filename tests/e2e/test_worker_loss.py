@@ -33,10 +33,13 @@ def test_a_killed_worker_strands_nothing(stack_env, tmp_path):
     result = run_cli("run", "ticker.py", "--detach", env=stack_env, cwd=tmp_path)
     execution_id = result.stdout.strip()
     deadline = time.monotonic() + 60
-    while _status(stack_env, tmp_path, execution_id)["status"] != "running":
-        assert time.monotonic() < deadline
+    # Until the script is printing (its log streams while it runs).
+    while (
+        "tick 0"
+        not in run_cli("logs", execution_id, "--no-follow", env=stack_env, cwd=tmp_path).stdout
+    ):
+        assert time.monotonic() < deadline, "the script never started"
         time.sleep(0.2)
-    time.sleep(1)
 
     (celery,) = _children(int(stack_env["STACK_WORKER_PID"]))
     for pid in [*_children(celery), celery]:
