@@ -13,7 +13,6 @@ EXECUTION_LABEL = "rgrid.execution"
 #: Unix time after which an execution container is certainly abandoned (its timeout plus grace):
 #: lets any reaper on the host remove it, even one whose database never heard of it.
 DEADLINE_LABEL = "rgrid.deadline"
-DEADLINE_GRACE_S = 600
 
 
 def get_docker() -> docker.DockerClient:
@@ -24,11 +23,3 @@ def get_docker() -> docker.DockerClient:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ServiceUnavailable(f"cannot reach the Docker engine: {reason}") from exc
     return client
-
-
-def image_exists(client: docker.DockerClient, ref: str) -> bool:
-    try:
-        client.images.get(ref)
-    except docker.errors.ImageNotFound:
-        return False
-    return True

@@ -77,16 +77,7 @@ class PipelineContext:
 
     @property
     def limits(self) -> sandbox.Limits:
-        s = self.settings
-        return sandbox.Limits(
-            user=s.container_user,
-            memory=s.memory_limit,
-            cpus=s.cpu_limit,
-            pids=s.pids_limit,
-            tmp_size=s.tmp_size,
-            home_size=s.home_size,
-            max_output_bytes=s.max_output_bytes,
-        )
+        return sandbox.Limits.from_settings(self.settings)
 
     @property
     def pool(self) -> pool.PoolSettings:

@@ -39,6 +39,7 @@ import docker
 from docker.types import Mount
 from docker.utils.socket import frames_iter
 
+from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.inputs import OUTPUTS_DIR
 from rgrid.runtimes import CONTAINER_HOME, WORK_DIR
@@ -104,22 +105,8 @@ try:
     os.kill(-1, signal.SIGKILL)
 except ProcessLookupError:
     pass
-oom = 0
-try:
-    with open("/sys/fs/cgroup/memory/memory.oom_control") as fh:
-        for row in fh:
-            if row.startswith("oom_kill "):
-                oom = int(row.split()[1])
-except OSError:
-    try:
-        with open("/sys/fs/cgroup/memory.events") as fh:
-            for row in fh:
-                if row.startswith("oom_kill "):
-                    oom = int(row.split()[1])
-    except OSError:
-        pass
 code = code if code >= 0 else 128 - code
-status = json.dumps({"exit_code": code, "timed_out": timed_out, "oom_kills": oom})
+status = json.dumps({"exit_code": code, "timed_out": timed_out})
 with open(job["status"] + ".tmp", "w") as fh:
     fh.write(status)
 os.rename(job["status"] + ".tmp", job["status"])
@@ -130,15 +117,28 @@ sys.exit(code)
 @dataclass(frozen=True)
 class Limits:
     """What one execution may use. Part of a sandbox's pool key: a pre-started container is
-    only handed to an execution whose limits it was started with."""
+    only handed to an execution whose limits it was started with. The values (and their
+    defaults) are the operator's settings: build one with :meth:`from_settings`."""
 
-    user: str = "1000:1000"
-    memory: str = "1g"
-    cpus: float = 1.0
-    pids: int = 256
-    tmp_size: str = "256m"
-    home_size: str = "64m"
-    max_output_bytes: int = 1024**3
+    user: str
+    memory: str
+    cpus: float
+    pids: int
+    tmp_size: str
+    home_size: str
+    max_output_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            user=settings.container_user,
+            memory=settings.memory_limit,
+            cpus=settings.cpu_limit,
+            pids=settings.pids_limit,
+            tmp_size=settings.tmp_size,
+            home_size=settings.home_size,
+            max_output_bytes=settings.max_output_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,6 @@ class RunResult:
     exit_code: int | None
     timed_out: bool
     run_s: float
-    oom_killed: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -417,14 +416,12 @@ def run(
         timed_out = killed.is_set() or run_s >= timeout_s
         result = RunResult(exit_code=None if timed_out else 137, timed_out=timed_out, run_s=run_s)
         if not timed_out:
-            result.oom_killed = True
             result.notes.append("the sandbox was killed (out of memory?)")
         return result
     return RunResult(
         exit_code=None if status["timed_out"] else status["exit_code"],
         timed_out=bool(status["timed_out"]),
         run_s=run_s,
-        oom_killed=status.get("oom_kills", 0) > 0 and status["exit_code"] == 137,
     )
 
 

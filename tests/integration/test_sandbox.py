@@ -11,18 +11,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import docker
 import pytest
 
 from rgrid import pool, sandbox
+from rgrid.config import Settings
 from rgrid.runtimes import resolve_runtime
 from tests.wheels import make_wheel
 
 IMAGE = resolve_runtime("python:3.11").image
 #: Limits no other test or installation uses, so these tests' pool key is theirs alone.
-LIMITS = sandbox.Limits(memory="257m", pids=97)
+LIMITS = replace(sandbox.Limits.from_settings(Settings()), memory="257m", pids=97)
 
 
 @pytest.fixture
@@ -141,15 +143,17 @@ def test_a_sandbox_is_claimed_once_and_is_gone_after_its_run(client, pool_root):
 
 DIES_AFTER_CLAIMING = """
 import sys, time
+from dataclasses import replace
 from pathlib import Path
 
 import docker
 
 from rgrid import pool, sandbox
+from rgrid.config import Settings
 
 root, image = sys.argv[1:3]
 client = docker.from_env()
-limits = sandbox.Limits(memory="257m", pids=97)
+limits = replace(sandbox.Limits.from_settings(Settings()), memory="257m", pids=97)
 settings = pool.PoolSettings(root=Path(root), idle_s=300)
 box = pool.start(client, sandbox.Environment(image), limits, settings)
 assert sandbox.claim(client, box, "claimed-" + box.name[-8:])
@@ -204,16 +208,18 @@ def test_fill_keeps_the_pool_at_size_and_retire_all_ends_them(client, pool_root)
 
 KILLED_RUNNER = """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import docker
 
 from rgrid import sandbox
+from rgrid.config import Settings
 
 root, name, image = sys.argv[1:4]
 client = docker.from_env()
 env = sandbox.Environment(image)
-limits = sandbox.Limits(memory="257m", pids=97)
+limits = replace(sandbox.Limits.from_settings(Settings()), memory="257m", pids=97)
 box = sandbox.start_box(client, env, limits, root=Path(root), idle_s=60, name=name)
 print(box.container_id, flush=True)
 assert sandbox.claim(client, box, name)
