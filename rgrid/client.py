@@ -11,6 +11,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -148,17 +149,30 @@ class _Http:
             try:
                 connection.request(method, target, body=body, headers=headers or {})
                 return connection.getresponse()
-            except (
-                http.client.RemoteDisconnected,
-                http.client.CannotSendRequest,  # an earlier call was interrupted mid-response
-                http.client.ResponseNotReady,
-                BrokenPipeError,
-                ConnectionResetError,
-            ):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 connection.close()
                 if attempt == 2 or not (body is None or isinstance(body, bytes)):
                     raise
+            except BaseException:
+                # Interrupted half way (Ctrl-C during a long poll): the connection's state is
+                # unknown, so it is never used again.
+                connection.close()
+                raise
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def reading(self, response: http.client.HTTPResponse, url: str) -> Iterator[None]:
+        """Around reading a response's body: if that is interrupted, the connection is
+        closed, so the next request does not meet the rest of this body."""
+        try:
+            yield
+        except BaseException:
+            response.close()
+            parts = urlsplit(url)
+            connection = self._connections.pop((parts.scheme, parts.netloc), None)
+            if connection is not None:
+                connection.close()
+            raise
 
 
 class RemoteClient:
@@ -223,7 +237,8 @@ class RemoteClient:
             headers["Content-Type"] = "application/json"
         try:
             response = self.http.request(method, url, body=body, headers=headers)
-            data = response.read()
+            with self.http.reading(response, url):
+                data = response.read()
         except (ConnectionError, http.client.HTTPException) as exc:
             raise ServiceUnavailable(f"cannot reach the RGrid API at {self.base_url}") from exc
         except TimeoutError as exc:
@@ -317,7 +332,8 @@ class RemoteClient:
                         f"could not download output {output['path']}: HTTP {response.status}"
                     )
                 chunks = iter(lambda r=response: r.read(1024 * 1024), b"")
-                verified_copy(_counted(chunks, advance), target, output["sha256"])
+                with self.objects.reading(response, output["url"]):
+                    verified_copy(_counted(chunks, advance), target, output["sha256"])
             except (OSError, http.client.HTTPException) as exc:
                 raise ServiceUnavailable(
                     f"could not download output {output['path']}: {exc}"

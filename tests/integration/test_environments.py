@@ -5,12 +5,11 @@ read-only. Nothing is ever built for a script."""
 from __future__ import annotations
 
 import secrets
-import shutil
 
 import docker
 import pytest
 
-from rgrid import pipeline
+from rgrid import environments, pipeline
 from rgrid.db import session_scope
 from tests.integration.test_dependencies import _folders, _log, _phases
 from tests.wheels import make_wheel
@@ -151,7 +150,9 @@ def test_a_vanished_environment_is_installed_again_from_its_pins(ctx, run_script
     assert first["status"] == "succeeded", first["error"]
     ctx.join_background()  # warm sandboxes for the environment are waiting
     folder = ctx.settings.environments_dir / first["environment"]
-    shutil.rmtree(folder)
+    # As the product evicts: the bytecode compile may still be writing into the folder.
+    environments.remove(ctx.settings.environments_dir, first["environment"])
+    assert not folder.exists()
     make_wheel(wheels, f"rgrid-probe-{module.rsplit('_', 1)[1]}", "1.1")  # would win a resolve
 
     second = run_script(script, requirements=requirements)
@@ -181,7 +182,9 @@ def test_an_environment_evicted_between_lookup_and_run_is_installed_again(ctx, s
     with session_scope(ctx.session_factory) as session:
         row = session.get(pipeline.Execution, second)
         assert row.script_cache_hit is True and row.dependency_cache_hit is True
-        shutil.rmtree(ctx.settings.environments_dir / row.environment)  # evicted right now
+        # Evicted right now, as the product evicts (the bytecode compile may still be writing
+        # into it, so a plain rmtree could race it).
+        environments.remove(ctx.settings.environments_dir, row.environment)
     pipeline.run_step(ctx, second)
     pipeline.store_step(ctx, second)
     with session_scope(ctx.session_factory) as session:
