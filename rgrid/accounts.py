@@ -51,8 +51,9 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound(f"no API key with id {key_id}")
-    if row.revoked_at is None:
-        row.revoked_at = utcnow()
+    if row.revoked_at is not None:
+        raise BadInput(f"API key {key_id} was already revoked")
+    row.revoked_at = utcnow()
     return row
 
 

@@ -5,17 +5,20 @@ Both offer the same calls, so every CLI command works the same way against eithe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlencode, urlsplit
 
+from rgrid.channels import StdinSource
 from rgrid.config import Settings
 from rgrid.errors import AuthError, BadInput, NotFound, RGridError, ServiceUnavailable
 from rgrid.inputs import InputFile
@@ -38,6 +41,10 @@ class Client(Protocol):
         inputs: list[dict] | None = None,
         files_uploaded: int = 0,
         bytes_uploaded: int = 0,
+        memory: str | None = None,
+        cpus: float | None = None,
+        env: dict[str, str] | None = None,
+        stdin_source: StdinSource | None = None,
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
     def cancel(self, execution_id: str) -> dict: ...
@@ -226,18 +233,29 @@ class RemoteClient:
                 return self._request_once(method, path, json_body, params)
         raise AssertionError("unreachable")
 
-    def _request_once(self, method: str, path: str, json_body: object, params: dict | None) -> dict:
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        json_body: object,
+        params: dict | None,
+        raw_body: bytes | None = None,
+        transport: _Http | None = None,
+    ) -> dict:
         url = f"{self.base_url}/v1{path}"
         if params:
             url += "?" + urlencode(params)
         headers = dict(self.headers)
-        body = None
-        if json_body is not None:
+        body = raw_body
+        if raw_body is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        elif json_body is not None:
             body = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"
+        transport = transport or self.http
         try:
-            response = self.http.request(method, url, body=body, headers=headers)
-            with self.http.reading(response, url):
+            response = transport.request(method, url, body=body, headers=headers)
+            with transport.reading(response, url):
                 data = response.read()
         except (ConnectionError, http.client.HTTPException) as exc:
             raise ServiceUnavailable(f"cannot reach the RGrid API at {self.base_url}") from exc
@@ -259,16 +277,46 @@ class RemoteClient:
         )
         raise error_class(message)
 
-    def submit(self, *, script, script_name, runtime, timeout_s, args, **options) -> dict:
+    def submit(
+        self, *, script, script_name, runtime, timeout_s, args, stdin_source=None, **options
+    ) -> dict:
         payload = {
             "script": script,
             "script_name": script_name,
             "runtime": runtime,
             "timeout_s": timeout_s,
             "args": args,
-            **options,
+            "stdin": stdin_source is not None,
+            **{key: value for key, value in options.items() if value is not None},
         }
-        return self._request("POST", "/executions", payload)
+        submitted = self._request("POST", "/executions", payload)
+        if stdin_source is not None:
+            threading.Thread(
+                target=self._feed_stdin,
+                args=(submitted["execution_id"], stdin_source),
+                name="rgrid-stdin",
+                daemon=True,
+            ).start()
+        return submitted
+
+    #: Piped stdin is sent in chunks of at most this many bytes.
+    STDIN_CHUNK = 256 * 1024
+
+    def _feed_stdin(self, execution_id: str, source: StdinSource) -> None:
+        """Send stdin to the execution as it is read, then its end. On its own connection: the
+        main thread is following the log meanwhile."""
+        own = _Http()
+        path = f"/executions/{execution_id}/stdin"
+        try:
+            while chunk := source.read(self.STDIN_CHUNK):
+                self._request_once("POST", path, None, None, raw_body=chunk, transport=own)
+            self._request_once("POST", path, None, {"eof": 1}, raw_body=b"", transport=own)
+        except RGridError as exc:
+            print(f"rgrid: stdin not passed on: {exc.message}", file=sys.stderr)
+            with contextlib.suppress(RGridError, OSError):
+                self._request_once("POST", path, None, {"eof": 1}, raw_body=b"", transport=own)
+        except OSError as exc:
+            print(f"rgrid: could not read stdin: {exc}", file=sys.stderr)
 
     def get(self, execution_id: str) -> dict:
         return self._request("GET", f"/executions/{execution_id}", retry=True)

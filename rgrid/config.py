@@ -79,6 +79,11 @@ class Settings:
     max_timeout_s: int = 24 * 3600
     memory_limit: str = "1g"
     cpu_limit: float = 1.0
+    #: The most a user may ask for with ``rgrid run --memory`` / ``--cpus``.
+    max_memory_limit: str = "8g"
+    max_cpu_limit: float = 4.0
+    #: Piped stdin a script may receive; it passes through Redis on its way to the worker.
+    max_stdin_bytes: int = 64 * 1024**2
     pids_limit: int = 256
     tmp_size: str = "256m"
     home_size: str = "64m"
@@ -102,6 +107,11 @@ class Settings:
     # for this long means the worker is gone, and beat's sweep (every lease/2) ends the
     # execution `error`, never running it twice at once: noticed within 45 s by default.
     lease_s: int = 30
+
+    #: Encrypts a script's environment variables (``rgrid run --env``) while they wait in
+    #: Redis for their worker; the API and every worker must share it. Unset: a server
+    #: refuses ``--env`` rather than keep secrets in clear.
+    secret_key: str | None = None
 
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
@@ -133,6 +143,10 @@ class Settings:
             max_timeout_s=_env_int("RGRID_MAX_TIMEOUT", cls.max_timeout_s),
             memory_limit=_env("RGRID_MEMORY_LIMIT", cls.memory_limit),
             cpu_limit=_env_float("RGRID_CPU_LIMIT", cls.cpu_limit),
+            max_memory_limit=_env("RGRID_MAX_MEMORY", cls.max_memory_limit),
+            max_cpu_limit=_env_float("RGRID_MAX_CPUS", cls.max_cpu_limit),
+            max_stdin_bytes=_env_int("RGRID_MAX_STDIN_BYTES", cls.max_stdin_bytes),
+            secret_key=_env("RGRID_SECRET_KEY"),
             pids_limit=_env_int("RGRID_PIDS_LIMIT", cls.pids_limit),
             tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
             home_size=_env("RGRID_HOME_SIZE", cls.home_size),

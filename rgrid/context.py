@@ -7,10 +7,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rgrid.channels import MemoryChannels, RedisChannels
 from rgrid.config import MIGRATIONS_DIR, Settings
 from rgrid.db import get_session_factory, upgrade
 from rgrid.locks import FileLocks, RedisLocks
-from rgrid.logbuffer import MemoryLogBuffer, RedisLogBuffer
+from rgrid.logbuffer import FileLogBuffer, RedisLogBuffer
 from rgrid.objectstore import LocalStore, store_from_settings
 from rgrid.pipeline import PipelineContext
 
@@ -38,6 +39,7 @@ def server_context(settings: Settings) -> PipelineContext:
         store=store,
         logs=RedisLogBuffer(client),
         locks=RedisLocks(client, lease_s=2 * settings.build_lock_timeout_s),
+        channels=RedisChannels(client, settings.secret_key, settings.max_stdin_bytes),
     )
 
 
@@ -69,7 +71,8 @@ def embedded_context(settings: Settings) -> PipelineContext:
         settings=settings,
         session_factory=get_session_factory(url),
         store=LocalStore(settings.effective_store_dir),
-        logs=MemoryLogBuffer(),
+        logs=FileLogBuffer(settings.data_dir / "logs"),
+        channels=MemoryChannels(),
         locks=FileLocks(settings.data_dir / "locks"),
         # One warm sandbox for the environment just used, so the next run is warm too; it
         # ends itself when idle.

@@ -103,7 +103,8 @@ def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str
     messages = []
     for line in process.stderr:
         log(line)
-        if line.strip():
+        # uv's note of the worker's own interpreter says nothing about the user's packages.
+        if line.strip() and not line.startswith("Using CPython"):
             messages.append(line.rstrip())
     stdout = process.stdout.read()
     if process.wait() != 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 from rgrid import blobs, pipeline
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
+from rgrid.channels import check_env
 from rgrid.client import safe_target, verified_copy
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
@@ -34,8 +35,20 @@ class EmbeddedClient:
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
-    def submit(self, *, script, script_name, runtime, timeout_s, args, **options) -> dict:
+    def submit(
+        self,
+        *,
+        script,
+        script_name,
+        runtime,
+        timeout_s,
+        args,
+        env=None,
+        stdin_source=None,
+        **options,
+    ) -> dict:
         resolve_runtime(runtime)
+        env = check_env(env) if env else None
         get_docker()  # Fail now, with one line, rather than after writing a row.
         with session_scope(self.ctx.session_factory) as session:
             execution = svc.create_execution(
@@ -48,12 +61,19 @@ class EmbeddedClient:
                 runtime=runtime,
                 timeout_s=timeout_s,
                 args=args,
+                stdin=stdin_source is not None,
+                env_names=list(env) if env else None,
                 **options,
             )
             # Owned by this process from the start: if it is killed before the script ends,
             # the next `rgrid` on this machine ends the row (recover_interrupted).
             execution.worker = self.ctx.worker_id
             result = svc.execution_to_dict(execution)
+        # Handed over in memory: they never reach the database or a file.
+        if env:
+            self.ctx.channels.put_env(result["execution_id"], env)
+        if stdin_source is not None:
+            self.ctx.channels.attach_stdin(result["execution_id"], stdin_source)
         thread = threading.Thread(
             target=pipeline.run_all, args=(self.ctx, result["execution_id"]), daemon=True
         )
@@ -66,7 +86,8 @@ class EmbeddedClient:
 
     def cancel(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
-            svc.get_execution(session, self.account_id, execution_id)  # the account's own
+            # The account's own, by id, prefix or `last`.
+            execution_id = svc.get_execution(session, self.account_id, execution_id).id
         _status, changed = pipeline.cancel(self.ctx, execution_id)
         return {**self.get(execution_id), "cancelled": changed}
 

@@ -1,8 +1,8 @@
 """Errors a user can act on.
 
 Every error that reaches a user is an ``RGridError``: the CLI prints its message on one line
-and exits non-zero, the API turns it into a JSON body with ``http_status``. Anything else is a
-bug and is allowed to surface as such.
+and exits 125 (``rgrid.cli.EXIT_RGRID``), the API turns it into a JSON body with
+``http_status``. Anything else is a bug and is allowed to surface as such.
 """
 
 
@@ -10,7 +10,6 @@ class RGridError(Exception):
     """A failure with a one-line explanation meant for the user."""
 
     http_status = 400
-    exit_code = 1
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -37,7 +36,6 @@ class ServiceUnavailable(RGridError):
     """A component RGrid depends on (Docker, the API, a database) cannot be reached."""
 
     http_status = 503
-    exit_code = 2
 
 
 class BuildError(RGridError):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import re
 import secrets
-from datetime import datetime
+from collections.abc import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,12 +17,20 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound
 from rgrid.hashing import script_hash
 from rgrid.inputs import OUTPUTS_DIR, check_manifest
-from rgrid.logbuffer import LogBuffer, LogChunk, decode_log
-from rgrid.models import Execution
+from rgrid.logbuffer import LogBuffer, LogChunk, iter_log
+from rgrid.models import Execution, iso_utc
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import check_local_paths, inline_requirements, normalise
 from rgrid.runtimes import DEFAULT_RUNTIME, resolve_runtime
 from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.units import human_limit, parse_bytes
+
+#: A log page carries at most this many chunks and about this much text, so neither the API
+#: nor the CLI ever holds a whole log in memory, however large.
+LOG_PAGE_CHUNKS = 512
+LOG_PAGE_BYTES = 4 * 1024**2
+#: The shortest execution id prefix accepted in place of the whole id.
+MIN_ID_PREFIX = 4
 
 
 def new_execution_id() -> str:
@@ -45,6 +56,29 @@ def validate_submission(
     if not 1 <= timeout_s <= settings.max_timeout_s:
         raise BadInput(f"timeout must be between 1 and {settings.max_timeout_s} seconds")
     return timeout_s
+
+
+def resolve_limits(
+    settings: Settings, memory: str | int | None, cpus: float | None
+) -> tuple[int, float]:
+    """The memory (bytes) and CPUs a run gets: what the user asked for, within the operator's
+    maximums, else the operator's defaults."""
+    most_memory = parse_bytes(settings.max_memory_limit, "RGRID_MAX_MEMORY")
+    if memory is None:
+        memory_bytes = parse_bytes(settings.memory_limit, "RGRID_MEMORY_LIMIT")
+    else:
+        if isinstance(memory, bool) or not isinstance(memory, str | int):
+            raise BadInput("memory must be a size such as 512m or 2g")
+        memory_bytes = memory if isinstance(memory, int) else parse_bytes(memory, "memory")
+        if not 32 * 1024**2 <= memory_bytes <= most_memory:
+            raise BadInput(f"memory must be between 32 MiB and {human_limit(most_memory)}")
+    if cpus is None:
+        return memory_bytes, settings.cpu_limit
+    if isinstance(cpus, bool) or not isinstance(cpus, int | float):
+        raise BadInput("cpus must be a number such as 0.5 or 2")
+    if not 0.01 <= cpus <= settings.max_cpu_limit:
+        raise BadInput(f"cpus must be between 0.01 and {settings.max_cpu_limit:g}")
+    return memory_bytes, float(cpus)
 
 
 def requirements_for(script: str, requirements: str | None, runtime: str) -> str:
@@ -73,10 +107,15 @@ def create_execution(
     inputs: list[dict] | None = None,
     files_uploaded: int = 0,
     bytes_uploaded: int = 0,
+    memory: str | int | None = None,
+    cpus: float | None = None,
+    stdin: bool = False,
+    env_names: list[str] | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
     timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
+    memory_bytes, cpu_limit = resolve_limits(settings, memory, cpus)
     normalised = requirements_for(script, requirements, runtime)
     # The embedded default's "worker host" is the user's own machine: its folders are theirs.
     check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
@@ -112,6 +151,10 @@ def create_execution(
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
         timeout_s=timeout,
+        memory_bytes=memory_bytes,
+        cpus=cpu_limit,
+        stdin=bool(stdin),
+        env_names=sorted(env_names) if env_names else None,
         script_cache_hit=False,
         dependency_cache_hit=None,
         bytes_uploaded=bytes_uploaded,
@@ -123,7 +166,22 @@ def create_execution(
 
 
 def get_execution(session: Session, account_id: int, execution_id: str) -> Execution:
-    """Another account's execution is simply not found: no account learns of another's work."""
+    """By id, by a unique prefix of one (at least four characters, as git takes them), or
+    ``last``: the account's newest. Another account's execution is simply not found: no
+    account learns of another's work."""
+    mine = select(Execution).where(Execution.account_id == account_id)
+    if execution_id == "last":
+        execution = session.scalars(mine.order_by(Execution.created_at.desc()).limit(1)).first()
+        if execution is None:
+            raise NotFound("no executions yet")
+        return execution
+    if re.fullmatch(f"[0-9a-f]{{{MIN_ID_PREFIX},15}}", execution_id):
+        found = list(session.scalars(mine.where(Execution.id.startswith(execution_id)).limit(2)))
+        if len(found) > 1:
+            raise BadInput(f"{execution_id} is the start of more than one execution id")
+        if found:
+            return found[0]
+        raise NotFound(f"no execution {execution_id}")
     execution = session.get(Execution, execution_id)
     if execution is None or execution.account_id != account_id:
         raise NotFound(f"no execution {execution_id}")
@@ -139,10 +197,6 @@ def list_executions(session: Session, account_id: int, limit: int = 20) -> list[
             .limit(max(1, min(limit, 500)))
         )
     )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 def duration_s(execution: Execution) -> float | None:
@@ -174,36 +228,58 @@ def execution_to_dict(execution: Execution) -> dict:
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,
+        "memory_bytes": execution.memory_bytes,
+        "cpus": execution.cpus,
+        "stdin": execution.stdin,
+        "env_names": execution.env_names or [],
+        # A cache that does not apply (no dependencies, no inputs) is null, not a miss.
         "script_cache_hit": execution.script_cache_hit,
-        "dependency_cache_hit": execution.dependency_cache_hit,
-        "input_cache_hit": execution.input_cache_hit,
+        "dependency_cache_hit": execution.dependency_cache_hit
+        if cache_keys.has_dependencies(execution.dependency_hash)
+        else None,
+        "input_cache_hit": execution.input_cache_hit if execution.inputs else None,
         "bytes_uploaded": execution.bytes_uploaded,
         "deps_build_s": execution.deps_build_s,
         "run_s": execution.run_s,
         "duration_s": duration_s(execution),
         "outputs": execution.outputs,
-        "created_at": _iso(execution.created_at),
-        "started_at": _iso(execution.started_at),
-        "finished_at": _iso(execution.finished_at),
+        "created_at": iso_utc(execution.created_at),
+        "started_at": iso_utc(execution.started_at),
+        "finished_at": iso_utc(execution.finished_at),
     }
 
 
+def _page(chunks: Iterable[LogChunk]) -> list[LogChunk]:
+    page: list[LogChunk] = []
+    size = 0
+    for chunk in chunks:
+        page.append(chunk)
+        size += len(chunk[1])
+        if len(page) >= LOG_PAGE_CHUNKS or size >= LOG_PAGE_BYTES:
+            break
+    return page
+
+
 def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset: int = 0) -> dict:
-    """Log chunks from ``offset`` on. ``complete`` is true once the final log is stored, so a
-    follower knows it has seen everything."""
-    complete = execution.status in TERMINAL_STATUSES
+    """One page of log chunks from ``offset`` on. ``complete`` is true once the final log is
+    stored and this page reaches its end, so a follower knows it has seen everything."""
+    finished = execution.status in TERMINAL_STATUSES
+    more = False
     chunks: list[LogChunk]
-    if complete:
+    if finished:
         try:
-            chunks = decode_log(store.get_bytes(cache_keys.log_object_key(execution.id)))
+            stream = store.open_stream(cache_keys.log_object_key(execution.id))
+            with contextlib.closing(stream):
+                stored = itertools.islice(iter_log(stream), offset, None)
+                chunks = _page(stored)
+                more = next(stored, None) is not None
         except NotFound:
             chunks = []
-        chunks = chunks[offset:]
     else:
-        chunks = logs.read(execution.id, offset)
+        chunks = _page(logs.read(execution.id, offset, LOG_PAGE_CHUNKS))
     return {
         "status": execution.status,
-        "complete": complete,
+        "complete": finished and not more,
         "offset": offset,
         "next_offset": offset + len(chunks),
         "chunks": [list(chunk) for chunk in chunks],

@@ -75,7 +75,10 @@ def collect(args: list[str], cwd: Path, settings: Settings) -> list[InputFile]:
         name = _relative_name(arg)
         path = cwd / name
         if not path.exists() and not path.is_symlink():
-            raise BadInput(f"input not found: {arg}")
+            raise BadInput(
+                f"input not found: {arg} (arguments for the script go after --:"
+                f" rgrid run SCRIPT -- {arg})"
+            )
         if not _inside(path, root):
             raise BadInput(f"input {arg} is a link pointing outside the working folder")
         pairs = _files_under(path, name) if path.is_dir() else [(name, path)]

@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from rgrid.errors import ServiceUnavailable
 
@@ -25,41 +28,97 @@ LogChunk = tuple[str, str]
 
 class LogBuffer(Protocol):
     def append(self, execution_id: str, stream: str, text: str) -> None: ...
-    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]: ...
+    def read(
+        self, execution_id: str, start: int = 0, limit: int | None = None
+    ) -> list[LogChunk]: ...
     def clear(self, execution_id: str) -> None: ...
 
 
-class MemoryLogBuffer:
-    """For the embedded default, where the pipeline runs in the CLI's own process."""
+class FileLogBuffer:
+    """For the embedded default, where the pipeline runs in the CLI's own process.
 
-    def __init__(self) -> None:
+    The process that runs an execution keeps its log in memory, so its own follower wakes the
+    moment the pipeline writes; each chunk is also appended to a file under the data folder,
+    so ``rgrid logs ID`` in another terminal follows the same run live."""
+
+    POLL_S = 0.1
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self._chunks: dict[str, list[LogChunk]] = defaultdict(list)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._cleared: set[str] = set()
+        #: Where another process's log file was last read up to: (chunks, byte offset).
+        self._read_to: dict[str, tuple[int, int]] = {}
+
+    def _path(self, execution_id: str) -> Path:
+        return self.folder / f"{execution_id}.jsonl"
 
     def append(self, execution_id: str, stream: str, text: str) -> None:
+        line = json.dumps([stream, text]) + "\n"
         with self._lock:
+            if execution_id not in self._chunks:
+                self.folder.mkdir(parents=True, exist_ok=True)
             self._chunks[execution_id].append((stream, text))
+            with open(self._path(execution_id), "a", encoding="utf-8") as fh:
+                fh.write(line)
             self._changed.notify_all()
 
     def wait(self, execution_id: str, start: int, timeout_s: float) -> None:
-        """Until the log has more than ``start`` chunks or is cleared (the run is over): the
-        CLI's follower wakes the moment the pipeline thread writes, instead of polling."""
+        """Until the log has more than ``start`` chunks or is cleared (the run is over). A run
+        of this process wakes its follower at once; another process's run is polled."""
         with self._lock:
-            self._changed.wait_for(
-                lambda: execution_id not in self._chunks or len(self._chunks[execution_id]) > start,
-                timeout_s,
-            )
+            if execution_id in self._chunks:
+                self._changed.wait_for(
+                    lambda: (
+                        execution_id not in self._chunks or len(self._chunks[execution_id]) > start
+                    ),
+                    timeout_s,
+                )
+                return
+        deadline = time.monotonic() + timeout_s
+        path = self._path(execution_id)
+        size = path.stat().st_size if path.exists() else -1
+        while time.monotonic() < deadline:
+            time.sleep(self.POLL_S)
+            now = path.stat().st_size if path.exists() else -1
+            if now != size:
+                return
 
-    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
+    def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
+        end = None if limit is None else start + limit
         with self._lock:
-            return list(self._chunks.get(execution_id, [])[start:])
+            if execution_id in self._chunks:
+                return list(self._chunks[execution_id][start:end])
+        return self._read_file(execution_id, start, limit)
+
+    def _read_file(self, execution_id: str, start: int, limit: int | None) -> list[LogChunk]:
+        count, position = self._read_to.get(execution_id, (0, 0))
+        if start < count:
+            count, position = 0, 0
+        chunks: list[LogChunk] = []
+        try:
+            with open(self._path(execution_id), "rb") as fh:
+                fh.seek(position)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break  # the writer is half way through this one
+                    position += len(line)
+                    count += 1
+                    if count > start:
+                        chunks.append(tuple(json.loads(line)))  # type: ignore[arg-type]
+                        if limit is not None and len(chunks) >= limit:
+                            break
+        except FileNotFoundError:
+            return []
+        self._read_to[execution_id] = (count, position)
+        return chunks
 
     def clear(self, execution_id: str) -> None:
         with self._lock:
             self._chunks.pop(execution_id, None)
-            self._cleared.add(execution_id)
+            self._read_to.pop(execution_id, None)
+            self._path(execution_id).unlink(missing_ok=True)
             self._changed.notify_all()
 
 
@@ -100,8 +159,9 @@ class RedisLogBuffer:
         pipe.execute()
 
     @_redis_unavailable
-    def read(self, execution_id: str, start: int = 0) -> list[LogChunk]:
-        raw = self.client.lrange(self._key(execution_id), start, -1)
+    def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
+        end = -1 if limit is None else start + limit - 1
+        raw = self.client.lrange(self._key(execution_id), start, end)
         return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
 
     @_redis_unavailable
@@ -116,3 +176,16 @@ def encode_log(chunks: list[LogChunk]) -> bytes:
 
 def decode_log(data: bytes) -> list[LogChunk]:
     return [tuple(json.loads(line)) for line in data.decode().splitlines() if line]  # type: ignore[misc]
+
+
+def iter_log(stream: BinaryIO) -> Iterator[LogChunk]:
+    """The chunks of a stored log, read from a stream 1 MiB at a time: a reader of one page
+    of a large log never holds the whole of it."""
+    rest = b""
+    while block := stream.read(1024 * 1024):
+        *lines, rest = (rest + block).split(b"\n")
+        for line in lines:
+            if line:
+                yield tuple(json.loads(line))  # type: ignore[misc]
+    if rest.strip():
+        yield tuple(json.loads(rest))  # type: ignore[misc]

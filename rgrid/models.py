@@ -24,6 +24,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with its offset; SQLite (the embedded default) returns stored times
+    without one, and they were stored in UTC."""
+    if value is None:
+        return None
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.isoformat()
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -78,6 +87,13 @@ class Execution(Base):
     files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)
+    # Limits chosen for this run (rgrid run --memory/--cpus); None: the operator's defaults.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    cpus: Mapped[float | None] = mapped_column(Float)
+    # Whether the client streams stdin to the script (else the script reads EOF at once).
+    stdin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The names of the variables passed with --env; their values are never stored here.
+    env_names: Mapped[list | None] = mapped_column(JSON)
     # The environment it ran in: the installed dependency set's folder name on the worker
     # host (None without dependencies) and the runtime image's id.
     environment: Mapped[str | None] = mapped_column(String(64))

@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rgrid import blobs, cache_keys, environments, pool, sandbox
+from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
@@ -47,6 +48,7 @@ from rgrid.objectstore import ObjectStore
 from rgrid.requirements import dependency_hash, normalise
 from rgrid.runtimes import resolve_runtime
 from rgrid.statuses import TERMINAL_STATUSES, Status, check_transition
+from rgrid.units import human_limit, parse_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,8 @@ class PipelineContext:
     store: ObjectStore
     logs: LogBuffer
     locks: LockFactory
+    #: Environment variables and stdin on their way to the script.
+    channels: ScriptChannels
     docker_factory: Callable[[], docker.DockerClient] = get_docker
     #: Warm sandboxes kept per environment; None: the operator's setting. The embedded
     #: default keeps one, for the environment it last used.
@@ -483,6 +487,17 @@ def _sandbox_for(
     return box, warm
 
 
+def _memory_bytes(ctx: PipelineContext, execution: Execution) -> int:
+    return execution.memory_bytes or parse_bytes(ctx.limits.memory)
+
+
+def _fit_limits(ctx: PipelineContext, execution: Execution, box: sandbox.Box) -> None:
+    """A run that chose its own memory or CPUs gets them on the sandbox it claimed."""
+    memory, cpus = _memory_bytes(ctx, execution), execution.cpus or ctx.limits.cpus
+    if memory != parse_bytes(ctx.limits.memory) or cpus != ctx.limits.cpus:
+        sandbox.resize(ctx.docker, box, memory, cpus)
+
+
 def _remove_leftover(ctx: PipelineContext, execution_id: str) -> None:
     """A redelivered run step may find the sandbox of an earlier attempt: end it first, so the
     script never runs twice at once and the name is free."""
@@ -556,7 +571,7 @@ def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
         execution.outcome = Status.CANCELLED
         execution.error = "cancelled"
         execution.finished_at = utcnow()
-    ctx.logs.clear(execution_id)
+    _release(ctx, execution_id)
     return Status.CANCELLED, True
 
 
@@ -601,8 +616,12 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.environment
         else None,
     )
+    env_vars = ctx.channels.get_env(execution_id) if execution.env_names else None
+    if execution.env_names and env_vars is None:
+        raise RGridError("the execution's environment variables expired before it could run")
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
     try:
+        _fit_limits(ctx, execution, box)
         sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
@@ -617,6 +636,8 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
                         argv=argv,
                         timeout_s=execution.timeout_s,
                         on_output=_capped_log(ctx, execution_id),
+                        env_vars=env_vars,
+                        stdin=ctx.channels.stdin(execution_id) if execution.stdin else None,
                     )
                 break
             except sandbox.SandboxUnresponsive as exc:
@@ -627,6 +648,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
                 ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
                 sandbox.discard(ctx.docker, box)
                 box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
+                _fit_limits(ctx, execution, box)
                 sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
         if watch.cancelled:
             with execution_row(ctx, execution_id) as execution:
@@ -650,6 +672,8 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         for note in result.notes:
             ctx.note(execution_id, note)
         patiently(lambda: _store_outputs(ctx, execution, box, outputs))
+        limit = human_limit(_memory_bytes(ctx, execution))
+        out_of_memory = f"killed: out of memory (limit {limit})"
 
         def record(execution: Execution) -> None:
             execution.sandbox_warm = warm
@@ -662,12 +686,23 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
             else:
                 ok = result.exit_code == 0
                 execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
+                if result.oom_killed and not ok:
+                    execution.error = out_of_memory
 
         update_execution(ctx, execution_id, record)
         if result.timed_out:
             ctx.note(execution_id, f"timed out after {execution.timeout_s}s")
+        elif result.oom_killed and result.exit_code != 0:
+            ctx.note(execution_id, out_of_memory)
     finally:
         sandbox.discard(ctx.docker, box)
+
+
+def _release(ctx: PipelineContext, execution_id: str) -> None:
+    """An execution is over: drop its live log (the stored one is complete) and whatever of
+    its secrets and stdin still waits for it."""
+    ctx.logs.clear(execution_id)
+    ctx.channels.forget(execution_id)
 
 
 def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
@@ -726,7 +761,7 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
         execution.finished_at = utcnow()
 
     update_execution(ctx, execution_id, publish)
-    ctx.logs.clear(execution_id)
+    _release(ctx, execution_id)
     if execution.environment:
         # Only now, with the result published: compiling beside the first run took CPU from
         # it (pandas' first run 1.96 s with the compile alongside).
@@ -754,7 +789,7 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
         execution.outcome = Status.ERROR
         execution.error = message
         execution.finished_at = utcnow()
-    ctx.logs.clear(execution_id)
+    _release(ctx, execution_id)
 
 
 STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)

@@ -70,7 +70,7 @@ def read_requirements_file(path: Path, _depth: int = 0, _seen: frozenset = froze
     except UnicodeDecodeError as exc:
         raise BadInput(f"requirements file is not UTF-8 text: {path}") from exc
     lines = []
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         for flag in ("-r", "--requirement"):
             if line == flag or line.startswith(flag + " ") or line.startswith(flag + "="):
@@ -82,6 +82,12 @@ def read_requirements_file(path: Path, _depth: int = 0, _seen: frozenset = froze
                 )
                 break
         else:
+            try:
+                normalise(raw)
+            except BadInput as exc:
+                raise BadInput(
+                    exc.message.replace("requirements line 1:", f"{path}:{number}:", 1)
+                ) from None
             lines.append(raw)
     return "\n".join(lines) + "\n"
 
@@ -194,6 +200,10 @@ def _normalise_requirement(line: str, number: int) -> str:
         req = Requirement(line)
     except InvalidRequirement as exc:
         raise BadInput(f"requirements line {number}: '{line}' is not a valid requirement") from exc
+    # packaging takes what uv refuses ('numpy===', 'numpy>=1,'): refuse it here, where the
+    # message can name the user's own file and line.
+    if any(not spec.version.strip() for spec in req.specifier) or re.search(r",\s*(;|$)", line):
+        raise BadInput(f"requirements line {number}: '{line}' has an operator without a version")
     if req.url and not _is_web_url(req.url):
         raise BadInput(
             f"requirements line {number}: only http(s) URLs can be installed, not {req.url!r}"

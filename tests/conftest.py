@@ -34,7 +34,12 @@ TICKER = (
 )
 # Set before anything imports celeryconfig: the tests' broker is Redis database 1, so a stack
 # started with `make up` (database 0) never sees the tests' tasks.
-for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RGRID_S3_ENDPOINT_URL"):
+for _key in (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "RGRID_S3_ENDPOINT_URL",
+    "RGRID_SECRET_KEY",
+):
     os.environ.setdefault(_key, DEV_ENV[_key])
 os.environ["RGRID_REDIS_URL"] = os.environ.get("RGRID_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
 # A queue of this session's own: two test runs at once (two checkouts) never take each

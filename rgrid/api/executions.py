@@ -11,9 +11,11 @@ from rgrid import executions as svc
 from rgrid import pipeline
 from rgrid.api.common import authenticate_request, json_body
 from rgrid.api.common import context as _ctx
+from rgrid.channels import check_env
 from rgrid.config import DEFAULT_RUNTIME
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, ServiceUnavailable
+from rgrid.statuses import TERMINAL_STATUSES
 
 bp = Blueprint("executions", __name__)
 bp.before_request(authenticate_request)
@@ -35,6 +37,7 @@ def create_execution():
     timeout = body.get("timeout_s")
     if timeout is not None and not isinstance(timeout, int):
         raise BadInput("'timeout_s' must be a whole number of seconds")
+    env = check_env(body["env"]) if body.get("env") else None
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.create_execution(
@@ -52,8 +55,15 @@ def create_execution():
             inputs=body.get("inputs") or [],
             files_uploaded=body.get("files_uploaded", 0),
             bytes_uploaded=body.get("bytes_uploaded", 0),
+            memory=body.get("memory"),
+            cpus=body.get("cpus"),
+            stdin=body.get("stdin") is True,
+            env_names=list(env) if env else None,
         )
         execution_id = execution.id
+    if env:
+        # Encrypted, in Redis, until the execution ends: never in the database.
+        ctx.channels.put_env(execution_id, env)
     # Only now, after the commit, may a worker go looking for the row.
     try:
         enqueue_pipeline(execution_id)
@@ -111,13 +121,28 @@ def get_logs(execution_id: str):
         time.sleep(LOG_WAIT_STEP_S)
 
 
+@bp.post("/executions/<execution_id>/stdin")
+def feed_stdin(execution_id: str):
+    """One chunk of the client's piped stdin (the raw body); ``?eof=1`` ends it."""
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        if not execution.stdin:
+            raise BadInput(f"execution {execution.id} was not submitted with stdin")
+        if execution.status in TERMINAL_STATUSES:
+            return jsonify(accepted=False, status=execution.status)
+        execution_id = execution.id
+    ctx.channels.feed_stdin(execution_id, request.get_data(), eof=request.args.get("eof") == "1")
+    return jsonify(accepted=True)
+
+
 @bp.post("/executions/<execution_id>/cancel")
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
-        svc.get_execution(session, g.account_id, execution_id)
+        execution_id = svc.get_execution(session, g.account_id, execution_id).id
     _status, changed = pipeline.cancel(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)

@@ -1,4 +1,8 @@
-"""The ``rgrid`` command line."""
+"""The ``rgrid`` command line.
+
+Exit codes follow ``docker run``: a script's own exit code passes through, so RGrid's own
+outcomes use codes a script rarely does (``EXIT_*`` below, listed in ``rgrid run --help``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,31 @@ import click
 
 from rgrid.errors import RGridError
 
+#: RGrid could not run the script: bad input, a failed dependency install, an unreachable
+#: service (``docker run``'s 125).
+EXIT_RGRID = 125
+#: The script ran past its timeout (``timeout(1)``'s 124).
+EXIT_TIMED_OUT = 124
+#: Stopped by Ctrl-C, or cancelled.
+EXIT_INTERRUPTED = 130
+
+
+def json_requested(args: list[str]) -> bool:
+    """Whether the command line asked for ``--json`` (before any ``--``): then even a failure
+    before anything ran is answered with a JSON object on stdout."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--json" in options
+
+
+def fail(message: str, code: int = EXIT_RGRID) -> None:
+    """One line on stderr (and the JSON error object with ``--json``), then exit."""
+    if json_requested(sys.argv[1:]):
+        from rgrid.cli.output import print_json
+
+        print_json({"status": "error", "error": message})
+    click.echo(f"rgrid: error: {message}", err=True)
+    sys.exit(code)
+
 
 class RGridGroup(click.Group):
     """Turns every RGridError into one line on stderr and a non-zero exit, never a traceback."""
@@ -18,14 +47,13 @@ class RGridGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RGridError as exc:
-            click.echo(f"rgrid: error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
+            fail(exc.message)
         except KeyboardInterrupt:
             click.echo("rgrid: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
 
-@click.group(cls=RGridGroup)
+@click.group(cls=RGridGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rgrid")
 def cli() -> None:
     """Run Python scripts on RGrid. With RGRID_API_URL unset, everything runs locally."""
@@ -37,4 +65,18 @@ def main() -> None:
     # A short-lived CLI: skip the collector's final pass over every object at exit, which
     # measured ~0.3 s of a 1 s warm `rgrid run`.
     atexit.register(gc.freeze)
-    cli()
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click.ClickException as exc:
+        # A usage error exits 125 like any RGrid failure, not 2, which scripts use.
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} -h')"
+        fail(exc.format_message() + hint)
+    except click.Abort:
+        click.echo("rgrid: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

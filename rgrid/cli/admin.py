@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from rgrid.cli import cli
-from rgrid.cli.output import print_json
+from rgrid.cli.output import note, print_json, table_lines
 from rgrid.config import get_settings
 
 # Database modules are imported inside the commands: importing SQLAlchemy and Alembic costs
@@ -92,7 +92,7 @@ def list_keys(json_mode: bool) -> None:
     from sqlalchemy import select
 
     from rgrid.db import session_scope
-    from rgrid.models import Account, ApiKey
+    from rgrid.models import Account, ApiKey, iso_utc
 
     with session_scope(_factory()) as session:
         rows = session.execute(select(ApiKey, Account.name).join(Account).order_by(ApiKey.id)).all()
@@ -101,7 +101,7 @@ def list_keys(json_mode: bool) -> None:
                 "key_id": key.id,
                 "account": name,
                 "prefix": key.prefix,
-                "created_at": key.created_at.isoformat(),
+                "created_at": iso_utc(key.created_at),
                 "revoked": key.revoked_at is not None,
             }
             for key, name in rows
@@ -109,6 +109,19 @@ def list_keys(json_mode: bool) -> None:
     if json_mode:
         print_json(result)
         return
-    for row in result:
-        state = "revoked" if row["revoked"] else "active"
-        click.echo(f"{row['key_id']:>4}  {row['account']:20} {row['prefix']}…  {state}")
+    if not result:
+        note("no API keys")
+    for line in table_lines(
+        ("ID", "ACCOUNT", "PREFIX", "STATE", "CREATED (UTC)"),
+        (
+            (
+                str(row["key_id"]),
+                row["account"],
+                row["prefix"] + "…",
+                "revoked" if row["revoked"] else "active",
+                row["created_at"][:19].replace("T", " "),
+            )
+            for row in result
+        ),
+    ):
+        click.echo(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -13,27 +14,34 @@ from pathlib import Path
 
 import click
 
-from rgrid.cli import cli
+from rgrid.channels import FdReader, StdinSource
+from rgrid.cli import EXIT_INTERRUPTED, EXIT_RGRID, EXIT_TIMED_OUT, cli
 from rgrid.cli.output import (
     LogPrinter,
     executions_table,
-    human_bytes,
     note,
     print_json,
     print_summary,
     progress,
 )
 from rgrid.client import Client, make_client
-from rgrid.config import DEFAULT_RUNTIME, get_settings
+from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
 from rgrid.errors import BadInput, RGridError
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
 from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.units import human_bytes, parse_bytes
 
 OUTPUTS_ROOT = Path("rgrid-outputs")
 
 #: ``rgrid run``'s exit status for each way an execution ends (a failed script: its own code).
-EXIT_STATUS = {"succeeded": 0, "timed_out": 124, "build_failed": 1, "error": 1, "cancelled": 130}
+EXIT_STATUS = {
+    "succeeded": 0,
+    "timed_out": EXIT_TIMED_OUT,
+    "build_failed": EXIT_RGRID,
+    "error": EXIT_RGRID,
+    "cancelled": EXIT_INTERRUPTED,
+}
 
 
 def _client() -> Client:
@@ -41,10 +49,59 @@ def _client() -> Client:
 
 
 def outputs_dir_for(execution_id: str) -> Path:
-    """``./rgrid-outputs/<id>/``; the id comes from a server, so it must look like one."""
+    """``./rgrid-outputs/<id>/``, absolute; the id comes from a server, so it must look like
+    one."""
     if not re.fullmatch(r"[0-9a-f]{16}", execution_id):
         raise RGridError(f"the server sent an odd execution id {execution_id!r}")
-    return OUTPUTS_ROOT / execution_id
+    return Path.cwd() / OUTPUTS_ROOT / execution_id
+
+
+def read_env(pairs: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, str]:
+    """``--env-file`` files first (``NAME=VALUE`` lines, ``#`` comments, an optional
+    ``export``, quotes around a value removed), then ``--env NAME=VALUE`` / ``--env NAME``
+    (the value of this shell's NAME), later ones winning, as ``docker run`` reads them."""
+    env: dict[str, str] = {}
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise BadInput(f"cannot read --env-file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"--env-file {path} is not UTF-8 text") from exc
+        for number, raw in enumerate(lines, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if not sep:
+                raise BadInput(f"{path}:{number}: expected NAME=VALUE")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            env[name.strip()] = value
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise BadInput(f"--env {name}: {name} is not set in this shell")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def stdin_to_forward(interactive: bool) -> StdinSource | None:
+    """What the script reads on stdin, as under ``uv run``: whatever is piped in. A terminal
+    is forwarded only with ``-i`` (else the script reads EOF at once), and nothing is sent
+    for a closed stdin or /dev/null."""
+    try:
+        info = os.fstat(0)
+    except OSError:
+        return None
+    if os.isatty(0):
+        return FdReader(0) if interactive else None
+    if stat.S_ISCHR(info.st_mode) and os.path.samestat(info, os.stat(os.devnull)):
+        return None
+    return FdReader(0)
 
 
 def read_script(path: Path) -> str:
@@ -102,14 +159,74 @@ def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tupl
     return len(to_send), sent_bytes
 
 
-@cli.command()
+class RunCommand(click.Command):
+    """Everything after ``--`` goes to the script unchanged, as with ``uv run`` and
+    ``docker run``, even words that look like rgrid's own options."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            split = args.index("--")
+            ctx.meta["rgrid.script_args"] = args[split + 1 :]
+            args = args[:split]
+        return super().parse_args(ctx, args)
+
+
+RUN_EPILOG = f"""\b
+Exit status (as with docker run):
+  the script's own   it ran; 137 when killed at its memory limit
+  {EXIT_TIMED_OUT}                it ran past --timeout
+  {EXIT_RGRID}                RGrid could not run it: bad input, a failed install, a service down
+  130/143/129/141    rgrid was stopped (Ctrl-C, SIGTERM, SIGHUP, output closed): cancelled
+"""
+
+
+@cli.command(cls=RunCommand, epilog=RUN_EPILOG)
 @click.argument("script", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1)
 @click.option(
     "-a", "--arg", "extra_args", multiple=True, help="An argument for the script (repeatable)."
 )
+@click.option(
+    "-e",
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="An environment variable for the script; NAME alone passes this shell's value."
+    " Values are secrets: never stored, logged or shown.",
+)
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A file of NAME=VALUE lines, read like --env.",
+)
+@click.option(
+    "-i",
+    "--interactive",
+    is_flag=True,
+    help="Send what is typed at this terminal to the script's stdin (piped stdin is always sent).",
+)
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Runtime image.")
-@click.option("--timeout", "timeout_s", type=int, help="Wall-clock limit in seconds.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=int,
+    help=f"Wall-clock limit in seconds.  [default: {Settings.default_timeout_s}]",
+)
+@click.option(
+    "-m",
+    "--memory",
+    help=f"Memory limit, e.g. 512m or 2g.  [default: {Settings.memory_limit},"
+    f" at most {Settings.max_memory_limit}]",
+)
+@click.option(
+    "--cpus",
+    type=float,
+    help=f"CPU limit, e.g. 0.5 or 2.  [default: {Settings.cpu_limit:g},"
+    f" at most {Settings.max_cpu_limit:g}]",
+)
 @click.option(
     "-r",
     "--requirements",
@@ -125,43 +242,64 @@ def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tupl
 @click.option(
     "-d", "--detach", is_flag=True, help="Submit, print the execution id and return at once."
 )
+@click.pass_context
 def run(
+    ctx: click.Context,
     script: Path,
     inputs: tuple[str, ...],
     extra_args: tuple[str, ...],
+    env_pairs: tuple[str, ...],
+    env_files: tuple[Path, ...],
+    interactive: bool,
     runtime: str,
     timeout_s: int | None,
+    memory: str | None,
+    cpus: float | None,
     requirements_file: Path | None,
     refresh_deps: bool,
     json_mode: bool,
     verbose: bool,
     detach: bool,
 ):
-    """Run SCRIPT in a sandboxed container with INPUTS (files or folders) placed under /work,
+    """Run SCRIPT in a sandboxed container with INPUTS (files or folders) beside it in /work,
     stream its output and fetch what it writes to /work/outputs.
 
-    The script receives the inputs' names as arguments, then any --arg values. Stopping
-    rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`) cancels the
-    execution and exits 130, 143, 129 or 141; with --detach the execution goes on."""
+    \b
+      rgrid run train.py data.csv -- --epochs 3
+      cat items.txt | rgrid run count.py
+      rgrid run fetch.py -e API_TOKEN --memory 2g
+
+    The script runs in /work, its folder, so modules given as inputs import as they do
+    locally. Its arguments are the inputs' names, then any --arg values, then everything
+    after --. Piped stdin reaches the script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its
+    output closed as by `| head`) cancels the execution; with --detach it goes on."""
     text = read_script(script)
     settings = get_settings()
     files = collect_inputs(list(inputs), Path.cwd(), settings)
     if timeout_s is not None and timeout_s < 1:
         raise BadInput("--timeout must be at least 1 second")
+    if memory is not None:
+        parse_bytes(memory, "--memory")  # the format here; the server checks its maximum
+    env = read_env(env_pairs, env_files)
     requirements = None
     if requirements_file is not None:
-        from rgrid.requirements import normalise, read_requirements_file
+        from rgrid.requirements import read_requirements_file
 
+        # A malformed line is reported here, naming its file and line, before anything is sent.
         requirements = read_requirements_file(requirements_file)
-        normalise(requirements)  # a malformed line is reported here, before anything is sent
     if detach and settings.embedded:
         raise BadInput(
             "--detach needs an RGrid API (RGRID_API_URL): the embedded default runs the script"
             " in this process"
         )
+    stdin_source = None if detach else stdin_to_forward(interactive)
     client = make_client(settings)
     files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
-    script_args = [input_name(arg) for arg in inputs] + list(extra_args)
+    script_args = [
+        *(input_name(arg) for arg in inputs),
+        *extra_args,
+        *ctx.meta.get("rgrid.script_args", []),
+    ]
     submitted = client.submit(
         script=text,
         script_name=script.name,
@@ -173,6 +311,10 @@ def run(
         inputs=[item.manifest_entry() for item in files],
         files_uploaded=files_uploaded,
         bytes_uploaded=bytes_uploaded,
+        memory=memory,
+        cpus=cpus,
+        env=env or None,
+        stdin_source=stdin_source,
     )
     execution_id = submitted["execution_id"]
     if detach:
@@ -180,9 +322,10 @@ def run(
         return
     if not json_mode:
         note(f"execution {execution_id}")
+    printer = LogPrinter(json_mode, verbose)
     try:
         with stop_signals():
-            execution = follow(client, execution_id, LogPrinter(json_mode, verbose))
+            execution = follow(client, execution_id, printer)
     except (KeyboardInterrupt, Stopped, BrokenPipeError) as exc:
         code = {KeyboardInterrupt: 130, BrokenPipeError: 141}.get(type(exc)) or exc.exit_code
         if isinstance(exc, BrokenPipeError):
@@ -196,11 +339,11 @@ def run(
     if json_mode:
         print_json({**execution, "outputs_dir": outputs_dir})
     else:
-        print_summary(execution, outputs_dir)
+        print_summary(execution, outputs_dir, printer.shown)
     status = execution["status"]
     if status == "failed":
         raise SystemExit(execution["exit_code"] or 1)
-    raise SystemExit(EXIT_STATUS.get(status, 1))
+    raise SystemExit(EXIT_STATUS.get(status, EXIT_RGRID))
 
 
 class Stopped(Exception):
@@ -293,15 +436,24 @@ def status(execution_id: str, json_mode: bool):
         "deps_build_s",
         "run_s",
         "duration_s",
+        "timeout_s",
+        "cpus",
         "created_at",
+        "started_at",
         "finished_at",
     ):
         if execution.get(key) is not None:
             click.echo(f"{key:22} {execution[key]}")
+    if execution.get("memory_bytes"):
+        click.echo(f"{'memory':22} {human_bytes(execution['memory_bytes'])}")
+    if execution.get("env_names"):
+        click.echo(f"{'env':22} {' '.join(execution['env_names'])} (values not kept)")
     for pin in execution.get("resolved_dependencies") or []:
         click.echo(f"{'dependency':22} {pin}")
     for output in execution["outputs"]:
-        click.echo(f"{'output':22} {output['path']} ({output['size']} bytes)")
+        click.echo(f"{'output':22} {output['path']} ({human_bytes(output['size'])})")
+    if execution["status"] not in TERMINAL_STATUSES:
+        note(f"{execution['execution_id']} is still {execution['status']}")
 
 
 @cli.command()
@@ -312,13 +464,22 @@ def status(execution_id: str, json_mode: bool):
 def logs(execution_id: str, follow_logs: bool):
     """Print an execution's log (stdout to stdout, stderr and RGrid's notes to stderr)."""
     client = _client()
+    execution_id = client.get(execution_id)["execution_id"]  # a prefix or `last`: once
     printer = LogPrinter(verbose=True)
     if follow_logs:
         follow(client, execution_id, printer)
         return
-    for stream, text in client.logs(execution_id, 0)["chunks"]:
-        printer.emit(stream, text)
+    offset = 0
+    while True:
+        page = client.logs(execution_id, offset)
+        for stream, text in page["chunks"]:
+            printer.emit(stream, text)
+        offset = page["next_offset"]
+        if page["complete"] or not page["chunks"]:
+            break
     printer.close()
+    if not page["complete"]:
+        note(f"{execution_id} is still {page['status']}: `rgrid logs {execution_id}` follows it")
 
 
 @cli.command()
@@ -328,6 +489,11 @@ def outputs(execution_id: str, output_dir: Path | None):
     """Download an execution's output files (again)."""
     client = _client()
     execution = client.get(execution_id)
+    if execution["status"] not in TERMINAL_STATUSES:
+        raise BadInput(
+            f"{execution['execution_id']} is still {execution['status']}: its outputs can be"
+            " fetched when it ends"
+        )
     dest = output_dir or outputs_dir_for(execution["execution_id"])
     written = fetch_outputs(client, execution, dest)
     for path in written:
@@ -337,14 +503,18 @@ def outputs(execution_id: str, output_dir: Path | None):
 
 
 @cli.command(name="list")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
 @click.option("--json", "json_mode", is_flag=True)
 def list_(limit: int, json_mode: bool):
     """List your recent executions, newest first."""
     rows = _client().list(limit)
     if json_mode:
+        for row in rows:
+            fetched = outputs_dir_for(row["execution_id"])
+            row["outputs_dir"] = str(fetched) if fetched.is_dir() else None
         print_json(rows)
+    elif rows:
+        for line in executions_table(rows):
+            click.echo(line)
     else:
-        from rich.console import Console
-
-        Console().print(executions_table(rows)) if rows else click.echo("no executions")
+        note("no executions")

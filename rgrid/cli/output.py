@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING
 
 import click
 
-from rgrid.cache_keys import has_dependencies
+from rgrid.units import human_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
 
 @cache
@@ -51,6 +50,8 @@ class LogPrinter:
         self._phase: str | None = None
         self._phase_started = 0.0
         self._live = None
+        #: RGrid's own lines shown so far, so the summary does not repeat one.
+        self.shown: list[str] = []
 
     def emit(self, stream: str, text: str) -> None:
         if stream == "phase":
@@ -64,6 +65,8 @@ class LogPrinter:
             sys.stdout.write(text)
             sys.stdout.flush()
         elif stream in ("system", "detail"):
+            if stream == "system":
+                self.shown.append(text)
             for line in text.splitlines():
                 note(f"│ {line}")
         else:
@@ -141,33 +144,26 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _hit(value: bool | None, applies: bool = True) -> str:
-    if not applies:
+def _hit(value: bool | None) -> str:
+    """A cache that does not apply to this execution is null: ``-``."""
+    if value is None:
         return "-"
     return "hit" if value else "miss"
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def summary_line(execution: dict, outputs_dir: str | None) -> str:
+def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] = ()) -> str:
+    """The line after a run. Its error is left out when the log already showed it
+    (``shown``): each message once."""
     status = execution["status"]
     exit_code = execution.get("exit_code")
-    with_deps = has_dependencies(execution.get("dependency_hash"))
     duration = execution.get("duration_s")
     parts = [
         status,
         f"exit {exit_code if exit_code is not None else '-'}",
         f"{duration:.2f}s" if duration is not None else "-",
         f"script cache {_hit(execution.get('script_cache_hit'))}",
-        f"deps {_hit(execution.get('dependency_cache_hit'), with_deps)}",
-        f"inputs {_hit(execution.get('input_cache_hit'), execution.get('input_hash') is not None)}",
+        f"deps {_hit(execution.get('dependency_cache_hit'))}",
+        f"inputs {_hit(execution.get('input_cache_hit'))}",
         f"uploaded {human_bytes(execution.get('bytes_uploaded') or 0)}",
     ]
     if execution.get("inputs"):
@@ -176,14 +172,15 @@ def summary_line(execution: dict, outputs_dir: str | None) -> str:
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
     line = " · ".join(parts)
-    if execution.get("error") and status != "succeeded":
-        line += f"\n{execution['error']}"
+    error = execution.get("error")
+    if error and status != "succeeded" and not any(error in text for text in shown):
+        line += f"\n{error}"
     return line
 
 
-def print_summary(execution: dict, outputs_dir: str | None) -> None:
+def print_summary(execution: dict, outputs_dir: str | None, shown: Iterable[str] = ()) -> None:
     colour = "green" if execution["status"] == "succeeded" else "red"
-    first, *rest = summary_line(execution, outputs_dir).split("\n")
+    first, *rest = summary_line(execution, outputs_dir, shown).split("\n")
     click.echo(click.style(first, fg=colour, bold=True), err=True)
     for line in rest:
         click.echo(line, err=True)
@@ -193,20 +190,30 @@ def print_json(data: dict | list) -> None:
     click.echo(json.dumps(data, indent=None, sort_keys=True))
 
 
-def executions_table(rows: list[dict]) -> Table:
-    from rich.table import Table
+def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell, as ``docker ps`` prints them: one line per row
+    whatever the terminal's width, so ``| grep`` and ``| awk`` see whole rows."""
+    cells = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
 
-    table = Table(box=None, pad_edge=False)
-    for column in ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row["execution_id"],
-            row["status"],
-            "" if row["exit_code"] is None else str(row["exit_code"]),
-            row["script_name"],
-            "hit" if row["script_cache_hit"] else "miss",
-            "" if row["duration_s"] is None else f"{row['duration_s']:.2f}s",
-            (row["created_at"] or "")[:19].replace("T", " "),
-        )
-    return table
+
+def executions_table(rows: list[dict]) -> list[str]:
+    return table_lines(
+        ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED (UTC)"),
+        (
+            (
+                row["execution_id"],
+                row["status"],
+                "" if row["exit_code"] is None else str(row["exit_code"]),
+                row["script_name"],
+                "hit" if row["script_cache_hit"] else "miss",
+                "" if row["duration_s"] is None else f"{row['duration_s']:.2f}s",
+                (row["created_at"] or "")[:19].replace("T", " "),
+            )
+            for row in rows
+        ),
+    )

@@ -44,6 +44,6 @@ def test_embedded_docker_unreachable(embedded_env, tmp_path):
     env = {**embedded_env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     result = run_cli("run", "hello.py", env=env, cwd=tmp_path)
     assert_one_line_error(result, "cannot reach the Docker engine")
-    assert result.returncode == 2
+    assert result.returncode == 125
     listed = run_cli("list", "--json", env=env, cwd=tmp_path)
     assert listed.stdout.strip() == "[]"

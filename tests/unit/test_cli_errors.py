@@ -49,4 +49,4 @@ def test_api_unreachable(runner, tmp_path):
     path.write_text("pass\n")
     result = runner.invoke(cli, ["run", str(path)])
     assert "cannot reach the RGrid API" in _one_line_error(result)
-    assert result.exit_code == 2
+    assert result.exit_code == 125

@@ -1,5 +1,6 @@
-from rgrid.cli.output import LogPrinter, human_bytes, summary_line
-from rgrid.logbuffer import MemoryLogBuffer, decode_log, encode_log
+from rgrid.cli.output import LogPrinter, summary_line
+from rgrid.logbuffer import FileLogBuffer, decode_log, encode_log
+from rgrid.units import human_bytes, parse_bytes
 
 
 def _execution(**overrides):
@@ -9,7 +10,7 @@ def _execution(**overrides):
         "duration_s": 1.234,
         "script_cache_hit": True,
         "dependency_cache_hit": None,
-        "input_cache_hit": False,
+        "input_cache_hit": None,
         "bytes_uploaded": 0,
         "error": None,
         "dependency_hash": None,
@@ -27,9 +28,7 @@ def test_summary_line_names_status_exit_duration_and_caches():
 
 
 def test_summary_line_reports_dependency_and_input_caches_when_they_apply():
-    line = summary_line(
-        _execution(dependency_hash="d" * 64, dependency_cache_hit=True, input_hash="i" * 64), None
-    )
+    line = summary_line(_execution(dependency_cache_hit=True, input_cache_hit=False), None)
     assert "deps hit · inputs miss" in line
 
 
@@ -39,6 +38,14 @@ def test_summary_line_shows_the_error_of_a_failed_execution():
     )
     assert line.splitlines() == [line.splitlines()[0], "timed out after 2s"]
     assert "exit -" in line
+
+
+def test_summary_line_does_not_repeat_an_error_the_log_showed():
+    execution = _execution(status="build_failed", exit_code=None, error="uv: no such package")
+    assert summary_line(execution, None, ["dependency install failed: uv: no such package\n"])
+    assert "no such package" not in summary_line(
+        execution, None, ["dependency install failed: uv: no such package\n"]
+    )
 
 
 def test_log_printer_shows_phases_closed_with_their_time_and_hides_raw_installer_output(capsys):
@@ -72,10 +79,13 @@ def test_log_printer_json_mode_keeps_stdout_for_the_json(capsys):
     assert out == "" and err == "script output\n"
 
 
-def test_human_bytes():
+def test_sizes_are_shown_and_read_in_binary_units():
     assert human_bytes(0) == "0 B"
-    assert human_bytes(2048) == "2.0 KB"
-    assert human_bytes(5 * 1024**3) == "5.0 GB"
+    assert human_bytes(2048) == "2.0 KiB"
+    assert human_bytes(5 * 1024**3) == "5.0 GiB"
+    assert parse_bytes("512m") == 512 * 1024**2
+    assert parse_bytes("1.5GiB") == 1536 * 1024**2
+    assert parse_bytes("2g") == 2 * 1024**3
 
 
 def test_log_roundtrip_keeps_streams_and_unicode():
@@ -83,10 +93,14 @@ def test_log_roundtrip_keeps_streams_and_unicode():
     assert decode_log(encode_log(chunks)) == chunks
 
 
-def test_memory_log_buffer_reads_from_offset():
-    buf = MemoryLogBuffer()
+def test_file_log_buffer_is_read_live_by_another_process(tmp_path):
+    writer, reader = FileLogBuffer(tmp_path), FileLogBuffer(tmp_path)
     for i in range(3):
-        buf.append("e1", "stdout", f"{i}\n")
-    assert buf.read("e1", 1) == [("stdout", "1\n"), ("stdout", "2\n")]
-    buf.clear("e1")
-    assert buf.read("e1") == []
+        writer.append("e1", "stdout", f"{i}\n")
+    assert writer.read("e1", 1) == [("stdout", "1\n"), ("stdout", "2\n")]
+    # `reader` stands for a second `rgrid logs` process: it reads the file, page by page.
+    assert reader.read("e1", 1, limit=1) == [("stdout", "1\n")]
+    writer.append("e1", "stderr", "3\n")
+    assert reader.read("e1", 2) == [("stdout", "2\n"), ("stderr", "3\n")]
+    writer.clear("e1")
+    assert writer.read("e1") == [] and reader.read("e1") == []
