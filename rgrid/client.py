@@ -6,14 +6,16 @@ Both offer the same calls, so every CLI command works the same way against eithe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import io
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -60,7 +62,8 @@ class Client(Protocol):
 def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
     """Write chunks to ``target`` and refuse the file unless its digest is the promised one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+    # A short name of its own: the output's name may already be as long as a name can be.
+    partial = target.with_name(f".rgrid-{expected_sha256[:16]}.part")
     digest = hashlib.sha256()
     with open(partial, "wb") as fh:
         for chunk in chunks:
@@ -70,6 +73,31 @@ def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
         partial.unlink(missing_ok=True)
         raise RGridError(f"output {target.name} failed verification (digest mismatch)")
     partial.replace(target)
+
+
+def save_outputs(
+    listing: list[dict],
+    dest: Path,
+    fetch: Callable[[dict], AbstractContextManager[Iterable[bytes]]],
+    advance: Callable[[int], None],
+) -> list[Path]:
+    """Fetch and verify each output into ``dest``. One this filesystem cannot hold (a name
+    too long or invalid here, or the same as another's once case is folded) is skipped with a
+    line saying so; the others still arrive."""
+    written: list[Path] = []
+    for output in listing:
+        target = safe_target(dest, output["path"])
+        try:
+            if target.exists() and any(os.path.samefile(target, done) for done in written):
+                raise OSError(errno.EEXIST, "another output has this name on this filesystem")
+            with fetch(output) as chunks:
+                verified_copy(_counted(chunks, advance), target, output["sha256"])
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            print(f"rgrid: skipped output {output['path']!r}: {reason}", file=sys.stderr)
+            continue
+        written.append(target)
+    return written
 
 
 def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
@@ -369,25 +397,37 @@ class RemoteClient:
         listing = self._request(
             "GET", f"/executions/{execution['execution_id']}/outputs", retry=True
         )
-        written = []
-        for output in listing["outputs"]:
-            target = safe_target(dest, output["path"])
-            try:
-                response = self.objects.request("GET", output["url"])
-                if response.status != 200:
-                    response.read()
-                    raise ServiceUnavailable(
-                        f"could not download output {output['path']}: HTTP {response.status}"
-                    )
-                chunks = iter(lambda r=response: r.read(1024 * 1024), b"")
-                with self.objects.reading(response, output["url"]):
-                    verified_copy(_counted(chunks, advance), target, output["sha256"])
-            except (OSError, http.client.HTTPException) as exc:
+        return save_outputs(listing["outputs"], dest, self._fetch_output, advance)
+
+    @contextmanager
+    def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:
+        """The output's bytes from its presigned URL. A network failure is the object store's
+        (ServiceUnavailable); an OSError that escapes is this filesystem's."""
+        url = output["url"]
+        try:
+            response = self.objects.request("GET", url)
+            if response.status != 200:
+                response.read()
                 raise ServiceUnavailable(
-                    f"could not download output {output['path']}: {exc}"
-                ) from exc
-            written.append(target)
-        return written
+                    f"could not download output {output['path']}: HTTP {response.status}"
+                )
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServiceUnavailable(f"could not download output {output['path']}: {exc}") from exc
+
+        def chunks() -> Iterator[bytes]:
+            while True:
+                try:
+                    chunk = response.read(1024 * 1024)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise ServiceUnavailable(
+                        f"could not download output {output['path']}: {exc}"
+                    ) from exc
+                if not chunk:
+                    return
+                yield chunk
+
+        with self.objects.reading(response, url):
+            yield chunks()
 
 
 def make_client(settings: Settings) -> Client:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rgrid import blobs, pipeline
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
-from rgrid.client import safe_target, verified_copy
+from rgrid.client import save_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.inputs import InputFile
@@ -128,13 +129,9 @@ class EmbeddedClient:
         with session_scope(self.ctx.session_factory) as session:
             row = svc.get_execution(session, self.account_id, execution["execution_id"])
             listing = svc.output_listing(session, row, self.ctx.store)
-        written = []
-        for output in listing:
-            target = safe_target(dest, output["path"])
-            with self.ctx.store.open_stream(output["key"]) as stream:
-                verified_copy(
-                    iter(lambda s=stream: s.read(1024 * 1024), b""), target, output["sha256"]
-                )
-            advance(output["size"])
-            written.append(target)
-        return written
+        return save_outputs(listing, dest, self._fetch_output, advance)
+
+    @contextmanager
+    def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:
+        with self.ctx.store.open_stream(output["key"]) as stream:
+            yield iter(lambda: stream.read(1024 * 1024), b"")

@@ -41,10 +41,15 @@ def validate_submission(
     settings: Settings, script: str, script_name: str, runtime: str, timeout_s: int | None
 ) -> int:
     """Check what a user sent; returns the timeout to use."""
-    if len(script.encode()) > settings.max_script_bytes:
+    try:
+        size = len(script.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate, which JSON can carry
+        raise BadInput("script is not valid Unicode text") from exc
+    if size > settings.max_script_bytes:
         raise BadInput(f"script is larger than {settings.max_script_bytes} bytes")
     if (
         not script_name
+        or len(script_name) > 255
         or "/" in script_name
         or script_name in (".", "..", OUTPUTS_DIR)
         or any(ord(c) < 32 for c in script_name)
@@ -53,9 +58,24 @@ def validate_submission(
     resolve_runtime(runtime)
     if timeout_s is None:
         return settings.default_timeout_s
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int):
+        raise BadInput("timeout_s must be a whole number of seconds")
     if not 1 <= timeout_s <= settings.max_timeout_s:
         raise BadInput(f"timeout must be between 1 and {settings.max_timeout_s} seconds")
     return timeout_s
+
+
+#: What a script's argument list may add up to (Linux's ARG_MAX is 2 MiB with the env).
+MAX_ARGS_BYTES = 1024 * 1024
+
+
+def check_args(args: object) -> None:
+    if args is None:
+        return
+    if not isinstance(args, list) or not all(isinstance(a, str) and "\0" not in a for a in args):
+        raise BadInput("args must be a list of strings without NUL characters")
+    if sum(len(a.encode(errors="replace")) + 1 for a in args) > MAX_ARGS_BYTES:
+        raise BadInput(f"args add up to more than {MAX_ARGS_BYTES // 1024} KiB")
 
 
 def resolve_limits(
@@ -127,10 +147,10 @@ def create_execution(
         blob = find_blob(session, account_id, item["sha256"])
         if blob is None or blob.size != item["size"]:
             raise BadInput(f"input {item['path']} was not uploaded")
-    if not all(isinstance(n, int) and n >= 0 for n in (files_uploaded, bytes_uploaded)):
+    counts = (files_uploaded, bytes_uploaded)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
-    if args is not None and not all(isinstance(a, str) for a in args):
-        raise BadInput("args must be a list of strings")
+    check_args(args)
     data = script.encode()
     digest = script_hash(data)
     key = cache_keys.script_object_key(account_id, digest)

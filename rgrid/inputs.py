@@ -122,6 +122,10 @@ def hash_files(files: list[InputFile], advance: Callable[[int], None] = lambda n
         item.sha256 = digest.hexdigest()
 
 
+#: The longest input path accepted (PATH_MAX on Linux is 4096; a tar header needs less).
+MAX_NAME_CHARS = 1024
+
+
 def check_manifest(manifest: object, settings: Settings) -> list[dict]:
     """The server's check of a manifest it was sent: safe, unique names and real digests."""
     from rgrid.blobs import check_digest, check_size
@@ -141,7 +145,8 @@ def check_manifest(manifest: object, settings: Settings) -> list[dict]:
         # The raw segments, not PurePosixPath's: it quietly folds "a/./b" and "a//b".
         parts = name.split("/")
         bad_part = any(part in ("", ".", "..") for part in parts)
-        if bad_part or "\\" in name or parts[0] == OUTPUTS_DIR:
+        unsafe = "\\" in name or any(ord(c) < 32 for c in name) or len(name) > MAX_NAME_CHARS
+        if bad_part or unsafe or parts[0] == OUTPUTS_DIR:
             raise BadInput(f"bad input name {name!r}")
         if name in names:
             raise BadInput(f"two inputs map to the same name {name}")

@@ -129,7 +129,7 @@ def inline_requirements(script: str, python_version: str) -> str | None:
     if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
         raise BadInput("the script's 'dependencies' must be a list of strings")
     for dep in deps:
-        if dep.strip().startswith("-"):
+        if dep.strip().startswith("-") or "\n" in dep or "\r" in dep:
             raise BadInput(f"the script's dependency {dep!r} is not a requirement specifier")
     lines = _tool_uv_options(metadata) + deps
     return "\n".join(lines) + ("\n" if lines else "")

@@ -246,3 +246,16 @@ def test_cli_memory_stays_flat_for_a_large_log(stack_env, tmp_path):
     code, max_rss_kib = (int(part) for part in measured.stdout.split())
     assert code == 0, (measured.stderr, time.monotonic() - started)
     assert max_rss_kib < 120 * 1024, f"the CLI grew to {max_rss_kib // 1024} MiB"
+
+
+def test_an_output_name_as_long_as_a_name_can_be_comes_back(user_env, tmp_path):
+    longest = "n" * 255
+    (tmp_path / "names.py").write_text(
+        f"open('outputs/{longest}', 'w').write('long')\nopen('outputs/ok.txt', 'w').write('ok')\n"
+    )
+    ran, result = run_json("run", "names.py", env=user_env, cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    fetched = Path(ran["outputs_dir"])
+    assert (fetched / longest).read_text() == "long"
+    assert (fetched / "ok.txt").read_text() == "ok"
+    assert sorted(p.name for p in fetched.iterdir()) == sorted([longest, "ok.txt"])
