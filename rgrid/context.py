@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rgrid.config import MIGRATIONS_DIR, Settings
+from rgrid.config import Settings, migrations_dir
 from rgrid.db import get_session_factory, upgrade
 from rgrid.locks import FileLocks, RedisLocks
 from rgrid.logbuffer import MemoryLogBuffer, RedisLogBuffer
@@ -44,7 +44,7 @@ def server_context(settings: Settings) -> PipelineContext:
 def _ensure_schema(url: str) -> None:
     """Migrate the embedded database unless it was migrated with exactly these migrations.
     Asking Alembic every time would cost ~0.2 s of each `rgrid run` just to import it."""
-    migrations = ",".join(sorted(p.name for p in (MIGRATIONS_DIR / "versions").glob("*.py")))
+    migrations = ",".join(sorted(p.name for p in (migrations_dir() / "versions").glob("*.py")))
     db_file = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
     stamp = db_file.with_name(db_file.name + ".migrated") if db_file else None
     if (
