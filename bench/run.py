@@ -1,8 +1,8 @@
 """RGrid benchmark: what a run costs through the CLI, next to the bare floor beneath it.
 
-DESIGN.md sets the bar: a warm run costs no more than a bare ``docker run`` of the same script
-on the same host, editing one line costs the same as a warm run, and a new requirements set
-costs about what ``uv pip install`` of it costs on the host. This measures each of those in one
+The bar: a warm run costs no more than a bare ``docker run`` of the same script on the same
+host, editing one line costs the same as a warm run, and a new requirements set costs about
+what ``uv pip install`` of it costs on the host. This measures each of those in one
 invocation, as ratios against its floor, plus a first run of a PEP 723 pandas script against
 ``uv run`` of it; nothing here passes or fails. Every measurement is the wall time of a whole
 process (``time.perf_counter`` around ``subprocess.run``), because that is what a user waits
@@ -54,45 +54,44 @@ UV = BIN / "uv"
 RESULTS_FILE = REPO / "bench" / "results" / "latest.md"
 
 sys.path.insert(0, str(REPO))
+from rgrid import cache_keys  # noqa: E402
+from rgrid.config import DEFAULT_RUNTIME, Settings  # noqa: E402
+from rgrid.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime  # noqa: E402
+from rgrid.sandbox import DEPS_MOUNT  # noqa: E402
 from scripts import stack  # noqa: E402 - the one stack launcher, found through REPO
 
-RUNTIME_IMAGE = "rgrid-runtime:python-3.11"
+#: The runtime every row runs on; the floors use its image, interpreter and platform (their
+#: dependency folder is installed for them exactly as RGrid installs its own), its work folder
+#: (where RGrid's sandbox has the script too) and its uid (the floors' output folders must be
+#: writable by it). The edit floor mounts its dependency set where RGrid mounts one.
+RUNTIME = resolve_runtime(DEFAULT_RUNTIME)
+RUNTIME_IMAGE = RUNTIME.image
+PYTHON_VERSION = RUNTIME.python_version
+PYTHON_PLATFORM = RUNTIME.python_platform
+SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
 #: Images the floors build are tagged here, so cleanup can never touch anyone else's.
 FLOOR_REPOSITORY = "rgrid-bench-floor"
-#: Where the bare floors put the script: RGrid's sandbox has it at /work/<name> too.
-WORK_DIR = "/work"
-SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
 #: Where the ``docker build`` floor COPYs the script (it is part of that image).
 SCRIPT_IN_IMAGE = "/app/script.py"
-#: Where RGrid mounts an environment's dependency set, read-only, on PYTHONPATH
-#: (rgrid/sandbox.py); the edit floor mounts its own set there the same way.
-DEPS_MOUNT = "/opt/rgrid/deps"
-
-#: The runtime's interpreter and platform (rgrid/runtimes.py): the floors' dependency folder is
-#: installed for them exactly as RGrid installs its own (rgrid/dependencies.py).
-PYTHON_VERSION = "3.11"
-PYTHON_PLATFORM = "x86_64-manylinux_2_36"
 #: The host's CA bundle: the package index is reached through a TLS-intercepting proxy, so the
 #: floor's ``pip install`` inside a build container needs it too.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-#: sha256 of no bytes: the dependency hash of a run without requirements.
-EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 #: Longest any one measured command may take (the ``docker build`` floor takes ~30 s here).
 COMMAND_TIMEOUT_S = 900
-#: The uid the runtime image runs as: the floors' output folders must be writable by it.
-SANDBOX_UID = 1000
 
-#: RGrid's sandbox (rgrid/sandbox.py, rgrid/config.py defaults) as ``docker run`` flags, for
-#: the "+ sandbox flags" floors: read-only root, /tmp tmpfs, uid 1000, no capabilities, no new
-#: privileges, the memory/CPU/PID limits, no network. (RGrid's home tmpfs is left out: the
-#: scripts never write there.)
+#: RGrid's sandbox (rgrid/sandbox.py, with the default limits of rgrid/config.py) as ``docker
+#: run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the runtime's
+#: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network. (RGrid's
+#: home tmpfs is left out: the scripts never write there.)
+_LIMITS = Settings()
 SANDBOX_FLAGS = [
     "--read-only",
     *("--tmpfs", "/tmp"),
-    *("--user", f"{SANDBOX_UID}:{SANDBOX_UID}"),
+    *("--user", f"{CONTAINER_UID}:{CONTAINER_GID}"),
     *("--cap-drop", "ALL"),
     *("--security-opt", "no-new-privileges"),
-    *("--memory", "1g", "--memory-swap", "1g", "--cpus", "1", "--pids-limit", "256"),
+    *("--memory", _LIMITS.memory_limit, "--memory-swap", _LIMITS.memory_limit),
+    *("--cpus", f"{_LIMITS.cpu_limit:g}", "--pids-limit", str(_LIMITS.pids_limit)),
     *("--network", "none"),
 ]
 
@@ -663,7 +662,7 @@ def cli_run(
         raise BenchError(f"rgrid run did not succeed with an output: {report}")
     if script_hit is not None and bool(report.get("script_cache_hit")) != script_hit:
         raise BenchError(f"expected a script cache {'hit' if script_hit else 'miss'}: {report}")
-    has_deps = report.get("dependency_hash") not in (None, EMPTY_HASH)
+    has_deps = cache_keys.has_dependencies(report.get("dependency_hash"))
     if deps_hit is None and not with_deps:
         if has_deps:
             raise BenchError(f"a script without dependencies had some: {report}")
@@ -716,7 +715,7 @@ def writable_outputs(folder: Path) -> Path:
     outputs = folder / "outputs"
     outputs.mkdir(exist_ok=True)
     if os.geteuid() == 0:
-        os.chown(outputs, SANDBOX_UID, SANDBOX_UID)
+        os.chown(outputs, CONTAINER_UID, CONTAINER_GID)
     else:
         outputs.chmod(0o777)
     return outputs
@@ -788,7 +787,7 @@ def bare_deps_build_and_run(env: Env) -> Sample:
         "RUN PIP_CERT=/tmp/ca.crt SSL_CERT_FILE=/tmp/ca.crt python3 "
         f"{pip} install --no-cache-dir --break-system-packages --root-user-action=ignore "
         "--disable-pip-version-check -r /tmp/requirements.txt\n"
-        f"USER {SANDBOX_UID}:{SANDBOX_UID}\n"
+        f"USER {CONTAINER_UID}:{CONTAINER_GID}\n"
         f"COPY script.py {SCRIPT_IN_IMAGE}\n"
     )
     build_s, tag = bare_build(env, context)
