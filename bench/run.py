@@ -978,6 +978,26 @@ def warm_rows(env: Env) -> list[tuple[Row, Measure]]:
     return rows
 
 
+def _new_deps_script(
+    env: Env, mode: Mode, tag: str, requirements: Callable[[Mode], Path], deps_hit: bool
+) -> Measure:
+    """A measure that runs a new copy of DEPS_SCRIPT (a script cache miss every time) with
+    ``requirements(mode)``, by ``mode``."""
+
+    def measure() -> Sample:
+        script = unique_script(env.root, f"{tag}-{mode.name}", DEPS_SCRIPT)
+        return cli_run(
+            env,
+            mode,
+            script,
+            requirements=requirements(mode),
+            script_hit=False,
+            deps_hit=deps_hit,
+        )
+
+    return measure
+
+
 def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
     """Section 2: numpy + six cached, the script changed by one line every run; the floor runs
     the same kind of new script with the same packages mounted the same way."""
@@ -986,16 +1006,6 @@ def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
         def measure() -> Sample:
             script = unique_script(env.root, "edit-floor", DEPS_SCRIPT)
             return bare_run(script, deps=env.floor_deps, sandboxed=sandboxed)
-
-        return measure
-
-    def edit(mode: Mode) -> Measure:
-        def measure() -> Sample:
-            script = unique_script(env.root, f"edit-{mode.name}", DEPS_SCRIPT)
-            requirements = env.edit_requirements[mode.name]
-            return cli_run(
-                env, mode, script, requirements=requirements, script_hit=False, deps_hit=True
-            )
 
         return measure
 
@@ -1019,23 +1029,14 @@ def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
     for mode in env.modes:
         label = f"`rgrid run -r` edited script, {mode.label}"
         row = rgrid_row(f"edit-{mode.name}", label, EDIT_FLOOR, EDIT_SANDBOX_FLOOR)
-        rows.append((row, edit(mode)))
+        edited = _new_deps_script(env, mode, "edit", lambda m: env.edit_requirements[m.name], True)
+        rows.append((row, edited))
     return rows
 
 
 def new_set_rows(env: Env) -> list[tuple[Row, Measure]]:
     """Section 3 (a new requirements set every time), and section 4's bare uv row, timed in
     the same rounds so that they see the same machine."""
-
-    def new_set(mode: Mode) -> Measure:
-        def measure() -> Sample:
-            script = unique_script(env.root, f"new-set-{mode.name}", DEPS_SCRIPT)
-            requirements = new_requirements(env.root, f"new-set-{mode.name}")
-            return cli_run(
-                env, mode, script, requirements=requirements, script_hit=False, deps_hit=False
-            )
-
-        return measure
 
     rows: list[tuple[Row, Measure]] = [
         (
@@ -1050,7 +1051,10 @@ def new_set_rows(env: Env) -> list[tuple[Row, Measure]]:
     ]
     for mode in env.modes:
         label = f"`rgrid run -r` new requirements, {mode.label}"
-        rows.append((rgrid_row(f"new-set-{mode.name}", label, NEW_SET_FLOOR), new_set(mode)))
+        new_set = _new_deps_script(
+            env, mode, "new-set", lambda m: new_requirements(env.root, f"new-set-{m.name}"), False
+        )
+        rows.append((rgrid_row(f"new-set-{mode.name}", label, NEW_SET_FLOOR), new_set))
     rows.append(
         (
             Row(
