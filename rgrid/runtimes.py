@@ -71,12 +71,15 @@ class RuntimeSpec:
 
 
 RUNTIMES: dict[str, RuntimeSpec] = {
-    "python:3.11": RuntimeSpec(
-        name="python:3.11",
-        image="rgrid-runtime:python-3.11",
-        suite="bookworm",
-        python_version="3.11",
-    ),
+    spec.name: spec
+    for spec in (
+        RuntimeSpec(
+            name="python:3.11",
+            image="rgrid-runtime:python-3.11",
+            suite="bookworm",
+            python_version="3.11",
+        ),
+    )
 }
 
 
