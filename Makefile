@@ -26,7 +26,8 @@ runtime: $(INSTALLED) packages
 	@$(BIN)/rgrid runtime build $(RUNTIME) --if-missing >&2
 
 db: services
-	@set -a; . scripts/dev.env; set +a; $(BIN)/alembic upgrade head 2>&1 | grep -v '^INFO' >&2 || true
+	@# Not fatal: the services are shared, and another checkout may have migrated further.
+	@$(BIN)/python scripts/stack.py migrate >&2 || true
 
 demo: $(INSTALLED) runtime
 	@scripts/demo.sh
@@ -36,10 +37,10 @@ test: setup
 	$(BIN)/pytest
 
 up: setup
-	@scripts/up.sh
+	@$(BIN)/python scripts/stack.py up
 
 down:
-	@scripts/down.sh
+	@$(BIN)/python scripts/stack.py down
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -3,6 +3,7 @@ has one name and one default (loaded by workers/celery_app.py)."""
 
 from celery.schedules import crontab
 
+from rgrid import queueing
 from rgrid.config import get_settings
 
 _settings = get_settings()
@@ -42,15 +43,15 @@ broker_connection_retry_on_startup = True
 beat_schedule = {
     # Twice per lease, so a lost worker is noticed within 1.5 leases.
     "sweep-lost-workers": {
-        "task": "rgrid.sweep_lost_workers",
+        "task": queueing.SWEEP_LOST_WORKERS,
         "schedule": _settings.lease_s / 2,
     },
     "reap-leftover-containers": {
-        "task": "rgrid.reap_containers",
+        "task": queueing.REAP_CONTAINERS,
         "schedule": _settings.reap_interval_s,
     },
     "purge-unused-cache-entries": {
-        "task": "rgrid.purge_caches",
+        "task": queueing.PURGE_CACHES,
         "schedule": crontab(hour=3, minute=17),
     },
 }

@@ -29,6 +29,7 @@ SCRIPT = "import os, sys\nprint(sum(os.path.getsize(p) for p in sys.argv[1:]))\n
 
 sys.path.insert(0, str(REPO))
 from rgrid.inputs import InputFile, hash_files  # noqa: E402
+from scripts import stack  # noqa: E402
 
 
 def write_random(path: Path, size: int) -> None:
@@ -43,14 +44,8 @@ def write_random(path: Path, size: int) -> None:
 
 
 def stack_env() -> dict[str, str]:
-    out = subprocess.run(
-        [str(REPO / "scripts" / "up.sh")], capture_output=True, text=True, check=True
-    ).stdout
-    env = dict(os.environ)
-    for line in out.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
-    return env
+    """The caller's environment pointed at the stack `make up` starts or finds."""
+    return {**os.environ, **stack.up()}
 
 
 def run_cli(args: list[str], env: dict, cwd: Path) -> tuple[dict, float, int]:

@@ -4,13 +4,13 @@ final status takes to appear once its script has ended (script end = started_at 
 final status = finished_at): issue 15 asks that results never wait behind other work.
 
 Run: `.venv/bin/python bench/load.py [--runs 200] [--threads 20]`. It uses the stack
-`scripts/up.sh` starts (idempotent). Nothing passes or fails."""
+`make up` starts (idempotent). Nothing passes or fails."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +18,12 @@ from datetime import datetime
 from pathlib import Path
 
 from rgrid.client import RemoteClient
+from rgrid.config import DEFAULT_RUNTIME
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import stack  # noqa: E402 - the one stack launcher
+
 SCRIPT = "print('load')\n"
-
-
-def stack_exports() -> dict[str, str]:
-    """RGRID_API_URL and RGRID_API_KEY of the stack `scripts/up.sh` starts or finds."""
-    out = subprocess.run(
-        [str(REPO / "scripts" / "up.sh")], capture_output=True, text=True, check=True
-    ).stdout
-    pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines())
-    return {key: value for key, value in pairs}
 
 
 class Clients(threading.local):
@@ -41,7 +35,7 @@ class Clients(threading.local):
 
 def run_once(client: RemoteClient) -> dict:
     submitted = client.submit(
-        script=SCRIPT, script_name="load.py", runtime="python:3.11", timeout_s=60, args=[]
+        script=SCRIPT, script_name="load.py", runtime=DEFAULT_RUNTIME, timeout_s=60, args=[]
     )
     offset = 0
     while True:
@@ -60,7 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=20)
     args = parser.parse_args()
-    clients = Clients(stack_exports())
+    clients = Clients(stack.up())
     run_once(clients.client)  # a script cache hit for every timed run
     started = time.monotonic()
     with ThreadPoolExecutor(args.threads) as pool:

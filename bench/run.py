@@ -1,8 +1,8 @@
 """RGrid benchmark: what a run costs through the CLI, next to the bare floor beneath it.
 
-DESIGN.md sets the bar: a warm run costs no more than a bare ``docker run`` of the same script
-on the same host, editing one line costs the same as a warm run, and a new requirements set
-costs about what ``uv pip install`` of it costs on the host. This measures each of those in one
+The bar: a warm run costs no more than a bare ``docker run`` of the same script on the same
+host, editing one line costs the same as a warm run, and a new requirements set costs about
+what ``uv pip install`` of it costs on the host. This measures each of those in one
 invocation, as ratios against its floor, plus a first run of a PEP 723 pandas script against
 ``uv run`` of it; nothing here passes or fails. Every measurement is the wall time of a whole
 process (``time.perf_counter`` around ``subprocess.run``), because that is what a user waits
@@ -13,11 +13,11 @@ so that a slow spell on a shared machine spreads over all rows instead of landin
 
 Run with ``make bench`` or ``.venv/bin/python bench/run.py [--repeat N] [--stack private]``.
 Needs the runtime image (``make setup``), the local services and the package index (numpy,
-six, pandas; pip for the ``docker build`` floor's Dockerfile). The stack is the one
-``scripts/up.sh`` starts (idempotent), or with ``--stack private`` an API and a worker of this
-checkout that the benchmark starts on a database, Redis database and bucket of their own, and
-stops at the end. Every image, container, environment folder and temporary directory made here
-(and a private stack's database and bucket) is removed.
+six, pandas; pip for the ``docker build`` floor's Dockerfile). The stack is the one ``make up``
+starts (idempotent), or with ``--stack private`` an API and a worker of this checkout that the
+benchmark starts (with the same launcher, scripts/stack.py) on a database, Redis database and
+bucket of their own, and stops at the end. Every image, container, environment folder and
+temporary directory made here (and a private stack's database and bucket) is removed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -52,50 +51,47 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
 RGRID = BIN / "rgrid"
 UV = BIN / "uv"
-UP_SCRIPT = REPO / "scripts" / "up.sh"
-DEV_ENV_FILE = REPO / "scripts" / "dev.env"
-UP_WORKER_PID = REPO / ".rgrid-dev" / "run" / "worker.pid"
 RESULTS_FILE = REPO / "bench" / "results" / "latest.md"
 
 sys.path.insert(0, str(REPO))
+from rgrid import cache_keys  # noqa: E402
+from rgrid.config import DEFAULT_RUNTIME, Settings  # noqa: E402
+from rgrid.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime  # noqa: E402
+from rgrid.sandbox import DEPS_MOUNT  # noqa: E402
+from scripts import stack  # noqa: E402 - the one stack launcher, found through REPO
 
-RUNTIME_IMAGE = "rgrid-runtime:python-3.11"
+#: The runtime every row runs on; the floors use its image, interpreter and platform (their
+#: dependency folder is installed for them exactly as RGrid installs its own), its work folder
+#: (where RGrid's sandbox has the script too) and its uid (the floors' output folders must be
+#: writable by it). The edit floor mounts its dependency set where RGrid mounts one.
+RUNTIME = resolve_runtime(DEFAULT_RUNTIME)
+RUNTIME_IMAGE = RUNTIME.image
+PYTHON_VERSION = RUNTIME.python_version
+PYTHON_PLATFORM = RUNTIME.python_platform
+SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
 #: Images the floors build are tagged here, so cleanup can never touch anyone else's.
 FLOOR_REPOSITORY = "rgrid-bench-floor"
-#: Where the bare floors put the script: RGrid's sandbox has it at /work/<name> too.
-WORK_DIR = "/work"
-SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
 #: Where the ``docker build`` floor COPYs the script (it is part of that image).
 SCRIPT_IN_IMAGE = "/app/script.py"
-#: Where RGrid mounts an environment's dependency set, read-only, on PYTHONPATH
-#: (rgrid/sandbox.py); the edit floor mounts its own set there the same way.
-DEPS_MOUNT = "/opt/rgrid/deps"
-
-#: The runtime's interpreter and platform (rgrid/runtimes.py): the floors' dependency folder is
-#: installed for them exactly as RGrid installs its own (rgrid/dependencies.py).
-PYTHON_VERSION = "3.11"
-PYTHON_PLATFORM = "x86_64-manylinux_2_36"
 #: The host's CA bundle: the package index is reached through a TLS-intercepting proxy, so the
 #: floor's ``pip install`` inside a build container needs it too.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-#: sha256 of no bytes: the dependency hash of a run without requirements.
-EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 #: Longest any one measured command may take (the ``docker build`` floor takes ~30 s here).
 COMMAND_TIMEOUT_S = 900
-#: The uid the runtime image runs as: the floors' output folders must be writable by it.
-SANDBOX_UID = 1000
 
-#: RGrid's sandbox (rgrid/sandbox.py, rgrid/config.py defaults) as ``docker run`` flags, for
-#: the "+ sandbox flags" floors: read-only root, /tmp tmpfs, uid 1000, no capabilities, no new
-#: privileges, the memory/CPU/PID limits, no network. (RGrid's home tmpfs is left out: the
-#: scripts never write there.)
+#: RGrid's sandbox (rgrid/sandbox.py, with the default limits of rgrid/config.py) as ``docker
+#: run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the runtime's
+#: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network. (RGrid's
+#: home tmpfs is left out: the scripts never write there.)
+_LIMITS = Settings()
 SANDBOX_FLAGS = [
     "--read-only",
     *("--tmpfs", "/tmp"),
-    *("--user", f"{SANDBOX_UID}:{SANDBOX_UID}"),
+    *("--user", f"{CONTAINER_UID}:{CONTAINER_GID}"),
     *("--cap-drop", "ALL"),
     *("--security-opt", "no-new-privileges"),
-    *("--memory", "1g", "--memory-swap", "1g", "--cpus", "1", "--pids-limit", "256"),
+    *("--memory", _LIMITS.memory_limit, "--memory-swap", _LIMITS.memory_limit),
+    *("--cpus", f"{_LIMITS.cpu_limit:g}", "--pids-limit", str(_LIMITS.pids_limit)),
     *("--network", "none"),
 ]
 
@@ -297,34 +293,8 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("RGRID_")}
 
 
-def stack_exports() -> dict[str, str]:
-    """Start (or find running) the stack and read the ``export NAME=value`` lines it prints."""
-    proc = subprocess.run([str(UP_SCRIPT)], cwd=REPO, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise BenchError(f"scripts/up.sh failed:\n{proc.stderr.strip()}")
-    exports = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line.removeprefix("export ").partition("=")
-            exports[name.strip()] = value.strip().strip("'\"")
-    if "RGRID_API_URL" not in exports:
-        raise BenchError(f"scripts/up.sh printed no RGRID_API_URL:\n{proc.stdout}")
-    return exports
-
-
-def dev_env() -> dict[str, str]:
-    """The local services' addresses (scripts/dev.env, the file scripts/up.sh sources)."""
-    values = {}
-    for line in DEV_ENV_FILE.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
-
-
 def _claim_redis_db(base_url: str) -> int:
-    """An empty Redis database (2-15; 0 is the up.sh stack's, 1 the tests'), marked as taken."""
+    """An empty Redis database (2-15; 0 is `make up`'s stack's, 1 the tests'), marked as taken."""
     import redis
 
     for number in range(15, 1, -1):
@@ -334,99 +304,48 @@ def _claim_redis_db(base_url: str) -> int:
     raise SetupError("no empty Redis database (2-15) for a private stack")
 
 
-def _wait_healthy(url: str, logs: Path) -> None:
-    for _ in range(150):
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    tail = "\n".join((logs / "api.log").read_text().splitlines()[-15:])
-    raise SetupError(f"the private stack's API did not start:\n{tail}")
-
-
 @contextmanager
 def private_stack(root: Path) -> Iterator[dict[str, str]]:
-    """An API (gunicorn) and a Celery worker of this checkout, as scripts/up.sh starts them but
-    on a new database (migrated here), an empty Redis database and a new bucket, so that they
-    share nothing with the running stack or the tests. All of it is removed on the way out."""
+    """An API (gunicorn) and a Celery worker of this checkout, started by the stack launcher
+    as `make up` starts them but on a new database (migrated here), an empty Redis database and
+    a new bucket, so that they share nothing with the running stack or the tests. All of it is
+    removed on the way out."""
     import boto3
-    from sqlalchemy import create_engine, text
 
-    dev = dev_env()
+    from rgrid.db import upgrade
+
+    dev = stack.dev_env()
     token = uuid.uuid4().hex[:8]
-    base_db = dev["RGRID_DATABASE_URL"]
-    db_name = f"rgrid_bench_{token}"
-    db_url = base_db.rsplit("/", 1)[0] + "/" + db_name
     redis_base = dev["RGRID_REDIS_URL"].rsplit("/", 1)[0]
     bucket = f"rgrid-bench-{token}"
-    logs = root / "stack-logs"
-    logs.mkdir()
-    admin = create_engine(base_db, isolation_level="AUTOCOMMIT")
-    processes: list[subprocess.Popen] = []
     redis_db: int | None = None
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-        redis_db = _claim_redis_db(redis_base)
-        server_env = {
-            **clean_environ(),
-            **dev,
-            "RGRID_DATABASE_URL": db_url,
-            "RGRID_REDIS_URL": f"{redis_base}/{redis_db}",
-            "RGRID_S3_BUCKET": bucket,
-            "RGRID_DATA_DIR": str(root / "stack-data"),
-        }
-        migrate = [str(BIN / "python"), "-c", "import sys, rgrid.db; rgrid.db.upgrade(sys.argv[1])"]
-        timed([*migrate, db_url], env=server_env, cwd=REPO)
-        port = free_port()
-        commands = {
-            "api": [
-                str(BIN / "gunicorn"),
-                *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
-                "rgrid.api:create_app()",
-            ],
-            "worker": [
-                str(BIN / "celery"),
-                *("-A", "workers.celery_app", "worker", "--loglevel", "INFO"),
-                *("--concurrency", "2", "--hostname", f"rgrid-bench-{token}@%h"),
-            ],
-        }
-        for name, command in commands.items():
-            with open(logs / f"{name}.log", "w") as log:
-                processes.append(
-                    subprocess.Popen(
-                        command,
-                        env=server_env,
-                        cwd=REPO,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, logs)
-        account = output_of(
-            [str(RGRID), "admin", "create-account", f"bench-{token}", "--with-key", "--json"],
-            env=server_env,
-        )
-        yield {"RGRID_API_URL": url, "RGRID_API_KEY": json.loads(account)["api_key"]}
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
+        with stack.fresh_database("rgrid_bench") as db_url:
+            redis_db = _claim_redis_db(redis_base)
+            server_env = {
+                **clean_environ(),
+                **dev,
+                "RGRID_DATABASE_URL": db_url,
+                "RGRID_REDIS_URL": f"{redis_base}/{redis_db}",
+                "RGRID_S3_BUCKET": bucket,
+                "RGRID_DATA_DIR": str(root / "stack-data"),
+            }
+            upgrade(db_url)
+            config = stack.StackConfig(
+                env=server_env,
+                log_dir=root / "stack-logs",
+                name=f"rgrid-bench-{token}",
+                api_port=stack.free_port(),
+                roles=("api", "worker"),
+                supervised=False,
+            )
             try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
+                with stack.Stack(config):
+                    key = stack.create_account_key(server_env, f"bench-{token}")
+                    yield {"RGRID_API_URL": config.api_url, "RGRID_API_KEY": key}
+            except RuntimeError as exc:  # the API did not start
+                raise SetupError(str(exc)) from exc
+    finally:
         if redis_db is not None:
             import redis
 
@@ -452,23 +371,15 @@ def _remove_bucket(boto3, dev: dict[str, str], bucket: str) -> None:
         pass
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def up_stack_environments() -> Path:
-    """The environments folder of the stack scripts/up.sh started: its worker's RGRID_DATA_DIR
+    """The environments folder of the stack `make up` started: its worker's RGRID_DATA_DIR
     (read from the running worker's environment), else the default data dir of this user, which
     is what the worker uses when the variable is unset (scripts/dev.env does not set it)."""
     from rgrid.config import Settings
 
     data_dir = None
     try:
-        pid = int(UP_WORKER_PID.read_text().strip())
+        pid = stack.running_pid("worker")
         for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
             name, _, value = item.partition(b"=")
             if name == b"RGRID_DATA_DIR" and value:
@@ -508,21 +419,24 @@ def bench_env(stack_kind: str) -> Iterator[Env]:
         stack_kind=stack_kind,
     )
     try:
-        with ExitStack() as stack:
+        with ExitStack() as exits:
             (root / "cwd").mkdir()  # the CLI writes ./rgrid-outputs/<id>/ under its cwd
             (root / "pad-http").mkdir()
             server, env.pad_base_url = start_pad_server(root / "pad-http")
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
+            exits.callback(server.server_close)
+            exits.callback(server.shutdown)
             for mode in ("stack", "embedded"):
                 env.warm_script[mode] = unique_script(root, f"warm-{mode}")
                 env.edit_requirements[mode] = new_requirements(root, f"edit-{mode}")
             env.pip_wheel = download_pip(root)
             if stack_kind == "private":
-                exports = stack.enter_context(private_stack(root))
+                exports = exits.enter_context(private_stack(root))
                 env.stack_environments = root / "stack-data" / "environments"
             else:
-                exports = stack_exports()
+                try:
+                    exports = stack.up()
+                except RuntimeError as exc:
+                    raise BenchError(f"the stack did not start: {exc}") from exc
                 env.stack_environments = up_stack_environments()
             env.stack_env = {**clean_environ(), **exports}
             yield env
@@ -748,7 +662,7 @@ def cli_run(
         raise BenchError(f"rgrid run did not succeed with an output: {report}")
     if script_hit is not None and bool(report.get("script_cache_hit")) != script_hit:
         raise BenchError(f"expected a script cache {'hit' if script_hit else 'miss'}: {report}")
-    has_deps = report.get("dependency_hash") not in (None, EMPTY_HASH)
+    has_deps = cache_keys.has_dependencies(report.get("dependency_hash"))
     if deps_hit is None and not with_deps:
         if has_deps:
             raise BenchError(f"a script without dependencies had some: {report}")
@@ -801,7 +715,7 @@ def writable_outputs(folder: Path) -> Path:
     outputs = folder / "outputs"
     outputs.mkdir(exist_ok=True)
     if os.geteuid() == 0:
-        os.chown(outputs, SANDBOX_UID, SANDBOX_UID)
+        os.chown(outputs, CONTAINER_UID, CONTAINER_GID)
     else:
         outputs.chmod(0o777)
     return outputs
@@ -873,7 +787,7 @@ def bare_deps_build_and_run(env: Env) -> Sample:
         "RUN PIP_CERT=/tmp/ca.crt SSL_CERT_FILE=/tmp/ca.crt python3 "
         f"{pip} install --no-cache-dir --break-system-packages --root-user-action=ignore "
         "--disable-pip-version-check -r /tmp/requirements.txt\n"
-        f"USER {SANDBOX_UID}:{SANDBOX_UID}\n"
+        f"USER {CONTAINER_UID}:{CONTAINER_GID}\n"
         f"COPY script.py {SCRIPT_IN_IMAGE}\n"
     )
     build_s, tag = bare_build(env, context)
@@ -1064,6 +978,26 @@ def warm_rows(env: Env) -> list[tuple[Row, Measure]]:
     return rows
 
 
+def _new_deps_script(
+    env: Env, mode: Mode, tag: str, requirements: Callable[[Mode], Path], deps_hit: bool
+) -> Measure:
+    """A measure that runs a new copy of DEPS_SCRIPT (a script cache miss every time) with
+    ``requirements(mode)``, by ``mode``."""
+
+    def measure() -> Sample:
+        script = unique_script(env.root, f"{tag}-{mode.name}", DEPS_SCRIPT)
+        return cli_run(
+            env,
+            mode,
+            script,
+            requirements=requirements(mode),
+            script_hit=False,
+            deps_hit=deps_hit,
+        )
+
+    return measure
+
+
 def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
     """Section 2: numpy + six cached, the script changed by one line every run; the floor runs
     the same kind of new script with the same packages mounted the same way."""
@@ -1072,16 +1006,6 @@ def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
         def measure() -> Sample:
             script = unique_script(env.root, "edit-floor", DEPS_SCRIPT)
             return bare_run(script, deps=env.floor_deps, sandboxed=sandboxed)
-
-        return measure
-
-    def edit(mode: Mode) -> Measure:
-        def measure() -> Sample:
-            script = unique_script(env.root, f"edit-{mode.name}", DEPS_SCRIPT)
-            requirements = env.edit_requirements[mode.name]
-            return cli_run(
-                env, mode, script, requirements=requirements, script_hit=False, deps_hit=True
-            )
 
         return measure
 
@@ -1105,23 +1029,14 @@ def edit_rows(env: Env) -> list[tuple[Row, Measure]]:
     for mode in env.modes:
         label = f"`rgrid run -r` edited script, {mode.label}"
         row = rgrid_row(f"edit-{mode.name}", label, EDIT_FLOOR, EDIT_SANDBOX_FLOOR)
-        rows.append((row, edit(mode)))
+        edited = _new_deps_script(env, mode, "edit", lambda m: env.edit_requirements[m.name], True)
+        rows.append((row, edited))
     return rows
 
 
 def new_set_rows(env: Env) -> list[tuple[Row, Measure]]:
     """Section 3 (a new requirements set every time), and section 4's bare uv row, timed in
     the same rounds so that they see the same machine."""
-
-    def new_set(mode: Mode) -> Measure:
-        def measure() -> Sample:
-            script = unique_script(env.root, f"new-set-{mode.name}", DEPS_SCRIPT)
-            requirements = new_requirements(env.root, f"new-set-{mode.name}")
-            return cli_run(
-                env, mode, script, requirements=requirements, script_hit=False, deps_hit=False
-            )
-
-        return measure
 
     rows: list[tuple[Row, Measure]] = [
         (
@@ -1136,7 +1051,10 @@ def new_set_rows(env: Env) -> list[tuple[Row, Measure]]:
     ]
     for mode in env.modes:
         label = f"`rgrid run -r` new requirements, {mode.label}"
-        rows.append((rgrid_row(f"new-set-{mode.name}", label, NEW_SET_FLOOR), new_set(mode)))
+        new_set = _new_deps_script(
+            env, mode, "new-set", lambda m: new_requirements(env.root, f"new-set-{m.name}"), False
+        )
+        rows.append((rgrid_row(f"new-set-{mode.name}", label, NEW_SET_FLOOR), new_set))
     rows.append(
         (
             Row(
@@ -1296,7 +1214,7 @@ def machine_facts(stack_kind: str) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     uv_version = output_of([str(UV), "--version"])
     stack = {
-        "up": "the one `scripts/up.sh` runs",
+        "up": "the one `make up` runs",
         "private": "private (`--stack private`: API + worker of this checkout, fresh database)",
     }[stack_kind]
     return [
@@ -1356,7 +1274,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--stack",
         choices=("up", "private"),
         default="up",
-        help="the stack from scripts/up.sh (default), or a private one started for this run",
+        help="the stack from `make up` (default), or a private one started for this run",
     )
     parser.add_argument(
         "--only",

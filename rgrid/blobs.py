@@ -21,7 +21,7 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound, RGridError
 from rgrid.hashing import sha256_stream
 from rgrid.models import Blob, Upload, utcnow
-from rgrid.objectstore import ObjectStore
+from rgrid.objectstore import ObjectStore, PresigningStore
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -66,7 +66,12 @@ def check_size(settings: Settings, size: object) -> int:
 
 
 def start_upload(
-    session: Session, store, settings: Settings, account_id: int, digest: str, size: int
+    session: Session,
+    store: PresigningStore,
+    settings: Settings,
+    account_id: int,
+    digest: str,
+    size: int,
 ) -> dict:
     """Where to send the bytes: one presigned PUT, or presigned parts for a large file."""
     check_digest(digest)
@@ -148,7 +153,11 @@ def _discard(session: Session, upload: Upload) -> None:
 
 
 def complete_upload(
-    session: Session, store, account_id: int, upload_id: str, parts: list[dict] | None
+    session: Session,
+    store: PresigningStore,
+    account_id: int,
+    upload_id: str,
+    parts: list[dict] | None,
 ) -> Blob:
     upload = session.get(Upload, upload_id)
     if upload is None or upload.account_id != account_id:

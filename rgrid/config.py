@@ -16,9 +16,13 @@ import platformdirs
 #: The runtime a script gets when none is named.
 DEFAULT_RUNTIME = "python:3.11"
 
-#: The repository root when running from a checkout (editable install); migrations live there.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+def migrations_dir() -> Path:
+    """The Alembic folder: the top-level ``migrations`` package, which the wheel installs beside
+    ``rgrid`` (a checkout has it in the same place)."""
+    import migrations
+
+    return Path(migrations.__file__).resolve().parent
 
 
 def _env(name: str, default: str | None = None) -> str | None:

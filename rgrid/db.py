@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid.config import MIGRATIONS_DIR
+from rgrid.config import migrations_dir
 from rgrid.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
@@ -75,11 +75,13 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Config:
+    """Alembic's configuration built here, not read from alembic.ini: an installed RGrid has
+    no ini file, only the installed ``migrations`` package."""
     # Imported here: Alembic costs ~0.3 s to import, and only migrations need it.
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

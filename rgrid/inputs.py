@@ -7,7 +7,6 @@ would reach outside the working folder is refused before a byte is read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from rgrid.config import Settings
 from rgrid.errors import BadInput
-from rgrid.hashing import CHUNK_SIZE
+from rgrid.hashing import sha256_file
 
 #: The folder in /work whose files come back as outputs: no input may be placed there.
 OUTPUTS_DIR = "outputs"
@@ -114,12 +113,7 @@ def collect(args: list[str], cwd: Path, settings: Settings) -> list[InputFile]:
 def hash_files(files: list[InputFile], advance: Callable[[int], None] = lambda n: None) -> None:
     """Fill in each file's sha256, reading in chunks (constant memory, any size)."""
     for item in files:
-        digest = hashlib.sha256()
-        with open(item.path, "rb") as fh:
-            while chunk := fh.read(CHUNK_SIZE):
-                digest.update(chunk)
-                advance(len(chunk))
-        item.sha256 = digest.hexdigest()
+        item.sha256, _ = sha256_file(item.path, lambda chunk: advance(len(chunk)))
 
 
 #: The longest input path accepted (PATH_MAX on Linux is 4096; a tar header needs less).

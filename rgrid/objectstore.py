@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from rgrid.config import Settings
 from rgrid.errors import NotFound
@@ -21,6 +21,21 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def download_url(self, key: str, expires_s: int = 3600) -> str | None: ...
     def open_stream(self, key: str) -> BinaryIO: ...
+
+
+@runtime_checkable
+class PresigningStore(ObjectStore, Protocol):
+    """A store in a bucket that clients send bytes to directly, by presigned URL (S3), so
+    that no upload passes through the API. The local folder of the embedded default is not."""
+
+    def ensure_bucket(self) -> None: ...
+    def upload_url(self, key: str, expires_s: int = 3600) -> str: ...
+    def start_multipart(self, key: str) -> str: ...
+    def part_url(
+        self, key: str, upload_id: str, part_number: int, expires_s: int = 3600
+    ) -> str: ...
+    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None: ...
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
 
 def _partial(path: Path) -> Path:

@@ -22,12 +22,14 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import docker
-import docker.errors
+from typing import TYPE_CHECKING
 
 from rgrid.config import DEFAULT_RUNTIME  # noqa: F401 - re-exported
 from rgrid.errors import BuildError, UnknownRuntime
+
+if TYPE_CHECKING:
+    # Only for annotations: the API resolves runtime names and must not load docker-py.
+    import docker
 
 RUNTIME_LABEL = "rgrid.runtime"
 CONTAINER_UID = 1000
@@ -69,12 +71,15 @@ class RuntimeSpec:
 
 
 RUNTIMES: dict[str, RuntimeSpec] = {
-    "python:3.11": RuntimeSpec(
-        name="python:3.11",
-        image="rgrid-runtime:python-3.11",
-        suite="bookworm",
-        python_version="3.11",
-    ),
+    spec.name: spec
+    for spec in (
+        RuntimeSpec(
+            name="python:3.11",
+            image="rgrid-runtime:python-3.11",
+            suite="bookworm",
+            python_version="3.11",
+        ),
+    )
 }
 
 
@@ -89,11 +94,9 @@ def resolve_runtime(name: str) -> RuntimeSpec:
 
 def runtime_image_exists(spec: RuntimeSpec, client: docker.DockerClient) -> bool:
     """True when the engine already has the runtime's image (never pulls)."""
-    try:
-        client.images.get(spec.image)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
+    from rgrid.docker_engine import image_id
+
+    return image_id(client, spec.image) is not None
 
 
 def find_apt_sources(suite: str, apt_dir: Path = Path("/etc/apt")) -> Path:
@@ -202,9 +205,13 @@ def build_runtime(
         _run_mmdebstrap(mmdebstrap_command(spec, sources, tarball), log)
         log(f"importing {tarball.stat().st_size / 1e6:.0f} MB root filesystem as {spec.image}")
         _import_tarball(spec, client, tarball)
-    image_id = client.images.get(spec.image).id
-    log(f"built {spec.image} ({image_id})")
-    return image_id
+    from rgrid.docker_engine import image_id
+
+    built = image_id(client, spec.image)
+    if built is None:
+        raise BuildError(f"docker import of {spec.image} left no image")
+    log(f"built {spec.image} ({built})")
+    return built
 
 
 def _run_mmdebstrap(argv: list[str], log: Callable[[str], None]) -> None:
@@ -247,6 +254,8 @@ def failure_summary(lines: list[str], limit: int = 300) -> str:
 
 
 def _import_tarball(spec: RuntimeSpec, client: docker.DockerClient, tarball: Path) -> None:
+    import docker.errors
+
     try:
         result = client.api.import_image_from_file(
             str(tarball), repository=spec.repository, tag=spec.tag, changes=import_changes(spec)

@@ -13,7 +13,7 @@ from rgrid.errors import NotFound, RGridError, ServiceUnavailable
 
 
 class S3Store:
-    """A bucket; speaks the ObjectStore interface of rgrid.objectstore."""
+    """A bucket; a PresigningStore (rgrid.objectstore)."""
 
     def __init__(self, endpoint_url: str | None, bucket: str, region: str):
         self.bucket = bucket

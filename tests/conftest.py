@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from scripts.stack import dev_env, fresh_database
 
-
-def _dev_env() -> dict[str, str]:
-    values = {}
-    for line in (REPO / "scripts" / "dev.env").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            values[key] = value
-    return values
-
-
-DEV_ENV = _dev_env()
+DEV_ENV = dev_env()
 
 #: A script that prints a numbered line every 0.2 s for two minutes: something to stop.
 TICKER = (
@@ -61,25 +50,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database of its own for this test session, built by the migrations."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
     from rgrid.db import get_engine, upgrade
 
-    base = DEV_ENV["RGRID_DATABASE_URL"]
-    name = f"rgrid_test_{secrets.token_hex(4)}"
-    # No pooled connection: a test restarts PostgreSQL, and teardown must still reach it.
-    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = base.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
-    os.environ["RGRID_DATABASE_URL"] = url
-    yield url
-    get_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database() as url:
+        upgrade(url)
+        os.environ["RGRID_DATABASE_URL"] = url
+        yield url
+        get_engine(url).dispose()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
-"""The one Celery application. Start a worker with ``celery -A workers.celery_app worker``."""
+"""The one Celery application. Start a worker with ``celery -A workers.celery_app worker``; it
+imports the tasks (workers/tasks.py) when it starts."""
 
-from celery import Celery
+from rgrid.queueing import create_celery_app
 
-app = Celery("rgrid")
-app.config_from_object("celeryconfig")
-app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+app = create_celery_app(include=["workers.tasks"])

@@ -6,12 +6,12 @@ from functools import lru_cache
 
 import botocore.exceptions
 import redis.exceptions
-from celery import Task, chain
+from celery import Task
 from celery.signals import worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from rgrid import pipeline
+from rgrid import pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
@@ -31,7 +31,7 @@ log = get_task_logger(__name__)
 
 @lru_cache(maxsize=1)
 def worker_context() -> PipelineContext:
-    """Built once per worker process, on first use (not at import, so the API can import this)."""
+    """Built once per worker process, on first use."""
     return server_context(get_settings())
 
 
@@ -69,7 +69,7 @@ class PipelineTask(Task):
 
 
 def _step(name: str, fn):
-    @app.task(name=f"rgrid.{name}", base=PipelineTask, bind=True)
+    @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
         fn(worker_context(), execution_id)
         return execution_id
@@ -77,22 +77,12 @@ def _step(name: str, fn):
     return task
 
 
-hash_task = _step("hash", pipeline.hash_step)
-cache_lookup_task = _step("cache_lookup", pipeline.cache_lookup_step)
-build_task = _step("build", pipeline.build_step)
-run_task = _step("run", pipeline.run_and_store_step)
-store_task = _step("store", pipeline.store_step)
-
-
-def enqueue_pipeline(execution_id: str) -> None:
-    """Queue the chain; call only after the transaction that wrote the row has committed."""
-    chain(
-        hash_task.s(execution_id),
-        cache_lookup_task.s(),
-        build_task.s(),
-        run_task.s(),
-        store_task.s(),
-    ).apply_async()
+# Queued by name (rgrid/queueing.py builds the chain), so the API never imports this module.
+hash_task = _step(queueing.HASH, pipeline.hash_step)
+cache_lookup_task = _step(queueing.CACHE_LOOKUP, pipeline.cache_lookup_step)
+build_task = _step(queueing.BUILD, pipeline.build_step)
+run_task = _step(queueing.RUN, pipeline.run_and_store_step)
+store_task = _step(queueing.STORE, pipeline.store_step)
 
 
 @worker_process_init.connect
@@ -117,7 +107,7 @@ def warm_pool(**_kwargs) -> None:
         log.exception("could not fill the warm pool")
 
 
-@app.task(name="rgrid.reap_containers")
+@app.task(name=queueing.REAP_CONTAINERS)
 def reap_containers_task() -> dict[str, list[str]]:
     """Every few minutes: containers nobody will collect, executions nobody will finish."""
     ctx = worker_context()
@@ -128,13 +118,13 @@ def reap_containers_task() -> dict[str, list[str]]:
     return {"reaped": reaped, "lost": lost}
 
 
-@app.task(name="rgrid.sweep_lost_workers")
+@app.task(name=queueing.SWEEP_LOST_WORKERS)
 def sweep_lost_workers_task() -> list[str]:
     """Twice per lease: running executions whose worker stopped renewing it."""
     return pipeline.sweep_lost_workers(worker_context())
 
 
-@app.task(name="rgrid.purge_caches")
+@app.task(name=queueing.PURGE_CACHES)
 def purge_caches_task() -> dict[str, int]:
     """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
     ctx = worker_context()

@@ -12,15 +12,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from rgrid.config import Settings, get_settings
-from rgrid.context import server_context
+from rgrid.context import server_services
 from rgrid.errors import RGridError
+from rgrid.queueing import create_celery_app
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
-    app.config["RGRID_SETTINGS"] = settings
-    app.extensions["rgrid"] = server_context(settings)
+    # The services only: the API loads neither the pipeline nor docker-py, and queues work by
+    # task name through a Celery app that imports no tasks.
+    app.extensions["rgrid"] = server_services(settings)
+    app.extensions["rgrid.celery"] = create_celery_app()
 
     from rgrid.api.blobs import bp as blobs_bp
     from rgrid.api.executions import bp as executions_bp

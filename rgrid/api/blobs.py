@@ -12,14 +12,15 @@ from rgrid import blobs
 from rgrid.api.common import authenticate_request, context, json_body
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, RGridError
+from rgrid.objectstore import PresigningStore
 
 bp = Blueprint("blobs", __name__)
 bp.before_request(authenticate_request)
 
 
-def _presigning_store():
+def _presigning_store() -> PresigningStore:
     store = context().store
-    if not hasattr(store, "upload_url"):
+    if not isinstance(store, PresigningStore):
         raise RGridError("this server's object store cannot take presigned uploads")
     return store
 

@@ -1,17 +1,24 @@
-"""What every authenticated blueprint shares: the caller's account and the request body."""
+"""What every blueprint shares: the services, the caller's account, the request body and the
+queue."""
 
 from __future__ import annotations
 
 from flask import current_app, g, request
 
+from rgrid import queueing
 from rgrid.accounts import authenticate
+from rgrid.context import Services
 from rgrid.db import session_scope
 from rgrid.errors import BadInput
-from rgrid.pipeline import PipelineContext
 
 
-def context() -> PipelineContext:
+def context() -> Services:
     return current_app.extensions["rgrid"]
+
+
+def enqueue_pipeline(execution_id: str) -> None:
+    """Queue an execution's chain by task name (see rgrid/queueing.py)."""
+    queueing.enqueue_pipeline(current_app.extensions["rgrid.celery"], execution_id)
 
 
 def authenticate_request() -> None:

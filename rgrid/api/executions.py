@@ -8,8 +8,7 @@ from flask import Blueprint, g, jsonify, request
 from prometheus_client import Counter
 
 from rgrid import executions as svc
-from rgrid import pipeline
-from rgrid.api.common import authenticate_request, json_body
+from rgrid.api.common import authenticate_request, enqueue_pipeline, json_body
 from rgrid.api.common import context as _ctx
 from rgrid.channels import check_env
 from rgrid.config import DEFAULT_RUNTIME
@@ -25,8 +24,6 @@ SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by 
 
 @bp.post("/executions")
 def create_execution():
-    from workers.tasks import enqueue_pipeline
-
     body = json_body()
     script = body.get("script")
     if not isinstance(script, str):
@@ -140,10 +137,12 @@ def feed_stdin(execution_id: str):
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
+    from rgrid import pipeline  # only here: the API loads the pipeline for a cancel alone
+
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution_id = svc.get_execution(session, g.account_id, execution_id).id
-    _status, changed = pipeline.cancel(ctx, execution_id)
+    _status, changed = pipeline.cancel(ctx.pipeline_context(), execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
         return jsonify({**svc.execution_to_dict(execution), "cancelled": changed})

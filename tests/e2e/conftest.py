@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
+from scripts.stack import Stack, StackConfig, create_account_key, free_port
 from tests.conftest import retire_sandboxes
 
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
-RGRID = str(BIN / "rgrid")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RGRID = str(Path(sys.executable).parent / "rgrid")
 
 
 # Stopped when the e2e tests are done, not at the end of the session: its beat reaps
@@ -33,7 +23,6 @@ def _free_port() -> int:
 # must see only their own code do.
 @pytest.fixture(scope="package")
 def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
-    logs = tmp_path_factory.mktemp("stack-logs")
     # The stack's worker host keeps its environments and sandbox folders here, not in the
     # user's own data folder.
     data_dir = tmp_path_factory.mktemp("stack-data")
@@ -49,87 +38,25 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
         "RGRID_LEASE": "4",
         "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
     }
-    port = _free_port()
-    commands = {
-        "api": [
-            str(BIN / "gunicorn"),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-            "rgrid.api:create_app()",
-        ],
-        # Supervised, as `make up` runs it: a test kills it, and it comes back.
-        "worker": [
-            str(REPO / "scripts" / "supervise.sh"),
-            str(BIN / "celery"),
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--concurrency",
-            "2",
-            "--hostname",
-            f"e2e-{port}@%h",
-        ],
-        "beat": [
-            str(BIN / "celery"),
-            "-A",
-            "workers.celery_app",
-            "beat",
-            "--loglevel",
-            "INFO",
-            "--schedule",
-            str(logs / "beat-schedule"),
-        ],
-    }
-    processes = {
-        name: subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=open(logs / f"{name}.log", "w"),  # noqa: SIM115 - lives as long as the process
-            stderr=subprocess.STDOUT,
-        )
-        for name, command in commands.items()
-    }
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    # Supervised, as `make up` runs it: a test kills the worker, and it comes back.
+    config = StackConfig(
+        env=env,
+        log_dir=tmp_path_factory.mktemp("stack-logs"),
+        name=f"e2e-{port}",
+        api_port=port,
+        roles=("api", "worker", "beat"),
+    )
     try:
-        for _ in range(150):
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError((logs / "api.log").read_text())
-        created = subprocess.run(
-            [RGRID, "admin", "create-account", f"e2e-{port}", "--with-key", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        key = json.loads(created.stdout)["api_key"]
-        yield {
-            **env,
-            "RGRID_API_URL": url,
-            "RGRID_API_KEY": key,
-            "STACK_LOGS": str(logs),
-            "STACK_WORKER_PID": str(processes["worker"].pid),
-        }
+        with Stack(config) as stack:
+            yield {
+                **env,
+                "RGRID_API_URL": config.api_url,
+                "RGRID_API_KEY": create_account_key(env, f"e2e-{port}"),
+                "STACK_LOGS": str(config.log_dir),
+                "STACK_WORKER_PID": str(stack.processes["worker"].pid),
+            }
     finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
         retire_sandboxes(data_dir)
 
 

@@ -91,3 +91,63 @@ def test_health_and_metrics_need_no_key(app):
     client = app.test_client()
     assert client.get("/healthz").json == {"status": "ok"}
     assert b"rgrid_executions_submitted_total" in client.get("/metrics").data
+
+
+#: Run in a fresh interpreter: the API's own process, as gunicorn builds it.
+_SERVE_ONE_SUBMISSION = """
+import json, sys
+from rgrid import accounts
+from rgrid.api import create_app
+from rgrid.db import session_scope
+
+app = create_app()
+with session_scope(app.extensions["rgrid"].session_factory) as session:
+    _, secret = accounts.issue_key(session, accounts.get_or_create_account(session, sys.argv[1]))
+client = app.test_client()
+headers = {"Authorization": f"Bearer {secret}"}
+created = client.post("/v1/executions", json={"script": "print(1)\\n"}, headers=headers)
+assert created.status_code == 201, created.json
+client.get(f"/v1/executions/{created.json['execution_id']}/logs", headers=headers)
+loaded = [m for m in ("docker", "rgrid.pipeline", "workers", "workers.tasks") if m in sys.modules]
+print(json.dumps({"execution_id": created.json["execution_id"], "loaded": loaded}))
+"""
+
+
+def test_the_api_queues_by_task_name_without_loading_the_worker_side(server_settings, redis_url):
+    import base64
+    import json
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    import redis
+
+    from rgrid import queueing
+
+    env = {
+        **os.environ,
+        "RGRID_DATABASE_URL": server_settings.database_url,
+        "RGRID_S3_BUCKET": server_settings.s3_bucket,
+    }
+    account = f"imports-{secrets.token_hex(4)}"
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVE_ONE_SUBMISSION, account],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)
+    assert served["loaded"] == []
+
+    # What it queued: the chain's first step by name, the others behind it in order.
+    queued = [
+        json.loads(m)
+        for m in redis.Redis.from_url(redis_url).lrange(os.environ["RGRID_QUEUE"], 0, -1)
+    ]
+    (ours,) = [m for m in queued if served["execution_id"] in m["headers"]["argsrepr"]]
+    assert ours["headers"]["task"] == queueing.HASH
+    _args, _kwargs, embed = json.loads(base64.b64decode(ours["body"]))
+    assert [step["task"] for step in reversed(embed["chain"])] == list(queueing.PIPELINE[1:])

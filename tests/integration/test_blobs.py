@@ -5,6 +5,8 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -12,32 +14,54 @@ import requests
 
 from rgrid import blobs
 from rgrid import executions as svc
+from rgrid.accounts import issue_key
+from rgrid.client import RemoteClient
 from rgrid.db import session_scope
 from rgrid.errors import BadInput
-from rgrid.models import Blob, Upload
+from rgrid.inputs import InputFile, hash_files
+from rgrid.models import Account, Blob, Upload
+
+#: S3's smallest part: files above it go up in parts.
+PART = 5 * 1024 * 1024
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _upload(ctx, account_id: int, data: bytes, claimed: str | None = None, settings=None):
-    """The CLI's side, by hand: start, PUT the bytes to the presigned URL(s), complete."""
-    settings = settings or ctx.settings
-    claimed = claimed or _digest(data)
-    with session_scope(ctx.session_factory) as session:
-        plan = blobs.start_upload(session, ctx.store, settings, account_id, claimed, len(data))
-    parts = []
-    if "url" in plan:
-        assert requests.put(plan["url"], data=data, timeout=60).ok
-    for part in plan.get("parts", []):
-        chunk = data[part["offset"] : part["offset"] + part["length"]]
-        response = requests.put(part["url"], data=chunk, timeout=60)
-        assert response.ok, response.text
-        parts.append({"part_number": part["part_number"], "etag": response.headers["ETag"]})
-    with session_scope(ctx.session_factory) as session:
-        blob = blobs.complete_upload(session, ctx.store, account_id, plan["upload_id"], parts)
-        return blob.digest, plan
+@pytest.fixture(scope="module")
+def api_url(server_settings) -> Iterator[str]:
+    """The API on a real port (5 MiB parts), for the CLI's own client to upload through."""
+    from werkzeug.serving import make_server
+
+    from rgrid.api import create_app
+
+    app = create_app(replace(server_settings, upload_part_bytes=PART))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def upload(ctx, api_url, tmp_path):
+    """Send bytes as the CLI does (rgrid.client: start, presigned PUTs, complete) as an account;
+    returns their digest and the length of each PUT."""
+
+    def _upload(account_id: int, data: bytes, claimed: str | None = None):
+        with session_scope(ctx.session_factory) as session:
+            _, key = issue_key(session, session.get(Account, account_id))
+        path = tmp_path / secrets.token_hex(8)
+        path.write_bytes(data)
+        item = InputFile(name=path.name, path=path, size=len(data), sha256=claimed or "")
+        if claimed is None:
+            hash_files([item])
+        sent: list[int] = []
+        RemoteClient(api_url, key, retry_s=0).upload(item, sent.append)
+        return item.sha256, sent
+
+    return _upload
 
 
 def _missing(ctx, account_id: int, digests: list[str]) -> list[str]:
@@ -45,38 +69,45 @@ def _missing(ctx, account_id: int, digests: list[str]) -> list[str]:
         return blobs.missing_digests(session, ctx.store, account_id, digests)
 
 
-def test_a_presigned_upload_is_stored_once_verified(ctx, account):
+def test_a_presigned_upload_is_stored_once_verified(ctx, account, upload):
     data = secrets.token_bytes(1000)
     digest = _digest(data)
     assert _missing(ctx, account.id, [digest]) == [digest]
-    _upload(ctx, account.id, data)
+    upload(account.id, data)
     assert _missing(ctx, account.id, [digest]) == []
     with session_scope(ctx.session_factory) as session:
         blob = blobs.find_blob(session, account.id, digest)
         assert blob.size == 1000 and ctx.store.get_bytes(blob.object_key) == data
 
 
-def test_large_files_go_up_in_parts(ctx, account):
-    settings = replace(ctx.settings, upload_part_bytes=5 * 1024 * 1024)
+def test_large_files_go_up_in_parts(ctx, account, upload, monkeypatch):
+    puts: list[int] = []
+    put = RemoteClient._put
+    monkeypatch.setattr(
+        RemoteClient, "_put", lambda self, url, body: puts.append(len(body)) or put(self, url, body)
+    )
     data = secrets.token_bytes(11 * 1024 * 1024)
-    digest, plan = _upload(ctx, account.id, data, settings=settings)
-    assert [p["length"] for p in plan["parts"]] == [5 * 1024 * 1024] * 2 + [1024 * 1024]
+    digest, sent = upload(account.id, data)
+    assert puts == [PART, PART, 1024 * 1024]
+    assert sum(sent) == len(data) and max(sent) <= 1024 * 1024  # streamed, in 1 MiB reads
+    with session_scope(ctx.session_factory) as session:
+        assert blobs.find_blob(session, account.id, digest).size == len(data)
     assert _missing(ctx, account.id, [digest]) == []
 
 
-def test_a_wrong_digest_is_refused_and_nothing_is_referenced(ctx, account):
+def test_a_wrong_digest_is_refused_and_nothing_is_referenced(ctx, account, upload):
     data = b"the real bytes"
     claimed = _digest(b"what the client claimed")
     with pytest.raises(BadInput, match="do not match their digest"):
-        _upload(ctx, account.id, data, claimed=claimed)
+        upload(account.id, data, claimed=claimed)
     assert _missing(ctx, account.id, [claimed]) == [claimed]
     with session_scope(ctx.session_factory) as session:
         assert session.query(Upload).filter_by(account_id=account.id).count() == 0
         assert session.query(Blob).filter_by(account_id=account.id).count() == 0
 
 
-def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx, account):
-    settings = replace(ctx.settings, upload_part_bytes=5 * 1024 * 1024)
+def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx, account, upload):
+    settings = replace(ctx.settings, upload_part_bytes=PART)
     data = secrets.token_bytes(11 * 1024 * 1024)
     digest = _digest(data)
     with session_scope(ctx.session_factory) as session:
@@ -87,7 +118,7 @@ def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx,
     with pytest.raises(BadInput, match="cut off"), session_scope(ctx.session_factory) as session:
         blobs.complete_upload(session, ctx.store, account.id, plan["upload_id"], parts)
     assert _missing(ctx, account.id, [digest]) == [digest]
-    _upload(ctx, account.id, data, settings=settings)  # the next run sends it whole
+    upload(account.id, data)  # the next run sends it whole
     assert _missing(ctx, account.id, [digest]) == []
 
 
@@ -100,11 +131,11 @@ def test_a_single_put_that_never_arrived_is_refused(ctx, account):
     assert _missing(ctx, account.id, [digest]) == [digest]
 
 
-def test_accounts_never_see_each_others_blobs(ctx, account):
+def test_accounts_never_see_each_others_blobs(ctx, account, upload):
     from rgrid.accounts import create_account
 
     data = secrets.token_bytes(64)
-    digest, _ = _upload(ctx, account.id, data)
+    digest, _ = upload(account.id, data)
     with session_scope(ctx.session_factory) as session:
         other = create_account(session, f"other-{secrets.token_hex(4)}").id
     assert _missing(ctx, other, [digest]) == [digest]
@@ -121,15 +152,15 @@ def test_accounts_never_see_each_others_blobs(ctx, account):
             script_name="job.py",
             inputs=[{"path": "x.bin", "sha256": digest, "size": 64}],
         )
-    _upload(ctx, other, data)  # its own copy
+    upload(other, data)  # its own copy
     with session_scope(ctx.session_factory) as session:
         mine = blobs.find_blob(session, account.id, digest)
         theirs = blobs.find_blob(session, other, digest)
         assert mine.object_key != theirs.object_key
 
 
-def test_a_blob_whose_object_vanished_is_missing_again(ctx, account):
-    digest, _ = _upload(ctx, account.id, b"soon deleted")
+def test_a_blob_whose_object_vanished_is_missing_again(ctx, account, upload):
+    digest, _ = upload(account.id, b"soon deleted")
     with session_scope(ctx.session_factory) as session:
         ctx.store.delete(blobs.find_blob(session, account.id, digest).object_key)
     assert _missing(ctx, account.id, [digest]) == [digest]
@@ -144,13 +175,13 @@ open('outputs/nested/count.txt', 'w').write(str(len(sys.argv) - 1))
 """
 
 
-def _run_with_inputs(ctx, account, run_script, files: dict[str, bytes]) -> dict:
+def _run_with_inputs(ctx, account, run_script, upload, files: dict[str, bytes]) -> dict:
     """Upload what the account lacks (as the CLI does), then run READER on the files."""
     manifest = []
     for name, data in files.items():
         digest = _digest(data)
         if _missing(ctx, account.id, [digest]):
-            _upload(ctx, account.id, data)
+            upload(account.id, data)
         manifest.append({"path": name, "sha256": digest, "size": len(data)})
     return run_script(READER, inputs=manifest, args=list(files))
 
@@ -163,9 +194,9 @@ def _stdout(ctx, execution_id):
     return "".join(t for s, t in chunks if s == "stdout")
 
 
-def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script):
+def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script, upload):
     files = {"data/a.csv": b"alpha\n", "data/deep/b.csv": b"beta\n", "top.txt": b"top\n"}
-    result = _run_with_inputs(ctx, account, run_script, files)
+    result = _run_with_inputs(ctx, account, run_script, upload, files)
     assert result["status"] == "succeeded", result["error"]
     assert _stdout(ctx, result["execution_id"]) == (
         "data/a.csv alpha\ndata/deep/b.csv beta\ntop.txt top\n"
@@ -174,24 +205,24 @@ def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script)
     assert result["input_hash"] is not None
 
 
-def test_worker_verifies_downloads_and_caches_them(ctx, account, run_script):
+def test_worker_verifies_downloads_and_caches_them(ctx, account, run_script, upload):
     data = secrets.token_bytes(256)
-    digest, _ = _upload(ctx, account.id, data)
+    digest, _ = upload(account.id, data)
     cache = ctx.settings.blob_cache_dir / str(account.id)
     shutil.rmtree(cache / digest[:2], ignore_errors=True)
     with session_scope(ctx.session_factory) as session:
         key = blobs.find_blob(session, account.id, digest).object_key
     ctx.store.put_bytes(key, b"tampered with in the store")  # the store lies
-    corrupt = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    corrupt = _run_with_inputs(ctx, account, run_script, upload, {"in.bin": data})
     assert corrupt["status"] == "error" and "corrupt" in corrupt["error"]
     assert not (cache / digest[:2] / digest).exists()
 
     ctx.store.put_bytes(key, data)
-    good = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    good = _run_with_inputs(ctx, account, run_script, upload, {"in.bin": data})
     assert good["status"] == "succeeded"
     assert (cache / digest[:2] / digest).read_bytes() == data
     ctx.store.put_bytes(key, b"changed again")  # a repeat never downloads: the cache serves it
-    again = _run_with_inputs(ctx, account, run_script, {"in.bin": data})
+    again = _run_with_inputs(ctx, account, run_script, upload, {"in.bin": data})
     assert again["status"] == "succeeded"
     ctx.store.put_bytes(key, data)
 
@@ -206,10 +237,10 @@ def test_identical_outputs_are_stored_once(ctx, account, run_script):
         assert session.query(Blob).filter_by(account_id=account.id, digest=digest).count() == 1
 
 
-def test_large_input_is_streamed_into_the_container(ctx, account, run_script, tmp_path):
+def test_large_input_is_streamed_into_the_container(ctx, account, run_script, tmp_path, upload):
     size = 64 * 1024 * 1024
     data = os.urandom(size)
-    result = _run_with_inputs(ctx, account, run_script, {"big.bin": data})
+    result = _run_with_inputs(ctx, account, run_script, upload, {"big.bin": data})
     assert result["status"] == "succeeded", result["error"]
     assert _stdout(ctx, result["execution_id"]).startswith("big.bin ")
 

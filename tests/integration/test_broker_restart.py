@@ -7,23 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from celery import Celery
 
-REPO = Path(__file__).resolve().parents[2]
+from scripts.stack import free_port, spawn, stop_group, worker_command
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_redis(port: int) -> subprocess.Popen:
@@ -58,7 +50,7 @@ def _seconds_until_it_answers(app: Celery, within_s: float) -> float:
 
 
 def test_a_worker_takes_work_again_after_redis_restarts(tmp_path, database_url):
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     redis = _start_redis(port)
     env = {
@@ -68,23 +60,8 @@ def test_a_worker_takes_work_again_after_redis_restarts(tmp_path, database_url):
         "RGRID_POOL_SIZE": "0",
         "RGRID_DATABASE_URL": database_url,
     }
-    worker = subprocess.Popen(
-        [
-            str(REPO / "scripts" / "supervise.sh"),
-            str(Path(sys.executable).parent / "celery"),
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "--concurrency",
-            "1",
-            "--hostname",
-            f"restart-test-{port}@%h",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "worker.log").open("w"),
-        start_new_session=True,
+    worker = spawn(
+        worker_command(f"restart-test-{port}", concurrency=1), env, tmp_path / "worker.log"
     )
     app = Celery(broker=url)
     try:
@@ -96,11 +73,7 @@ def test_a_worker_takes_work_again_after_redis_restarts(tmp_path, database_url):
         redis = _start_redis(port)
         recovered = _seconds_until_it_answers(app, 60)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_group(worker.pid)
         redis.kill()
         app.close()
     restarted = "exited with status" in (tmp_path / "worker.log").read_text()

@@ -89,16 +89,16 @@ def test_reaper_deletes_host_folders_whose_sandbox_is_gone(ctx):
         starting.rmdir()
 
 
+def _last_used_31_days_ago(ctx, model, **key) -> None:
+    """Age one cache row past the purge's 30 days."""
+    with session_scope(ctx.session_factory) as session:
+        session.query(model).filter_by(**key).one().last_used_at = utcnow() - timedelta(days=31)
+
+
 def test_purge_drops_script_entries_unused_for_30_days(ctx, run_script, account):
     old = run_script("print('old')\n")
     recent = run_script("print('recent')\n")
-    with session_scope(ctx.session_factory) as session:
-        row = (
-            session.query(ScriptCache)
-            .filter_by(account_id=account.id, script_hash=old["script_hash"])
-            .one()
-        )
-        row.last_used_at = utcnow() - timedelta(days=31)
+    _last_used_31_days_ago(ctx, ScriptCache, account_id=account.id, script_hash=old["script_hash"])
     with session_scope(ctx.session_factory) as session:
         assert purge_script_cache(session) >= 1
     with session_scope(ctx.session_factory) as session:
@@ -153,13 +153,9 @@ def test_purge_keeps_an_environment_another_entry_still_uses(ctx, run_script, ac
     stale = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}==1.0\n")
     live = run_script("pass\n", requirements=f"--find-links {tmp_path}\n{dist}>=1\n")
     assert stale["environment"] == live["environment"]
-    with session_scope(ctx.session_factory) as session:
-        row = (
-            session.query(DependencyCache)
-            .filter_by(account_id=account.id, dependency_hash=stale["dependency_hash"])
-            .one()
-        )
-        row.last_used_at = utcnow() - timedelta(days=31)
+    _last_used_31_days_ago(
+        ctx, DependencyCache, account_id=account.id, dependency_hash=stale["dependency_hash"]
+    )
     with session_scope(ctx.session_factory) as session:
         assert purge_dependency_cache(session, ctx.settings.environments_dir) == 1
     assert (ctx.settings.environments_dir / live["environment"]).is_dir()

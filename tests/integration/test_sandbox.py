@@ -163,19 +163,25 @@ time.sleep(600)
 """
 
 
-def test_a_claimed_sandbox_whose_runner_dies_before_sending_the_job_ends(client, pool_root):
-    """The runner claims a sandbox, attaches, and is killed before it sends the job: its
-    connection closes, the supervisor sees the end of its input and exits, long before its
-    300 s idle timeout."""
+def _start_runner(code: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """A runner process (``code``) that prints the id of the sandbox it claimed first."""
     runner = subprocess.Popen(
-        [sys.executable, "-c", DIES_AFTER_CLAIMING, str(pool_root), IMAGE],
+        [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    container_id = runner.stdout.readline().strip()
+    assert container_id, runner.stderr.read()
+    return runner, container_id
+
+
+def test_a_claimed_sandbox_whose_runner_dies_before_sending_the_job_ends(client, pool_root):
+    """The runner claims a sandbox, attaches, and is killed before it sends the job: its
+    connection closes, the supervisor sees the end of its input and exits, long before its
+    300 s idle timeout."""
+    runner, container_id = _start_runner(DIES_AFTER_CLAIMING, str(pool_root), IMAGE)
     try:
-        container_id = runner.stdout.readline().strip()
-        assert container_id, runner.stderr.read()
         time.sleep(0.5)
         assert _exists(client, container_id)  # attached and waiting, not ended by the attach
         runner.send_signal(signal.SIGKILL)
@@ -242,15 +248,8 @@ def test_the_deadline_holds_when_the_runner_is_killed(client, pool_root):
     is left to enforce it (the runner's own watchdog died with it), yet the sandbox stops on
     time and removes itself."""
     name = f"rgrid-test-{secrets.token_hex(6)}"
-    runner = subprocess.Popen(
-        [sys.executable, "-c", KILLED_RUNNER, str(pool_root), name, IMAGE],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    runner, container_id = _start_runner(KILLED_RUNNER, str(pool_root), name, IMAGE)
     try:
-        container_id = runner.stdout.readline().strip()
-        assert container_id, runner.stderr.read()
         assert runner.stdout.readline() == "sleeping\n"  # the script is running
         sent_job = time.monotonic()
         runner.send_signal(signal.SIGKILL)

@@ -1,0 +1,374 @@
+"""The one launcher of the RGrid stack on loopback: the API under gunicorn, a Celery worker (run
+under scripts/supervise.sh, so it starts again whenever it exits, as systemd's Restart=always
+would), beat and Flower. `make up`, the end-to-end tests and the benchmark all start their
+processes here, with these command lines.
+
+    python scripts/stack.py up [options]   # `make up`: background processes with pid files
+                                           # under .rgrid-dev/run; prints `export` lines
+    python scripts/stack.py down           # `make down`: stops exactly what `up` started
+    python scripts/stack.py migrate        # `make db`: the development database's schema
+
+Tests and the benchmark use :class:`Stack` (a context manager) on a database, Redis database
+and queue of their own; :func:`fresh_database` makes such a database. The services' addresses
+come from scripts/dev.env, read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: The virtualenv running this launcher: its gunicorn, celery and rgrid are the ones started.
+BIN = Path(sys.executable).parent
+DEV_ENV_FILE = REPO / "scripts" / "dev.env"
+SUPERVISE = REPO / "scripts" / "supervise.sh"
+#: `make up`'s pid files, logs and beat schedule.
+RUN_DIR = REPO / ".rgrid-dev" / "run"
+#: The development account's key, created once by `make up` (mode 600).
+KEY_FILE = REPO / ".rgrid-dev" / "dev-api-key"
+#: The order `up` starts them in; `down` stops them in the reverse order.
+ROLES = ("api", "worker", "beat", "flower")
+#: How long the API may take to answer /healthz, and how long a stopped process may take.
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+def dev_env() -> dict[str, str]:
+    """The local services' addresses and credentials (scripts/dev.env)."""
+    values = {}
+    for line in DEV_ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def fresh_database(prefix: str = "rgrid_test") -> Iterator[str]:
+    """An empty PostgreSQL database of its own on the development server, dropped (with any
+    connection still open to it) on the way out. Migrating it is the caller's business."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    base = dev_env()["RGRID_DATABASE_URL"]
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    # No pooled connection: a test restarts PostgreSQL, and the drop must still reach it.
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# --- the command lines ------------------------------------------------------------------------
+
+
+def api_command(port: int) -> list[str]:
+    return [
+        str(BIN / "gunicorn"),
+        *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
+        *("--access-logfile", "-"),
+        "rgrid.api:create_app()",
+    ]
+
+
+def _celery(*args: str) -> list[str]:
+    return [str(BIN / "celery"), "-A", "workers.celery_app", *args]
+
+
+def worker_command(hostname: str, *, concurrency: int = 2, supervised: bool = True) -> list[str]:
+    """A Celery worker; ``supervised``: under scripts/supervise.sh (a broker restart has killed
+    celery 5.7's main process here, and a killed worker must come back)."""
+    command = _celery(
+        *("worker", "--loglevel", "INFO"),
+        *("--concurrency", str(concurrency), "--hostname", f"{hostname}@%h"),
+    )
+    return [str(SUPERVISE), *command] if supervised else command
+
+
+def beat_command(schedule: Path) -> list[str]:
+    return _celery("beat", "--loglevel", "INFO", "--schedule", str(schedule))
+
+
+def flower_command(port: int) -> list[str]:
+    return _celery("flower", "--address=127.0.0.1", f"--port={port}")
+
+
+# --- starting, waiting, stopping ----------------------------------------------------------------
+
+
+def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A process in a session of its own (so stopping it stops its children too), its output
+    to ``log``, with nothing of the caller's inherited but its environment."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_healthy(url: str, log: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until the API at ``url`` answers /healthz; RuntimeError with its log's tail if not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+    raise RuntimeError(f"the API at {url} did not start within {timeout_s:.0f}s; {log}:\n{tail}")
+
+
+def stop_group(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """TERM the process group ``pid`` leads, then KILL it if it outlives ``timeout_s``.
+    False when there was nothing to stop."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            # Reaps it if it is our child; a zombie would otherwise look alive.
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                break
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def create_account_key(env: dict[str, str], account: str) -> str:
+    """An API key for ``account``, creating the account unless it exists."""
+    rgrid = str(BIN / "rgrid")
+    created = subprocess.run(
+        [rgrid, "admin", "create-account", account, "--with-key", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if created.returncode != 0:
+        created = subprocess.run(
+            [rgrid, "admin", "create-key", account, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return json.loads(created.stdout)["api_key"]
+
+
+@dataclass
+class StackConfig:
+    """One stack: which processes, on which services, where their logs go."""
+
+    #: Every process's environment: the RGRID_* settings (database, Redis, queue, bucket, ...).
+    env: dict[str, str]
+    log_dir: Path
+    #: The worker's Celery hostname (before ``@host``).
+    name: str
+    api_port: int
+    flower_port: int | None = None
+    roles: tuple[str, ...] = ROLES
+    supervised: bool = True
+    concurrency: int = 2
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def commands(self) -> dict[str, list[str]]:
+        every = {
+            "api": api_command(self.api_port),
+            "worker": worker_command(
+                self.name, concurrency=self.concurrency, supervised=self.supervised
+            ),
+            "beat": beat_command(self.log_dir / "beat-schedule"),
+        }
+        if self.flower_port is not None:
+            every["flower"] = flower_command(self.flower_port)
+        return {role: every[role] for role in self.roles if role in every}
+
+
+class Stack:
+    """The processes of one :class:`StackConfig`, started on entry and stopped on exit."""
+
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> Stack:
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for role, command in self.config.commands().items():
+                log = self.config.log_dir / f"{role}.log"
+                self.processes[role] = spawn(command, self.config.env, log)
+            if "api" in self.processes:
+                wait_healthy(self.config.api_url, self.config.log_dir / "api.log")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for role in reversed(list(self.processes)):
+            stop_group(self.processes.pop(role).pid)
+
+
+# --- `make up` / `make down` -------------------------------------------------------------------
+
+
+def _pid_file(role: str) -> Path:
+    return RUN_DIR / f"{role}.pid"
+
+
+def running_pid(role: str) -> int | None:
+    """The pid of `make up`'s process ``role`` if it still runs."""
+    try:
+        pid = int(_pid_file(role).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def up(
+    *,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    queue: str | None = None,
+    api_port: int | None = None,
+    flower_port: int | None = None,
+    lease_s: int | None = None,
+    supervised: bool = True,
+) -> dict[str, str]:
+    """Start (or find running) the development stack in the background; returns the variables
+    that point the CLI at it (RGRID_API_URL, RGRID_API_KEY). Progress goes to stderr."""
+    from rgrid.db import upgrade
+
+    dev = dev_env()
+    chosen = {
+        "RGRID_DATABASE_URL": database_url,
+        "RGRID_REDIS_URL": redis_url,
+        "RGRID_QUEUE": queue,
+        "RGRID_API_PORT": api_port,
+        "RGRID_FLOWER_PORT": flower_port,
+        "RGRID_LEASE": lease_s,
+    }
+    env = {**os.environ, **dev, **{k: str(v) for k, v in chosen.items() if v is not None}}
+    config = StackConfig(
+        env=env,
+        log_dir=RUN_DIR,
+        name=f"rgrid-worker-{os.getpid()}",
+        api_port=int(env["RGRID_API_PORT"]),
+        flower_port=int(env["RGRID_FLOWER_PORT"]),
+        supervised=supervised,
+    )
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    upgrade(env["RGRID_DATABASE_URL"])
+    for role, command in config.commands().items():
+        if running_pid(role) is not None:
+            print(f"{role}: already running", file=sys.stderr)
+            continue
+        log = RUN_DIR / f"{role}.log"
+        log.unlink(missing_ok=True)
+        _pid_file(role).write_text(f"{spawn(command, env, log).pid}\n")
+        print(f"{role}: started (log {log})", file=sys.stderr)
+    wait_healthy(config.api_url, RUN_DIR / "api.log")
+    if not KEY_FILE.is_file() or not KEY_FILE.read_text().strip():
+        key = create_account_key(env, "dev")
+        KEY_FILE.touch(mode=0o600)
+        KEY_FILE.write_text(key + "\n")
+    print(f"API {config.api_url}  Flower http://127.0.0.1:{config.flower_port}", file=sys.stderr)
+    return {"RGRID_API_URL": config.api_url, "RGRID_API_KEY": KEY_FILE.read_text().strip()}
+
+
+def down() -> None:
+    """Stop exactly the processes `up` started (by their pid files), and nothing else."""
+    for role in reversed(ROLES):
+        pid = running_pid(role)
+        if pid is not None and stop_group(pid):
+            print(f"{role}: stopped", file=sys.stderr)
+        _pid_file(role).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start or stop the RGrid stack on loopback.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", help="start it; print `export` lines for the CLI")
+    start.add_argument("--database-url", help="default: scripts/dev.env's")
+    start.add_argument("--redis-url", help="the broker, with its database number")
+    start.add_argument("--queue", help="the Celery queue (default: the settings' own)")
+    start.add_argument("--api-port", type=int)
+    start.add_argument("--flower-port", type=int)
+    start.add_argument("--lease", type=int, dest="lease_s", help="RGRID_LEASE, seconds")
+    start.add_argument(
+        "--no-supervise", dest="supervised", action="store_false", help="run the worker bare"
+    )
+    commands.add_parser("down", help="stop what `up` started")
+    commands.add_parser("migrate", help="bring scripts/dev.env's database to the newest schema")
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    if command == "down":
+        down()
+        return 0
+    try:
+        if command == "migrate":
+            from rgrid.db import upgrade
+
+            upgrade(dev_env()["RGRID_DATABASE_URL"])
+            return 0
+        exports = up(**args)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for `make`
+        print(f"stack: {command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for name, value in exports.items():
+        print(f"export {name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
