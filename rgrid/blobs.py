@@ -43,16 +43,17 @@ def missing_digests(
 ) -> list[str]:
     """The digests this account has no stored copy of. A row whose object vanished counts as
     missing (and is dropped), so the file is simply uploaded again."""
-    missing = []
-    for digest in dict.fromkeys(check_digest(d) for d in digests):
-        blob = find_blob(session, account_id, digest)
-        if blob is not None and not store.exists(blob.object_key):
+    wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+    found = {}
+    for blob in session.scalars(
+        select(Blob).where(Blob.account_id == account_id, Blob.digest.in_(wanted))
+    ):
+        if store.exists(blob.object_key):
+            found[blob.digest] = blob
+        else:
             session.delete(blob)
-            session.flush()
-            blob = None
-        if blob is None:
-            missing.append(digest)
-    return missing
+    session.flush()
+    return [digest for digest in wanted if digest not in found]
 
 
 def check_size(settings: Settings, size: object) -> int:

@@ -116,6 +116,8 @@ class Settings:
     #: Redis for their worker; the API and every worker must share it. Unset: a server
     #: refuses ``--env`` rather than keep secrets in clear.
     secret_key: str | None = None
+    #: Required as a bearer token by the API's /metrics; unset: /metrics answers loopback only.
+    metrics_token: str | None = None
 
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
@@ -151,6 +153,7 @@ class Settings:
             max_cpu_limit=_env_float("RGRID_MAX_CPUS", cls.max_cpu_limit),
             max_stdin_bytes=_env_int("RGRID_MAX_STDIN_BYTES", cls.max_stdin_bytes),
             secret_key=_env("RGRID_SECRET_KEY"),
+            metrics_token=_env("RGRID_METRICS_TOKEN"),
             pids_limit=_env_int("RGRID_PIDS_LIMIT", cls.pids_limit),
             tmp_size=_env("RGRID_TMP_SIZE", cls.tmp_size),
             home_size=_env("RGRID_HOME_SIZE", cls.home_size),

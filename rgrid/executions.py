@@ -148,7 +148,7 @@ def create_execution(
         if blob is None or blob.size != item["size"]:
             raise BadInput(f"input {item['path']} was not uploaded")
     counts = (files_uploaded, bytes_uploaded)
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62 for n in counts):
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
     check_args(args)
     data = script.encode()

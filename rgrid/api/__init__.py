@@ -5,21 +5,30 @@ Serve it with a WSGI server: ``gunicorn 'rgrid.api:create_app()'``.
 
 from __future__ import annotations
 
+import hmac
+
 import botocore.exceptions
 import redis.exceptions
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from rgrid.api.schemas import openapi
 from rgrid.config import Settings, get_settings
 from rgrid.context import server_services
 from rgrid.errors import RGridError
 from rgrid.queueing import create_celery_app
 
+#: The most a request body may hold (a 1 MiB script as JSON, with escaping, and the rest).
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
+    # The largest valid request is a 1 MiB script as JSON (escaping can double it) with its
+    # requirements and arguments; anything larger is refused before it is read.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     # The services only: the API loads neither the pipeline nor docker-py, and queues work by
     # task name through a Celery app that imports no tasks.
     app.extensions["rgrid"] = server_services(settings)
@@ -56,8 +65,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     def healthz():
         return jsonify(status="ok")
 
+    @app.get("/v1/openapi.json")
+    def openapi_document():
+        return jsonify(openapi(app))
+
     @app.get("/metrics")
     def metrics():
+        """For the operator's Prometheus only: with RGRID_METRICS_TOKEN set, that bearer
+        token is required; without it, only a scraper on this host (loopback) is answered."""
+        token = settings.metrics_token
+        if token:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return jsonify(error="metrics need the operator's token"), 401
+        elif request.remote_addr not in ("127.0.0.1", "::1"):
+            return jsonify(error="not found"), 404
         return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     return app

@@ -9,9 +9,10 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify
 
 from rgrid import blobs
-from rgrid.api.common import authenticate_request, context, json_body
+from rgrid.api.common import authenticate_request, context
+from rgrid.api.schemas import CompleteUploadRequest, MissingRequest, UploadRequest, validated
 from rgrid.db import session_scope
-from rgrid.errors import BadInput, RGridError
+from rgrid.errors import RGridError
 from rgrid.objectstore import PresigningStore
 
 bp = Blueprint("blobs", __name__)
@@ -26,18 +27,19 @@ def _presigning_store() -> PresigningStore:
 
 
 @bp.post("/blobs/missing")
-def missing():
-    digests = json_body().get("digests")
-    if not isinstance(digests, list):
-        raise BadInput("'digests' must be a list of sha256 hex digests")
+@validated(body=MissingRequest)
+def missing(body: MissingRequest):
+    """Which of these digests the caller has no stored copy of."""
     ctx = context()
     with session_scope(ctx.session_factory) as session:
-        return jsonify(missing=blobs.missing_digests(session, ctx.store, g.account_id, digests))
+        found = blobs.missing_digests(session, ctx.store, g.account_id, body.digests)
+        return jsonify(missing=found)
 
 
 @bp.post("/uploads")
-def start_upload():
-    body = json_body()
+@validated(body=UploadRequest)
+def start_upload(body: UploadRequest):
+    """Where to send a file's bytes: presigned URLs for one PUT or for its parts."""
     ctx = context()
     with session_scope(ctx.session_factory) as session:
         result = blobs.start_upload(
@@ -45,15 +47,17 @@ def start_upload():
             _presigning_store(),
             ctx.settings,
             g.account_id,
-            body.get("sha256"),
-            body.get("size"),
+            body.sha256,
+            body.size,
         )
     return jsonify(result), 201
 
 
 @bp.post("/uploads/<upload_id>/complete")
-def complete_upload(upload_id: str):
-    parts = json_body().get("parts")
+@validated(body=CompleteUploadRequest)
+def complete_upload(upload_id: str, body: CompleteUploadRequest):
+    """The bytes are there: check their digest, then the blob counts."""
+    parts = [part.model_dump() for part in body.parts]
     ctx = context()
     with session_scope(ctx.session_factory) as session:
         blob = blobs.complete_upload(session, _presigning_store(), g.account_id, upload_id, parts)

@@ -9,7 +9,6 @@ from rgrid import queueing
 from rgrid.accounts import authenticate
 from rgrid.context import Services
 from rgrid.db import session_scope
-from rgrid.errors import BadInput
 
 
 def context() -> Services:
@@ -27,10 +26,3 @@ def authenticate_request() -> None:
     secret = header[7:].strip() if header.lower().startswith("bearer ") else None
     with session_scope(context().session_factory) as session:
         g.account_id = authenticate(session, secret).id
-
-
-def json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadInput("request body must be a JSON object")
-    return body

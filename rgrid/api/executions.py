@@ -8,10 +8,10 @@ from flask import Blueprint, g, jsonify, request
 from prometheus_client import Counter
 
 from rgrid import executions as svc
-from rgrid.api.common import authenticate_request, enqueue_pipeline, json_body
+from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
+from rgrid.api.schemas import ListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
 from rgrid.channels import check_env
-from rgrid.config import DEFAULT_RUNTIME
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, ServiceUnavailable
 from rgrid.statuses import TERMINAL_STATUSES
@@ -23,18 +23,10 @@ SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by 
 
 
 @bp.post("/executions")
-def create_execution():
-    body = json_body()
-    script = body.get("script")
-    if not isinstance(script, str):
-        raise BadInput("'script' must be the script's text")
-    requirements = body.get("requirements")
-    if requirements is not None and not isinstance(requirements, str):
-        raise BadInput("'requirements' must be the requirements text")
-    timeout = body.get("timeout_s")
-    if timeout is not None and not isinstance(timeout, int):
-        raise BadInput("'timeout_s' must be a whole number of seconds")
-    env = check_env(body["env"]) if body.get("env") else None
+@validated(body=SubmitRequest)
+def create_execution(body: SubmitRequest):
+    """Submit a script: the execution is queued and returned."""
+    env = check_env(body.env) if body.env else None
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.create_execution(
@@ -42,19 +34,19 @@ def create_execution():
             ctx.store,
             ctx.settings,
             account_id=g.account_id,
-            script=script,
-            script_name=str(body.get("script_name") or "script.py"),
-            runtime=str(body.get("runtime") or DEFAULT_RUNTIME),
-            timeout_s=timeout,
-            args=body.get("args") or [],
-            requirements=requirements,
-            refresh_deps=bool(body.get("refresh_deps")),
-            inputs=body.get("inputs") or [],
-            files_uploaded=body.get("files_uploaded", 0),
-            bytes_uploaded=body.get("bytes_uploaded", 0),
-            memory=body.get("memory"),
-            cpus=body.get("cpus"),
-            stdin=body.get("stdin") is True,
+            script=body.script,
+            script_name=body.script_name,
+            runtime=body.runtime,
+            timeout_s=body.timeout_s,
+            args=body.args,
+            requirements=body.requirements,
+            refresh_deps=body.refresh_deps,
+            inputs=[item.model_dump() for item in body.inputs],
+            files_uploaded=body.files_uploaded,
+            bytes_uploaded=body.bytes_uploaded,
+            memory=body.memory,
+            cpus=body.cpus,
+            stdin=body.stdin,
             env_names=list(env) if env else None,
         )
         execution_id = execution.id
@@ -77,15 +69,18 @@ def create_execution():
 
 
 @bp.get("/executions")
-def list_executions():
-    limit = request.args.get("limit", default=20, type=int)
+@validated(query=ListQuery)
+def list_executions(query: ListQuery):
+    """The caller's recent executions, newest first."""
     with session_scope(_ctx().session_factory) as session:
-        rows = svc.list_executions(session, g.account_id, limit)
+        rows = svc.list_executions(session, g.account_id, query.limit)
         return jsonify(executions=[svc.execution_to_dict(row) for row in rows])
 
 
 @bp.get("/executions/<execution_id>")
+@validated()
 def get_execution(execution_id: str):
+    """One execution, by id, unique id prefix or `last`."""
     with session_scope(_ctx().session_factory) as session:
         return jsonify(
             svc.execution_to_dict(svc.get_execution(session, g.account_id, execution_id))
@@ -98,15 +93,15 @@ LOG_WAIT_STEP_S = 0.02
 
 
 @bp.get("/executions/<execution_id>/logs")
-def get_logs(execution_id: str):
+@validated(query=LogsQuery)
+def get_logs(execution_id: str, query: LogsQuery):
     """Log chunks from ``offset``. With ``wait`` (seconds), a long poll: the answer comes as
     soon as there is something new or the execution is over, so a follower neither sleeps
     past its script's end nor asks ten times a second. The final page carries the finished
     execution, which saves the follower one more request."""
-    offset = max(0, request.args.get("offset", default=0, type=int))
-    wait = min(max(0.0, request.args.get("wait", default=0.0, type=float)), MAX_LOG_WAIT_S)
+    offset = query.offset
     ctx = _ctx()
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + min(query.wait, MAX_LOG_WAIT_S)
     while True:
         with session_scope(ctx.session_factory) as session:
             execution = svc.get_execution(session, g.account_id, execution_id)
@@ -119,7 +114,8 @@ def get_logs(execution_id: str):
 
 
 @bp.post("/executions/<execution_id>/stdin")
-def feed_stdin(execution_id: str):
+@validated(query=StdinQuery)
+def feed_stdin(execution_id: str, query: StdinQuery):
     """One chunk of the client's piped stdin (the raw body); ``?eof=1`` ends it."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
@@ -129,11 +125,12 @@ def feed_stdin(execution_id: str):
         if execution.status in TERMINAL_STATUSES:
             return jsonify(accepted=False, status=execution.status)
         execution_id = execution.id
-    ctx.channels.feed_stdin(execution_id, request.get_data(), eof=request.args.get("eof") == "1")
+    ctx.channels.feed_stdin(execution_id, request.get_data(), eof=query.eof == 1)
     return jsonify(accepted=True)
 
 
 @bp.post("/executions/<execution_id>/cancel")
+@validated()
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
@@ -149,7 +146,9 @@ def cancel_execution(execution_id: str):
 
 
 @bp.get("/executions/<execution_id>/outputs")
+@validated()
 def get_outputs(execution_id: str):
+    """Each output file with a presigned URL to download it from."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)

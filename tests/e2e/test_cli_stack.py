@@ -39,7 +39,7 @@ def test_run_repeat_edit_revert(stack_env, tmp_path):
     assert first["script_cache_hit"] is False
     assert "v1" in result.stderr  # with --json, the script's output streams to stderr
     assert (tmp_path / first["outputs_dir"] / "out.txt").read_text() == "v1"
-    assert first["outputs_dir"] == f"rgrid-outputs/{first['execution_id']}"
+    assert first["outputs_dir"] == str(tmp_path / "rgrid-outputs" / first["execution_id"])
 
     second, _ = run_json("run", "job.py", env=stack_env, cwd=tmp_path)
     assert second["script_cache_hit"] is True and second["deps_build_s"] is None
@@ -259,7 +259,7 @@ def test_bad_requirements_show_the_installers_message(stack_env, tmp_path):
     (tmp_path / "malformed.txt").write_text("six >> 1\n")
     assert_one_line_error(
         run_cli("run", "job.py", "-r", "malformed.txt", env=stack_env, cwd=tmp_path),
-        "line 1: 'six >> 1' is not a valid requirement",
+        "malformed.txt:1: 'six >> 1' is not a valid requirement",
     )
     (tmp_path / "inline.py").write_text("# /// script\n# dependencies = ['six']\n# ///\n")
     (tmp_path / "ok.txt").write_text("six\n")

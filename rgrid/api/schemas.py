@@ -1,0 +1,249 @@
+"""The API's contract: every request body, query string and path parameter as a pydantic
+model, checked before any database or Redis call, and the OpenAPI document built from the
+very same models (``/v1/openapi.json``), so the published contract cannot drift from the
+checks.
+
+Why pydantic, with a few lines of glue rather than flask-smorest or spectree: it was already
+installed (Celery's and Flower's dependencies bring it), its JSON parser refuses what
+PostgreSQL would choke on later (lone surrogates) while parsing, its errors name the field,
+and its JSON Schema output is the OpenAPI 3.1 schema dialect as it stands. The glue here is
+one decorator and one loop over Flask's URL map.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from flask import Flask, request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from rgrid.config import DEFAULT_RUNTIME
+from rgrid.errors import BadInput
+
+#: No control characters (NUL included): PostgreSQL refuses NUL, and a tar header or a
+#: terminal would misread the others.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ScriptName = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/]+$")
+]
+InputPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+Argument = Annotated[str, StringConstraints(max_length=128 * 1024, pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvValue = Annotated[str, StringConstraints(max_length=64 * 1024, pattern=r"^[^\x00]*$")]
+Count = Annotated[int, Field(ge=0, le=2**53)]
+#: A count stored in a 32-bit column.
+SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+#: Path parameters, by name, wherever a route takes them.
+PATH_PARAMETERS = {
+    "execution_id": r"^(last|[0-9a-f]{4,16})$",
+    "upload_id": r"^[0-9a-f]{32}$",
+}
+
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (a misspelt option must not pass silently), and no type is
+    coerced: ``true`` is not an integer, ``"5"`` is not a list."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InputEntry(_Strict):
+    path: InputPath
+    sha256: Digest
+    size: Count
+
+
+class SubmitRequest(_Strict):
+    script: str = Field(max_length=1024 * 1024)
+    script_name: ScriptName = "script.py"
+    runtime: Annotated[str, StringConstraints(max_length=40, pattern=r"^[a-z0-9.:_-]+$")] = (
+        DEFAULT_RUNTIME
+    )
+    timeout_s: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    args: list[Argument] = Field(default_factory=list, max_length=10_000)
+    requirements: Annotated[str, Field(max_length=1024 * 1024)] | None = None
+    refresh_deps: bool = False
+    inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
+    files_uploaded: SmallCount = 0
+    bytes_uploaded: Count = 0
+    memory: (
+        Annotated[str, StringConstraints(max_length=20, pattern=_PRINTABLE)]
+        | Annotated[int, Field(ge=0, le=2**50)]
+        | None
+    ) = None
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+    stdin: bool = False
+    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=200)
+
+
+class MissingRequest(_Strict):
+    #: One query answers them all; more than this is refused rather than queued.
+    digests: list[Digest] = Field(max_length=10_000)
+
+
+class UploadRequest(_Strict):
+    sha256: Digest
+    size: Count
+
+
+class UploadPart(_Strict):
+    part_number: Annotated[int, Field(ge=1, le=10_000)]
+    etag: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
+
+
+class CompleteUploadRequest(_Strict):
+    parts: list[UploadPart] = Field(default_factory=list, max_length=10_000)
+
+
+class _Query(BaseModel):
+    """Query strings are text: numbers are parsed from them, nothing else is coerced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LogsQuery(_Query):
+    offset: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    wait: Annotated[float, Field(ge=0, le=10)] = 0.0
+
+
+class ListQuery(_Query):
+    limit: Annotated[int, Field(ge=1, le=500)] = 20
+
+
+class StdinQuery(_Query):
+    eof: Annotated[int, Field(ge=0, le=1)] = 0
+
+
+def _message(exc: ValidationError) -> str:
+    """One line naming the first bad field."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"]) or "body"
+    return f"{where}: {error['msg']}"
+
+
+def validated(
+    body: type[BaseModel] | None = None, query: type[BaseModel] | None = None
+) -> Callable:
+    """Parse and check the request before the view runs; the view receives ``body`` and/or
+    ``query`` as models. A bad request is a 400 naming the field. The models are also what
+    :func:`openapi` publishes for the route."""
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapper(**path: str) -> Any:
+            for name, value in path.items():
+                _check_path(name, value)
+            kwargs: dict[str, Any] = dict(path)
+            try:
+                if body is not None:
+                    kwargs["body"] = body.model_validate_json(request.get_data() or b"{}")
+                if query is not None:
+                    kwargs["query"] = query.model_validate(request.args.to_dict())
+            except ValidationError as exc:
+                raise BadInput(_message(exc)) from None
+            return view(**kwargs)
+
+        wrapper.rgrid_body = body  # type: ignore[attr-defined]
+        wrapper.rgrid_query = query  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _check_path(name: str, value: str) -> None:
+    pattern = PATH_PARAMETERS.get(name)
+    if pattern and not re.fullmatch(pattern, value):
+        raise BadInput(f"{name}: not a valid {name.replace('_', ' ')}")
+
+
+ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+}
+
+
+def openapi(app: Flask) -> dict:
+    """The OpenAPI 3.1 document of every ``/v1`` route, from Flask's URL map and the models
+    its views are validated with."""
+    paths: dict[str, dict] = {}
+    schemas: dict[str, dict] = {"Error": ERROR}
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/v1/") or rule.endpoint.endswith("openapi"):
+            continue
+        view = app.view_functions[rule.endpoint]
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation: dict[str, Any] = {
+                "operationId": rule.endpoint.replace(".", "_"),
+                "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
+                "parameters": [
+                    {
+                        "name": name,
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": PATH_PARAMETERS[name]},
+                    }
+                    for name in sorted(rule.arguments)
+                ],
+                "responses": {
+                    "200": {"description": "OK"},
+                    "201": {"description": "Created"},
+                    "400": _error_response("Invalid request: the message names the field"),
+                    "401": _error_response("Missing, invalid or revoked API key"),
+                    "404": _error_response("No such execution or upload in this account"),
+                    "413": _error_response("Request body too large"),
+                    "503": _error_response("A service behind the API is unavailable"),
+                },
+            }
+            query = getattr(view, "rgrid_query", None)
+            if query is not None:
+                properties = query.model_json_schema()["properties"]
+                for name, schema in properties.items():
+                    operation["parameters"].append(
+                        {"name": name, "in": "query", "required": False, "schema": schema}
+                    )
+            body = getattr(view, "rgrid_body", None)
+            if body is not None:
+                schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[body.__name__] = schema
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
+                        }
+                    },
+                }
+            elif method == "POST" and rule.endpoint.endswith("stdin"):
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+                }
+            paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "RGrid API", "version": "1"},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _error_response(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
