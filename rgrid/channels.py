@@ -17,7 +17,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from rgrid.errors import BadInput, ServiceUnavailable
+from rgrid.errors import BadInput
+from rgrid.logbuffer import redis_unavailable
 
 if TYPE_CHECKING:
     import redis
@@ -102,18 +103,6 @@ class MemoryChannels:
         self._stdin.pop(execution_id, None)
 
 
-def _redis_errors(method):
-    def wrapper(*args, **kwargs):
-        from redis.exceptions import ConnectionError, TimeoutError
-
-        try:
-            return method(*args, **kwargs)
-        except (ConnectionError, TimeoutError) as exc:
-            raise ServiceUnavailable("the queue service (Redis) is unavailable") from exc
-
-    return wrapper
-
-
 class RedisChannels:
     """Shared by the API, which receives both from the client, and the workers."""
 
@@ -135,7 +124,7 @@ class RedisChannels:
     def _stdin_key(execution_id: str) -> str:
         return f"rgrid:stdin:{execution_id}"
 
-    @_redis_errors
+    @redis_unavailable
     def put_env(self, execution_id: str, env: dict[str, str]) -> None:
         if self._fernet is None:
             raise BadInput(
@@ -145,14 +134,14 @@ class RedisChannels:
         token = self._fernet.encrypt(json.dumps(env).encode())
         self.client.set(self._env_key(execution_id), token, ex=ENV_TTL_S)
 
-    @_redis_errors
+    @redis_unavailable
     def get_env(self, execution_id: str) -> dict[str, str] | None:
         token = self.client.get(self._env_key(execution_id))
         if token is None or self._fernet is None:
             return None
         return json.loads(self._fernet.decrypt(token))
 
-    @_redis_errors
+    @redis_unavailable
     def feed_stdin(self, execution_id: str, data: bytes, eof: bool) -> None:
         """Append a chunk the client read from its stdin; an empty chunk marks the end."""
         key = self._stdin_key(execution_id)
@@ -172,7 +161,7 @@ class RedisChannels:
     def stdin(self, execution_id: str) -> StdinSource:
         return _RedisStdin(self.client, self._stdin_key(execution_id))
 
-    @_redis_errors
+    @redis_unavailable
     def forget(self, execution_id: str) -> None:
         stdin = self._stdin_key(execution_id)
         self.client.delete(self._env_key(execution_id), stdin, stdin + ":bytes")

@@ -122,7 +122,7 @@ class FileLogBuffer:
             self._changed.notify_all()
 
 
-def _redis_unavailable(method):
+def redis_unavailable(method):
     """Redis down is a service outage like any other: ServiceUnavailable, which the worker
     retries and the API answers with 503."""
 
@@ -150,7 +150,7 @@ class RedisLogBuffer:
     def _key(execution_id: str) -> str:
         return f"rgrid:log:{execution_id}"
 
-    @_redis_unavailable
+    @redis_unavailable
     def append(self, execution_id: str, stream: str, text: str) -> None:
         key = self._key(execution_id)
         pipe = self.client.pipeline()
@@ -158,13 +158,13 @@ class RedisLogBuffer:
         pipe.expire(key, self.TTL_S)
         pipe.execute()
 
-    @_redis_unavailable
+    @redis_unavailable
     def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
         end = -1 if limit is None else start + limit - 1
         raw = self.client.lrange(self._key(execution_id), start, end)
         return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
 
-    @_redis_unavailable
+    @redis_unavailable
     def clear(self, execution_id: str) -> None:
         self.client.delete(self._key(execution_id))
 

@@ -5,11 +5,12 @@ import time
 
 import docker
 import pytest
+from sqlalchemy import select
 
 from rgrid import cache_keys, sandbox
 from rgrid.db import session_scope
 from rgrid.logbuffer import decode_log
-from rgrid.models import ScriptCache
+from rgrid.models import DependencyCache, Execution, ScriptCache
 
 HELLO = "print('hello')\nopen('outputs/result.txt', 'w').write('42')\n"
 
@@ -251,3 +252,32 @@ def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime)
             )
     with session_scope(ctx.session_factory) as session:
         assert len(svc.list_executions(session, account.id)) == before
+
+
+def test_every_step_run_twice_runs_the_script_once(ctx, submit):
+    """Celery may deliver a task again (acks are late): each step, run a second time, finds
+    its work done and leaves the result as it was."""
+    from rgrid import pipeline
+
+    script = "import secrets\nprint('ran', secrets.token_hex(4))\n"
+    execution_id = submit(script, requirements="six\n")
+    for step in pipeline.STEPS:
+        step(ctx, execution_id)
+        step(ctx, execution_id)
+    pipeline.run_all(ctx, submit(script, requirements="six\n"))
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(Execution, execution_id)
+        assert row.status == "succeeded" and row.exit_code == 0
+        cached = session.scalars(
+            select(ScriptCache).where(ScriptCache.script_hash == row.script_hash)
+        ).one()
+        deps = session.scalars(
+            select(DependencyCache).where(
+                DependencyCache.account_id == row.account_id,
+                DependencyCache.dependency_hash == row.dependency_hash,
+            )
+        ).one()
+        # Counted once per execution, not once per delivery.
+        assert cached.use_count == 2 and deps.use_count == 2
+    printed = _stdout(ctx, execution_id)
+    assert printed.count("ran ") == 1, printed
