@@ -28,6 +28,8 @@ MAX_ENV_BYTES = 64 * 1024
 MAX_ENV_VARS = 200
 #: How long a queued execution's secrets wait for a worker before they are dropped.
 ENV_TTL_S = 2 * 24 * 3600
+#: Stdin chunks that may wait in Redis for a script that is not reading them.
+STDIN_BACKLOG = 16
 #: Set by RGrid in every sandbox; a user's value would break the script's imports.
 RESERVED_ENV = frozenset({"PYTHONPATH", "HOME", "PATH"})
 
@@ -142,9 +144,14 @@ class RedisChannels:
         return json.loads(self._fernet.decrypt(token))
 
     @redis_unavailable
-    def feed_stdin(self, execution_id: str, data: bytes, eof: bool) -> None:
-        """Append a chunk the client read from its stdin; an empty chunk marks the end."""
+    def feed_stdin(self, execution_id: str, data: bytes, eof: bool) -> bool:
+        """Append a chunk the client read from its stdin; an empty chunk marks the end.
+        Returns False, appending nothing, while the script has not read what is already
+        waiting: the client then waits, as a writer to a full pipe does, so Redis never
+        holds more than ``STDIN_BACKLOG`` chunks of one execution."""
         key = self._stdin_key(execution_id)
+        if data and self.client.llen(key) >= STDIN_BACKLOG:
+            return False
         if data:
             total = self.client.incrby(key + ":bytes", len(data))
             if total > self.max_stdin_bytes:
@@ -157,6 +164,7 @@ class RedisChannels:
         pipe.expire(key, ENV_TTL_S)
         pipe.expire(key + ":bytes", ENV_TTL_S)
         pipe.execute()
+        return True
 
     def stdin(self, execution_id: str) -> StdinSource:
         return _RedisStdin(self.client, self._stdin_key(execution_id))

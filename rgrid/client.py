@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from rgrid.channels import StdinSource
 from rgrid.config import Settings
 from rgrid.errors import AuthError, BadInput, NotFound, RGridError, ServiceUnavailable
 from rgrid.inputs import InputFile
+from rgrid.statuses import TERMINAL_STATUSES
 
 
 class Client(Protocol):
@@ -327,8 +329,10 @@ class RemoteClient:
             ).start()
         return submitted
 
-    #: Piped stdin is sent in chunks of at most this many bytes.
+    #: Piped stdin is sent in chunks of at most this many bytes, and a chunk the server had
+    #: no room for is offered again after this long.
     STDIN_CHUNK = 256 * 1024
+    STDIN_RETRY_S = 0.1
 
     def _feed_stdin(self, execution_id: str, source: StdinSource) -> None:
         """Send stdin to the execution as it is read, then its end. On its own connection: the
@@ -337,7 +341,15 @@ class RemoteClient:
         path = f"/executions/{execution_id}/stdin"
         try:
             while chunk := source.read(self.STDIN_CHUNK):
-                self._request_once("POST", path, None, None, raw_body=chunk, transport=own)
+                while True:
+                    answer = self._request_once(
+                        "POST", path, None, None, raw_body=chunk, transport=own
+                    )
+                    if answer.get("accepted") or answer.get("status") in TERMINAL_STATUSES:
+                        break
+                    time.sleep(self.STDIN_RETRY_S)  # the script is not reading yet
+                if answer.get("status") in TERMINAL_STATUSES:
+                    return  # it ended without reading the rest, as a pipe's reader may
             self._request_once("POST", path, None, {"eof": 1}, raw_body=b"", transport=own)
         except RGridError as exc:
             print(f"rgrid: stdin not passed on: {exc.message}", file=sys.stderr)

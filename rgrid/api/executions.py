@@ -125,8 +125,9 @@ def feed_stdin(execution_id: str, query: StdinQuery):
         if execution.status in TERMINAL_STATUSES:
             return jsonify(accepted=False, status=execution.status)
         execution_id = execution.id
-    ctx.channels.feed_stdin(execution_id, request.get_data(), eof=query.eof == 1)
-    return jsonify(accepted=True)
+    accepted = ctx.channels.feed_stdin(execution_id, request.get_data(), eof=query.eof == 1)
+    # Not accepted: the script has not read what waits; the client sends it again shortly.
+    return jsonify(accepted=accepted, status=execution.status)
 
 
 @bp.post("/executions/<execution_id>/cancel")

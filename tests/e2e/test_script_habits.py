@@ -259,3 +259,26 @@ def test_an_output_name_as_long_as_a_name_can_be_comes_back(user_env, tmp_path):
     assert (fetched / longest).read_text() == "long"
     assert (fetched / "ok.txt").read_text() == "ok"
     assert sorted(p.name for p in fetched.iterdir()) == sorted([longest, "ok.txt"])
+
+
+def test_an_endless_pipe_into_a_script_that_reads_three_lines(user_env, tmp_path):
+    """`yes | rgrid run head3.py` ends when the script does, and the pipe never floods the
+    server: a chunk waits until the script has read what is queued."""
+    (tmp_path / "head3.py").write_text(
+        "import sys\nfor _ in range(3):\n    print(sys.stdin.readline().strip())\n"
+    )
+    endless = subprocess.Popen(["yes", "y"], stdout=subprocess.PIPE)
+    try:
+        result = subprocess.run(
+            [RGRID, "run", "head3.py"],
+            stdin=endless.stdout,
+            env=user_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        endless.kill()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "y\ny\ny\n"
