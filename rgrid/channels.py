@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +24,8 @@ from rgrid.logbuffer import redis_unavailable
 if TYPE_CHECKING:
     import redis
 
+#: An environment variable name as a POSIX shell takes it.
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 #: What one execution's environment variables may add up to.
 MAX_ENV_BYTES = 64 * 1024
 MAX_ENV_VARS = 200
@@ -42,7 +45,7 @@ def check_env(env: object) -> dict[str, str]:
         raise BadInput(f"at most {MAX_ENV_VARS} environment variables")
     size = 0
     for name, value in env.items():
-        if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+        if not isinstance(name, str) or not re.fullmatch(ENV_NAME, name):
             raise BadInput(f"bad environment variable name {name!r}")
         if name in RESERVED_ENV:
             raise BadInput(f"{name} is set by RGrid in the sandbox and cannot be replaced")

@@ -38,7 +38,7 @@ from rgrid import blobs, cache_keys, environments, pool, sandbox
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
-from rgrid.docker_engine import get_docker
+from rgrid.docker_engine import get_docker, image_id
 from rgrid.errors import BuildError, RGridError, ServiceUnavailable
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
@@ -297,13 +297,6 @@ def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
         execution.outcome = Status.BUILD_FAILED
         execution.error = message
     ctx.note(execution_id, message)
-
-
-def _runtime_image_id(ctx: PipelineContext, image: str) -> str | None:
-    try:
-        return ctx.docker.api.inspect_image(image)["Id"]
-    except docker.errors.ImageNotFound:
-        return None
 
 
 def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
@@ -591,8 +584,8 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         if not _ensure_environment(ctx, execution_id):
             return
     spec = resolve_runtime(execution.runtime)
-    image_id = _runtime_image_id(ctx, spec.image)
-    if image_id is None:
+    runtime_image = image_id(ctx.docker, spec.image)
+    if runtime_image is None:
         _fail_build(
             ctx,
             execution_id,
@@ -603,7 +596,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
     with execution_row(ctx, execution_id) as execution:
         set_status(execution, Status.RUNNING)
         execution.started_at = utcnow()
-        execution.runtime_image = image_id[:80]
+        execution.runtime_image = runtime_image[:80]
         execution.worker = ctx.worker_id
         execution.heartbeat_at = execution.started_at
     if retried:
@@ -878,7 +871,7 @@ def warm_up(ctx: PipelineContext, runtime: str) -> int:
     """Fill the pool for a runtime with no dependencies (a worker starting up); returns how
     many sandboxes were started. Also clears host folders of sandboxes that are gone."""
     spec = resolve_runtime(runtime)
-    if _runtime_image_id(ctx, spec.image) is None:
+    if image_id(ctx.docker, spec.image) is None:
         return 0
     pool.sweep_folders(ctx.docker, ctx.settings.sandboxes_dir)
     return pool.fill(ctx.docker, sandbox.Environment(image=spec.image), ctx.limits, ctx.pool)

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from flask import Flask, request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from rgrid.channels import ENV_NAME, MAX_ENV_BYTES, MAX_ENV_VARS
 from rgrid.config import DEFAULT_RUNTIME
 from rgrid.errors import BadInput
 
@@ -34,8 +35,8 @@ InputPath = Annotated[
     str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 Argument = Annotated[str, StringConstraints(max_length=128 * 1024, pattern=r"^[^\x00]*$")]
-EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
-EnvValue = Annotated[str, StringConstraints(max_length=64 * 1024, pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(max_length=128, pattern=f"^{ENV_NAME}$")]
+EnvValue = Annotated[str, StringConstraints(max_length=MAX_ENV_BYTES, pattern=r"^[^\x00]*$")]
 Count = Annotated[int, Field(ge=0, le=2**53)]
 #: A count stored in a 32-bit column.
 SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -80,7 +81,7 @@ class SubmitRequest(_Strict):
     ) = None
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     stdin: bool = False
-    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=200)
+    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_VARS)
 
 
 class MissingRequest(_Strict):

@@ -60,7 +60,10 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
         retire_sandboxes(data_dir)
 
 
-def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: int = 180):
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path, timeout: int = 180, stdin: str | None = None
+):
+    """The CLI as a process; its stdin is ``stdin`` piped in, or /dev/null."""
     return subprocess.run(
         [RGRID, *args],
         env=env,
@@ -68,7 +71,8 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: int = 180):
         capture_output=True,
         text=True,
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
 

@@ -41,24 +41,12 @@ def user_env(request, tmp_path) -> dict[str, str]:
     return request.getfixturevalue(f"{request.param}_env")
 
 
-def _rgrid(*args: str, env: dict, cwd: Path, stdin: bytes | None = None, timeout: int = 180):
-    return subprocess.run(
-        [RGRID, *args],
-        env=env,
-        cwd=cwd,
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-    )
-
-
 def test_arguments_stdin_env_and_sibling_imports_behave_as_locally(user_env, tmp_path):
     (tmp_path / "main.py").write_text(MAIN)
     (tmp_path / "helpers.py").write_text("VALUE = 42\n")
     (tmp_path / "vars.env").write_text('# settings\nexport MODE=fast\nQUOTED="a b"\n')
     env = {**user_env, "TOKEN": SECRET}
-    result = _rgrid(
+    result = run_cli(
         "run",
         "main.py",
         "helpers.py",
@@ -72,9 +60,9 @@ def test_arguments_stdin_env_and_sibling_imports_behave_as_locally(user_env, tmp
         "x y",
         env=env,
         cwd=tmp_path,
-        stdin=b"first line\nsecond line\n" * 1000,
+        stdin="first line\nsecond line\n" * 1000,
     )
-    out, err = result.stdout.decode(), result.stderr.decode()
+    out, err = result.stdout, result.stderr
     assert result.returncode == 0, err
     lines = out.splitlines()
     # Everything after `--` reaches the script unchanged, even what looks like rgrid's options.
