@@ -455,6 +455,10 @@ def cleanup(env: Env) -> None:
         proc = subprocess.run(["docker", "rmi", *refs], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(f"cleanup: docker rmi: {proc.stderr.strip()}", file=sys.stderr)
+    from rgrid.agent_client import stop_agents
+    from rgrid.config import Settings
+
+    agents = stop_agents(Settings(data_dir=Path(env.embedded_env["RGRID_DATA_DIR"])))
     doomed = [env.root]
     made = sorted(env.made_stack_environments)
     if env.stack_environments is not None and env.stack_kind == "up":
@@ -474,7 +478,8 @@ def cleanup(env: Env) -> None:
     finally:
         shutil.rmtree(env.root, ignore_errors=True)
     print(
-        f"cleanup: removed {len(env.made_floor_images)} floor image(s), {containers} "
+        f"cleanup: stopped {agents} embedded agent(s), removed"
+        f" {len(env.made_floor_images)} floor image(s), {containers} "
         f"container(s), {removed_envs} stack environment folder(s) and {env.root}",
         file=sys.stderr,
     )

@@ -442,6 +442,19 @@ class RemoteClient:
             yield chunks()
 
 
+def make_run_client(settings: Settings, stdin_source: StdinSource | None) -> Client:
+    """The client for `rgrid run`. The embedded default goes through its agent (rgrid/agent.py),
+    which keeps the pipeline loaded between runs, unless stdin has to be forwarded (the agent
+    is not the script's terminal) or the agent is turned off (RGRID_AGENT=0)."""
+    if settings.embedded and settings.agent and stdin_source is None:
+        from rgrid.agent_client import connect_or_start
+
+        client = connect_or_start(settings)
+        if client is not None:
+            return client
+    return make_client(settings)
+
+
 def make_client(settings: Settings) -> Client:
     if settings.embedded:
         # Imported only here: the database, Docker and pipeline code is heavy to import, and

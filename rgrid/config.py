@@ -121,6 +121,12 @@ class Settings:
     #: Required as a bearer token by the API's /metrics; unset: /metrics answers loopback only.
     metrics_token: str | None = None
 
+    # The embedded default's agent (rgrid/agent.py): a local process that keeps the pipeline
+    # loaded between `rgrid run`s, so a warm run costs no imports. It ends after this long
+    # with nothing to do. RGRID_AGENT=0 runs every command in the CLI's own process.
+    agent: bool = True
+    agent_idle_s: int = 600
+
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
 
@@ -173,6 +179,8 @@ class Settings:
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
+            agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),
+            agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
             in ("1", "true", "yes"),
         )
@@ -213,6 +221,15 @@ class Settings:
     @property
     def effective_store_dir(self) -> Path:
         return self.store_dir or self.data_dir / "store"
+
+
+#: What the embedded agent inherits from the shell that starts it: a shell whose values differ
+#: gets an agent of its own (rgrid/agent_client.py names agents by this).
+AGENT_ENV_PREFIXES = ("RGRID_", "DOCKER_", "UV_", "PATH")
+
+
+def agent_environment() -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in os.environ.items() if k.startswith(AGENT_ENV_PREFIXES))
 
 
 def get_settings() -> Settings:

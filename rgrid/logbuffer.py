@@ -50,6 +50,9 @@ class FileLogBuffer:
         self._changed = threading.Condition(self._lock)
         #: Where another process's log file was last read up to: (chunks, byte offset).
         self._read_to: dict[str, tuple[int, int]] = {}
+        #: Bumped by every append and clear of this process: a follower that started before
+        #: this process's run wrote anything still wakes when it does (or when it is over).
+        self._generation = 0
 
     def _path(self, execution_id: str) -> Path:
         return self.folder / f"{execution_id}.jsonl"
@@ -62,6 +65,7 @@ class FileLogBuffer:
             self._chunks[execution_id].append((stream, text))
             with open(self._path(execution_id), "a", encoding="utf-8") as fh:
                 fh.write(line)
+            self._generation += 1
             self._changed.notify_all()
 
     def wait(self, execution_id: str, start: int, timeout_s: float) -> None:
@@ -76,11 +80,15 @@ class FileLogBuffer:
                     timeout_s,
                 )
                 return
+            generation = self._generation
         deadline = time.monotonic() + timeout_s
         path = self._path(execution_id)
         size = path.stat().st_size if path.exists() else -1
         while time.monotonic() < deadline:
-            time.sleep(self.POLL_S)
+            with self._lock:
+                self._changed.wait(self.POLL_S)
+                if self._generation != generation:
+                    return
             now = path.stat().st_size if path.exists() else -1
             if now != size:
                 return
@@ -119,6 +127,7 @@ class FileLogBuffer:
             self._chunks.pop(execution_id, None)
             self._read_to.pop(execution_id, None)
             self._path(execution_id).unlink(missing_ok=True)
+            self._generation += 1
             self._changed.notify_all()
 
 

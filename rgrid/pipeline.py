@@ -845,7 +845,12 @@ def _process_alive(worker: str | None, host: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process nobody has reaped yet (a zombie) still answers signal 0.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def recover_interrupted(ctx: PipelineContext) -> list[str]:

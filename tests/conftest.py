@@ -91,14 +91,18 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
 
 
 def retire_sandboxes(root: Path) -> int:
-    """End the warm sandboxes of one test session (or one embedded user): unclaimed, they
-    would idle on for ``pool_idle_s`` after their folders are deleted."""
+    """End the embedded agents and warm sandboxes of one test session (or one embedded user):
+    left alone, they would idle on for ``agent_idle_s`` / ``pool_idle_s`` after their folders
+    are deleted."""
     import docker
 
     from rgrid import pool
+    from rgrid.agent_client import stop_agents
     from rgrid.config import Settings
 
-    return pool.retire_installation(docker.from_env(), Settings(data_dir=root).sandboxes_dir)
+    settings = Settings(data_dir=root)
+    stop_agents(settings)
+    return pool.retire_installation(docker.from_env(), settings.sandboxes_dir)
 
 
 @pytest.fixture(scope="session")
