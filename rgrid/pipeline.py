@@ -34,12 +34,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import blobs, cache_keys, environments, pool, sandbox
+from rgrid import blobs, cache_keys, dependencies, environments, pool, sandbox
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
-from rgrid.errors import BuildError, RGridError, ServiceUnavailable
+from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
@@ -326,6 +326,12 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
             refresh = execution.refresh_deps
+        if not ctx.embedded:
+            try:  # checked at submission too; the operator's list may have changed since
+                dependencies.check_sources(ctx.settings, requirements)
+            except BadInput as exc:
+                _fail_build(ctx, execution_id, exc.message)
+                return False
         if pinned is None:
             count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
             ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
@@ -337,7 +343,9 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 account_id=account_id,
                 spec=spec,
                 requirements=requirements,
-                uv_cache_dir=ctx.settings.uv_cache_dir,
+                uv_cache_dir=dependencies.uv_cache_for(
+                    ctx.settings, account_id, requirements, embedded=ctx.embedded
+                ),
                 log=ctx.detail(execution_id),
                 pinned=pinned,
                 refresh=refresh,
