@@ -39,7 +39,7 @@ from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
-from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable
+from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
@@ -795,17 +795,44 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
 
 STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)
 
+#: What each step does, in a user's words: the message of an internal error names it.
+DOING = {
+    "hash_step": "reading the script",
+    "cache_lookup_step": "looking up the caches",
+    "build_step": "installing the dependencies",
+    "run_step": "running the script",
+    "run_and_store_step": "running the script",
+    "store_step": "storing the results",
+}
+
+
+def crashed(ctx: PipelineContext, execution_id: str, exc: BaseException, step: str) -> None:
+    """A step raised: the execution ends ``error``. The user reads an RGridError's own words,
+    or for anything else only which step failed and the execution id as a reference; the
+    detail (a Docker API URL, a connection-pool message) stays in the server's log, under
+    that id."""
+    doing = DOING.get(step, step)
+    message = user_message(exc, doing, execution_id)
+    if message != getattr(exc, "message", None):
+        log.error(
+            "execution %s: internal error while %s: %s: %s",
+            execution_id,
+            doing,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+    fail(ctx, execution_id, message)
+
 
 def run_all(ctx: PipelineContext, execution_id: str) -> None:
     """Every step in order, in this process: the embedded default."""
+    step = STEPS[0]
     try:
         for step in STEPS:
             step(ctx, execution_id)
-    except RGridError as exc:
-        fail(ctx, execution_id, exc.message)
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
-        log.exception("pipeline crashed")
-        fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")
+        crashed(ctx, execution_id, exc, step.__name__)
 
 
 def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:

@@ -132,3 +132,44 @@ def test_whatever_listens_on_an_allowed_index_it_is_just_unreachable(ctx, run_sc
     for text in logs:
         for telltale in ("HTTP version", "connection closed", "Connection refused", "os error"):
             assert telltale not in text, text
+
+
+def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplog):
+    import requests
+
+    from rgrid import sandbox
+
+    detail = (
+        "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out. (read timeout=60)"
+    )
+
+    def docker_times_out(*args, **kwargs):
+        raise requests.exceptions.ReadTimeout(detail)
+
+    monkeypatch.setattr(sandbox, "run", docker_times_out)
+    execution_id = submit("print('hi')\n")
+    with caplog.at_level("ERROR", logger="rgrid.pipeline"):
+        pipeline.run_all(ctx, execution_id)
+    with session_scope(ctx.session_factory) as session:
+        shown = svc.execution_to_dict(session.get(svc.Execution, execution_id))
+    assert shown["status"] == "error"
+    assert shown["error"] == f"internal error while running the script; reference {execution_id}"
+    assert "UnixHTTPConnectionPool" not in _log(ctx, execution_id)
+    # The operator's log keeps the detail, under the same reference.
+    kept = [r for r in caplog.records if execution_id in r.getMessage()]
+    assert any(detail in r.getMessage() and r.exc_info for r in kept)
+
+
+def test_errors_meant_for_users_keep_their_words():
+    from rgrid.errors import BuildError, ServiceUnavailable, user_message
+
+    assert user_message(BuildError("no wheel"), "x", "id1") == "no wheel"
+    assert (
+        user_message(
+            ServiceUnavailable("object store unreachable: http://10.0.0.5:9000"), "x", "id1"
+        )
+        == "internal error while x; reference id1"
+    )
+    assert user_message(KeyError("k"), "storing the results", "id2") == (
+        "internal error while storing the results; reference id2"
+    )
