@@ -13,8 +13,8 @@ Requirements name package sources (``--index-url``, ``--extra-index-url``, ``--f
   gets a uv cache of its account's own: uv keys its cache by URL without the credentials and
   honours the index's ``Cache-Control``, so in a shared cache another account naming the same
   index without a password got the private package with no request reaching the index;
-- uv's lines that tell what had to be downloaded (and so what another account fetched
-  before) never reach a user's log, and credentials in URLs are masked wherever shown.
+- on a server, uv's lines that tell what had to be downloaded (and so what another account
+  fetched before) never reach a user's log; credentials in URLs are masked wherever shown.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from rgrid.errors import BadInput
@@ -33,7 +34,6 @@ _SOURCE_OPTIONS = ("--index-url", "--extra-index-url", "--find-links")
 _CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
 #: uv's progress lines whose presence or timing depends on what its cache already held.
 _CACHE_REVEALING = ("Downloading ", "Downloaded ", "Prepared ", "Building ", "Built ")
-_TIMING = re.compile(r" in [0-9.]+(?:ms|s|m)\s*$")
 
 
 def default_index_url(uv_env: dict[str, str]) -> str:
@@ -129,13 +129,23 @@ def check_sources(normalised: str, allowed: tuple[str, ...], default_index: str)
 
 
 def log_line(line: str) -> str | None:
-    """One line of uv's progress as a user may see it, or None: lines that tell what uv had
-    to download are dropped and timings cut, since both depend on the host's cache."""
-    if line.lstrip().startswith(_CACHE_REVEALING):
-        return None
+    """One line of uv's progress as the user may see it, or None for the worker's own
+    interpreter (it says nothing about the user's packages). Credentials masked."""
     if line.startswith("Using CPython"):
-        return None  # the worker's own interpreter says nothing about the user's packages
-    return redact(_TIMING.sub("", line.rstrip("\n"))) + ("\n" if line.endswith("\n") else "")
+        return None
+    return redact(line)
+
+
+def without_downloads(sink: Callable[[str], None]) -> Callable[[str], None]:
+    """A log sink for a server, where the uv cache is shared: uv's lines that tell what it had
+    to download (so what other accounts had not fetched before) are dropped. Not for the
+    embedded default, whose cache is its one user's."""
+
+    def filtered(line: str) -> None:
+        if not line.lstrip().startswith(_CACHE_REVEALING):
+            sink(line)
+
+    return filtered
 
 
 _URL_IN_MESSAGE = re.compile(r"https?://[^\s)`'\"]+")

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import blobs, cache_keys, dependencies, environments, pool, sandbox
+from rgrid import blobs, cache_keys, dependencies, environments, indexes, pool, sandbox
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -346,7 +346,9 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 uv_cache_dir=dependencies.uv_cache_for(
                     ctx.settings, account_id, requirements, embedded=ctx.embedded
                 ),
-                log=ctx.detail(execution_id),
+                log=ctx.detail(execution_id)
+                if ctx.embedded
+                else indexes.without_downloads(ctx.detail(execution_id)),
                 pinned=pinned,
                 refresh=refresh,
             )
