@@ -35,9 +35,16 @@ class AuthError(RGridError):
 
 
 class ServiceUnavailable(RGridError):
-    """A component RGrid depends on (Docker, the API, a database) cannot be reached."""
+    """A component RGrid depends on (Docker, the API, a database) cannot be reached. The
+    message names the service, then (after ": ") the cause."""
 
     http_status = 503
+
+    @property
+    def summary(self) -> str:
+        """The service, without the cause: the cause's text can carry internal addresses and
+        library messages, so a server tells its users only this (and logs the rest)."""
+        return self.message.split(": ", 1)[0]
 
 
 class BuildError(RGridError):
