@@ -401,7 +401,15 @@ class RemoteClient:
                 if not etag:
                     raise ServiceUnavailable("the object store did not acknowledge an upload part")
                 parts.append({"part_number": part["part_number"], "etag": etag})
-        self._request("POST", f"/uploads/{plan['upload_id']}/complete", {"parts": parts})
+        # The server copies and hashes the whole file before it answers (5 GiB: about a
+        # minute on the S3 endpoint here): the object store's patience, not a quick call's.
+        self._request_once(
+            "POST",
+            f"/uploads/{plan['upload_id']}/complete",
+            {"parts": parts},
+            None,
+            transport=self.objects,
+        )
 
     def download_outputs(
         self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None

@@ -129,6 +129,14 @@ class Settings:
 
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
+    #: Package sources (index, find-links and direct URLs) a script's requirements may name
+    #: beyond the host's own default index, which is always allowed: host names or
+    #: ``host:port``, and ``*`` for any host whose addresses are all public. Loopback, private,
+    #: link-local and metadata addresses are refused unless their host is named here.
+    allowed_indexes: tuple[str, ...] = ()
+
+    #: How long a presigned upload URL stays valid after it is issued.
+    upload_url_expiry_s: int = 600
 
     # How long a build waits for another builder of the same key before giving up. The lock's
     # lease is twice that, so a waiter gives up before a live builder's lease can lapse.
@@ -183,6 +191,11 @@ class Settings:
             agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
             in ("1", "true", "yes"),
+            allowed_indexes=tuple(
+                entry.strip().lower()
+                for entry in (_env("RGRID_ALLOWED_INDEXES") or "").replace(",", " ").split()
+            ),
+            upload_url_expiry_s=_env_int("RGRID_UPLOAD_URL_EXPIRY", cls.upload_url_expiry_s),
         )
 
     @property
@@ -201,6 +214,13 @@ class Settings:
     def uv_cache_dir(self) -> Path:
         """uv's wheel cache on this host, shared by every requirements set."""
         return Path(_env("RGRID_UV_CACHE_DIR") or self.data_dir / "uv-cache")
+
+    def account_uv_cache_dir(self, account_id: int) -> Path:
+        """uv's cache for an account's installs that name their own package sources (a private
+        index, credentials, find-links, direct URLs): uv keys its cache by URL without the
+        credentials, so a shared one would hand one account's private packages to another.
+        Beside the environments, so installs still hard-link."""
+        return self.data_dir / "uv-cache-accounts" / str(account_id)
 
     @property
     def blob_cache_dir(self) -> Path:

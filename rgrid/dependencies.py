@@ -2,7 +2,9 @@
 
 The install happens on the host, into a folder that sandboxes then mount read-only: no
 container needs network (the Docker host may have none), and uv's cache on the host is shared
-by every set, so each wheel is downloaded once per host. Wheels are chosen for the runtime's
+by every set that takes its packages from the host's default index, so each public wheel is
+downloaded once per host; a set naming sources of its own gets its account's own cache
+(``rgrid/indexes.py`` says why). Wheels are chosen for the runtime's
 interpreter and platform (``--only-binary :all:``), not the host's, so a package with no
 wheel for it fails clearly instead of being built for the wrong platform.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from rgrid import indexes
+from rgrid.config import Settings
 from rgrid.errors import BuildError
 from rgrid.hashing import sha256_bytes
 from rgrid.runtimes import RuntimeSpec
@@ -88,9 +92,27 @@ def uv_environment() -> dict[str, str]:
     return env
 
 
+def default_index() -> str:
+    return indexes.default_index_url(uv_environment())
+
+
+def check_sources(settings: Settings, requirements: str) -> None:
+    """Refuse (BadInput) a set naming a package source the operator does not allow."""
+    indexes.check_sources(requirements, settings.allowed_indexes, default_index())
+
+
+def uv_cache_for(settings: Settings, account_id: int, requirements: str, *, embedded: bool) -> Path:
+    """The shared cache for sets drawn from the host's default index alone; the account's own
+    for any other (the embedded default has one user: always the shared one)."""
+    if embedded or not indexes.uses_own_sources(requirements, default_index()):
+        return settings.uv_cache_dir
+    return settings.account_uv_cache_dir(account_id)
+
+
 def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str:
-    """Run uv, streaming its progress (stderr) to ``log``; returns stdout. A failure raises
-    BuildError carrying uv's own message."""
+    """Run uv, streaming its progress (stderr) to ``log`` less what tells of the cache
+    (``indexes.log_line``); returns stdout. A failure raises BuildError with uv's message in
+    the user's terms."""
     env = {**os.environ, **uv_environment(), "UV_CACHE_DIR": str(cache_dir), "NO_COLOR": "1"}
     process = subprocess.Popen(
         [uv_binary(), *args],
@@ -101,17 +123,19 @@ def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str
     )
     assert process.stderr is not None and process.stdout is not None
     messages = []
+    reporting_error = False
     for line in process.stderr:
-        log(line)
-        # uv's note of the worker's own interpreter says nothing about the user's packages.
+        # uv's error report goes to the user as one line (``indexes.failure_message``), not
+        # raw: its causes tell what listens on a port ("invalid HTTP version parsed").
+        reporting_error = reporting_error or line.startswith("error:")
+        shown = None if reporting_error else indexes.log_line(line)
+        if shown is not None:
+            log(shown)
         if line.strip() and not line.startswith("Using CPython"):
             messages.append(line.rstrip())
     stdout = process.stdout.read()
     if process.wait() != 0:
-        detail = " ".join(m.strip(" ×╰─▶│") for m in messages[-8:] if m.strip(" ×╰─▶│"))
-        raise BuildError(
-            f"dependency install failed: {detail or 'uv exited ' + str(process.returncode)}"
-        )
+        raise BuildError(indexes.failure_message(messages, process.returncode))
     return stdout
 
 

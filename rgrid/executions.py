@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from rgrid import cache_keys
 from rgrid.blobs import find_blob
 from rgrid.config import Settings
+from rgrid.dependencies import check_sources
 from rgrid.errors import BadInput, NotFound
 from rgrid.hashing import script_hash
 from rgrid.inputs import OUTPUTS_DIR, check_manifest
@@ -139,6 +140,8 @@ def create_execution(
     normalised = requirements_for(script, requirements, runtime)
     # The embedded default's "worker host" is the user's own machine: its folders are theirs.
     check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
+    if settings.database_url:
+        check_sources(settings, normalised)
     manifest = check_manifest(inputs or [], settings)
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import environments
+from rgrid.cache_keys import UPLOAD_STAGING_PREFIX
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.models import (
     Blob,
@@ -21,7 +22,7 @@ from rgrid.models import (
     Upload,
     utcnow,
 )
-from rgrid.objectstore import ObjectStore
+from rgrid.objectstore import ObjectStore, PresigningStore
 from rgrid.pool import sweep_folders
 from rgrid.sandbox import RUN_NAME_PREFIX
 from rgrid.statuses import TERMINAL_STATUSES
@@ -138,4 +139,27 @@ def purge_blobs(store: ObjectStore, session: Session) -> int:
             store.abort_multipart(upload.object_key, upload.multipart_id)
         store.delete(upload.object_key)
         session.delete(upload)
+    session.flush()
+    purge_stray_uploads(store, session)
     return len(stale)
+
+
+#: A staging object no upload row names is never one being written (the row is committed
+#: before its URL is handed out); the margin only keeps clear of clock skew.
+STRAY_UPLOAD_AGE_S = 3600
+
+
+def purge_stray_uploads(store: ObjectStore, session: Session) -> int:
+    """Delete staging objects no upload is waiting for: bytes sent through a presigned URL
+    again after its upload completed or was given up. Nothing reads them, but they take room."""
+    if not isinstance(store, PresigningStore):
+        return 0  # the embedded default's folder never takes presigned uploads
+    pending = set(session.scalars(select(Upload.object_key)))
+    stray = [
+        key
+        for key in store.keys_older_than(UPLOAD_STAGING_PREFIX, STRAY_UPLOAD_AGE_S)
+        if key not in pending
+    ]
+    for key in stray:
+        store.delete(key)
+    return len(stray)

@@ -34,12 +34,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import blobs, cache_keys, environments, pool, sandbox
+from rgrid import blobs, cache_keys, dependencies, environments, indexes, pool, sandbox
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
-from rgrid.errors import BuildError, RGridError, ServiceUnavailable
+from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
@@ -326,6 +326,12 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
             refresh = execution.refresh_deps
+        if not ctx.embedded:
+            try:  # checked at submission too; the operator's list may have changed since
+                dependencies.check_sources(ctx.settings, requirements)
+            except BadInput as exc:
+                _fail_build(ctx, execution_id, exc.message)
+                return False
         if pinned is None:
             count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
             ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
@@ -337,8 +343,12 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 account_id=account_id,
                 spec=spec,
                 requirements=requirements,
-                uv_cache_dir=ctx.settings.uv_cache_dir,
-                log=ctx.detail(execution_id),
+                uv_cache_dir=dependencies.uv_cache_for(
+                    ctx.settings, account_id, requirements, embedded=ctx.embedded
+                ),
+                log=ctx.detail(execution_id)
+                if ctx.embedded
+                else indexes.without_downloads(ctx.detail(execution_id)),
                 pinned=pinned,
                 refresh=refresh,
             )
@@ -787,17 +797,44 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
 
 STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)
 
+#: What each step does, in a user's words: the message of an internal error names it.
+DOING = {
+    "hash_step": "reading the script",
+    "cache_lookup_step": "looking up the caches",
+    "build_step": "installing the dependencies",
+    "run_step": "running the script",
+    "run_and_store_step": "running the script",
+    "store_step": "storing the results",
+}
+
+
+def crashed(ctx: PipelineContext, execution_id: str, exc: BaseException, step: str) -> None:
+    """A step raised: the execution ends ``error``. The user reads an RGridError's own words,
+    or for anything else only which step failed and the execution id as a reference; the
+    detail (a Docker API URL, a connection-pool message) stays in the server's log, under
+    that id."""
+    doing = DOING.get(step, step)
+    message = user_message(exc, doing, execution_id)
+    if message != getattr(exc, "message", None):
+        log.error(
+            "execution %s: internal error while %s: %s: %s",
+            execution_id,
+            doing,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+    fail(ctx, execution_id, message)
+
 
 def run_all(ctx: PipelineContext, execution_id: str) -> None:
     """Every step in order, in this process: the embedded default."""
+    step = STEPS[0]
     try:
         for step in STEPS:
             step(ctx, execution_id)
-    except RGridError as exc:
-        fail(ctx, execution_id, exc.message)
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
-        log.exception("pipeline crashed")
-        fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")
+        crashed(ctx, execution_id, exc, step.__name__)
 
 
 def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:

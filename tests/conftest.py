@@ -85,8 +85,10 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
         s3_bucket=bucket,
         data_dir=tmp_path_factory.mktemp("server-data"),
         default_timeout_s=120,
-        # The tests serve wheels they make from a local folder (tests/wheels.py).
+        # The tests serve wheels they make from a local folder (tests/wheels.py) or from an
+        # index on loopback (tests/index_server.py).
         allow_local_find_links=True,
+        allowed_indexes=("127.0.0.1",),
     )
 
 

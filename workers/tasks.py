@@ -15,7 +15,7 @@ from rgrid import pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
-from rgrid.errors import RGridError, ServiceUnavailable
+from rgrid.errors import ServiceUnavailable
 from rgrid.maintenance import (
     purge_blobs,
     purge_dependency_cache,
@@ -64,8 +64,12 @@ class PipelineTask(Task):
         execution_id = args[0] if args else kwargs.get("execution_id")
         if not execution_id:
             return
-        message = exc.message if isinstance(exc, RGridError) else f"{type(exc).__name__}: {exc}"
-        pipeline.fail(worker_context(), execution_id, message)
+        step = _STEP_OF_TASK.get(self.name, self.name)
+        pipeline.crashed(worker_context(), execution_id, exc, step)
+
+
+#: Task name -> the pipeline step it runs (its name says what failed, in user's words).
+_STEP_OF_TASK: dict[str, str] = {}
 
 
 def _step(name: str, fn):
@@ -74,6 +78,7 @@ def _step(name: str, fn):
         fn(worker_context(), execution_id)
         return execution_id
 
+    _STEP_OF_TASK[name] = fn.__name__
     return task
 
 
