@@ -16,6 +16,7 @@ pre-started sandbox for the environment (``rgrid/pool.py``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,9 +33,9 @@ from typing import TypeVar
 import docker
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
-from rgrid import blobs, cache_keys, dependencies, environments, indexes, pool, sandbox
+from rgrid import blobs, cache_keys, dependencies, environments, indexes, pool, sandbox, slots
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -291,6 +292,16 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
             ctx.note(execution_id, "the installed set is not on this host: installing its pins")
 
 
+def _take_slot(ctx: PipelineContext, execution: Execution) -> None:
+    """Leave ``queued`` only within the account's limit of concurrent executions (raises
+    ``slots.AccountBusy``, before anything is done, otherwise)."""
+    if ctx.embedded:
+        return  # one user's own machine: nobody else's work to wait for
+    session = object_session(execution)
+    assert session is not None
+    slots.take_slot(session, execution, ctx.settings.max_concurrent_per_account)
+
+
 def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
     """A failed build ends the execution; no cache row is written, so fixing and rerunning works."""
     with execution_row(ctx, execution_id) as execution:
@@ -351,6 +362,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 else indexes.without_downloads(ctx.detail(execution_id)),
                 pinned=pinned,
                 refresh=refresh,
+                deadline_s=ctx.settings.build_timeout_s,
             )
         except BuildError as exc:
             _fail_build(ctx, execution_id, exc.message)
@@ -390,6 +402,7 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.dependency_cache_hit and _environment_present(ctx, execution.environment):
             return
         if execution.status == Status.QUEUED:
+            _take_slot(ctx, execution)
             set_status(execution, Status.BUILDING)
     _ensure_environment(ctx, execution_id)
 
@@ -420,11 +433,20 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
 
 
 def _store_outputs(
-    ctx: PipelineContext, execution: Execution, box: sandbox.Box, outputs: list[dict]
+    ctx: PipelineContext,
+    execution: Execution,
+    box: sandbox.Box,
+    outputs: list[dict],
+    store_by: float,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
-    twice."""
+    twice. Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the
+    outputs are not recorded, so none of them is half there for the user."""
     for output in outputs:
+        if time.monotonic() > store_by:
+            raise sandbox.OutputLimitExceeded(
+                f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
+            )
         with session_scope(ctx.session_factory) as session:
             blobs.store_file(
                 session,
@@ -457,6 +479,41 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
         ctx.logs.append(execution_id, stream, text)
 
     return sink
+
+
+#: Storing outputs may take this much past the run's own time limit.
+OUTPUT_STORE_GRACE_S = 60.0
+
+
+def _disk_reason(ctx: PipelineContext, path: str) -> str:
+    """One line naming the limit a write hit: ``disk limit 4 GiB reached``."""
+    limits = ctx.limits
+    if path == "/tmp":
+        return f"/tmp limit {human_limit(parse_bytes(limits.tmp_size))} reached"
+    if path == sandbox.CONTAINER_HOME:
+        return f"home folder limit {human_limit(parse_bytes(limits.home_size))} reached"
+    return f"disk limit {human_limit(parse_bytes(limits.disk))} reached"
+
+
+def _end_failed(
+    ctx: PipelineContext,
+    execution_id: str,
+    reason: str,
+    warm: bool,
+    result: sandbox.RunResult | None = None,
+) -> None:
+    """The run went over one of its limits: ``failed``, with the limit named, no outputs."""
+
+    def record(execution: Execution) -> None:
+        execution.outcome = Status.FAILED
+        execution.error = reason
+        execution.sandbox_warm = warm
+        if result is not None:
+            execution.exit_code = result.exit_code
+            execution.run_s = round(result.run_s, 3)
+
+    update_execution(ctx, execution_id, record)
+    ctx.note(execution_id, reason)
 
 
 def _cold_box(
@@ -604,6 +661,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         )
         return
     with execution_row(ctx, execution_id) as execution:
+        _take_slot(ctx, execution)
         set_status(execution, Status.RUNNING)
         execution.started_at = utcnow()
         execution.runtime_image = runtime_image[:80]
@@ -625,7 +683,13 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
     try:
         _fit_limits(ctx, execution, box)
-        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        try:
+            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
+            return
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
         argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
@@ -661,20 +725,23 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
                 execution.run_s = round(result.run_s, 3)
             ctx.note(execution_id, "cancelled: the script was stopped")
             return
+        if result.full:
+            # A write was refused at a limit: the run ends here, and what it left half
+            # written is not stored.
+            _end_failed(ctx, execution_id, _disk_reason(ctx, result.full[0]), warm, result)
+            return
+        # Collecting and storing outputs count within the run's own time limit (with a
+        # grace for a run that used all of it), so a flood of outputs cannot hold the slot.
+        store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
+        store_by += OUTPUT_STORE_GRACE_S
         try:
-            outputs = sandbox.collect_outputs(box, ctx.limits.max_output_bytes, result.notes)
-        except sandbox.OutputLimitExceeded as exc:
+            outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
             for note in result.notes:
                 ctx.note(execution_id, note)
-            with execution_row(ctx, execution_id) as execution:
-                execution.outcome = Status.FAILED
-                execution.error = str(exc)
-                execution.sandbox_warm = warm
-            ctx.note(execution_id, str(exc))
+            patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+        except sandbox.OutputLimitExceeded as exc:
+            _end_failed(ctx, execution_id, str(exc), warm, result)
             return
-        for note in result.notes:
-            ctx.note(execution_id, note)
-        patiently(lambda: _store_outputs(ctx, execution, box, outputs))
         limit = human_limit(_memory_bytes(ctx, execution))
         out_of_memory = f"killed: out of memory (limit {limit})"
 
@@ -832,7 +899,13 @@ def run_all(ctx: PipelineContext, execution_id: str) -> None:
     step = STEPS[0]
     try:
         for step in STEPS:
-            step(ctx, execution_id)
+            while True:
+                try:
+                    step(ctx, execution_id)
+                    break
+                except slots.AccountBusy as busy:
+                    # In process there is no worker slot to give back: wait here.
+                    time.sleep(busy.retry_s)
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
         crashed(ctx, execution_id, exc, step.__name__)
 

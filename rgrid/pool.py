@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -193,9 +192,10 @@ def fill_in_background(
     return thread
 
 
-def sweep_folders(client: docker.DockerClient, root: Path) -> int:
-    """Delete host folders whose sandbox no longer exists (it idled out and removed itself, or
-    its runner died). Folders younger than a minute are left: their sandbox may be starting."""
+def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60) -> int:
+    """Delete host folders, with their filesystems, whose sandbox no longer exists (it idled
+    out and removed itself, or its runner died). Folders younger than ``min_age_s`` are
+    left: their sandbox may be starting."""
     if not root.is_dir():
         return 0
     alive = {
@@ -205,8 +205,10 @@ def sweep_folders(client: docker.DockerClient, root: Path) -> int:
     removed = 0
     for folder in root.iterdir():
         with contextlib.suppress(FileNotFoundError):
-            if str(folder) in alive or time.time() - folder.stat().st_mtime < 60:
+            if str(folder) in alive or time.time() - folder.stat().st_mtime < min_age_s:
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            # Its filesystem is unmounted first: deleting through the mount would leave
+            # the mount (and its loop device) behind.
+            sandbox.remove_folder(folder)
             removed += 1
     return removed

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.inputs import OUTPUTS_DIR
 from rgrid.runtimes import CONTAINER_HOME, WORK_DIR
+from rgrid.units import human_limit, parse_bytes
 
 #: Where an environment's installed dependency set is mounted, read-only, on the import path.
 DEPS_MOUNT = "/opt/rgrid/deps"
@@ -50,6 +52,9 @@ DEPS_MOUNT = "/opt/rgrid/deps"
 #: working directory shows only what the user put there.
 META_MOUNT = "/run/rgrid"
 STATUS_FILE = "status.json"
+
+#: Everything a script can write, each with a hard size limit the kernel enforces.
+WRITABLE = (WORK_DIR, "/tmp", CONTAINER_HOME)
 
 POOL_LABEL = "rgrid.pool"
 HOST_DIR_LABEL = "rgrid.dir"
@@ -92,6 +97,10 @@ def oom_kills():
             pass
     return 0
 ooms = oom_kills()
+# The status file is written in place over bytes allocated now: the script shares this
+# filesystem and may fill it, after which no new block could be had.
+status_fd = os.open(job["status"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(status_fd, b" " * 512)
 open(job["status"] + ".started", "w").close()
 pid = os.fork()
 if pid == 0:
@@ -119,10 +128,19 @@ except ProcessLookupError:
     pass
 code = code if code >= 0 else 128 - code
 oom = oom_kills() > ooms
-status = json.dumps({"exit_code": code, "timed_out": timed_out, "oom_killed": oom})
-with open(job["status"] + ".tmp", "w") as fh:
-    fh.write(status)
-os.rename(job["status"] + ".tmp", job["status"])
+def full(path):
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return False
+    margin = max(job["full_below"] // fs.f_frsize, fs.f_blocks // 500)
+    return fs.f_bavail < margin or (fs.f_files and not fs.f_favail)
+filled = [path for path in job["writable"] if full(path)]
+status = json.dumps(
+    {"exit_code": code, "timed_out": timed_out, "oom_killed": oom, "full": filled}
+)
+os.pwrite(status_fd, status.encode()[:512].ljust(512), 0)
+os.close(status_fd)
 sys.exit(code)
 """
 
@@ -139,7 +157,10 @@ class Limits:
     pids: int
     tmp_size: str
     home_size: str
+    #: Everything the script can write in ``/work`` (inputs and outputs included).
+    disk: str
     max_output_bytes: int
+    max_output_files: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -150,7 +171,9 @@ class Limits:
             pids=settings.pids_limit,
             tmp_size=settings.tmp_size,
             home_size=settings.home_size,
+            disk=settings.disk_limit,
             max_output_bytes=settings.max_output_bytes,
+            max_output_files=settings.max_output_files,
         )
 
 
@@ -182,12 +205,17 @@ class Box:
     host_dir: Path
 
     @property
+    def disk(self) -> Path:
+        """The sandbox's own filesystem (see ``_mount_disk``), holding ``work`` and ``meta``."""
+        return self.host_dir / DISK_DIR
+
+    @property
     def work(self) -> Path:
-        return self.host_dir / "work"
+        return self.disk / "work"
 
     @property
     def meta(self) -> Path:
-        return self.host_dir / "meta"
+        return self.disk / "meta"
 
 
 @dataclass
@@ -198,10 +226,54 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     #: The kernel killed a process of the script at the sandbox's memory limit.
     oom_killed: bool = False
+    #: The sandbox's writable places (``WRITABLE``) the script filled to their limit.
+    full: list[str] = field(default_factory=list)
 
 
 class OutputLimitExceeded(Exception):
     pass
+
+
+#: Below this much free space a sandbox filesystem counts as full (ext4 refuses a write with
+#: a few hundred KiB still free, reserved for its own delayed allocation).
+FULL_BELOW_BYTES = 2 * 1024**2
+#: The folder under a sandbox's host folder where its filesystem is mounted, and the image.
+DISK_DIR = "fs"
+DISK_IMAGE = "disk.img"
+
+
+def _mount_disk(host_dir: Path, size: int) -> None:
+    """Give the sandbox a filesystem of its own, ``size`` bytes, so that the kernel refuses
+    the write that would go over the limit (fuse-overlayfs, under Docker here, has no
+    quotas, and a folder on the host disk has no limit at all): a sparse file formatted
+    ext4 and loop-mounted under the host folder. ``/work`` and the supervisor's folder are
+    bind-mounted from it; ``/tmp`` and home are size-limited tmpfs, charged to the memory
+    cgroup. No journal (the filesystem lives for one run) and no inode-table zeroing, so the
+    sparse file holds only what is written. Measured here: mkfs 7 ms, mount 7 ms, umount
+    4 ms, against ~360 ms for the container's own create and start; done when the sandbox
+    is started for the pool, off the user's path."""
+    image = host_dir / DISK_IMAGE
+    with open(image, "wb") as fh:
+        fh.truncate(size)
+    os.chmod(image, 0o600)
+    _command(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(image)])
+    options = "loop,nosuid,nodev,noatime,noinit_itable"
+    _command(["mount", "-t", "ext4", "-o", options, str(image), str(host_dir / DISK_DIR)])
+
+
+def release_disk(host_dir: Path) -> None:
+    """Unmount a sandbox's filesystem. Lazily: the container may still be exiting with it
+    mounted in its own namespace; the kernel frees the loop device (autoclear) and the
+    image's blocks when the last user lets go, and the image file goes with the folder."""
+    disk = host_dir / DISK_DIR
+    if os.path.ismount(disk):
+        _command(["umount", "-l", str(disk)])
+
+
+def _command(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(f"{argv[0]} failed: {result.stderr.strip() or result.returncode}")
 
 
 class SandboxUnresponsive(Exception):
@@ -219,13 +291,30 @@ def sandbox_uid_gid(limits: Limits) -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
-def _host_folders(root: Path, name: str, uid: int, gid: int) -> Path:
+def _host_folders(root: Path, name: str, uid: int, gid: int, disk_bytes: int) -> Path:
+    """The sandbox's host folder. A worker running as root (every server worker) gives it a
+    filesystem of its own; the embedded default on a user's machine, which cannot mount,
+    writes to plain folders on the user's own disk."""
     host_dir = root / name
+    (host_dir / DISK_DIR).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            _mount_disk(host_dir, disk_bytes)
+        except BaseException:
+            remove_folder(host_dir)
+            raise
     for sub in ("work", "meta"):
-        (host_dir / sub).mkdir(parents=True, exist_ok=True)
+        (host_dir / DISK_DIR / sub).mkdir(exist_ok=True)
         if os.geteuid() == 0:
-            os.chown(host_dir / sub, uid, gid)
+            os.chown(host_dir / DISK_DIR / sub, uid, gid)
     return host_dir
+
+
+def remove_folder(host_dir: Path) -> None:
+    """A sandbox's host folder, its filesystem and image: gone."""
+    with contextlib.suppress(OSError):
+        release_disk(host_dir)
+    shutil.rmtree(host_dir, ignore_errors=True)
 
 
 def start_box(
@@ -240,10 +329,10 @@ def start_box(
 ) -> Box:
     """Create and start a sandbox that waits up to ``idle_s`` for its one job."""
     uid, gid = sandbox_uid_gid(limits)
-    host_dir = _host_folders(root, name, uid, gid)
+    host_dir = _host_folders(root, name, uid, gid, parse_bytes(limits.disk))
     mounts = [
-        Mount(WORK_DIR, str(host_dir / "work"), type="bind"),
-        Mount(META_MOUNT, str(host_dir / "meta"), type="bind"),
+        Mount(WORK_DIR, str(host_dir / DISK_DIR / "work"), type="bind"),
+        Mount(META_MOUNT, str(host_dir / DISK_DIR / "meta"), type="bind"),
     ]
     if env.deps_dir is not None:
         mounts.append(Mount(DEPS_MOUNT, str(env.deps_dir), type="bind", read_only=True))
@@ -289,9 +378,9 @@ def start_box(
         created = client.api.create_container_from_config(config, name=name)
         client.api.start(created["Id"])
     except BaseException:
-        shutil.rmtree(host_dir, ignore_errors=True)
         with contextlib.suppress(docker.errors.APIError):
             client.api.remove_container(name, force=True)
+        remove_folder(host_dir)
         raise
     return Box(name=name, container_id=created["Id"], host_dir=host_dir)
 
@@ -378,6 +467,9 @@ def run(
         "cwd": WORK_DIR,
         "timeout": timeout_s,
         "status": f"{META_MOUNT}/{STATUS_FILE}",
+        # Filesystems the script can write, reported back if it filled one.
+        "writable": list(WRITABLE),
+        "full_below": FULL_BELOW_BYTES,
     }
     sock = client.api.attach_socket(
         box.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -450,11 +542,13 @@ def run(
             run_s=run_s,
             oom_killed=not timed_out,
         )
+    full = status.get("full")
     return RunResult(
         exit_code=None if status["timed_out"] else status["exit_code"],
         timed_out=bool(status["timed_out"]),
         run_s=run_s,
         oom_killed=bool(status.get("oom_killed")),
+        full=[p for p in full if p in WRITABLE] if isinstance(full, list) else [],
     )
 
 
@@ -485,11 +579,13 @@ def _read_status(box: Box) -> dict | None:
     return status
 
 
-def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
+def collect_outputs(box: Box, limits: Limits, notes: list[str]) -> list[dict]:
     """Every regular file under ``/work/outputs``: relative path, size, sha256.
 
     Runs on the host after the container is gone, so nothing can change the folder while it is
-    read; links are reported and never followed (one could point anywhere on the host)."""
+    read; links are reported and never followed (one could point anywhere on the host). The
+    limits on their count and total size are checked on the listing alone, before any file is
+    read, so a run over either is refused at once (5,000 files used to take minutes)."""
     root = box.work / OUTPUTS_DIR
     try:
         if not stat.S_ISDIR(os.lstat(root).st_mode):
@@ -498,7 +594,7 @@ def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
     except FileNotFoundError:
         notes.append("the script removed /work/outputs; no outputs collected")
         return []
-    outputs: list[dict] = []
+    found: list[tuple[str, Path, int]] = []
     total = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
@@ -510,16 +606,25 @@ def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
                 notes.append(f"skipped outputs/{relpath}: not a regular file (links not followed)")
                 continue
             total += info.st_size
-            if total > limit:
+            if total > limits.max_output_bytes:
                 raise OutputLimitExceeded(
-                    f"outputs exceed the {limit} byte limit (at outputs/{relpath})"
+                    f"output limit {human_limit(limits.max_output_bytes)} reached "
+                    f"(at outputs/{relpath})"
                 )
-            digest = hashlib.sha256()
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as fh:
-                while chunk := fh.read(1024 * 1024):
-                    digest.update(chunk)
-            outputs.append({"path": relpath, "size": info.st_size, "sha256": digest.hexdigest()})
+            if len(found) >= limits.max_output_files:
+                raise OutputLimitExceeded(
+                    f"output file limit reached: more than {limits.max_output_files} files "
+                    "in /work/outputs"
+                )
+            found.append((relpath, path, info.st_size))
+    outputs: list[dict] = []
+    for relpath, path, size in found:
+        digest = hashlib.sha256()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+        outputs.append({"path": relpath, "size": size, "sha256": digest.hexdigest()})
     return outputs
 
 
@@ -541,9 +646,9 @@ def kill(client: docker.DockerClient, box: Box) -> None:
 
 
 def discard(client: docker.DockerClient, box: Box) -> None:
-    """End the sandbox (it removes itself) and delete its host folder."""
+    """End the sandbox (it removes itself) and delete its host folder and filesystem."""
     kill(client, box)
-    shutil.rmtree(box.host_dir, ignore_errors=True)
+    remove_folder(box.host_dir)
 
 
 def execution_labels(execution_id: str, timeout_s: float) -> dict[str, str]:
