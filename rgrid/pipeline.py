@@ -43,7 +43,7 @@ from rgrid.docker_engine import get_docker, image_id
 from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
-from rgrid.logbuffer import LogBuffer, encode_log
+from rgrid.logbuffer import LogBuffer, log_stream, stored_size
 from rgrid.models import DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import dependency_hash, normalise
@@ -457,28 +457,53 @@ def _store_outputs(
             )
 
 
+#: The longest text one log chunk carries: a script's output is cut into chunks no larger,
+#: so that a page of chunks stays small (``executions.LOG_PAGE_BYTES``).
+MAX_CHUNK_CHARS = 8192
+
+
 def _capped_log(ctx: PipelineContext, execution_id: str):
     """The log sink for a running script: the buffer lives in Redis, which is also the broker,
-    so a script printing in a loop must not be able to fill it. Past the cap, output is
-    dropped with one note saying so."""
+    so a script printing in a loop must not be able to fill it. The cap counts each chunk's
+    stored size (``logbuffer.stored_size``: control bytes take six), so it bounds what Redis,
+    the object store and a reader hold. Past it, output is dropped with one note saying so."""
     limit = ctx.settings.max_log_bytes
     written = 0
 
     def sink(stream: str, text: str) -> None:
         nonlocal written
-        if written >= limit:
-            return
-        size = len(text.encode())
-        if written + size > limit:
-            text = text.encode()[: limit - written].decode(errors="ignore")
-            ctx.logs.append(execution_id, stream, text)
-            ctx.note(execution_id, f"\nlog truncated: the script printed more than {limit} bytes")
-            written = limit
-            return
-        written += size
-        ctx.logs.append(execution_id, stream, text)
+        for start in range(0, len(text), MAX_CHUNK_CHARS):
+            if written >= limit:
+                return
+            piece = text[start : start + MAX_CHUNK_CHARS]
+            size = stored_size(stream, piece)
+            if written + size > limit:
+                piece = _fitting(stream, piece, limit - written)
+                if piece:
+                    ctx.logs.append(execution_id, stream, piece)
+                ctx.note(
+                    execution_id,
+                    f"\nlog truncated at {human_limit(limit)}: the rest of the script's "
+                    "output was dropped",
+                )
+                written = limit
+                return
+            written += size
+            ctx.logs.append(execution_id, stream, piece)
 
     return sink
+
+
+def _fitting(stream: str, text: str, room: int) -> str:
+    """The longest start of ``text`` whose stored size fits in ``room`` bytes."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if stored_size(stream, text[:middle]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
 
 
 #: Storing outputs may take this much past the run's own time limit.
@@ -776,8 +801,10 @@ def _release(ctx: PipelineContext, execution_id: str) -> None:
 
 
 def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
-    chunks = ctx.logs.read(execution_id)
-    ctx.store.put_bytes(cache_keys.log_object_key(execution_id), encode_log(chunks))
+    """The live log to the object store, streamed: one batch of chunks in memory at a time."""
+    ctx.store.put_stream(
+        cache_keys.log_object_key(execution_id), log_stream(ctx.logs, execution_id)
+    )
 
 
 def _remember_script(session: Session, execution: Execution) -> None:

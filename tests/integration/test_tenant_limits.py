@@ -10,6 +10,7 @@ import dataclasses
 import http.server
 import os
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -296,3 +297,143 @@ def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
         pipeline.cancel(ctx, first)
     assert _wait_for(ctx, first, {"cancelled"}, 30) == "cancelled"
     assert _wait_for(ctx, second, {"cancelled"}, 30) == "cancelled"
+
+
+FLOOD = """
+import sys
+out = sys.stdout.buffer
+for _ in range(100):
+    out.write(b"\\x01" * 1024 * 1024)
+    out.flush()
+"""
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[str]:
+    """A Redis of this test's own, started as scripts/services.sh starts the shared one
+    (noeviction under a memory limit), so that its peak memory is this test's alone."""
+    import redis
+
+    from scripts.stack import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path)]
+        + ["--save", "", "--appendonly", "no"]
+        + ["--maxmemory", "1gb", "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _group_peak_rss(pgid: int) -> int:
+    """The largest peak resident size (VmHWM) of any process in a process group, in bytes."""
+    peak = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            continue
+    return peak
+
+
+def test_a_control_byte_flood_is_capped_in_stored_bytes(
+    ctx, server_settings, own_redis, tmp_path, submit
+):
+    import redis
+    import requests
+
+    from rgrid import cache_keys
+    from rgrid.executions import LOG_PAGE_BYTES
+    from rgrid.logbuffer import RedisLogBuffer
+    from scripts.stack import Stack, StackConfig, create_account_key, free_port
+
+    client = redis.Redis.from_url(own_redis)
+    context = dataclasses.replace(limited(ctx, redis_url=own_redis), logs=RedisLogBuffer(client))
+    env = {
+        **os.environ,
+        "RGRID_DATA_DIR": str(tmp_path / "api-data"),
+        "RGRID_DATABASE_URL": server_settings.database_url,
+        "RGRID_REDIS_URL": own_redis,
+        "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
+        "RGRID_S3_BUCKET": server_settings.s3_bucket,
+    }
+    port = free_port()
+    config = StackConfig(
+        env=env, log_dir=tmp_path / "logs", name=f"flood-{port}", api_port=port, roles=("api",)
+    )
+    name = f"flood-{secrets.token_hex(4)}"
+    with Stack(config) as stack:
+        key = create_account_key(env, name)
+        api_before = _group_peak_rss(stack.processes["api"].pid)
+        with session_scope(ctx.session_factory) as session:
+            account_id = session.query(Account).filter_by(name=name).one().id
+        execution_id = submit(FLOOD, account_id=account_id)
+        url = f"{config.api_url}/v1/executions/{execution_id}/logs"
+        headers = {"Authorization": f"Bearer {key}"}
+        baseline = int(client.info("memory")["used_memory"])
+        pages: list[int] = []
+
+        def follow() -> None:
+            """A client following the log live, as `rgrid run` does."""
+            offset = 0
+            while True:
+                answer = requests.get(url, params={"offset": offset, "wait": 1}, headers=headers)
+                answer.raise_for_status()
+                pages.append(len(answer.content))
+                page = answer.json()
+                offset = page["next_offset"]
+                if page["complete"]:
+                    return
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        run_all(context, execution_id)
+        follower.join(300)
+        assert not follower.is_alive()
+        redis_peak = int(client.info("memory")["used_memory_peak"]) - baseline
+        api_peak = _group_peak_rss(stack.processes["api"].pid)
+
+    execution = _execution(ctx, execution_id)
+    assert execution["status"] == "succeeded"
+    cap = ctx.settings.max_log_bytes
+    stored = ctx.store.open_stream(cache_keys.log_object_key(execution_id))
+    size = 0
+    tail = b""
+    while block := stored.read(1024 * 1024):
+        size += len(block)
+        tail = (tail + block)[-4096:]
+    assert size <= cap + 4096  # the cap, plus RGrid's own notes
+    assert b"log truncated at 64 MiB" in tail
+    assert max(pages) <= LOG_PAGE_BYTES + 64 * 1024
+    # Bounded by the cap, with Redis's own overhead: not 832 MiB as before.
+    assert redis_peak < 2 * cap
+    assert not client.keys("rgrid:log:*")  # released once stored
+    # The API serves pages, never the log: its peak grows by far less than the log's size.
+    assert api_peak - api_before < cap
+    print(
+        f"\n100 MiB \\x01 flood: log stored {size / 1024**2:.1f} MiB; Redis peak growth "
+        f"{redis_peak / 1024**2:.1f} MiB; API peak RSS {api_peak / 1024**2:.1f} MiB "
+        f"(before: {api_before / 1024**2:.1f} MiB); "
+        f"{len(pages)} pages, largest {max(pages) / 1024:.0f} KiB"
+    )
