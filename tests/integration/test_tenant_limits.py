@@ -437,3 +437,22 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
         f"(before: {api_before / 1024**2:.1f} MiB); "
         f"{len(pages)} pages, largest {max(pages) / 1024:.0f} KiB"
     )
+
+
+def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx):
+    """A runner killed between its run and its cleanup leaves a mounted filesystem and its
+    image: the reaper's sweep takes both, as it takes the folder."""
+    from rgrid.maintenance import reap_containers
+
+    root = ctx.settings.sandboxes_dir
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"rgrid-run-{secrets.token_hex(8)}"
+    orphan = sandbox._host_folders(root, name, 1000, 1000, 16 * 1024**2)
+    (orphan / "fs" / "work" / "left.bin").write_bytes(b"x" * 1024**2)
+    assert os.path.ismount(orphan / "fs")
+    two_minutes_ago = time.time() - 120
+    os.utime(orphan, (two_minutes_ago, two_minutes_ago))
+    with session_scope(ctx.session_factory) as session:
+        reap_containers(ctx.docker, session, root)
+    assert not orphan.exists()
+    assert not [m for m in _mounts_under(root) if m.startswith(str(orphan))]
