@@ -530,6 +530,10 @@ def run(
     if unresponsive.is_set():
         raise SandboxUnresponsive(f"sandbox {box.name} did not take its job in {JOB_ACK_S:.0f}s")
     status = _read_status(box)
+    if status is None and _filled_on_host(box):
+        # The supervisor died (the memory limit) after the script filled /work: the limit
+        # the script hit first is the one to name.
+        return RunResult(exit_code=137, timed_out=False, run_s=run_s, full=[WORK_DIR])
     if killed.is_set() or status is None:
         # Killed from outside (the deadline passed and the supervisor did not end it), or
         # the supervisor itself died (killed at the memory limit, or by the engine).
@@ -550,6 +554,15 @@ def run(
         oom_killed=bool(status.get("oom_killed")),
         full=[p for p in full if p in WRITABLE] if isinstance(full, list) else [],
     )
+
+
+def _filled_on_host(box: Box) -> bool:
+    """Whether the sandbox's own filesystem is full, as the supervisor would judge it."""
+    if not os.path.ismount(box.disk):
+        return False
+    fs = os.statvfs(box.disk)
+    margin = max(FULL_BELOW_BYTES // fs.f_frsize, fs.f_blocks // 500)
+    return fs.f_bavail < margin or bool(fs.f_files and not fs.f_favail)
 
 
 def _pump_stdin(source: StdinSource, raw: socket.socket) -> None:

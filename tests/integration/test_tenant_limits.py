@@ -162,8 +162,11 @@ def test_a_script_writing_5000_outputs_is_refused_at_the_file_limit(ctx, submit,
     execution_id = submit(
         "import os\nfor i in range(5000):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n"
     )
+    started = time.monotonic()
     run_all(ctx, execution_id)
+    took = time.monotonic() - started
     execution = _execution(ctx, execution_id)
+    print(f"\n5,000 outputs: script {execution['run_s']} s, whole execution {took:.2f} s")
     assert execution["status"] == "failed"
     assert execution["error"] == (
         f"output file limit reached: more than {ctx.settings.max_output_files} files "
