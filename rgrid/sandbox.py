@@ -15,7 +15,9 @@ a hello script costs 0.36 s, nearly all of it creating and starting the containe
 (``rename``, 4 ms) plus the attach and the script's own interpreter start cost about 0.1 s.
 ``/work`` is a bind mount of a folder on the worker host, so inputs are written and outputs
 read as plain files: ``put_archive`` and ``get_archive`` cost ~0.1 s each, because the engine
-re-executes itself to unpack each archive in a chroot.
+re-executes itself to unpack each archive in a chroot. That folder is on a filesystem of the
+sandbox's own (a loop-mounted ext4 image of the disk limit, see ``_mount_disk``), so the
+kernel refuses the write past the limit and the host disk is never filled.
 """
 
 from __future__ import annotations
