@@ -272,6 +272,40 @@ def release_disk(host_dir: Path) -> None:
         _command(["umount", "-l", str(disk)])
 
 
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash in octal)."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def sandbox_disks() -> list[Path]:
+    """The host folders of every sandbox filesystem mounted on this host, whichever
+    installation made it: a mount named ``DISK_DIR`` whose loop device is backed by the
+    ``DISK_IMAGE`` beside it."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, source = before.split(), after.split()
+        if len(fields) < 5 or len(source) < 2 or not source[1].startswith("/dev/loop"):
+            continue
+        target = Path(_unescape(fields[4]))
+        if target.name != DISK_DIR:
+            continue
+        backing = Path("/sys/block", Path(source[1]).name, "loop", "backing_file")
+        try:
+            image = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if image == str(target.parent / DISK_IMAGE):
+            found.append(target.parent)
+    return found
+
+
 def _command(argv: list[str]) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:

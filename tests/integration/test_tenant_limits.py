@@ -442,20 +442,42 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
     )
 
 
-def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx):
+def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx, tmp_path):
     """A runner killed between its run and its cleanup leaves a mounted filesystem and its
-    image: the reaper's sweep takes both, as it takes the folder."""
+    image: the reaper's sweep takes both, as it takes the folder. One that another
+    installation left (a test session's, an embedded user's data folder that may never run
+    again) is unmounted and its image deleted too."""
     from rgrid.maintenance import reap_containers
 
     root = ctx.settings.sandboxes_dir
     root.mkdir(parents=True, exist_ok=True)
-    name = f"rgrid-run-{secrets.token_hex(8)}"
-    orphan = sandbox._host_folders(root, name, 1000, 1000, 16 * 1024**2)
-    (orphan / "fs" / "work" / "left.bin").write_bytes(b"x" * 1024**2)
-    assert os.path.ismount(orphan / "fs")
+    elsewhere = tmp_path / "other-installation" / "sandboxes"
+    elsewhere.mkdir(parents=True)
+    orphans = [
+        sandbox._host_folders(folder, f"rgrid-run-{secrets.token_hex(8)}", 1000, 1000, 16 << 20)
+        for folder in (root, elsewhere)
+    ]
     two_minutes_ago = time.time() - 120
-    os.utime(orphan, (two_minutes_ago, two_minutes_ago))
+    for orphan in orphans:
+        (orphan / "fs" / "work" / "left.bin").write_bytes(b"x" * 1024**2)
+        assert os.path.ismount(orphan / "fs")
+        os.utime(orphan, (two_minutes_ago, two_minutes_ago))
     with session_scope(ctx.session_factory) as session:
         reap_containers(ctx.docker, session, root)
-    assert not orphan.exists()
-    assert not [m for m in _mounts_under(root) if m.startswith(str(orphan))]
+    ours, theirs = orphans
+    assert not ours.exists()
+    assert not os.path.ismount(theirs / "fs")
+    assert not (theirs / sandbox.DISK_IMAGE).exists()
+    assert not [m for m in _mounts_under(tmp_path) + _mounts_under(root) if "rgrid-run-" in m]
+
+
+def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
+    """A process killed between creating and starting a sandbox leaves a container that will
+    never end itself (its supervisor never ran); the reaper removes it once it is old."""
+    from rgrid.maintenance import NEVER_STARTED_AFTER_S, _never_started
+
+    now = time.time()
+    old = int(now - NEVER_STARTED_AFTER_S - 1)
+    assert _never_started({"State": "created", "Created": old}, now)
+    assert not _never_started({"State": "created", "Created": int(now - 5)}, now)
+    assert not _never_started({"State": "running", "Created": old}, now)
