@@ -104,8 +104,18 @@ class PipelineContext:
         self.logs.append(execution_id, "phase", text)
 
     def detail(self, execution_id: str) -> Callable[[str], None]:
-        """A sink for an installer's raw output: kept in the log, shown with ``-v``."""
-        return lambda line: self.logs.append(execution_id, "detail", line)
+        """A sink for an installer's raw output: kept in the log, shown with ``-v``. Bounded
+        like the script's own output (an index chooses what the installer prints)."""
+        room = self.settings.max_log_bytes
+
+        def sink(line: str) -> None:
+            nonlocal room
+            line = line[:MAX_CHUNK_CHARS]
+            room -= stored_size("detail", line)
+            if room >= 0:
+                self.logs.append(execution_id, "detail", line)
+
+        return sink
 
     @property
     def worker_id(self) -> str:
