@@ -503,8 +503,9 @@ def run(
         "cwd": WORK_DIR,
         "timeout": timeout_s,
         "status": f"{META_MOUNT}/{STATUS_FILE}",
-        # Filesystems the script can write, reported back if it filled one.
-        "writable": list(WRITABLE),
+        # Filesystems the script can write, reported back if it filled one: /work only when
+        # it is the sandbox's own (a plain folder on the host disk measures the host's).
+        "writable": [p for p in WRITABLE if p != WORK_DIR or os.path.ismount(box.disk)],
         "full_below": FULL_BELOW_BYTES,
     }
     sock = client.api.attach_socket(
