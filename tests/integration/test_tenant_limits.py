@@ -481,3 +481,22 @@ def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
     assert _never_started({"State": "created", "Created": old}, now)
     assert not _never_started({"State": "created", "Created": int(now - 5)}, now)
     assert not _never_started({"State": "running", "Created": old}, now)
+
+
+def test_storing_outputs_past_the_runs_time_limit_fails_and_records_none(ctx, submit, monkeypatch):
+    """Storing outputs counts within the run's own time limit: a run whose outputs cannot
+    be stored in time ends failed, naming it, with no output recorded."""
+    from rgrid import pipeline
+
+    # The run's whole time budget (and the grace) already spent when storing starts.
+    monkeypatch.setattr(pipeline, "OUTPUT_STORE_GRACE_S", -(10.0**6))
+    execution_id = submit(
+        "for i in range(3):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n",
+        timeout_s=30,
+    )
+    run_all(ctx, execution_id)
+    execution = _execution(ctx, execution_id)
+    assert execution["status"] == "failed"
+    assert execution["error"] == "time limit 30s reached while storing 3 outputs"
+    assert execution["outputs"] in (None, [])
+    _nothing_left(ctx, execution_id)
