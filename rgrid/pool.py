@@ -163,13 +163,24 @@ def retire_all(
 
 def retire_installation(client: docker.DockerClient, root: Path) -> int:
     """End every unclaimed sandbox whose host folder is under ``root`` (an installation's
-    sandboxes folder): for a test session or an embedded user tidying up. Returns how many."""
+    sandboxes folder): for a test session or an embedded user tidying up. Also removes those
+    that were created and never started (a process killed between the two): nothing else
+    would end them, and they keep their folders' filesystems counted as in use. Returns how
+    many."""
     ended = 0
     for container in _warm(client):
         box = _box(container)
         if box.host_dir.is_relative_to(root):
             retire(client, box)
             ended += 1
+    created = client.api.containers(
+        all=True, filters={"label": sandbox.HOST_DIR_LABEL, "status": "created"}
+    )
+    for container in created:
+        if Path(container["Labels"][sandbox.HOST_DIR_LABEL]).is_relative_to(root):
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.remove_container(container["Id"], force=True)
+                ended += 1
     return ended
 
 
