@@ -93,7 +93,13 @@ class Settings:
     pids_limit: int = 256
     tmp_size: str = "256m"
     home_size: str = "64m"
+    #: Everything a script can write in ``/work`` (its inputs and outputs included): a
+    #: filesystem of this size per execution, so the kernel refuses the write past it.
+    disk_limit: str = "4g"
     max_output_bytes: int = 1024**3
+    #: Files in ``/work/outputs``; a run over it ends ``failed`` and stores none of them.
+    max_output_files: int = 1000
+    #: A log's stored bytes (its JSON lines), per execution; also bounds what it holds in Redis.
     max_log_bytes: int = 64 * 1024**2
     max_script_bytes: int = 1024**2
     max_input_file_bytes: int = 5 * 1024**3
@@ -141,6 +147,13 @@ class Settings:
     # How long a build waits for another builder of the same key before giving up. The lock's
     # lease is twice that, so a waiter gives up before a live builder's lease can lapse.
     build_lock_timeout_s: int = 1800
+    #: Resolving and installing one dependency set: past it uv's process group is killed and
+    #: the execution ends ``build_failed`` (an index that trickles bytes held a worker slot
+    #: up to Celery's 24 h limit).
+    build_timeout_s: int = 600
+    #: Executions of one account building or running at once; the rest wait ``queued``,
+    #: without holding a worker slot. 0: no limit.
+    max_concurrent_per_account: int = 4
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -177,7 +190,9 @@ class Settings:
             pool_max=_env_int("RGRID_POOL_MAX", cls.pool_max),
             pool_idle_s=_env_int("RGRID_POOL_IDLE", cls.pool_idle_s),
             lease_s=_env_int("RGRID_LEASE", cls.lease_s),
+            disk_limit=_env("RGRID_DISK_LIMIT", cls.disk_limit),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
+            max_output_files=_env_int("RGRID_MAX_OUTPUT_FILES", cls.max_output_files),
             max_log_bytes=_env_int("RGRID_MAX_LOG_BYTES", cls.max_log_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
             max_input_file_bytes=_env_int("RGRID_MAX_INPUT_FILE_BYTES", cls.max_input_file_bytes),
@@ -189,6 +204,10 @@ class Settings:
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
             agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),
             agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
+            build_timeout_s=_env_int("RGRID_BUILD_TIMEOUT", cls.build_timeout_s),
+            max_concurrent_per_account=_env_int(
+                "RGRID_MAX_CONCURRENT_PER_ACCOUNT", cls.max_concurrent_per_account
+            ),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
             in ("1", "true", "yes"),
             allowed_indexes=tuple(

@@ -12,10 +12,13 @@ wheel for it fails clearly instead of being built for the wrong platform.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -109,10 +112,16 @@ def uv_cache_for(settings: Settings, account_id: int, requirements: str, *, embe
     return settings.account_uv_cache_dir(account_id)
 
 
-def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str:
+def _run_uv(
+    args: list[str],
+    cache_dir: Path,
+    log: Callable[[str], None],
+    deadline_s: float | None = None,
+) -> str:
     """Run uv, streaming its progress (stderr) to ``log`` less what tells of the cache
     (``indexes.log_line``); returns stdout. A failure raises BuildError with uv's message in
-    the user's terms."""
+    the user's terms. Past ``deadline_s`` uv's whole process group is killed (an index that
+    trickles bytes would otherwise hold the worker for hours) and BuildError names it."""
     env = {**os.environ, **uv_environment(), "UV_CACHE_DIR": str(cache_dir), "NO_COLOR": "1"}
     process = subprocess.Popen(
         [uv_binary(), *args],
@@ -120,23 +129,52 @@ def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,
     )
     assert process.stderr is not None and process.stdout is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(deadline_s, expire) if deadline_s else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     messages = []
     reporting_error = False
-    for line in process.stderr:
-        # uv's error report goes to the user as one line (``indexes.failure_message``), not
-        # raw: its causes tell what listens on a port ("invalid HTTP version parsed").
-        reporting_error = reporting_error or line.startswith("error:")
-        shown = None if reporting_error else indexes.log_line(line)
-        if shown is not None:
-            log(shown)
-        if line.strip() and not line.startswith("Using CPython"):
-            messages.append(line.rstrip())
-    stdout = process.stdout.read()
-    if process.wait() != 0:
-        raise BuildError(indexes.failure_message(messages, process.returncode))
+    try:
+        for line in process.stderr:
+            # uv's error report goes to the user as one line (``indexes.failure_message``),
+            # not raw: its causes tell what listens on a port ("invalid HTTP version parsed").
+            reporting_error = reporting_error or line.startswith("error:")
+            shown = None if reporting_error else indexes.log_line(line)
+            if shown is not None:
+                log(shown)
+            if line.strip() and not line.startswith("Using CPython"):
+                messages.append(line.rstrip())
+        stdout = process.stdout.read()
+        returncode = process.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if process.poll() is None:
+            expire()
+            process.wait()
+    if expired.is_set():
+        raise BuildError(
+            f"dependency install stopped: build time limit {_duration(deadline_s or 0)} reached"
+        )
+    if returncode != 0:
+        raise BuildError(indexes.failure_message(messages, returncode))
     return stdout
+
+
+def _duration(seconds: float) -> str:
+    """``10 min``, ``90 s``."""
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
 
 
 def _target_args(spec: RuntimeSpec) -> list[str]:
@@ -188,6 +226,7 @@ def install(
     *,
     pinned: list[str] | None = None,
     refresh: bool = False,
+    deadline_s: float | None = None,
 ) -> list[str]:
     """Resolve and install ``requirements`` into ``target`` in one uv call, and return what
     was installed as sorted ``name==version`` pins. With ``pinned`` (a set resolved before,
@@ -221,6 +260,7 @@ def install(
             ],
             cache_dir,
             log,
+            deadline_s,
         )
     return installed_pins(target)
 

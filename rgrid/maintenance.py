@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -44,6 +45,19 @@ def _abandoned(labels: dict[str, str], execution: Execution | None, now: float) 
         return False
 
 
+#: A sandbox container still only created this long after its creation was never started.
+NEVER_STARTED_AFTER_S = 600
+
+
+def _never_started(container: dict, now: float) -> bool:
+    created = container.get("Created")
+    return (
+        container.get("State") == "created"
+        and isinstance(created, int)
+        and now - created > NEVER_STARTED_AFTER_S
+    )
+
+
 def reap_containers(
     client: docker.DockerClient, session: Session, sandboxes_dir: Path
 ) -> list[str]:
@@ -58,6 +72,12 @@ def reap_containers(
     # themselves at any moment (a 404 there failed the whole reap).
     for container in client.api.containers(all=True, filters={"label": MANAGED_LABEL}):
         name = container["Names"][0].lstrip("/") if container.get("Names") else ""
+        if _never_started(container, now):
+            # Created by a process killed before it started it (any installation's): it
+            # will never end itself, and it keeps its folder's filesystem counted as alive.
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.remove_container(container["Id"], force=True)
+            continue
         if not name.startswith(RUN_NAME_PREFIX):
             continue  # unclaimed pool sandboxes end themselves when idle
         execution_id = name.removeprefix(RUN_NAME_PREFIX)

@@ -104,7 +104,11 @@ def retire_sandboxes(root: Path) -> int:
 
     settings = Settings(data_dir=root)
     stop_agents(settings)
-    return pool.retire_installation(docker.from_env(), settings.sandboxes_dir)
+    client = docker.from_env()
+    ended = pool.retire_installation(client, settings.sandboxes_dir)
+    # The folders of sandboxes that idled out still hold their filesystems' mounts.
+    pool.sweep_folders(client, settings.sandboxes_dir, min_age_s=0)
+    return ended
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from functools import lru_cache
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
@@ -24,6 +25,7 @@ from rgrid.maintenance import (
     sweep_lost_executions,
 )
 from rgrid.pipeline import PipelineContext
+from rgrid.slots import AccountBusy
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -75,7 +77,14 @@ _STEP_OF_TASK: dict[str, str] = {}
 def _step(name: str, fn):
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
-        fn(worker_context(), execution_id)
+        try:
+            fn(worker_context(), execution_id)
+        except AccountBusy as busy:
+            # The account is at its limit: send this step (with the rest of the chain) again
+            # later and free this worker slot for other accounts' work now. Not a retry:
+            # waiting for a slot must not use up the retries kept for service outages.
+            self.signature_from_request(countdown=busy.retry_s, retries=0).apply_async()
+            raise Ignore() from None
         return execution_id
 
     _STEP_OF_TASK[name] = fn.__name__

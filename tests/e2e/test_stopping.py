@@ -65,7 +65,7 @@ def _no_work_folders(data_dir: Path) -> bool:
     sandboxes = data_dir / "sandboxes"
     # What is left may only be warm pool sandboxes' folders, never the run's.
     return all(
-        not (folder / "work" / "ticker.py").exists()
+        not (folder / "fs" / "work" / "ticker.py").exists()
         for folder in (sandboxes.iterdir() if sandboxes.is_dir() else [])
     )
 
