@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from rgrid.agent_client import agent_sockets
+from rgrid.config import Settings
 from tests.conftest import TICKER
 from tests.e2e.conftest import RGRID, run_cli, run_json
 
@@ -78,4 +80,4 @@ def test_an_idle_agent_ends_itself(embedded_env, tmp_path):
     while _agents(env, tmp_path) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _agents(env, tmp_path) == []
-    assert not list(Path(env["RGRID_DATA_DIR"]).glob("agent-*.sock"))
+    assert not agent_sockets(Settings(data_dir=Path(env["RGRID_DATA_DIR"])))

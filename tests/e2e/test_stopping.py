@@ -167,9 +167,11 @@ def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
     ends the execution and its sandbox."""
     process = _start(embedded_env, tmp_path)
     _wait_for_ticks(process)
-    sockets = list(Path(embedded_env["RGRID_DATA_DIR"]).glob("agent-*.sock"))
+    from rgrid.agent_client import AgentClient, agent_sockets
+    from rgrid.config import Settings
+
+    sockets = agent_sockets(Settings(data_dir=Path(embedded_env["RGRID_DATA_DIR"])))
     assert sockets, "the run did not go through an agent"
-    from rgrid.agent_client import AgentClient
 
     agent_pid = AgentClient.connect(sockets[0]).ping()["pid"]
     os.kill(agent_pid, signal.SIGKILL)
