@@ -104,8 +104,14 @@ def _assert_secret_stored_nowhere(env: dict[str, str], cwd: Path) -> None:
             assert needle not in body, item["Key"]
     client = redis.Redis.from_url(env["RGRID_REDIS_URL"])
     for key in client.scan_iter("rgrid:*"):
-        kind = client.type(key)
-        values = [client.get(key)] if kind == b"string" else client.lrange(key, 0, -1)
+        read = {
+            b"string": lambda k: [client.get(k)],
+            b"list": lambda k: client.lrange(k, 0, -1),
+            b"hash": lambda k: [*client.hkeys(k), *client.hvals(k)],
+            b"set": lambda k: list(client.smembers(k)),
+            b"zset": lambda k: client.zrange(k, 0, -1),
+        }
+        values = read.get(client.type(key), lambda k: [])(key)
         assert all(needle not in (value or b"") for value in values), key
     for log in Path(env["STACK_LOGS"]).glob("*.log"):
         assert needle not in log.read_bytes(), log

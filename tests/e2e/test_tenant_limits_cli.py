@@ -19,6 +19,7 @@ from tests.e2e.conftest import run_cli, run_json
 @pytest.fixture(scope="module")
 def small_disk_stack(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
     data_dir = tmp_path_factory.mktemp("small-disk-data")
+    port = free_port()
     env = {
         **os.environ,
         "RGRID_DATA_DIR": str(data_dir),
@@ -27,8 +28,9 @@ def small_disk_stack(server_settings, tmp_path_factory) -> Iterator[dict[str, st
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "RGRID_DISK_LIMIT": "64m",
+        # A queue of its own: the package's main stack (a 4 GiB disk) must not take its work.
+        "RGRID_QUEUE": f"small-disk-{port}",
     }
-    port = free_port()
     config = StackConfig(
         env=env,
         log_dir=tmp_path_factory.mktemp("small-disk-logs"),
