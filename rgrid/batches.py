@@ -78,6 +78,7 @@ def create_batch(
     memory: str | int | None = None,
     cpus: float | None = None,
     parallel: int | None = None,
+    size: int | None = None,
 ) -> Batch:
     """Check what every execution of the batch will share, once, and store the script; the
     batch then waits for its inputs (``add_inputs``) and ``start``."""
@@ -86,6 +87,10 @@ def create_batch(
     normalised = requirements_for(script, requirements, runtime)
     check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
     check_args(args)
+    if size is not None and size > settings.max_batch_executions:
+        raise BadInput(
+            f"{size} inputs: over the limit of {settings.max_batch_executions} per batch"
+        )
     if parallel is not None and (isinstance(parallel, bool) or parallel < 1):
         raise BadInput("parallel must be at least 1")
     shared = check_manifest(inputs or [], settings)

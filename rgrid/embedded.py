@@ -92,9 +92,9 @@ class EmbeddedClient:
         _status, changed = pipeline.cancel(self.ctx, execution_id)
         return {**self.get(execution_id), "cancelled": changed}
 
-    def list(self, limit: int) -> list[dict]:
+    def list(self, limit: int, standalone: bool = False) -> list[dict]:
         with session_scope(self.ctx.session_factory) as session:
-            rows = svc.list_executions(session, self.account_id, limit)
+            rows = svc.list_executions(session, self.account_id, limit, standalone)
             return [svc.execution_to_dict(row) for row in rows]
 
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:

@@ -74,6 +74,7 @@ def create_batch(body: BatchRequest):
             memory=body.memory,
             cpus=body.cpus,
             parallel=body.parallel,
+            size=body.size,
         )
         return jsonify(svc.batch_to_dict(session, batch)), 201
 

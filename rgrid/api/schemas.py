@@ -107,6 +107,8 @@ class BatchRequest(_Strict):
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     #: At most this many of its executions queued or running at once; none: no bound.
     parallel: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    #: How many inputs will be added: a batch over the limit is refused before it exists.
+    size: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 class BatchInputsRequest(_Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -39,12 +40,12 @@ def _inputs(ctx, account, tmp_path, contents: list[str]) -> list[dict]:
     return items
 
 
-def _batch(ctx, account, items: list[dict], **options) -> str:
+def _batch(ctx, account, items: list[dict], settings=None, **options) -> str:
     with session_scope(ctx.session_factory) as session:
         batch = batches.create_batch(
             session,
             ctx.store,
-            ctx.settings,
+            settings or ctx.settings,
             account_id=account.id,
             script=SCRIPT,
             script_name="upper.py",
@@ -153,6 +154,8 @@ def test_bad_batches_are_refused(ctx, account, tmp_path):
         _batch(ctx, account, [{**items[0], "sha256": "0" * 64}])
     with pytest.raises(BadInput, match="parallel"):
         _batch(ctx, account, items, parallel=0)
+    with pytest.raises(BadInput, match="over the limit of 2 per batch"):
+        _batch(ctx, account, items, size=3, settings=replace(ctx.settings, max_batch_executions=2))
     with pytest.raises(BadInput, match="script or a shared input"):
         _batch(ctx, account, [{**items[0], "path": "upper.py"}])
     batch_id = _batch(ctx, account, items)
