@@ -384,10 +384,10 @@ def retry(
     batch_id: str,
     enqueue: Enqueue,
     settings: Settings,
-) -> list[str]:
+) -> dict[str, str]:
     """Run again every execution of the batch that did not succeed, as new executions of the
     same batch; the old ones are kept (``superseded``) but no longer counted. Successes are
-    not run again."""
+    not run again. Returns each old execution's id with its new one's."""
     with session_scope(session_factory) as session:
         batch = _locked(session, account_id, batch_id)
         if batch.started_at is None:
@@ -427,11 +427,13 @@ def retry(
             "batch_id",
             "batch_item",
         ]
+        renewed: dict[str, str] = {}
         for old in failed:
             old.superseded = True
+            renewed[old.id] = execution_id_for(batch.id, batch.next_index)
             session.add(
                 Execution(
-                    id=execution_id_for(batch.id, batch.next_index),
+                    id=renewed[old.id],
                     status=Status.QUEUED.value,
                     refresh_deps=False,
                     input_cache_hit=True,
@@ -446,9 +448,9 @@ def retry(
             batch.next_index += 1
         batch.cancelled_at = None
         if not failed:
-            return []
+            return {}
     dispatch(session_factory, batch_id, enqueue)
-    return [old.id for old in failed]
+    return renewed
 
 
 def _pages(

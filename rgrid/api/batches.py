@@ -172,4 +172,6 @@ def retry_batch(batch_id: str):
     ctx = _ctx()
     full_id = _batch_id(batch_id)
     retried = svc.retry(ctx.session_factory, g.account_id, full_id, _enqueue, ctx.settings)
-    return jsonify({**_status(full_id), "retried": retried})
+    return jsonify(
+        {**_status(full_id), "retried": list(retried), "new_executions": list(retried.values())}
+    )

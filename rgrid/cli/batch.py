@@ -201,6 +201,8 @@ class Follower:
     batch_id: str
     json_mode: bool
     fetch_outputs: bool = True
+    #: Report only these executions (a retry's new ones); None: every one of the batch.
+    only: set[str] | None = None
     seen: set[str] = field(default_factory=set)
     finished: list[dict] = field(default_factory=list)
     newest: str | None = None
@@ -218,7 +220,8 @@ class Follower:
                 self.batch_id, after=after, finished_since=since, limit=500
             )
             for row in rows:
-                if row["execution_id"] not in self.seen:
+                wanted = self.only is None or row["execution_id"] in self.only
+                if wanted and row["execution_id"] not in self.seen:
                     yield row
             if len(rows) < 500:
                 return
@@ -417,10 +420,12 @@ def _ask_to_cancel(batch_id: str) -> bool:
         return True
 
 
-def follow_and_summarise(client: Client, batch_id: str, json_mode: bool) -> int:
+def follow_and_summarise(
+    client: Client, batch_id: str, json_mode: bool, only: set[str] | None = None
+) -> int:
     from rgrid.cli.executions import Stopped, stop_signals
 
-    follower = Follower(client, batch_id, json_mode)
+    follower = Follower(client, batch_id, json_mode, only=only)
     try:
         with stop_signals():
             follow(follower)
@@ -573,7 +578,9 @@ def batch_retry(batch_id: str, json_mode: bool, detach: bool):
         note(f"batch {batch_id}: running {len(result['retried'])} failed execution(s) again")
     if detach:
         return
-    raise SystemExit(follow_and_summarise(client, batch_id, json_mode))
+    raise SystemExit(
+        follow_and_summarise(client, batch_id, json_mode, only=set(result["new_executions"]))
+    )
 
 
 def batches_table(rows: list[dict]) -> list[dict]:

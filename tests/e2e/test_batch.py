@@ -76,7 +76,6 @@ def test_a_batch_of_50_builds_once_and_accounts_for_every_input(stack_env, tmp_p
         timeout=600,
     )
     lines = _lines(result)
-    Path("/tmp/batch_debug.json").write_text(json.dumps(lines, indent=1))
     *executions, summary = lines
     assert result.returncode == 1, result.stderr  # two inputs fail
     assert summary["summary"] is True and summary["total"] == 50
@@ -114,8 +113,10 @@ def test_a_batch_of_50_builds_once_and_accounts_for_every_input(stack_env, tmp_p
     rows = [line for line in listing.stdout.splitlines() if batch_id in line]
     assert len(rows) == 1 and "48 succeeded" in rows[0], listing.stdout
     # A batch id is the start of its executions' ids.
-    one = run_cli("status", executions[0]["execution_id"][:12], "--json", env=env, cwd=tmp_path)
+    one = run_cli("status", executions[0]["execution_id"], "--json", env=env, cwd=tmp_path)
     assert json.loads(one.stdout)["batch_id"] == batch_id
+    many = run_cli("status", batch_id, env=env, cwd=tmp_path)
+    assert_one_line_error(many, "the start of more than one execution id")
 
     # Retry runs only the failed ones (which fail again: their inputs are the same).
     retried = run_cli("batch", "retry", batch_id, "--json", env=env, cwd=tmp_path, timeout=300)

@@ -90,6 +90,10 @@ def test_parallel_bounds_what_is_queued_and_each_end_hands_on_the_next(ctx, acco
     assert [o["path"] for o in rows["in0.txt"].outputs] == ["upper.txt"]
 
 
+def _held(ctx, batch_id: str) -> list[str]:
+    return [r.id for r in _rows(ctx, batch_id) if r.status == "queued" and not r.dispatched_at]
+
+
 def _done(ctx, batch_id: str) -> list[Execution]:
     return [row for row in _rows(ctx, batch_id) if row.status in TERMINAL_STATUSES]
 
@@ -138,6 +142,7 @@ def test_cancel_ends_every_execution_and_retry_runs_only_the_failed(ctx, account
         ctx.session_factory, account.id, batch_id, retried_queue.append, ctx.settings
     )
     assert sorted(retried) == sorted(r.id for r in _rows(ctx, batch_id) if r.superseded)
+    assert sorted(retried.values()) == sorted(retried_queue + _held(ctx, batch_id))
     assert len(retried) == 2 and len(retried_queue) == 1  # parallel 1
     assert _counts(ctx, batch_id) == {"succeeded": 1, "queued": 2}
     for execution_id in retried_queue:
