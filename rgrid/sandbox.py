@@ -301,11 +301,11 @@ def claim(client: docker.DockerClient, box: Box, execution_id: str) -> bool:
     claimers gets 404 because the old name is gone. But only when the renames come one after
     the other: two renames of one container at the same moment both succeeded here (Docker
     20.10; two threads running 40 executions handed one sandbox to two executions, which
-    then ran in the same /work), so claims of one installation's sandboxes on a host take
-    turns under a file lock beside their folders."""
+    then ran in the same /work), so the claims of one sandbox take turns under a file lock
+    in its host folder (beside ``work``, out of the container's sight)."""
     import fcntl
 
-    lock_path = box.host_dir.parent / ".claim.lock"
+    lock_path = box.host_dir / "claim.lock"
     try:
         lock = open(lock_path, "a+b")  # noqa: SIM115 - held across the rename below
     except OSError:
