@@ -226,6 +226,15 @@ class RemoteClient:
         self.http = _Http()
         self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
 
+    def fork(self) -> RemoteClient:
+        """The same API and key on connections of its own, for another thread (one kept-alive
+        connection serves one request at a time)."""
+        return RemoteClient(self.base_url, None, self.retry_s)._with_headers(self.headers)
+
+    def _with_headers(self, headers: dict[str, str]) -> RemoteClient:
+        self.headers = dict(headers)
+        return self
+
     def _request(
         self,
         method: str,
