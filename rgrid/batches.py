@@ -14,6 +14,7 @@ that could drift from them.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from collections.abc import Callable, Iterator
@@ -227,7 +228,9 @@ def start(
             if batch.next_index == 0:
                 raise BadInput(f"batch {batch.id} has no inputs")
             batch.started_at = utcnow()
-    return dispatch(session_factory, batch_id, enqueue)
+    # One page here, so the request stays short however large the batch; each execution
+    # that ends (and beat) hands on the next pages.
+    return dispatch(session_factory, batch_id, enqueue, pages=1)
 
 
 def _in_flight(session: Session, batch_id: str) -> int:
@@ -275,12 +278,17 @@ def _claim(session_factory: sessionmaker[Session], batch_id: str, most: int) -> 
         return ids
 
 
-def dispatch(session_factory: sessionmaker[Session], batch_id: str, enqueue: Enqueue) -> list[str]:
+def dispatch(
+    session_factory: sessionmaker[Session],
+    batch_id: str,
+    enqueue: Enqueue,
+    pages: int | None = None,
+) -> list[str]:
     """Hand as many executions to the queue as the batch's ``parallel`` allows now, a page at
-    a time (each marked in its own transaction, enqueued after it commits). One the queue
-    refused goes back to waiting, for the next dispatch to hand on."""
+    a time (each marked in its own transaction, enqueued after it commits), at most ``pages``
+    pages. One the queue refused goes back to waiting, for the next dispatch to hand on."""
     queued: list[str] = []
-    while True:
+    for _page in itertools.count() if pages is None else range(pages):
         ids = _claim(session_factory, batch_id, PAGE_SIZE)
         for position, execution_id in enumerate(ids):
             try:
@@ -295,7 +303,8 @@ def dispatch(session_factory: sessionmaker[Session], batch_id: str, enqueue: Enq
                 raise
             queued.append(execution_id)
         if len(ids) < PAGE_SIZE:
-            return queued
+            break
+    return queued
 
 
 def after_execution(
@@ -342,21 +351,22 @@ def cancel(
     account_id: int,
     batch_id: str,
     cancel_execution: Callable[[str], object],
+    release: Callable[[str], object] = lambda execution_id: None,
 ) -> int:
-    """Stop the whole batch: nothing more is dispatched, the held-back executions end
-    ``cancelled`` at once, and each dispatched one is cancelled as a single run is
-    (``cancel_execution``: pipeline.cancel). Returns how many were still unfinished."""
+    """Stop the whole batch: nothing more is dispatched; every execution still ``queued``
+    (held back, or in the queue but not started) ends ``cancelled`` at once, in one statement
+    (its steps then find it over; ``release`` drops what it had in Redis); each one already
+    building or running is cancelled as a single run is (``cancel_execution``:
+    pipeline.cancel, which stops its sandbox). Returns how many were still unfinished."""
     with session_scope(session_factory) as session:
         batch = _locked(session, account_id, batch_id)
         batch.cancelled_at = batch.cancelled_at or utcnow()
         now = utcnow()
-        held = session.execute(
+        # The status test is in the statement: a step that started meanwhile has moved the
+        # row on, and is cancelled below like a running one.
+        ended = session.execute(
             update(Execution)
-            .where(
-                Execution.batch_id == batch.id,
-                Execution.dispatched_at.is_(None),
-                Execution.status == Status.QUEUED,
-            )
+            .where(Execution.batch_id == batch.id, Execution.status == Status.QUEUED)
             .values(
                 status=Status.CANCELLED.value,
                 outcome=Status.CANCELLED.value,
@@ -364,8 +374,13 @@ def cancel(
                 cancel_requested=True,
                 finished_at=now,
             )
-        ).rowcount
-    count = held
+            .returning(Execution.id, Execution.dispatched_at),
+            execution_options={"synchronize_session": False},
+        ).all()
+    for execution_id, dispatched_at in ended:
+        if dispatched_at is not None:
+            release(execution_id)
+    count = len(ended)
     for page in _pages(
         session_factory,
         lambda: select(Execution.id).where(

@@ -161,6 +161,10 @@ def cancel_batch(batch_id: str):
         g.account_id,
         full_id,
         lambda execution_id: pipeline.cancel(pipeline_ctx, execution_id),
+        release=lambda execution_id: (
+            pipeline_ctx.logs.clear(execution_id),
+            pipeline_ctx.channels.forget(execution_id),
+        ),
     )
     return jsonify({**_status(full_id), "stopped": stopped})
 

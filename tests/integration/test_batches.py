@@ -179,3 +179,26 @@ def test_bad_batches_are_refused(ctx, account, tmp_path):
         ).id
     with pytest.raises(BadInput, match="no inputs"):
         batches.start(ctx.session_factory, account.id, empty, lambda i: None)
+
+
+def test_a_large_unbounded_batch_is_handed_on_a_page_at_a_time(ctx, account, tmp_path):
+    (item,) = _inputs(ctx, account, tmp_path, ["same"])
+    items = [{**item, "path": f"f{n:04d}.txt"} for n in range(1001)]
+    batch_id = _batch(ctx, account, items[:1000])
+    with session_scope(ctx.session_factory) as session:
+        assert batches.add_inputs(session, ctx.settings, account.id, batch_id, items[1000:]) == 1001
+    queued: list[str] = []
+    batches.start(ctx.session_factory, account.id, batch_id, queued.append)
+    assert len(queued) == batches.PAGE_SIZE
+    # Any execution's end (or beat) hands on the rest.
+    assert batches.dispatch_stalled(ctx.session_factory, queued.append) == queued[1000:]
+    assert len(set(queued)) == 1001
+
+    # Cancelling ends every queued one in one statement, without a per-execution cancel.
+    called: list[str] = []
+    released: list[str] = []
+    stopped = batches.cancel(
+        ctx.session_factory, account.id, batch_id, called.append, released.append
+    )
+    assert stopped == 1001 and called == [] and len(released) == 1001
+    assert _counts(ctx, batch_id) == {"cancelled": 1001}
