@@ -68,6 +68,10 @@ def child(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, s
     return result["wall"], result["rss"], result["out"]
 
 
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
 def floor(root: Path, runs: int, parallel: int) -> float:
     script = root / "floor" / "script.py"
     script.parent.mkdir()
@@ -123,9 +127,25 @@ def main() -> None:
             ]
             wall, rss, out = child(batch, env, cwd)
             lines = [json.loads(line) for line in out.splitlines() if line.strip()]
-            *executions, summary = lines
+            summary = lines[-1] if lines and lines[-1].get("summary") else None
+            executions = lines[:-1] if summary else []
             builds = sum(1 for e in executions if e.get("deps_build_s") is not None)
             environments = {e.get("environment") for e in executions}
+            say(f"batch of {args.runs} (worker concurrency {parallel}):")
+            if summary is None:
+                say(f"  the batch failed: {lines[-1] if lines else 'no output'}")
+            else:
+                say(f"  statuses {summary['counts']}")
+                say(
+                    f"  rgrid run --batch: {wall:.1f} s whole CLI process,"
+                    f" {args.runs / wall:.2f} executions/s (from the start of the batch:"
+                    f" {summary['executions_per_s']:.2f}/s)"
+                )
+                say(
+                    f"  environment builds in the batch: {builds}"
+                    f" (environments: {len(environments)})"
+                )
+            say(f"  CLI peak memory (ru_maxrss): {rss / 1024:.1f} MiB")
             submit_cmd = [
                 *(str(RGRID), "run", "process.py", "-r", "requirements.txt"),
                 *("--batch", "many", "--detach", "--parallel", "1"),
@@ -135,26 +155,19 @@ def main() -> None:
             subprocess.run(
                 [str(RGRID), "batch", "cancel", batch_id], env=env, cwd=cwd, capture_output=True
             )
+            say(
+                f"submitting {args.submit} inputs (hash, upload, add in pages, start): "
+                f"{submit_wall:.1f} s, CLI peak memory {submit_rss / 1024:.1f} MiB"
+            )
         floor_wall = floor(root, args.runs, parallel)
-        rgrid_rate = args.runs / wall
         floor_rate = args.runs / floor_wall
-        print(f"batch of {args.runs} (worker concurrency {parallel}):")
-        print(f"  statuses {summary['counts']}")
-        print(
-            f"  rgrid run --batch: {wall:.1f} s whole CLI process, {rgrid_rate:.2f} executions/s"
-            f" (the CLI's own count from start: {summary['executions_per_s']:.2f}/s)"
-        )
-        print(
-            f"  floor, {args.runs} x docker run --rm --network none at parallelism {parallel}:"
+        say(
+            f"floor, {args.runs} x docker run --rm --network none at parallelism {parallel}:"
             f" {floor_wall:.1f} s, {floor_rate:.2f} executions/s"
         )
-        print(f"  ratio rgrid / floor throughput: {rgrid_rate / floor_rate:.2f}x (target >= 0.8x)")
-        print(f"  environment builds in the batch: {builds} (environments: {len(environments)})")
-        print(f"  CLI peak memory (ru_maxrss): {rss / 1024:.1f} MiB")
-        print(
-            f"submitting {args.submit} inputs (hash, upload, add in pages, start): "
-            f"{submit_wall:.1f} s, CLI peak memory {submit_rss / 1024:.1f} MiB"
-        )
+        if summary is not None:
+            ratio = (args.runs / wall) / floor_rate
+            say(f"ratio rgrid / floor throughput: {ratio:.2f}x (target >= 0.8x)")
     finally:
         try:
             remove_containers_mounting([root])
