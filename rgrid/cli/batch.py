@@ -26,7 +26,7 @@ from rgrid.cli.output import note, print_json, stderr_is_terminal, table_lines
 from rgrid.client import Client, make_client
 from rgrid.config import Settings, get_settings
 from rgrid.errors import BadInput, RGridError
-from rgrid.inputs import InputFile, hash_files, input_name
+from rgrid.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
 from rgrid.statuses import TERMINAL_STATUSES
 
@@ -60,7 +60,12 @@ def _relative(path: Path, cwd: Path, given: str) -> str:
         relative = str(resolved)
     if os.path.isabs(relative) or relative.startswith(".."):
         raise BadInput(f"batch input {given} is outside the working folder")
-    return input_name(relative)
+    if not resolved.resolve().is_relative_to(cwd.resolve()):
+        raise BadInput(f"batch input {given} is a link pointing outside the working folder")
+    name = input_name(relative)
+    if name == OUTPUTS_DIR or name.startswith(OUTPUTS_DIR + "/"):
+        raise BadInput(f"batch input {name}: 'outputs/' is where the script's outputs go")
+    return name
 
 
 def expand(patterns: tuple[str, ...], batch_file: Path | None, cwd: Path) -> list[str]:
@@ -496,6 +501,8 @@ def run_batch(
     clash = {item.name for item in shared} & set(names)
     if clash:
         raise BadInput(f"{sorted(clash)[0]} is both a shared input and a batch input")
+    if script_name in names:
+        raise BadInput(f"the script {script_name} cannot also be one of its batch's inputs")
     client = make_client(settings)
     batch = submit_batch(
         client,
