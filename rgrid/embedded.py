@@ -15,6 +15,7 @@ from rgrid.channels import check_env
 from rgrid.client import save_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
+from rgrid.embedded_batches import EmbeddedBatches
 from rgrid.inputs import InputFile
 from rgrid.pipeline import PipelineContext
 from rgrid.runtimes import resolve_runtime
@@ -22,7 +23,7 @@ from rgrid.runtimes import resolve_runtime
 EMBEDDED_ACCOUNT = "local"
 
 
-class EmbeddedClient:
+class EmbeddedClient(EmbeddedBatches):
     """The whole pipeline in this process: SQLite, a local store and the local Docker engine."""
 
     log_wait_s = 5.0

@@ -490,11 +490,6 @@ def run_batch(
     **options: object,
 ) -> int:
     settings = get_settings()
-    if settings.embedded:
-        raise BadInput(
-            "--batch needs an RGrid API (RGRID_API_URL): the embedded default runs one script"
-            " at a time"
-        )
     cwd = Path.cwd()
     names = expand(patterns, batch_file, cwd)
     shared = collect_inputs(list(shared_inputs), cwd, settings)
@@ -527,10 +522,7 @@ def run_batch(
 
 
 def _client() -> Client:
-    settings = get_settings()
-    if settings.embedded:
-        raise BadInput("batches need an RGrid API (RGRID_API_URL)")
-    return make_client(settings)
+    return make_client(get_settings())
 
 
 @cli.group()

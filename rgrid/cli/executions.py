@@ -559,7 +559,7 @@ def list_(limit: int, json_mode: bool):
     for row in rows:
         fetched = outputs_dir_for(row["execution_id"])
         row["outputs_dir"] = str(fetched) if fetched.is_dir() else None
-    if not get_settings().embedded:
+    if hasattr(client, "list_batches"):
         from rgrid.cli.batch import batches_table
 
         # Each batch is one row with its counts; its executions are not listed one by one.

@@ -199,9 +199,6 @@ def test_bad_batches_are_refused_with_one_line_and_nothing_submitted(stack_env, 
         assert_one_line_error(result, fragment)
     after = json.loads(run_cli("list", "--json", env=stack_env, cwd=tmp_path).stdout)
     assert after == before
-    embedded = {k: v for k, v in stack_env.items() if k != "RGRID_API_URL"}
-    result = run_cli("run", "p.py", "--batch", "data", env=embedded, cwd=tmp_path)
-    assert_one_line_error(result, "--batch needs an RGrid API")
 
 
 def test_a_worker_killed_mid_batch_still_ends_every_execution(stack_env, tmp_path):
@@ -243,3 +240,47 @@ def test_a_worker_killed_mid_batch_still_ends_every_execution(stack_env, tmp_pat
     assert summary["counts"].get("succeeded", 0) >= 1
     lost = [e for e in executions if e["status"] == "error"]
     assert all(e["error"].startswith("worker lost") for e in lost), lost
+
+
+def test_the_embedded_default_runs_a_batch_in_process(embedded_env, tmp_path):
+    """No server: the executions run in this process, at most --parallel at once; the same
+    outputs, summary, status, retry and list as against a stack."""
+    (tmp_path / "twice.py").write_text(
+        "import sys\ntext = open(sys.argv[1]).read()\n"
+        "if text == 'bad':\n    sys.exit('no: ' + sys.argv[1])\n"
+        "open('outputs/twice.txt', 'w').write(text * 2)\n"
+    )
+    for name, text in {"a.txt": "a", "b.txt": "b", "c.txt": "bad", "d.txt": "d"}.items():
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text(text)
+    result = run_cli(
+        "run",
+        "twice.py",
+        "--batch",
+        "in",
+        "--parallel",
+        "2",
+        "--json",
+        env=embedded_env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    *executions, summary = _lines(result)
+    assert result.returncode == 1, result.stderr
+    assert summary["counts"] == {"succeeded": 3, "failed": 1}
+    assert [f["last_line"] for f in summary["failed"]] == ["no: in/c.txt"]
+    batch_id = summary["batch_id"]
+    root = tmp_path / "rgrid-outputs" / batch_id
+    assert (root / "a.txt" / "twice.txt").read_text() == "aa"
+    assert (root / "d.txt" / "twice.txt").read_text() == "dd"
+    assert len(executions) == 4
+    status = _batch_status(embedded_env, tmp_path, batch_id)
+    assert status["parallel"] == 2 and status["done"]
+    listing = run_cli("list", env=embedded_env, cwd=tmp_path).stdout
+    assert sum(batch_id in line for line in listing.splitlines()) == 1
+
+    (tmp_path / "in" / "c.txt").write_text("fixed")  # the stored input is what reruns
+    retried = run_cli("batch", "retry", batch_id, "--json", env=embedded_env, cwd=tmp_path)
+    *again, after = _lines(retried)
+    assert [e["batch_item"] for e in again] == ["in/c.txt"]
+    assert after["counts"] == {"succeeded": 3, "failed": 1}
