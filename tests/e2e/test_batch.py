@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import docker
+import sqlalchemy
 
 from rgrid.docker_engine import MANAGED_LABEL
 from rgrid.sandbox import RUN_NAME_PREFIX
@@ -105,6 +106,16 @@ def test_a_batch_of_50_builds_once_and_accounts_for_every_input(stack_env, tmp_p
                 for e in executions
                 if e["batch_item"] in (f"data/in{number:02d}.csv", f"data/in{number - 1:02d}.csv")
             ]
+
+    # Both of the worker's pool processes ran some of them.
+    engine = sqlalchemy.create_engine(stack_env["RGRID_DATABASE_URL"])
+    with engine.connect() as conn:
+        workers = conn.execute(
+            sqlalchemy.text("SELECT DISTINCT worker FROM executions WHERE batch_id = :b"),
+            {"b": batch_id},
+        ).scalars()
+        assert len(set(workers)) == 2
+    engine.dispose()
 
     status = _batch_status(env, tmp_path, batch_id[:6])
     assert status["counts"] == {"succeeded": 48, "failed": 2} and status["done"]
