@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/inputs.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/sandbox_disk.py
+	$(BIN)/python bench/batch.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -50,6 +50,12 @@ beat_schedule = {
         "task": queueing.REAP_CONTAINERS,
         "schedule": _settings.reap_interval_s,
     },
+    # The backstop for a batch whose dispatching worker died before handing on its next
+    # executions (rgrid/batches.py).
+    "dispatch-stalled-batches": {
+        "task": queueing.DISPATCH_BATCHES,
+        "schedule": _settings.lease_s,
+    },
     "purge-unused-cache-entries": {
         "task": queueing.PURGE_CACHES,
         "schedule": crontab(hour=3, minute=17),

@@ -305,7 +305,7 @@ def _claim_redis_db(base_url: str) -> int:
 
 
 @contextmanager
-def private_stack(root: Path) -> Iterator[dict[str, str]]:
+def private_stack(root: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """An API (gunicorn) and a Celery worker of this checkout, started by the stack launcher
     as `make up` starts them but on a new database (migrated here), an empty Redis database and
     a new bucket, so that they share nothing with the running stack or the tests. All of it is
@@ -330,6 +330,7 @@ def private_stack(root: Path) -> Iterator[dict[str, str]]:
                 "RGRID_S3_BUCKET": bucket,
                 "RGRID_DATA_DIR": str(root / "stack-data"),
                 **BENCH_STACK_ENV,
+                **(extra_env or {}),
             }
             upgrade(db_url)
             config = stack.StackConfig(

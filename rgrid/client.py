@@ -52,7 +52,7 @@ class Client(Protocol):
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
     def cancel(self, execution_id: str) -> dict: ...
-    def list(self, limit: int) -> list[dict]: ...
+    def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
     def download_outputs(
         self, execution: dict, dest: Path, advance: Callable[[int], None] = ...
@@ -226,6 +226,15 @@ class RemoteClient:
         self.http = _Http()
         self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
 
+    def fork(self) -> RemoteClient:
+        """The same API and key on connections of its own, for another thread (one kept-alive
+        connection serves one request at a time)."""
+        return RemoteClient(self.base_url, None, self.retry_s)._with_headers(self.headers)
+
+    def _with_headers(self, headers: dict[str, str]) -> RemoteClient:
+        self.headers = dict(headers)
+        return self
+
     def _request(
         self,
         method: str,
@@ -364,8 +373,42 @@ class RemoteClient:
     def cancel(self, execution_id: str) -> dict:
         return self._request("POST", f"/executions/{execution_id}/cancel", retry=True)
 
-    def list(self, limit: int) -> list[dict]:
-        return self._request("GET", "/executions", params={"limit": limit})["executions"]
+    def list(self, limit: int, standalone: bool = False) -> list[dict]:
+        params = {"limit": limit, "standalone": int(standalone)}
+        return self._request("GET", "/executions", params=params)["executions"]
+
+    # Batches (rgrid/api/batches.py): created, filled in pages, started, followed.
+
+    def create_batch(self, **payload: object) -> dict:
+        body = {key: value for key, value in payload.items() if value is not None}
+        return self._request("POST", "/batches", body)
+
+    def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
+        return self._request("POST", f"/batches/{batch_id}/inputs", {"inputs": inputs})
+
+    def start_batch(self, batch_id: str) -> dict:
+        return self._request("POST", f"/batches/{batch_id}/start")
+
+    def batch(self, batch_id: str) -> dict:
+        return self._request("GET", f"/batches/{batch_id}", retry=True)
+
+    def batch_executions(
+        self, batch_id: str, after: str = "", finished_since: str | None = None, limit: int = 500
+    ) -> list[dict]:
+        params: dict[str, object] = {"after": after, "limit": limit}
+        if finished_since is not None:
+            params["finished_since"] = finished_since
+        path = f"/batches/{batch_id}/executions"
+        return self._request("GET", path, params=params, retry=True)["executions"]
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._request("POST", f"/batches/{batch_id}/cancel", retry=True)
+
+    def retry_batch(self, batch_id: str) -> dict:
+        return self._request("POST", f"/batches/{batch_id}/retry")
+
+    def list_batches(self, limit: int) -> list[dict]:
+        return self._request("GET", "/batches", params={"limit": limit})["batches"]
 
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:
         params = {"offset": offset}

@@ -105,6 +105,8 @@ class Settings:
     max_input_file_bytes: int = 5 * 1024**3
     max_input_total_bytes: int = 20 * 1024**3
     max_input_files: int = 10_000
+    #: The most executions one batch may hold (`rgrid run --batch`), retries included.
+    max_batch_executions: int = 100_000
     #: Multipart upload part size: the CLI holds at most one part's read buffer, not the file.
     upload_part_bytes: int = 64 * 1024**2
     container_user: str = "1000:1000"
@@ -200,6 +202,7 @@ class Settings:
                 "RGRID_MAX_INPUT_TOTAL_BYTES", cls.max_input_total_bytes
             ),
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
+            max_batch_executions=_env_int("RGRID_MAX_BATCH_EXECUTIONS", cls.max_batch_executions),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
             agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),

@@ -57,6 +57,39 @@ def get_session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
 
 
+_SERIALIZED: dict[str, sessionmaker[Session]] = {}
+
+
+def serialized_session_factory(url: str) -> sessionmaker[Session]:
+    """For a SQLite database written by several threads at once (an embedded batch): each
+    transaction begins with ``BEGIN IMMEDIATE``, so transactions take turns from their start
+    (waiting up to the busy timeout). SQLite's default deferred transaction that read and then
+    writes fails at once with "database is locked" when another connection wrote meanwhile,
+    which two pipelines in one process did here; and SQLite has no ``SELECT ... FOR UPDATE``,
+    so this is also what serializes a batch's dispatchers. (SQLAlchemy's recipe for pysqlite:
+    the driver's own transaction handling off, the BEGIN emitted on the "begin" event.)"""
+    if not url.startswith("sqlite"):
+        return get_session_factory(url)
+    if url not in _SERIALIZED:
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 60, "isolation_level": None}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn) -> None:  # pragma: no cover - trivial
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        _SERIALIZED[url] = sessionmaker(bind=engine, expire_on_commit=False)
+    return _SERIALIZED[url]
+
+
 @contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A transaction: committed on success, rolled back on any error."""

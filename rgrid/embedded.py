@@ -15,6 +15,7 @@ from rgrid.channels import check_env
 from rgrid.client import save_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
+from rgrid.embedded_batches import EmbeddedBatches
 from rgrid.inputs import InputFile
 from rgrid.pipeline import PipelineContext
 from rgrid.runtimes import resolve_runtime
@@ -22,7 +23,7 @@ from rgrid.runtimes import resolve_runtime
 EMBEDDED_ACCOUNT = "local"
 
 
-class EmbeddedClient:
+class EmbeddedClient(EmbeddedBatches):
     """The whole pipeline in this process: SQLite, a local store and the local Docker engine."""
 
     log_wait_s = 5.0
@@ -92,9 +93,9 @@ class EmbeddedClient:
         _status, changed = pipeline.cancel(self.ctx, execution_id)
         return {**self.get(execution_id), "cancelled": changed}
 
-    def list(self, limit: int) -> list[dict]:
+    def list(self, limit: int, standalone: bool = False) -> list[dict]:
         with session_scope(self.ctx.session_factory) as session:
-            rows = svc.list_executions(session, self.account_id, limit)
+            rows = svc.list_executions(session, self.account_id, limit, standalone)
             return [svc.execution_to_dict(row) for row in rows]
 
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:

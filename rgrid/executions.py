@@ -211,14 +211,16 @@ def get_execution(session: Session, account_id: int, execution_id: str) -> Execu
     return execution
 
 
-def list_executions(session: Session, account_id: int, limit: int = 20) -> list[Execution]:
+def list_executions(
+    session: Session, account_id: int, limit: int = 20, standalone: bool = False
+) -> list[Execution]:
+    """The account's newest executions; ``standalone``: only those of no batch (a listing
+    shows each batch as one row of its own)."""
+    query = select(Execution).where(Execution.account_id == account_id)
+    if standalone:
+        query = query.where(Execution.batch_id.is_(None))
     return list(
-        session.scalars(
-            select(Execution)
-            .where(Execution.account_id == account_id)
-            .order_by(Execution.created_at.desc())
-            .limit(max(1, min(limit, 500)))
-        )
+        session.scalars(query.order_by(Execution.created_at.desc()).limit(max(1, min(limit, 500))))
     )
 
 
@@ -255,6 +257,7 @@ def execution_to_dict(execution: Execution) -> dict:
         "cpus": execution.cpus,
         "stdin": execution.stdin,
         "env_names": execution.env_names or [],
+        "batch_id": execution.batch_id,
         # A cache that does not apply (no dependencies, no inputs) is null, not a miss.
         "script_cache_hit": execution.script_cache_hit,
         "dependency_cache_hit": execution.dependency_cache_hit

@@ -106,7 +106,11 @@ def sweep_lost_executions(session: Session) -> list[str]:
     lost = []
     rows = session.scalars(select(Execution).where(Execution.status.not_in(TERMINAL_STATUSES)))
     for execution in rows:
-        created = execution.created_at
+        # A batch's execution waits for its turn (its batch's `parallel`) before its clock
+        # starts: from when it was handed to the queue.
+        if execution.batch_id is not None and execution.dispatched_at is None:
+            continue
+        created = execution.dispatched_at or execution.created_at
         if created.tzinfo is None:  # SQLite drops the zone
             created = created.replace(tzinfo=now.tzinfo)
         if now - created > timedelta(seconds=execution.timeout_s) + LOST_AFTER:

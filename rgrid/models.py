@@ -119,6 +119,44 @@ class Execution(Base):
     # it still does: a lease that lets a lost worker be noticed within a minute.
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Its batch (rgrid/batches.py), if any; the input it was made for, which names its
+    # outputs folder; when the batch handed it to the queue (None: still held back by the
+    # batch's ``parallel``); and whether `rgrid batch retry` replaced it with a new attempt.
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_executions_batch_id"), index=True
+    )
+    batch_item: Mapped[str | None] = mapped_column(String(1024))
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class Batch(Base):
+    """One script over many inputs. It holds what its executions share (``template``) and
+    never a count of how they did: that is always computed from their rows."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    script_name: Mapped[str] = mapped_column(String(255))
+    script_hash: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(40))
+    # At most this many of its executions queued or running at once; None: no bound.
+    parallel: Mapped[int | None] = mapped_column(Integer)
+    # The validated options every execution of the batch gets (args, requirements, shared
+    # inputs, limits): what a page of added inputs and a retry are built from.
+    template: Mapped[dict] = mapped_column(JSON)
+    # The next execution number: ids are the batch id plus this, so a batch id is a prefix
+    # of its executions' ids.
+    next_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    # When its inputs were all added and it began to run; None: still being filled.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ScriptCache(Base):

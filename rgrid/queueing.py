@@ -23,6 +23,7 @@ PIPELINE = (HASH, CACHE_LOOKUP, BUILD, RUN, STORE)
 SWEEP_LOST_WORKERS = "rgrid.sweep_lost_workers"
 REAP_CONTAINERS = "rgrid.reap_containers"
 PURGE_CACHES = "rgrid.purge_caches"
+DISPATCH_BATCHES = "rgrid.dispatch_batches"
 
 
 def create_celery_app(include: Iterable[str] = ()) -> Celery:

@@ -422,13 +422,25 @@ def start_box(
 
 
 def claim(client: docker.DockerClient, box: Box, execution_id: str) -> bool:
-    """Take a pre-started sandbox for one execution. Renaming is atomic in the engine: of two
-    claimers (processes or hosts sharing an engine) exactly one succeeds, and the loser gets
-    404 because the old name is gone."""
+    """Take a pre-started sandbox for one execution, by renaming it: the loser of two
+    claimers gets 404 because the old name is gone. But only when the renames come one after
+    the other: two renames of one container at the same moment both succeeded here (Docker
+    20.10; two threads running 40 executions handed one sandbox to two executions, which
+    then ran in the same /work), so the claims of one sandbox take turns under a file lock
+    in its host folder (beside ``work``, out of the container's sight)."""
+    import fcntl
+
+    lock_path = box.host_dir / "claim.lock"
     try:
-        client.api.rename(box.name, f"{RUN_NAME_PREFIX}{execution_id}")
-    except docker.errors.APIError:
+        lock = open(lock_path, "a+b")  # noqa: SIM115 - held across the rename below
+    except OSError:
         return False
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.api.rename(box.name, f"{RUN_NAME_PREFIX}{execution_id}")
+        except docker.errors.APIError:
+            return False
     box.name = f"{RUN_NAME_PREFIX}{execution_id}"
     return True
 

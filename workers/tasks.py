@@ -12,7 +12,7 @@ from celery.signals import worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from rgrid import pipeline, queueing
+from rgrid import batches, pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
@@ -68,10 +68,24 @@ class PipelineTask(Task):
             return
         step = _STEP_OF_TASK.get(self.name, self.name)
         pipeline.crashed(worker_context(), execution_id, exc, step)
+        _hand_on(execution_id)
 
 
 #: Task name -> the pipeline step it runs (its name says what failed, in user's words).
 _STEP_OF_TASK: dict[str, str] = {}
+
+
+def _enqueue(execution_id: str) -> None:
+    queueing.enqueue_pipeline(app, execution_id)
+
+
+def _hand_on(execution_id: str) -> None:
+    """The execution may have ended: if its batch holds executions back, queue the next. A
+    failure here only delays them until beat's dispatch job."""
+    try:
+        batches.after_execution(worker_context().session_factory, execution_id, _enqueue)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("could not dispatch the batch of %s", execution_id)
 
 
 def _step(name: str, fn):
@@ -85,6 +99,8 @@ def _step(name: str, fn):
             # waiting for a slot must not use up the retries kept for service outages.
             self.signature_from_request(countdown=busy.retry_s, retries=0).apply_async()
             raise Ignore() from None
+        if name in (queueing.RUN, queueing.STORE):
+            _hand_on(execution_id)
         return execution_id
 
     _STEP_OF_TASK[name] = fn.__name__
@@ -130,6 +146,12 @@ def reap_containers_task() -> dict[str, list[str]]:
     with session_scope(ctx.session_factory) as session:
         reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
     return {"reaped": reaped, "lost": lost}
+
+
+@app.task(name=queueing.DISPATCH_BATCHES)
+def dispatch_batches_task() -> list[str]:
+    """Every lease: batches whose next executions nobody handed on."""
+    return batches.dispatch_stalled(worker_context().session_factory, _enqueue)
 
 
 @app.task(name=queueing.SWEEP_LOST_WORKERS)

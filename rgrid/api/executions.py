@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from rgrid import executions as svc
 from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
-from rgrid.api.schemas import ListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
+from rgrid.api.schemas import ExecutionListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
 from rgrid.channels import check_env
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, ServiceUnavailable
@@ -69,11 +69,13 @@ def create_execution(body: SubmitRequest):
 
 
 @bp.get("/executions")
-@validated(query=ListQuery)
-def list_executions(query: ListQuery):
+@validated(query=ExecutionListQuery)
+def list_executions(query: ExecutionListQuery):
     """The caller's recent executions, newest first."""
     with session_scope(_ctx().session_factory) as session:
-        rows = svc.list_executions(session, g.account_id, query.limit)
+        rows = svc.list_executions(
+            session, g.account_id, query.limit, standalone=bool(query.standalone)
+        )
         return jsonify(executions=[svc.execution_to_dict(row) for row in rows])
 
 

@@ -45,6 +45,7 @@ SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PATH_PARAMETERS = {
     "execution_id": r"^(last|[0-9a-f]{4,16})$",
     "upload_id": r"^[0-9a-f]{32}$",
+    "batch_id": r"^(last|[0-9a-f]{4,10})$",
 }
 
 
@@ -84,6 +85,38 @@ class SubmitRequest(_Strict):
     env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_VARS)
 
 
+class BatchRequest(_Strict):
+    """What every execution of a batch shares; its inputs are added in pages afterwards."""
+
+    script: str = Field(max_length=1024 * 1024)
+    script_name: ScriptName = "script.py"
+    runtime: Annotated[str, StringConstraints(max_length=40, pattern=r"^[a-z0-9.:_-]+$")] = (
+        DEFAULT_RUNTIME
+    )
+    timeout_s: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    args: list[Argument] = Field(default_factory=list, max_length=10_000)
+    requirements: Annotated[str, Field(max_length=1024 * 1024)] | None = None
+    refresh_deps: bool = False
+    #: Shared inputs: placed beside every execution's own input.
+    inputs: list[InputEntry] = Field(default_factory=list, max_length=10_000)
+    memory: (
+        Annotated[str, StringConstraints(max_length=20, pattern=_PRINTABLE)]
+        | Annotated[int, Field(ge=0, le=2**50)]
+        | None
+    ) = None
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+    #: At most this many of its executions queued or running at once; none: no bound.
+    parallel: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    #: How many inputs will be added: a batch over the limit is refused before it exists.
+    size: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+
+
+class BatchInputsRequest(_Strict):
+    """One page of a batch's inputs: one execution each."""
+
+    inputs: list[InputEntry] = Field(min_length=1, max_length=1000)
+
+
 class MissingRequest(_Strict):
     #: One query answers them all; more than this is refused rather than queued.
     digests: list[Digest] = Field(max_length=10_000)
@@ -116,6 +149,19 @@ class LogsQuery(_Query):
 
 class ListQuery(_Query):
     limit: Annotated[int, Field(ge=1, le=500)] = 20
+
+
+class ExecutionListQuery(ListQuery):
+    #: 1: leave out the executions of batches (each batch is listed at /v1/batches).
+    standalone: Annotated[int, Field(ge=0, le=1)] = 0
+
+
+class BatchExecutionsQuery(_Query):
+    after: Annotated[str, StringConstraints(max_length=16, pattern=r"^[0-9a-f]*$")] = ""
+    finished_since: (
+        Annotated[str, StringConstraints(max_length=40, pattern=r"^[0-9T:.+\-]+$")] | None
+    ) = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 500
 
 
 class StdinQuery(_Query):

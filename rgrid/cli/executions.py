@@ -237,6 +237,24 @@ Exit status (as with docker run):
 @click.option(
     "--refresh-deps", is_flag=True, help="Resolve unpinned requirements again (new versions)."
 )
+@click.option(
+    "--batch",
+    "batch_patterns",
+    multiple=True,
+    metavar="GLOB|FOLDER",
+    help="Run SCRIPT once per file matched (quote the glob); each file is its first argument,"
+    " and its outputs land in ./rgrid-outputs/<batch-id>/<file name>/.",
+)
+@click.option(
+    "--batch-file",
+    type=click.Path(path_type=Path),
+    help="A file listing the batch's input files, one per line.",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    help="With --batch: at most this many executions at once.  [default: what the grid takes]",
+)
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the installer's own output too.")
 @click.option(
@@ -257,6 +275,9 @@ def run(
     cpus: float | None,
     requirements_file: Path | None,
     refresh_deps: bool,
+    batch_patterns: tuple[str, ...],
+    batch_file: Path | None,
+    parallel: int | None,
     json_mode: bool,
     verbose: bool,
     detach: bool,
@@ -287,6 +308,32 @@ def run(
 
         # A malformed line is reported here, naming its file and line, before anything is sent.
         requirements = read_requirements_file(requirements_file)
+    if batch_patterns or batch_file is not None:
+        if env:
+            raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
+        from rgrid.cli.batch import run_batch
+
+        raise SystemExit(
+            run_batch(
+                script_text=text,
+                script_name=script.name,
+                patterns=batch_patterns,
+                batch_file=batch_file,
+                parallel=parallel,
+                shared_inputs=inputs,
+                args=[*extra_args, *ctx.meta.get("rgrid.script_args", [])],
+                json_mode=json_mode,
+                detach=detach,
+                runtime=runtime,
+                timeout_s=timeout_s,
+                requirements=requirements,
+                refresh_deps=refresh_deps or None,
+                memory=memory,
+                cpus=cpus,
+            )
+        )
+    if parallel is not None:
+        raise BadInput("--parallel needs --batch or --batch-file")
     if detach and settings.embedded:
         raise BadInput(
             "--detach needs an RGrid API (RGRID_API_URL): the embedded default runs the script"
@@ -507,12 +554,20 @@ def outputs(execution_id: str, output_dir: Path | None):
 @click.option("--json", "json_mode", is_flag=True)
 def list_(limit: int, json_mode: bool):
     """List your recent executions, newest first."""
-    rows = _client().list(limit)
+    client = _client()
+    rows = client.list(limit, standalone=True)
+    for row in rows:
+        fetched = outputs_dir_for(row["execution_id"])
+        row["outputs_dir"] = str(fetched) if fetched.is_dir() else None
+    if hasattr(client, "list_batches"):
+        from rgrid.cli.batch import batches_table
+
+        # Each batch is one row with its counts; its executions are not listed one by one.
+        rows += batches_table(client.list_batches(limit))
+        rows.sort(key=lambda row: row["created_at"] or "", reverse=True)
+        rows = rows[:limit]
     if json_mode:
-        for row in rows:
-            fetched = outputs_dir_for(row["execution_id"])
-            row["outputs_dir"] = str(fetched) if fetched.is_dir() else None
-        print_json(rows)
+        print_json([row.get("batch") or row for row in rows])
     elif rows:
         for line in executions_table(rows):
             click.echo(line)

@@ -201,6 +201,10 @@ def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[st
     ]
 
 
+def _cache(hit: bool | None) -> str:
+    return "" if hit is None else "hit" if hit else "miss"
+
+
 def executions_table(rows: list[dict]) -> list[str]:
     return table_lines(
         ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED (UTC)"),
@@ -210,7 +214,7 @@ def executions_table(rows: list[dict]) -> list[str]:
                 row["status"],
                 "" if row["exit_code"] is None else str(row["exit_code"]),
                 row["script_name"],
-                "hit" if row["script_cache_hit"] else "miss",
+                _cache(row["script_cache_hit"]),
                 "" if row["duration_s"] is None else f"{row['duration_s']:.2f}s",
                 (row["created_at"] or "")[:19].replace("T", " "),
             )

@@ -1,0 +1,625 @@
+"""`rgrid run SCRIPT --batch ...` and `rgrid batch status|cancel|outputs|retry`.
+
+A batch is sent in pages: the inputs are expanded to a list of names first (checked before
+anything is sent), then hashed, uploaded (each distinct content once, as for any run) and
+added to the batch a page at a time, so the CLI holds one page of files, never the whole
+batch. Nothing runs before the batch is started, in one request after the last page.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
+
+import click
+
+from rgrid.cli import EXIT_INTERRUPTED, cli
+from rgrid.cli.output import note, print_json, stderr_is_terminal, table_lines
+from rgrid.client import Client, make_client
+from rgrid.config import Settings, get_settings
+from rgrid.errors import BadInput, RGridError
+from rgrid.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
+from rgrid.inputs import collect as collect_inputs
+from rgrid.statuses import TERMINAL_STATUSES
+
+OUTPUTS_ROOT = Path("rgrid-outputs")
+#: Inputs hashed, uploaded and added per request (the API's most per request).
+PAGE_SIZE = 1000
+#: How often a followed batch is looked at.
+POLL_S = 0.5
+#: A finished execution is looked for again this long after the newest one seen, so one whose
+#: commit landed a moment after a later one's is not missed (duplicates are dropped by id).
+FINISHED_OVERLAP = timedelta(seconds=2)
+#: How many failed executions the summary shows with their last log line.
+SHOW_FAILED = 10
+_GLOB_CHARS = set("*?[")
+
+
+def _names_under(folder: Path) -> Iterator[Path]:
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(current) / name
+
+
+def _relative(path: Path, cwd: Path, given: str) -> str:
+    """The input's name in /work: its path relative to the working folder, which it must be
+    inside (as for any input)."""
+    resolved = (cwd / path).absolute()
+    try:
+        relative = os.path.relpath(resolved, cwd)
+    except ValueError:
+        relative = str(resolved)
+    if os.path.isabs(relative) or relative.startswith(".."):
+        raise BadInput(f"batch input {given} is outside the working folder")
+    if not resolved.resolve().is_relative_to(cwd.resolve()):
+        raise BadInput(f"batch input {given} is a link pointing outside the working folder")
+    name = input_name(relative)
+    if name == OUTPUTS_DIR or name.startswith(OUTPUTS_DIR + "/"):
+        raise BadInput(f"batch input {name}: 'outputs/' is where the script's outputs go")
+    return name
+
+
+def expand(patterns: tuple[str, ...], batch_file: Path | None, cwd: Path) -> list[str]:
+    """Every batch input's name, in order, checked: a pattern matching nothing or a folder,
+    a missing file, a name given twice or two inputs with one basename (their outputs
+    folders would collide) are refused here, before anything is sent."""
+    paths: list[tuple[Path, str]] = []
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(glob.glob(pattern, root_dir=cwd, recursive=True))
+            if not matches:
+                raise BadInput(f"--batch {pattern!r} matches no files")
+            for match in matches:
+                if (cwd / match).is_dir():
+                    raise BadInput(
+                        f"--batch {pattern!r} matches a folder: {match} (batch inputs are"
+                        " files; give the folder itself to take every file in it)"
+                    )
+                paths.append((Path(match), match))
+        elif (cwd / pattern).is_dir():
+            found = [(path.relative_to(cwd), pattern) for path in _names_under(cwd / pattern)]
+            if not found:
+                raise BadInput(f"--batch folder {pattern} has no files")
+            paths += found
+        elif (cwd / pattern).is_file():
+            paths.append((Path(pattern), pattern))
+        else:
+            raise BadInput(f"--batch {pattern}: no such file or folder")
+    if batch_file is not None:
+        try:
+            lines = batch_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise BadInput(f"cannot read --batch-file {batch_file}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"--batch-file {batch_file} is not UTF-8 text") from exc
+        for number, raw in enumerate(lines, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not (cwd / line).is_file():
+                raise BadInput(f"{batch_file}:{number}: not a file: {line}")
+            paths.append((Path(line), line))
+    if not paths:
+        raise BadInput("the batch has no inputs")
+    names: list[str] = []
+    seen: dict[str, str] = {}
+    by_basename: dict[str, str] = {}
+    for path, given in paths:
+        name = _relative(path, cwd, given)
+        if name in seen:
+            raise BadInput(f"batch input {name} is given twice")
+        seen[name] = given
+        base = PurePosixPath(name).name
+        if base in by_basename:
+            raise BadInput(
+                f"two batch inputs are named {base}: {by_basename[base]} and {name}"
+                " (their outputs folders would collide)"
+            )
+        by_basename[base] = name
+        names.append(name)
+    return names
+
+
+def outputs_root(batch_id: str) -> Path:
+    if not (batch_id.isalnum() and batch_id.islower() and len(batch_id) <= 16):
+        raise RGridError(f"the server sent an odd batch id {batch_id!r}")
+    return Path.cwd() / OUTPUTS_ROOT / batch_id
+
+
+#: Uploads of a page run on this many connections at once: a small file's upload is three
+#: round trips (plan, PUT, complete), and one after the other 300 small files took 41 s.
+UPLOAD_THREADS = 8
+
+
+def _upload(client: Client, items: list[InputFile]) -> None:
+    fork = getattr(client, "fork", None)
+    if len(items) < 2 or fork is None:
+        for item in items:
+            client.upload(item, lambda n: None)
+        return
+    local = threading.local()
+
+    def one(item: InputFile) -> None:
+        if not hasattr(local, "client"):
+            local.client = fork()
+        local.client.upload(item, lambda n: None)
+
+    with ThreadPoolExecutor(min(UPLOAD_THREADS, len(items))) as pool:
+        list(pool.map(one, items))
+
+
+def _send_page(
+    client: Client, batch_id: str, names: list[str], cwd: Path, settings: Settings
+) -> tuple[int, int]:
+    """Hash, upload what the account lacks and add one page; returns (files, bytes) sent."""
+    files = []
+    for name in names:
+        path = cwd / name
+        size = path.stat().st_size
+        if size > settings.max_input_file_bytes:
+            raise BadInput(
+                f"batch input {name} is {size} bytes, over the per-file limit of"
+                f" {settings.max_input_file_bytes}"
+            )
+        files.append(InputFile(name=name, path=path, size=size))
+    hash_files(files)
+    missing = set(client.missing([item.sha256 for item in files]))
+    to_send = list({item.sha256: item for item in files if item.sha256 in missing}.values())
+    _upload(client, to_send)
+    client.add_batch_inputs(batch_id, [item.manifest_entry() for item in files])
+    return len(to_send), sum(item.size for item in to_send)
+
+
+def submit_batch(
+    client: Client,
+    settings: Settings,
+    *,
+    names: list[str],
+    shared: list[InputFile],
+    json_mode: bool,
+    **options: object,
+) -> dict:
+    """Create the batch, add its inputs page by page, start it. A failure before the start
+    cancels the batch, so nothing of it ever runs."""
+    from rgrid.cli.executions import send_inputs
+
+    if shared:
+        send_inputs(client, shared, json_mode)
+    cwd = Path.cwd()
+    batch = client.create_batch(
+        inputs=[item.manifest_entry() for item in shared], size=len(names), **options
+    )
+    batch_id = batch["batch_id"]
+    try:
+        sent_files = sent_bytes = 0
+        for start in range(0, len(names), PAGE_SIZE):
+            files, size = _send_page(
+                client, batch_id, names[start : start + PAGE_SIZE], cwd, settings
+            )
+            sent_files, sent_bytes = sent_files + files, sent_bytes + size
+        if not json_mode:
+            note(
+                f"batch {batch_id}: {len(names)} input(s), {sent_files} uploaded"
+                f" ({sent_bytes} bytes), {len(names) - sent_files} already stored"
+            )
+        return client.start_batch(batch_id)
+    except BaseException:
+        try:
+            client.cancel_batch(batch_id)
+        except RGridError:
+            pass
+        raise
+
+
+@dataclass
+class Follower:
+    """Watches a batch until every execution has ended: counts from the batch, finished
+    executions as they finish (their outputs fetched at once, a JSON line each)."""
+
+    client: Client
+    batch_id: str
+    json_mode: bool
+    fetch_outputs: bool = True
+    #: Report only these executions (a retry's new ones); None: every one of the batch.
+    only: set[str] | None = None
+    seen: set[str] = field(default_factory=set)
+    finished: list[dict] = field(default_factory=list)
+    newest: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    status: dict = field(default_factory=dict)
+
+    def _finished_since(self) -> Iterator[dict]:
+        since = None
+        if self.newest is not None:
+            since = (datetime.fromisoformat(self.newest) - FINISHED_OVERLAP).isoformat()
+        since = since or "1970-01-01T00:00:00+00:00"
+        after = ""
+        while True:
+            rows = self.client.batch_executions(
+                self.batch_id, after=after, finished_since=since, limit=500
+            )
+            for row in rows:
+                wanted = self.only is None or row["execution_id"] in self.only
+                if wanted and row["execution_id"] not in self.seen:
+                    yield row
+            if len(rows) < 500:
+                return
+            since, after = rows[-1]["finished_at"], rows[-1]["execution_id"]
+
+    def poll(self) -> bool:
+        """One look; returns whether the batch is over."""
+        self.status = self.client.batch(self.batch_id)
+        for row in list(self._finished_since()):
+            self.seen.add(row["execution_id"])
+            if self.newest is None or row["finished_at"] > self.newest:
+                self.newest = row["finished_at"]
+            self._finished(row)
+        return bool(self.status["done"])
+
+    def _finished(self, row: dict) -> None:
+        dest = outputs_root(self.batch_id) / PurePosixPath(row["batch_item"]).name
+        outputs_dir = None
+        if self.fetch_outputs and row["outputs"] and self.client.download_outputs(row, dest):
+            outputs_dir = str(dest)
+        self.finished.append(
+            {
+                "execution_id": row["execution_id"],
+                "input": row["batch_item"],
+                "status": row["status"],
+                "exit_code": row["exit_code"],
+                "duration_s": row["duration_s"],
+                "error": row["error"],
+            }
+        )
+        if self.json_mode:
+            print_json({**row, "outputs_dir": outputs_dir})
+
+    def counts_text(self) -> str:
+        counts = self.status.get("counts", {})
+        failed = sum(n for s, n in counts.items() if s in TERMINAL_STATUSES and s != "succeeded")
+        running = counts.get("running", 0) + counts.get("building", 0)
+        return (
+            f"{counts.get('succeeded', 0)} done · {failed} failed · {running} running"
+            f" · {counts.get('queued', 0)} queued"
+        )
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return len(self.finished) / elapsed if elapsed > 0 else 0.0
+
+
+def follow(follower: Follower) -> None:
+    """Poll until the batch is over, with a live progress bar on a terminal (plain lines
+    every few seconds otherwise, none with --json)."""
+    if follower.json_mode or not stderr_is_terminal():
+        last_line = 0.0
+        while not follower.poll():
+            if not follower.json_mode and time.monotonic() - last_line >= 5:
+                note(f"batch {follower.batch_id}: {follower.counts_text()}")
+                last_line = time.monotonic()
+            time.sleep(POLL_S)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from rgrid.cli.output import err_console
+
+    columns = (
+        TextColumn(f"batch {follower.batch_id}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console(), transient=True) as bar:
+        task = bar.add_task("batch", total=None, counts="", rate="")
+        while True:
+            over = follower.poll()
+            bar.update(
+                task,
+                total=follower.status["total"],
+                completed=follower.status["finished"],
+                counts=follower.counts_text(),
+                rate=f"{follower.rate():.1f}/s",
+            )
+            if over:
+                return
+            time.sleep(POLL_S)
+
+
+def _last_log_line(client: Client, execution_id: str, fallback: str | None) -> str:
+    """The last line the script wrote to stderr (where tracebacks and sys.exit messages go),
+    else to stdout, else the error RGrid recorded."""
+    last = {"stderr": "", "stdout": ""}
+    offset = 0
+    for _ in range(50):  # a bounded read: a failed script's log is rarely long
+        page = client.logs(execution_id, offset)
+        for stream, text in page["chunks"]:
+            lines = [line for line in text.splitlines() if line.strip()]
+            if stream in last and lines:
+                last[stream] = lines[-1]
+        offset = page["next_offset"]
+        if page["complete"] or not page["chunks"]:
+            break
+    return (last["stderr"] or last["stdout"] or fallback or "")[:120]
+
+
+def summarise(follower: Follower, interrupted: bool) -> int:
+    """The summary (a table, or one JSON object); returns the exit status: 0 when every
+    execution succeeded, 130 when stopped, else 1."""
+    client = follower.client
+    status = follower.status
+    counts = status.get("counts", {})
+    elapsed = time.monotonic() - follower.started
+    failed = [row for row in follower.finished if row["status"] != "succeeded"]
+    slowest = sorted(
+        (row for row in follower.finished if row["duration_s"] is not None),
+        key=lambda row: row["duration_s"],
+        reverse=True,
+    )[:3]
+    root = outputs_root(follower.batch_id)
+    outputs_dir = str(root) if root.is_dir() else None
+    shown = [
+        {**row, "last_line": _last_log_line(client, row["execution_id"], row["error"])}
+        for row in failed[:SHOW_FAILED]
+    ]
+    if follower.json_mode:
+        print_json(
+            {
+                "batch_id": follower.batch_id,
+                "summary": True,
+                "total": status.get("total"),
+                "counts": counts,
+                "wall_s": round(elapsed, 3),
+                "executions_per_s": round(follower.rate(), 3),
+                "slowest": slowest,
+                "failed": shown,
+                "outputs_dir": outputs_dir,
+            }
+        )
+    else:
+        note(
+            f"batch {follower.batch_id}: {status.get('total')} execution(s) in {elapsed:.1f}s"
+            f" ({follower.rate():.1f}/s)"
+        )
+        for line in table_lines(
+            ("STATUS", "COUNT"), sorted((s, str(n)) for s, n in counts.items())
+        ):
+            click.echo(line, err=True)
+        if slowest:
+            note(
+                "slowest: "
+                + ", ".join(f"{row['input']} {row['duration_s']:.2f}s" for row in slowest)
+            )
+        if shown:
+            for line in table_lines(
+                ("FAILED", "INPUT", "STATUS", "EXIT", "LAST LOG LINE"),
+                (
+                    (
+                        row["execution_id"],
+                        row["input"],
+                        row["status"],
+                        "" if row["exit_code"] is None else str(row["exit_code"]),
+                        row["last_line"],
+                    )
+                    for row in shown
+                ),
+            ):
+                click.echo(line, err=True)
+            if len(failed) > len(shown):
+                note(f"... and {len(failed) - len(shown)} more failed")
+            note(f"run them again: rgrid batch retry {follower.batch_id}")
+        if outputs_dir:
+            note(f"outputs: {outputs_dir}/<input name>/")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if set(counts) <= {"succeeded"} else 1
+
+
+#: How long a stopped batch is followed while its executions end.
+CANCEL_WAIT_S = 60.0
+
+
+def _ask_to_cancel(batch_id: str) -> bool:
+    """Ctrl-C: at a terminal, ask; otherwise (nobody to ask) cancel."""
+    if not sys.stdin.isatty():
+        return True
+    try:
+        return click.confirm(f"\ncancel batch {batch_id}?", default=True, err=True)
+    except (KeyboardInterrupt, click.Abort, EOFError):
+        return True
+
+
+def follow_and_summarise(
+    client: Client, batch_id: str, json_mode: bool, only: set[str] | None = None
+) -> int:
+    from rgrid.cli.executions import Stopped, stop_signals
+
+    follower = Follower(client, batch_id, json_mode, only=only)
+    try:
+        with stop_signals():
+            follow(follower)
+    except (KeyboardInterrupt, Stopped) as exc:
+        if isinstance(exc, KeyboardInterrupt) and not _ask_to_cancel(batch_id):
+            click.echo(
+                f"rgrid: batch {batch_id} goes on; `rgrid batch status {batch_id}` shows it",
+                err=True,
+            )
+            return EXIT_INTERRUPTED
+        result = client.cancel_batch(batch_id)
+        click.echo(
+            f"rgrid: cancelling batch {batch_id} ({result.get('stopped', 0)} unfinished)",
+            err=True,
+        )
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while not follower.poll() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        return summarise(follower, interrupted=True)
+    return summarise(follower, interrupted=False)
+
+
+def run_batch(
+    *,
+    script_text: str,
+    script_name: str,
+    patterns: tuple[str, ...],
+    batch_file: Path | None,
+    parallel: int | None,
+    shared_inputs: tuple[str, ...],
+    args: list[str],
+    json_mode: bool,
+    detach: bool,
+    **options: object,
+) -> int:
+    settings = get_settings()
+    cwd = Path.cwd()
+    names = expand(patterns, batch_file, cwd)
+    shared = collect_inputs(list(shared_inputs), cwd, settings)
+    clash = {item.name for item in shared} & set(names)
+    if clash:
+        raise BadInput(f"{sorted(clash)[0]} is both a shared input and a batch input")
+    if script_name in names:
+        raise BadInput(f"the script {script_name} cannot also be one of its batch's inputs")
+    client = make_client(settings)
+    batch = submit_batch(
+        client,
+        settings,
+        names=names,
+        shared=shared,
+        json_mode=json_mode,
+        script=script_text,
+        script_name=script_name,
+        args=[*(input_name(arg) for arg in shared_inputs), *args],
+        parallel=parallel,
+        **options,
+    )
+    batch_id = batch["batch_id"]
+    if detach:
+        print_json(batch) if json_mode else click.echo(batch_id)
+        return 0
+    if not json_mode:
+        limit = f", at most {parallel} at once" if parallel else ""
+        note(f"batch {batch_id}: {batch['total']} execution(s){limit}")
+    return follow_and_summarise(client, batch_id, json_mode)
+
+
+def _client() -> Client:
+    return make_client(get_settings())
+
+
+@cli.group()
+def batch() -> None:
+    """Follow, cancel, fetch or retry a batch (`rgrid run SCRIPT --batch ...`)."""
+
+
+@batch.command(name="status")
+@click.argument("batch_id")
+@click.option("--json", "json_mode", is_flag=True)
+def batch_status(batch_id: str, json_mode: bool):
+    """A batch's executions counted per status."""
+    status = _client().batch(batch_id)
+    if json_mode:
+        print_json(status)
+        return
+    for key in ("batch_id", "script_name", "parallel", "total", "finished", "created_at"):
+        if status.get(key) is not None:
+            click.echo(f"{key:14} {status[key]}")
+    for state, count in sorted(status["counts"].items()):
+        click.echo(f"{state:14} {count}")
+    if status["cancelled"]:
+        click.echo(f"{'cancelled_at':14} {status['cancelled_at']}")
+    if not status["done"]:
+        note(f"batch {status['batch_id']} is still running")
+
+
+@batch.command(name="cancel")
+@click.argument("batch_id")
+def batch_cancel(batch_id: str):
+    """Cancel every queued and running execution of a batch."""
+    result = _client().cancel_batch(batch_id)
+    click.echo(f"cancelled batch {result['batch_id']}: {result['stopped']} execution(s) stopped")
+
+
+@batch.command(name="outputs")
+@click.argument("batch_id")
+def batch_outputs(batch_id: str):
+    """Download every output of a batch to ./rgrid-outputs/<batch-id>/<input name>/."""
+    client = _client()
+    status = client.batch(batch_id)
+    batch_id = status["batch_id"]
+    count = 0
+    after = ""
+    while True:
+        rows = client.batch_executions(batch_id, after=after, limit=500)
+        for row in rows:
+            if row["outputs"]:
+                dest = outputs_root(batch_id) / PurePosixPath(row["batch_item"]).name
+                count += len(client.download_outputs(row, dest))
+        if len(rows) < 500:
+            break
+        after = rows[-1]["execution_id"]
+    if count:
+        click.echo(str(outputs_root(batch_id)))
+    else:
+        note("no outputs")
+    if not status["done"]:
+        note(f"batch {batch_id} is still running: only finished executions' outputs are here")
+
+
+@batch.command(name="retry")
+@click.argument("batch_id")
+@click.option("--json", "json_mode", is_flag=True)
+@click.option("-d", "--detach", is_flag=True, help="Retry and return at once.")
+def batch_retry(batch_id: str, json_mode: bool, detach: bool):
+    """Run a batch's failed executions again (successes are not run again), and follow."""
+    client = _client()
+    result = client.retry_batch(batch_id)
+    batch_id = result["batch_id"]
+    if not result["retried"]:
+        note(f"batch {batch_id}: nothing failed, nothing to retry")
+        return
+    if not json_mode:
+        note(f"batch {batch_id}: running {len(result['retried'])} failed execution(s) again")
+    if detach:
+        return
+    raise SystemExit(
+        follow_and_summarise(client, batch_id, json_mode, only=set(result["new_executions"]))
+    )
+
+
+def batches_table(rows: list[dict]) -> list[dict]:
+    """Batches as rows of `rgrid list`: one each, its counts in the status column."""
+    listed = []
+    for row in rows:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(row["counts"].items()))
+        listed.append(
+            {
+                "execution_id": f"{row['batch_id']} (batch)",
+                "status": counts or "empty",
+                "exit_code": None,
+                "script_name": row["script_name"],
+                "script_cache_hit": None,
+                "duration_s": None,
+                "created_at": row["created_at"],
+                "batch": row,
+            }
+        )
+    return listed
