@@ -8,6 +8,7 @@ can be pointed at the same services without a config file. Nothing else in the c
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,10 @@ class Settings:
     #: Required as a bearer token by the API's /metrics; unset: /metrics answers loopback only.
     metrics_token: str | None = None
 
+    #: This worker host's name: recorded on each execution it runs, and the name of its own
+    #: queue (rgrid/hosts.py). One per Docker engine; defaults to the machine's name.
+    host_name: str = field(default_factory=socket.gethostname)
+
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
 
@@ -171,6 +176,7 @@ class Settings:
                 "RGRID_MAX_INPUT_TOTAL_BYTES", cls.max_input_total_bytes
             ),
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
+            host_name=_env("RGRID_HOST_NAME") or socket.gethostname(),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")

@@ -41,6 +41,7 @@ from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
 from rgrid.errors import BuildError, RGridError, ServiceUnavailable
 from rgrid.hashing import script_hash
+from rgrid.hosts import HostRegistry
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, encode_log
 from rgrid.models import DependencyCache, Execution, ScriptCache, utcnow
@@ -74,6 +75,8 @@ class PipelineContext:
     background: list[threading.Thread] = field(default_factory=list)
     #: True for the embedded default: the pipeline runs in the CLI's own process.
     embedded: bool = False
+    #: Which hosts hold which environment (server side); None: one host, nothing to share.
+    hosts: HostRegistry | None = None
 
     @cached_property
     def docker(self) -> docker.DockerClient:
@@ -111,6 +114,12 @@ class PipelineContext:
         """Who runs a script: this host and process (the pid changes in each Celery child)."""
         prefix = "embedded:" if self.embedded else ""
         return f"{prefix}{socket.gethostname()}:{os.getpid()}"
+
+    def warm(self, environment: str | None) -> None:
+        """Tell the grid this host has ``environment``, so later runs of it come here."""
+        if self.hosts is not None and environment:
+            with contextlib.suppress(Exception):  # only a preference: never fail a run for it
+                self.hosts.has_environment(self.settings.host_name, environment)
 
     def join_background(self, timeout_s: float = 30) -> None:
         for thread in self.background:
@@ -307,7 +316,18 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
         key = cache_keys.dependency_cache_key(
             execution.account_id, execution.runtime, execution.dependency_hash or ""
         )
-    with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
+    # A set resolved before (its pins are in the dependency cache) only needs installing on
+    # this host: a lock per host, so hosts install it side by side. A set never resolved
+    # takes the grid-wide lock, so it is resolved once.
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        known = None
+        with cache_tables(ctx, execution_id, session):
+            known = _dependency_row(session, execution)
+        lock = cache_keys.build_lock_name(key)
+        if known is not None and not execution.refresh_deps:
+            lock = cache_keys.host_build_lock_name(key, ctx.settings.host_name)
+    with ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s):
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             row = None
@@ -322,6 +342,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 execution.environment = row.environment
                 execution.resolved_dependencies = list(row.resolved)
                 ctx.note(execution_id, "installed by a concurrent run: dependency cache hit")
+                ctx.warm(row.environment)
                 return True
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
@@ -365,6 +386,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
     summary = f"installed {len(installed.pinned)} package(s) in {installed.install_s:.2f}s"
     ctx.note(execution_id, summary if installed.name else "the requirements install nothing")
     if installed.name:
+        ctx.warm(installed.name)
         deps_dir = ctx.settings.environments_dir / installed.name
         # Sandboxes warmed for an earlier folder of this name still mount the removed one.
         env = sandbox.Environment(spec.image, deps_dir)
@@ -598,7 +620,9 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         execution.started_at = utcnow()
         execution.runtime_image = runtime_image[:80]
         execution.worker = ctx.worker_id
+        execution.host = ctx.settings.host_name
         execution.heartbeat_at = execution.started_at
+    ctx.warm(execution.environment)
     if retried:
         _remove_leftover(ctx, execution_id)
     script = _script_bytes(ctx, execution)

@@ -33,6 +33,18 @@ def create_celery_app(include: Iterable[str] = ()) -> Celery:
     return app
 
 
+#: The steps that touch the Docker engine: all of one execution's run on one host.
+DOCKER_STEPS = (BUILD, RUN)
+
+
+def route_rest(rest: list[dict] | None, queue: str) -> None:
+    """Send the steps still to come of a chain (a task's ``request.chain``: signatures as
+    dicts, the next one last) to ``queue``. Celery reads that list after the task returns,
+    so changing it in place routes what follows."""
+    for signature in rest or ():
+        signature.setdefault("options", {})["queue"] = queue
+
+
 def enqueue_pipeline(app: Celery, execution_id: str) -> None:
     """Queue the chain; call only after the transaction that wrote the row has committed."""
     first, *rest = PIPELINE

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
@@ -16,6 +17,7 @@ from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import RGridError, ServiceUnavailable
+from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
 from rgrid.maintenance import (
     purge_blobs,
     purge_dependency_cache,
@@ -23,6 +25,7 @@ from rgrid.maintenance import (
     reap_containers,
     sweep_lost_executions,
 )
+from rgrid.models import Execution, utcnow
 from rgrid.pipeline import PipelineContext
 from workers.celery_app import app
 
@@ -68,10 +71,74 @@ class PipelineTask(Task):
         pipeline.fail(worker_context(), execution_id, message)
 
 
+def _engine_answers(ctx: PipelineContext) -> bool:
+    try:
+        return bool(ctx.docker.ping())
+    except Exception:  # noqa: BLE001 - unreachable, however it fails
+        return False
+
+
+def _pin_here(task: Task, ctx: PipelineContext, execution_id: str) -> None:
+    """The first Docker step to take an execution pins it to this host: the steps still to
+    come go to this host's queue, so the run finds the environment the build installed."""
+    host = ctx.settings.host_name
+    queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, host))
+
+    def pin(execution) -> None:
+        if execution.host is None:
+            execution.host = host
+
+    pipeline.update_execution(ctx, execution_id, pin)
+
+
+def _prefer_warm(task: Task, ctx: PipelineContext, execution_id: str) -> None:
+    """After the cache lookup: a live host that already has the environment takes the
+    Docker steps; with none, they stay on the shared queue for any host."""
+    with session_scope(ctx.session_factory) as session:
+        environment = session.get(Execution, execution_id).environment
+    warm = ctx.hosts.warm_host(environment) if ctx.hosts else None
+    if warm is not None:
+        queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, warm))
+
+
+def _move_elsewhere(task: Task, ctx: PipelineContext, execution_id: str) -> None:
+    """This host's Docker engine is down: hand this step and the rest of the chain to the
+    shared queue (another host takes it) instead of failing the execution here. The step is
+    idempotent, and a run cut short here left no live sandbox behind (its engine is gone)."""
+    log.warning("%s: Docker engine of %s is down: moving it", execution_id, ctx.settings.host_name)
+    rest, task.request.chain = task.request.chain, None
+    queueing.route_rest(rest, ctx.settings.queue)
+
+    def unpin(execution) -> None:
+        execution.host = None
+        if execution.heartbeat_at is not None:
+            execution.heartbeat_at = utcnow()  # not lost: on its way to another host
+
+    pipeline.update_execution(ctx, execution_id, unpin)
+    ctx.note(execution_id, f"host {ctx.settings.host_name} lost its Docker engine: moving on")
+    app.signature(task.name, args=(execution_id,), queue=ctx.settings.queue).apply_async(chain=rest)
+
+
 def _step(name: str, fn):
+    docker_step = name in queueing.DOCKER_STEPS
+
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
-        fn(worker_context(), execution_id)
+        ctx = worker_context()
+        if docker_step and not _engine_answers(ctx):
+            _move_elsewhere(self, ctx, execution_id)
+            return execution_id
+        try:
+            fn(ctx, execution_id)
+        except Exception:
+            if docker_step and not _engine_answers(ctx):
+                _move_elsewhere(self, ctx, execution_id)
+                return execution_id
+            raise
+        if docker_step:
+            _pin_here(self, ctx, execution_id)
+        elif name == queueing.CACHE_LOOKUP:
+            _prefer_warm(self, ctx, execution_id)
         return execution_id
 
     return task
@@ -93,6 +160,67 @@ def fresh_context(**_kwargs) -> None:
     forget_engines_after_fork()
     redis_client.cache_clear()
     worker_context.cache_clear()
+
+
+@celeryd_after_setup.connect
+def consume_host_queue(sender: str, instance, **_kwargs) -> None:
+    """Every worker also consumes its host's own queue (Celery's documented way to add one):
+    the steps of executions pinned to this host come through it."""
+    settings = get_settings()
+    instance.app.amqp.queues.select_add(host_queue(settings.queue, settings.host_name))
+
+
+def watch_engine(nodename: str, stop: threading.Event) -> None:
+    """In the worker's main process: while this host's Docker engine answers, renew the
+    host's heartbeat; when it stops answering, stop taking from the shared queue (so the host
+    does not fail every execution it would receive) and take it up again when it is back.
+    The host's own queue stays consumed: what is pinned here is moved elsewhere by the
+    steps themselves (``_move_elsewhere``)."""
+    import docker
+
+    settings = get_settings()
+    registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
+    host, consuming = settings.host_name, True
+    while not stop.wait(HEARTBEAT_EVERY_S):
+        try:
+            client = docker.from_env(timeout=3)
+            try:
+                answers = bool(client.ping())
+            except Exception:  # noqa: BLE001 - any failure is "not answering"
+                answers = False
+            finally:
+                client.close()
+            if answers:
+                registry.beat(host)
+                if not consuming:
+                    app.control.add_consumer(settings.queue, destination=[nodename])
+                    log.warning("%s: Docker engine back: taking work again", host)
+                    consuming = True
+            else:
+                registry.gone(host)
+                if consuming:
+                    app.control.cancel_consumer(settings.queue, destination=[nodename])
+                    log.warning("%s: Docker engine down: no longer taking work", host)
+                    consuming = False
+        except Exception:  # noqa: BLE001 - a Redis blip: try again on the next tick
+            log.warning("could not check this host's Docker engine", exc_info=True)
+
+
+_ENGINE_WATCH_STOP = threading.Event()
+
+
+@worker_ready.connect
+def start_engine_watch(sender=None, **_kwargs) -> None:
+    nodename = getattr(sender, "hostname", None)
+    if nodename:
+        threading.Thread(
+            target=watch_engine, args=(nodename, _ENGINE_WATCH_STOP), daemon=True
+        ).start()
+
+
+@worker_shutdown.connect
+def stop_engine_watch(**_kwargs) -> None:
+    _ENGINE_WATCH_STOP.set()
 
 
 @worker_ready.connect

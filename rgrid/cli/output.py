@@ -203,7 +203,7 @@ def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[st
 
 def executions_table(rows: list[dict]) -> list[str]:
     return table_lines(
-        ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED (UTC)"),
+        ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "HOST", "DURATION", "CREATED (UTC)"),
         (
             (
                 row["execution_id"],
@@ -211,6 +211,7 @@ def executions_table(rows: list[dict]) -> list[str]:
                 "" if row["exit_code"] is None else str(row["exit_code"]),
                 row["script_name"],
                 "hit" if row["script_cache_hit"] else "miss",
+                row.get("host") or "",
                 "" if row["duration_s"] is None else f"{row['duration_s']:.2f}s",
                 (row["created_at"] or "")[:19].replace("T", " "),
             )
