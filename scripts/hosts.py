@@ -172,13 +172,34 @@ def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
         pass
 
 
-def stop(engine: Engine) -> bool:
-    """Stop the engine if it runs; False when there was nothing to stop."""
+def kill_containers(engine: Engine) -> None:
+    """Kill every container of the engine at once: its owner is ending, and dockerd would
+    otherwise give each sandbox its stop timeout (10 s) on the way down."""
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=engine.docker_host, timeout=10)
+        for container in client.containers.list():
+            try:
+                container.kill()
+            except Exception:  # noqa: BLE001 - gone already, or going
+                pass
+        client.close()
+    except Exception:  # noqa: BLE001 - engine not answering: dockerd's TERM does the rest
+        pass
+
+
+def stop(engine: Engine, *, kill: bool = False) -> bool:
+    """Stop the engine if it runs (``kill``: its containers first, without waiting for
+    them); False when there was nothing to stop."""
     pid = engine.pid()
-    engine.pid_file.unlink(missing_ok=True)
     if pid is None:
+        engine.pid_file.unlink(missing_ok=True)
         return False
+    if kill:
+        kill_containers(engine)
     stop_pid(pid)
+    engine.pid_file.unlink(missing_ok=True)
     return True
 
 
@@ -253,6 +274,6 @@ class Engines:
 
     def __exit__(self, *exc_info) -> None:
         for engine in self.engines:
-            stop(engine)
+            stop(engine, kill=True)
             if self.remove:
                 shutil.rmtree(engine.dir, ignore_errors=True)

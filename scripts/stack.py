@@ -283,7 +283,12 @@ class Stack:
     def __init__(self, config: StackConfig):
         self.config = config
         self.processes: dict[str, subprocess.Popen] = {}
-        self.engines = hosts.Engines(config.engines, runtime_images() if config.hosts else ())
+        # Engines under the log folder (tests) go with it; `make up`'s keep their images.
+        self.engines = hosts.Engines(
+            config.engines,
+            runtime_images() if config.hosts else (),
+            remove=config.hosts_root is None,
+        )
 
     def __enter__(self) -> Stack:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +401,7 @@ def down() -> None:
         _pid_file(role).unlink(missing_ok=True)
     for pid_file in sorted(HOSTS_DIR.glob("h*/dockerd.pid")):
         engine = hosts.Engine(pid_file.parent.name, HOSTS_DIR)
-        if hosts.stop(engine):
+        if hosts.stop(engine, kill=True):
             print(f"engine {engine.name}: stopped", file=sys.stderr)
 
 

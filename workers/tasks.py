@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from functools import lru_cache
 
@@ -71,11 +72,12 @@ class PipelineTask(Task):
         pipeline.fail(worker_context(), execution_id, message)
 
 
-def _engine_answers(ctx: PipelineContext) -> bool:
-    try:
-        return bool(ctx.docker.ping())
-    except Exception:  # noqa: BLE001 - unreachable, however it fails
-        return False
+def _engine_answers() -> bool:
+    """On a new connection: a stopping dockerd closes its socket first but keeps serving the
+    connections it has, so the step's own (kept alive) client would still get a ping."""
+    import docker
+
+    return _ping(docker)
 
 
 def _pin_here(task: Task, ctx: PipelineContext, execution_id: str) -> None:
@@ -108,6 +110,10 @@ def _move_elsewhere(task: Task, ctx: PipelineContext, execution_id: str) -> None
     log.warning("%s: Docker engine of %s is down: moving it", execution_id, ctx.settings.host_name)
     rest, task.request.chain = task.request.chain, None
     queueing.route_rest(rest, ctx.settings.queue)
+    # Not waiting for the engine watch (up to its interval): the shared queue would hand
+    # this very step back here.
+    with contextlib.suppress(Exception):
+        _stop_taking_work(ctx, task.request.hostname)
 
     def unpin(execution) -> None:
         execution.host = None
@@ -125,13 +131,13 @@ def _step(name: str, fn):
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
         ctx = worker_context()
-        if docker_step and not _engine_answers(ctx):
+        if docker_step and not _engine_answers():
             _move_elsewhere(self, ctx, execution_id)
             return execution_id
         try:
             fn(ctx, execution_id)
         except Exception:
-            if docker_step and not _engine_answers(ctx):
+            if docker_step and not _engine_answers():
                 _move_elsewhere(self, ctx, execution_id)
                 return execution_id
             raise
@@ -170,6 +176,27 @@ def consume_host_queue(sender: str, instance, **_kwargs) -> None:
     instance.app.amqp.queues.select_add(host_queue(settings.queue, settings.host_name))
 
 
+def _ping(docker) -> bool:
+    try:
+        client = docker.from_env(timeout=3)
+    except Exception:  # noqa: BLE001 - no socket at all: not answering
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - any failure is "not answering"
+        return False
+    finally:
+        client.close()
+
+
+def _stop_taking_work(ctx: PipelineContext, nodename: str | None) -> None:
+    """Take this host out of the shared queue and out of the warm hosts, at once."""
+    if ctx.hosts is not None:
+        ctx.hosts.gone(ctx.settings.host_name)
+    if nodename:
+        app.control.cancel_consumer(ctx.settings.queue, destination=[nodename])
+
+
 def watch_engine(nodename: str, stop: threading.Event) -> None:
     """In the worker's main process: while this host's Docker engine answers, renew the
     host's heartbeat; when it stops answering, stop taking from the shared queue (so the host
@@ -183,16 +210,13 @@ def watch_engine(nodename: str, stop: threading.Event) -> None:
     host, consuming = settings.host_name, True
     while not stop.wait(HEARTBEAT_EVERY_S):
         try:
-            client = docker.from_env(timeout=3)
-            try:
-                answers = bool(client.ping())
-            except Exception:  # noqa: BLE001 - any failure is "not answering"
-                answers = False
-            finally:
-                client.close()
+            answers = _ping(docker)
             if answers:
+                # Gone from the registry while answering: a step saw the engine fail and
+                # stopped this host taking work; it answers again, so take work again.
+                was_alive = registry.alive(host)
                 registry.beat(host)
-                if not consuming:
+                if not consuming or not was_alive:
                     app.control.add_consumer(settings.queue, destination=[nodename])
                     log.warning("%s: Docker engine back: taking work again", host)
                     consuming = True
