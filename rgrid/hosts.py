@@ -65,6 +65,10 @@ class HostRegistry:
     def hosts_with(self, environment: str) -> set[str]:
         return {h.decode() for h in self.client.smembers(self._env_key(environment))}
 
+    def live_hosts(self) -> list[str]:
+        prefix = self._alive_key("")
+        return sorted(k.decode()[len(prefix) :] for k in self.client.scan_iter(prefix + "*"))
+
     def warm_host(self, environment: str | None) -> str | None:
         """A live host that has ``environment`` installed (one at random, so one warm host does
         not take every run), or None: no preference, any host will do."""

@@ -23,6 +23,9 @@ PIPELINE = (HASH, CACHE_LOOKUP, BUILD, RUN, STORE)
 SWEEP_LOST_WORKERS = "rgrid.sweep_lost_workers"
 REAP_CONTAINERS = "rgrid.reap_containers"
 PURGE_CACHES = "rgrid.purge_caches"
+#: Sent by those two to every live host's own queue: the reaper and the purge of what only
+#: that host holds (its engine's containers, its environment folders).
+HOST_MAINTENANCE = "rgrid.host_maintenance"
 
 
 def create_celery_app(include: Iterable[str] = ()) -> Celery:

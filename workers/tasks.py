@@ -22,6 +22,7 @@ from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
 from rgrid.maintenance import (
     purge_blobs,
     purge_dependency_cache,
+    purge_local_environments,
     purge_script_cache,
     reap_containers,
     sweep_lost_executions,
@@ -259,15 +260,47 @@ def warm_pool(**_kwargs) -> None:
         log.exception("could not fill the warm pool")
 
 
+def _every_host(ctx: PipelineContext, *, purge: bool) -> list[str]:
+    """Send the host maintenance to every live host's own queue; returns the hosts."""
+    live = ctx.hosts.live_hosts() if ctx.hosts else []
+    for host in live:
+        app.send_task(
+            queueing.HOST_MAINTENANCE,
+            kwargs={"purge": purge},
+            queue=host_queue(ctx.settings.queue, host),
+        )
+    return live
+
+
+@app.task(name=queueing.HOST_MAINTENANCE)
+def host_maintenance_task(purge: bool = False) -> dict[str, list[str]]:
+    """On one host, from its own queue: reap its engine's leftover containers and, with
+    ``purge``, remove its environment folders whose dependency-cache rows were purged."""
+    ctx = worker_context()
+    with session_scope(ctx.session_factory) as session:
+        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+    removed: list[str] = []
+    if purge:
+        with session_scope(ctx.session_factory) as session:
+            removed = purge_local_environments(session, ctx.settings.environments_dir)
+        for name in removed:
+            if ctx.hosts is not None:
+                ctx.hosts.lost_environment(ctx.settings.host_name, name)
+    return {"reaped": reaped, "environments_removed": removed}
+
+
 @app.task(name=queueing.REAP_CONTAINERS)
 def reap_containers_task() -> dict[str, list[str]]:
-    """Every few minutes: containers nobody will collect, executions nobody will finish."""
+    """Every few minutes: executions nobody will finish, then containers nobody will collect
+    on every host (each reaps its own engine)."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
         lost = sweep_lost_executions(session)
-    with session_scope(ctx.session_factory) as session:
-        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
-    return {"reaped": reaped, "lost": lost}
+    hosts = _every_host(ctx, purge=False)
+    if not hosts:  # no host has said it is alive yet: reap this one at least
+        with session_scope(ctx.session_factory) as session:
+            reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+    return {"lost": lost, "hosts": hosts}
 
 
 @app.task(name=queueing.SWEEP_LOST_WORKERS)
@@ -277,7 +310,7 @@ def sweep_lost_workers_task() -> list[str]:
 
 
 @app.task(name=queueing.PURGE_CACHES)
-def purge_caches_task() -> dict[str, int]:
+def purge_caches_task() -> dict[str, object]:
     """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
     ctx = worker_context()
     lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
@@ -291,6 +324,7 @@ def purge_caches_task() -> dict[str, int]:
             deps = purge_dependency_cache(session, ctx.settings.environments_dir)
         with session_scope(ctx.session_factory) as session:
             files = purge_blobs(ctx.store, session)
-        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files}
+        hosts = _every_host(ctx, purge=True)
+        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files, "hosts": hosts}
     finally:
         lock.release()

@@ -10,13 +10,15 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from rgrid import cache_keys, queueing
 from rgrid.db import session_scope
 from rgrid.logbuffer import decode_log
-from rgrid.models import Execution
+from rgrid.models import DependencyCache, Execution, utcnow
 from rgrid.statuses import TERMINAL_STATUSES
 from scripts import hosts
 from scripts.stack import Stack, StackConfig, free_port
@@ -140,6 +142,39 @@ def test_thirty_runs_over_three_hosts_resolve_once_and_install_once_per_host(
     for host in ran_on:
         folder = grid.engine(host).data_dir / "environments" / rows[0].environment
         assert folder.is_dir(), folder
+
+
+def test_the_nightly_purge_removes_a_stale_environment_on_every_host(ctx, grid, submit, tmp_path):
+    dist = f"grid-purge-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "1.0")
+    script = SCRIPT.format(module=dist.replace("-", "_"))
+    ids = [
+        submit(script, requirements=f"--find-links {tmp_path}\n{dist}\n", args=[str(i)])
+        for i in range(9)
+    ]
+    grid.enqueue(ids)
+    rows = _wait_terminal(ctx, ids)
+    assert [r.status for r in rows] == ["succeeded"] * 9, [(r.status, r.error) for r in rows]
+    environment = rows[0].environment
+    folders = [grid.engine(h).data_dir / "environments" / environment for h in HOSTS]
+    installed = [f for f in folders if f.is_dir()]
+    assert len(installed) == len({r.host for r in rows}) >= 1
+    # Unused for 40 days, on every host that has it.
+    long_ago = time.time() - 40 * 86400
+    for folder in installed:
+        os.utime(folder, (long_ago, long_ago))
+    with session_scope(ctx.session_factory) as session:
+        row = session.scalars(
+            select(DependencyCache).where(DependencyCache.environment == environment)
+        ).one()
+        row.last_used_at = utcnow() - timedelta(days=40)
+
+    grid.app.send_task(queueing.PURGE_CACHES)
+
+    deadline = time.monotonic() + 60
+    while any(f.exists() for f in folders) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [f for f in folders if f.exists()] == []
 
 
 def test_a_host_whose_engine_stops_mid_batch_strands_nothing_and_gets_no_later_work(
