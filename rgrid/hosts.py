@@ -19,6 +19,13 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from rgrid.db import session_scope
+from rgrid.models import Execution
+from rgrid.statuses import Status
+
 if TYPE_CHECKING:
     import redis
 
@@ -76,3 +83,74 @@ class HostRegistry:
             return None
         live = [h for h in sorted(self.hosts_with(environment)) if self.alive(h)]
         return random.choice(live) if live else None
+
+
+# --- pinning an execution to a host (its row's ``host``) -------------------------------------
+
+
+def claim(session_factory: sessionmaker[Session], execution_id: str, host: str) -> bool:
+    """Pin the execution to ``host`` unless another host holds it; True when ``host`` holds
+    it now. A step that finds it held elsewhere is a stale copy (the execution was moved on
+    when its host was lost) and must do nothing. One conditional UPDATE: two hosts can never
+    both win."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(
+                Execution.id == execution_id,
+                or_(Execution.host.is_(None), Execution.host == host),
+            )
+            .values(host=host)
+        )
+        return result.rowcount == 1
+
+
+def release(session_factory: sessionmaker[Session], execution_id: str, host: str) -> bool:
+    """Unpin the execution if ``host`` holds it (or nobody does), so any host may take it;
+    True when it was ours to move."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(
+                Execution.id == execution_id,
+                or_(Execution.host.is_(None), Execution.host == host),
+            )
+            .values(host=None)
+        )
+        return result.rowcount == 1
+
+
+def pinned_to_lost_hosts(
+    session_factory: sessionmaker[Session], registry: HostRegistry
+) -> list[tuple[str, str]]:
+    """(execution, host) of executions waiting for a step on a host that stopped renewing its
+    heartbeat (its worker died with its engine): their next step sits in a queue nobody
+    consumes. Running ones are the lease sweep's (``pipeline.sweep_lost_workers``)."""
+    with session_scope(session_factory) as session:
+        rows = session.execute(
+            select(Execution.id, Execution.host).where(
+                Execution.host.is_not(None),
+                Execution.status.in_((Status.QUEUED, Status.BUILDING)),
+            )
+        ).all()
+    alive: dict[str, bool] = {}
+    lost = []
+    for execution_id, host in rows:
+        if host not in alive:
+            alive[host] = registry.alive(host)
+        if not alive[host]:
+            lost.append((execution_id, host))
+    return lost
+
+
+def move(session_factory: sessionmaker[Session], execution_id: str, lost: str, to: str) -> bool:
+    """Pin the execution to ``to`` if ``lost`` still holds it; True when moved. Straight to a
+    live host, never through "nobody": a step of the lost host still draining its queue
+    then finds it held elsewhere and drops its copy."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(Execution.id == execution_id, Execution.host == lost)
+            .values(host=to)
+        )
+        return result.rowcount == 1

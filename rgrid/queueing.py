@@ -50,7 +50,15 @@ def route_rest(rest: list[dict] | None, queue: str) -> None:
 
 def enqueue_pipeline(app: Celery, execution_id: str) -> None:
     """Queue the chain; call only after the transaction that wrote the row has committed."""
-    first, *rest = PIPELINE
+    enqueue_from(app, PIPELINE[0], execution_id)
+
+
+def enqueue_from(app: Celery, step: str, execution_id: str, queue: str | None = None) -> None:
+    """Queue the chain from ``step`` on (an execution moved off a lost host starts again at
+    its build step), on ``queue`` or the default one."""
+    first, *rest = PIPELINE[PIPELINE.index(step) :]
+    options = {"queue": queue} if queue else {}
     chain(
-        app.signature(first, args=(execution_id,)), *(app.signature(name) for name in rest)
+        app.signature(first, args=(execution_id,), **options),
+        *(app.signature(name, **options) for name in rest),
     ).apply_async()

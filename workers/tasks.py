@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 from functools import lru_cache
 
@@ -13,7 +14,7 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_read
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from rgrid import pipeline, queueing
+from rgrid import hosts, pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
@@ -81,49 +82,57 @@ def _engine_answers() -> bool:
     return _ping(docker)
 
 
-def _pin_here(task: Task, ctx: PipelineContext, execution_id: str) -> None:
-    """The first Docker step to take an execution pins it to this host: the steps still to
-    come go to this host's queue, so the run finds the environment the build installed."""
-    host = ctx.settings.host_name
-    queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, host))
+def _route_rest_here(task: Task, ctx: PipelineContext) -> None:
+    """The steps still to come go to this host's queue: the run finds the environment the
+    build installed, and the warm pool that build filled."""
+    queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, ctx.settings.host_name))
 
-    def pin(execution) -> None:
-        if execution.host is None:
-            execution.host = host
 
-    pipeline.update_execution(ctx, execution_id, pin)
+def _drop_rest(task: Task) -> list[dict] | None:
+    """Stop the chain here (Celery reads ``request.chain`` after the task returns)."""
+    rest, task.request.chain = task.request.chain, None
+    return rest
 
 
 def _prefer_warm(task: Task, ctx: PipelineContext, execution_id: str) -> None:
     """After the cache lookup: a live host that already has the environment takes the
-    Docker steps; with none, they stay on the shared queue for any host."""
+    Docker steps (pinned to it now); with none, they stay on the shared queue for any
+    host, and the first to take one pins it."""
     with session_scope(ctx.session_factory) as session:
         environment = session.get(Execution, execution_id).environment
     warm = ctx.hosts.warm_host(environment) if ctx.hosts else None
-    if warm is not None:
+    if warm is not None and hosts.claim(ctx.session_factory, execution_id, warm):
         queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, warm))
+
+
+def _resend(app_queue: str, name: str, execution_id: str, rest: list[dict] | None) -> None:
+    """Queue step ``name`` and the rest of its chain on the shared queue, for any host."""
+    queueing.route_rest(rest, app_queue)
+    app.signature(name, args=(execution_id,), queue=app_queue).apply_async(chain=rest)
 
 
 def _move_elsewhere(task: Task, ctx: PipelineContext, execution_id: str) -> None:
     """This host's Docker engine is down: hand this step and the rest of the chain to the
     shared queue (another host takes it) instead of failing the execution here. The step is
-    idempotent, and a run cut short here left no live sandbox behind (its engine is gone)."""
-    log.warning("%s: Docker engine of %s is down: moving it", execution_id, ctx.settings.host_name)
-    rest, task.request.chain = task.request.chain, None
-    queueing.route_rest(rest, ctx.settings.queue)
+    idempotent, and a run cut short here left no live sandbox behind (its engine is gone).
+    Only the host holding the execution moves it: a stale copy is dropped."""
+    host = ctx.settings.host_name
+    log.warning("%s: Docker engine of %s is down: moving it", execution_id, host)
+    rest = _drop_rest(task)
     # Not waiting for the engine watch (up to its interval): the shared queue would hand
     # this very step back here.
     with contextlib.suppress(Exception):
         _stop_taking_work(ctx, task.request.hostname)
+    if not hosts.release(ctx.session_factory, execution_id, host):
+        return  # held by another host: this copy is stale
 
-    def unpin(execution) -> None:
-        execution.host = None
+    def keep_alive(execution) -> None:
         if execution.heartbeat_at is not None:
             execution.heartbeat_at = utcnow()  # not lost: on its way to another host
 
-    pipeline.update_execution(ctx, execution_id, unpin)
-    ctx.note(execution_id, f"host {ctx.settings.host_name} lost its Docker engine: moving on")
-    app.signature(task.name, args=(execution_id,), queue=ctx.settings.queue).apply_async(chain=rest)
+    pipeline.update_execution(ctx, execution_id, keep_alive)
+    ctx.note(execution_id, f"host {host} lost its Docker engine: moving on")
+    _resend(ctx.settings.queue, task.name, execution_id, rest)
 
 
 def _step(name: str, fn):
@@ -132,9 +141,14 @@ def _step(name: str, fn):
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
         ctx = worker_context()
-        if docker_step and not _engine_answers():
-            _move_elsewhere(self, ctx, execution_id)
-            return execution_id
+        if docker_step:
+            if not _engine_answers():
+                _move_elsewhere(self, ctx, execution_id)
+                return execution_id
+            if not hosts.claim(ctx.session_factory, execution_id, ctx.settings.host_name):
+                log.info("%s: held by another host; dropping this copy", execution_id)
+                _drop_rest(self)
+                return execution_id
         try:
             fn(ctx, execution_id)
         except Exception:
@@ -143,12 +157,33 @@ def _step(name: str, fn):
                 return execution_id
             raise
         if docker_step:
-            _pin_here(self, ctx, execution_id)
+            _route_rest_here(self, ctx)
         elif name == queueing.CACHE_LOOKUP:
             _prefer_warm(self, ctx, execution_id)
         return execution_id
 
     return task
+
+
+def rescue_stranded(ctx: PipelineContext) -> list[str]:
+    """Executions pinned to a host that is gone (worker and engine) would wait in its queue
+    for ever: pin each to a live host and queue its Docker steps again there. The build and
+    run steps are idempotent, and a copy left in the dead host's queue finds the execution
+    held elsewhere if that host ever comes back, and drops itself."""
+    if ctx.hosts is None:
+        return []
+    live = ctx.hosts.live_hosts()
+    moved = []
+    for execution_id, host in hosts.pinned_to_lost_hosts(ctx.session_factory, ctx.hosts):
+        if not live:
+            break  # nowhere to go yet: the next sweep tries again
+        to = random.choice(live)
+        if hosts.move(ctx.session_factory, execution_id, host, to):
+            ctx.note(execution_id, f"host {host} is gone: moving to {to}")
+            queue = host_queue(ctx.settings.queue, to)
+            queueing.enqueue_from(app, queueing.BUILD, execution_id, queue)
+            moved.append(execution_id)
+    return moved
 
 
 # Queued by name (rgrid/queueing.py builds the chain), so the API never imports this module.
@@ -304,9 +339,11 @@ def reap_containers_task() -> dict[str, list[str]]:
 
 
 @app.task(name=queueing.SWEEP_LOST_WORKERS)
-def sweep_lost_workers_task() -> list[str]:
-    """Twice per lease: running executions whose worker stopped renewing it."""
-    return pipeline.sweep_lost_workers(worker_context())
+def sweep_lost_workers_task() -> dict[str, list[str]]:
+    """Twice per lease: running executions whose worker stopped renewing it, and waiting ones
+    pinned to a host that is gone."""
+    ctx = worker_context()
+    return {"lost": pipeline.sweep_lost_workers(ctx), "moved": rescue_stranded(ctx)}
 
 
 @app.task(name=queueing.PURGE_CACHES)

@@ -177,6 +177,22 @@ def test_the_nightly_purge_removes_a_stale_environment_on_every_host(ctx, grid, 
     assert [f for f in folders if f.exists()] == []
 
 
+def test_executions_waiting_on_a_host_that_is_gone_move_to_a_live_one(ctx, grid, submit):
+    # Pinned to a host whose worker and engine died with the next step in its queue: the
+    # row is all that is left of them.
+    ids = [submit("print('moved')\n") for _ in range(3)]
+    with session_scope(ctx.session_factory) as session:
+        for execution_id in ids:
+            session.get(Execution, execution_id).host = "h-gone"
+
+    grid.app.send_task(queueing.SWEEP_LOST_WORKERS)
+
+    rows = _wait_terminal(ctx, ids, timeout_s=60)
+    assert [r.status for r in rows] == ["succeeded"] * 3, [(r.status, r.error) for r in rows]
+    assert {r.host for r in rows} <= set(HOSTS)
+    assert all(_stdout(ctx, r.id) == "moved\n" for r in rows)
+
+
 def test_a_host_whose_engine_stops_mid_batch_strands_nothing_and_gets_no_later_work(
     ctx, grid, submit
 ):
