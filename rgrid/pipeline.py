@@ -264,10 +264,23 @@ def _environment_present(ctx: PipelineContext, name: str | None) -> bool:
     return environments.present(ctx.settings.environments_dir, name)
 
 
+def _environment_on_a_host(ctx: PipelineContext, name: str | None) -> bool:
+    """Here, or on a live host the Docker steps will be sent to (the lookup itself runs on
+    whichever host took it)."""
+    if _environment_present(ctx, name):
+        return True
+    if ctx.hosts is None or name is None:
+        return False
+    try:
+        return ctx.hosts.warm_host(name) is not None
+    except Exception:  # noqa: BLE001 - Redis away: a miss, the build step will see
+        return False
+
+
 def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Script cache, then dependency cache. A row whose environment this host lacks is a
-    miss (the build step installs its pins again, without resolving). With --refresh-deps
-    the set is resolved again in the build step, so both are skipped."""
+    """Script cache, then dependency cache. A row whose environment neither this host nor a
+    live host has is a miss (the build step installs its pins again, without resolving).
+    With --refresh-deps the set is resolved again in the build step, so both are skipped."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
@@ -284,7 +297,7 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
         if dep_row is not None:
             execution.resolved_dependencies = list(dep_row.resolved)
             execution.environment = dep_row.environment
-        dep_hit = dep_row is not None and _environment_present(ctx, dep_row.environment)
+        dep_hit = dep_row is not None and _environment_on_a_host(ctx, dep_row.environment)
         execution.dependency_cache_hit = dep_hit if deps else None
         execution.script_cache_hit = (
             script_row is not None

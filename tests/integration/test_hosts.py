@@ -142,6 +142,12 @@ def test_thirty_runs_over_three_hosts_resolve_once_and_install_once_per_host(
     for host in ran_on:
         folder = grid.engine(host).data_dir / "environments" / rows[0].environment
         assert folder.is_dir(), folder
+    # Once more: whichever host looks it up, it runs where the set is, as a cache hit.
+    again = submit(script, requirements=requirements, args=["again"])
+    grid.enqueue([again])
+    (row,) = _wait_terminal(ctx, [again])
+    assert row.status == "succeeded" and row.host in ran_on
+    assert row.script_cache_hit and row.dependency_cache_hit
 
 
 def test_the_nightly_purge_removes_a_stale_environment_on_every_host(ctx, grid, submit, tmp_path):
