@@ -95,8 +95,10 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
     return runs / wall, statuses, per_host
 
 
-def first_run_costs() -> dict[str, float]:
-    """Wall seconds of one run of IMPORTS (pins known) on hosts in three states."""
+def first_run_costs(rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of runs of IMPORTS (pins known) on hosts in three states, ``rounds``
+    times each (a new host each round)."""
+    from rgrid import environments
     from rgrid import executions as svc
     from rgrid.config import Settings
     from rgrid.context import server_context
@@ -107,8 +109,14 @@ def first_run_costs() -> dict[str, float]:
     dev = stack.dev_env()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, dev[key])
-    costs: dict[str, float] = {}
-    with stack.fresh_database("rgrid_bench_hosts") as url, tempfile.TemporaryDirectory() as tmp:
+    costs: dict[str, list[float]] = {}
+    #: deps_build_s of each run, by host: the install's share of the first run.
+    installs: dict[str, list[float]] = {}
+    # The bytecode compile after each first run may still write into the folders at the end.
+    with (
+        stack.fresh_database("rgrid_bench_hosts") as url,
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp,
+    ):
         upgrade(url)
         base = replace(
             Settings.from_env(),
@@ -122,7 +130,7 @@ def first_run_costs() -> dict[str, float]:
         def host(name: str):
             return server_context(replace(base, data_dir=Path(tmp) / name, host_name=name))
 
-        first, other = host("a"), host("b")
+        first = host("a")
         with session_scope(first.session_factory) as session:
             account = Account(name="bench")
             session.add(account)
@@ -144,25 +152,36 @@ def first_run_costs() -> dict[str, float]:
             run_all(ctx, execution_id)
             took = time.monotonic() - started
             with session_scope(ctx.session_factory) as session:
-                status = session.get(svc.Execution, execution_id).status
-            assert status == "succeeded", status
+                row = session.get(svc.Execution, execution_id)
+                assert row.status == "succeeded", row.status
+                installs.setdefault(ctx.settings.host_name, []).append(row.deps_build_s or 0.0)
             return took
 
-        costs["resolve + install (the set's first run anywhere)"] = timed(first)
+        costs["resolve + install (the set's first run anywhere)"] = [timed(first)]
         first.join_background()
         time.sleep(3)  # the bytecode compile after the first run
-        costs["warm host (environment there)"] = statistics.median(timed(first) for _ in range(3))
-        costs["new host (no environment, empty uv cache)"] = timed(other)
-        env_root = other.settings.environments_dir
-        for folder in env_root.iterdir():
-            if not folder.name.startswith("."):
-                from rgrid.environments import remove
-
-                remove(env_root, folder.name)
-        costs["host whose environment was purged (uv cache kept)"] = timed(other)
-        for ctx in (first, other):
+        contexts = [first]
+        for round_ in range(rounds):  # a new host each round, in the same three states
+            other = host(f"b{round_}")
+            contexts.append(other)
+            costs.setdefault("warm host (environment there)", []).append(timed(first))
+            costs.setdefault("new host (no environment, empty uv cache)", []).append(timed(other))
+            other.join_background()
+            time.sleep(3)
+            env_root = other.settings.environments_dir
+            for folder in env_root.iterdir():
+                if not folder.name.startswith("."):
+                    environments.remove(env_root, folder.name)
+            costs.setdefault("host whose environment was purged (uv cache kept)", []).append(
+                timed(other)
+            )
+        for ctx in contexts:
             ctx.join_background()
             stack_retire(ctx.settings.data_dir)
+        time.sleep(5)
+    print(
+        "deps_build_s per run, by host:", {h: [round(x, 2) for x in v] for h, v in installs.items()}
+    )
     return costs
 
 
@@ -179,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--threads", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="first-run rounds")
     parser.add_argument("--part", choices=("throughput", "first-run", "all"), default="all")
     args = parser.parse_args()
     if args.part in ("throughput", "all"):
@@ -187,8 +207,9 @@ def main() -> None:
             rate, statuses, per_host = throughput(count, args.runs, args.threads)
             print(f"{count} host(s): {rate:.2f} executions/s; {statuses}; per host {per_host}")
     if args.part in ("first-run", "all"):
-        for what, seconds in first_run_costs().items():
-            print(f"first run, {what}: {seconds:.2f} s")
+        for what, seconds in first_run_costs(args.rounds).items():
+            shown = ", ".join(f"{s:.2f}" for s in seconds)
+            print(f"first run, {what}: median {statistics.median(seconds):.2f} s ({shown})")
 
 
 if __name__ == "__main__":
