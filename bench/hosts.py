@@ -178,6 +178,8 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
         for ctx in contexts:
             ctx.join_background()
             stack_retire(ctx.settings.data_dir)
+        for key in first.hosts.client.scan_iter(f"rgrid:{base.queue}:*"):
+            first.hosts.client.delete(key)
         time.sleep(5)
     print(
         "deps_build_s per run, by host:", {h: [round(x, 2) for x in v] for h, v in installs.items()}
