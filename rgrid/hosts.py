@@ -76,12 +76,13 @@ class HostRegistry:
         prefix = self._alive_key("")
         return sorted(k.decode()[len(prefix) :] for k in self.client.scan_iter(prefix + "*"))
 
-    def warm_host(self, environment: str | None) -> str | None:
+    def warm_host(self, environment: str | None, exclude: str | None = None) -> str | None:
         """A live host that has ``environment`` installed (one at random, so one warm host does
-        not take every run), or None: no preference, any host will do."""
+        not take every run), or None: no preference, any host will do. ``exclude``: a host
+        that knows better from its own disk."""
         if not environment:
             return None
-        live = [h for h in sorted(self.hosts_with(environment)) if self.alive(h)]
+        live = [h for h in sorted(self.hosts_with(environment)) if h != exclude and self.alive(h)]
         return random.choice(live) if live else None
 
 

@@ -271,8 +271,10 @@ def _environment_on_a_host(ctx: PipelineContext, name: str | None) -> bool:
         return True
     if ctx.hosts is None or name is None:
         return False
+    me = ctx.settings.host_name
     try:
-        return ctx.hosts.warm_host(name) is not None
+        ctx.hosts.lost_environment(me, name)  # this host knows from its own disk
+        return ctx.hosts.warm_host(name, exclude=me) is not None
     except Exception:  # noqa: BLE001 - Redis away: a miss, the build step will see
         return False
 
