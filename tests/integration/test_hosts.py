@@ -69,8 +69,10 @@ def grid(server_settings, tmp_path_factory) -> Iterator[Grid]:
     from rgrid.context import redis_client
 
     client = redis_client(server_settings.redis_url)
-    for key in client.scan_iter(f"rgrid:{queue}:*"):
-        client.delete(key)
+    # Its registry, and the broker's bindings of its queues (this module's own names).
+    for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
 
 
 def _rows(ctx, ids: list[str]) -> list[Execution]:
