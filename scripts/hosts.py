@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,17 +264,26 @@ class Engines:
 
     def __enter__(self) -> list[Engine]:
         try:
+            # Started from this thread: the death signal is tied to the thread that forks.
             for engine in self.engines:
                 start(engine, die_with_parent=True)
-                for image in self.images:
-                    load_image(engine, image)
+            with ThreadPoolExecutor(max_workers=max(1, len(self.engines))) as pool:
+                list(pool.map(self._load, self.engines))
         except BaseException:
             self.__exit__()
             raise
         return self.engines
 
+    def _load(self, engine: Engine) -> None:
+        for image in self.images:
+            load_image(engine, image)
+
     def __exit__(self, *exc_info) -> None:
-        for engine in self.engines:
+        def end(engine: Engine) -> None:
             stop(engine, kill=True)
             if self.remove:
                 shutil.rmtree(engine.dir, ignore_errors=True)
+
+        # Side by side: each dockerd takes seconds to stop.
+        with ThreadPoolExecutor(max_workers=max(1, len(self.engines))) as pool:
+            list(pool.map(end, self.engines))

@@ -308,8 +308,17 @@ class Stack:
         self.stop()
 
     def stop(self) -> None:
-        for role in reversed(list(self.processes)):
-            stop_group(self.processes.pop(role).pid)
+        from concurrent.futures import ThreadPoolExecutor
+
+        roles = list(reversed(list(self.processes)))
+        host_workers = [r for r in roles if r.startswith("worker-")]
+        for role in roles:
+            if role not in host_workers:
+                stop_group(self.processes.pop(role).pid)
+            elif role == host_workers[0]:  # the hosts' workers side by side
+                pids = [self.processes.pop(r).pid for r in host_workers]
+                with ThreadPoolExecutor(max_workers=len(pids)) as pool:
+                    list(pool.map(stop_group, pids))
         self.engines.__exit__()
 
 
@@ -393,16 +402,26 @@ def up(
 def down() -> None:
     """Stop exactly the processes `up` started (by their pid files), and nothing else: the
     roles, every host's worker, then the hosts' Docker engines."""
-    host_workers = sorted(p.stem for p in RUN_DIR.glob("worker-h*.pid"))
-    for role in ["flower", "beat", *host_workers, "worker", "api"]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stop_role(role: str) -> None:
         pid = running_pid(role)
         if pid is not None and stop_group(pid):
             print(f"{role}: stopped", file=sys.stderr)
         _pid_file(role).unlink(missing_ok=True)
-    for pid_file in sorted(HOSTS_DIR.glob("h*/dockerd.pid")):
-        engine = hosts.Engine(pid_file.parent.name, HOSTS_DIR)
+
+    def stop_engine(engine: hosts.Engine) -> None:
         if hosts.stop(engine, kill=True):
             print(f"engine {engine.name}: stopped", file=sys.stderr)
+
+    workers = ["worker", *sorted(p.stem for p in RUN_DIR.glob("worker-h*.pid"))]
+    engines = [hosts.Engine(p.parent.name, HOSTS_DIR) for p in HOSTS_DIR.glob("h*/dockerd.pid")]
+    # Each takes seconds to stop (a warm shutdown, a dockerd's): the workers side by side,
+    # then the engines side by side.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for group in (["flower", "beat"], workers, ["api"]):
+            list(pool.map(stop_role, group))
+        list(pool.map(stop_engine, engines))
 
 
 def main(argv: list[str] | None = None) -> int:
