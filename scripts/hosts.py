@@ -85,8 +85,13 @@ class Engine:
         return pid
 
     def command(self, driver: str) -> list[str]:
+        """dockerd in a mount namespace of its own (``unshare``, private propagation): as on a
+        real host, the mounts made for its sandboxes (their filesystems, its overlay layers)
+        are in its own mount table, where no other host's sweep of "orphaned" sandbox
+        filesystems can see them, and they go away with the namespace's last process."""
         config = self.dir / "daemon.json"
         return [
+            *("unshare", "--mount", "--propagation", "private"),
             "dockerd",
             *("--config-file", str(config)),
             *("--data-root", str(self.dir / "data")),
@@ -96,6 +101,15 @@ class Engine:
             *("--storage-driver", driver),
             *("--bridge", "none", "--iptables=false", "--ip-masq=false"),
         ]
+
+
+def in_namespace(engine: Engine, command: list[str]) -> list[str]:
+    """``command`` run in the engine's mount namespace (a host's worker must mount its
+    sandboxes' filesystems where its engine sees them)."""
+    pid = engine.pid()
+    if pid is None:
+        raise RuntimeError(f"engine {engine.name} is not running")
+    return ["nsenter", "-t", str(pid), "-m", "--", *command]
 
 
 def _die_with_parent() -> None:

@@ -243,7 +243,11 @@ class StackConfig:
 
         every = {"api": api_command(self.api_port), "worker": worker(self.name)}
         for engine in self.engines:
-            every[f"worker-{engine.name}"] = worker(f"{self.name}-{engine.name}")
+            # In its engine's mount namespace: call once the engines run.
+            command = worker(f"{self.name}-{engine.name}")
+            every[f"worker-{engine.name}"] = (
+                hosts.in_namespace(engine, command) if engine.pid() else command
+            )
         every["beat"] = beat_command(self.log_dir / "beat-schedule")
         if self.flower_port is not None:
             every["flower"] = flower_command(self.flower_port)
@@ -349,6 +353,7 @@ def up(
     lease_s: int | None = None,
     supervised: bool = True,
     hosts_count: int = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Start (or find running) the development stack in the background; returns the variables
     that point the CLI at it (RGRID_API_URL, RGRID_API_KEY). Progress goes to stderr."""
@@ -364,6 +369,7 @@ def up(
         "RGRID_LEASE": lease_s,
     }
     env = {**os.environ, **dev, **{k: str(v) for k, v in chosen.items() if v is not None}}
+    env.update(extra_env or {})
     config = StackConfig(
         env=env,
         log_dir=RUN_DIR,

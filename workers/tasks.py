@@ -10,6 +10,7 @@ from functools import lru_cache
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
@@ -18,7 +19,7 @@ from rgrid import hosts, pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
-from rgrid.errors import RGridError, ServiceUnavailable
+from rgrid.errors import ServiceUnavailable
 from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
 from rgrid.maintenance import (
     purge_blobs,
@@ -30,6 +31,7 @@ from rgrid.maintenance import (
 )
 from rgrid.models import Execution, utcnow
 from rgrid.pipeline import PipelineContext
+from rgrid.slots import AccountBusy
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -70,8 +72,12 @@ class PipelineTask(Task):
         execution_id = args[0] if args else kwargs.get("execution_id")
         if not execution_id:
             return
-        message = exc.message if isinstance(exc, RGridError) else f"{type(exc).__name__}: {exc}"
-        pipeline.fail(worker_context(), execution_id, message)
+        step = _STEP_OF_TASK.get(self.name, self.name)
+        pipeline.crashed(worker_context(), execution_id, exc, step)
+
+
+#: Task name -> the pipeline step it runs (its name says what failed, in user's words).
+_STEP_OF_TASK: dict[str, str] = {}
 
 
 def _engine_answers() -> bool:
@@ -86,6 +92,12 @@ def _route_rest_here(task: Task, ctx: PipelineContext) -> None:
     """The steps still to come go to this host's queue: the run finds the environment the
     build installed, and the warm pool that build filled."""
     queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, ctx.settings.host_name))
+
+
+def _from_own_queue(task: Task, ctx: PipelineContext) -> bool:
+    """Whether this step came through this host's own queue (not the shared one)."""
+    own = host_queue(ctx.settings.queue, ctx.settings.host_name)
+    return (task.request.delivery_info or {}).get("routing_key") == own
 
 
 def _drop_rest(task: Task) -> list[dict] | None:
@@ -151,6 +163,15 @@ def _step(name: str, fn):
                 return execution_id
         try:
             fn(ctx, execution_id)
+        except AccountBusy as busy:
+            # The account is at its limit: send this step (with the rest of the chain) again
+            # later and free this worker slot for other accounts' work now. Not a retry:
+            # waiting for a slot must not use up the retries kept for service outages.
+            if docker_step and not _from_own_queue(self, ctx):
+                # Taken from the shared queue, it goes back there: any host may take it then.
+                hosts.release(ctx.session_factory, execution_id, ctx.settings.host_name)
+            self.signature_from_request(countdown=busy.retry_s, retries=0).apply_async()
+            raise Ignore() from None
         except Exception:
             if docker_step and not _engine_answers():
                 _move_elsewhere(self, ctx, execution_id)
@@ -162,6 +183,7 @@ def _step(name: str, fn):
             _prefer_warm(self, ctx, execution_id)
         return execution_id
 
+    _STEP_OF_TASK[name] = fn.__name__
     return task
 
 

@@ -96,9 +96,13 @@ def _phases(ctx, execution_id: str) -> list[str]:
     return [text for stream, text in chunks if stream == "phase"]
 
 
-def _stdout(ctx, execution_id: str) -> str:
+def _log(ctx, execution_id: str, stream: str) -> str:
     chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for stream, text in chunks if stream == "stdout")
+    return "".join(text for s, text in chunks if s == stream)
+
+
+def _stdout(ctx, execution_id: str) -> str:
+    return _log(ctx, execution_id, "stdout")
 
 
 SCRIPT = (
@@ -121,7 +125,11 @@ def test_thirty_runs_over_three_hosts_resolve_once_and_install_once_per_host(
 
     rows = _wait_terminal(ctx, ids)
 
-    assert [r.status for r in rows] == ["succeeded"] * 30, [(r.status, r.error) for r in rows]
+    assert [r.status for r in rows] == ["succeeded"] * 30, [
+        (r.status, r.error, r.exit_code, _stdout(ctx, r.id), _log(ctx, r.id, "stderr"))
+        for r in rows
+        if r.status != "succeeded"
+    ]
     for i, row in enumerate(rows):
         expected = f"1.0-{i}"
         assert _stdout(ctx, row.id) == expected + "\n"

@@ -11,7 +11,12 @@ from scripts.hosts import Engine
 def test_an_extra_engine_keeps_to_its_own_folder_and_leaves_the_network_alone(tmp_path: Path):
     engine = Engine("h2", tmp_path)
     command = engine.command("overlay2")
-    options = dict(zip(command[1::2], command[2::2], strict=False))
+    # In a mount namespace of its own: its sandboxes' mounts are its own.
+    assert command[: command.index("dockerd")] == [
+        *("unshare", "--mount", "--propagation", "private")
+    ]
+    daemon = command[command.index("dockerd") + 1 :]
+    options = dict(zip(daemon[::2], daemon[1::2], strict=False))
     # Its own configuration file: the machine's default one sets data-root, which conflicts.
     assert options["--config-file"] == str(tmp_path / "h2" / "daemon.json")
     for flag in ("--data-root", "--exec-root", "--pidfile"):
