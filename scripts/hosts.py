@@ -19,6 +19,13 @@ tarball in the object store because the image is already on this machine and a c
 would add 168 MB per runtime version to the store for no gain here; a real host without a
 main engine beside it would load the same tarball from the store by image id instead.
 
+Mount namespace: each dockerd starts under ``unshare --mount`` and its worker joins it
+(:func:`in_namespace`). Sandboxes get loop-mounted filesystems of their own, and a sweep of
+"orphaned" ones reads the whole mount table and asks its own engine which sandboxes live: on
+one shared mount table, any host's (or test session's) sweep unmounted the other engines'
+live sandboxes. A namespace per host is what separate machines have; it also frees every
+such mount when the host's last process ends.
+
 Who ends them: :class:`Engines` (a context manager) stops what it started; `make down` stops
 them by their pid files; each dockerd runs in a session of its own (its containerd child
 with it), and with ``die_with_parent`` gets SIGTERM when the process that started it dies
