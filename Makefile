@@ -37,7 +37,7 @@ test: setup
 	$(BIN)/pytest
 
 up: setup
-	@$(BIN)/python scripts/stack.py up
+	@$(BIN)/python scripts/stack.py up $(if $(HOSTS),--hosts $(HOSTS))
 
 down:
 	@$(BIN)/python scripts/stack.py down

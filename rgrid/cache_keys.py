@@ -44,6 +44,11 @@ def build_lock_name(cache_key: str) -> str:
     return f"rgrid:build-lock:{cache_key}"
 
 
+def host_build_lock_name(cache_key: str, host: str) -> str:
+    """Installing an already resolved set: one install per key at a time on each host."""
+    return f"rgrid:build-lock:{cache_key}:host:{host}"
+
+
 def script_object_key(account_id: int, script_hash: str) -> str:
     return f"scripts/{account_id}/{script_hash}.py"
 

@@ -8,6 +8,7 @@ can be pointed at the same services without a config file. Nothing else in the c
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,10 @@ class Settings:
     agent: bool = True
     agent_idle_s: int = 600
 
+    #: This worker host's name: recorded on each execution it runs, and the name of its own
+    #: queue (rgrid/hosts.py). One per Docker engine; defaults to the machine's name.
+    host_name: str = field(default_factory=socket.gethostname)
+
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
     #: Package sources (index, find-links and direct URLs) a script's requirements may name
@@ -203,6 +208,7 @@ class Settings:
             ),
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
             max_batch_executions=_env_int("RGRID_MAX_BATCH_EXECUTIONS", cls.max_batch_executions),
+            host_name=_env("RGRID_HOST_NAME") or socket.gethostname(),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
             agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from rgrid.channels import MemoryChannels, RedisChannels
 from rgrid.config import Settings, migrations_dir
 from rgrid.db import get_session_factory, upgrade
+from rgrid.hosts import HostRegistry
 from rgrid.locks import FileLocks, RedisLocks
 from rgrid.logbuffer import FileLogBuffer, LogBuffer, RedisLogBuffer
 from rgrid.objectstore import LocalStore, ObjectStore, PresigningStore, store_from_settings
@@ -53,6 +54,7 @@ class Services:
             logs=self.logs,
             locks=RedisLocks(self.redis, lease_s=2 * self.settings.build_lock_timeout_s),
             channels=self.channels,
+            hosts=HostRegistry(self.redis, self.settings.queue),
         )
 
 

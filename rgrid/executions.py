@@ -245,6 +245,7 @@ def execution_to_dict(execution: Execution) -> dict:
         "dependency_hash": execution.dependency_hash,
         "environment": execution.environment,
         "runtime_image": execution.runtime_image,
+        "host": execution.host,
         "sandbox_warm": execution.sandbox_warm,
         "resolved_dependencies": execution.resolved_dependencies,
         "refresh_deps": execution.refresh_deps,

@@ -147,6 +147,30 @@ def purge_dependency_cache(session: Session, environments_dir: Path) -> int:
     return len(stale)
 
 
+#: An environment folder younger than this is never purged as an orphan: its row may not be
+#: committed yet (the folder is renamed into place first).
+ORPHAN_GRACE = timedelta(hours=1)
+
+
+def purge_local_environments(session: Session, environments_dir: Path) -> list[str]:
+    """On one worker host: remove the environment folders no dependency-cache row names any
+    more. The nightly purge drops the rows once for the grid; each host then removes its own
+    copies here (the purge's own host could only remove its own)."""
+    if not environments_dir.is_dir():
+        return []
+    named = set(session.scalars(select(DependencyCache.environment)))
+    cutoff = time.time() - ORPHAN_GRACE.total_seconds()
+    removed = []
+    for folder in environments_dir.iterdir():
+        if folder.name.startswith(".") or folder.name in named or not folder.is_dir():
+            continue
+        if folder.stat().st_mtime > cutoff:
+            continue
+        environments.remove(environments_dir, folder.name)
+        removed.append(folder.name)
+    return removed
+
+
 def purge_blobs(store: ObjectStore, session: Session) -> int:
     """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
     were started a day ago and never completed."""

@@ -118,6 +118,9 @@ class Execution(Base):
     # Which process runs the script (host:pid, or embedded:host:pid), and when it last said
     # it still does: a lease that lets a lost worker be noticed within a minute.
     worker: Mapped[str | None] = mapped_column(String(200))
+    # The worker host (settings.host_name) its Docker steps run on: set by the first step that
+    # touches Docker, which pins the rest of the execution there.
+    host: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Its batch (rgrid/batches.py), if any; the input it was made for, which names its
     # outputs folder; when the batch handed it to the queue (None: still held back by the

@@ -42,6 +42,7 @@ from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
 from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
 from rgrid.hashing import script_hash
+from rgrid.hosts import HostRegistry
 from rgrid.locks import LockFactory
 from rgrid.logbuffer import LogBuffer, log_stream, stored_size
 from rgrid.models import DependencyCache, Execution, ScriptCache, utcnow
@@ -75,6 +76,8 @@ class PipelineContext:
     background: list[threading.Thread] = field(default_factory=list)
     #: True for the embedded default: the pipeline runs in the CLI's own process.
     embedded: bool = False
+    #: Which hosts hold which environment (server side); None: one host, nothing to share.
+    hosts: HostRegistry | None = None
 
     @cached_property
     def docker(self) -> docker.DockerClient:
@@ -122,6 +125,12 @@ class PipelineContext:
         """Who runs a script: this host and process (the pid changes in each Celery child)."""
         prefix = "embedded:" if self.embedded else ""
         return f"{prefix}{socket.gethostname()}:{os.getpid()}"
+
+    def warm(self, environment: str | None) -> None:
+        """Tell the grid this host has ``environment``, so later runs of it come here."""
+        if self.hosts is not None and environment:
+            with contextlib.suppress(Exception):  # only a preference: never fail a run for it
+                self.hosts.has_environment(self.settings.host_name, environment)
 
     def join_background(self, timeout_s: float = 30) -> None:
         for thread in self.background:
@@ -266,10 +275,25 @@ def _environment_present(ctx: PipelineContext, name: str | None) -> bool:
     return environments.present(ctx.settings.environments_dir, name)
 
 
+def _environment_on_a_host(ctx: PipelineContext, name: str | None) -> bool:
+    """Here, or on a live host the Docker steps will be sent to (the lookup itself runs on
+    whichever host took it)."""
+    if _environment_present(ctx, name):
+        return True
+    if ctx.hosts is None or name is None:
+        return False
+    me = ctx.settings.host_name
+    try:
+        ctx.hosts.lost_environment(me, name)  # this host knows from its own disk
+        return ctx.hosts.warm_host(name, exclude=me) is not None
+    except Exception:  # noqa: BLE001 - Redis away: a miss, the build step will see
+        return False
+
+
 def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Script cache, then dependency cache. A row whose environment this host lacks is a
-    miss (the build step installs its pins again, without resolving). With --refresh-deps
-    the set is resolved again in the build step, so both are skipped."""
+    """Script cache, then dependency cache. A row whose environment neither this host nor a
+    live host has is a miss (the build step installs its pins again, without resolving).
+    With --refresh-deps the set is resolved again in the build step, so both are skipped."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if _finished(execution):
@@ -286,7 +310,7 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
         if dep_row is not None:
             execution.resolved_dependencies = list(dep_row.resolved)
             execution.environment = dep_row.environment
-        dep_hit = dep_row is not None and _environment_present(ctx, dep_row.environment)
+        dep_hit = dep_row is not None and _environment_on_a_host(ctx, dep_row.environment)
         execution.dependency_cache_hit = dep_hit if deps else None
         execution.script_cache_hit = (
             script_row is not None
@@ -328,7 +352,18 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
         key = cache_keys.dependency_cache_key(
             execution.account_id, execution.runtime, execution.dependency_hash or ""
         )
-    with ctx.locks.hold(cache_keys.build_lock_name(key), ctx.settings.build_lock_timeout_s):
+    # A set resolved before (its pins are in the dependency cache) only needs installing on
+    # this host: a lock per host, so hosts install it side by side. A set never resolved
+    # takes the grid-wide lock, so it is resolved once.
+    with session_scope(ctx.session_factory) as session:
+        execution = _load(session, execution_id)
+        known = None
+        with cache_tables(ctx, execution_id, session):
+            known = _dependency_row(session, execution)
+        lock = cache_keys.build_lock_name(key)
+        if known is not None and not execution.refresh_deps:
+            lock = cache_keys.host_build_lock_name(key, ctx.settings.host_name)
+    with ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s):
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             row = None
@@ -343,6 +378,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 execution.environment = row.environment
                 execution.resolved_dependencies = list(row.resolved)
                 ctx.note(execution_id, "installed by a concurrent run: dependency cache hit")
+                ctx.warm(row.environment)
                 return True
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
@@ -397,6 +433,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
     summary = f"installed {len(installed.pinned)} package(s) in {installed.install_s:.2f}s"
     ctx.note(execution_id, summary if installed.name else "the requirements install nothing")
     if installed.name:
+        ctx.warm(installed.name)
         deps_dir = ctx.settings.environments_dir / installed.name
         # Sandboxes warmed for an earlier folder of this name still mount the removed one.
         env = sandbox.Environment(spec.image, deps_dir)
@@ -701,7 +738,9 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         execution.started_at = utcnow()
         execution.runtime_image = runtime_image[:80]
         execution.worker = ctx.worker_id
+        execution.host = ctx.settings.host_name
         execution.heartbeat_at = execution.started_at
+    ctx.warm(execution.environment)
     if retried:
         _remove_leftover(ctx, execution_id)
     script = _script_bytes(ctx, execution)

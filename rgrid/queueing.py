@@ -24,6 +24,9 @@ SWEEP_LOST_WORKERS = "rgrid.sweep_lost_workers"
 REAP_CONTAINERS = "rgrid.reap_containers"
 PURGE_CACHES = "rgrid.purge_caches"
 DISPATCH_BATCHES = "rgrid.dispatch_batches"
+#: Sent by the reaper and the purge to every live host's own queue: the part of each that only
+#: that host holds (its engine's containers, its environment folders).
+HOST_MAINTENANCE = "rgrid.host_maintenance"
 
 
 def create_celery_app(include: Iterable[str] = ()) -> Celery:
@@ -34,9 +37,29 @@ def create_celery_app(include: Iterable[str] = ()) -> Celery:
     return app
 
 
+#: The steps that touch the Docker engine: all of one execution's run on one host.
+DOCKER_STEPS = (BUILD, RUN)
+
+
+def route_rest(rest: list[dict] | None, queue: str) -> None:
+    """Send the steps still to come of a chain (a task's ``request.chain``: signatures as
+    dicts, the next one last) to ``queue``. Celery reads that list after the task returns,
+    so changing it in place routes what follows."""
+    for signature in rest or ():
+        signature.setdefault("options", {})["queue"] = queue
+
+
 def enqueue_pipeline(app: Celery, execution_id: str) -> None:
     """Queue the chain; call only after the transaction that wrote the row has committed."""
-    first, *rest = PIPELINE
+    enqueue_from(app, PIPELINE[0], execution_id)
+
+
+def enqueue_from(app: Celery, step: str, execution_id: str, queue: str | None = None) -> None:
+    """Queue the chain from ``step`` on (an execution moved off a lost host starts again at
+    its build step), on ``queue`` or the default one."""
+    first, *rest = PIPELINE[PIPELINE.index(step) :]
+    options = {"queue": queue} if queue else {}
     chain(
-        app.signature(first, args=(execution_id,)), *(app.signature(name) for name in rest)
+        app.signature(first, args=(execution_id,), **options),
+        *(app.signature(name, **options) for name in rest),
     ).apply_async()

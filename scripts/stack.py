@@ -5,6 +5,9 @@ processes here, with these command lines.
 
     python scripts/stack.py up [options]   # `make up`: background processes with pid files
                                            # under .rgrid-dev/run; prints `export` lines
+    python scripts/stack.py up --hosts 3   # `make up HOSTS=3`: three worker hosts, each a
+                                           # Docker engine of its own (scripts/hosts.py)
+                                           # under .rgrid-dev/hosts plus a worker bound to it
     python scripts/stack.py down           # `make down`: stops exactly what `up` started
     python scripts/stack.py migrate        # `make db`: the development database's schema
 
@@ -31,12 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: `scripts.hosts` lives beside this file
+    sys.path.insert(0, str(REPO))
+
+from scripts import hosts  # noqa: E402 - needs the path above when run as a script
+
 #: The virtualenv running this launcher: its gunicorn, celery and rgrid are the ones started.
 BIN = Path(sys.executable).parent
 DEV_ENV_FILE = REPO / "scripts" / "dev.env"
 SUPERVISE = REPO / "scripts" / "supervise.sh"
 #: `make up`'s pid files, logs and beat schedule.
 RUN_DIR = REPO / ".rgrid-dev" / "run"
+#: `make up HOSTS=N`'s Docker engines and worker data, one folder per host.
+HOSTS_DIR = REPO / ".rgrid-dev" / "hosts"
 #: The development account's key, created once by `make up` (mode 600).
 KEY_FILE = REPO / ".rgrid-dev" / "dev-api-key"
 #: The order `up` starts them in; `down` stops them in the reverse order.
@@ -212,22 +222,63 @@ class StackConfig:
     roles: tuple[str, ...] = ROLES
     supervised: bool = True
     concurrency: int = 2
+    #: Worker hosts: 0 is one worker on the machine's own Docker engine; N starts N engines
+    #: under ``hosts_root`` and, in place of that worker, one worker bound to each.
+    hosts: int = 0
+    hosts_root: Path | None = None
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def engines(self) -> list[hosts.Engine]:
+        if not self.hosts:
+            return []
+        return hosts.engines(self.hosts_root or self.log_dir / "hosts", self.hosts)
+
     def commands(self) -> dict[str, list[str]]:
-        every = {
-            "api": api_command(self.api_port),
-            "worker": worker_command(
-                self.name, concurrency=self.concurrency, supervised=self.supervised
-            ),
-            "beat": beat_command(self.log_dir / "beat-schedule"),
-        }
+        def worker(name: str) -> list[str]:
+            return worker_command(name, concurrency=self.concurrency, supervised=self.supervised)
+
+        every = {"api": api_command(self.api_port), "worker": worker(self.name)}
+        for engine in self.engines:
+            # In its engine's mount namespace: call once the engines run.
+            command = worker(f"{self.name}-{engine.name}")
+            every[f"worker-{engine.name}"] = (
+                hosts.in_namespace(engine, command) if engine.pid() else command
+            )
+        every["beat"] = beat_command(self.log_dir / "beat-schedule")
         if self.flower_port is not None:
             every["flower"] = flower_command(self.flower_port)
-        return {role: every[role] for role in self.roles if role in every}
+        chosen = [r for r in self.roles if r != "worker" or not self.hosts]
+        if self.hosts and "worker" in self.roles:
+            chosen += [f"worker-{engine.name}" for engine in self.engines]
+        return {role: every[role] for role in every if role in chosen}
+
+    def env_for(self, role: str) -> dict[str, str]:
+        """A host's worker talks to its own engine and keeps its caches in its own folder."""
+        for engine in self.engines:
+            if role == f"worker-{engine.name}":
+                return host_env(self.env, engine)
+        return self.env
+
+
+def host_env(env: dict[str, str], engine: hosts.Engine) -> dict[str, str]:
+    return {
+        **env,
+        "DOCKER_HOST": engine.docker_host,
+        "RGRID_DATA_DIR": str(engine.data_dir),
+        "RGRID_HOST_NAME": engine.name,
+    }
+
+
+def runtime_images() -> tuple[str, ...]:
+    """What every new engine gets loaded: the default runtime's image."""
+    from rgrid.config import DEFAULT_RUNTIME
+    from rgrid.runtimes import resolve_runtime
+
+    return (resolve_runtime(DEFAULT_RUNTIME).image,)
 
 
 class Stack:
@@ -236,13 +287,20 @@ class Stack:
     def __init__(self, config: StackConfig):
         self.config = config
         self.processes: dict[str, subprocess.Popen] = {}
+        # Engines under the log folder (tests) go with it; `make up`'s keep their images.
+        self.engines = hosts.Engines(
+            config.engines,
+            runtime_images() if config.hosts else (),
+            remove=config.hosts_root is None,
+        )
 
     def __enter__(self) -> Stack:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.engines.__enter__()
             for role, command in self.config.commands().items():
                 log = self.config.log_dir / f"{role}.log"
-                self.processes[role] = spawn(command, self.config.env, log)
+                self.processes[role] = spawn(command, self.config.env_for(role), log)
             if "api" in self.processes:
                 wait_healthy(self.config.api_url, self.config.log_dir / "api.log")
         except BaseException:
@@ -254,8 +312,18 @@ class Stack:
         self.stop()
 
     def stop(self) -> None:
-        for role in reversed(list(self.processes)):
-            stop_group(self.processes.pop(role).pid)
+        from concurrent.futures import ThreadPoolExecutor
+
+        roles = list(reversed(list(self.processes)))
+        host_workers = [r for r in roles if r.startswith("worker-")]
+        for role in roles:
+            if role not in host_workers:
+                stop_group(self.processes.pop(role).pid)
+            elif role == host_workers[0]:  # the hosts' workers side by side
+                pids = [self.processes.pop(r).pid for r in host_workers]
+                with ThreadPoolExecutor(max_workers=len(pids)) as pool:
+                    list(pool.map(stop_group, pids))
+        self.engines.__exit__()
 
 
 # --- `make up` / `make down` -------------------------------------------------------------------
@@ -284,6 +352,7 @@ def up(
     flower_port: int | None = None,
     lease_s: int | None = None,
     supervised: bool = True,
+    hosts_count: int = 0,
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Start (or find running) the development stack in the background; returns the variables
@@ -308,16 +377,24 @@ def up(
         api_port=int(env["RGRID_API_PORT"]),
         flower_port=int(env["RGRID_FLOWER_PORT"]),
         supervised=supervised,
+        hosts=hosts_count,
+        hosts_root=HOSTS_DIR,
     )
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     upgrade(env["RGRID_DATABASE_URL"])
+    for engine in config.engines:
+        # Not tied to this process, which exits at once: `make down` stops them.
+        hosts.start(engine)
+        for image in runtime_images():
+            hosts.load_image(engine, image)
+        print(f"engine {engine.name}: {engine.docker_host}", file=sys.stderr)
     for role, command in config.commands().items():
         if running_pid(role) is not None:
             print(f"{role}: already running", file=sys.stderr)
             continue
         log = RUN_DIR / f"{role}.log"
         log.unlink(missing_ok=True)
-        _pid_file(role).write_text(f"{spawn(command, env, log).pid}\n")
+        _pid_file(role).write_text(f"{spawn(command, config.env_for(role), log).pid}\n")
         print(f"{role}: started (log {log})", file=sys.stderr)
     wait_healthy(config.api_url, RUN_DIR / "api.log")
     if not KEY_FILE.is_file() or not KEY_FILE.read_text().strip():
@@ -329,12 +406,28 @@ def up(
 
 
 def down() -> None:
-    """Stop exactly the processes `up` started (by their pid files), and nothing else."""
-    for role in reversed(ROLES):
+    """Stop exactly the processes `up` started (by their pid files), and nothing else: the
+    roles, every host's worker, then the hosts' Docker engines."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stop_role(role: str) -> None:
         pid = running_pid(role)
         if pid is not None and stop_group(pid):
             print(f"{role}: stopped", file=sys.stderr)
         _pid_file(role).unlink(missing_ok=True)
+
+    def stop_engine(engine: hosts.Engine) -> None:
+        if hosts.stop(engine, kill=True):
+            print(f"engine {engine.name}: stopped", file=sys.stderr)
+
+    workers = ["worker", *sorted(p.stem for p in RUN_DIR.glob("worker-h*.pid"))]
+    engines = [hosts.Engine(p.parent.name, HOSTS_DIR) for p in HOSTS_DIR.glob("h*/dockerd.pid")]
+    # Each takes seconds to stop (a warm shutdown, a dockerd's): the workers side by side,
+    # then the engines side by side.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for group in (["flower", "beat"], workers, ["api"]):
+            list(pool.map(stop_role, group))
+        list(pool.map(stop_engine, engines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--lease", type=int, dest="lease_s", help="RGRID_LEASE, seconds")
     start.add_argument(
         "--no-supervise", dest="supervised", action="store_false", help="run the worker bare"
+    )
+    start.add_argument(
+        "--hosts",
+        type=int,
+        default=0,
+        dest="hosts_count",
+        help="worker hosts, each a Docker engine of its own (default: the machine's one)",
     )
     commands.add_parser("down", help="stop what `up` started")
     commands.add_parser("migrate", help="bring scripts/dev.env's database to the newest schema")

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+import threading
 from functools import lru_cache
 
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from rgrid import batches, pipeline, queueing
+from rgrid import batches, hosts, pipeline, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import ServiceUnavailable
+from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
 from rgrid.maintenance import (
     purge_blobs,
     purge_dependency_cache,
+    purge_local_environments,
     purge_script_cache,
     reap_containers,
     sweep_lost_executions,
 )
+from rgrid.models import Execution, utcnow
 from rgrid.pipeline import PipelineContext
 from rgrid.slots import AccountBusy
 from workers.celery_app import app
@@ -88,23 +94,134 @@ def _hand_on(execution_id: str) -> None:
         log.exception("could not dispatch the batch of %s", execution_id)
 
 
+def _engine_answers() -> bool:
+    """On a new connection: a stopping dockerd closes its socket first but keeps serving the
+    connections it has, so the step's own (kept alive) client would still get a ping."""
+    import docker
+
+    return _ping(docker)
+
+
+def _route_rest_here(task: Task, ctx: PipelineContext) -> None:
+    """The steps still to come go to this host's queue: the run finds the environment the
+    build installed, and the warm pool that build filled."""
+    queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, ctx.settings.host_name))
+
+
+def _from_own_queue(task: Task, ctx: PipelineContext) -> bool:
+    """Whether this step came through this host's own queue (not the shared one)."""
+    own = host_queue(ctx.settings.queue, ctx.settings.host_name)
+    return (task.request.delivery_info or {}).get("routing_key") == own
+
+
+def _drop_rest(task: Task) -> list[dict] | None:
+    """Stop the chain here (Celery reads ``request.chain`` after the task returns)."""
+    rest, task.request.chain = task.request.chain, None
+    return rest
+
+
+def _prefer_warm(task: Task, ctx: PipelineContext, execution_id: str) -> None:
+    """After the cache lookup: a live host that already has the environment takes the
+    Docker steps (pinned to it now); with none, they stay on the shared queue for any
+    host, and the first to take one pins it."""
+    with session_scope(ctx.session_factory) as session:
+        environment = session.get(Execution, execution_id).environment
+    warm = ctx.hosts.warm_host(environment) if ctx.hosts else None
+    if warm is not None and hosts.claim(ctx.session_factory, execution_id, warm):
+        queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, warm))
+
+
+def _resend(app_queue: str, name: str, execution_id: str, rest: list[dict] | None) -> None:
+    """Queue step ``name`` and the rest of its chain on the shared queue, for any host."""
+    queueing.route_rest(rest, app_queue)
+    app.signature(name, args=(execution_id,), queue=app_queue).apply_async(chain=rest)
+
+
+def _move_elsewhere(task: Task, ctx: PipelineContext, execution_id: str) -> None:
+    """This host's Docker engine is down: hand this step and the rest of the chain to the
+    shared queue (another host takes it) instead of failing the execution here. The step is
+    idempotent, and a run cut short here left no live sandbox behind (its engine is gone).
+    Only the host holding the execution moves it: a stale copy is dropped."""
+    host = ctx.settings.host_name
+    log.warning("%s: Docker engine of %s is down: moving it", execution_id, host)
+    rest = _drop_rest(task)
+    # Not waiting for the engine watch (up to its interval): the shared queue would hand
+    # this very step back here.
+    with contextlib.suppress(Exception):
+        _stop_taking_work(ctx, task.request.hostname)
+    if not hosts.release(ctx.session_factory, execution_id, host):
+        return  # held by another host: this copy is stale
+
+    def keep_alive(execution) -> None:
+        if execution.heartbeat_at is not None:
+            execution.heartbeat_at = utcnow()  # not lost: on its way to another host
+
+    pipeline.update_execution(ctx, execution_id, keep_alive)
+    ctx.note(execution_id, f"host {host} lost its Docker engine: moving on")
+    _resend(ctx.settings.queue, task.name, execution_id, rest)
+
+
 def _step(name: str, fn):
+    docker_step = name in queueing.DOCKER_STEPS
+
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
+        ctx = worker_context()
+        if docker_step:
+            if not _engine_answers():
+                _move_elsewhere(self, ctx, execution_id)
+                return execution_id
+            if not hosts.claim(ctx.session_factory, execution_id, ctx.settings.host_name):
+                log.info("%s: held by another host; dropping this copy", execution_id)
+                _drop_rest(self)
+                return execution_id
         try:
-            fn(worker_context(), execution_id)
+            fn(ctx, execution_id)
         except AccountBusy as busy:
             # The account is at its limit: send this step (with the rest of the chain) again
             # later and free this worker slot for other accounts' work now. Not a retry:
             # waiting for a slot must not use up the retries kept for service outages.
+            if docker_step and not _from_own_queue(self, ctx):
+                # Taken from the shared queue, it goes back there: any host may take it then.
+                hosts.release(ctx.session_factory, execution_id, ctx.settings.host_name)
             self.signature_from_request(countdown=busy.retry_s, retries=0).apply_async()
             raise Ignore() from None
+        except Exception:
+            if docker_step and not _engine_answers():
+                _move_elsewhere(self, ctx, execution_id)
+                return execution_id
+            raise
+        if docker_step:
+            _route_rest_here(self, ctx)
+        elif name == queueing.CACHE_LOOKUP:
+            _prefer_warm(self, ctx, execution_id)
         if name in (queueing.RUN, queueing.STORE):
             _hand_on(execution_id)
         return execution_id
 
     _STEP_OF_TASK[name] = fn.__name__
     return task
+
+
+def rescue_stranded(ctx: PipelineContext) -> list[str]:
+    """Executions pinned to a host that is gone (worker and engine) would wait in its queue
+    for ever: pin each to a live host and queue its Docker steps again there. The build and
+    run steps are idempotent, and a copy left in the dead host's queue finds the execution
+    held elsewhere if that host ever comes back, and drops itself."""
+    if ctx.hosts is None:
+        return []
+    live = ctx.hosts.live_hosts()
+    moved = []
+    for execution_id, host in hosts.pinned_to_lost_hosts(ctx.session_factory, ctx.hosts):
+        if not live:
+            break  # nowhere to go yet: the next sweep tries again
+        to = random.choice(live)
+        if hosts.move(ctx.session_factory, execution_id, host, to):
+            ctx.note(execution_id, f"host {host} is gone: moving to {to}")
+            queue = host_queue(ctx.settings.queue, to)
+            queueing.enqueue_from(app, queueing.BUILD, execution_id, queue)
+            moved.append(execution_id)
+    return moved
 
 
 # Queued by name (rgrid/queueing.py builds the chain), so the API never imports this module.
@@ -125,6 +242,85 @@ def fresh_context(**_kwargs) -> None:
     worker_context.cache_clear()
 
 
+@celeryd_after_setup.connect
+def consume_host_queue(sender: str, instance, **_kwargs) -> None:
+    """Every worker also consumes its host's own queue (Celery's documented way to add one):
+    the steps of executions pinned to this host come through it."""
+    settings = get_settings()
+    instance.app.amqp.queues.select_add(host_queue(settings.queue, settings.host_name))
+
+
+def _ping(docker) -> bool:
+    try:
+        client = docker.from_env(timeout=3)
+    except Exception:  # noqa: BLE001 - no socket at all: not answering
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - any failure is "not answering"
+        return False
+    finally:
+        client.close()
+
+
+def _stop_taking_work(ctx: PipelineContext, nodename: str | None) -> None:
+    """Take this host out of the shared queue and out of the warm hosts, at once."""
+    if ctx.hosts is not None:
+        ctx.hosts.gone(ctx.settings.host_name)
+    if nodename:
+        app.control.cancel_consumer(ctx.settings.queue, destination=[nodename])
+
+
+def watch_engine(nodename: str, stop: threading.Event) -> None:
+    """In the worker's main process: while this host's Docker engine answers, renew the
+    host's heartbeat; when it stops answering, stop taking from the shared queue (so the host
+    does not fail every execution it would receive) and take it up again when it is back.
+    The host's own queue stays consumed: what is pinned here is moved elsewhere by the
+    steps themselves (``_move_elsewhere``)."""
+    import docker
+
+    settings = get_settings()
+    registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
+    host, consuming = settings.host_name, True
+    while not stop.wait(HEARTBEAT_EVERY_S):
+        try:
+            answers = _ping(docker)
+            if answers:
+                # Gone from the registry while answering: a step saw the engine fail and
+                # stopped this host taking work; it answers again, so take work again.
+                was_alive = registry.alive(host)
+                registry.beat(host)
+                if not consuming or not was_alive:
+                    app.control.add_consumer(settings.queue, destination=[nodename])
+                    log.warning("%s: Docker engine back: taking work again", host)
+                    consuming = True
+            else:
+                registry.gone(host)
+                if consuming:
+                    app.control.cancel_consumer(settings.queue, destination=[nodename])
+                    log.warning("%s: Docker engine down: no longer taking work", host)
+                    consuming = False
+        except Exception:  # noqa: BLE001 - a Redis blip: try again on the next tick
+            log.warning("could not check this host's Docker engine", exc_info=True)
+
+
+_ENGINE_WATCH_STOP = threading.Event()
+
+
+@worker_ready.connect
+def start_engine_watch(sender=None, **_kwargs) -> None:
+    nodename = getattr(sender, "hostname", None)
+    if nodename:
+        threading.Thread(
+            target=watch_engine, args=(nodename, _ENGINE_WATCH_STOP), daemon=True
+        ).start()
+
+
+@worker_shutdown.connect
+def stop_engine_watch(**_kwargs) -> None:
+    _ENGINE_WATCH_STOP.set()
+
+
 @worker_ready.connect
 def warm_pool(**_kwargs) -> None:
     """A worker host starts with sandboxes already waiting for the default runtime, so even
@@ -137,15 +333,47 @@ def warm_pool(**_kwargs) -> None:
         log.exception("could not fill the warm pool")
 
 
+def _every_host(ctx: PipelineContext, *, purge: bool) -> list[str]:
+    """Send the host maintenance to every live host's own queue; returns the hosts."""
+    live = ctx.hosts.live_hosts() if ctx.hosts else []
+    for host in live:
+        app.send_task(
+            queueing.HOST_MAINTENANCE,
+            kwargs={"purge": purge},
+            queue=host_queue(ctx.settings.queue, host),
+        )
+    return live
+
+
+@app.task(name=queueing.HOST_MAINTENANCE)
+def host_maintenance_task(purge: bool = False) -> dict[str, list[str]]:
+    """On one host, from its own queue: reap its engine's leftover containers and, with
+    ``purge``, remove its environment folders whose dependency-cache rows were purged."""
+    ctx = worker_context()
+    with session_scope(ctx.session_factory) as session:
+        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+    removed: list[str] = []
+    if purge:
+        with session_scope(ctx.session_factory) as session:
+            removed = purge_local_environments(session, ctx.settings.environments_dir)
+        for name in removed:
+            if ctx.hosts is not None:
+                ctx.hosts.lost_environment(ctx.settings.host_name, name)
+    return {"reaped": reaped, "environments_removed": removed}
+
+
 @app.task(name=queueing.REAP_CONTAINERS)
 def reap_containers_task() -> dict[str, list[str]]:
-    """Every few minutes: containers nobody will collect, executions nobody will finish."""
+    """Every few minutes: executions nobody will finish, then containers nobody will collect
+    on every host (each reaps its own engine)."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
         lost = sweep_lost_executions(session)
-    with session_scope(ctx.session_factory) as session:
-        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
-    return {"reaped": reaped, "lost": lost}
+    hosts = _every_host(ctx, purge=False)
+    if not hosts:  # no host has said it is alive yet: reap this one at least
+        with session_scope(ctx.session_factory) as session:
+            reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+    return {"lost": lost, "hosts": hosts}
 
 
 @app.task(name=queueing.DISPATCH_BATCHES)
@@ -155,13 +383,15 @@ def dispatch_batches_task() -> list[str]:
 
 
 @app.task(name=queueing.SWEEP_LOST_WORKERS)
-def sweep_lost_workers_task() -> list[str]:
-    """Twice per lease: running executions whose worker stopped renewing it."""
-    return pipeline.sweep_lost_workers(worker_context())
+def sweep_lost_workers_task() -> dict[str, list[str]]:
+    """Twice per lease: running executions whose worker stopped renewing it, and waiting ones
+    pinned to a host that is gone."""
+    ctx = worker_context()
+    return {"lost": pipeline.sweep_lost_workers(ctx), "moved": rescue_stranded(ctx)}
 
 
 @app.task(name=queueing.PURGE_CACHES)
-def purge_caches_task() -> dict[str, int]:
+def purge_caches_task() -> dict[str, object]:
     """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
     ctx = worker_context()
     lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
@@ -175,6 +405,7 @@ def purge_caches_task() -> dict[str, int]:
             deps = purge_dependency_cache(session, ctx.settings.environments_dir)
         with session_scope(ctx.session_factory) as session:
             files = purge_blobs(ctx.store, session)
-        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files}
+        hosts = _every_host(ctx, purge=True)
+        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files, "hosts": hosts}
     finally:
         lock.release()

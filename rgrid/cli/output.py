@@ -207,7 +207,7 @@ def _cache(hit: bool | None) -> str:
 
 def executions_table(rows: list[dict]) -> list[str]:
     return table_lines(
-        ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "DURATION", "CREATED (UTC)"),
+        ("ID", "STATUS", "EXIT", "SCRIPT", "CACHE", "HOST", "DURATION", "CREATED (UTC)"),
         (
             (
                 row["execution_id"],
@@ -215,6 +215,7 @@ def executions_table(rows: list[dict]) -> list[str]:
                 "" if row["exit_code"] is None else str(row["exit_code"]),
                 row["script_name"],
                 _cache(row["script_cache_hit"]),
+                row.get("host") or "",
                 "" if row["duration_s"] is None else f"{row['duration_s']:.2f}s",
                 (row["created_at"] or "")[:19].replace("T", " "),
             )

@@ -1,0 +1,157 @@
+"""Worker hosts of one deployment: which are alive, which hold which environment, and the
+queue of each.
+
+A worker host is one Docker engine with the Celery worker(s) bound to it and its own local
+caches (environments, warm pool, blob and uv caches). Each host's worker consumes the shared
+queue and a queue of its own (:func:`host_queue`): the first step of an execution that touches
+Docker pins the execution to its host and sends the remaining steps to that host's queue, so
+an environment is installed where the script then runs. Before that, the dispatcher prefers
+a live host that already has the execution's environment (:meth:`HostRegistry.warm_host`).
+
+All of it lives in Redis under the deployment's queue name (test sessions have their own),
+with a heartbeat key per host that expires when the host stops renewing it: a host whose
+worker died, or whose Docker engine stopped answering, is no longer chosen.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from rgrid.db import session_scope
+from rgrid.models import Execution
+from rgrid.statuses import Status
+
+if TYPE_CHECKING:
+    import redis
+
+#: A host renews its heartbeat this often, and is taken for gone once it is this old.
+HEARTBEAT_EVERY_S = 2.0
+HEARTBEAT_TTL_S = 10
+
+
+def host_queue(queue: str, host: str) -> str:
+    """The Celery queue only ``host``'s workers consume."""
+    return f"{queue}.host.{host}"
+
+
+class HostRegistry:
+    """The deployment's view of its hosts, in Redis."""
+
+    def __init__(self, client: redis.Redis, queue: str):
+        self.client = client
+        self.queue = queue
+
+    def _alive_key(self, host: str) -> str:
+        return f"rgrid:{self.queue}:host-alive:{host}"
+
+    def _env_key(self, environment: str) -> str:
+        return f"rgrid:{self.queue}:env-hosts:{environment}"
+
+    def beat(self, host: str) -> None:
+        """This host's engine answers: keep it choosable for another TTL."""
+        self.client.set(self._alive_key(host), str(time.time()), ex=HEARTBEAT_TTL_S)
+
+    def gone(self, host: str) -> None:
+        """This host stopped taking work (its engine is down): stop choosing it now."""
+        self.client.delete(self._alive_key(host))
+
+    def alive(self, host: str) -> bool:
+        return bool(self.client.exists(self._alive_key(host)))
+
+    def has_environment(self, host: str, environment: str) -> None:
+        self.client.sadd(self._env_key(environment), host)
+
+    def lost_environment(self, host: str, environment: str) -> None:
+        self.client.srem(self._env_key(environment), host)
+
+    def hosts_with(self, environment: str) -> set[str]:
+        return {h.decode() for h in self.client.smembers(self._env_key(environment))}
+
+    def live_hosts(self) -> list[str]:
+        prefix = self._alive_key("")
+        return sorted(k.decode()[len(prefix) :] for k in self.client.scan_iter(prefix + "*"))
+
+    def warm_host(self, environment: str | None, exclude: str | None = None) -> str | None:
+        """A live host that has ``environment`` installed (one at random, so one warm host does
+        not take every run), or None: no preference, any host will do. ``exclude``: a host
+        that knows better from its own disk."""
+        if not environment:
+            return None
+        live = [h for h in sorted(self.hosts_with(environment)) if h != exclude and self.alive(h)]
+        return random.choice(live) if live else None
+
+
+# --- pinning an execution to a host (its row's ``host``) -------------------------------------
+
+
+def claim(session_factory: sessionmaker[Session], execution_id: str, host: str) -> bool:
+    """Pin the execution to ``host`` unless another host holds it; True when ``host`` holds
+    it now. A step that finds it held elsewhere is a stale copy (the execution was moved on
+    when its host was lost) and must do nothing. One conditional UPDATE: two hosts can never
+    both win."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(
+                Execution.id == execution_id,
+                or_(Execution.host.is_(None), Execution.host == host),
+            )
+            .values(host=host)
+        )
+        return result.rowcount == 1
+
+
+def release(session_factory: sessionmaker[Session], execution_id: str, host: str) -> bool:
+    """Unpin the execution if ``host`` holds it (or nobody does), so any host may take it;
+    True when it was ours to move."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(
+                Execution.id == execution_id,
+                or_(Execution.host.is_(None), Execution.host == host),
+            )
+            .values(host=None)
+        )
+        return result.rowcount == 1
+
+
+def pinned_to_lost_hosts(
+    session_factory: sessionmaker[Session], registry: HostRegistry
+) -> list[tuple[str, str]]:
+    """(execution, host) of executions waiting for a step on a host that stopped renewing its
+    heartbeat (its worker died with its engine): their next step sits in a queue nobody
+    consumes. Running ones are the lease sweep's (``pipeline.sweep_lost_workers``)."""
+    with session_scope(session_factory) as session:
+        rows = session.execute(
+            select(Execution.id, Execution.host).where(
+                Execution.host.is_not(None),
+                Execution.status.in_((Status.QUEUED, Status.BUILDING)),
+            )
+        ).all()
+    alive: dict[str, bool] = {}
+    lost = []
+    for execution_id, host in rows:
+        if host not in alive:
+            alive[host] = registry.alive(host)
+        if not alive[host]:
+            lost.append((execution_id, host))
+    return lost
+
+
+def move(session_factory: sessionmaker[Session], execution_id: str, lost: str, to: str) -> bool:
+    """Pin the execution to ``to`` if ``lost`` still holds it; True when moved. Straight to a
+    live host, never through "nobody": a step of the lost host still draining its queue
+    then finds it held elsewhere and drops its copy."""
+    with session_scope(session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(Execution.id == execution_id, Execution.host == lost)
+            .values(host=to)
+        )
+        return result.rowcount == 1
