@@ -1,15 +1,15 @@
 """The worker host each execution ran on (its Docker engine and local caches), so a grid of
 several hosts can say where a run happened and route its steps to one host.
 
-Revision ID: 0011
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-22
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
