@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid import blobs, cache_keys, environments, pool, sandbox
+from rgrid import blobs, cache_keys, disk, environments, metrics, pool, sandbox
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -188,6 +188,7 @@ def _script_bytes(ctx: PipelineContext, execution: Execution) -> bytes:
     if local.is_file():
         data = local.read_bytes()
         if script_hash(data) == execution.script_hash:
+            disk.touch(local)
             return data
     data = ctx.store.get_bytes(
         cache_keys.script_object_key(execution.account_id, execution.script_hash)
@@ -302,6 +303,11 @@ def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
 def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
     """Install the execution's dependency set on this host unless it is there, once per key
     across the grid. Returns False when the install failed (the execution is then over)."""
+    with metrics.ENVIRONMENT_BUILD.time():
+        return _provide_environment(ctx, execution_id)
+
+
+def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
     with execution_row(ctx, execution_id) as execution:
         spec = resolve_runtime(execution.runtime)
         key = cache_keys.dependency_cache_key(
@@ -345,6 +351,7 @@ def _ensure_environment(ctx: PipelineContext, execution_id: str) -> bool:
         except BuildError as exc:
             _fail_build(ctx, execution_id, exc.message)
             return False
+        metrics.ENVIRONMENT_INSTALL.observe(installed.install_s)
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             with cache_tables(ctx, execution_id, session):
@@ -472,6 +479,7 @@ def _sandbox_for(
     limits = ctx.limits
     box = pool.claim(ctx.docker, env, limits, ctx.pool, execution_id)
     warm = box is not None
+    (metrics.POOL_CLAIMS if warm else metrics.POOL_MISSES).inc()
     if box is None:
         ctx.phase(execution_id, "starting a sandbox")
         box = _cold_box(ctx, env, execution_id, timeout_s)
@@ -564,12 +572,21 @@ def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
         execution.outcome = Status.CANCELLED
         execution.error = "cancelled"
         execution.finished_at = utcnow()
+    metrics.execution_finished(execution)
     _release(ctx, execution_id)
     return Status.CANCELLED, True
 
 
 def run_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Claim a sandbox, place the script and inputs, run it once, store what it wrote."""
+    """Claim a sandbox, place the script and inputs, run it once, store what it wrote; its
+    environment is held against this host's disk budget the whole time (rgrid/disk.py)."""
+    with execution_row(ctx, execution_id) as execution:
+        environment = execution.environment
+    with disk.using(ctx.settings, environment):
+        _run_step(ctx, execution_id)
+
+
+def _run_step(ctx: PipelineContext, execution_id: str) -> None:
     with execution_row(ctx, execution_id) as execution:
         if _finished(execution):
             return
@@ -603,6 +620,7 @@ def run_step(ctx: PipelineContext, execution_id: str) -> None:
         _remove_leftover(ctx, execution_id)
     script = _script_bytes(ctx, execution)
     inputs = _local_inputs(ctx, execution)
+    disk.touch_all(path for _, path in inputs)
     env = sandbox.Environment(
         image=spec.image,
         deps_dir=(ctx.settings.environments_dir / execution.environment)
@@ -749,11 +767,15 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
                     blobs.touch(blob)
     patiently(lambda: _persist_logs(ctx, execution_id))
 
+    published: list[Execution] = []
+
     def publish(execution: Execution) -> None:
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
+        published[:] = [execution]
 
     update_execution(ctx, execution_id, publish)
+    metrics.execution_finished(published[-1])
     _release(ctx, execution_id)
     if execution.environment:
         # Only now, with the result published: compiling beside the first run took CPU from
@@ -764,6 +786,7 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
                 resolve_runtime(execution.runtime).image,
                 ctx.settings.environments_dir / execution.environment,
             )
+    disk.after_run(ctx.settings, ctx.docker)
 
 
 def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
@@ -782,6 +805,7 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
         execution.outcome = Status.ERROR
         execution.error = message
         execution.finished_at = utcnow()
+    metrics.execution_finished(execution)
     _release(ctx, execution_id)
 
 

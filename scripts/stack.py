@@ -91,6 +91,8 @@ def api_command(port: int) -> list[str]:
     return [
         str(BIN / "gunicorn"),
         *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
+        # The multiprocess metrics hooks (rgrid/metrics.py).
+        *("--config", "python:rgrid.api.gunicorn_conf"),
         *("--access-logfile", "-"),
         "rgrid.api:create_app()",
     ]
@@ -212,6 +214,28 @@ class StackConfig:
     roles: tuple[str, ...] = ROLES
     supervised: bool = True
     concurrency: int = 2
+    #: The worker host's metrics exporter (rgrid/metrics.py); None: a free port.
+    worker_metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.worker_metrics_port is None:
+            given = self.env.get("RGRID_WORKER_METRICS_PORT")
+            self.worker_metrics_port = int(given) if given else free_port()
+
+    @property
+    def worker_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
+
+    def env_for(self, role: str) -> dict[str, str]:
+        """A process's environment: the stack's, plus for the API and the worker host a
+        metrics folder of their own (prometheus-client's multiprocess mode; each is scraped
+        on its own, so neither may count the other's files)."""
+        env = {**self.env, "RGRID_WORKER_METRICS_PORT": str(self.worker_metrics_port)}
+        if role in ("api", "worker"):
+            folder = self.log_dir / f"metrics-{role}"
+            folder.mkdir(parents=True, exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+        return env
 
     @property
     def api_url(self) -> str:
@@ -242,7 +266,7 @@ class Stack:
         try:
             for role, command in self.config.commands().items():
                 log = self.config.log_dir / f"{role}.log"
-                self.processes[role] = spawn(command, self.config.env, log)
+                self.processes[role] = spawn(command, self.config.env_for(role), log)
             if "api" in self.processes:
                 wait_healthy(self.config.api_url, self.config.log_dir / "api.log")
         except BaseException:
@@ -315,7 +339,7 @@ def up(
             continue
         log = RUN_DIR / f"{role}.log"
         log.unlink(missing_ok=True)
-        _pid_file(role).write_text(f"{spawn(command, env, log).pid}\n")
+        _pid_file(role).write_text(f"{spawn(command, config.env_for(role), log).pid}\n")
         print(f"{role}: started (log {log})", file=sys.stderr)
     wait_healthy(config.api_url, RUN_DIR / "api.log")
     if not KEY_FILE.is_file() or not KEY_FILE.read_text().strip():
@@ -323,6 +347,7 @@ def up(
         KEY_FILE.touch(mode=0o600)
         KEY_FILE.write_text(key + "\n")
     print(f"API {config.api_url}  Flower http://127.0.0.1:{config.flower_port}", file=sys.stderr)
+    print(f"worker metrics {config.worker_metrics_url}", file=sys.stderr)
     return {"RGRID_API_URL": config.api_url, "RGRID_API_KEY": KEY_FILE.read_text().strip()}
 
 

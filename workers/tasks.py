@@ -7,11 +7,11 @@ from functools import lru_cache
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from rgrid import pipeline, queueing
+from rgrid import disk, metrics, pipeline, pool, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
@@ -93,6 +93,42 @@ def fresh_context(**_kwargs) -> None:
     forget_engines_after_fork()
     redis_client.cache_clear()
     worker_context.cache_clear()
+
+
+@celeryd_init.connect
+def fresh_metrics(**_kwargs) -> None:
+    """Before the pool processes start: forget the metric files of this host's earlier
+    start (they would be counted again)."""
+    folder = metrics.multiprocess_dir()
+    if folder is not None:
+        metrics.fresh_multiprocess_dir(folder)
+
+
+@worker_process_shutdown.connect
+def forget_process_metrics(pid=None, **_kwargs) -> None:
+    metrics.process_exited(pid)
+
+
+def _warm_count(ctx: PipelineContext) -> int:
+    return len(pool._warm(ctx.docker, installation=pool._installation(ctx.pool)))
+
+
+@worker_ready.connect
+def serve_metrics(**_kwargs) -> None:
+    """This host's exporter, in the main process (see rgrid/metrics.py for why an exporter
+    per host): every pool process's counters, this host's disk and warm pool. A port in use
+    only costs the metrics, never the worker."""
+    settings = get_settings()
+    if not settings.worker_metrics_port:
+        return
+    ctx = server_context(settings)
+    collector = metrics.HostCacheCollector(lambda: disk.usage(settings), lambda: _warm_count(ctx))
+    try:
+        metrics.serve_worker_metrics(
+            settings.worker_metrics_port, collector, settings.worker_metrics_address
+        )
+    except OSError:
+        log.exception("could not serve metrics on port %d", settings.worker_metrics_port)
 
 
 @worker_ready.connect

@@ -10,9 +10,10 @@ import hmac
 import botocore.exceptions
 import redis.exceptions
 from flask import Flask, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from rgrid import metrics as rgrid_metrics
 from rgrid.api.schemas import openapi
 from rgrid.config import Settings, get_settings
 from rgrid.context import server_services
@@ -80,6 +81,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                 return jsonify(error="metrics need the operator's token"), 401
         elif request.remote_addr not in ("127.0.0.1", "::1"):
             return jsonify(error="not found"), 404
-        return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+        # Every gunicorn process's counters (multiprocess mode), and the cache gauges read
+        # from the database now: any process answers with the same numbers.
+        collector = rgrid_metrics.DatabaseCacheCollector(app.extensions["rgrid"].session_factory)
+        return rgrid_metrics.exposition(collector), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     return app
