@@ -249,6 +249,7 @@ def cache_tables(ctx: PipelineContext, execution_id: str, session: Session) -> I
         if exc.connection_invalidated:
             raise
         reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+        log.warning("%s: cache unavailable, going on as a miss: %s", execution_id, reason)
         ctx.note(execution_id, f"cache unavailable ({reason}): going on without it")
 
 
