@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -195,6 +196,22 @@ def _evict(settings: Settings, entry: Entry, client, now: float) -> bool:
     return True
 
 
+#: Installs in progress (``.tmp-``) older than this are abandoned; deletions (``.del-``) left
+#: behind (a file written while the folder was deleted) are finished after a minute.
+LEFTOVER_AGE_S = {".tmp-": 6 * 3600.0, ".del-": 60.0}
+
+
+def _sweep_leftovers(settings: Settings, now: float) -> None:
+    root = settings.environments_dir
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        age = next((a for p, a in LEFTOVER_AGE_S.items() if child.name.startswith(p)), None)
+        with contextlib.suppress(OSError):
+            if age is not None and now - child.stat().st_mtime > age:
+                shutil.rmtree(child, ignore_errors=True)
+
+
 def enforce_budget(
     settings: Settings, client=None, budget: int | None = None, now: float | None = None
 ) -> Removed:
@@ -203,6 +220,7 @@ def enforce_budget(
     sandboxes of an evicted environment."""
     budget = settings.cache_budget_bytes if budget is None else budget
     now = time.time() if now is None else now
+    _sweep_leftovers(settings, now)
     found = sorted(entries(settings), key=lambda e: e.last_used)
     total = sum(e.size for e in found)
     removed = Removed()
