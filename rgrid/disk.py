@@ -158,7 +158,9 @@ def _warm_sandboxes_mounting(client, path: Path) -> tuple[list[dict], bool]:
         names = [n.lstrip("/") for n in container.get("Names") or []]
         if any(n.startswith(sandbox.POOL_NAME_PREFIX) for n in names):
             pool_boxes.append(container)
-        else:
+        elif container.get("State") == "running" and any(
+            n.startswith(sandbox.RUN_NAME_PREFIX) for n in names
+        ):
             running = True
     return pool_boxes, running
 
@@ -170,14 +172,17 @@ def remove_environment(settings: Settings, path: Path, client=None) -> bool:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False  # a run is using it right now
+            log.info("keeping environment %s: a run is using it", path.name)
+            return False
         try:
             if client is not None:
                 from rgrid import pool
 
                 warm, running = _warm_sandboxes_mounting(client, path)
                 if running:
-                    return False  # a sandbox outlived its run's lock (being removed): wait
+                    # A run's sandbox outlived its lock (a killed runner): the reaper's job.
+                    log.info("keeping environment %s: a sandbox still runs on it", path.name)
+                    return False
                 for container in warm:
                     pool.retire(client, pool._box(container))
             environments.remove(settings.environments_dir, path.name)

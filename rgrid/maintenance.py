@@ -11,7 +11,10 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid import environments
+from rgrid import disk, environments, metrics
+from rgrid.cache_keys import log_object_key
+from rgrid.config import Settings
+from rgrid.db import session_scope
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.models import (
     Blob,
@@ -96,25 +99,40 @@ def sweep_lost_executions(session: Session) -> list[str]:
     return lost
 
 
-def purge_script_cache(session: Session) -> int:
-    """Drop script-cache rows unused for 30 days (the scripts' bytes go with the blobs)."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(session.scalars(select(ScriptCache).where(ScriptCache.last_used_at < cutoff)))
+def _cutoff(unused: timedelta | None) -> object:
+    return utcnow() - (UNUSED_AFTER if unused is None else unused)
+
+
+def _stale(model, unused: timedelta | None, account_id: int | None):
+    query = select(model).where(model.last_used_at < _cutoff(unused))
+    return query if account_id is None else query.where(model.account_id == account_id)
+
+
+def purge_script_cache(
+    session: Session, unused: timedelta | None = None, account_id: int | None = None
+) -> int:
+    """Drop script-cache rows unused for 30 days (or ``unused``; of one account, or all)."""
+    stale = list(session.scalars(_stale(ScriptCache, unused, account_id)))
     for row in stale:
         session.delete(row)
     return len(stale)
 
 
-def purge_dependency_cache(session: Session, environments_dir: Path) -> int:
-    """Drop dependency-cache rows unused for 30 days, and the environment folders on this host
-    that no remaining row names."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(
-        session.scalars(select(DependencyCache).where(DependencyCache.last_used_at < cutoff))
-    )
+def purge_dependency_cache(
+    session: Session,
+    environments_dir: Path | None,
+    unused: timedelta | None = None,
+    account_id: int | None = None,
+) -> int:
+    """Drop dependency-cache rows unused for 30 days, and the environment folders in
+    ``environments_dir`` (None: none) that no remaining row names. The nightly purge leaves
+    the folders to each host's ``purge_local_caches``."""
+    stale = list(session.scalars(_stale(DependencyCache, unused, account_id)))
     for row in stale:
         session.delete(row)
     session.flush()
+    if environments_dir is None:
+        return len(stale)
     still_used = set(session.scalars(select(DependencyCache.environment)))
     for row in stale:
         if row.environment and row.environment not in still_used:
@@ -125,17 +143,119 @@ def purge_dependency_cache(session: Session, environments_dir: Path) -> int:
 def purge_blobs(store: ObjectStore, session: Session) -> int:
     """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
     were started a day ago and never completed."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(session.scalars(select(Blob).where(Blob.last_used_at < cutoff)))
+    count, _ = purge_blob_rows(store, session)
+    purge_abandoned_uploads(store, session)
+    return count
+
+
+def purge_blob_rows(
+    store: ObjectStore,
+    session: Session,
+    unused: timedelta | None = None,
+    account_id: int | None = None,
+) -> tuple[int, int]:
+    """Blobs unused for 30 days (or ``unused``) and their stored bytes: (count, bytes)."""
+    stale = list(session.scalars(_stale(Blob, unused, account_id)))
     for blob in stale:
         store.delete(blob.object_key)
         session.delete(blob)
+    return len(stale), sum(blob.size for blob in stale)
+
+
+#: An upload not completed within this long never will be.
+ABANDONED_AFTER = timedelta(days=1)
+
+
+def purge_abandoned_uploads(store: ObjectStore, session: Session) -> tuple[int, int]:
+    """Uploads started a day ago and never completed: (count, bytes they announced)."""
     abandoned = list(
-        session.scalars(select(Upload).where(Upload.created_at < utcnow() - timedelta(days=1)))
+        session.scalars(select(Upload).where(Upload.created_at < utcnow() - ABANDONED_AFTER))
     )
     for upload in abandoned:
         if upload.multipart_id and hasattr(store, "abort_multipart"):
             store.abort_multipart(upload.object_key, upload.multipart_id)
         store.delete(upload.object_key)
         session.delete(upload)
-    return len(stale)
+    return len(abandoned), sum(upload.size for upload in abandoned)
+
+
+def purge_old_executions(
+    store: ObjectStore, session: Session, retention: timedelta, limit: int = 10_000
+) -> int:
+    """Finished executions older than the retention: their stored log and their row (their
+    outputs are blobs, purged when unused). Returns how many."""
+    old = list(
+        session.scalars(
+            select(Execution)
+            .where(
+                Execution.status.in_(TERMINAL_STATUSES),
+                Execution.finished_at < utcnow() - retention,
+            )
+            .limit(limit)
+        )
+    )
+    for execution in old:
+        store.delete(log_object_key(execution.id))
+        session.delete(execution)
+    return len(old)
+
+
+#: An environment folder no row names is an orphan only once it is this old.
+ORPHAN_AFTER_S = 3600.0
+
+
+def purge_local_caches(settings: Settings, session: Session | None, client=None) -> dict:
+    """This host's part of the purge, run by every worker host (and by the embedded default):
+    environment folders no dependency-cache row names any more, blob-cache files unused for
+    the purge's period, then the disk budget. Returns counts and bytes."""
+    removed = disk.Removed()
+    now = time.time()
+    if session is not None and settings.environments_dir.is_dir():
+        named = set(session.scalars(select(DependencyCache.environment)))
+        for entry in disk.entries(settings):
+            orphan = entry.kind == "environment" and entry.path.name not in named
+            # A folder installed in the last hour may not have its row written yet.
+            old = now - entry.last_used > ORPHAN_AFTER_S
+            if orphan and old and disk.remove_environment(settings, entry.path, client):
+                removed.add("environment", entry.size)
+    unused_s = settings.cache_unused_days * 86400
+    for entry in disk.entries(settings):
+        if entry.kind == "blob" and now - entry.last_used > unused_s:
+            entry.path.unlink(missing_ok=True)
+            removed.add("blob", entry.size)
+    for kind, n in removed.counts.items():
+        metrics.count_removed(
+            metrics.PURGED, metrics.PURGED_BYTES, f"host_{kind}", n, removed.bytes[kind]
+        )
+    evicted = disk.enforce_budget(settings, client)
+    return {**removed.as_dict(), **{f"evicted_{k}": v for k, v in evicted.as_dict().items()}}
+
+
+def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dict:
+    """The purge's shared part, once for the grid: cache rows, blobs, abandoned uploads and
+    executions past their retention. Each kind in its own transaction, so one failing does
+    not undo the others. Returns counts and bytes, and counts them in the metrics."""
+    unused = timedelta(days=settings.cache_unused_days)
+    result: dict[str, int] = {}
+    with session_scope(session_factory) as session:
+        result["script_cache"] = purge_script_cache(session, unused)
+    with session_scope(session_factory) as session:
+        result["dependency_cache"] = purge_dependency_cache(session, None, unused)
+    with session_scope(session_factory) as session:
+        result["blobs"], result["blob_bytes"] = purge_blob_rows(store, session, unused)
+    with session_scope(session_factory) as session:
+        result["uploads"], result["upload_bytes"] = purge_abandoned_uploads(store, session)
+    with session_scope(session_factory) as session:
+        result["executions"] = purge_old_executions(
+            store, session, timedelta(days=settings.retention_days)
+        )
+    for kind, size_key in (
+        ("script_cache", None),
+        ("dependency_cache", None),
+        ("blobs", "blob_bytes"),
+        ("uploads", "upload_bytes"),
+        ("executions", None),
+    ):
+        size = result[size_key] if size_key else 0
+        metrics.count_removed(metrics.PURGED, metrics.PURGED_BYTES, kind, result[kind], size)
+    return result

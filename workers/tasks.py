@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from functools import lru_cache
 
 import botocore.exceptions
@@ -9,24 +11,23 @@ import redis.exceptions
 from celery import Task
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
 from celery.utils.log import get_task_logger
+from celery.worker.control import control_command
 from sqlalchemy.exc import OperationalError
 
-from rgrid import disk, metrics, pipeline, pool, queueing
+from rgrid import cache_keys, disk, maintenance, metrics, pipeline, pool, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import RGridError, ServiceUnavailable
-from rgrid.maintenance import (
-    purge_blobs,
-    purge_dependency_cache,
-    purge_script_cache,
-    reap_containers,
-    sweep_lost_executions,
-)
+from rgrid.maintenance import reap_containers, sweep_lost_executions
+from rgrid.models import iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
+
+#: The remote-control command each worker runs for the purge's per-host part.
+PURGE_LOCAL_COMMAND = "rgrid_purge_local"
 
 
 @lru_cache(maxsize=1)
@@ -160,21 +161,59 @@ def sweep_lost_workers_task() -> list[str]:
     return pipeline.sweep_lost_workers(worker_context())
 
 
-@app.task(name=queueing.PURGE_CACHES)
-def purge_caches_task() -> dict[str, int]:
-    """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
+def purge_local_caches() -> dict:
+    """This host's part of the purge (rgrid/maintenance.py): the hook every worker host runs,
+    whichever way it is asked (the broadcast below, or a per-host queue)."""
     ctx = worker_context()
-    lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
+    with session_scope(ctx.session_factory) as session:
+        return maintenance.purge_local_caches(ctx.settings, session, ctx.docker)
+
+
+@control_command(name=PURGE_LOCAL_COMMAND)
+def purge_local_command(_state) -> dict:
+    """Run by each worker's main process when the purge broadcasts it: each host purges its
+    own disk, and replies with what it removed."""
+    try:
+        return {"ok": purge_local_caches()}
+    except Exception as exc:  # noqa: BLE001 - the reply says so; the other hosts go on
+        log.exception("local purge failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _our_workers() -> list[str]:
+    """The workers consuming this deployment's queue (another deployment, or a test session,
+    may share the broker)."""
+    queue = get_settings().queue
+    replies = app.control.inspect(timeout=5).active_queues() or {}
+    return sorted(w for w, queues in replies.items() if any(q["name"] == queue for q in queues))
+
+
+@app.task(name=queueing.PURGE_CACHES)
+def purge_caches_task() -> dict:
+    """Nightly; exactly one beat should run, but the lock makes a second one harmless. The
+    shared part (rows, blobs, uploads, old executions) runs here once; then every worker host
+    purges its own disk. The result (counts and bytes) shows in Flower, and in
+    `rgrid cache stats` as the last purge."""
+    ctx = worker_context()
+    client = redis_client(ctx.settings.redis_url)
+    lock = client.lock(cache_keys.purge_lock_name(ctx.settings.queue), timeout=3600)
     if not lock.acquire(blocking=False):
         log.info("another purge is running")
-        return {}
+        return {"skipped": "another purge is running"}
     try:
-        with session_scope(ctx.session_factory) as session:
-            scripts = purge_script_cache(session)
-        with session_scope(ctx.session_factory) as session:
-            deps = purge_dependency_cache(session, ctx.settings.environments_dir)
-        with session_scope(ctx.session_factory) as session:
-            files = purge_blobs(ctx.store, session)
-        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files}
+        started = time.monotonic()
+        shared = maintenance.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
+        replies = app.control.broadcast(
+            PURGE_LOCAL_COMMAND, reply=True, timeout=300, destination=_our_workers()
+        )
+        hosts = {name: answer for reply in replies or [] for name, answer in reply.items()}
+        result = {
+            "finished_at": iso_utc(utcnow()),
+            "seconds": round(time.monotonic() - started, 3),
+            "shared": shared,
+            "hosts": hosts,
+        }
+        client.set(cache_keys.last_purge_key(ctx.settings.queue), json.dumps(result))
+        return result
     finally:
         lock.release()
