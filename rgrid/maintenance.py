@@ -16,6 +16,7 @@ from rgrid.cache_keys import log_object_key
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
+from rgrid.errors import BadInput
 from rgrid.models import (
     Blob,
     DependencyCache,
@@ -259,3 +260,59 @@ def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dic
         size = result[size_key] if size_key else 0
         metrics.count_removed(metrics.PURGED, metrics.PURGED_BYTES, kind, result[kind], size)
     return result
+
+
+def purge_account(
+    session: Session,
+    store: ObjectStore,
+    account_id: int,
+    older_than: timedelta,
+    environments_dir: Path | None = None,
+) -> dict[str, int]:
+    """`rgrid cache purge`: one account's own entries unused for ``older_than`` (zero: all).
+    Blobs an unfinished execution of the account still needs are kept. ``environments_dir``:
+    also delete this host's folders no row names any more (the embedded default; worker
+    hosts drop theirs in their nightly ``purge_local_caches``)."""
+    result = {
+        "script_cache": purge_script_cache(session, older_than, account_id),
+        "dependency_cache": purge_dependency_cache(
+            session, environments_dir, older_than, account_id
+        ),
+    }
+    needed = {
+        item["sha256"]
+        for inputs in session.scalars(
+            select(Execution.inputs).where(
+                Execution.account_id == account_id, Execution.status.not_in(TERMINAL_STATUSES)
+            )
+        )
+        for item in inputs or []
+    }
+    stale = [
+        blob
+        for blob in session.scalars(_stale(Blob, older_than, account_id))
+        if blob.digest not in needed
+    ]
+    for blob in stale:
+        store.delete(blob.object_key)
+        session.delete(blob)
+    result["blobs"], result["blob_bytes"] = len(stale), sum(blob.size for blob in stale)
+    return result
+
+
+def purge_age(older_than_s: int | None, everything: bool) -> timedelta:
+    """`rgrid cache purge`'s choice: entries unused this long, or (``everything``) all."""
+    if everything == (older_than_s is not None):
+        raise BadInput("give either --older-than AGE or --all")
+    return timedelta(0) if everything else timedelta(seconds=older_than_s or 0)
+
+
+def purge_local_files(settings: Settings, older_than: timedelta) -> dict[str, int]:
+    """The embedded default's own blob cache: files unused for ``older_than`` (zero: all)."""
+    removed = disk.Removed()
+    now = time.time()
+    for entry in disk.entries(settings):
+        if entry.kind == "blob" and now - entry.last_used >= older_than.total_seconds():
+            entry.path.unlink(missing_ok=True)
+            removed.add("local_blob", entry.size)
+    return removed.as_dict()

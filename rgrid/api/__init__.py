@@ -36,10 +36,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["rgrid.celery"] = create_celery_app()
 
     from rgrid.api.blobs import bp as blobs_bp
+    from rgrid.api.cache import bp as cache_bp
     from rgrid.api.executions import bp as executions_bp
 
     app.register_blueprint(executions_bp, url_prefix="/v1")
     app.register_blueprint(blobs_bp, url_prefix="/v1")
+    app.register_blueprint(cache_bp, url_prefix="/v1")
 
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):
