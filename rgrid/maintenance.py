@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import docker
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from rgrid import disk, environments, metrics
@@ -109,14 +109,27 @@ def _stale(model, unused: timedelta | None, account_id: int | None):
     return query if account_id is None else query.where(model.account_id == account_id)
 
 
+#: Rows deleted per statement by a bulk purge.
+PURGE_BATCH = 50_000
+
+
 def purge_script_cache(
     session: Session, unused: timedelta | None = None, account_id: int | None = None
 ) -> int:
-    """Drop script-cache rows unused for 30 days (or ``unused``; of one account, or all)."""
-    stale = list(session.scalars(_stale(ScriptCache, unused, account_id)))
-    for row in stale:
-        session.delete(row)
-    return len(stale)
+    """Drop script-cache rows unused for 30 days (or ``unused``; of one account, or all). In
+    bulk, a batch per statement: nothing else hangs on a script row (its bytes are a blob),
+    and loading each row to delete it took 4 s per 20,000 rows (bench/cache_lookup.py)."""
+    removed = 0
+    while True:
+        batch = _stale(ScriptCache, unused, account_id).with_only_columns(ScriptCache.id)
+        result = session.execute(
+            delete(ScriptCache)
+            .where(ScriptCache.id.in_(batch.limit(PURGE_BATCH).scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        removed += result.rowcount
+        if result.rowcount < PURGE_BATCH:
+            return removed
 
 
 def purge_dependency_cache(

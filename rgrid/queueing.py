@@ -35,7 +35,9 @@ def create_celery_app(include: Iterable[str] = ()) -> Celery:
 
 def enqueue_pipeline(app: Celery, execution_id: str) -> None:
     """Queue the chain; call only after the transaction that wrote the row has committed."""
-    first, *rest = PIPELINE
+    # Each step names its execution in its own arguments (immutable signatures), so Flower
+    # shows the execution id on every step from the moment it is queued, and no step depends
+    # on what the one before it returned.
     chain(
-        app.signature(first, args=(execution_id,)), *(app.signature(name) for name in rest)
+        *(app.signature(name, args=(execution_id,), immutable=True) for name in PIPELINE)
     ).apply_async()

@@ -116,8 +116,19 @@ def beat_command(schedule: Path) -> list[str]:
     return _celery("beat", "--loglevel", "INFO", "--schedule", str(schedule))
 
 
-def flower_command(port: int) -> list[str]:
-    return _celery("flower", "--address=127.0.0.1", f"--port={port}")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def flower_command(port: int, address: str = "127.0.0.1", basic_auth: str | None = None):
+    """Flower on ``address``. Anywhere but loopback it shows every execution's tasks and can
+    revoke them, so it is refused without credentials (``user:password``, handed to Flower
+    in its own FLOWER_BASIC_AUTH variable by :meth:`StackConfig.env_for`, never on its
+    command line where `ps` would show it)."""
+    if address not in LOOPBACK and not basic_auth:
+        raise RuntimeError(
+            f"Flower on {address} needs credentials: set RGRID_FLOWER_BASIC_AUTH=user:password"
+        )
+    return _celery("flower", f"--address={address}", f"--port={port}")
 
 
 # --- starting, waiting, stopping ----------------------------------------------------------------
@@ -231,6 +242,8 @@ class StackConfig:
         metrics folder of their own (prometheus-client's multiprocess mode; each is scraped
         on its own, so neither may count the other's files)."""
         env = {**self.env, "RGRID_WORKER_METRICS_PORT": str(self.worker_metrics_port)}
+        if role == "flower" and self.env.get("RGRID_FLOWER_BASIC_AUTH"):
+            env["FLOWER_BASIC_AUTH"] = self.env["RGRID_FLOWER_BASIC_AUTH"]
         if role in ("api", "worker"):
             folder = self.log_dir / f"metrics-{role}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +263,11 @@ class StackConfig:
             "beat": beat_command(self.log_dir / "beat-schedule"),
         }
         if self.flower_port is not None:
-            every["flower"] = flower_command(self.flower_port)
+            every["flower"] = flower_command(
+                self.flower_port,
+                self.env.get("RGRID_FLOWER_ADDRESS", "127.0.0.1"),
+                self.env.get("RGRID_FLOWER_BASIC_AUTH"),
+            )
         return {role: every[role] for role in self.roles if role in every}
 
 

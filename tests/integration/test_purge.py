@@ -177,7 +177,8 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
         assert set(session.scalars(select(ScriptCache.script_hash).where(*mine))) == {
             recent["script_hash"]
         }
-        assert session.scalars(select(DependencyCache).where(*mine)).first() is None
+        theirs = DependencyCache.account_id == account.id
+        assert session.scalars(select(DependencyCache).where(theirs)).first() is None
         assert session.scalars(select(Blob).where(Blob.account_id == account.id)).first() is None
         assert session.get(Execution, old["execution_id"]) is None
         assert session.get(Execution, recent["execution_id"]) is not None
