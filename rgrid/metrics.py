@@ -27,6 +27,8 @@ process) the metrics live in the process's own memory.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -35,18 +37,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from sqlalchemy.orm import Session, sessionmaker
 
     from rgrid.models import Execution
@@ -59,76 +51,134 @@ CACHE_TYPES = ("script", "dependency", "input")
 #: Seconds, from a warm run (~0.3 s) to a long job.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
 
-SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
-CACHE_HITS = Counter(
-    "rgrid_cache_hits_total",
-    "Cache lookups that found a usable entry, by cache type (input: per file).",
-    ["cache"],
-)
-CACHE_MISSES = Counter(
-    "rgrid_cache_misses_total",
-    "Cache lookups that found nothing usable, by cache type (input: per file).",
-    ["cache"],
-)
-ENVIRONMENT_BUILD = Histogram(
-    "rgrid_environment_build_seconds",
-    "Providing a dependency set on a host that lacks it: waiting for the build lock, "
-    "resolving and installing.",
-    buckets=DURATION_BUCKETS,
-)
-ENVIRONMENT_INSTALL = Histogram(
-    "rgrid_environment_install_seconds",
-    "The installer's own time for a dependency set (uv).",
-    buckets=DURATION_BUCKETS,
-)
-QUEUE_WAIT = Histogram(
-    "rgrid_execution_queue_wait_seconds",
-    "From submission to the script's start, by final status.",
-    ["status"],
-    buckets=DURATION_BUCKETS,
-)
-RUN_DURATION = Histogram(
-    "rgrid_execution_run_seconds",
-    "The script's own run time in its sandbox, by final status.",
-    ["status"],
-    buckets=DURATION_BUCKETS,
-)
-END_TO_END = Histogram(
-    "rgrid_execution_seconds",
-    "From submission to the final status, by final status.",
-    ["status"],
-    buckets=DURATION_BUCKETS,
-)
-BYTES_UPLOADED = Counter(
-    "rgrid_input_bytes_uploaded_total", "Input bytes clients uploaded for executions."
-)
-BYTES_SAVED = Counter(
-    "rgrid_input_bytes_saved_total",
-    "Input bytes clients did not upload because the account had them stored (input hits).",
-)
-PURGED = Counter("rgrid_purged_total", "Entries removed by the purge, by kind.", ["kind"])
-PURGED_BYTES = Counter("rgrid_purged_bytes_total", "Bytes freed by the purge, by kind.", ["kind"])
-EVICTED = Counter(
-    "rgrid_evicted_total",
-    "Entries a host evicted to keep its disk budget, by kind (least recently used first).",
-    ["kind"],
-)
-EVICTED_BYTES = Counter(
-    "rgrid_evicted_bytes_total", "Bytes a host freed to keep its disk budget, by kind.", ["kind"]
-)
-POOL_CLAIMS = Counter("rgrid_pool_claims_total", "Runs that found a pre-started (warm) sandbox.")
-POOL_MISSES = Counter(
-    "rgrid_pool_misses_total", "Runs that had to start a sandbox (no warm one was free)."
-)
+_DISABLED = False
 
-for _cache in CACHE_TYPES:  # every series exists from the start, so a ratio is never empty
-    CACHE_HITS.labels(_cache)
-    CACHE_MISSES.labels(_cache)
+
+def disable() -> None:
+    """No metrics in this process (the embedded default: nobody scrapes a CLI process, and
+    importing prometheus-client would cost every `rgrid run` 40-90 ms)."""
+    global _DISABLED
+    _DISABLED = True
+
+
+class _Noop:
+    """Stands in for every metric when disabled."""
+
+    def labels(self, *_args, **_kwargs) -> _Noop:
+        return self
+
+    def inc(self, *_args) -> None:
+        pass
+
+    def observe(self, *_args) -> None:
+        pass
+
+    def time(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+@functools.cache
+def _defined() -> dict[str, object]:
+    """Every metric, created on first use (so a process that never counts never imports
+    prometheus-client)."""
+    from prometheus_client import Counter, Histogram
+
+    SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
+    CACHE_HITS = Counter(
+        "rgrid_cache_hits_total",
+        "Cache lookups that found a usable entry, by cache type (input: per file).",
+        ["cache"],
+    )
+    CACHE_MISSES = Counter(
+        "rgrid_cache_misses_total",
+        "Cache lookups that found nothing usable, by cache type (input: per file).",
+        ["cache"],
+    )
+    ENVIRONMENT_BUILD = Histogram(
+        "rgrid_environment_build_seconds",
+        "Providing a dependency set on a host that lacks it: waiting for the build lock, "
+        "resolving and installing.",
+        buckets=DURATION_BUCKETS,
+    )
+    ENVIRONMENT_INSTALL = Histogram(
+        "rgrid_environment_install_seconds",
+        "The installer's own time for a dependency set (uv).",
+        buckets=DURATION_BUCKETS,
+    )
+    QUEUE_WAIT = Histogram(
+        "rgrid_execution_queue_wait_seconds",
+        "From submission to the script's start, by final status.",
+        ["status"],
+        buckets=DURATION_BUCKETS,
+    )
+    RUN_DURATION = Histogram(
+        "rgrid_execution_run_seconds",
+        "The script's own run time in its sandbox, by final status.",
+        ["status"],
+        buckets=DURATION_BUCKETS,
+    )
+    END_TO_END = Histogram(
+        "rgrid_execution_seconds",
+        "From submission to the final status, by final status.",
+        ["status"],
+        buckets=DURATION_BUCKETS,
+    )
+    BYTES_UPLOADED = Counter(
+        "rgrid_input_bytes_uploaded_total", "Input bytes clients uploaded for executions."
+    )
+    BYTES_SAVED = Counter(
+        "rgrid_input_bytes_saved_total",
+        "Input bytes clients did not upload because the account had them stored (input hits).",
+    )
+    PURGED = Counter("rgrid_purged_total", "Entries removed by the purge, by kind.", ["kind"])
+    PURGED_BYTES = Counter(
+        "rgrid_purged_bytes_total", "Bytes freed by the purge, by kind.", ["kind"]
+    )
+    EVICTED = Counter(
+        "rgrid_evicted_total",
+        "Entries a host evicted to keep its disk budget, by kind (least recently used first).",
+        ["kind"],
+    )
+    EVICTED_BYTES = Counter(
+        "rgrid_evicted_bytes_total",
+        "Bytes a host freed to keep its disk budget, by kind.",
+        ["kind"],
+    )
+    POOL_CLAIMS = Counter(
+        "rgrid_pool_claims_total", "Runs that found a pre-started (warm) sandbox."
+    )
+    POOL_MISSES = Counter(
+        "rgrid_pool_misses_total", "Runs that had to start a sandbox (no warm one was free)."
+    )
+
+    for cache in CACHE_TYPES:  # every series exists from the start: a ratio is never empty
+        CACHE_HITS.labels(cache)
+        CACHE_MISSES.labels(cache)
+    return {name: value for name, value in locals().items() if name.isupper()}
+
+
+def __getattr__(name: str):
+    """``metrics.CACHE_HITS`` and the others (PEP 562)."""
+    if name.isupper() and not name.startswith("_"):
+        if _DISABLED:
+            return _NOOP
+        try:
+            return _defined()[name]
+        except KeyError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _metric(name: str):
+    return _NOOP if _DISABLED else _defined()[name]
+
+
+_NOOP = _Noop()
 
 
 def _count(cache: str, hit: bool, n: int = 1) -> None:
     if n > 0:
-        (CACHE_HITS if hit else CACHE_MISSES).labels(cache).inc(n)
+        _metric("CACHE_HITS" if hit else "CACHE_MISSES").labels(cache).inc(n)
 
 
 def _seconds(start, end) -> float | None:
@@ -156,12 +206,12 @@ def execution_finished(execution: Execution) -> None:
             _count("input", True, len(manifest) - uploaded)
             total = sum(int(item.get("size") or 0) for item in manifest)
             sent = execution.bytes_uploaded or 0
-            BYTES_UPLOADED.inc(sent)
-            BYTES_SAVED.inc(max(0, total - sent))
+            _metric("BYTES_UPLOADED").inc(sent)
+            _metric("BYTES_SAVED").inc(max(0, total - sent))
         for histogram, value in (
-            (QUEUE_WAIT, _seconds(execution.created_at, execution.started_at)),
-            (RUN_DURATION, execution.run_s),
-            (END_TO_END, _seconds(execution.created_at, execution.finished_at)),
+            (_metric("QUEUE_WAIT"), _seconds(execution.created_at, execution.started_at)),
+            (_metric("RUN_DURATION"), execution.run_s),
+            (_metric("END_TO_END"), _seconds(execution.created_at, execution.finished_at)),
         ):
             if value is not None:
                 histogram.labels(status).observe(value)
@@ -169,7 +219,7 @@ def execution_finished(execution: Execution) -> None:
         log.warning("could not count execution %s", execution.id, exc_info=True)
 
 
-def count_removed(counter: Counter, bytes_counter: Counter, kind: str, n: int, size: int) -> None:
+def count_removed(counter, bytes_counter, kind: str, n: int, size: int) -> None:
     if n:
         counter.labels(kind).inc(n)
     if size:
@@ -179,7 +229,7 @@ def count_removed(counter: Counter, bytes_counter: Counter, kind: str, n: int, s
 # --- collectors computed at scrape ----------------------------------------------------------
 
 
-class DatabaseCacheCollector(Collector):
+class DatabaseCacheCollector:
     """``rgrid_cache_entries`` and ``rgrid_cache_bytes`` by cache type, and the oldest entry's
     age, from the database at scrape time (the API's /metrics): the same numbers from every
     API process."""
@@ -187,7 +237,9 @@ class DatabaseCacheCollector(Collector):
     def __init__(self, session_factory: sessionmaker[Session]):
         self.session_factory = session_factory
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable:
+        from prometheus_client.core import GaugeMetricFamily
+
         from rgrid import cachestats  # the API's models and queries, only when scraped
 
         entries = GaugeMetricFamily(
@@ -218,7 +270,7 @@ class DatabaseCacheCollector(Collector):
         return [entries, size, age]
 
 
-class HostCacheCollector(Collector):
+class HostCacheCollector:
     """This worker host's disk: environments and blob-cache entries and bytes, and its warm
     sandboxes. Measured at most every ``every_s`` (walking an environments folder costs)."""
 
@@ -232,7 +284,9 @@ class HostCacheCollector(Collector):
         self._cached: tuple[float, dict[str, tuple[int, int]], int] | None = None
         self._lock = threading.Lock()
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable:
+        from prometheus_client.core import GaugeMetricFamily
+
         with self._lock:
             if self._cached is None or time.monotonic() - self._cached[0] > self.every_s:
                 try:
@@ -268,9 +322,11 @@ def multiprocess_dir() -> Path | None:
     return get_settings().metrics_multiproc_dir
 
 
-def registry(*extra: Collector) -> CollectorRegistry:
+def registry(*extra) -> CollectorRegistry:
     """What one scrape reports: every process's files in multiprocess mode (else this
     process's own metrics), and ``extra`` collectors computed now."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
     if multiprocess_dir() is None:
         chosen = CollectorRegistry(auto_describe=False)
         chosen.register(_Forward(REGISTRY))
@@ -282,7 +338,7 @@ def registry(*extra: Collector) -> CollectorRegistry:
     return chosen
 
 
-class _Forward(Collector):
+class _Forward:
     def __init__(self, source: CollectorRegistry):
         self.source = source
 
@@ -290,7 +346,9 @@ class _Forward(Collector):
         return self.source.collect()
 
 
-def exposition(*extra: Collector) -> bytes:
+def exposition(*extra) -> bytes:
+    from prometheus_client import generate_latest
+
     return generate_latest(registry(*extra))
 
 
@@ -306,10 +364,12 @@ def process_exited(pid: int) -> None:
     """A writer process is gone (a gunicorn worker, a Celery pool process): its live gauges
     are dropped; its counters stay, as the multiprocess mode intends."""
     if multiprocess_dir() is not None:
+        from prometheus_client import multiprocess
+
         multiprocess.mark_process_dead(pid)
 
 
-def serve_worker_metrics(port: int, host_collector: Collector, address: str = "") -> None:
+def serve_worker_metrics(port: int, host_collector, address: str = "") -> None:
     """A worker host's exporter, in the worker's main process: a daemon thread answering
     /metrics on ``port`` with every pool process's counters and this host's gauges."""
     from prometheus_client import start_http_server
