@@ -95,9 +95,9 @@ def main() -> None:
 
     from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
     from rgrid.db import get_engine, get_session_factory, session_scope, upgrade
-    from rgrid.maintenance import purge_script_cache
     from rgrid.models import ScriptCache
     from rgrid.pipeline import _remember_script, script_cache_environment
+    from rgrid.purge import purge_script_cache
 
     with fresh_database("rgrid_bench") as url:
         upgrade(url)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rgrid import blobs, cachestats, disk, maintenance, pipeline
+from rgrid import blobs, cachestats, disk, maintenance, pipeline, purge
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
@@ -151,10 +151,10 @@ class EmbeddedClient:
 
     def cache_purge(self, older_than_s: int | None, everything: bool) -> dict:
         """The local cache: rows, stored blobs, environment folders and the blob cache."""
-        age = maintenance.purge_age(older_than_s, everything)
+        age = purge.purge_age(older_than_s, everything)
         before = disk.usage(self.ctx.settings)["environment"]
         with session_scope(self.ctx.session_factory) as session:
-            removed = maintenance.purge_account(
+            removed = purge.purge_account(
                 session, self.ctx.store, self.account_id, age, self.ctx.settings.environments_dir
             )
         after = disk.usage(self.ctx.settings)["environment"]

@@ -169,6 +169,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def define() -> None:
+    """Create every metric now (the API and the workers, when they start), so every series
+    is exported, at zero, before anything has happened."""
+    if not _DISABLED:
+        _defined()
+
+
 def _metric(name: str):
     return _NOOP if _DISABLED else _defined()[name]
 

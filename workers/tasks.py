@@ -14,7 +14,7 @@ from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
 from sqlalchemy.exc import OperationalError
 
-from rgrid import cache_keys, disk, maintenance, metrics, pipeline, pool, queueing
+from rgrid import cache_keys, disk, maintenance, metrics, pipeline, pool, purge, queueing
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
@@ -94,6 +94,7 @@ def fresh_context(**_kwargs) -> None:
     forget_engines_after_fork()
     redis_client.cache_clear()
     worker_context.cache_clear()
+    metrics.define()
 
 
 @celeryd_init.connect
@@ -202,7 +203,7 @@ def purge_caches_task() -> dict:
         return {"skipped": "another purge is running"}
     try:
         started = time.monotonic()
-        shared = maintenance.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
+        shared = purge.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
         replies = app.control.broadcast(
             PURGE_LOCAL_COMMAND, reply=True, timeout=300, destination=_our_workers()
         )

@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # task name through a Celery app that imports no tasks.
     app.extensions["rgrid"] = server_services(settings)
     app.extensions["rgrid.celery"] = create_celery_app()
+    rgrid_metrics.define()
 
     from rgrid.api.blobs import bp as blobs_bp
     from rgrid.api.cache import bp as cache_bp

@@ -6,7 +6,7 @@ import json
 
 from flask import Blueprint, g, jsonify
 
-from rgrid import cache_keys, cachestats, maintenance
+from rgrid import cache_keys, cachestats, purge
 from rgrid.api.common import authenticate_request, context
 from rgrid.api.schemas import CacheEntriesQuery, CachePurgeRequest, validated
 from rgrid.db import session_scope
@@ -44,11 +44,11 @@ def entries(query: CacheEntriesQuery):
 
 @bp.post("/cache/purge")
 @validated(body=CachePurgeRequest)
-def purge(body: CachePurgeRequest):
+def purge_entries(body: CachePurgeRequest):
     """Remove the caller's entries unused for ``older_than_s`` (or all of them): a purged entry
     is a miss next time."""
-    age = maintenance.purge_age(body.older_than_s, body.all)
+    age = purge.purge_age(body.older_than_s, body.all)
     ctx = context()
     with session_scope(ctx.session_factory) as session:
-        removed = maintenance.purge_account(session, ctx.store, g.account_id, age)
+        removed = purge.purge_account(session, ctx.store, g.account_id, age)
     return jsonify(removed=removed)
