@@ -186,3 +186,16 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
     assert not host.store.exists(cache_keys.log_object_key(old["execution_id"]))
     redis = redis_client(host.settings.redis_url)
     assert redis.get(cache_keys.last_purge_key(host.settings.queue)) is not None
+
+
+def test_a_second_purge_while_one_runs_does_nothing(host):
+    """Exactly one purge at a time, even if two beats queue it: the second one sees the lock
+    and reports that it skipped."""
+    redis = redis_client(host.settings.redis_url)
+    lock = redis.lock(cache_keys.purge_lock_name(host.settings.queue), timeout=60)
+    assert lock.acquire(blocking=False)
+    try:
+        assert _purge(host) == {"skipped": "another purge is running"}
+    finally:
+        lock.release()
+    assert "shared" in _purge(host)
