@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/inputs.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/sandbox_disk.py
 	$(BIN)/python bench/cache_lookup.py
 
 lint: $(INSTALLED)

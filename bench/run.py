@@ -329,6 +329,7 @@ def private_stack(root: Path) -> Iterator[dict[str, str]]:
                 "RGRID_REDIS_URL": f"{redis_base}/{redis_db}",
                 "RGRID_S3_BUCKET": bucket,
                 "RGRID_DATA_DIR": str(root / "stack-data"),
+                **BENCH_STACK_ENV,
             }
             upgrade(db_url)
             config = stack.StackConfig(
@@ -369,6 +370,36 @@ def _remove_bucket(boto3, dev: dict[str, str], bucket: str) -> None:
         s3.delete_bucket(Bucket=bucket)
     except s3.exceptions.NoSuchBucket:
         pass
+
+
+#: What the bench's stack must allow that the development stack does not: wheels from local
+#: folders (the edited-requirements rows) and from the pad server on loopback (PEP 723 rows).
+BENCH_STACK_ENV = {"RGRID_ALLOW_LOCAL_FIND_LINKS": "1", "RGRID_ALLOWED_INDEXES": "127.0.0.1"}
+
+
+def _worker_environ() -> dict[str, str]:
+    """The running `make up` worker's environment ({} when it cannot be read)."""
+    values = {}
+    try:
+        pid = stack.running_pid("worker")
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            name, _, value = item.partition(b"=")
+            values[name.decode(errors="replace")] = value.decode(errors="replace")
+    except (OSError, ValueError, TypeError):
+        pass
+    return values
+
+
+def check_up_stack_allows_local_wheels() -> None:
+    """A stack `make up` started before without the bench's settings refuses the local wheels:
+    say so, rather than fail rows one by one."""
+    environ = _worker_environ()
+    if environ and any(environ.get(k) != v for k, v in BENCH_STACK_ENV.items()):
+        raise BenchError(
+            "the running stack does not allow local wheels (it was started without "
+            + " ".join(f"{k}={v}" for k, v in BENCH_STACK_ENV.items())
+            + "): `make down` and run the bench again (it starts the stack), or use --stack private"
+        )
 
 
 def up_stack_environments() -> Path:
@@ -434,9 +465,10 @@ def bench_env(stack_kind: str) -> Iterator[Env]:
                 env.stack_environments = root / "stack-data" / "environments"
             else:
                 try:
-                    exports = stack.up()
+                    exports = stack.up(extra_env=BENCH_STACK_ENV)
                 except RuntimeError as exc:
                     raise BenchError(f"the stack did not start: {exc}") from exc
+                check_up_stack_allows_local_wheels()
                 env.stack_environments = up_stack_environments()
             env.stack_env = {**clean_environ(), **exports}
             yield env
@@ -455,6 +487,10 @@ def cleanup(env: Env) -> None:
         proc = subprocess.run(["docker", "rmi", *refs], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(f"cleanup: docker rmi: {proc.stderr.strip()}", file=sys.stderr)
+    from rgrid.agent_client import stop_agents
+    from rgrid.config import Settings
+
+    agents = stop_agents(Settings(data_dir=Path(env.embedded_env["RGRID_DATA_DIR"])))
     doomed = [env.root]
     made = sorted(env.made_stack_environments)
     if env.stack_environments is not None and env.stack_kind == "up":
@@ -474,7 +510,8 @@ def cleanup(env: Env) -> None:
     finally:
         shutil.rmtree(env.root, ignore_errors=True)
     print(
-        f"cleanup: removed {len(env.made_floor_images)} floor image(s), {containers} "
+        f"cleanup: stopped {agents} embedded agent(s), removed"
+        f" {len(env.made_floor_images)} floor image(s), {containers} "
         f"container(s), {removed_envs} stack environment folder(s) and {env.root}",
         file=sys.stderr,
     )

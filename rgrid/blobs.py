@@ -1,9 +1,12 @@
 """Content-addressed files per account: which an account lacks, uploading them, trusting them.
 
-A digest is a promise. Uploaded bytes land under a fresh key and are hashed by the server
-before any Blob row points at them; a client that lied about its digest gets an error and its
-bytes are deleted. Every lookup is per account: an account asking about another's digest is told
-"missing" and uploads its own copy.
+A digest is a promise. Uploaded bytes land under a staging key (``uploads/...``), the only kind
+of key a presigned URL ever names, with a URL bound to the declared size that expires minutes
+after it is issued. Only the server, once it has checked size and digest, copies them to the
+blob's own key (``blobs/<account>/<digest>``), so a URL reused after the check writes nothing
+any run reads. A client that lied about its digest gets an error and its bytes are deleted.
+Every lookup is per account: an account asking about another's digest is told "missing" and
+uploads its own copy.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from rgrid.models import Blob, Upload, utcnow
 from rgrid.objectstore import ObjectStore, PresigningStore
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+#: The pace a part's URL lifetime allows for the parts before it (a 5 GiB file: 85 minutes).
+SLOW_UPLOAD_BYTES_PER_S = 1024**2
 
 
 def check_digest(digest: object) -> str:
@@ -84,11 +89,12 @@ def start_upload(
         size=size,
         object_key="",
     )
-    upload.object_key = cache_keys.blob_object_key(account_id, upload.id)
+    upload.object_key = cache_keys.upload_staging_key(account_id, upload.id)
     part = settings.upload_part_bytes
+    expires = settings.upload_url_expiry_s
     result: dict = {"upload_id": upload.id}
     if size <= part:
-        result["url"] = store.upload_url(upload.object_key)
+        result["url"] = store.upload_url(upload.object_key, size, expires)
     else:
         upload.multipart_id = store.start_multipart(upload.object_key)
         result["parts"] = [
@@ -96,7 +102,15 @@ def start_upload(
                 "part_number": number,
                 "offset": offset,
                 "length": min(part, size - offset),
-                "url": store.part_url(upload.object_key, upload.multipart_id, number),
+                "url": store.part_url(
+                    upload.object_key,
+                    upload.multipart_id,
+                    number,
+                    min(part, size - offset),
+                    # The client sends parts in order: a later part's URL also allows for the
+                    # bytes before it, at a slow connection's pace.
+                    expires + offset // SLOW_UPLOAD_BYTES_PER_S,
+                ),
             }
             for number, offset in enumerate(range(0, size, part), start=1)
         ]
@@ -104,24 +118,44 @@ def start_upload(
     return result
 
 
-def _adopt(
-    session: Session, store: ObjectStore, account_id: int, key: str, expected: str, size_hint: int
-) -> Blob:
-    """Hash what is stored at ``key``; only if it matches ``expected`` does a Blob row point
-    at it. Otherwise the bytes are deleted and nothing references them."""
-    with store.open_stream(key) as stream:
-        actual, size = sha256_stream(stream)
-    if size != size_hint:
+def _check_size(store: ObjectStore, key: str, size: int, declared: int) -> None:
+    if size > declared:
         store.delete(key)
         raise BadInput(
-            f"the upload was cut off ({size} of {size_hint} bytes arrived): send it again"
+            f"the upload is larger than declared ({size} bytes arrived, {declared} declared): "
+            "nothing was stored"
         )
+    if size < declared:
+        store.delete(key)
+        raise BadInput(
+            f"the upload was cut off ({size} of {declared} bytes arrived): send it again"
+        )
+
+
+def _check_digest(store: ObjectStore, key: str, expected: str, declared: int) -> None:
+    """Hash what is stored at ``key``; unless it is the promised bytes, delete it and say so."""
+    with store.open_stream(key) as stream:
+        actual, size = sha256_stream(stream)
+    _check_size(store, key, size, declared)
     if actual != expected:
         store.delete(key)
         raise BadInput(
             f"uploaded bytes do not match their digest (claimed {expected[:12]}…, "
             f"got {actual[:12]}…): nothing was stored"
         )
+
+
+def _adopt(
+    session: Session,
+    store: ObjectStore,
+    account_id: int,
+    key: str,
+    expected: str,
+    size_hint: int,
+) -> Blob:
+    """Hash what is stored at ``key``; only if it matches ``expected`` does a Blob row point
+    at it. Otherwise the bytes are deleted and nothing references them."""
+    _check_digest(store, key, expected, size_hint)
     existing = find_blob(session, account_id, expected)
     if existing is not None and existing.object_key != key and store.exists(existing.object_key):
         store.delete(key)  # an earlier upload of the same file is already stored
@@ -133,14 +167,15 @@ def _adopt(
             return existing
         session.delete(existing)
         session.flush()
-    blob = Blob(account_id=account_id, digest=expected, size=size, object_key=key, use_count=0)
+    blob = Blob(account_id=account_id, digest=expected, size=size_hint, object_key=key, use_count=0)
     try:
         with session.begin_nested():  # a concurrent upload or output of the same bytes may win
             session.add(blob)
     except IntegrityError:
-        store.delete(key)
         winner = find_blob(session, account_id, expected)
         assert winner is not None
+        if winner.object_key != key:  # a concurrent writer of the digest's own key shares it
+            store.delete(key)
         touch(winner)
         return winner
     return blob
@@ -175,7 +210,7 @@ def complete_upload(
                 "the upload was cut off before all its parts arrived: send it again"
             ) from exc
     try:
-        blob = _adopt(session, store, account_id, upload.object_key, upload.digest, upload.size)
+        blob = _promote(session, store, upload)
     except NotFound as exc:
         _discard(session, upload)
         raise BadInput("the upload never arrived (or was cut off): send it again") from exc
@@ -184,6 +219,27 @@ def complete_upload(
         raise
     session.delete(upload)
     return blob
+
+
+def _promote(session: Session, store: PresigningStore, upload: Upload) -> Blob:
+    """Check the staged bytes and move them to the blob's own key. The size first (a HEAD:
+    the S3 endpoint here, moto, does not enforce the signed length, so this is what refuses
+    20 MiB sent for a 1-byte claim before anything reads them); then a server-side copy to
+    the content key, and the digest checked on that copy, which no presigned URL can write,
+    so bytes swapped into the staging key meanwhile are never trusted."""
+    staging, account_id = upload.object_key, upload.account_id
+    _check_size(store, staging, store.size(staging), upload.size)
+    existing = find_blob(session, account_id, upload.digest)
+    if existing is not None and store.exists(existing.object_key):
+        # Stored already (a concurrent upload of the same file): the promise is still checked.
+        _check_digest(store, staging, upload.digest, upload.size)
+        store.delete(staging)
+        touch(existing)
+        return existing
+    key = cache_keys.blob_content_key(account_id, upload.digest)
+    store.copy(staging, key)
+    store.delete(staging)
+    return _adopt(session, store, account_id, key, upload.digest, upload.size)
 
 
 def store_file(

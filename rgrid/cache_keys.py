@@ -54,6 +54,22 @@ def blob_object_key(account_id: int, name: str) -> str:
     return f"blobs/{account_id}/{name}"
 
 
+def blob_content_key(account_id: int, digest: str) -> str:
+    """Where an uploaded blob's bytes live once the server has checked them against their
+    digest. Only the server writes here (a server-side copy): no presigned URL names it."""
+    return f"blobs/{account_id}/{digest}"
+
+
+#: Where presigned uploads land, and the only keys a presigned URL ever names.
+UPLOAD_STAGING_PREFIX = "uploads/"
+
+
+def upload_staging_key(account_id: int, upload_id: str) -> str:
+    """Where a presigned upload sends its bytes: checked and copied from here to
+    ``blob_content_key``, then deleted. A URL reused later writes only here."""
+    return f"{UPLOAD_STAGING_PREFIX}{account_id}/{upload_id}"
+
+
 def input_hash(manifest: list[dict]) -> str:
     """The hash of the sorted manifest: renamed files are a new manifest but no new upload."""
     pairs = sorted((item["path"], item["sha256"]) for item in manifest)

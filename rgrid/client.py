@@ -414,7 +414,15 @@ class RemoteClient:
                 if not etag:
                     raise ServiceUnavailable("the object store did not acknowledge an upload part")
                 parts.append({"part_number": part["part_number"], "etag": etag})
-        self._request("POST", f"/uploads/{plan['upload_id']}/complete", {"parts": parts})
+        # The server copies and hashes the whole file before it answers (5 GiB: about a
+        # minute on the S3 endpoint here): the object store's patience, not a quick call's.
+        self._request_once(
+            "POST",
+            f"/uploads/{plan['upload_id']}/complete",
+            {"parts": parts},
+            None,
+            transport=self.objects,
+        )
 
     def download_outputs(
         self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
@@ -453,6 +461,19 @@ class RemoteClient:
 
         with self.objects.reading(response, url):
             yield chunks()
+
+
+def make_run_client(settings: Settings, stdin_source: StdinSource | None) -> Client:
+    """The client for `rgrid run`. The embedded default goes through its agent (rgrid/agent.py),
+    which keeps the pipeline loaded between runs, unless stdin has to be forwarded (the agent
+    is not the script's terminal) or the agent is turned off (RGRID_AGENT=0)."""
+    if settings.embedded and settings.agent and stdin_source is None:
+        from rgrid.agent_client import connect_or_start
+
+        client = connect_or_start(settings)
+        if client is not None:
+            return client
+    return make_client(settings)
 
 
 def make_client(settings: Settings) -> Client:

@@ -93,7 +93,13 @@ class Settings:
     pids_limit: int = 256
     tmp_size: str = "256m"
     home_size: str = "64m"
+    #: Everything a script can write in ``/work`` (its inputs and outputs included): a
+    #: filesystem of this size per execution, so the kernel refuses the write past it.
+    disk_limit: str = "4g"
     max_output_bytes: int = 1024**3
+    #: Files in ``/work/outputs``; a run over it ends ``failed`` and stores none of them.
+    max_output_files: int = 1000
+    #: A log's stored bytes (its JSON lines), per execution; also bounds what it holds in Redis.
     max_log_bytes: int = 64 * 1024**2
     max_script_bytes: int = 1024**2
     max_input_file_bytes: int = 5 * 1024**3
@@ -121,12 +127,33 @@ class Settings:
     #: Required as a bearer token by the API's /metrics; unset: /metrics answers loopback only.
     metrics_token: str | None = None
 
+    # The embedded default's agent (rgrid/agent.py): a local process that keeps the pipeline
+    # loaded between `rgrid run`s, so a warm run costs no imports. It ends after this long
+    # with nothing to do. RGRID_AGENT=0 runs every command in the CLI's own process.
+    agent: bool = True
+    agent_idle_s: int = 600
+
     # Whether requirements may name a --find-links folder on the worker hosts.
     allow_local_find_links: bool = False
+    #: Package sources (index, find-links and direct URLs) a script's requirements may name
+    #: beyond the host's own default index, which is always allowed: host names or
+    #: ``host:port``, and ``*`` for any host whose addresses are all public. Loopback, private,
+    #: link-local and metadata addresses are refused unless their host is named here.
+    allowed_indexes: tuple[str, ...] = ()
+
+    #: How long a presigned upload URL stays valid after it is issued.
+    upload_url_expiry_s: int = 600
 
     # How long a build waits for another builder of the same key before giving up. The lock's
     # lease is twice that, so a waiter gives up before a live builder's lease can lapse.
     build_lock_timeout_s: int = 1800
+    #: Resolving and installing one dependency set: past it uv's process group is killed and
+    #: the execution ends ``build_failed`` (an index that trickles bytes held a worker slot
+    #: up to Celery's 24 h limit).
+    build_timeout_s: int = 600
+    #: Executions of one account building or running at once; the rest wait ``queued``,
+    #: without holding a worker slot. 0: no limit.
+    max_concurrent_per_account: int = 4
 
     #: Each worker host's Prometheus exporter (served by the Celery worker's main process);
     #: 0: none. Bound to loopback unless the operator names an address for their Prometheus.
@@ -176,7 +203,9 @@ class Settings:
             pool_max=_env_int("RGRID_POOL_MAX", cls.pool_max),
             pool_idle_s=_env_int("RGRID_POOL_IDLE", cls.pool_idle_s),
             lease_s=_env_int("RGRID_LEASE", cls.lease_s),
+            disk_limit=_env("RGRID_DISK_LIMIT", cls.disk_limit),
             max_output_bytes=_env_int("RGRID_MAX_OUTPUT_BYTES", cls.max_output_bytes),
+            max_output_files=_env_int("RGRID_MAX_OUTPUT_FILES", cls.max_output_files),
             max_log_bytes=_env_int("RGRID_MAX_LOG_BYTES", cls.max_log_bytes),
             max_script_bytes=_env_int("RGRID_MAX_SCRIPT_BYTES", cls.max_script_bytes),
             max_input_file_bytes=_env_int("RGRID_MAX_INPUT_FILE_BYTES", cls.max_input_file_bytes),
@@ -191,8 +220,19 @@ class Settings:
             cache_budget=_env("RGRID_CACHE_BUDGET", cls.cache_budget),
             cache_unused_days=_env_int("RGRID_CACHE_UNUSED_DAYS", cls.cache_unused_days),
             retention_days=_env_int("RGRID_RETENTION_DAYS", cls.retention_days),
+            agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),
+            agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
+            build_timeout_s=_env_int("RGRID_BUILD_TIMEOUT", cls.build_timeout_s),
+            max_concurrent_per_account=_env_int(
+                "RGRID_MAX_CONCURRENT_PER_ACCOUNT", cls.max_concurrent_per_account
+            ),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
             in ("1", "true", "yes"),
+            allowed_indexes=tuple(
+                entry.strip().lower()
+                for entry in (_env("RGRID_ALLOWED_INDEXES") or "").replace(",", " ").split()
+            ),
+            upload_url_expiry_s=_env_int("RGRID_UPLOAD_URL_EXPIRY", cls.upload_url_expiry_s),
         )
 
     @property
@@ -211,6 +251,13 @@ class Settings:
     def uv_cache_dir(self) -> Path:
         """uv's wheel cache on this host, shared by every requirements set."""
         return Path(_env("RGRID_UV_CACHE_DIR") or self.data_dir / "uv-cache")
+
+    def account_uv_cache_dir(self, account_id: int) -> Path:
+        """uv's cache for an account's installs that name their own package sources (a private
+        index, credentials, find-links, direct URLs): uv keys its cache by URL without the
+        credentials, so a shared one would hand one account's private packages to another.
+        Beside the environments, so installs still hard-link."""
+        return self.data_dir / "uv-cache-accounts" / str(account_id)
 
     @property
     def blob_cache_dir(self) -> Path:
@@ -244,6 +291,15 @@ class Settings:
     @property
     def effective_store_dir(self) -> Path:
         return self.store_dir or self.data_dir / "store"
+
+
+#: What the embedded agent inherits from the shell that starts it: a shell whose values differ
+#: gets an agent of its own (rgrid/agent_client.py names agents by this).
+AGENT_ENV_PREFIXES = ("RGRID_", "DOCKER_", "UV_", "PATH")
+
+
+def agent_environment() -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in os.environ.items() if k.startswith(AGENT_ENV_PREFIXES))
 
 
 def get_settings() -> Settings:

@@ -2,7 +2,9 @@
 
 The install happens on the host, into a folder that sandboxes then mount read-only: no
 container needs network (the Docker host may have none), and uv's cache on the host is shared
-by every set, so each wheel is downloaded once per host. Wheels are chosen for the runtime's
+by every set that takes its packages from the host's default index, so each public wheel is
+downloaded once per host; a set naming sources of its own gets its account's own cache
+(``rgrid/indexes.py`` says why). Wheels are chosen for the runtime's
 interpreter and platform (``--only-binary :all:``), not the host's, so a package with no
 wheel for it fails clearly instead of being built for the wrong platform.
 """
@@ -10,16 +12,21 @@ wheel for it fails clearly instead of being built for the wrong platform.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from rgrid import indexes
+from rgrid.config import Settings
 from rgrid.errors import BuildError
 from rgrid.hashing import sha256_bytes
 from rgrid.runtimes import RuntimeSpec
@@ -88,9 +95,33 @@ def uv_environment() -> dict[str, str]:
     return env
 
 
-def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str:
-    """Run uv, streaming its progress (stderr) to ``log``; returns stdout. A failure raises
-    BuildError carrying uv's own message."""
+def default_index() -> str:
+    return indexes.default_index_url(uv_environment())
+
+
+def check_sources(settings: Settings, requirements: str) -> None:
+    """Refuse (BadInput) a set naming a package source the operator does not allow."""
+    indexes.check_sources(requirements, settings.allowed_indexes, default_index())
+
+
+def uv_cache_for(settings: Settings, account_id: int, requirements: str, *, embedded: bool) -> Path:
+    """The shared cache for sets drawn from the host's default index alone; the account's own
+    for any other (the embedded default has one user: always the shared one)."""
+    if embedded or not indexes.uses_own_sources(requirements, default_index()):
+        return settings.uv_cache_dir
+    return settings.account_uv_cache_dir(account_id)
+
+
+def _run_uv(
+    args: list[str],
+    cache_dir: Path,
+    log: Callable[[str], None],
+    deadline_s: float | None = None,
+) -> str:
+    """Run uv, streaming its progress (stderr) to ``log`` less what tells of the cache
+    (``indexes.log_line``); returns stdout. A failure raises BuildError with uv's message in
+    the user's terms. Past ``deadline_s`` uv's whole process group is killed (an index that
+    trickles bytes would otherwise hold the worker for hours) and BuildError names it."""
     env = {**os.environ, **uv_environment(), "UV_CACHE_DIR": str(cache_dir), "NO_COLOR": "1"}
     process = subprocess.Popen(
         [uv_binary(), *args],
@@ -98,21 +129,52 @@ def _run_uv(args: list[str], cache_dir: Path, log: Callable[[str], None]) -> str
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,
     )
     assert process.stderr is not None and process.stdout is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(deadline_s, expire) if deadline_s else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     messages = []
-    for line in process.stderr:
-        log(line)
-        # uv's note of the worker's own interpreter says nothing about the user's packages.
-        if line.strip() and not line.startswith("Using CPython"):
-            messages.append(line.rstrip())
-    stdout = process.stdout.read()
-    if process.wait() != 0:
-        detail = " ".join(m.strip(" ×╰─▶│") for m in messages[-8:] if m.strip(" ×╰─▶│"))
+    reporting_error = False
+    try:
+        for line in process.stderr:
+            # uv's error report goes to the user as one line (``indexes.failure_message``),
+            # not raw: its causes tell what listens on a port ("invalid HTTP version parsed").
+            reporting_error = reporting_error or line.startswith("error:")
+            shown = None if reporting_error else indexes.log_line(line)
+            if shown is not None:
+                log(shown)
+            if line.strip() and not line.startswith("Using CPython"):
+                messages.append(line.rstrip())
+        stdout = process.stdout.read()
+        returncode = process.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if process.poll() is None:
+            expire()
+            process.wait()
+    if expired.is_set():
         raise BuildError(
-            f"dependency install failed: {detail or 'uv exited ' + str(process.returncode)}"
+            f"dependency install stopped: build time limit {_duration(deadline_s or 0)} reached"
         )
+    if returncode != 0:
+        raise BuildError(indexes.failure_message(messages, returncode))
     return stdout
+
+
+def _duration(seconds: float) -> str:
+    """``10 min``, ``90 s``."""
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
 
 
 def _target_args(spec: RuntimeSpec) -> list[str]:
@@ -164,6 +226,7 @@ def install(
     *,
     pinned: list[str] | None = None,
     refresh: bool = False,
+    deadline_s: float | None = None,
 ) -> list[str]:
     """Resolve and install ``requirements`` into ``target`` in one uv call, and return what
     was installed as sorted ``name==version`` pins. With ``pinned`` (a set resolved before,
@@ -197,6 +260,7 @@ def install(
             ],
             cache_dir,
             log,
+            deadline_s,
         )
     return installed_pins(target)
 

@@ -59,6 +59,7 @@ def install(
     log: Callable[[str], None],
     pinned: list[str] | None = None,
     refresh: bool = False,
+    deadline_s: float | None = None,
 ) -> Installed:
     """Install a requirements set into its folder under ``root``.
 
@@ -71,7 +72,14 @@ def install(
     scratch = root / f".tmp-{secrets.token_hex(6)}"
     try:
         pins = dependencies.install(
-            requirements, spec, scratch, uv_cache_dir, log, pinned=pinned, refresh=refresh
+            requirements,
+            spec,
+            scratch,
+            uv_cache_dir,
+            log,
+            pinned=pinned,
+            refresh=refresh,
+            deadline_s=deadline_s,
         )
         if not pins:
             return Installed(None, [], round(time.monotonic() - started, 3))

@@ -2,7 +2,9 @@
 
 Every error that reaches a user is an ``RGridError``: the CLI prints its message on one line
 and exits 125 (``rgrid.cli.EXIT_RGRID``), the API turns it into a JSON body with
-``http_status``. Anything else is a bug and is allowed to surface as such.
+``http_status``. Anything else is a bug: it surfaces in the server's log with its detail, and
+to the user as ``internal_error`` (never the exception's own text, which can carry Docker API
+URLs and connection-pool messages).
 """
 
 
@@ -33,10 +35,26 @@ class AuthError(RGridError):
 
 
 class ServiceUnavailable(RGridError):
-    """A component RGrid depends on (Docker, the API, a database) cannot be reached."""
+    """A component RGrid depends on (Docker, the API, a database) cannot be reached. The
+    message names the service, then (after ": ") the cause."""
 
     http_status = 503
+
+    @property
+    def summary(self) -> str:
+        """The service, without the cause: the cause's text can carry internal addresses and
+        library messages, so a server tells its users only this (and logs the rest)."""
+        return self.message.split(": ", 1)[0]
 
 
 class BuildError(RGridError):
     """An image could not be built; the message carries the builder's own words."""
+
+
+def user_message(exc: BaseException, doing: str, reference: str) -> str:
+    """What a user is told when work for them raised ``exc`` while ``doing`` something: an
+    RGridError's own words, else (a bug, or a service of ours failing) that something went wrong
+    on our side, with a reference the operator finds in the server's log."""
+    if isinstance(exc, RGridError) and not isinstance(exc, ServiceUnavailable):
+        return exc.message
+    return f"internal error while {doing}; reference {reference}"

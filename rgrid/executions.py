@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,10 +13,11 @@ from sqlalchemy.orm import Session
 from rgrid import cache_keys
 from rgrid.blobs import find_blob
 from rgrid.config import Settings
+from rgrid.dependencies import check_sources
 from rgrid.errors import BadInput, NotFound
 from rgrid.hashing import script_hash
 from rgrid.inputs import OUTPUTS_DIR, check_manifest
-from rgrid.logbuffer import LogBuffer, LogChunk, iter_log
+from rgrid.logbuffer import LogBuffer, LogChunk, iter_buffered, iter_log, stored_size
 from rgrid.models import Execution, iso_utc
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import check_local_paths, inline_requirements, normalise
@@ -28,7 +28,8 @@ from rgrid.units import human_limit, parse_bytes
 #: A log page carries at most this many chunks and about this much text, so neither the API
 #: nor the CLI ever holds a whole log in memory, however large.
 LOG_PAGE_CHUNKS = 512
-LOG_PAGE_BYTES = 4 * 1024**2
+#: The most one ``GET /logs`` page carries, in stored bytes (plus at most one chunk).
+LOG_PAGE_BYTES = 1024**2
 #: The shortest execution id prefix accepted in place of the whole id.
 MIN_ID_PREFIX = 4
 
@@ -139,6 +140,8 @@ def create_execution(
     normalised = requirements_for(script, requirements, runtime)
     # The embedded default's "worker host" is the user's own machine: its folders are theirs.
     check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
+    if settings.database_url:
+        check_sources(settings, normalised)
     manifest = check_manifest(inputs or [], settings)
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
@@ -269,12 +272,14 @@ def execution_to_dict(execution: Execution) -> dict:
     }
 
 
-def _page(chunks: Iterable[LogChunk]) -> list[LogChunk]:
+def _page(chunks: Iterator[LogChunk]) -> list[LogChunk]:
+    """Chunks up to the page's limits, counted in stored (JSON) bytes, which is what the
+    answer carries: a page of control bytes is six times its text."""
     page: list[LogChunk] = []
     size = 0
     for chunk in chunks:
         page.append(chunk)
-        size += len(chunk[1])
+        size += stored_size(*chunk)
         if len(page) >= LOG_PAGE_CHUNKS or size >= LOG_PAGE_BYTES:
             break
     return page
@@ -290,13 +295,13 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
         try:
             stream = store.open_stream(cache_keys.log_object_key(execution.id))
             with contextlib.closing(stream):
-                stored = itertools.islice(iter_log(stream), offset, None)
+                stored = iter_log(stream, skip=offset)
                 chunks = _page(stored)
                 more = next(stored, None) is not None
         except NotFound:
             chunks = []
     else:
-        chunks = _page(logs.read(execution.id, offset, LOG_PAGE_CHUNKS))
+        chunks = _page(iter_buffered(logs, execution.id, offset))
     return {
         "status": execution.status,
         "complete": finished and not more,

@@ -8,6 +8,7 @@ from here until the execution's status is final, and from the object store after
 from __future__ import annotations
 
 import functools
+import io
 import json
 import threading
 import time
@@ -50,6 +51,9 @@ class FileLogBuffer:
         self._changed = threading.Condition(self._lock)
         #: Where another process's log file was last read up to: (chunks, byte offset).
         self._read_to: dict[str, tuple[int, int]] = {}
+        #: Bumped by every append and clear of this process: a follower that started before
+        #: this process's run wrote anything still wakes when it does (or when it is over).
+        self._generation = 0
 
     def _path(self, execution_id: str) -> Path:
         return self.folder / f"{execution_id}.jsonl"
@@ -62,6 +66,7 @@ class FileLogBuffer:
             self._chunks[execution_id].append((stream, text))
             with open(self._path(execution_id), "a", encoding="utf-8") as fh:
                 fh.write(line)
+            self._generation += 1
             self._changed.notify_all()
 
     def wait(self, execution_id: str, start: int, timeout_s: float) -> None:
@@ -76,11 +81,15 @@ class FileLogBuffer:
                     timeout_s,
                 )
                 return
+            generation = self._generation
         deadline = time.monotonic() + timeout_s
         path = self._path(execution_id)
         size = path.stat().st_size if path.exists() else -1
         while time.monotonic() < deadline:
-            time.sleep(self.POLL_S)
+            with self._lock:
+                self._changed.wait(self.POLL_S)
+                if self._generation != generation:
+                    return
             now = path.stat().st_size if path.exists() else -1
             if now != size:
                 return
@@ -119,6 +128,7 @@ class FileLogBuffer:
             self._chunks.pop(execution_id, None)
             self._read_to.pop(execution_id, None)
             self._path(execution_id).unlink(missing_ok=True)
+            self._generation += 1
             self._changed.notify_all()
 
 
@@ -169,23 +179,89 @@ class RedisLogBuffer:
         self.client.delete(self._key(execution_id))
 
 
+def encode_chunk(chunk: LogChunk) -> bytes:
+    """The stored form of one chunk: a JSON ``[stream, text]`` line. ASCII (control bytes and
+    non-ASCII are escaped, ``\x01`` as six bytes), so its length in characters is its size in
+    bytes, which is what the log cap counts (``stored_size``)."""
+    return (json.dumps(list(chunk)) + "\n").encode()
+
+
+def stored_size(stream: str, text: str) -> int:
+    """Bytes the chunk takes once stored: in Redis, in the object store, in a ``GET /logs``
+    page. The cap counts this, not the decoded text: 100 MiB of ``\x01`` under a cap on the
+    text grew Redis by 832 MiB."""
+    return len(json.dumps([stream, text])) + 1
+
+
 def encode_log(chunks: list[LogChunk]) -> bytes:
     """The stored form of a finished log: one JSON ``[stream, text]`` per line."""
-    return "".join(json.dumps(list(chunk)) + "\n" for chunk in chunks).encode()
+    return b"".join(encode_chunk(chunk) for chunk in chunks)
+
+
+#: Chunks read from a live buffer at a time while persisting or paging a log.
+READ_BATCH = 64
+
+
+def iter_buffered(logs: LogBuffer, execution_id: str, start: int = 0) -> Iterator[LogChunk]:
+    """A live log's chunks, ``READ_BATCH`` at a time: never the whole log at once."""
+    while batch := logs.read(execution_id, start, READ_BATCH):
+        yield from batch
+        start += len(batch)
+        if len(batch) < READ_BATCH:
+            return
+
+
+class LogReader(io.RawIOBase):
+    """A live log as a binary stream of its stored form, for ``ObjectStore.put_stream``:
+    persisting a log holds one batch of chunks, not the log."""
+
+    def __init__(self, logs: LogBuffer, execution_id: str):
+        self._chunks = iter_buffered(logs, execution_id)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = encode_chunk(chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def log_stream(logs: LogBuffer, execution_id: str) -> BinaryIO:
+    return io.BufferedReader(LogReader(logs, execution_id), 1024 * 1024)  # type: ignore[return-value]
 
 
 def decode_log(data: bytes) -> list[LogChunk]:
     return [tuple(json.loads(line)) for line in data.decode().splitlines() if line]  # type: ignore[misc]
 
 
-def iter_log(stream: BinaryIO) -> Iterator[LogChunk]:
-    """The chunks of a stored log, read from a stream 1 MiB at a time: a reader of one page
-    of a large log never holds the whole of it."""
+def iter_log(stream: BinaryIO, skip: int = 0) -> Iterator[LogChunk]:
+    """The chunks of a stored log after the first ``skip``, read from a stream 1 MiB at a
+    time: a reader of one page of a large log never holds the whole of it, and the chunks
+    before the page are counted (a stored line never holds a raw newline), not parsed."""
     rest = b""
     while block := stream.read(1024 * 1024):
-        *lines, rest = (rest + block).split(b"\n")
+        block = rest + block
+        if skip:
+            ends = block.count(b"\n")
+            if ends <= skip:
+                skip -= ends
+                rest = block[block.rfind(b"\n") + 1 :]
+                continue
+            position = -1
+            for _ in range(skip):
+                position = block.find(b"\n", position + 1)
+            block, skip = block[position + 1 :], 0
+        *lines, rest = block.split(b"\n")
         for line in lines:
             if line:
                 yield tuple(json.loads(line))  # type: ignore[misc]
-    if rest.strip():
+    if rest.strip() and not skip:
         yield tuple(json.loads(rest))  # type: ignore[misc]

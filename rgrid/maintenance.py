@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -12,13 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import disk, metrics
+from rgrid.cache_keys import UPLOAD_STAGING_PREFIX
 from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
-from rgrid.models import (
-    DependencyCache,
-    Execution,
-    utcnow,
-)
+from rgrid.models import DependencyCache, Execution, Upload, utcnow
+from rgrid.objectstore import ObjectStore, PresigningStore
 from rgrid.pool import sweep_folders
 from rgrid.sandbox import RUN_NAME_PREFIX
 from rgrid.statuses import TERMINAL_STATUSES
@@ -38,6 +37,19 @@ def _abandoned(labels: dict[str, str], execution: Execution | None, now: float) 
         return False
 
 
+#: A sandbox container still only created this long after its creation was never started.
+NEVER_STARTED_AFTER_S = 600
+
+
+def _never_started(container: dict, now: float) -> bool:
+    created = container.get("Created")
+    return (
+        container.get("State") == "created"
+        and isinstance(created, int)
+        and now - created > NEVER_STARTED_AFTER_S
+    )
+
+
 def reap_containers(
     client: docker.DockerClient, session: Session, sandboxes_dir: Path
 ) -> list[str]:
@@ -52,6 +64,12 @@ def reap_containers(
     # themselves at any moment (a 404 there failed the whole reap).
     for container in client.api.containers(all=True, filters={"label": MANAGED_LABEL}):
         name = container["Names"][0].lstrip("/") if container.get("Names") else ""
+        if _never_started(container, now):
+            # Created by a process killed before it started it (any installation's): it
+            # will never end itself, and it keeps its folder's filesystem counted as alive.
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.remove_container(container["Id"], force=True)
+            continue
         if not name.startswith(RUN_NAME_PREFIX):
             continue  # unclaimed pool sandboxes end themselves when idle
         execution_id = name.removeprefix(RUN_NAME_PREFIX)
@@ -131,3 +149,24 @@ def purge_local_files(settings: Settings, older_than: timedelta) -> dict[str, in
             entry.path.unlink(missing_ok=True)
             removed.add("local_blob", entry.size)
     return removed.as_dict()
+
+
+#: A staging object no upload row names is never one being written (the row is committed
+#: before its URL is handed out); the margin only keeps clear of clock skew.
+STRAY_UPLOAD_AGE_S = 3600
+
+
+def purge_stray_uploads(store: ObjectStore, session: Session) -> int:
+    """Delete staging objects no upload is waiting for: bytes sent through a presigned URL
+    again after its upload completed or was given up. Nothing reads them, but they take room."""
+    if not isinstance(store, PresigningStore):
+        return 0  # the embedded default's folder never takes presigned uploads
+    pending = set(session.scalars(select(Upload.object_key)))
+    stray = [
+        key
+        for key in store.keys_older_than(UPLOAD_STAGING_PREFIX, STRAY_UPLOAD_AGE_S)
+        if key not in pending
+    ]
+    for key in stray:
+        store.delete(key)
+    return len(stray)

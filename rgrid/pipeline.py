@@ -16,6 +16,7 @@ pre-started sandbox for the environment (``rgrid/pool.py``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,17 +33,28 @@ from typing import TypeVar
 import docker
 from sqlalchemy import Row, bindparam, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
-from rgrid import blobs, cache_keys, disk, environments, metrics, pool, sandbox
+from rgrid import (
+    blobs,
+    cache_keys,
+    dependencies,
+    disk,
+    environments,
+    indexes,
+    metrics,
+    pool,
+    sandbox,
+    slots,
+)
 from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
-from rgrid.errors import BuildError, RGridError, ServiceUnavailable
+from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
 from rgrid.hashing import script_hash
 from rgrid.locks import LockFactory
-from rgrid.logbuffer import LogBuffer, encode_log
+from rgrid.logbuffer import LogBuffer, log_stream, stored_size
 from rgrid.models import DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import dependency_hash, normalise
@@ -103,8 +115,18 @@ class PipelineContext:
         self.logs.append(execution_id, "phase", text)
 
     def detail(self, execution_id: str) -> Callable[[str], None]:
-        """A sink for an installer's raw output: kept in the log, shown with ``-v``."""
-        return lambda line: self.logs.append(execution_id, "detail", line)
+        """A sink for an installer's raw output: kept in the log, shown with ``-v``. Bounded
+        like the script's own output (an index chooses what the installer prints)."""
+        room = self.settings.max_log_bytes
+
+        def sink(line: str) -> None:
+            nonlocal room
+            line = line[:MAX_CHUNK_CHARS]
+            room -= stored_size("detail", line)
+            if room >= 0:
+                self.logs.append(execution_id, "detail", line)
+
+        return sink
 
     @property
     def worker_id(self) -> str:
@@ -330,6 +352,16 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
             ctx.note(execution_id, "the installed set is not on this host: installing its pins")
 
 
+def _take_slot(ctx: PipelineContext, execution: Execution) -> None:
+    """Leave ``queued`` only within the account's limit of concurrent executions (raises
+    ``slots.AccountBusy``, before anything is done, otherwise)."""
+    if ctx.embedded:
+        return  # one user's own machine: nobody else's work to wait for
+    session = object_session(execution)
+    assert session is not None
+    slots.take_slot(session, execution, ctx.settings.max_concurrent_per_account)
+
+
 def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
     """A failed build ends the execution; no cache row is written, so fixing and rerunning works."""
     with execution_row(ctx, execution_id) as execution:
@@ -370,6 +402,12 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
             refresh = execution.refresh_deps
+        if not ctx.embedded:
+            try:  # checked at submission too; the operator's list may have changed since
+                dependencies.check_sources(ctx.settings, requirements)
+            except BadInput as exc:
+                _fail_build(ctx, execution_id, exc.message)
+                return False
         if pinned is None:
             count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
             ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
@@ -381,10 +419,15 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 account_id=account_id,
                 spec=spec,
                 requirements=requirements,
-                uv_cache_dir=ctx.settings.uv_cache_dir,
-                log=ctx.detail(execution_id),
+                uv_cache_dir=dependencies.uv_cache_for(
+                    ctx.settings, account_id, requirements, embedded=ctx.embedded
+                ),
+                log=ctx.detail(execution_id)
+                if ctx.embedded
+                else indexes.without_downloads(ctx.detail(execution_id)),
                 pinned=pinned,
                 refresh=refresh,
+                deadline_s=ctx.settings.build_timeout_s,
             )
         except BuildError as exc:
             _fail_build(ctx, execution_id, exc.message)
@@ -425,6 +468,7 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.dependency_cache_hit and _environment_present(ctx, execution.environment):
             return
         if execution.status == Status.QUEUED:
+            _take_slot(ctx, execution)
             set_status(execution, Status.BUILDING)
     _ensure_environment(ctx, execution_id)
 
@@ -455,11 +499,20 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
 
 
 def _store_outputs(
-    ctx: PipelineContext, execution: Execution, box: sandbox.Box, outputs: list[dict]
+    ctx: PipelineContext,
+    execution: Execution,
+    box: sandbox.Box,
+    outputs: list[dict],
+    store_by: float,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
-    twice."""
+    twice. Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the
+    outputs are not recorded, so none of them is half there for the user."""
     for output in outputs:
+        if time.monotonic() > store_by:
+            raise sandbox.OutputLimitExceeded(
+                f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
+            )
         with session_scope(ctx.session_factory) as session:
             blobs.store_file(
                 session,
@@ -470,28 +523,88 @@ def _store_outputs(
             )
 
 
+#: The longest text one log chunk carries: a script's output is cut into chunks no larger,
+#: so that a page of chunks stays small (``executions.LOG_PAGE_BYTES``).
+MAX_CHUNK_CHARS = 8192
+
+
 def _capped_log(ctx: PipelineContext, execution_id: str):
     """The log sink for a running script: the buffer lives in Redis, which is also the broker,
-    so a script printing in a loop must not be able to fill it. Past the cap, output is
-    dropped with one note saying so."""
+    so a script printing in a loop must not be able to fill it. The cap counts each chunk's
+    stored size (``logbuffer.stored_size``: control bytes take six), so it bounds what Redis,
+    the object store and a reader hold. Past it, output is dropped with one note saying so."""
     limit = ctx.settings.max_log_bytes
     written = 0
 
     def sink(stream: str, text: str) -> None:
         nonlocal written
-        if written >= limit:
-            return
-        size = len(text.encode())
-        if written + size > limit:
-            text = text.encode()[: limit - written].decode(errors="ignore")
-            ctx.logs.append(execution_id, stream, text)
-            ctx.note(execution_id, f"\nlog truncated: the script printed more than {limit} bytes")
-            written = limit
-            return
-        written += size
-        ctx.logs.append(execution_id, stream, text)
+        for start in range(0, len(text), MAX_CHUNK_CHARS):
+            if written >= limit:
+                return
+            piece = text[start : start + MAX_CHUNK_CHARS]
+            size = stored_size(stream, piece)
+            if written + size > limit:
+                piece = _fitting(stream, piece, limit - written)
+                if piece:
+                    ctx.logs.append(execution_id, stream, piece)
+                ctx.note(
+                    execution_id,
+                    f"\nlog truncated at {human_limit(limit)}: the rest of the script's "
+                    "output was dropped",
+                )
+                written = limit
+                return
+            written += size
+            ctx.logs.append(execution_id, stream, piece)
 
     return sink
+
+
+def _fitting(stream: str, text: str, room: int) -> str:
+    """The longest start of ``text`` whose stored size fits in ``room`` bytes."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if stored_size(stream, text[:middle]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+#: Storing outputs may take this much past the run's own time limit.
+OUTPUT_STORE_GRACE_S = 60.0
+
+
+def _disk_reason(ctx: PipelineContext, path: str) -> str:
+    """One line naming the limit a write hit: ``disk limit 4 GiB reached``."""
+    limits = ctx.limits
+    if path == "/tmp":
+        return f"/tmp limit {human_limit(parse_bytes(limits.tmp_size))} reached"
+    if path == sandbox.CONTAINER_HOME:
+        return f"home folder limit {human_limit(parse_bytes(limits.home_size))} reached"
+    return f"disk limit {human_limit(parse_bytes(limits.disk))} reached"
+
+
+def _end_failed(
+    ctx: PipelineContext,
+    execution_id: str,
+    reason: str,
+    warm: bool,
+    result: sandbox.RunResult | None = None,
+) -> None:
+    """The run went over one of its limits: ``failed``, with the limit named, no outputs."""
+
+    def record(execution: Execution) -> None:
+        execution.outcome = Status.FAILED
+        execution.error = reason
+        execution.sandbox_warm = warm
+        if result is not None:
+            execution.exit_code = result.exit_code
+            execution.run_s = round(result.run_s, 3)
+
+    update_execution(ctx, execution_id, record)
+    ctx.note(execution_id, reason)
 
 
 def _cold_box(
@@ -649,6 +762,7 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
         )
         return
     with execution_row(ctx, execution_id) as execution:
+        _take_slot(ctx, execution)
         set_status(execution, Status.RUNNING)
         execution.started_at = utcnow()
         execution.runtime_image = runtime_image[:80]
@@ -671,7 +785,13 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
     try:
         _fit_limits(ctx, execution, box)
-        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        try:
+            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
+            return
         if inputs:
             ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
         argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
@@ -707,20 +827,23 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
                 execution.run_s = round(result.run_s, 3)
             ctx.note(execution_id, "cancelled: the script was stopped")
             return
+        if result.full:
+            # A write was refused at a limit: the run ends here, and what it left half
+            # written is not stored.
+            _end_failed(ctx, execution_id, _disk_reason(ctx, result.full[0]), warm, result)
+            return
+        # Collecting and storing outputs count within the run's own time limit (with a
+        # grace for a run that used all of it), so a flood of outputs cannot hold the slot.
+        store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
+        store_by += OUTPUT_STORE_GRACE_S
         try:
-            outputs = sandbox.collect_outputs(box, ctx.limits.max_output_bytes, result.notes)
-        except sandbox.OutputLimitExceeded as exc:
+            outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
             for note in result.notes:
                 ctx.note(execution_id, note)
-            with execution_row(ctx, execution_id) as execution:
-                execution.outcome = Status.FAILED
-                execution.error = str(exc)
-                execution.sandbox_warm = warm
-            ctx.note(execution_id, str(exc))
+            patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+        except sandbox.OutputLimitExceeded as exc:
+            _end_failed(ctx, execution_id, str(exc), warm, result)
             return
-        for note in result.notes:
-            ctx.note(execution_id, note)
-        patiently(lambda: _store_outputs(ctx, execution, box, outputs))
         limit = human_limit(_memory_bytes(ctx, execution))
         out_of_memory = f"killed: out of memory (limit {limit})"
 
@@ -755,8 +878,10 @@ def _release(ctx: PipelineContext, execution_id: str) -> None:
 
 
 def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
-    chunks = ctx.logs.read(execution_id)
-    ctx.store.put_bytes(cache_keys.log_object_key(execution_id), encode_log(chunks))
+    """The live log to the object store, streamed: one batch of chunks in memory at a time."""
+    ctx.store.put_stream(
+        cache_keys.log_object_key(execution_id), log_stream(ctx.logs, execution_id)
+    )
 
 
 def _remember_script(session: Session, execution: Execution) -> None:
@@ -849,17 +974,50 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
 
 STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)
 
+#: What each step does, in a user's words: the message of an internal error names it.
+DOING = {
+    "hash_step": "reading the script",
+    "cache_lookup_step": "looking up the caches",
+    "build_step": "installing the dependencies",
+    "run_step": "running the script",
+    "run_and_store_step": "running the script",
+    "store_step": "storing the results",
+}
+
+
+def crashed(ctx: PipelineContext, execution_id: str, exc: BaseException, step: str) -> None:
+    """A step raised: the execution ends ``error``. The user reads an RGridError's own words,
+    or for anything else only which step failed and the execution id as a reference; the
+    detail (a Docker API URL, a connection-pool message) stays in the server's log, under
+    that id."""
+    doing = DOING.get(step, step)
+    message = user_message(exc, doing, execution_id)
+    if message != getattr(exc, "message", None):
+        log.error(
+            "execution %s: internal error while %s: %s: %s",
+            execution_id,
+            doing,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+    fail(ctx, execution_id, message)
+
 
 def run_all(ctx: PipelineContext, execution_id: str) -> None:
     """Every step in order, in this process: the embedded default."""
+    step = STEPS[0]
     try:
         for step in STEPS:
-            step(ctx, execution_id)
-    except RGridError as exc:
-        fail(ctx, execution_id, exc.message)
+            while True:
+                try:
+                    step(ctx, execution_id)
+                    break
+                except slots.AccountBusy as busy:
+                    # In process there is no worker slot to give back: wait here.
+                    time.sleep(busy.retry_s)
     except Exception as exc:  # noqa: BLE001 - any bug still ends the execution cleanly
-        log.exception("pipeline crashed")
-        fail(ctx, execution_id, f"{type(exc).__name__}: {exc}")
+        crashed(ctx, execution_id, exc, step.__name__)
 
 
 def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:
@@ -907,7 +1065,12 @@ def _process_alive(worker: str | None, host: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process nobody has reaped yet (a zombie) still answers signal 0.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def recover_interrupted(ctx: PipelineContext) -> list[str]:

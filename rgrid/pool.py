@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -163,13 +163,24 @@ def retire_all(
 
 def retire_installation(client: docker.DockerClient, root: Path) -> int:
     """End every unclaimed sandbox whose host folder is under ``root`` (an installation's
-    sandboxes folder): for a test session or an embedded user tidying up. Returns how many."""
+    sandboxes folder): for a test session or an embedded user tidying up. Also removes those
+    that were created and never started (a process killed between the two): nothing else
+    would end them, and they keep their folders' filesystems counted as in use. Returns how
+    many."""
     ended = 0
     for container in _warm(client):
         box = _box(container)
         if box.host_dir.is_relative_to(root):
             retire(client, box)
             ended += 1
+    created = client.api.containers(
+        all=True, filters={"label": sandbox.HOST_DIR_LABEL, "status": "created"}
+    )
+    for container in created:
+        if Path(container["Labels"][sandbox.HOST_DIR_LABEL]).is_relative_to(root):
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.remove_container(container["Id"], force=True)
+                ended += 1
     return ended
 
 
@@ -193,20 +204,41 @@ def fill_in_background(
     return thread
 
 
-def sweep_folders(client: docker.DockerClient, root: Path) -> int:
-    """Delete host folders whose sandbox no longer exists (it idled out and removed itself, or
-    its runner died). Folders younger than a minute are left: their sandbox may be starting."""
-    if not root.is_dir():
-        return 0
+def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60) -> int:
+    """Delete host folders, with their filesystems, whose sandbox no longer exists (it idled
+    out and removed itself, or its runner died). Folders younger than ``min_age_s`` are
+    left: their sandbox may be starting."""
     alive = {
         c["Labels"].get(sandbox.HOST_DIR_LABEL)
         for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
     }
     removed = 0
-    for folder in root.iterdir():
+    for folder in root.iterdir() if root.is_dir() else []:
         with contextlib.suppress(FileNotFoundError):
-            if str(folder) in alive or time.time() - folder.stat().st_mtime < 60:
+            if str(folder) in alive or time.time() - folder.stat().st_mtime < min_age_s:
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            # Its filesystem is unmounted first: deleting through the mount would leave
+            # the mount (and its loop device) behind.
+            sandbox.remove_folder(folder)
             removed += 1
-    return removed
+    # Then other installations' (this one's are gone by now).
+    return removed + release_orphaned_disks(alive, min_age_s)
+
+
+def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:
+    """Unmount every sandbox filesystem on this host whose sandbox is gone, and delete its
+    image, whichever installation made it: a test session's or an embedded user's data
+    folder may never run again to sweep its own, and a mount outlives its folder's
+    deletion. Its folder is left to its owner (it holds nothing then). Returns how many."""
+    # The mount table names real paths; a label may name one through a symbolic link.
+    alive = {os.path.realpath(path) for path in alive if path}
+    released = 0
+    for host_dir in sandbox.sandbox_disks():
+        with contextlib.suppress(OSError):
+            young = time.time() - host_dir.stat().st_mtime < min_age_s
+            if young or os.path.realpath(host_dir) in alive:
+                continue
+            sandbox.release_disk(host_dir)
+            (host_dir / sandbox.DISK_IMAGE).unlink(missing_ok=True)
+            released += 1
+    return released

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.client import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from rgrid.errors import NotFound, RGridError, ServiceUnavailable
+
+#: S3's limit for a copy in one request.
+_SINGLE_COPY_MAX = 5 * 1000**3
 
 
 class S3Store:
@@ -95,14 +100,49 @@ class S3Store:
         """The object's body as a stream (read in chunks: constant memory)."""
         return self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
 
-    # Presigned uploads: the CLI sends bytes straight to the store, never through the API.
+    def size(self, key: str) -> int:
+        return self._call(self.client.head_object, Bucket=self.bucket, Key=key)["ContentLength"]
 
-    def upload_url(self, key: str, expires_s: int = 3600) -> str:
+    def copy(self, source: str, dest: str) -> None:
+        """A server-side copy: no byte passes through this process. boto3's managed copy, so
+        an object over S3's 5 GB single-copy limit is copied in parts; below it, in one
+        request (the S3 endpoint used here, moto, copies the whole object for every part)."""
+        self._call(
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": source},
+            self.bucket,
+            dest,
+            Config=TransferConfig(multipart_threshold=_SINGLE_COPY_MAX, max_concurrency=4),
+        )
+
+    def keys_older_than(self, prefix: str, age_s: float) -> list[str]:
+        """Keys under ``prefix`` last written more than ``age_s`` seconds ago."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=age_s)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        try:
+            return [
+                item["Key"]
+                for page in pages
+                for item in page.get("Contents", [])
+                if item["LastModified"] < cutoff
+            ]
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, {}) from exc
+
+    # Presigned uploads: the CLI sends bytes straight to the store, never through the API.
+    # Each URL is signed with the declared length (S3 refuses a body of another length) and
+    # expires minutes after it is issued; it names a staging key, never a blob's own.
+
+    def upload_url(self, key: str, size: int, expires_s: int) -> str:
         # Signing involves no request, so a lost bucket would only show as the client's PUT
         # failing: make sure it exists first (one HEAD per new file).
         self.ensure_bucket()
         return self.client.generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key, "ContentLength": size},
+            ExpiresIn=expires_s,
         )
 
     def start_multipart(self, key: str) -> str:
@@ -110,7 +150,9 @@ class S3Store:
             "UploadId"
         ]
 
-    def part_url(self, key: str, upload_id: str, part_number: int, expires_s: int = 3600) -> str:
+    def part_url(
+        self, key: str, upload_id: str, part_number: int, size: int, expires_s: int
+    ) -> str:
         return self.client.generate_presigned_url(
             "upload_part",
             Params={
@@ -118,6 +160,7 @@ class S3Store:
                 "Key": key,
                 "UploadId": upload_id,
                 "PartNumber": part_number,
+                "ContentLength": size,
             },
             ExpiresIn=expires_s,
         )

@@ -15,7 +15,9 @@ a hello script costs 0.36 s, nearly all of it creating and starting the containe
 (``rename``, 4 ms) plus the attach and the script's own interpreter start cost about 0.1 s.
 ``/work`` is a bind mount of a folder on the worker host, so inputs are written and outputs
 read as plain files: ``put_archive`` and ``get_archive`` cost ~0.1 s each, because the engine
-re-executes itself to unpack each archive in a chroot.
+re-executes itself to unpack each archive in a chroot. That folder is on a filesystem of the
+sandbox's own (a loop-mounted ext4 image of the disk limit, see ``_mount_disk``), so the
+kernel refuses the write past the limit and the host disk is never filled.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.inputs import OUTPUTS_DIR
 from rgrid.runtimes import CONTAINER_HOME, WORK_DIR
+from rgrid.units import human_limit, parse_bytes
 
 #: Where an environment's installed dependency set is mounted, read-only, on the import path.
 DEPS_MOUNT = "/opt/rgrid/deps"
@@ -50,6 +54,9 @@ DEPS_MOUNT = "/opt/rgrid/deps"
 #: working directory shows only what the user put there.
 META_MOUNT = "/run/rgrid"
 STATUS_FILE = "status.json"
+
+#: Everything a script can write, each with a hard size limit the kernel enforces.
+WRITABLE = (WORK_DIR, "/tmp", CONTAINER_HOME)
 
 POOL_LABEL = "rgrid.pool"
 HOST_DIR_LABEL = "rgrid.dir"
@@ -92,6 +99,10 @@ def oom_kills():
             pass
     return 0
 ooms = oom_kills()
+# The status file is written in place over bytes allocated now: the script shares this
+# filesystem and may fill it, after which no new block could be had.
+status_fd = os.open(job["status"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(status_fd, b" " * 512)
 open(job["status"] + ".started", "w").close()
 pid = os.fork()
 if pid == 0:
@@ -119,10 +130,19 @@ except ProcessLookupError:
     pass
 code = code if code >= 0 else 128 - code
 oom = oom_kills() > ooms
-status = json.dumps({"exit_code": code, "timed_out": timed_out, "oom_killed": oom})
-with open(job["status"] + ".tmp", "w") as fh:
-    fh.write(status)
-os.rename(job["status"] + ".tmp", job["status"])
+def full(path):
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return False
+    margin = max(job["full_below"] // fs.f_frsize, fs.f_blocks // 500)
+    return fs.f_bavail < margin or (fs.f_files and not fs.f_favail)
+filled = [path for path in job["writable"] if full(path)]
+status = json.dumps(
+    {"exit_code": code, "timed_out": timed_out, "oom_killed": oom, "full": filled}
+)
+os.pwrite(status_fd, status.encode()[:512].ljust(512), 0)
+os.close(status_fd)
 sys.exit(code)
 """
 
@@ -139,7 +159,10 @@ class Limits:
     pids: int
     tmp_size: str
     home_size: str
+    #: Everything the script can write in ``/work`` (inputs and outputs included).
+    disk: str
     max_output_bytes: int
+    max_output_files: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -150,7 +173,9 @@ class Limits:
             pids=settings.pids_limit,
             tmp_size=settings.tmp_size,
             home_size=settings.home_size,
+            disk=settings.disk_limit,
             max_output_bytes=settings.max_output_bytes,
+            max_output_files=settings.max_output_files,
         )
 
 
@@ -182,12 +207,17 @@ class Box:
     host_dir: Path
 
     @property
+    def disk(self) -> Path:
+        """The sandbox's own filesystem (see ``_mount_disk``), holding ``work`` and ``meta``."""
+        return self.host_dir / DISK_DIR
+
+    @property
     def work(self) -> Path:
-        return self.host_dir / "work"
+        return self.disk / "work"
 
     @property
     def meta(self) -> Path:
-        return self.host_dir / "meta"
+        return self.disk / "meta"
 
 
 @dataclass
@@ -198,10 +228,88 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     #: The kernel killed a process of the script at the sandbox's memory limit.
     oom_killed: bool = False
+    #: The sandbox's writable places (``WRITABLE``) the script filled to their limit.
+    full: list[str] = field(default_factory=list)
 
 
 class OutputLimitExceeded(Exception):
     pass
+
+
+#: Below this much free space a sandbox filesystem counts as full (ext4 refuses a write with
+#: a few hundred KiB still free, reserved for its own delayed allocation).
+FULL_BELOW_BYTES = 2 * 1024**2
+#: The folder under a sandbox's host folder where its filesystem is mounted, and the image.
+DISK_DIR = "fs"
+DISK_IMAGE = "disk.img"
+
+
+def _mount_disk(host_dir: Path, size: int) -> None:
+    """Give the sandbox a filesystem of its own, ``size`` bytes, so that the kernel refuses
+    the write that would go over the limit (fuse-overlayfs, under Docker here, has no
+    quotas, and a folder on the host disk has no limit at all): a sparse file formatted
+    ext4 and loop-mounted under the host folder. ``/work`` and the supervisor's folder are
+    bind-mounted from it; ``/tmp`` and home are size-limited tmpfs, charged to the memory
+    cgroup. No journal (the filesystem lives for one run) and no inode-table zeroing, so the
+    sparse file holds only what is written. Measured here: mkfs 7 ms, mount 7 ms, umount
+    4 ms, against ~360 ms for the container's own create and start; done when the sandbox
+    is started for the pool, off the user's path."""
+    image = host_dir / DISK_IMAGE
+    with open(image, "wb") as fh:
+        fh.truncate(size)
+    os.chmod(image, 0o600)
+    _command(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(image)])
+    options = "loop,nosuid,nodev,noatime,noinit_itable"
+    _command(["mount", "-t", "ext4", "-o", options, str(image), str(host_dir / DISK_DIR)])
+
+
+def release_disk(host_dir: Path) -> None:
+    """Unmount a sandbox's filesystem. Lazily: the container may still be exiting with it
+    mounted in its own namespace; the kernel frees the loop device (autoclear) and the
+    image's blocks when the last user lets go, and the image file goes with the folder."""
+    disk = host_dir / DISK_DIR
+    if os.path.ismount(disk):
+        _command(["umount", "-l", str(disk)])
+
+
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash in octal)."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def sandbox_disks() -> list[Path]:
+    """The host folders of every sandbox filesystem mounted on this host, whichever
+    installation made it: a mount named ``DISK_DIR`` whose loop device is backed by the
+    ``DISK_IMAGE`` beside it."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, source = before.split(), after.split()
+        if len(fields) < 5 or len(source) < 2 or not source[1].startswith("/dev/loop"):
+            continue
+        target = Path(_unescape(fields[4]))
+        if target.name != DISK_DIR:
+            continue
+        backing = Path("/sys/block", Path(source[1]).name, "loop", "backing_file")
+        try:
+            image = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if image == str(target.parent / DISK_IMAGE):
+            found.append(target.parent)
+    return found
+
+
+def _command(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(f"{argv[0]} failed: {result.stderr.strip() or result.returncode}")
 
 
 class SandboxUnresponsive(Exception):
@@ -219,13 +327,30 @@ def sandbox_uid_gid(limits: Limits) -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
-def _host_folders(root: Path, name: str, uid: int, gid: int) -> Path:
+def _host_folders(root: Path, name: str, uid: int, gid: int, disk_bytes: int) -> Path:
+    """The sandbox's host folder. A worker running as root (every server worker) gives it a
+    filesystem of its own; the embedded default on a user's machine, which cannot mount,
+    writes to plain folders on the user's own disk."""
     host_dir = root / name
+    (host_dir / DISK_DIR).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            _mount_disk(host_dir, disk_bytes)
+        except BaseException:
+            remove_folder(host_dir)
+            raise
     for sub in ("work", "meta"):
-        (host_dir / sub).mkdir(parents=True, exist_ok=True)
+        (host_dir / DISK_DIR / sub).mkdir(exist_ok=True)
         if os.geteuid() == 0:
-            os.chown(host_dir / sub, uid, gid)
+            os.chown(host_dir / DISK_DIR / sub, uid, gid)
     return host_dir
+
+
+def remove_folder(host_dir: Path) -> None:
+    """A sandbox's host folder, its filesystem and image: gone."""
+    with contextlib.suppress(OSError):
+        release_disk(host_dir)
+    shutil.rmtree(host_dir, ignore_errors=True)
 
 
 def start_box(
@@ -240,10 +365,10 @@ def start_box(
 ) -> Box:
     """Create and start a sandbox that waits up to ``idle_s`` for its one job."""
     uid, gid = sandbox_uid_gid(limits)
-    host_dir = _host_folders(root, name, uid, gid)
+    host_dir = _host_folders(root, name, uid, gid, parse_bytes(limits.disk))
     mounts = [
-        Mount(WORK_DIR, str(host_dir / "work"), type="bind"),
-        Mount(META_MOUNT, str(host_dir / "meta"), type="bind"),
+        Mount(WORK_DIR, str(host_dir / DISK_DIR / "work"), type="bind"),
+        Mount(META_MOUNT, str(host_dir / DISK_DIR / "meta"), type="bind"),
     ]
     if env.deps_dir is not None:
         mounts.append(Mount(DEPS_MOUNT, str(env.deps_dir), type="bind", read_only=True))
@@ -289,9 +414,9 @@ def start_box(
         created = client.api.create_container_from_config(config, name=name)
         client.api.start(created["Id"])
     except BaseException:
-        shutil.rmtree(host_dir, ignore_errors=True)
         with contextlib.suppress(docker.errors.APIError):
             client.api.remove_container(name, force=True)
+        remove_folder(host_dir)
         raise
     return Box(name=name, container_id=created["Id"], host_dir=host_dir)
 
@@ -378,6 +503,10 @@ def run(
         "cwd": WORK_DIR,
         "timeout": timeout_s,
         "status": f"{META_MOUNT}/{STATUS_FILE}",
+        # Filesystems the script can write, reported back if it filled one: /work only when
+        # it is the sandbox's own (a plain folder on the host disk measures the host's).
+        "writable": [p for p in WRITABLE if p != WORK_DIR or os.path.ismount(box.disk)],
+        "full_below": FULL_BELOW_BYTES,
     }
     sock = client.api.attach_socket(
         box.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -438,6 +567,10 @@ def run(
     if unresponsive.is_set():
         raise SandboxUnresponsive(f"sandbox {box.name} did not take its job in {JOB_ACK_S:.0f}s")
     status = _read_status(box)
+    if status is None and _filled_on_host(box):
+        # The supervisor died (the memory limit) after the script filled /work: the limit
+        # the script hit first is the one to name.
+        return RunResult(exit_code=137, timed_out=False, run_s=run_s, full=[WORK_DIR])
     if killed.is_set() or status is None:
         # Killed from outside (the deadline passed and the supervisor did not end it), or
         # the supervisor itself died (killed at the memory limit, or by the engine).
@@ -450,12 +583,23 @@ def run(
             run_s=run_s,
             oom_killed=not timed_out,
         )
+    full = status.get("full")
     return RunResult(
         exit_code=None if status["timed_out"] else status["exit_code"],
         timed_out=bool(status["timed_out"]),
         run_s=run_s,
         oom_killed=bool(status.get("oom_killed")),
+        full=[p for p in full if p in WRITABLE] if isinstance(full, list) else [],
     )
+
+
+def _filled_on_host(box: Box) -> bool:
+    """Whether the sandbox's own filesystem is full, as the supervisor would judge it."""
+    if not os.path.ismount(box.disk):
+        return False
+    fs = os.statvfs(box.disk)
+    margin = max(FULL_BELOW_BYTES // fs.f_frsize, fs.f_blocks // 500)
+    return fs.f_bavail < margin or bool(fs.f_files and not fs.f_favail)
 
 
 def _pump_stdin(source: StdinSource, raw: socket.socket) -> None:
@@ -485,11 +629,13 @@ def _read_status(box: Box) -> dict | None:
     return status
 
 
-def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
+def collect_outputs(box: Box, limits: Limits, notes: list[str]) -> list[dict]:
     """Every regular file under ``/work/outputs``: relative path, size, sha256.
 
     Runs on the host after the container is gone, so nothing can change the folder while it is
-    read; links are reported and never followed (one could point anywhere on the host)."""
+    read; links are reported and never followed (one could point anywhere on the host). The
+    limits on their count and total size are checked on the listing alone, before any file is
+    read, so a run over either is refused at once (5,000 files used to take minutes)."""
     root = box.work / OUTPUTS_DIR
     try:
         if not stat.S_ISDIR(os.lstat(root).st_mode):
@@ -498,7 +644,7 @@ def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
     except FileNotFoundError:
         notes.append("the script removed /work/outputs; no outputs collected")
         return []
-    outputs: list[dict] = []
+    found: list[tuple[str, Path, int]] = []
     total = 0
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
@@ -510,16 +656,25 @@ def collect_outputs(box: Box, limit: int, notes: list[str]) -> list[dict]:
                 notes.append(f"skipped outputs/{relpath}: not a regular file (links not followed)")
                 continue
             total += info.st_size
-            if total > limit:
+            if total > limits.max_output_bytes:
                 raise OutputLimitExceeded(
-                    f"outputs exceed the {limit} byte limit (at outputs/{relpath})"
+                    f"output limit {human_limit(limits.max_output_bytes)} reached "
+                    f"(at outputs/{relpath})"
                 )
-            digest = hashlib.sha256()
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as fh:
-                while chunk := fh.read(1024 * 1024):
-                    digest.update(chunk)
-            outputs.append({"path": relpath, "size": info.st_size, "sha256": digest.hexdigest()})
+            if len(found) >= limits.max_output_files:
+                raise OutputLimitExceeded(
+                    f"output file limit reached: more than {limits.max_output_files} files "
+                    "in /work/outputs"
+                )
+            found.append((relpath, path, info.st_size))
+    outputs: list[dict] = []
+    for relpath, path, size in found:
+        digest = hashlib.sha256()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+        outputs.append({"path": relpath, "size": size, "sha256": digest.hexdigest()})
     return outputs
 
 
@@ -541,9 +696,9 @@ def kill(client: docker.DockerClient, box: Box) -> None:
 
 
 def discard(client: docker.DockerClient, box: Box) -> None:
-    """End the sandbox (it removes itself) and delete its host folder."""
+    """End the sandbox (it removes itself) and delete its host folder and filesystem."""
     kill(client, box)
-    shutil.rmtree(box.host_dir, ignore_errors=True)
+    remove_folder(box.host_dir)
 
 
 def execution_labels(execution_id: str, timeout_s: float) -> dict[str, str]:

@@ -27,6 +27,13 @@ REDIS_DIR="$STATE_DIR/redis"
 REDIS_PIDFILE="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 REDIS_START_LOG="$REDIS_DIR/redis-start.log" # output before --logfile applies
+# Redis is the broker and holds the live logs. noeviction: Redis never drops a key to make
+# room (an evicted task or unacked message would be a lost execution); at the limit it
+# refuses writes instead. The limit must therefore sit above what can be there at once:
+# the broker's messages (kilobytes each) plus one live log per running execution, each at
+# most RGRID_MAX_LOG_BYTES (64 MiB, counted in stored bytes). 1 GiB holds 14 such floods at
+# once besides the broker; raise it with the number of worker slots.
+REDIS_MAXMEMORY="1gb"
 
 MOTO_PORT=9000
 MOTO_BIN="$REPO/.venv/bin/moto_server"
@@ -282,6 +289,7 @@ start_redis() {
               --dir "$REDIS_DIR" \
               --pidfile "$REDIS_PIDFILE" \
               --logfile "$REDIS_LOG" \
+              --maxmemory "$REDIS_MAXMEMORY" --maxmemory-policy noeviction \
               </dev/null >>"$REDIS_START_LOG" 2>&1); then
         show_log_tail "$REDIS_START_LOG"
         die "redis: redis-server failed to start"

@@ -325,6 +325,7 @@ def up(
     flower_port: int | None = None,
     lease_s: int | None = None,
     supervised: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Start (or find running) the development stack in the background; returns the variables
     that point the CLI at it (RGRID_API_URL, RGRID_API_KEY). Progress goes to stderr."""
@@ -340,6 +341,7 @@ def up(
         "RGRID_LEASE": lease_s,
     }
     env = {**os.environ, **dev, **{k: str(v) for k, v in chosen.items() if v is not None}}
+    env.update(extra_env or {})
     config = StackConfig(
         env=env,
         log_dir=RUN_DIR,

@@ -85,20 +85,30 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
         s3_bucket=bucket,
         data_dir=tmp_path_factory.mktemp("server-data"),
         default_timeout_s=120,
-        # The tests serve wheels they make from a local folder (tests/wheels.py).
+        # The tests serve wheels they make from a local folder (tests/wheels.py) or from an
+        # index on loopback (tests/index_server.py).
         allow_local_find_links=True,
+        allowed_indexes=("127.0.0.1",),
     )
 
 
 def retire_sandboxes(root: Path) -> int:
-    """End the warm sandboxes of one test session (or one embedded user): unclaimed, they
-    would idle on for ``pool_idle_s`` after their folders are deleted."""
+    """End the embedded agents and warm sandboxes of one test session (or one embedded user):
+    left alone, they would idle on for ``agent_idle_s`` / ``pool_idle_s`` after their folders
+    are deleted."""
     import docker
 
     from rgrid import pool
+    from rgrid.agent_client import stop_agents
     from rgrid.config import Settings
 
-    return pool.retire_installation(docker.from_env(), Settings(data_dir=root).sandboxes_dir)
+    settings = Settings(data_dir=root)
+    stop_agents(settings)
+    client = docker.from_env()
+    ended = pool.retire_installation(client, settings.sandboxes_dir)
+    # The folders of sandboxes that idled out still hold their filesystems' mounts.
+    pool.sweep_folders(client, settings.sandboxes_dir, min_age_s=0)
+    return ended
 
 
 @pytest.fixture(scope="session")

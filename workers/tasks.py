@@ -9,6 +9,7 @@ from functools import lru_cache
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
 from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
@@ -18,10 +19,11 @@ from rgrid import cache_keys, disk, maintenance, metrics, pipeline, pool, purge,
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
-from rgrid.errors import RGridError, ServiceUnavailable
+from rgrid.errors import ServiceUnavailable
 from rgrid.maintenance import reap_containers, sweep_lost_executions
 from rgrid.models import iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
+from rgrid.slots import AccountBusy
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -65,16 +67,28 @@ class PipelineTask(Task):
         execution_id = args[0] if args else kwargs.get("execution_id")
         if not execution_id:
             return
-        message = exc.message if isinstance(exc, RGridError) else f"{type(exc).__name__}: {exc}"
-        pipeline.fail(worker_context(), execution_id, message)
+        step = _STEP_OF_TASK.get(self.name, self.name)
+        pipeline.crashed(worker_context(), execution_id, exc, step)
+
+
+#: Task name -> the pipeline step it runs (its name says what failed, in user's words).
+_STEP_OF_TASK: dict[str, str] = {}
 
 
 def _step(name: str, fn):
     @app.task(name=name, base=PipelineTask, bind=True)
     def task(self, execution_id: str) -> str:
-        fn(worker_context(), execution_id)
+        try:
+            fn(worker_context(), execution_id)
+        except AccountBusy as busy:
+            # The account is at its limit: send this step (with the rest of the chain) again
+            # later and free this worker slot for other accounts' work now. Not a retry:
+            # waiting for a slot must not use up the retries kept for service outages.
+            self.signature_from_request(countdown=busy.retry_s, retries=0).apply_async()
+            raise Ignore() from None
         return execution_id
 
+    _STEP_OF_TASK[name] = fn.__name__
     return task
 
 
@@ -204,6 +218,8 @@ def purge_caches_task() -> dict:
     try:
         started = time.monotonic()
         shared = purge.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
+        with session_scope(ctx.session_factory) as session:
+            shared["stray_uploads"] = maintenance.purge_stray_uploads(ctx.store, session)
         replies = app.control.broadcast(
             PURGE_LOCAL_COMMAND, reply=True, timeout=300, destination=_our_workers()
         )

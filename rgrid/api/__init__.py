@@ -17,7 +17,7 @@ from rgrid import metrics as rgrid_metrics
 from rgrid.api.schemas import openapi
 from rgrid.config import Settings, get_settings
 from rgrid.context import server_services
-from rgrid.errors import RGridError
+from rgrid.errors import RGridError, ServiceUnavailable
 from rgrid.queueing import create_celery_app
 
 #: The most a request body may hold (a 1 MiB script as JSON, with escaping, and the rest).
@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):
+        if isinstance(exc, ServiceUnavailable):
+            app.logger.warning("service unavailable: %s", exc.message)
+            return jsonify(error=exc.summary), exc.http_status
         return jsonify(error=exc.message), exc.http_status
 
     @app.errorhandler(redis.exceptions.ConnectionError)

@@ -60,7 +60,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    from rgrid.cli import admin, cache, executions, runtime  # noqa: F401 - registers commands
+    from rgrid.cli import admin, agent, cache, executions, runtime  # noqa: F401 - registers
 
     # A short-lived CLI: skip the collector's final pass over every object at exit, which
     # measured ~0.3 s of a 1 s warm `rgrid run`.

@@ -24,7 +24,7 @@ from rgrid.cli.output import (
     print_summary,
     progress,
 )
-from rgrid.client import Client, make_client
+from rgrid.client import Client, make_client, make_run_client
 from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
 from rgrid.errors import BadInput, RGridError
 from rgrid.inputs import InputFile, hash_files, input_name
@@ -293,7 +293,7 @@ def run(
             " in this process"
         )
     stdin_source = None if detach else stdin_to_forward(interactive)
-    client = make_client(settings)
+    client = make_run_client(settings, stdin_source)
     files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
     script_args = [
         *(input_name(arg) for arg in inputs),

@@ -37,6 +37,7 @@ def stack_env(server_settings, tmp_path_factory) -> Iterator[dict[str, str]]:
         # A short lease, so a killed worker's execution is swept within seconds.
         "RGRID_LEASE": "4",
         "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
+        "RGRID_ALLOWED_INDEXES": "127.0.0.1",
     }
     port = free_port()
     # Supervised, as `make up` runs it: a test kills the worker, and it comes back.

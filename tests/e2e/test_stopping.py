@@ -4,6 +4,7 @@ terminal, and a killed CLI. Each ends the execution once, clearly, and leaves no
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def _no_work_folders(data_dir: Path) -> bool:
     sandboxes = data_dir / "sandboxes"
     # What is left may only be warm pool sandboxes' folders, never the run's.
     return all(
-        not (folder / "work" / "ticker.py").exists()
+        not (folder / "fs" / "work" / "ticker.py").exists()
         for folder in (sandboxes.iterdir() if sandboxes.is_dir() else [])
     )
 
@@ -128,16 +129,61 @@ def test_rgrid_cancel_from_another_terminal(embedded_env, tmp_path):
     assert again.stdout.strip() == f"{execution_id} already finished (cancelled): nothing to do"
 
 
-def test_a_killed_cli_is_cleaned_up_by_the_next_one(embedded_env, tmp_path):
-    """SIGKILL leaves no chance to clean up: the next `rgrid` on this machine does it."""
+def test_a_killed_cli_cancels_its_run(embedded_env, tmp_path):
+    """SIGKILL leaves the CLI no chance to clean up; the agent that runs its execution sees
+    the connection close and cancels it at once."""
     process = _start(embedded_env, tmp_path)
     _wait_for_ticks(process)
     process.kill()
     process.wait(10)
-    executions = json.loads(run_cli("list", "--json", env=embedded_env, cwd=tmp_path).stdout)
+    deadline = time.monotonic() + 15
+    while True:
+        executions = json.loads(run_cli("list", "--json", env=embedded_env, cwd=tmp_path).stdout)
+        (killed,) = [e for e in executions if e["script_name"] == "ticker.py"]
+        if killed["status"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert killed["status"] == "cancelled"
+    assert _sandbox_gone(killed["execution_id"])
+
+
+def test_a_killed_in_process_cli_is_cleaned_up_by_the_next_one(embedded_env, tmp_path):
+    """Without the agent (RGRID_AGENT=0) the run lives in the CLI's own process: SIGKILL
+    leaves it to the next `rgrid` on this machine to end it."""
+    env = {**embedded_env, "RGRID_AGENT": "0"}
+    process = _start(env, tmp_path)
+    _wait_for_ticks(process)
+    process.kill()
+    process.wait(10)
+    executions = json.loads(run_cli("list", "--json", env=env, cwd=tmp_path).stdout)
     (killed,) = [e for e in executions if e["script_name"] == "ticker.py"]
     assert killed["status"] == "error"
     assert killed["error"] == "interrupted: the rgrid process running it was killed"
+    assert _sandbox_gone(killed["execution_id"])
+
+
+def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
+    """The agent killed mid-run: the CLI says so in one line and exits 125; the next `rgrid`
+    ends the execution and its sandbox."""
+    process = _start(embedded_env, tmp_path)
+    _wait_for_ticks(process)
+    from rgrid.agent_client import AgentClient, agent_sockets
+    from rgrid.config import Settings
+
+    sockets = agent_sockets(Settings(data_dir=Path(embedded_env["RGRID_DATA_DIR"])))
+    assert sockets, "the run did not go through an agent"
+
+    agent_pid = AgentClient.connect(sockets[0]).ping()["pid"]
+    os.kill(agent_pid, signal.SIGKILL)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 125, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("rgrid: error: the local rgrid agent stopped")
+    executions = json.loads(
+        run_cli("list", "--json", env={**embedded_env, "RGRID_AGENT": "0"}, cwd=tmp_path).stdout
+    )
+    (killed,) = [e for e in executions if e["script_name"] == "ticker.py"]
+    assert killed["status"] == "error"
     assert _sandbox_gone(killed["execution_id"])
 
 

@@ -151,3 +151,25 @@ def test_the_api_queues_by_task_name_without_loading_the_worker_side(server_sett
     assert ours["headers"]["task"] == queueing.HASH
     _args, _kwargs, embed = json.loads(base64.b64decode(ours["body"]))
     assert [step["task"] for step in reversed(embed["chain"])] == list(queueing.PIPELINE[1:])
+
+
+def test_a_failing_service_is_named_without_its_internal_detail(app, issue_key, monkeypatch):
+    """Issue 10: the cause's text (addresses, library messages) stays in the server's log."""
+    import secrets
+
+    from rgrid import blobs
+    from rgrid.errors import ServiceUnavailable
+
+    def store_down(*args, **kwargs):
+        raise ServiceUnavailable(
+            "object store unreachable: Could not connect to the endpoint URL: "
+            "http://10.0.0.5:9000/rgrid/blobs/1/x"
+        )
+
+    monkeypatch.setattr(blobs, "missing_digests", store_down)
+    _, _, secret = issue_key(f"svc-{secrets.token_hex(4)}")
+    response = app.test_client().post(
+        "/v1/blobs/missing", json={"digests": ["0" * 64]}, headers=_auth(secret)
+    )
+    assert response.status_code == 503
+    assert response.json == {"error": "object store unreachable"}

@@ -269,3 +269,69 @@ def test_concurrent_writers_of_the_same_bytes_end_with_one_blob(ctx, account, tm
     with session_scope(ctx.session_factory) as session:
         rows = session.query(Blob).filter_by(account_id=account.id, digest=digest).all()
         assert len(rows) == 1 and ctx.store.get_bytes(rows[0].object_key) == path.read_bytes()
+
+
+def test_a_put_url_used_again_after_its_upload_changes_no_blob(
+    ctx, account, run_script, upload, monkeypatch
+):
+    """Issue 10: the URL outlives the check, but writes only a staging key no run reads."""
+    from rgrid import cache_keys, maintenance
+
+    urls: list[str] = []
+    put = RemoteClient._put
+    monkeypatch.setattr(
+        RemoteClient, "_put", lambda self, url, body: urls.append(url) or put(self, url, body)
+    )
+    data = b"the verified bytes\n"
+    digest, _ = upload(account.id, data)
+    (url,) = urls
+    assert "content-length" in url.lower() and "X-Amz-Expires=600" in url  # bound and brief
+    with session_scope(ctx.session_factory) as session:
+        key = blobs.find_blob(session, account.id, digest).object_key
+    assert key == cache_keys.blob_content_key(account.id, digest)
+    assert ctx.store.get_bytes(key) == data
+
+    forged = b"X" * len(data)  # the same length: the signed size lets it through
+    assert requests.put(url, data=forged, timeout=30).ok
+    assert ctx.store.get_bytes(key) == data
+    assert _missing(ctx, account.id, [digest]) == []
+    result = _run_with_inputs(ctx, account, run_script, upload, {"in.txt": data})
+    assert result["status"] == "succeeded", result["error"]
+    assert _stdout(ctx, result["execution_id"]) == "in.txt the verified bytes\n"
+
+    # The maintenance purge removes what the reused URL left; pending uploads' keys stay.
+    with session_scope(ctx.session_factory) as session:
+        pending = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 5)
+    requests.put(pending["url"], data=b"12345", timeout=30)
+    staged = [k for k in ctx.store.keys_older_than(f"uploads/{account.id}/", 0)]
+    assert len(staged) == 2
+    monkeypatch.setattr(maintenance, "STRAY_UPLOAD_AGE_S", 0)
+    with session_scope(ctx.session_factory) as session:
+        assert maintenance.purge_stray_uploads(ctx.store, session) >= 1
+    assert ctx.store.keys_older_than(f"uploads/{account.id}/", 0) == [
+        cache_keys.upload_staging_key(account.id, pending["upload_id"])
+    ]
+
+
+def test_more_bytes_than_declared_are_refused_and_nothing_is_stored(ctx, account):
+    """moto ignores the signed Content-Length (real S3 refuses the PUT): the size is checked
+    again on completion, before anything is read."""
+    claimed = b"x"
+    digest = _digest(claimed)
+    with session_scope(ctx.session_factory) as session:
+        plan = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 1)
+    sent = requests.put(plan["url"], data=b"x" * (2 * 1024 * 1024), timeout=60)
+    if sent.ok:
+        with (
+            pytest.raises(BadInput) as refused,
+            session_scope(ctx.session_factory) as session,
+        ):
+            blobs.complete_upload(session, ctx.store, account.id, plan["upload_id"], None)
+        assert refused.value.message == (
+            "the upload is larger than declared (2097152 bytes arrived, 1 declared): "
+            "nothing was stored"
+        )
+    assert _missing(ctx, account.id, [digest]) == [digest]
+    assert ctx.store.keys_older_than(f"uploads/{account.id}/", 0) == []
+    with session_scope(ctx.session_factory) as session:
+        assert session.query(Upload).filter_by(account_id=account.id).count() == 0

@@ -187,16 +187,16 @@ def test_the_store_step_retries_a_store_blip(ctx, submit, monkeypatch):
         step(ctx, execution_id)
     pipeline.run_step(ctx, execution_id)
 
-    real_put = ctx.store.put_bytes
+    real_put = ctx.store.put_stream  # the log is streamed to the store
     failures = {"left": 1}
 
-    def flaky_put(key: str, data: bytes) -> None:
+    def flaky_put(key: str, stream) -> None:
         if failures["left"]:
             failures["left"] -= 1
             raise ServiceUnavailable("object store unreachable: connection refused")
-        real_put(key, data)
+        real_put(key, stream)
 
-    monkeypatch.setattr(ctx.store, "put_bytes", flaky_put)
+    monkeypatch.setattr(ctx.store, "put_stream", flaky_put)
     monkeypatch.setattr(tasks, "worker_context", lambda: ctx)
     monkeypatch.setattr(tasks.store_task, "retry_backoff", False)
     result = tasks.store_task.apply(args=[execution_id])

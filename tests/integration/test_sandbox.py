@@ -40,6 +40,8 @@ def pool_root(tmp_path, client):
     for container in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL}):
         if Path(container["Labels"][sandbox.HOST_DIR_LABEL]).is_relative_to(root):
             client.api.remove_container(container["Id"], force=True)
+    for folder in root.iterdir() if root.is_dir() else []:
+        sandbox.remove_folder(folder)  # and its filesystem's mount
 
 
 def _exists(client, container_id: str) -> bool:
@@ -257,7 +259,7 @@ def test_the_deadline_holds_when_the_runner_is_killed(client, pool_root):
         assert _exists(client, container_id)  # the runner's death did not end it
         assert _gone_within(client, [container_id], 3 + 10), "the deadline was not enforced"
         assert time.monotonic() - sent_job >= 1.5  # ended by the deadline, not by the kill
-        status = json.loads((pool_root / name / "meta" / sandbox.STATUS_FILE).read_text())
+        status = json.loads((pool_root / name / "fs" / "meta" / sandbox.STATUS_FILE).read_text())
         assert status["timed_out"] is True and status["exit_code"] == 137
     finally:
         if runner.poll() is None:
