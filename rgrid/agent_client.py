@@ -107,6 +107,8 @@ class AgentClient:
         try:
             conn.sendall(json.dumps({"method": method, "args": args}).encode() + b"\n")
             line = _read_line(conn)
+        except OSError:
+            line = b""  # reset or refused mid-call: the agent is going away
         except BaseException:
             conn.close()
             self._conn = None

@@ -10,6 +10,7 @@ from rgrid.agent_client import AgentClient, agent_sockets, log_path, stop_agents
 from rgrid.cli import cli
 from rgrid.cli.output import print_json
 from rgrid.config import get_settings
+from rgrid.errors import RGridError
 
 
 @cli.group()
@@ -30,6 +31,8 @@ def status(json_mode: bool) -> None:
             continue
         try:
             found.append(client.ping())
+        except RGridError:
+            continue  # it stopped as we asked
         finally:
             client.close()
     if json_mode:
