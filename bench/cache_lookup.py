@@ -60,19 +60,26 @@ def seed(url: str, rows: int) -> float:
             {"accounts": ACCOUNTS, "deps": EMPTY_DEPENDENCY_HASH, "rows": rows},
         )
         conn.execute(text("VACUUM ANALYZE script_cache"))
+        # Analyzed just now; an autovacuum worker still in the database at the end would keep
+        # it from being dropped (DROP ... WITH (FORCE) may not end a superuser's process).
+        conn.execute(text("ALTER TABLE script_cache SET (autovacuum_enabled = false)"))
     engine.dispose()
     return time.monotonic() - started
 
 
-def timed(fn: Callable[[int], object], keys: list[int]) -> list[float]:
-    for g in keys[:200]:  # warm the connection, the plan cache and the pages
-        fn(g)
-    samples = []
+def timed(fns: list[Callable[[int], object]], keys: list[int]) -> list[list[float]]:
+    """Each function on each key, interleaved (floor, rgrid, floor, ...), so that a busy
+    moment of the machine falls on both alike; sorted samples per function, in ms."""
+    for g in keys[:200]:  # warm the connections, the plan cache and the pages
+        for fn in fns:
+            fn(g)
+    samples: list[list[float]] = [[] for _ in fns]
     for g in keys:
-        started = time.perf_counter()
-        fn(g)
-        samples.append((time.perf_counter() - started) * 1000)
-    return sorted(samples)
+        for fn, out in zip(fns, samples, strict=True):
+            started = time.perf_counter()
+            fn(g)
+            out.append((time.perf_counter() - started) * 1000)
+    return [sorted(out) for out in samples]
 
 
 def report(name: str, samples: list[float], floor: list[float] | None = None) -> None:
@@ -165,17 +172,15 @@ def main() -> None:
             )
             conn.commit()
 
-        floor_select = timed(bare_select, keys)
-        report("floor: bare indexed SELECT, autocommit", floor_select)
-        report("rgrid: lookup in the step's transaction", timed(rgrid_lookup, keys), floor_select)
+        floor_select, in_step, alone = timed([bare_select, rgrid_lookup, rgrid_lookup_alone], keys)
         step_session.commit()
         step_session.close()
-        report(
-            "rgrid: lookup in its own transaction", timed(rgrid_lookup_alone, keys), floor_select
-        )
-        floor_touch = timed(bare_touch, keys)
+        report("floor: bare indexed SELECT, autocommit", floor_select)
+        report("rgrid: lookup in the step's transaction", in_step, floor_select)
+        report("rgrid: lookup in its own transaction", alone, floor_select)
+        floor_touch, touch = timed([bare_touch, rgrid_touch], keys)
         report("floor: SELECT + UPDATE + COMMIT (psycopg2)", floor_touch)
-        report("rgrid: touch (pipeline._remember_script)", timed(rgrid_touch, keys), floor_touch)
+        report("rgrid: touch (pipeline._remember_script)", touch, floor_touch)
         conn.close()
         reader.close()
 
