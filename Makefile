@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/sandbox_disk.py
 	$(BIN)/python bench/batch.py
+	$(BIN)/python bench/cache_lookup.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

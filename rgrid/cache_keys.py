@@ -83,3 +83,14 @@ def input_hash(manifest: list[dict]) -> str:
 
 def log_object_key(execution_id: str) -> str:
     return f"logs/{execution_id}.jsonl"
+
+
+def purge_lock_name(queue: str) -> str:
+    """One purge at a time per deployment (its queue names it: deployments and test sessions
+    may share a Redis)."""
+    return f"rgrid:purge:{queue}"
+
+
+def last_purge_key(queue: str) -> str:
+    """Where the last purge's result waits for `rgrid cache stats` (Redis)."""
+    return f"rgrid:last-purge:{queue}"

@@ -59,6 +59,9 @@ class Client(Protocol):
     ) -> list[Path]: ...
     def missing(self, digests: list[str]) -> list[str]: ...
     def upload(self, item: InputFile, advance: Callable[[int], None]) -> None: ...
+    def cache_stats(self) -> dict: ...
+    def cache_entries(self, limit: int) -> list[dict]: ...
+    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict: ...
 
 
 def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
@@ -418,6 +421,16 @@ class RemoteClient:
 
     def missing(self, digests: list[str]) -> list[str]:
         return self._request("POST", "/blobs/missing", {"digests": digests})["missing"]
+
+    def cache_stats(self) -> dict:
+        return self._request("GET", "/cache/stats")
+
+    def cache_entries(self, limit: int) -> list[dict]:
+        return self._request("GET", "/cache/entries", params={"limit": limit})["entries"]
+
+    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict:
+        body = {"all": True} if everything else {"older_than_s": older_than_s}
+        return self._request("POST", "/cache/purge", body)["removed"]
 
     def _put(self, url: str, body: FileSlice) -> http.client.HTTPResponse:
         try:

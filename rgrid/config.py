@@ -162,6 +162,19 @@ class Settings:
     #: without holding a worker slot. 0: no limit.
     max_concurrent_per_account: int = 4
 
+    #: Each worker host's Prometheus exporter (served by the Celery worker's main process);
+    #: 0: none. Bound to loopback unless the operator names an address for their Prometheus.
+    worker_metrics_port: int = 9464
+    worker_metrics_address: str = "127.0.0.1"
+
+    #: The disk a host (a worker host, or the embedded default's machine) may fill with
+    #: environments and its blob cache; the least recently used go first once it is over.
+    cache_budget: str = "5g"
+    #: Entries (cache rows, blobs, environments) unused this long are purged nightly.
+    cache_unused_days: int = 30
+    #: Finished executions' logs and outputs are kept this long, then purged with their row.
+    retention_days: int = 30
+
     @classmethod
     def from_env(cls) -> Settings:
         data_dir = Path(_env("RGRID_DATA_DIR") or platformdirs.user_data_dir("rgrid"))
@@ -211,6 +224,11 @@ class Settings:
             host_name=_env("RGRID_HOST_NAME") or socket.gethostname(),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),
             build_lock_timeout_s=_env_int("RGRID_BUILD_LOCK_TIMEOUT", cls.build_lock_timeout_s),
+            worker_metrics_port=_env_int("RGRID_WORKER_METRICS_PORT", cls.worker_metrics_port),
+            worker_metrics_address=_env("RGRID_WORKER_METRICS_ADDRESS", cls.worker_metrics_address),
+            cache_budget=_env("RGRID_CACHE_BUDGET", cls.cache_budget),
+            cache_unused_days=_env_int("RGRID_CACHE_UNUSED_DAYS", cls.cache_unused_days),
+            retention_days=_env_int("RGRID_RETENTION_DAYS", cls.retention_days),
             agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),
             agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
             build_timeout_s=_env_int("RGRID_BUILD_TIMEOUT", cls.build_timeout_s),
@@ -265,6 +283,19 @@ class Settings:
     def sandboxes_dir(self) -> Path:
         """The host folders behind each sandbox's ``/work``."""
         return self.data_dir / "sandboxes"
+
+    @property
+    def metrics_multiproc_dir(self) -> Path | None:
+        """prometheus-client's multiprocess folder (its own variable, which it reads when
+        imported): set by the launcher for the API's processes and for each worker host's."""
+        value = _env("PROMETHEUS_MULTIPROC_DIR")
+        return Path(value) if value else None
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        from rgrid.units import parse_bytes
+
+        return parse_bytes(self.cache_budget)
 
     @property
     def effective_store_dir(self) -> Path:

@@ -101,8 +101,10 @@ def _ensure_schema(url: str) -> None:
 
 def embedded_context(settings: Settings) -> PipelineContext:
     """Everything under the user's data directory; the schema is migrated on first use."""
+    from rgrid import metrics
     from rgrid.pipeline import PipelineContext
 
+    metrics.disable()  # nobody scrapes a CLI process
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.effective_database_url
     _ensure_schema(url)

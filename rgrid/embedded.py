@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rgrid import blobs, pipeline
+from rgrid import blobs, cachestats, disk, maintenance, pipeline, purge
 from rgrid import executions as svc
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
@@ -17,6 +18,7 @@ from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.embedded_batches import EmbeddedBatches
 from rgrid.inputs import InputFile
+from rgrid.models import iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
 from rgrid.runtimes import resolve_runtime
 
@@ -131,6 +133,48 @@ class EmbeddedClient(EmbeddedBatches):
             row = svc.get_execution(session, self.account_id, execution["execution_id"])
             listing = svc.output_listing(session, row, self.ctx.store)
         return save_outputs(listing, dest, self._fetch_output, advance)
+
+    def cache_stats(self) -> dict:
+        """The account's stats, and this machine's own disk: the embedded default is its own
+        worker host."""
+        with session_scope(self.ctx.session_factory) as session:
+            result = cachestats.stats(session, self.account_id, self._last_purge())
+        result["host"] = {
+            kind: {"entries": count, "bytes": size}
+            for kind, (count, size) in disk.usage(self.ctx.settings).items()
+        }
+        result["budget_bytes"] = self.ctx.settings.cache_budget_bytes
+        return result
+
+    def cache_entries(self, limit: int) -> list[dict]:
+        with session_scope(self.ctx.session_factory) as session:
+            return cachestats.entries(session, self.account_id, limit)
+
+    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict:
+        """The local cache: rows, stored blobs, environment folders and the blob cache."""
+        age = purge.purge_age(older_than_s, everything)
+        before = disk.usage(self.ctx.settings)["environment"]
+        with session_scope(self.ctx.session_factory) as session:
+            removed = purge.purge_account(
+                session, self.ctx.store, self.account_id, age, self.ctx.settings.environments_dir
+            )
+        after = disk.usage(self.ctx.settings)["environment"]
+        removed["environments"] = before[0] - after[0]
+        removed["environment_bytes"] = max(0, before[1] - after[1])
+        removed.update(maintenance.purge_local_files(self.ctx.settings, age))
+        record = {"finished_at": iso_utc(utcnow()), "removed": removed}
+        self._last_purge_file.write_text(json.dumps(record))
+        return removed
+
+    @property
+    def _last_purge_file(self) -> Path:
+        return self.ctx.settings.data_dir / "last-purge.json"
+
+    def _last_purge(self) -> dict | None:
+        try:
+            return json.loads(self._last_purge_file.read_text())
+        except (OSError, ValueError):
+            return None
 
     @contextmanager
     def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:

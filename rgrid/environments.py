@@ -37,8 +37,16 @@ class Installed:
 
 
 def present(root: Path, name: str | None) -> bool:
-    """Whether this host has the environment (no dependencies: always)."""
-    return name is None or (root / name).is_dir()
+    """Whether this host has the environment (no dependencies: always). An empty folder is
+    not one: Docker creates a bind mount's missing source as an empty folder (a warm sandbox
+    started for an environment evicted meanwhile), and an install renames over it."""
+    if name is None:
+        return True
+    try:
+        with os.scandir(root / name) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 def install(

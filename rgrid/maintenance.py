@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,25 +13,17 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid import environments
+from rgrid import disk, metrics
 from rgrid.cache_keys import UPLOAD_STAGING_PREFIX
+from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
-from rgrid.models import (
-    Blob,
-    DependencyCache,
-    Execution,
-    ScriptCache,
-    Upload,
-    utcnow,
-)
+from rgrid.models import DependencyCache, Execution, Upload, utcnow
 from rgrid.objectstore import ObjectStore, PresigningStore
 from rgrid.pool import sweep_folders
 from rgrid.sandbox import RUN_NAME_PREFIX
 from rgrid.statuses import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
-
-UNUSED_AFTER = timedelta(days=30)
 
 
 def _abandoned(labels: dict[str, str], execution: Execution | None, now: float) -> bool:
@@ -121,75 +114,53 @@ def sweep_lost_executions(session: Session) -> list[str]:
     return lost
 
 
-def purge_script_cache(session: Session) -> int:
-    """Drop script-cache rows unused for 30 days (the scripts' bytes go with the blobs)."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(session.scalars(select(ScriptCache).where(ScriptCache.last_used_at < cutoff)))
-    for row in stale:
-        session.delete(row)
-    return len(stale)
+#: An environment folder no row names is an orphan only once it is this old.
+ORPHAN_AFTER_S = 3600.0
 
 
-def purge_dependency_cache(session: Session, environments_dir: Path) -> int:
-    """Drop dependency-cache rows unused for 30 days, and the environment folders on this host
-    that no remaining row names."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(
-        session.scalars(select(DependencyCache).where(DependencyCache.last_used_at < cutoff))
-    )
-    for row in stale:
-        session.delete(row)
-    session.flush()
-    still_used = set(session.scalars(select(DependencyCache.environment)))
-    for row in stale:
-        if row.environment and row.environment not in still_used:
-            environments.remove(environments_dir, row.environment)
-    return len(stale)
+def purge_local_caches(
+    settings: Settings,
+    session: Session | None,
+    client=None,
+    on_removed_environment: Callable[[str], None] | None = None,
+) -> dict:
+    """This host's part of the purge, run by every worker host (and by the embedded default):
+    environment folders no dependency-cache row names any more, blob-cache files unused for
+    the purge's period, then the disk budget. Returns counts and bytes."""
+    removed = disk.Removed()
+    now = time.time()
+    if session is not None and settings.environments_dir.is_dir():
+        named = set(session.scalars(select(DependencyCache.environment)))
+        for entry in disk.entries(settings):
+            orphan = entry.kind == "environment" and entry.path.name not in named
+            # A folder installed in the last hour may not have its row written yet.
+            old = now - entry.last_used > ORPHAN_AFTER_S
+            if orphan and old and disk.remove_environment(settings, entry.path, client):
+                removed.add("environment", entry.size)
+                if on_removed_environment is not None:
+                    on_removed_environment(entry.path.name)
+    unused_s = settings.cache_unused_days * 86400
+    for entry in disk.entries(settings):
+        if entry.kind == "blob" and now - entry.last_used > unused_s:
+            entry.path.unlink(missing_ok=True)
+            removed.add("blob", entry.size)
+    for kind, n in removed.counts.items():
+        metrics.count_removed(
+            metrics.PURGED, metrics.PURGED_BYTES, f"host_{kind}", n, removed.bytes[kind]
+        )
+    evicted = disk.enforce_budget(settings, client)
+    return {**removed.as_dict(), **{f"evicted_{k}": v for k, v in evicted.as_dict().items()}}
 
 
-#: An environment folder younger than this is never purged as an orphan: its row may not be
-#: committed yet (the folder is renamed into place first).
-ORPHAN_GRACE = timedelta(hours=1)
-
-
-def purge_local_environments(session: Session, environments_dir: Path) -> list[str]:
-    """On one worker host: remove the environment folders no dependency-cache row names any
-    more. The nightly purge drops the rows once for the grid; each host then removes its own
-    copies here (the purge's own host could only remove its own)."""
-    if not environments_dir.is_dir():
-        return []
-    named = set(session.scalars(select(DependencyCache.environment)))
-    cutoff = time.time() - ORPHAN_GRACE.total_seconds()
-    removed = []
-    for folder in environments_dir.iterdir():
-        if folder.name.startswith(".") or folder.name in named or not folder.is_dir():
-            continue
-        if folder.stat().st_mtime > cutoff:
-            continue
-        environments.remove(environments_dir, folder.name)
-        removed.append(folder.name)
-    return removed
-
-
-def purge_blobs(store: ObjectStore, session: Session) -> int:
-    """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
-    were started a day ago and never completed."""
-    cutoff = utcnow() - UNUSED_AFTER
-    stale = list(session.scalars(select(Blob).where(Blob.last_used_at < cutoff)))
-    for blob in stale:
-        store.delete(blob.object_key)
-        session.delete(blob)
-    abandoned = list(
-        session.scalars(select(Upload).where(Upload.created_at < utcnow() - timedelta(days=1)))
-    )
-    for upload in abandoned:
-        if upload.multipart_id and hasattr(store, "abort_multipart"):
-            store.abort_multipart(upload.object_key, upload.multipart_id)
-        store.delete(upload.object_key)
-        session.delete(upload)
-    session.flush()
-    purge_stray_uploads(store, session)
-    return len(stale)
+def purge_local_files(settings: Settings, older_than: timedelta) -> dict[str, int]:
+    """The embedded default's own blob cache: files unused for ``older_than`` (zero: all)."""
+    removed = disk.Removed()
+    now = time.time()
+    for entry in disk.entries(settings):
+        if entry.kind == "blob" and now - entry.last_used >= older_than.total_seconds():
+            entry.path.unlink(missing_ok=True)
+            removed.add("local_blob", entry.size)
+    return removed.as_dict()
 
 
 #: A staging object no upload row names is never one being written (the row is committed

@@ -56,10 +56,13 @@ def enqueue_pipeline(app: Celery, execution_id: str) -> None:
 
 def enqueue_from(app: Celery, step: str, execution_id: str, queue: str | None = None) -> None:
     """Queue the chain from ``step`` on (an execution moved off a lost host starts again at
-    its build step), on ``queue`` or the default one."""
-    first, *rest = PIPELINE[PIPELINE.index(step) :]
+    its build step), on ``queue`` or the default one. Each step names its execution in its
+    own arguments (immutable signatures), so Flower shows the execution id on every step
+    from the moment it is queued, and no step depends on what the one before it returned."""
     options = {"queue": queue} if queue else {}
     chain(
-        app.signature(first, args=(execution_id,), **options),
-        *(app.signature(name, **options) for name in rest),
+        *(
+            app.signature(name, args=(execution_id,), immutable=True, **options)
+            for name in PIPELINE[PIPELINE.index(step) :]
+        )
     ).apply_async()

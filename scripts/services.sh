@@ -14,7 +14,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="$REPO/.rgrid-dev"
 
-PACKAGES=(postgresql redis-server mmdebstrap)
+# chromium: the headless browser that checks Flower's pages (tests/integration/test_flower.py).
+PACKAGES=(postgresql redis-server mmdebstrap chromium)
 
 PG_PORT=5432
 PG_USER=rgrid

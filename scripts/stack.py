@@ -30,7 +30,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +101,8 @@ def api_command(port: int) -> list[str]:
     return [
         str(BIN / "gunicorn"),
         *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
+        # The multiprocess metrics hooks (rgrid/metrics.py).
+        *("--config", "python:rgrid.api.gunicorn_conf"),
         *("--access-logfile", "-"),
         "rgrid.api:create_app()",
     ]
@@ -124,8 +126,19 @@ def beat_command(schedule: Path) -> list[str]:
     return _celery("beat", "--loglevel", "INFO", "--schedule", str(schedule))
 
 
-def flower_command(port: int) -> list[str]:
-    return _celery("flower", "--address=127.0.0.1", f"--port={port}")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def flower_command(port: int, address: str = "127.0.0.1", basic_auth: str | None = None):
+    """Flower on ``address``. Anywhere but loopback it shows every execution's tasks and can
+    revoke them, so it is refused without credentials (``user:password``, handed to Flower
+    in its own FLOWER_BASIC_AUTH variable by :meth:`StackConfig.env_for`, never on its
+    command line where `ps` would show it)."""
+    if address not in LOOPBACK and not basic_auth:
+        raise RuntimeError(
+            f"Flower on {address} needs credentials: set RGRID_FLOWER_BASIC_AUTH=user:password"
+        )
+    return _celery("flower", f"--address={address}", f"--port={port}")
 
 
 # --- starting, waiting, stopping ----------------------------------------------------------------
@@ -226,6 +239,40 @@ class StackConfig:
     #: under ``hosts_root`` and, in place of that worker, one worker bound to each.
     hosts: int = 0
     hosts_root: Path | None = None
+    #: The worker host's metrics exporter (rgrid/metrics.py); None: a free port. With
+    #: ``hosts``, each host's worker gets a free port of its own.
+    worker_metrics_port: int | None = None
+    _host_metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.worker_metrics_port is None:
+            given = self.env.get("RGRID_WORKER_METRICS_PORT")
+            self.worker_metrics_port = int(given) if given else free_port()
+
+    @property
+    def worker_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
+
+    def host_metrics_port(self, host: str) -> int:
+        return self._host_metrics_ports.setdefault(host, free_port())
+
+    def env_for(self, role: str) -> dict[str, str]:
+        """A process's environment: the stack's; a host's worker talks to its own engine and
+        keeps its caches in its own folder; the API and each worker host get a metrics folder
+        of their own (prometheus-client's multiprocess mode; each is scraped on its own, so
+        none may count another's files)."""
+        env = {**self.env, "RGRID_WORKER_METRICS_PORT": str(self.worker_metrics_port)}
+        for engine in self.engines:
+            if role == f"worker-{engine.name}":
+                env = host_env(env, engine)
+                env["RGRID_WORKER_METRICS_PORT"] = str(self.host_metrics_port(engine.name))
+        if role == "flower" and self.env.get("RGRID_FLOWER_BASIC_AUTH"):
+            env["FLOWER_BASIC_AUTH"] = self.env["RGRID_FLOWER_BASIC_AUTH"]
+        if role == "api" or role.startswith("worker"):
+            folder = self.log_dir / f"metrics-{role}"
+            folder.mkdir(parents=True, exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+        return env
 
     @property
     def api_url(self) -> str:
@@ -250,18 +297,15 @@ class StackConfig:
             )
         every["beat"] = beat_command(self.log_dir / "beat-schedule")
         if self.flower_port is not None:
-            every["flower"] = flower_command(self.flower_port)
+            every["flower"] = flower_command(
+                self.flower_port,
+                self.env.get("RGRID_FLOWER_ADDRESS", "127.0.0.1"),
+                self.env.get("RGRID_FLOWER_BASIC_AUTH"),
+            )
         chosen = [r for r in self.roles if r != "worker" or not self.hosts]
         if self.hosts and "worker" in self.roles:
             chosen += [f"worker-{engine.name}" for engine in self.engines]
         return {role: every[role] for role in every if role in chosen}
-
-    def env_for(self, role: str) -> dict[str, str]:
-        """A host's worker talks to its own engine and keeps its caches in its own folder."""
-        for engine in self.engines:
-            if role == f"worker-{engine.name}":
-                return host_env(self.env, engine)
-        return self.env
 
 
 def host_env(env: dict[str, str], engine: hosts.Engine) -> dict[str, str]:
@@ -402,6 +446,7 @@ def up(
         KEY_FILE.touch(mode=0o600)
         KEY_FILE.write_text(key + "\n")
     print(f"API {config.api_url}  Flower http://127.0.0.1:{config.flower_port}", file=sys.stderr)
+    print(f"worker metrics {config.worker_metrics_url}", file=sys.stderr)
     return {"RGRID_API_URL": config.api_url, "RGRID_API_KEY": KEY_FILE.read_text().strip()}
 
 

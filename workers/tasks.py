@@ -3,38 +3,55 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
+import time
 from functools import lru_cache
 
 import botocore.exceptions
 import redis.exceptions
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    celeryd_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.utils.log import get_task_logger
+from celery.worker.control import control_command
 from sqlalchemy.exc import OperationalError
 
-from rgrid import batches, hosts, pipeline, queueing
+from rgrid import (
+    batches,
+    cache_keys,
+    disk,
+    hosts,
+    maintenance,
+    metrics,
+    pipeline,
+    pool,
+    purge,
+    queueing,
+)
 from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import ServiceUnavailable
 from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
-from rgrid.maintenance import (
-    purge_blobs,
-    purge_dependency_cache,
-    purge_local_environments,
-    purge_script_cache,
-    reap_containers,
-    sweep_lost_executions,
-)
-from rgrid.models import Execution, utcnow
+from rgrid.maintenance import reap_containers, sweep_lost_executions
+from rgrid.models import Execution, iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
 from rgrid.slots import AccountBusy
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
+
+#: The remote-control command each worker runs for the purge's per-host part.
+PURGE_LOCAL_COMMAND = "rgrid_purge_local"
 
 
 @lru_cache(maxsize=1)
@@ -240,6 +257,43 @@ def fresh_context(**_kwargs) -> None:
     forget_engines_after_fork()
     redis_client.cache_clear()
     worker_context.cache_clear()
+    metrics.define()
+
+
+@celeryd_init.connect
+def fresh_metrics(**_kwargs) -> None:
+    """Before the pool processes start: forget the metric files of this host's earlier
+    start (they would be counted again)."""
+    folder = metrics.multiprocess_dir()
+    if folder is not None:
+        metrics.fresh_multiprocess_dir(folder)
+
+
+@worker_process_shutdown.connect
+def forget_process_metrics(pid=None, **_kwargs) -> None:
+    metrics.process_exited(pid)
+
+
+def _warm_count(ctx: PipelineContext) -> int:
+    return len(pool._warm(ctx.docker, installation=pool._installation(ctx.pool)))
+
+
+@worker_ready.connect
+def serve_metrics(**_kwargs) -> None:
+    """This host's exporter, in the main process (see rgrid/metrics.py for why an exporter
+    per host): every pool process's counters, this host's disk and warm pool. A port in use
+    only costs the metrics, never the worker."""
+    settings = get_settings()
+    if not settings.worker_metrics_port:
+        return
+    ctx = server_context(settings)
+    collector = metrics.HostCacheCollector(lambda: disk.usage(settings), lambda: _warm_count(ctx))
+    try:
+        metrics.serve_worker_metrics(
+            settings.worker_metrics_port, collector, settings.worker_metrics_address
+        )
+    except OSError:
+        log.exception("could not serve metrics on port %d", settings.worker_metrics_port)
 
 
 @celeryd_after_setup.connect
@@ -333,33 +387,21 @@ def warm_pool(**_kwargs) -> None:
         log.exception("could not fill the warm pool")
 
 
-def _every_host(ctx: PipelineContext, *, purge: bool) -> list[str]:
+def _every_host(ctx: PipelineContext) -> list[str]:
     """Send the host maintenance to every live host's own queue; returns the hosts."""
     live = ctx.hosts.live_hosts() if ctx.hosts else []
     for host in live:
-        app.send_task(
-            queueing.HOST_MAINTENANCE,
-            kwargs={"purge": purge},
-            queue=host_queue(ctx.settings.queue, host),
-        )
+        app.send_task(queueing.HOST_MAINTENANCE, queue=host_queue(ctx.settings.queue, host))
     return live
 
 
 @app.task(name=queueing.HOST_MAINTENANCE)
-def host_maintenance_task(purge: bool = False) -> dict[str, list[str]]:
-    """On one host, from its own queue: reap its engine's leftover containers and, with
-    ``purge``, remove its environment folders whose dependency-cache rows were purged."""
+def host_maintenance_task() -> dict[str, list[str]]:
+    """On one host, from its own queue: reap its engine's leftover containers."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
         reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
-    removed: list[str] = []
-    if purge:
-        with session_scope(ctx.session_factory) as session:
-            removed = purge_local_environments(session, ctx.settings.environments_dir)
-        for name in removed:
-            if ctx.hosts is not None:
-                ctx.hosts.lost_environment(ctx.settings.host_name, name)
-    return {"reaped": reaped, "environments_removed": removed}
+    return {"reaped": reaped}
 
 
 @app.task(name=queueing.REAP_CONTAINERS)
@@ -369,7 +411,7 @@ def reap_containers_task() -> dict[str, list[str]]:
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
         lost = sweep_lost_executions(session)
-    hosts = _every_host(ctx, purge=False)
+    hosts = _every_host(ctx)
     if not hosts:  # no host has said it is alive yet: reap this one at least
         with session_scope(ctx.session_factory) as session:
             reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
@@ -390,22 +432,68 @@ def sweep_lost_workers_task() -> dict[str, list[str]]:
     return {"lost": pipeline.sweep_lost_workers(ctx), "moved": rescue_stranded(ctx)}
 
 
-@app.task(name=queueing.PURGE_CACHES)
-def purge_caches_task() -> dict[str, object]:
-    """Nightly; exactly one beat should run, but the lock makes a second one harmless."""
+def purge_local_caches() -> dict:
+    """This host's part of the purge (rgrid/maintenance.py): the hook every worker host runs
+    when the purge broadcasts it. Environments it removes stop counting as warm here."""
     ctx = worker_context()
-    lock = redis_client(ctx.settings.redis_url).lock("rgrid:purge", timeout=3600)
+
+    def forget(name: str) -> None:
+        if ctx.hosts is not None:
+            ctx.hosts.lost_environment(ctx.settings.host_name, name)
+
+    with session_scope(ctx.session_factory) as session:
+        return maintenance.purge_local_caches(
+            ctx.settings, session, ctx.docker, on_removed_environment=forget
+        )
+
+
+@control_command(name=PURGE_LOCAL_COMMAND)
+def purge_local_command(_state) -> dict:
+    """Run by each worker's main process when the purge broadcasts it: each host purges its
+    own disk, and replies with what it removed."""
+    try:
+        return {"ok": purge_local_caches()}
+    except Exception as exc:  # noqa: BLE001 - the reply says so; the other hosts go on
+        log.exception("local purge failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _our_workers() -> list[str]:
+    """The workers consuming this deployment's queue (another deployment, or a test session,
+    may share the broker)."""
+    queue = get_settings().queue
+    replies = app.control.inspect(timeout=5).active_queues() or {}
+    return sorted(w for w, queues in replies.items() if any(q["name"] == queue for q in queues))
+
+
+@app.task(name=queueing.PURGE_CACHES)
+def purge_caches_task() -> dict:
+    """Nightly; exactly one beat should run, but the lock makes a second one harmless. The
+    shared part (rows, blobs, uploads, old executions) runs here once; then every worker host
+    purges its own disk. The result (counts and bytes) shows in Flower, and in
+    `rgrid cache stats` as the last purge."""
+    ctx = worker_context()
+    client = redis_client(ctx.settings.redis_url)
+    lock = client.lock(cache_keys.purge_lock_name(ctx.settings.queue), timeout=3600)
     if not lock.acquire(blocking=False):
         log.info("another purge is running")
-        return {}
+        return {"skipped": "another purge is running"}
     try:
+        started = time.monotonic()
+        shared = purge.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
         with session_scope(ctx.session_factory) as session:
-            scripts = purge_script_cache(session)
-        with session_scope(ctx.session_factory) as session:
-            deps = purge_dependency_cache(session, ctx.settings.environments_dir)
-        with session_scope(ctx.session_factory) as session:
-            files = purge_blobs(ctx.store, session)
-        hosts = _every_host(ctx, purge=True)
-        return {"script_cache": scripts, "dependency_cache": deps, "blobs": files, "hosts": hosts}
+            shared["stray_uploads"] = maintenance.purge_stray_uploads(ctx.store, session)
+        replies = app.control.broadcast(
+            PURGE_LOCAL_COMMAND, reply=True, timeout=300, destination=_our_workers()
+        )
+        hosts = {name: answer for reply in replies or [] for name, answer in reply.items()}
+        result = {
+            "finished_at": iso_utc(utcnow()),
+            "seconds": round(time.monotonic() - started, 3),
+            "shared": shared,
+            "hosts": hosts,
+        }
+        client.set(cache_keys.last_purge_key(ctx.settings.queue), json.dumps(result))
+        return result
     finally:
         lock.release()

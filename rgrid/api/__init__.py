@@ -10,9 +10,10 @@ import hmac
 import botocore.exceptions
 import redis.exceptions
 from flask import Flask, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from rgrid import metrics as rgrid_metrics
 from rgrid.api.schemas import openapi
 from rgrid.config import Settings, get_settings
 from rgrid.context import server_services
@@ -33,14 +34,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     # task name through a Celery app that imports no tasks.
     app.extensions["rgrid"] = server_services(settings)
     app.extensions["rgrid.celery"] = create_celery_app()
+    rgrid_metrics.define()
 
     from rgrid.api.batches import bp as batches_bp
     from rgrid.api.blobs import bp as blobs_bp
+    from rgrid.api.cache import bp as cache_bp
     from rgrid.api.executions import bp as executions_bp
 
     app.register_blueprint(executions_bp, url_prefix="/v1")
     app.register_blueprint(blobs_bp, url_prefix="/v1")
     app.register_blueprint(batches_bp, url_prefix="/v1")
+    app.register_blueprint(cache_bp, url_prefix="/v1")
 
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):
@@ -85,6 +89,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                 return jsonify(error="metrics need the operator's token"), 401
         elif request.remote_addr not in ("127.0.0.1", "::1"):
             return jsonify(error="not found"), 404
-        return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+        # Every gunicorn process's counters (multiprocess mode), and the cache gauges read
+        # from the database now: any process answers with the same numbers.
+        collector = rgrid_metrics.DatabaseCacheCollector(app.extensions["rgrid"].session_factory)
+        return rgrid_metrics.exposition(collector), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     return app

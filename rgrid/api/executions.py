@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from flask import Blueprint, g, jsonify, request
-from prometheus_client import Counter
 
 from rgrid import executions as svc
+from rgrid import metrics
 from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
 from rgrid.api.schemas import ExecutionListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
@@ -18,8 +18,6 @@ from rgrid.statuses import TERMINAL_STATUSES
 
 bp = Blueprint("executions", __name__)
 bp.before_request(authenticate_request)
-
-SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
 
 
 @bp.post("/executions")
@@ -62,7 +60,7 @@ def create_execution(body: SubmitRequest):
             execution.status = "error"
             execution.error = "could not queue the execution: broker unavailable"
         raise ServiceUnavailable(f"could not queue the execution: {exc}") from exc
-    SUBMITTED.inc()
+    metrics.SUBMITTED.inc()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
         return jsonify(svc.execution_to_dict(execution)), 201

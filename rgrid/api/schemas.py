@@ -164,6 +164,17 @@ class BatchExecutionsQuery(_Query):
     limit: Annotated[int, Field(ge=1, le=1000)] = 500
 
 
+class CacheEntriesQuery(_Query):
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class CachePurgeRequest(_Strict):
+    """Entries unused for at least ``older_than_s`` seconds; ``all``: every entry."""
+
+    older_than_s: Annotated[int, Field(ge=0, le=100 * 365 * 86400)] | None = None
+    all: bool = False
+
+
 class StdinQuery(_Query):
     eof: Annotated[int, Field(ge=0, le=1)] = 0
 

@@ -64,6 +64,7 @@ def main() -> None:
         admin,
         agent,
         batch,
+        cache,
         executions,
         runtime,
     )

@@ -10,8 +10,9 @@ import pytest
 
 from rgrid.db import session_scope
 from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
-from rgrid.maintenance import purge_script_cache, reap_containers
+from rgrid.maintenance import reap_containers
 from rgrid.models import ScriptCache, utcnow
+from rgrid.purge import purge_script_cache
 from rgrid.sandbox import POOL_NAME_PREFIX, RUN_NAME_PREFIX
 
 
@@ -112,8 +113,8 @@ def test_purge_drops_script_entries_unused_for_30_days(ctx, run_script, account)
 
 def test_purge_drops_unused_environments_and_blobs(ctx, run_script, account):
     from rgrid import blobs
-    from rgrid.maintenance import purge_blobs, purge_dependency_cache
     from rgrid.models import Blob, DependencyCache
+    from rgrid.purge import purge_blobs, purge_dependency_cache
 
     old = run_script(
         "import six\nopen('outputs/o.txt','w').write('old output')\n",
@@ -144,8 +145,8 @@ def test_purge_drops_unused_environments_and_blobs(ctx, run_script, account):
 def test_purge_keeps_an_environment_another_entry_still_uses(ctx, run_script, account, tmp_path):
     """Two texts that resolve to the same set share one folder: purging one entry leaves the
     folder to the other."""
-    from rgrid.maintenance import purge_dependency_cache
     from rgrid.models import DependencyCache
+    from rgrid.purge import purge_dependency_cache
     from tests.wheels import make_wheel
 
     dist = f"rgrid-probe-{secrets.token_hex(4)}"

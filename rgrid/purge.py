@@ -1,0 +1,214 @@
+"""Removing unused cache entries from the database and the object store: cache rows, blobs,
+abandoned uploads and executions past their retention. Shared by the nightly purge (whose
+per-host part, environment folders and blob caches, is in rgrid/maintenance.py) and by
+`rgrid cache purge`. Nothing here talks to a Docker host: the API imports it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from rgrid import metrics
+from rgrid.cache_keys import log_object_key
+from rgrid.config import Settings
+from rgrid.db import session_scope
+from rgrid.errors import BadInput
+from rgrid.models import Blob, DependencyCache, Execution, ScriptCache, Upload, utcnow
+from rgrid.objectstore import ObjectStore
+from rgrid.statuses import TERMINAL_STATUSES
+
+UNUSED_AFTER = timedelta(days=30)
+
+
+def _cutoff(unused: timedelta | None) -> object:
+    return utcnow() - (UNUSED_AFTER if unused is None else unused)
+
+
+def _stale(model, unused: timedelta | None, account_id: int | None):
+    query = select(model).where(model.last_used_at < _cutoff(unused))
+    return query if account_id is None else query.where(model.account_id == account_id)
+
+
+#: Rows deleted per statement by a bulk purge.
+PURGE_BATCH = 50_000
+
+
+def purge_script_cache(
+    session: Session, unused: timedelta | None = None, account_id: int | None = None
+) -> int:
+    """Drop script-cache rows unused for 30 days (or ``unused``; of one account, or all). In
+    bulk, a batch per statement: nothing else hangs on a script row (its bytes are a blob),
+    and loading each row to delete it took 4 s per 20,000 rows (bench/cache_lookup.py)."""
+    removed = 0
+    while True:
+        batch = _stale(ScriptCache, unused, account_id).with_only_columns(ScriptCache.id)
+        result = session.execute(
+            delete(ScriptCache)
+            .where(ScriptCache.id.in_(batch.limit(PURGE_BATCH).scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        removed += result.rowcount
+        if result.rowcount < PURGE_BATCH:
+            return removed
+
+
+def purge_dependency_cache(
+    session: Session,
+    environments_dir: Path | None,
+    unused: timedelta | None = None,
+    account_id: int | None = None,
+) -> int:
+    """Drop dependency-cache rows unused for 30 days, and the environment folders in
+    ``environments_dir`` (None: none) that no remaining row names. The nightly purge leaves
+    the folders to each host's ``purge_local_caches``."""
+    stale = list(session.scalars(_stale(DependencyCache, unused, account_id)))
+    for row in stale:
+        session.delete(row)
+    session.flush()
+    if environments_dir is None:
+        return len(stale)
+    from rgrid import environments  # only with a folder to clean: it brings docker-py
+
+    still_used = set(session.scalars(select(DependencyCache.environment)))
+    for row in stale:
+        if row.environment and row.environment not in still_used:
+            environments.remove(environments_dir, row.environment)
+    return len(stale)
+
+
+def purge_blobs(store: ObjectStore, session: Session) -> int:
+    """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
+    were started a day ago and never completed."""
+    count, _ = purge_blob_rows(store, session)
+    purge_abandoned_uploads(store, session)
+    return count
+
+
+def purge_blob_rows(
+    store: ObjectStore,
+    session: Session,
+    unused: timedelta | None = None,
+    account_id: int | None = None,
+) -> tuple[int, int]:
+    """Blobs unused for 30 days (or ``unused``) and their stored bytes: (count, bytes)."""
+    stale = list(session.scalars(_stale(Blob, unused, account_id)))
+    for blob in stale:
+        store.delete(blob.object_key)
+        session.delete(blob)
+    return len(stale), sum(blob.size for blob in stale)
+
+
+#: An upload not completed within this long never will be.
+ABANDONED_AFTER = timedelta(days=1)
+
+
+def purge_abandoned_uploads(store: ObjectStore, session: Session) -> tuple[int, int]:
+    """Uploads started a day ago and never completed: (count, bytes they announced)."""
+    abandoned = list(
+        session.scalars(select(Upload).where(Upload.created_at < utcnow() - ABANDONED_AFTER))
+    )
+    for upload in abandoned:
+        if upload.multipart_id and hasattr(store, "abort_multipart"):
+            store.abort_multipart(upload.object_key, upload.multipart_id)
+        store.delete(upload.object_key)
+        session.delete(upload)
+    return len(abandoned), sum(upload.size for upload in abandoned)
+
+
+def purge_old_executions(
+    store: ObjectStore, session: Session, retention: timedelta, limit: int = 10_000
+) -> int:
+    """Finished executions older than the retention: their stored log and their row (their
+    outputs are blobs, purged when unused). Returns how many."""
+    old = list(
+        session.scalars(
+            select(Execution)
+            .where(
+                Execution.status.in_(TERMINAL_STATUSES),
+                Execution.finished_at < utcnow() - retention,
+            )
+            .limit(limit)
+        )
+    )
+    for execution in old:
+        store.delete(log_object_key(execution.id))
+        session.delete(execution)
+    return len(old)
+
+
+def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dict:
+    """The purge's shared part, once for the grid: cache rows, blobs, abandoned uploads and
+    executions past their retention. Each kind in its own transaction, so one failing does
+    not undo the others. Returns counts and bytes, and counts them in the metrics."""
+    unused = timedelta(days=settings.cache_unused_days)
+    result: dict[str, int] = {}
+    with session_scope(session_factory) as session:
+        result["script_cache"] = purge_script_cache(session, unused)
+    with session_scope(session_factory) as session:
+        result["dependency_cache"] = purge_dependency_cache(session, None, unused)
+    with session_scope(session_factory) as session:
+        result["blobs"], result["blob_bytes"] = purge_blob_rows(store, session, unused)
+    with session_scope(session_factory) as session:
+        result["uploads"], result["upload_bytes"] = purge_abandoned_uploads(store, session)
+    with session_scope(session_factory) as session:
+        result["executions"] = purge_old_executions(
+            store, session, timedelta(days=settings.retention_days)
+        )
+    for kind, size_key in (
+        ("script_cache", None),
+        ("dependency_cache", None),
+        ("blobs", "blob_bytes"),
+        ("uploads", "upload_bytes"),
+        ("executions", None),
+    ):
+        size = result[size_key] if size_key else 0
+        metrics.count_removed(metrics.PURGED, metrics.PURGED_BYTES, kind, result[kind], size)
+    return result
+
+
+def purge_account(
+    session: Session,
+    store: ObjectStore,
+    account_id: int,
+    older_than: timedelta,
+    environments_dir: Path | None = None,
+) -> dict[str, int]:
+    """`rgrid cache purge`: one account's own entries unused for ``older_than`` (zero: all).
+    Blobs an unfinished execution of the account still needs are kept. ``environments_dir``:
+    also delete this host's folders no row names any more (the embedded default; worker
+    hosts drop theirs in their nightly ``purge_local_caches``)."""
+    result = {
+        "script_cache": purge_script_cache(session, older_than, account_id),
+        "dependency_cache": purge_dependency_cache(
+            session, environments_dir, older_than, account_id
+        ),
+    }
+    needed = {
+        item["sha256"]
+        for inputs in session.scalars(
+            select(Execution.inputs).where(
+                Execution.account_id == account_id, Execution.status.not_in(TERMINAL_STATUSES)
+            )
+        )
+        for item in inputs or []
+    }
+    stale = [
+        blob
+        for blob in session.scalars(_stale(Blob, older_than, account_id))
+        if blob.digest not in needed
+    ]
+    for blob in stale:
+        store.delete(blob.object_key)
+        session.delete(blob)
+    result["blobs"], result["blob_bytes"] = len(stale), sum(blob.size for blob in stale)
+    return result
+
+
+def purge_age(older_than_s: int | None, everything: bool) -> timedelta:
+    """`rgrid cache purge`'s choice: entries unused this long, or (``everything``) all."""
+    if everything == (older_than_s is not None):
+        raise BadInput("give either --older-than AGE or --all")
+    return timedelta(0) if everything else timedelta(seconds=older_than_s or 0)
