@@ -567,7 +567,16 @@ def list_(limit: int, json_mode: bool):
         rows.sort(key=lambda row: row["created_at"] or "", reverse=True)
         rows = rows[:limit]
     if json_mode:
-        print_json([row.get("batch") or row for row in rows])
+        # One array, newest first; "kind" tells an execution from a batch (which has counts
+        # in place of an exit code).
+        print_json(
+            [
+                {"kind": "batch", **row["batch"]}
+                if "batch" in row
+                else {"kind": "execution", **row}
+                for row in rows
+            ]
+        )
     elif rows:
         for line in executions_table(rows):
             click.echo(line)

@@ -92,7 +92,7 @@ def test_failed_script_exit_code_and_status_logs_outputs_list(stack_env, tmp_pat
     assert (tmp_path / "again" / "kept.txt").read_text() == "k"
 
     listed = json.loads(run_cli("list", "--json", env=stack_env, cwd=tmp_path).stdout)
-    assert execution_id in [row["execution_id"] for row in listed]
+    assert execution_id in [row["execution_id"] for row in listed if row["kind"] == "execution"]
 
 
 def test_timeout(stack_env, tmp_path):

@@ -103,7 +103,8 @@ def test_every_step_shows_its_execution_id_and_flower_needs_credentials(flower_s
             for task in _tasks(flower, auth).values()
             if execution_id in (task.get("args") or "")
         }
-        if set(mine) == set(queueing.PIPELINE) or time.monotonic() > deadline:
+        finished = all(task["state"] == "SUCCESS" for task in mine.values())
+        if (set(mine) == set(queueing.PIPELINE) and finished) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert set(mine) == set(queueing.PIPELINE), sorted(mine)
