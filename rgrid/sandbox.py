@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import stat
@@ -143,6 +144,11 @@ status = json.dumps(
 )
 os.pwrite(status_fd, status.encode()[:512].ljust(512), 0)
 os.close(status_fd)
+# Every process of the script is gone and the status is written: say so on both streams, so
+# the runner stops reading now instead of when the engine has wound the container down.
+end = job["end"].encode()
+os.write(1, end)
+os.write(2, end)
 sys.exit(code)
 """
 
@@ -519,6 +525,10 @@ def run(
         # it is the sandbox's own (a plain folder on the host disk measures the host's).
         "writable": [p for p in WRITABLE if p != WORK_DIR or os.path.ismount(box.disk)],
         "full_below": FULL_BELOW_BYTES,
+        # Written by the supervisor on stdout and stderr once the script is over (see
+        # ``EndMarker``); random per job, so a script cannot end its own output early by
+        # guessing it, and printing it could only cut the script's own log short.
+        "end": END_PREFIX + secrets.token_hex(8),
     }
     sock = client.api.attach_socket(
         box.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -562,11 +572,16 @@ def run(
             2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
         }
         names = {1: "stdout", 2: "stderr"}
+        ends = {1: EndMarker(job["end"]), 2: EndMarker(job["end"])}
         for stream, data in frames_iter(sock, tty=False):
-            if stream in decoders and (text := decoders[stream].decode(data)):
+            if stream not in decoders:
+                continue
+            if text := decoders[stream].decode(ends[stream].feed(data)):
                 on_output(names[stream], text)
+            if all(end.seen for end in ends.values()):
+                break  # the supervisor is done; its container's exit is not waited for
         for stream, decoder in decoders.items():
-            if tail := decoder.decode(b"", final=True):
+            if tail := decoder.decode(ends[stream].flush(), final=True):
                 on_output(names[stream], tail)
     finally:
         watchdog.cancel()
@@ -612,6 +627,40 @@ def _filled_on_host(box: Box) -> bool:
     fs = os.statvfs(box.disk)
     margin = max(FULL_BELOW_BYTES // fs.f_frsize, fs.f_blocks // 500)
     return fs.f_bavail < margin or bool(fs.f_files and not fs.f_favail)
+
+
+#: How the supervisor's end-of-run marker starts: a NUL, which text output does not end with,
+#: so nothing but the marker itself is ever held back (see ``EndMarker``).
+END_PREFIX = "\x00rgrid-end-"
+
+
+class EndMarker:
+    """Finds the supervisor's end marker at the end of one stream. Bytes that could be the
+    start of the marker are held back until the next frame tells whether they are."""
+
+    def __init__(self, marker: str):
+        self.marker = marker.encode()
+        self.held = b""
+        self.seen = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.seen:
+            return b""  # nothing follows the marker
+        data = self.held + data
+        self.held = b""
+        at = data.find(self.marker)
+        if at >= 0:
+            self.seen = True
+            return data[:at]
+        for size in range(min(len(self.marker) - 1, len(data)), 0, -1):
+            if self.marker.startswith(data[-size:]):
+                self.held = data[-size:]
+                return data[:-size]
+        return data
+
+    def flush(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
 
 
 def _pump_stdin(source: StdinSource, raw: socket.socket) -> None:
