@@ -908,24 +908,7 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
         elif result.oom_killed and result.exit_code != 0:
             ctx.note(execution_id, out_of_memory)
     finally:
-        _discard_later(ctx, box)
-
-
-def _discard_later(ctx: PipelineContext, box: sandbox.Box) -> None:
-    """End a used sandbox and delete its folder off the user's path: its outputs are stored
-    and its script is over (the supervisor said so), so nobody waits for this. If the worker
-    dies first, the container still ends itself and the reaper takes the folder."""
-
-    def work() -> None:
-        try:
-            sandbox.discard(ctx.docker, box)
-        except Exception:  # noqa: BLE001 - the reaper gets what is left
-            log.exception("could not discard sandbox %s", box.name)
-
-    thread = threading.Thread(target=work, name="rgrid-discard", daemon=True)
-    thread.start()
-    ctx.background[:] = [t for t in ctx.background if t.is_alive()]
-    ctx.background.append(thread)
+        sandbox.discard(ctx.docker, box)
 
 
 def _release(ctx: PipelineContext, execution_id: str) -> None:
