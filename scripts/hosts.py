@@ -95,10 +95,14 @@ class Engine:
         """dockerd in a mount namespace of its own (``unshare``, private propagation): as on a
         real host, the mounts made for its sandboxes (their filesystems, its overlay layers)
         are in its own mount table, where no other host's sweep of "orphaned" sandbox
-        filesystems can see them, and they go away with the namespace's last process."""
+        filesystems can see them, and they go away with the namespace's last process. And
+        in a network namespace of its own: a dockerd started with ``--bridge none`` deletes
+        any ``docker0`` interface it can see, which in the machine's own namespace is the main
+        engine's bridge (measured: gone after one test run). Its sandboxes have no network
+        anyway, and its worker reaches it through the socket file."""
         config = self.dir / "daemon.json"
         return [
-            *("unshare", "--mount", "--propagation", "private"),
+            *("unshare", "--mount", "--net", "--propagation", "private"),
             "dockerd",
             *("--config-file", str(config)),
             *("--data-root", str(self.dir / "data")),
