@@ -824,6 +824,7 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
     if execution.env_names and env_vars is None:
         raise RGridError("the execution's environment variables expired before it could run")
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
+    result: sandbox.RunResult | None = None
     try:
         _fit_limits(ctx, execution, box)
         try:
@@ -908,7 +909,7 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
         elif result.oom_killed and result.exit_code != 0:
             ctx.note(execution_id, out_of_memory)
     finally:
-        sandbox.discard(ctx.docker, box)
+        sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
 
 
 def _release(ctx: PipelineContext, execution_id: str) -> None:

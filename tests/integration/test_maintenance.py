@@ -54,6 +54,11 @@ def test_reaper_spares_live_and_foreign_containers_and_removes_abandoned_ones(
     ctx, run_script, make_container
 ):
     finished = run_script("pass\n")
+    # Its own sandbox exits and removes itself just after the run: then the name is free.
+    name = {"name": RUN_NAME_PREFIX + finished["execution_id"]}
+    deadline = time.monotonic() + 10
+    while ctx.docker.api.containers(all=True, filters=name) and time.monotonic() < deadline:
+        time.sleep(0.1)
     now = int(time.time())
     ours_done = make_container(finished["execution_id"], now + 3600)
     foreign_live = make_container(secrets.token_hex(8), now + 3600)

@@ -55,9 +55,12 @@ def _live_host_dirs(ctx) -> set[str]:
 def _nothing_left(ctx, execution_id: str) -> None:
     """No container for the execution, and no sandbox folder or mount without a live
     sandbox (the warm pool's own are alive)."""
-    assert not ctx.docker.api.containers(
-        all=True, filters={"name": sandbox.RUN_NAME_PREFIX + execution_id}
-    )
+    # A sandbox whose supervisor said it was done exits and removes itself (not killed).
+    deadline = time.monotonic() + 10
+    name = {"name": sandbox.RUN_NAME_PREFIX + execution_id}
+    while ctx.docker.api.containers(all=True, filters=name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ctx.docker.api.containers(all=True, filters=name)
     root = ctx.settings.sandboxes_dir
     live = _live_host_dirs(ctx)
     for mount in _mounts_under(root):
