@@ -11,9 +11,10 @@ from scripts.hosts import Engine
 def test_an_extra_engine_keeps_to_its_own_folder_and_leaves_the_network_alone(tmp_path: Path):
     engine = Engine("h2", tmp_path)
     command = engine.command("overlay2")
-    # In a mount namespace of its own: its sandboxes' mounts are its own.
+    # In mount and network namespaces of its own: its sandboxes' mounts are its own, and
+    # `--bridge none` cannot delete the main engine's docker0.
     assert command[: command.index("dockerd")] == [
-        *("unshare", "--mount", "--propagation", "private")
+        *("unshare", "--mount", "--net", "--propagation", "private")
     ]
     daemon = command[command.index("dockerd") + 1 :]
     options = dict(zip(daemon[::2], daemon[1::2], strict=False))
