@@ -177,25 +177,9 @@ def start(engine: Engine, *, die_with_parent: bool = False) -> int:
 def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
     """TERM the engine's session (dockerd and its containerd), KILL what outlives the wait.
     dockerd stops its containers on TERM."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                break
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    from scripts.stack import stop_group  # stack imports this module
+
+    stop_group(pid, timeout_s)
 
 
 def kill_containers(engine: Engine) -> None:
