@@ -162,8 +162,8 @@ def retire_all(
 
 
 def retire_installation(client: docker.DockerClient, root: Path) -> int:
-    """End every unclaimed sandbox whose host folder is under ``root`` (an installation's
-    sandboxes folder): for a test session or an embedded user tidying up. Also removes those
+    """End every sandbox whose host folder is under ``root`` (an installation's sandboxes
+    folder), claimed or not: for a test session or a benchmark tidying up. Also removes those
     that were created and never started (a process killed between the two): nothing else
     would end them, and they keep their folders' filesystems counted as in use. Returns how
     many."""
@@ -181,6 +181,16 @@ def retire_installation(client: docker.DockerClient, root: Path) -> int:
             with contextlib.suppress(docker.errors.APIError):
                 client.api.remove_container(container["Id"], force=True)
                 ended += 1
+    # Claimed ones too: a worker stopped between a claim and its job leaves its sandbox
+    # waiting for a job that never comes (it would end itself only when idle).
+    claimed = client.api.containers(
+        filters={"label": sandbox.HOST_DIR_LABEL, "name": sandbox.RUN_NAME_PREFIX}
+    )
+    for container in claimed:
+        box = _box(container)
+        if box.host_dir.is_relative_to(root):
+            sandbox.discard(client, box)
+            ended += 1
     return ended
 
 
