@@ -33,9 +33,9 @@ from rgrid.executions import (
     execution_to_dict,
     requirements_for,
     resolve_limits,
+    store_script,
     validate_submission,
 )
-from rgrid.hashing import script_hash
 from rgrid.inputs import check_manifest
 from rgrid.models import Batch, Blob, Execution, iso_utc, utcnow
 from rgrid.objectstore import ObjectStore
@@ -98,11 +98,7 @@ def create_batch(
     if any(item["path"] == script_name for item in shared):
         raise BadInput(f"an input has the script's own name {script_name}")
     _check_stored(session, account_id, shared)
-    data = script.encode()
-    digest = script_hash(data)
-    key = cache_keys.script_object_key(account_id, digest)
-    if not store.exists(key):
-        store.put_bytes(key, data)
+    digest = store_script(store, account_id, script)
     batch = Batch(
         id=new_batch_id(),
         account_id=account_id,

@@ -112,6 +112,16 @@ def requirements_for(script: str, requirements: str | None, runtime: str) -> str
     return normalise(requirements if requirements is not None else inline or "")
 
 
+def store_script(store: ObjectStore, account_id: int, script: str) -> str:
+    """Store the script under its content hash (once per account); returns the hash."""
+    data = script.encode()
+    digest = script_hash(data)
+    key = cache_keys.script_object_key(account_id, digest)
+    if not store.exists(key):
+        store.put_bytes(key, data)
+    return digest
+
+
 def create_execution(
     session: Session,
     store: ObjectStore,
@@ -154,11 +164,7 @@ def create_execution(
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
     check_args(args)
-    data = script.encode()
-    digest = script_hash(data)
-    key = cache_keys.script_object_key(account_id, digest)
-    if not store.exists(key):
-        store.put_bytes(key, data)
+    digest = store_script(store, account_id, script)
     execution = Execution(
         id=new_execution_id(),
         account_id=account_id,
