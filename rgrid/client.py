@@ -228,6 +228,9 @@ class RemoteClient:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.http = _Http()
         self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
+        #: Output listings that came with a log's final page, by execution: the download
+        #: that follows needs no request of its own.
+        self._final_outputs: dict[str, list[dict]] = {}
 
     def fork(self) -> RemoteClient:
         """The same API and key on connections of its own, for another thread (one kept-alive
@@ -417,7 +420,10 @@ class RemoteClient:
         params = {"offset": offset}
         if wait:
             params["wait"] = self.log_wait_s
-        return self._request("GET", f"/executions/{execution_id}/logs", params=params, retry=wait)
+        page = self._request("GET", f"/executions/{execution_id}/logs", params=params, retry=wait)
+        if page.get("complete") and "outputs" in page:
+            self._final_outputs[execution_id] = page["outputs"]
+        return page
 
     def missing(self, digests: list[str]) -> list[str]:
         return self._request("POST", "/blobs/missing", {"digests": digests})["missing"]

@@ -13,7 +13,8 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -27,12 +28,20 @@ if TYPE_CHECKING:
 LogChunk = tuple[str, str]
 
 
+#: Waits up to the given seconds for the next change to a log (a chunk, or its end).
+WaitForChange = Callable[[float], None]
+
+
 class LogBuffer(Protocol):
     def append(self, execution_id: str, stream: str, text: str) -> None: ...
     def read(
         self, execution_id: str, start: int = 0, limit: int | None = None
     ) -> list[LogChunk]: ...
     def clear(self, execution_id: str) -> None: ...
+    def changes(self, execution_id: str) -> AbstractContextManager[WaitForChange]:
+        """Watch a log from now on: look at it inside the block, then wait for a change.
+        A change between the look and the wait is not missed."""
+        ...
 
 
 class FileLogBuffer:
@@ -131,6 +140,23 @@ class FileLogBuffer:
             self._generation += 1
             self._changed.notify_all()
 
+    @contextmanager
+    def changes(self, execution_id: str) -> Iterator[WaitForChange]:
+        """Wakes on this process's changes at once; another process's are seen within
+        ``POLL_S``, when the caller looks again."""
+        with self._lock:
+            generation = self._generation
+
+        def wait(timeout_s: float) -> None:
+            nonlocal generation
+            with self._lock:
+                self._changed.wait_for(
+                    lambda: self._generation != generation, min(timeout_s, self.POLL_S)
+                )
+                generation = self._generation
+
+        yield wait
+
 
 def redis_unavailable(method):
     """Redis down is a service outage like any other: ServiceUnavailable, which the worker
@@ -160,12 +186,18 @@ class RedisLogBuffer:
     def _key(execution_id: str) -> str:
         return f"rgrid:log:{execution_id}"
 
+    @staticmethod
+    def _channel(execution_id: str) -> str:
+        """Where each change is announced, for followers waiting in ``changes``."""
+        return f"rgrid:log-changed:{execution_id}"
+
     @redis_unavailable
     def append(self, execution_id: str, stream: str, text: str) -> None:
         key = self._key(execution_id)
         pipe = self.client.pipeline()
         pipe.rpush(key, json.dumps([stream, text]))
         pipe.expire(key, self.TTL_S)
+        pipe.publish(self._channel(execution_id), b"")
         pipe.execute()
 
     @redis_unavailable
@@ -176,7 +208,29 @@ class RedisLogBuffer:
 
     @redis_unavailable
     def clear(self, execution_id: str) -> None:
-        self.client.delete(self._key(execution_id))
+        pipe = self.client.pipeline()
+        pipe.delete(self._key(execution_id))
+        pipe.publish(self._channel(execution_id), b"")
+        pipe.execute()
+
+    @contextmanager
+    def changes(self, execution_id: str) -> Iterator[WaitForChange]:
+        """Subscribed to the log's channel before the caller looks, so the wait wakes the
+        moment a worker appends or ends the log, with no polling in between."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            redis_unavailable(pubsub.subscribe)(self._channel(execution_id))
+
+            @redis_unavailable
+            def wait(timeout_s: float) -> None:
+                deadline = time.monotonic() + timeout_s
+                while (left := deadline - time.monotonic()) > 0:
+                    if pubsub.get_message(timeout=left) is not None:
+                        return
+
+            yield wait
+        finally:
+            pubsub.close()
 
 
 def encode_chunk(chunk: LogChunk) -> bytes:

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -188,14 +188,15 @@ def patiently(fn: Callable[[], T]) -> T:
 
 def update_execution(
     ctx: PipelineContext, execution_id: str, change: Callable[[Execution], None]
-) -> None:
-    """Change the row and commit, patiently (see ``patiently``)."""
+) -> Execution:
+    """Change the row and commit, patiently (see ``patiently``); returns the row committed."""
 
-    def attempt() -> None:
+    def attempt() -> Execution:
         with execution_row(ctx, execution_id) as execution:
             change(execution)
+        return execution
 
-    patiently(attempt)
+    return patiently(attempt)
 
 
 def set_status(execution: Execution, status: Status) -> None:
@@ -767,24 +768,29 @@ def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
     return Status.CANCELLED, True
 
 
-def run_step(ctx: PipelineContext, execution_id: str) -> None:
+def run_step(
+    ctx: PipelineContext, execution_id: str, after: ExitStack | None = None
+) -> Execution | None:
     """Claim a sandbox, place the script and inputs, run it once, store what it wrote; its
-    environment is held against this host's disk budget the whole time (rgrid/disk.py)."""
-    with execution_row(ctx, execution_id) as execution:
-        environment = execution.environment
-    with disk.using(ctx.settings, environment):
-        _run_step(ctx, execution_id)
-
-
-def _run_step(ctx: PipelineContext, execution_id: str) -> None:
+    environment is held against this host's disk budget the whole time (rgrid/disk.py).
+    The sandbox is removed when ``after`` closes (by default, when this step returns):
+    ``run_and_store_step`` closes it once the result is published, so the user does not
+    wait for the unmount and the folder's removal. Returns the row as the run left it when
+    the script ran (for the store step, which then need not read it again)."""
     with execution_row(ctx, execution_id) as execution:
         if _finished(execution):
-            return
+            return None
         if execution.cancel_requested:
             execution.outcome = Status.CANCELLED
             execution.error = "cancelled"
-            return
-        retried = execution.started_at is not None
+            return None
+    with ExitStack() as own, disk.using(ctx.settings, execution.environment):
+        return _run_step(ctx, execution, after if after is not None else own)
+
+
+def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> Execution | None:
+    execution_id = execution.id
+    retried = execution.started_at is not None
     if _has_dependencies(execution) and not _environment_present(ctx, execution.environment):
         # Evicted since the lookup (or the lookup ran on another host): a miss, not an error.
         ctx.note(execution_id, "environment gone from this host: installing it again")
@@ -825,91 +831,93 @@ def _run_step(ctx: PipelineContext, execution_id: str) -> None:
         raise RGridError("the execution's environment variables expired before it could run")
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s)
     result: sandbox.RunResult | None = None
+    # Late-bound: the sandbox the run ended in (a retry swaps it), and whether it said so.
+    after.callback(
+        lambda: sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
+    )
+    _fit_limits(ctx, execution, box)
     try:
-        _fit_limits(ctx, execution, box)
+        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
+        return
+    if inputs:
+        ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
+    argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
+    for attempt in (1, 2):
         try:
+            with RunWatch(ctx, execution_id, box) as watch:
+                result = sandbox.run(
+                    ctx.docker,
+                    box,
+                    env,
+                    argv=argv,
+                    timeout_s=execution.timeout_s,
+                    on_output=_capped_log(ctx, execution_id),
+                    env_vars=env_vars,
+                    stdin=ctx.channels.stdin(execution_id) if execution.stdin else None,
+                )
+            break
+        except sandbox.SandboxUnresponsive as exc:
+            if attempt == 2:
+                raise RGridError(str(exc)) from exc
+            # The script never started there, so running it elsewhere runs it once.
+            log.warning("%s: %s", execution_id, exc)
+            ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
+            sandbox.discard(ctx.docker, box)
+            box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
+            _fit_limits(ctx, execution, box)
             sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
-            return
-        if inputs:
-            ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
-        argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
-        for attempt in (1, 2):
-            try:
-                with RunWatch(ctx, execution_id, box) as watch:
-                    result = sandbox.run(
-                        ctx.docker,
-                        box,
-                        env,
-                        argv=argv,
-                        timeout_s=execution.timeout_s,
-                        on_output=_capped_log(ctx, execution_id),
-                        env_vars=env_vars,
-                        stdin=ctx.channels.stdin(execution_id) if execution.stdin else None,
-                    )
-                break
-            except sandbox.SandboxUnresponsive as exc:
-                if attempt == 2:
-                    raise RGridError(str(exc)) from exc
-                # The script never started there, so running it elsewhere runs it once.
-                log.warning("%s: %s", execution_id, exc)
-                ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
-                sandbox.discard(ctx.docker, box)
-                box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
-                _fit_limits(ctx, execution, box)
-                sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
-        if watch.cancelled:
-            with execution_row(ctx, execution_id) as execution:
-                execution.outcome = Status.CANCELLED
-                execution.error = "cancelled"
-                execution.sandbox_warm = warm
-                execution.run_s = round(result.run_s, 3)
-            ctx.note(execution_id, "cancelled: the script was stopped")
-            return
-        if result.full:
-            # A write was refused at a limit: the run ends here, and what it left half
-            # written is not stored.
-            _end_failed(ctx, execution_id, _disk_reason(ctx, result.full[0]), warm, result)
-            return
-        # Collecting and storing outputs count within the run's own time limit (with a
-        # grace for a run that used all of it), so a flood of outputs cannot hold the slot.
-        store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
-        store_by += OUTPUT_STORE_GRACE_S
-        try:
-            outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
-            for note in result.notes:
-                ctx.note(execution_id, note)
-            patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
-        except sandbox.OutputLimitExceeded as exc:
-            _end_failed(ctx, execution_id, str(exc), warm, result)
-            return
-        limit = human_limit(_memory_bytes(ctx, execution))
-        out_of_memory = f"killed: out of memory (limit {limit})"
-
-        def record(execution: Execution) -> None:
+    if watch.cancelled:
+        with execution_row(ctx, execution_id) as execution:
+            execution.outcome = Status.CANCELLED
+            execution.error = "cancelled"
             execution.sandbox_warm = warm
-            execution.exit_code = result.exit_code
             execution.run_s = round(result.run_s, 3)
-            execution.outputs = outputs
-            if result.timed_out:
-                execution.outcome = Status.TIMED_OUT
-                execution.error = f"timed out after {execution.timeout_s}s"
-            else:
-                ok = result.exit_code == 0
-                execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
-                if result.oom_killed and not ok:
-                    execution.error = out_of_memory
+        ctx.note(execution_id, "cancelled: the script was stopped")
+        return
+    if result.full:
+        # A write was refused at a limit: the run ends here, and what it left half
+        # written is not stored.
+        _end_failed(ctx, execution_id, _disk_reason(ctx, result.full[0]), warm, result)
+        return
+    # Collecting and storing outputs count within the run's own time limit (with a
+    # grace for a run that used all of it), so a flood of outputs cannot hold the slot.
+    store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
+    store_by += OUTPUT_STORE_GRACE_S
+    try:
+        outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
+        for note in result.notes:
+            ctx.note(execution_id, note)
+        patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+    except sandbox.OutputLimitExceeded as exc:
+        _end_failed(ctx, execution_id, str(exc), warm, result)
+        return
+    limit = human_limit(_memory_bytes(ctx, execution))
+    out_of_memory = f"killed: out of memory (limit {limit})"
 
-        update_execution(ctx, execution_id, record)
+    def record(execution: Execution) -> None:
+        execution.sandbox_warm = warm
+        execution.exit_code = result.exit_code
+        execution.run_s = round(result.run_s, 3)
+        execution.outputs = outputs
         if result.timed_out:
-            ctx.note(execution_id, f"timed out after {execution.timeout_s}s")
-        elif result.oom_killed and result.exit_code != 0:
-            ctx.note(execution_id, out_of_memory)
-    finally:
-        sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
+            execution.outcome = Status.TIMED_OUT
+            execution.error = f"timed out after {execution.timeout_s}s"
+        else:
+            ok = result.exit_code == 0
+            execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
+            if result.oom_killed and not ok:
+                execution.error = out_of_memory
+
+    recorded = update_execution(ctx, execution_id, record)
+    if result.timed_out:
+        ctx.note(execution_id, f"timed out after {execution.timeout_s}s")
+    elif result.oom_killed and result.exit_code != 0:
+        ctx.note(execution_id, out_of_memory)
+    return recorded
 
 
 def _release(ctx: PipelineContext, execution_id: str) -> None:
@@ -952,12 +960,40 @@ def _remember_script(session: Session, execution: Execution) -> None:
     row.use_count = ScriptCache.use_count + 1
 
 
-def store_step(ctx: PipelineContext, execution_id: str) -> None:
-    """Store the log, touch the cache rows, and only then publish the final status."""
+def store_step(ctx: PipelineContext, execution_id: str, execution: Execution | None = None) -> None:
+    """Store the log, then touch the cache rows and publish the final status in one
+    transaction. ``execution``: the row as the run step just committed it (one read fewer
+    on the user's path)."""
+    if execution is None:
+        with session_scope(ctx.session_factory) as session:
+            execution = _load(session, execution_id)
+    if execution.status in TERMINAL_STATUSES:
+        return
+    patiently(lambda: _persist_logs(ctx, execution_id))
+    published = patiently(lambda: _publish(ctx, execution_id))
+    if published is None:
+        return
+    metrics.execution_finished(published)
+    _release(ctx, execution_id)
+    if execution.environment:
+        # Only now, with the result published: compiling beside the first run took CPU from
+        # it (pandas' first run 1.96 s with the compile alongside).
+        with contextlib.suppress(docker.errors.DockerException):
+            environments.compile_bytecode(
+                ctx.docker,
+                resolve_runtime(execution.runtime).image,
+                ctx.settings.environments_dir / execution.environment,
+            )
+    disk.after_run(ctx.settings, ctx.docker)
+
+
+def _publish(ctx: PipelineContext, execution_id: str) -> Execution | None:
+    """The final status, with the cache rows the run used touched in the same transaction;
+    None if the execution had already ended."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if execution.status in TERMINAL_STATUSES:
-            return
+            return None
         ran = execution.outcome in (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT)
         if ran and execution.dependency_hash is not None:
             with cache_tables(ctx, execution_id, session):
@@ -970,28 +1006,9 @@ def store_step(ctx: PipelineContext, execution_id: str) -> None:
                 blob = blobs.find_blob(session, execution.account_id, item["sha256"])
                 if blob is not None:
                     blobs.touch(blob)
-    patiently(lambda: _persist_logs(ctx, execution_id))
-
-    published: list[Execution] = []
-
-    def publish(execution: Execution) -> None:
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
-        published[:] = [execution]
-
-    update_execution(ctx, execution_id, publish)
-    metrics.execution_finished(published[-1])
-    _release(ctx, execution_id)
-    if execution.environment:
-        # Only now, with the result published: compiling beside the first run took CPU from
-        # it (pandas' first run 1.96 s with the compile alongside).
-        with contextlib.suppress(docker.errors.DockerException):
-            environments.compile_bytecode(
-                ctx.docker,
-                resolve_runtime(execution.runtime).image,
-                ctx.settings.environments_dir / execution.environment,
-            )
-    disk.after_run(ctx.settings, ctx.docker)
+    return execution
 
 
 def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
@@ -1013,8 +1030,6 @@ def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
     metrics.execution_finished(execution)
     _release(ctx, execution_id)
 
-
-STEPS = (hash_step, cache_lookup_step, build_step, run_step, store_step)
 
 #: What each step does, in a user's words: the message of an internal error names it.
 DOING = {
@@ -1066,9 +1081,13 @@ def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:
     """The run step, then the store step in the same task: an execution's result is published
     the moment its script ends, instead of waiting in the queue behind other executions'
     steps (measured before: run end to final status p50 18 s under 200 queued runs). The
-    chain's own store task then finds it done."""
-    run_step(ctx, execution_id)
-    store_step(ctx, execution_id)
+    chain's own store task then finds it done. The sandbox is removed after both."""
+    with ExitStack() as after:
+        store_step(ctx, execution_id, run_step(ctx, execution_id, after))
+
+
+#: The pipeline in order, as the embedded default runs it in process.
+STEPS = (hash_step, cache_lookup_step, build_step, run_and_store_step)
 
 
 def _end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:

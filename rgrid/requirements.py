@@ -14,10 +14,6 @@ import re
 import tomllib
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
-from packaging.utils import canonicalize_name
-
 from rgrid.errors import BadInput
 from rgrid.hashing import sha256_bytes
 
@@ -117,6 +113,8 @@ def inline_requirements(script: str, python_version: str) -> str | None:
         return None
     requires_python = metadata.get("requires-python")
     if requires_python is not None:
+        from packaging.specifiers import SpecifierSet  # see _normalise_requirement
+
         try:
             spec = SpecifierSet(str(requires_python))
         except ValueError as exc:
@@ -196,6 +194,11 @@ def _normalise_option(line: str, number: int) -> str:
 
 
 def _normalise_requirement(line: str, number: int) -> str:
+    # Imported here: the CLI reads requirements files with this module, and packaging's
+    # import (~12 ms) would be in every `rgrid run -r`, which never normalises.
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         req = Requirement(line)
     except InvalidRequirement as exc:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -276,8 +278,19 @@ def release_disk(host_dir: Path) -> None:
     mounted in its own namespace; the kernel frees the loop device (autoclear) and the
     image's blocks when the last user lets go, and the image file goes with the folder."""
     disk = host_dir / DISK_DIR
-    if os.path.ismount(disk):
-        _command(["umount", "-l", str(disk)])
+    if os.path.ismount(disk) and _libc().umount2(os.fsencode(disk), MNT_DETACH) != 0:
+        raise OSError(ctypes.get_errno(), f"umount failed: {os.strerror(ctypes.get_errno())}")
+
+
+#: umount2(2)'s flag for ``umount -l``.
+MNT_DETACH = 2
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, for umount2: a system call instead of an ``umount`` process (~10 ms of
+    fork and exec on every sandbox's way out)."""
+    return ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
 
 
 def _unescape(field: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, g, jsonify, request
 
@@ -13,8 +15,14 @@ from rgrid.api.common import context as _ctx
 from rgrid.api.schemas import ExecutionListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
 from rgrid.channels import check_env
 from rgrid.db import session_scope
-from rgrid.errors import BadInput, ServiceUnavailable
+from rgrid.errors import BadInput, NotFound, ServiceUnavailable
 from rgrid.statuses import TERMINAL_STATUSES
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from rgrid.models import Execution
+    from rgrid.pipeline import PipelineContext
 
 bp = Blueprint("executions", __name__)
 bp.before_request(authenticate_request)
@@ -87,9 +95,10 @@ def get_execution(execution_id: str):
         )
 
 
-#: The longest a log request may wait for something new (``?wait=``), and how often it looks.
+#: The longest a log request may wait for something new (``?wait=``), and how often it looks
+#: again with no news (the news itself wakes it: ``LogBuffer.changes``).
 MAX_LOG_WAIT_S = 10.0
-LOG_WAIT_STEP_S = 0.02
+LOG_RECHECK_S = 1.0
 
 
 @bp.get("/executions/<execution_id>/logs")
@@ -98,19 +107,24 @@ def get_logs(execution_id: str, query: LogsQuery):
     """Log chunks from ``offset``. With ``wait`` (seconds), a long poll: the answer comes as
     soon as there is something new or the execution is over, so a follower neither sleeps
     past its script's end nor asks ten times a second. The final page carries the finished
-    execution, which saves the follower one more request."""
+    execution and its outputs as ``GET .../outputs`` lists them, which saves the follower
+    two more requests."""
     offset = query.offset
     ctx = _ctx()
     deadline = time.monotonic() + min(query.wait, MAX_LOG_WAIT_S)
-    while True:
-        with session_scope(ctx.session_factory) as session:
-            execution = svc.get_execution(session, g.account_id, execution_id)
-            page = svc.read_logs(execution, ctx.logs, ctx.store, offset)
-            if page["complete"]:
-                page["execution"] = svc.execution_to_dict(execution)
-        if page["chunks"] or page["complete"] or time.monotonic() >= deadline:
-            return jsonify(page)
-        time.sleep(LOG_WAIT_STEP_S)
+    with ctx.logs.changes(execution_id) as wait_for_change:
+        while True:
+            with session_scope(ctx.session_factory) as session:
+                execution = svc.get_execution(session, g.account_id, execution_id)
+                page = svc.read_logs(execution, ctx.logs, ctx.store, offset)
+                if page["complete"]:
+                    page["execution"] = svc.execution_to_dict(execution)
+                    with contextlib.suppress(NotFound):  # then GET .../outputs says which
+                        page["outputs"] = _download_listing(session, execution, ctx)
+            left = deadline - time.monotonic()
+            if page["chunks"] or page["complete"] or left <= 0:
+                return jsonify(page)
+            wait_for_change(min(left, LOG_RECHECK_S))
 
 
 @bp.post("/executions/<execution_id>/stdin")
@@ -153,5 +167,10 @@ def get_outputs(execution_id: str):
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
-        listing = svc.output_listing(session, execution, ctx.store)
-        return jsonify(outputs=[{k: v for k, v in o.items() if k != "key"} for o in listing])
+        return jsonify(outputs=_download_listing(session, execution, ctx))
+
+
+def _download_listing(session: Session, execution: Execution, ctx: PipelineContext) -> list[dict]:
+    """Each output with its presigned URL (the object key stays on the server)."""
+    listing = svc.output_listing(session, execution, ctx.store)
+    return [{k: v for k, v in output.items() if k != "key"} for output in listing]

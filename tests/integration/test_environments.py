@@ -135,6 +135,7 @@ def test_a_requirements_set_that_installs_nothing_runs_with_no_environment(ctx, 
     assert "the requirements install nothing" in _log(ctx, first["execution_id"], "system")
     assert _folders(ctx) == folders  # no folder, not even an empty or temporary one
 
+    ctx.join_background()  # the pool refilled: the phases below are the run's own
     again = run_script("import sys\nprint(sys.platform)\n", requirements=requirements)
     assert again["status"] == "succeeded"
     assert again["dependency_cache_hit"] is True and again["script_cache_hit"] is True
