@@ -1,0 +1,93 @@
+"""Following a run against the real Redis, object store and API: the long poll is woken by
+the workers' announcements, and its final page lists the outputs to download."""
+
+import io
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from rgrid import accounts
+from rgrid.api import create_app
+from rgrid.db import session_scope
+from rgrid.logbuffer import RedisLogBuffer
+from rgrid.models import Account
+
+
+@pytest.fixture(scope="module")
+def app(server_settings):
+    return create_app(server_settings)
+
+
+def _later(delay_s: float, action) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), action()))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("change", ["append", "clear"])
+def test_a_follower_wakes_when_another_connection_changes_the_log(ctx, change):
+    """The wait returns on the announcement, not at its timeout (a generous 20 s, so that only
+    a missed announcement can make it that long)."""
+    execution_id = f"follow-{uuid.uuid4().hex[:12]}"
+    writer = RedisLogBuffer(type(ctx.logs.client).from_url(ctx.settings.redis_url))
+    with ctx.logs.changes(execution_id) as wait_for_change:
+        actions = {
+            "append": lambda: writer.append(execution_id, "stdout", "hello\n"),
+            "clear": lambda: writer.clear(execution_id),
+        }
+        thread = _later(0.2, actions[change])
+        started = time.monotonic()
+        wait_for_change(20)
+        waited = time.monotonic() - started
+        thread.join()
+    assert waited < 10, f"woke after {waited:.1f}s: the announcement was missed"
+    if change == "append":
+        assert ctx.logs.read(execution_id) == [("stdout", "hello\n")]
+    ctx.logs.clear(execution_id)
+
+
+def test_a_wait_with_no_change_ends_at_its_timeout(ctx):
+    with ctx.logs.changes(f"quiet-{uuid.uuid4().hex[:12]}") as wait_for_change:
+        started = time.monotonic()
+        wait_for_change(0.3)
+    assert time.monotonic() - started >= 0.3
+
+
+def test_the_final_log_page_lists_the_outputs_with_their_download_urls(app, ctx, account, submit):
+    from rgrid.pipeline import run_all
+
+    script = (
+        "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/r.txt', 'w').write('42')\n"
+    )
+    execution_id = submit(script)
+    with session_scope(ctx.session_factory) as session:
+        _, secret = accounts.issue_key(session, session.get(Account, account.id))
+    headers = {"Authorization": f"Bearer {secret}"}
+    client = app.test_client()
+    page = client.get(f"/v1/executions/{execution_id}/logs?wait=0", headers=headers).json
+    assert not page["complete"] and "outputs" not in page
+
+    run_all(ctx, execution_id)
+    page = client.get(f"/v1/executions/{execution_id}/logs?wait=5", headers=headers).json
+    assert page["complete"] and page["execution"]["status"] == "succeeded"
+    [output] = page["outputs"]
+    assert output["path"] == "r.txt" and "key" not in output
+    with urllib.request.urlopen(output["url"]) as response:
+        assert response.read() == b"42"
+    listed = client.get(f"/v1/executions/{execution_id}/outputs", headers=headers).json
+    assert listed["outputs"][0]["sha256"] == output["sha256"]
+
+
+@pytest.mark.parametrize("size", [0, 5, 9 * 1024 * 1024 + 7])
+def test_a_stream_is_stored_whole_below_and_above_the_single_put_size(ctx, size):
+    """Below 8 MiB one PUT; above it boto3's multipart upload, fed the bytes already read."""
+    data = bytes((i * 7) % 251 for i in range(size))
+    key = f"test/put-stream-{uuid.uuid4().hex}"
+    ctx.store.put_stream(key, io.BufferedReader(io.BytesIO(data)))
+    try:
+        assert ctx.store.get_bytes(key) == data
+    finally:
+        ctx.store.delete(key)
