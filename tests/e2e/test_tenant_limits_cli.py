@@ -4,6 +4,7 @@ writes past it ends ``failed`` with one line naming the limit, and nothing is le
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,10 +72,17 @@ def test_writing_past_the_disk_limit_fails_with_one_line_naming_it(small_disk_st
     assert not client.api.containers(
         all=True, filters={"name": RUN_NAME_PREFIX + execution["execution_id"]}
     )
-    # The run's folder and its filesystem are gone; only warm sandboxes' remain.
-    live = {
-        c["Labels"]["rgrid.dir"]
-        for c in client.api.containers(all=True, filters={"label": "rgrid.dir"})
-    }
+    # The run's folder and its filesystem go too, once the result is published (its worker
+    # removes them right after, off the user's path); only warm sandboxes' remain.
     sandboxes = Path(small_disk_stack["SANDBOXES"])
-    assert {str(p) for p in sandboxes.iterdir()} <= live
+    deadline = time.monotonic() + 10
+    while True:
+        live = {
+            c["Labels"]["rgrid.dir"]
+            for c in client.api.containers(all=True, filters={"label": "rgrid.dir"})
+        }
+        left = {str(p) for p in sandboxes.iterdir()} - live
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"sandbox folders without a sandbox: {left}"
