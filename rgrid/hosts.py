@@ -94,21 +94,19 @@ def claim(session_factory: sessionmaker[Session], execution_id: str, host: str) 
     it now. A step that finds it held elsewhere is a stale copy (the execution was moved on
     when its host was lost) and must do nothing. One conditional UPDATE: two hosts can never
     both win."""
-    with session_scope(session_factory) as session:
-        result = session.execute(
-            update(Execution)
-            .where(
-                Execution.id == execution_id,
-                or_(Execution.host.is_(None), Execution.host == host),
-            )
-            .values(host=host)
-        )
-        return result.rowcount == 1
+    return _repin_unless_held_elsewhere(session_factory, execution_id, host, host)
 
 
 def release(session_factory: sessionmaker[Session], execution_id: str, host: str) -> bool:
     """Unpin the execution if ``host`` holds it (or nobody does), so any host may take it;
     True when it was ours to move."""
+    return _repin_unless_held_elsewhere(session_factory, execution_id, host, None)
+
+
+def _repin_unless_held_elsewhere(
+    session_factory: sessionmaker[Session], execution_id: str, host: str, to: str | None
+) -> bool:
+    """Set the execution's host to ``to`` if ``host`` or nobody holds it; True if it did."""
     with session_scope(session_factory) as session:
         result = session.execute(
             update(Execution)
@@ -116,7 +114,7 @@ def release(session_factory: sessionmaker[Session], execution_id: str, host: str
                 Execution.id == execution_id,
                 or_(Execution.host.is_(None), Execution.host == host),
             )
-            .values(host=None)
+            .values(host=to)
         )
         return result.rowcount == 1
 
