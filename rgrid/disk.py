@@ -6,7 +6,9 @@
   gone; eviction takes the exclusive lock without waiting and skips the folder if it cannot.
   A lock held by a process dies with it, so a killed run never pins a folder for ever.
   Unclaimed warm sandboxes that mount an evicted folder are retired with it: a script there
-  would find no packages.
+  would find no packages. A pool refill holds a second lock (``refilling``) while it starts
+  sandboxes on a folder; eviction waits for it (a container start), so a refill that began
+  before the eviction cannot leave a warm sandbox on the removed folder behind it.
 - A blob-cache file (a verified input or script copy) used within ``BLOB_GRACE_S`` is kept:
   a run on this host may be between fetching it and placing it in its sandbox.
 - Recency is the folder's or file's modification time, set on each use (``touch``).
@@ -67,10 +69,14 @@ class Removed:
         return flat
 
 
-def _lock_path(settings: Settings, name: str) -> Path:
-    folder = settings.environments_dir / LOCKS_FOLDER
+def _lock_path(environments_dir: Path, name: str, suffix: str = ".lock") -> Path:
+    folder = environments_dir / LOCKS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".lock")
+    return folder / (hashlib.sha256(name.encode()).hexdigest()[:32] + suffix)
+
+
+def _refill_lock_path(environments_dir: Path, name: str) -> Path:
+    return _lock_path(environments_dir, name, ".refill")
 
 
 @contextmanager
@@ -80,11 +86,28 @@ def using(settings: Settings, name: str | None) -> Iterator[None]:
     if not name:
         yield
         return
-    with open(_lock_path(settings, name), "a") as fh:
+    with open(_lock_path(settings.environments_dir, name), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_SH)
         try:
             touch(settings.environments_dir / name)
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def refilling(deps_dir: Path | None) -> Iterator[bool]:
+    """Hold environment folder ``deps_dir`` (None: the bare runtime) while warm sandboxes are
+    started on it; yields whether the folder is still there to start them on. Unlike a run's
+    hold (``using``) this does not keep the folder from eviction, which waits for it instead:
+    warm sandboxes are only a guess at the next run, and must not keep a host over budget."""
+    if deps_dir is None:
+        yield True
+        return
+    with open(_refill_lock_path(deps_dir.parent, deps_dir.name), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            yield deps_dir.is_dir()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -168,12 +191,18 @@ def _warm_sandboxes_mounting(client, path: Path) -> tuple[list[dict], bool]:
 def remove_environment(settings: Settings, path: Path, client=None) -> bool:
     """Delete an environment unless a run holds it; retire warm sandboxes that mount it.
     Returns whether it was removed."""
-    with open(_lock_path(settings, path.name), "a") as fh:
+    root = settings.environments_dir
+    with (
+        open(_lock_path(root, path.name), "a") as fh,
+        open(_refill_lock_path(root, path.name), "a") as refill,
+    ):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("keeping environment %s: a run is using it", path.name)
             return False
+        # Wait out a refill under way; one that starts after this sees no folder.
+        fcntl.flock(refill, fcntl.LOCK_EX)
         try:
             if client is not None:
                 from rgrid import pool
@@ -188,6 +217,7 @@ def remove_environment(settings: Settings, path: Path, client=None) -> bool:
             environments.remove(settings.environments_dir, path.name)
             return True
         finally:
+            fcntl.flock(refill, fcntl.LOCK_UN)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

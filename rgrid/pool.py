@@ -21,7 +21,7 @@ from pathlib import Path
 
 import docker
 
-from rgrid import sandbox
+from rgrid import disk, sandbox
 from rgrid.sandbox import Box, Environment, Limits
 
 log = logging.getLogger(__name__)
@@ -124,21 +124,22 @@ def start(client: docker.DockerClient, env: Environment, limits: Limits, pool: P
 def fill(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> int:
     """Start sandboxes until ``env`` has ``pool.size`` warm ones, making room under
     ``pool.max_total`` by retiring the oldest sandboxes of other environments. Returns how
-    many were started."""
+    many were started (none when the environment's folder has just been evicted)."""
     key = pool_key(env, limits, pool)
-    missing = pool.size - len(_warm(client, key))
     started = 0
-    while started < missing:
-        everyone = _warm(client, installation=_installation(pool))
-        others = [c for c in everyone if c["Labels"].get(sandbox.POOL_LABEL) != key]
-        while len(everyone) >= pool.max_total and others:
-            oldest = others.pop()
-            retire(client, _box(oldest))
-            everyone.remove(oldest)
-        if len(everyone) >= pool.max_total:
-            break
-        start(client, env, limits, pool)
-        started += 1
+    with disk.refilling(env.deps_dir) as present:
+        missing = pool.size - len(_warm(client, key)) if present else 0
+        while started < missing:
+            everyone = _warm(client, installation=_installation(pool))
+            others = [c for c in everyone if c["Labels"].get(sandbox.POOL_LABEL) != key]
+            while len(everyone) >= pool.max_total and others:
+                oldest = others.pop()
+                retire(client, _box(oldest))
+                everyone.remove(oldest)
+            if len(everyone) >= pool.max_total:
+                break
+            start(client, env, limits, pool)
+            started += 1
     return started
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import threading
 import time
@@ -130,7 +131,12 @@ def expand(patterns: tuple[str, ...], batch_file: Path | None, cwd: Path) -> lis
 
 
 def outputs_root(batch_id: str) -> Path:
-    if not (batch_id.isalnum() and batch_id.islower() and len(batch_id) <= 16):
+    """The folder a batch's outputs go to, named by the id the server sent.
+
+    The id becomes a path, so anything but the hex digits ids are made of is refused (an
+    id of only digits is as good as any: ``str.islower`` is false for it).
+    """
+    if not re.fullmatch(r"[0-9a-f]{1,16}", batch_id):
         raise RGridError(f"the server sent an odd batch id {batch_id!r}")
     return Path.cwd() / OUTPUTS_ROOT / batch_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from dataclasses import replace
 
@@ -12,12 +13,14 @@ import docker
 import pytest
 from prometheus_client import REGISTRY
 
-from rgrid import disk, sandbox
+from rgrid import disk, pool, sandbox
+from rgrid.config import DEFAULT_RUNTIME
 from rgrid.context import server_context
 from rgrid.db import session_scope
 from rgrid.executions import create_execution, execution_to_dict
 from rgrid.models import Execution
 from rgrid.pipeline import run_all
+from rgrid.runtimes import resolve_runtime
 from tests.conftest import retire_sandboxes
 from tests.integration.test_pipeline import _log
 from tests.wheels import make_wheel
@@ -127,3 +130,33 @@ def test_the_budget_is_kept_after_each_run(server_settings, account, tmp_path):
     finally:
         ctx.join_background()
         retire_sandboxes(settings.data_dir)
+
+
+def test_an_eviction_waits_for_a_refill_and_leaves_no_warm_sandbox_on_the_removed_folder(host):
+    """A refill that began on an environment before the budget evicted it (the run's own
+    environment, with a budget smaller than it) must not leave a warm sandbox that mounts the
+    removed folder: a script there would find no packages."""
+    env_dir = host.settings.environments_dir / f"e{secrets.token_hex(8)}"
+    env_dir.mkdir(parents=True)
+    (env_dir / "marker.py").write_text("X = 1\n")
+    env = sandbox.Environment(image=resolve_runtime(DEFAULT_RUNTIME).image, deps_dir=env_dir)
+    refill_began, started = threading.Event(), []
+
+    def slow_refill() -> None:
+        with disk.refilling(env_dir) as present:
+            refill_began.set()
+            time.sleep(1.0)  # the eviction comes while this refill is still starting
+            if present:
+                started.append(pool.start(host.docker, env, host.limits, host.pool))
+
+    refill = threading.Thread(target=slow_refill)
+    refill.start()
+    refill_began.wait(5)
+    assert disk.remove_environment(host.settings, env_dir, host.docker)
+    refill.join()
+    assert len(started) == 1  # the eviction waited for it, then retired what it started
+    assert not env_dir.exists()
+    assert _mounting(env_dir) == []
+    # A refill that comes after the eviction starts nothing.
+    assert pool.fill(host.docker, env, host.limits, host.pool) == 0
+    assert _mounting(env_dir) == []

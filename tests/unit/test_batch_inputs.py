@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from rgrid.cli.batch import expand
-from rgrid.errors import BadInput
+from rgrid.cli.batch import expand, outputs_root
+from rgrid.errors import BadInput, RGridError
 
 
 @pytest.fixture
@@ -61,3 +61,15 @@ def test_links_outside_and_the_outputs_folder_are_refused(tree, tmp_path_factory
     (tree / "list.txt").write_text("data/a.csv\nnope.csv\n")
     with pytest.raises(BadInput, match="list.txt:2: not a file: nope.csv"):
         expand((), tree / "list.txt", tree)
+
+
+@pytest.mark.parametrize("batch_id", ["7302747478", "a1b2c3d4e5", "ffffffffff"])
+def test_any_hex_batch_id_names_its_outputs_folder(batch_id, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert outputs_root(batch_id) == tmp_path / "rgrid-outputs" / batch_id
+
+
+@pytest.mark.parametrize("batch_id", ["", "../etc", "ABC", "a/b", "0" * 17, "12 34"])
+def test_a_batch_id_that_is_no_safe_folder_name_is_refused(batch_id):
+    with pytest.raises(RGridError, match="odd batch id"):
+        outputs_root(batch_id)
