@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from rgrid import cache_keys  # noqa: E402
 from rgrid.config import DEFAULT_RUNTIME, Settings  # noqa: E402
 from rgrid.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime  # noqa: E402
-from rgrid.sandbox import DEPS_MOUNT  # noqa: E402
+from rgrid.sandbox import DEPS_MOUNT, thread_environment  # noqa: E402
 from scripts import stack  # noqa: E402 - the one stack launcher, found through REPO
 
 #: The runtime every row runs on; the floors use its image, interpreter and platform (their
@@ -81,10 +81,12 @@ COMMAND_TIMEOUT_S = 900
 
 #: RGrid's sandbox (rgrid/sandbox.py, with the default limits of rgrid/config.py) as ``docker
 #: run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the runtime's
-#: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network. (RGrid's
-#: home tmpfs is left out: the scripts never write there.)
+#: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network, and the
+#: thread counts that fit the CPU limit. (RGrid's home tmpfs is left out: the scripts never
+#: write there.)
 _LIMITS = Settings()
 SANDBOX_FLAGS = [
+    *(f"-e{name}={value}" for name, value in thread_environment(_LIMITS.cpu_limit).items()),
     "--read-only",
     *("--tmpfs", "/tmp"),
     *("--user", f"{CONTAINER_UID}:{CONTAINER_GID}"),

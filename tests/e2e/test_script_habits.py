@@ -137,6 +137,21 @@ def test_out_of_memory_says_so_and_limits_are_per_run(user_env, tmp_path):
     assert too_big.returncode == 125
 
 
+def test_thread_pools_are_told_the_cpu_limit_unless_the_user_says_otherwise(user_env, tmp_path):
+    """numpy's OpenBLAS would start a thread per host core under a one-CPU quota (throttled:
+    its import took half as long again), so the sandbox says how many CPUs the run has."""
+    (tmp_path / "threads.py").write_text(
+        "import os\nprint(os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS'])\n"
+    )
+    default = run_cli("run", "threads.py", env=user_env, cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout == "1 1\n"
+    two = run_cli("run", "threads.py", "--cpus", "2", env=user_env, cwd=tmp_path)
+    assert two.stdout == "2 2\n", two.stderr
+    own = run_cli("run", "threads.py", "--env", "OMP_NUM_THREADS=3", env=user_env, cwd=tmp_path)
+    assert own.stdout == "1 3\n", own.stderr
+
+
 def test_logs_follow_a_running_execution_from_another_terminal(user_env, tmp_path):
     (tmp_path / "tick.py").write_text(
         "import time\nfor i in range(15):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
