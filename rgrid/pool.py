@@ -93,8 +93,22 @@ def claim(
     execution_id: str,
 ) -> Box | None:
     """A warm sandbox for ``env``, now belonging to ``execution_id``; None when none is free."""
+    return claim_counting_spares(client, env, limits, pool, execution_id)[0]
+
+
+def claim_counting_spares(
+    client: docker.DockerClient,
+    env: Environment,
+    limits: Limits,
+    pool: PoolSettings,
+    execution_id: str,
+) -> tuple[Box | None, int]:
+    """``claim``, and how many other warm sandboxes of ``env`` were left when it claimed (as
+    the engine listed them: another execution may take one meanwhile). With a spare left,
+    the refill can wait until the run is over instead of starting a container beside it."""
     now = time.time()
-    for container in _warm(client, pool_key(env, limits, pool)):
+    warm = _warm(client, pool_key(env, limits, pool))
+    for index, container in enumerate(warm):
         try:
             idle_until = int(container["Labels"].get(sandbox.IDLE_UNTIL_LABEL, "0"))
         except ValueError:
@@ -108,8 +122,8 @@ def claim(
             retire(client, box)
             continue
         if sandbox.claim(client, box, execution_id):
-            return box
-    return None
+            return box, len(warm) - index - 1
+    return None, 0
 
 
 def start(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> Box:
