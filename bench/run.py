@@ -358,6 +358,10 @@ def private_stack(root: Path, extra_env: dict[str, str] | None = None) -> Iterat
 
 
 def _remove_bucket(boto3, dev: dict[str, str], bucket: str) -> None:
+    """Best effort, on the way out: when the object store is what failed, its error (already
+    reported) must not be followed by a second traceback from this tidy-up."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     s3 = boto3.client(
         "s3",
         endpoint_url=dev["RGRID_S3_ENDPOINT_URL"],
@@ -373,6 +377,8 @@ def _remove_bucket(boto3, dev: dict[str, str], bucket: str) -> None:
         s3.delete_bucket(Bucket=bucket)
     except s3.exceptions.NoSuchBucket:
         pass
+    except (BotoCoreError, ClientError) as exc:
+        print(f"bench: could not remove bucket {bucket}: {exc}", file=sys.stderr)
 
 
 #: What the bench's stack must allow that the development stack does not: wheels from local

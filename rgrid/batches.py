@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rgrid import cache_keys
+from rgrid.blobs import check_uploaded
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, NotFound
@@ -37,7 +38,7 @@ from rgrid.executions import (
     validate_submission,
 )
 from rgrid.inputs import check_manifest
-from rgrid.models import Batch, Blob, Execution, iso_utc, utcnow
+from rgrid.models import Batch, Execution, iso_utc, utcnow
 from rgrid.objectstore import ObjectStore
 from rgrid.requirements import check_local_paths
 from rgrid.statuses import TERMINAL_STATUSES, Status
@@ -97,7 +98,7 @@ def create_batch(
     shared = check_manifest(inputs or [], settings)
     if any(item["path"] == script_name for item in shared):
         raise BadInput(f"an input has the script's own name {script_name}")
-    _check_stored(session, account_id, shared)
+    check_uploaded(session, account_id, shared)
     digest = store_script(store, account_id, script)
     batch = Batch(
         id=new_batch_id(),
@@ -120,24 +121,6 @@ def create_batch(
     session.add(batch)
     session.flush()
     return batch
-
-
-def _check_stored(session: Session, account_id: int, manifest: list[dict]) -> None:
-    """Every input must be a blob this account stored, of the size claimed: one query for a
-    whole page."""
-    if not manifest:
-        return
-    sizes = dict(
-        session.execute(
-            select(Blob.digest, Blob.size).where(
-                Blob.account_id == account_id,
-                Blob.digest.in_({item["sha256"] for item in manifest}),
-            )
-        ).all()
-    )
-    for item in manifest:
-        if sizes.get(item["sha256"]) != item["size"]:
-            raise BadInput(f"input {item['path']} was not uploaded")
 
 
 def _locked(session: Session, account_id: int, batch_id: str) -> Batch:
@@ -177,7 +160,7 @@ def add_inputs(
         if item["path"] in taken:
             raise BadInput(f"input {item['path']} has the name of the script or a shared input")
         check_manifest([*shared, item], settings)  # folder/file clashes and the total size
-    _check_stored(session, account_id, clean)
+    check_uploaded(session, account_id, clean)
     rows = []
     for offset, item in enumerate(clean):
         manifest = [*shared, item]

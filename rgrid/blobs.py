@@ -43,6 +43,24 @@ def find_blob(session: Session, account_id: int, digest: str) -> Blob | None:
     ).one_or_none()
 
 
+def check_uploaded(session: Session, account_id: int, manifest: list[dict]) -> None:
+    """Every input of ``manifest`` must be a blob this account stored, of the size claimed:
+    one query for a whole page of a batch, or a whole execution's inputs."""
+    if not manifest:
+        return
+    sizes = dict(
+        session.execute(
+            select(Blob.digest, Blob.size).where(
+                Blob.account_id == account_id,
+                Blob.digest.in_({item["sha256"] for item in manifest}),
+            )
+        ).all()
+    )
+    for item in manifest:
+        if sizes.get(item["sha256"]) != item["size"]:
+            raise BadInput(f"input {item['path']} was not uploaded")
+
+
 def missing_digests(
     session: Session, store: ObjectStore, account_id: int, digests: list[str]
 ) -> list[str]:

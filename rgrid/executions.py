@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
-from rgrid.blobs import find_blob
+from rgrid.blobs import check_uploaded, find_blob
 from rgrid.config import Settings
 from rgrid.dependencies import check_sources
 from rgrid.errors import BadInput, NotFound
@@ -156,10 +156,7 @@ def create_execution(
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
         raise BadInput(f"an input has the script's own name {script_name}")
-    for item in manifest:
-        blob = find_blob(session, account_id, item["sha256"])
-        if blob is None or blob.size != item["size"]:
-            raise BadInput(f"input {item['path']} was not uploaded")
+    check_uploaded(session, account_id, manifest)
     counts = (files_uploaded, bytes_uploaded)
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")

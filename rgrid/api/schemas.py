@@ -62,7 +62,9 @@ class InputEntry(_Strict):
     size: Count
 
 
-class SubmitRequest(_Strict):
+class _ScriptRequest(_Strict):
+    """The options a single execution and a batch share: the script and how it runs."""
+
     script: str = Field(max_length=1024 * 1024)
     script_name: ScriptName = "script.py"
     runtime: Annotated[str, StringConstraints(max_length=40, pattern=r"^[a-z0-9.:_-]+$")] = (
@@ -72,39 +74,44 @@ class SubmitRequest(_Strict):
     args: list[Argument] = Field(default_factory=list, max_length=10_000)
     requirements: Annotated[str, Field(max_length=1024 * 1024)] | None = None
     refresh_deps: bool = False
-    inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
-    files_uploaded: SmallCount = 0
-    bytes_uploaded: Count = 0
     memory: (
         Annotated[str, StringConstraints(max_length=20, pattern=_PRINTABLE)]
         | Annotated[int, Field(ge=0, le=2**50)]
         | None
     ) = None
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+    inputs: list[InputEntry]
+
+    def script_options(self) -> dict[str, Any]:
+        """The shared options as the service functions take them (``create_execution``,
+        ``create_batch``)."""
+        return {
+            "script": self.script,
+            "script_name": self.script_name,
+            "runtime": self.runtime,
+            "timeout_s": self.timeout_s,
+            "args": self.args,
+            "requirements": self.requirements,
+            "refresh_deps": self.refresh_deps,
+            "inputs": [item.model_dump() for item in self.inputs],
+            "memory": self.memory,
+            "cpus": self.cpus,
+        }
+
+
+class SubmitRequest(_ScriptRequest):
+    inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
+    files_uploaded: SmallCount = 0
+    bytes_uploaded: Count = 0
     stdin: bool = False
     env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_VARS)
 
 
-class BatchRequest(_Strict):
+class BatchRequest(_ScriptRequest):
     """What every execution of a batch shares; its inputs are added in pages afterwards."""
 
-    script: str = Field(max_length=1024 * 1024)
-    script_name: ScriptName = "script.py"
-    runtime: Annotated[str, StringConstraints(max_length=40, pattern=r"^[a-z0-9.:_-]+$")] = (
-        DEFAULT_RUNTIME
-    )
-    timeout_s: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
-    args: list[Argument] = Field(default_factory=list, max_length=10_000)
-    requirements: Annotated[str, Field(max_length=1024 * 1024)] | None = None
-    refresh_deps: bool = False
     #: Shared inputs: placed beside every execution's own input.
     inputs: list[InputEntry] = Field(default_factory=list, max_length=10_000)
-    memory: (
-        Annotated[str, StringConstraints(max_length=20, pattern=_PRINTABLE)]
-        | Annotated[int, Field(ge=0, le=2**50)]
-        | None
-    ) = None
-    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     #: At most this many of its executions queued or running at once; none: no bound.
     parallel: Annotated[int, Field(ge=1, le=100_000)] | None = None
     #: How many inputs will be added: a batch over the limit is refused before it exists.

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import click
 
-from rgrid.cli import EXIT_INTERRUPTED, cli
+from rgrid.cli import EXIT_INTERRUPTED, cli, listfile
 from rgrid.cli.output import note, print_json, stderr_is_terminal, table_lines
 from rgrid.client import Client, make_client
 from rgrid.config import Settings, get_settings
@@ -96,16 +96,7 @@ def expand(patterns: tuple[str, ...], batch_file: Path | None, cwd: Path) -> lis
         else:
             raise BadInput(f"--batch {pattern}: no such file or folder")
     if batch_file is not None:
-        try:
-            lines = batch_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise BadInput(f"cannot read --batch-file {batch_file}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise BadInput(f"--batch-file {batch_file} is not UTF-8 text") from exc
-        for number, raw in enumerate(lines, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
+        for number, line in listfile.entries(batch_file, "--batch-file"):
             if not (cwd / line).is_file():
                 raise BadInput(f"{batch_file}:{number}: not a file: {line}")
             paths.append((Path(line), line))

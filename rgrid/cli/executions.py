@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from rgrid.channels import FdReader, StdinSource
-from rgrid.cli import EXIT_INTERRUPTED, EXIT_RGRID, EXIT_TIMED_OUT, cli
+from rgrid.cli import EXIT_INTERRUPTED, EXIT_RGRID, EXIT_TIMED_OUT, cli, listfile
 from rgrid.cli.output import (
     LogPrinter,
     executions_table,
@@ -62,16 +62,7 @@ def read_env(pairs: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, str]:
     (the value of this shell's NAME), later ones winning, as ``docker run`` reads them."""
     env: dict[str, str] = {}
     for path in files:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise BadInput(f"cannot read --env-file {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise BadInput(f"--env-file {path} is not UTF-8 text") from exc
-        for number, raw in enumerate(lines, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
+        for number, line in listfile.entries(path, "--env-file"):
             name, sep, value = line.removeprefix("export ").partition("=")
             if not sep:
                 raise BadInput(f"{path}:{number}: expected NAME=VALUE")
