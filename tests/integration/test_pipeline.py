@@ -13,6 +13,7 @@ from rgrid.config import DEFAULT_RUNTIME
 from rgrid.db import session_scope
 from rgrid.logbuffer import decode_log
 from rgrid.models import DependencyCache, Execution, ScriptCache
+from rgrid.pipeline import run_all
 from rgrid.runtimes import resolve_runtime
 
 HELLO = "print('hello')\nopen('outputs/result.txt', 'w').write('42')\n"
@@ -286,46 +287,52 @@ def test_every_step_run_twice_runs_the_script_once(ctx, submit):
     assert printed.count("ran ") == 1, printed
 
 
-def _warm_counts_while_running(ctx, run_script, script: str) -> list[int]:
+def _warm_counts_while_running(ctx, submit, script: str) -> list[int]:
     """How many warm sandboxes of the bare runtime's pool the engine listed, sampled while the
     run's own sandbox was running ``script``."""
     client = docker.from_env()
     env = sandbox.Environment(image=resolve_runtime(DEFAULT_RUNTIME).image)
     key = pool.pool_key(env, ctx.limits, ctx.pool)
+    execution_id = submit(script)
+    own = {"name": f"{sandbox.RUN_NAME_PREFIX}{execution_id}", "status": "running"}
     counts: list[int] = []
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            running = client.api.containers(filters={"name": sandbox.RUN_NAME_PREFIX})
+            running = client.api.containers(filters=own)
             warm = len(pool._warm(client, key))
-            if running:
+            if running and client.api.containers(filters=own):
                 counts.append(warm)
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        assert run_script(script)["status"] == "succeeded"
+        run_all(ctx, execution_id)
     finally:
         done.set()
         watcher.join()
+    with session_scope(ctx.session_factory) as session:
+        assert session.get(Execution, execution_id).status == "succeeded"
     return counts
 
 
-def test_the_pool_is_refilled_beside_a_run_only_when_the_run_emptied_it(ctx, run_script):
+def test_the_pool_is_refilled_beside_a_run_only_when_the_run_emptied_it(ctx, submit):
     """Starting a container takes the engine ~0.3 s of CPU, which slowed a script beside it.
     With a spare warm sandbox left the refill waits until the result is published; a pool
     the run emptied is refilled at once, so that the next run is warm too."""
     slow = "import time\ntime.sleep(2)\n"
     env = sandbox.Environment(image=resolve_runtime(DEFAULT_RUNTIME).image)
+    ctx.join_background()
+    pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
     pool.fill(ctx.docker, env, ctx.limits, ctx.pool)
     assert ctx.pool.size == 2
-    with_spare = _warm_counts_while_running(ctx, run_script, slow)
+    with_spare = _warm_counts_while_running(ctx, submit, slow)
     assert with_spare and set(with_spare) == {1}, with_spare
     ctx.join_background()
     assert len(pool._warm(ctx.docker, pool.pool_key(env, ctx.limits, ctx.pool))) == 2
 
     pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
-    emptied = _warm_counts_while_running(ctx, run_script, slow)
+    emptied = _warm_counts_while_running(ctx, submit, slow)
     assert emptied and emptied[-1] == 2, emptied  # refilled while the script still ran

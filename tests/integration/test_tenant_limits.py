@@ -61,6 +61,7 @@ def _nothing_left(ctx, execution_id: str) -> None:
     while ctx.docker.api.containers(all=True, filters=name) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not ctx.docker.api.containers(all=True, filters=name)
+    ctx.join_background()  # the pool refill, after the run: it may be making a folder now
     root = ctx.settings.sandboxes_dir
     live = _live_host_dirs(ctx)
     for mount in _mounts_under(root):
