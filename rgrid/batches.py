@@ -30,17 +30,13 @@ from rgrid.db import session_scope
 from rgrid.errors import BadInput, NotFound
 from rgrid.executions import (
     MIN_ID_PREFIX,
-    check_args,
+    check_submission,
     execution_to_dict,
-    requirements_for,
-    resolve_limits,
     store_script,
-    validate_submission,
 )
 from rgrid.inputs import check_manifest
 from rgrid.models import Batch, Execution, iso_utc, utcnow
 from rgrid.objectstore import ObjectStore
-from rgrid.requirements import check_local_paths
 from rgrid.statuses import TERMINAL_STATUSES, Status
 
 #: The most inputs one request may add to a batch: a page, not the whole batch.
@@ -84,21 +80,26 @@ def create_batch(
 ) -> Batch:
     """Check what every execution of the batch will share, once, and store the script; the
     batch then waits for its inputs (``add_inputs``) and ``start``."""
-    timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
-    memory_bytes, cpu_limit = resolve_limits(settings, memory, cpus)
-    normalised = requirements_for(script, requirements, runtime)
-    check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
-    check_args(args)
+    checked = check_submission(
+        session,
+        settings,
+        account_id,
+        script=script,
+        script_name=script_name,
+        runtime=runtime,
+        timeout_s=timeout_s,
+        args=args,
+        requirements=requirements,
+        inputs=inputs,
+        memory=memory,
+        cpus=cpus,
+    )
     if size is not None and size > settings.max_batch_executions:
         raise BadInput(
             f"{size} inputs: over the limit of {settings.max_batch_executions} per batch"
         )
     if parallel is not None and (isinstance(parallel, bool) or parallel < 1):
         raise BadInput("parallel must be at least 1")
-    shared = check_manifest(inputs or [], settings)
-    if any(item["path"] == script_name for item in shared):
-        raise BadInput(f"an input has the script's own name {script_name}")
-    check_uploaded(session, account_id, shared)
     digest = store_script(store, account_id, script)
     batch = Batch(
         id=new_batch_id(),
@@ -109,13 +110,13 @@ def create_batch(
         parallel=parallel,
         next_index=0,
         template={
-            "timeout_s": timeout,
+            "timeout_s": checked.timeout_s,
             "args": list(args or []),
-            "requirements": normalised,
+            "requirements": checked.requirements,
             "refresh_deps": bool(refresh_deps),
-            "inputs": shared,
-            "memory_bytes": memory_bytes,
-            "cpus": cpu_limit,
+            "inputs": checked.inputs,
+            "memory_bytes": checked.memory_bytes,
+            "cpus": checked.cpus,
         },
     )
     session.add(batch)

@@ -6,6 +6,7 @@ import contextlib
 import re
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -122,6 +123,51 @@ def store_script(store: ObjectStore, account_id: int, script: str) -> str:
     return digest
 
 
+@dataclass(frozen=True)
+class CheckedSubmission:
+    """A script's options as ``check_submission`` accepted them: what the row is made of."""
+
+    timeout_s: int
+    memory_bytes: int
+    cpus: float
+    requirements: str
+    inputs: list[dict]
+
+
+def check_submission(
+    session: Session,
+    settings: Settings,
+    account_id: int,
+    *,
+    script: str,
+    script_name: str,
+    runtime: str,
+    timeout_s: int | None,
+    args: list[str] | None,
+    requirements: str | None,
+    inputs: list[dict] | None,
+    memory: str | int | None,
+    cpus: float | None,
+) -> CheckedSubmission:
+    """Every check a script's options get before anything is stored, the same for a single
+    execution and a batch (BadInput on the first that fails). Inputs must already be stored
+    blobs of this account."""
+    timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
+    memory_bytes, cpu_limit = resolve_limits(settings, memory, cpus)
+    normalised = requirements_for(script, requirements, runtime)
+    # The embedded default's "worker host" is the user's own machine: its folders are theirs.
+    check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
+    if settings.database_url:
+        check_sources(settings, normalised)
+    manifest = check_manifest(inputs or [], settings)
+    if any(item["path"] == script_name for item in manifest):
+        # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
+        raise BadInput(f"an input has the script's own name {script_name}")
+    check_uploaded(session, account_id, manifest)
+    check_args(args)
+    return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest)
+
+
 def create_execution(
     session: Session,
     store: ObjectStore,
@@ -145,22 +191,24 @@ def create_execution(
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
-    timeout = validate_submission(settings, script, script_name, runtime, timeout_s)
-    memory_bytes, cpu_limit = resolve_limits(settings, memory, cpus)
-    normalised = requirements_for(script, requirements, runtime)
-    # The embedded default's "worker host" is the user's own machine: its folders are theirs.
-    check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
-    if settings.database_url:
-        check_sources(settings, normalised)
-    manifest = check_manifest(inputs or [], settings)
-    if any(item["path"] == script_name for item in manifest):
-        # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
-        raise BadInput(f"an input has the script's own name {script_name}")
-    check_uploaded(session, account_id, manifest)
+    checked = check_submission(
+        session,
+        settings,
+        account_id,
+        script=script,
+        script_name=script_name,
+        runtime=runtime,
+        timeout_s=timeout_s,
+        args=args,
+        requirements=requirements,
+        inputs=inputs,
+        memory=memory,
+        cpus=cpus,
+    )
     counts = (files_uploaded, bytes_uploaded)
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
-    check_args(args)
+    manifest = checked.inputs
     digest = store_script(store, account_id, script)
     execution = Execution(
         id=new_execution_id(),
@@ -170,15 +218,15 @@ def create_execution(
         script_name=script_name,
         script_hash=digest,
         args=list(args or []),
-        requirements=normalised,
+        requirements=checked.requirements,
         refresh_deps=bool(refresh_deps),
         inputs=manifest,
         input_hash=cache_keys.input_hash(manifest) if manifest else None,
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
-        timeout_s=timeout,
-        memory_bytes=memory_bytes,
-        cpus=cpu_limit,
+        timeout_s=checked.timeout_s,
+        memory_bytes=checked.memory_bytes,
+        cpus=checked.cpus,
         stdin=bool(stdin),
         env_names=sorted(env_names) if env_names else None,
         script_cache_hit=False,

@@ -163,6 +163,10 @@ def test_bad_batches_are_refused(ctx, account, tmp_path):
         _batch(ctx, account, items, size=3, settings=replace(ctx.settings, max_batch_executions=2))
     with pytest.raises(BadInput, match="script or a shared input"):
         _batch(ctx, account, [{**items[0], "path": "upper.py"}])
+    # Refused when the batch is made, as a single execution is: not once per execution later.
+    strict = replace(ctx.settings, allowed_indexes=())
+    with pytest.raises(BadInput, match="package index 127.0.0.1 is not allowed on this server"):
+        _batch(ctx, account, items, strict, requirements="--index-url http://127.0.0.1/s\nsix\n")
     batch_id = _batch(ctx, account, items)
     batches.start(ctx.session_factory, account.id, batch_id, lambda i: None)
     with pytest.raises(BadInput, match="has started"), session_scope(ctx.session_factory) as s:
