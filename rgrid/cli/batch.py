@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import sys
 import threading
 import time
@@ -23,7 +22,13 @@ from pathlib import Path, PurePosixPath
 import click
 
 from rgrid.cli import EXIT_INTERRUPTED, cli, listfile
-from rgrid.cli.output import note, print_json, stderr_is_terminal, table_lines
+from rgrid.cli.output import (
+    note,
+    outputs_folder,
+    print_json,
+    stderr_is_terminal,
+    table_lines,
+)
 from rgrid.client import Client, make_client
 from rgrid.config import Settings, get_settings
 from rgrid.errors import BadInput, RGridError
@@ -31,7 +36,6 @@ from rgrid.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
 from rgrid.statuses import TERMINAL_STATUSES
 
-OUTPUTS_ROOT = Path("rgrid-outputs")
 #: Inputs hashed, uploaded and added per request (the API's most per request).
 PAGE_SIZE = 1000
 #: How often a followed batch is looked at.
@@ -122,14 +126,8 @@ def expand(patterns: tuple[str, ...], batch_file: Path | None, cwd: Path) -> lis
 
 
 def outputs_root(batch_id: str) -> Path:
-    """The folder a batch's outputs go to, named by the id the server sent.
-
-    The id becomes a path, so anything but the hex digits ids are made of is refused (an
-    id of only digits is as good as any: ``str.islower`` is false for it).
-    """
-    if not re.fullmatch(r"[0-9a-f]{1,16}", batch_id):
-        raise RGridError(f"the server sent an odd batch id {batch_id!r}")
-    return Path.cwd() / OUTPUTS_ROOT / batch_id
+    """The folder a batch's outputs go to. Any hex id is good, one of only digits too."""
+    return outputs_folder(batch_id, r"[0-9a-f]{1,16}", "batch")
 
 
 #: Uploads of a page run on this many connections at once: a small file's upload is three

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import stat
 import sys
@@ -20,19 +19,18 @@ from rgrid.cli.output import (
     LogPrinter,
     executions_table,
     note,
+    outputs_folder,
     print_json,
     print_summary,
     progress,
 )
 from rgrid.client import Client, make_client, make_run_client
 from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
-from rgrid.errors import BadInput, RGridError
+from rgrid.errors import BadInput
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
 from rgrid.statuses import TERMINAL_STATUSES
 from rgrid.units import human_bytes, parse_bytes
-
-OUTPUTS_ROOT = Path("rgrid-outputs")
 
 #: ``rgrid run``'s exit status for each way an execution ends (a failed script: its own code).
 EXIT_STATUS = {
@@ -49,11 +47,8 @@ def _client() -> Client:
 
 
 def outputs_dir_for(execution_id: str) -> Path:
-    """``./rgrid-outputs/<id>/``, absolute; the id comes from a server, so it must look like
-    one."""
-    if not re.fullmatch(r"[0-9a-f]{16}", execution_id):
-        raise RGridError(f"the server sent an odd execution id {execution_id!r}")
-    return Path.cwd() / OUTPUTS_ROOT / execution_id
+    """``./rgrid-outputs/<id>/``, absolute."""
+    return outputs_folder(execution_id, r"[0-9a-f]{16}", "execution")
 
 
 def read_env(pairs: tuple[str, ...], files: tuple[Path, ...]) -> dict[str, str]:

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from rgrid.errors import RGridError
 from rgrid.units import human_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+#: Downloaded outputs go under the current folder: one folder per execution or batch.
+OUTPUTS_ROOT = Path("rgrid-outputs")
+
+
+def outputs_folder(server_id: str, pattern: str, what: str) -> Path:
+    """``./rgrid-outputs/<id>/``, absolute. The id comes from a server and becomes a path, so
+    anything that does not match ``pattern`` (hex digits) is refused, naming ``what`` it is."""
+    if not re.fullmatch(pattern, server_id):
+        raise RGridError(f"the server sent an odd {what} id {server_id!r}")
+    return Path.cwd() / OUTPUTS_ROOT / server_id
 
 
 @cache
