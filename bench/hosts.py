@@ -27,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from rgrid.client import RemoteClient
-from rgrid.config import DEFAULT_RUNTIME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import load  # noqa: E402
 from scripts import stack  # noqa: E402 - the one stack launcher
 
 SCRIPT = "print('hosts')\n"
@@ -38,15 +38,7 @@ IMPORTS = "import numpy, six\nprint(numpy.__version__)\n"
 
 
 def run_once(client: RemoteClient) -> dict:
-    submitted = client.submit(
-        script=SCRIPT, script_name="hosts.py", runtime=DEFAULT_RUNTIME, timeout_s=60, args=[]
-    )
-    offset = 0
-    while True:
-        page = client.logs(submitted["execution_id"], offset, wait=True)
-        offset = page["next_offset"]
-        if page["complete"]:
-            return page["execution"]
+    return load.run_once(client, SCRIPT, "hosts.py")
 
 
 def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, dict]:

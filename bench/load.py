@@ -33,9 +33,11 @@ class Clients(threading.local):
         self.client = RemoteClient(exports["RGRID_API_URL"], exports["RGRID_API_KEY"])
 
 
-def run_once(client: RemoteClient) -> dict:
+def run_once(client: RemoteClient, script: str = SCRIPT, script_name: str = "load.py") -> dict:
+    """Submit ``script`` and follow its log (the long poll, as ``rgrid run`` does) to the end;
+    returns the final execution. Also ``bench/hosts.py``'s one run."""
     submitted = client.submit(
-        script=SCRIPT, script_name="load.py", runtime=DEFAULT_RUNTIME, timeout_s=60, args=[]
+        script=script, script_name=script_name, runtime=DEFAULT_RUNTIME, timeout_s=60, args=[]
     )
     offset = 0
     while True:
