@@ -512,11 +512,12 @@ class RemoteClient:
             yield chunks()
 
 
-def make_run_client(settings: Settings, stdin_source: StdinSource | None) -> Client:
+def make_run_client(settings: Settings) -> Client:
     """The client for `rgrid run`. The embedded default goes through its agent (rgrid/agent.py),
-    which keeps the pipeline loaded between runs, unless stdin has to be forwarded (the agent
-    is not the script's terminal) or the agent is turned off (RGRID_AGENT=0)."""
-    if settings.embedded and settings.agent and stdin_source is None:
+    which keeps the pipeline loaded between runs, unless the agent is turned off
+    (RGRID_AGENT=0). Forwarded stdin goes too: the agent is handed the descriptor itself
+    (the script reads it there)."""
+    if settings.embedded and settings.agent:
         from rgrid.agent_client import connect_or_start
 
         client = connect_or_start(settings)

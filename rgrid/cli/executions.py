@@ -326,7 +326,7 @@ def run(
             " in this process"
         )
     stdin_source = None if detach else stdin_to_forward(interactive)
-    client = make_run_client(settings, stdin_source)
+    client = make_run_client(settings)
     files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
     script_args = [
         *(input_name(arg) for arg in inputs),
