@@ -116,7 +116,7 @@ class Agent:
                 self._live.add(result["execution_id"])
             return result
         if method == "get":
-            return client.get(args["execution_id"])
+            return client.get(args["execution_id"], bool(args.get("check_store")))
         if method == "cancel":
             return client.cancel(args["execution_id"])
         if method == "list":

@@ -150,8 +150,8 @@ class AgentClient:
             raise errors.BadInput("the local rgrid agent takes stdin only as a descriptor")
         return self._call("submit", _fds=(fd,), stdin=True, **options)  # type: ignore[return-value]
 
-    def get(self, execution_id: str) -> dict:
-        return self._call("get", execution_id=execution_id)  # type: ignore[return-value]
+    def get(self, execution_id: str, check_store: bool = False) -> dict:
+        return self._call("get", execution_id=execution_id, check_store=check_store)  # type: ignore[return-value]
 
     def cancel(self, execution_id: str) -> dict:
         return self._call("cancel", execution_id=execution_id)  # type: ignore[return-value]
