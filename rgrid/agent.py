@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -157,6 +158,10 @@ class _Handler(socketserver.StreamRequestHandler):
         agent = self.server.agent
         owned: set[str] = set()
         agent.connected(+1)
+        done = threading.Event()
+        threading.Thread(
+            target=_watch_hangup, args=(self.request, done, agent, owned), daemon=True
+        ).start()
         try:
             for line, fds in _requests(self.request):
                 request = json.loads(line)
@@ -183,10 +188,24 @@ class _Handler(socketserver.StreamRequestHandler):
         except (ConnectionError, OSError):
             pass
         finally:
+            done.set()
             agent.connected(-1)
             if owned:
                 agent.touch()
-            agent.abandon(owned)
+            agent.abandon(set(owned))
+
+
+def _watch_hangup(conn: socket.socket, done: threading.Event, agent: Agent, owned: set) -> None:
+    """Cancel a connection's executions as soon as its client hangs up, even while a call of
+    it is still being answered: a follower's long poll of a quiet script (one waiting on its
+    stdin) would otherwise notice only when the poll returns, seconds later. ``POLLRDHUP``
+    is the peer's close alone; a next request does not raise it."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP)
+    while not done.is_set():
+        if poller.poll(500) and not done.is_set():
+            agent.abandon(set(owned))
+            return
 
 
 #: At most this many descriptors come with one request (a run's stdin is one).
