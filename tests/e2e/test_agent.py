@@ -62,7 +62,26 @@ def test_piped_stdin_goes_through_the_agent(embedded_env, tmp_path):
     size, digest, _ = second.stdout.split(maxsplit=2)
     assert int(size) == len(data.encode())
     assert digest == hashlib.sha256(data.encode()).hexdigest()
+    # `rgrid run echo.py < file`: a regular file as stdin, read to its end.
+    (tmp_path / "in.txt").write_text("from a file\n")
+    with open(tmp_path / "in.txt") as stdin:
+        from_file = subprocess.run(
+            [RGRID, "run", "echo.py"],
+            env=embedded_env,
+            cwd=tmp_path,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout.split()[0] == "12" and from_file.stdout.split()[2] == "FROM"
     assert _agents(embedded_env, tmp_path) == [agent]
+    # With the agent turned off, the CLI's own process forwards it.
+    alone = {**embedded_env, "RGRID_AGENT": "0"}
+    in_process = run_cli("run", "echo.py", env=alone, cwd=tmp_path, stdin="in process\n")
+    assert in_process.returncode == 0, in_process.stderr
+    assert in_process.stdout.split()[:1] == ["11"]
 
 
 def _agent_fds(agent: dict) -> list[str]:
