@@ -122,6 +122,19 @@ with open("outputs/result.txt", "w") as fh:
     fh.write(f"{numpy.arange(10).sum()}\\n")
 """
 
+#: The small script for the piped-stdin rows: it reads all of stdin (EOF is the pipe's own end)
+#: and writes what it counted.
+STDIN_SCRIPT = """\
+import os
+import sys
+data = sys.stdin.read()
+print("hello from the rgrid benchmark:", len(data.splitlines()), "lines on stdin")
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/result.txt", "w") as fh:
+    fh.write(f"{len(data)}\\n")
+"""
+#: What the piped-stdin rows pipe in: real bytes, 64 KiB of lines.
+STDIN_DATA = "".join(f"record {i:06d} of the benchmark's piped input\n" for i in range(1430))
 #: A small pandas script whose dependencies are PEP 723 inline metadata: pandas from the
 #: package index, and the pad package (a new version every time, see :func:`pad_url`) so
 #: that each run is the first run of a new set, for RGrid and for ``uv run`` alike.
@@ -148,7 +161,7 @@ with open("outputs/result.txt", "w") as fh:
 PAD_PACKAGE = "rgrid-bench-pad"
 
 #: The benchmark's sections, in the order they run (``--only`` picks some).
-SECTIONS = ("warm", "edit", "new-set", "pep723")
+SECTIONS = ("warm", "stdin", "edit", "new-set", "pep723")
 
 
 class BenchError(RuntimeError):
@@ -208,6 +221,8 @@ class Env:
     pad_base_url: str = ""
     #: One warm script per mode, new to this benchmark run; the floors run the stack's file.
     warm_script: dict[str, Path] = field(default_factory=dict)
+    #: The same for the piped-stdin section (``STDIN_SCRIPT``).
+    stdin_script: dict[str, Path] = field(default_factory=dict)
     #: One requirements set per mode for the edit loop, installed by the warm-up.
     edit_requirements: dict[str, Path] = field(default_factory=dict)
     #: The edit floor's dependency folder: the same packages, installed by uv with RGrid's
@@ -245,14 +260,24 @@ def timed(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     check: bool = True,
+    stdin_data: str | None = None,
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Run ``cmd`` to completion and return (seconds, completed process). Output is captured
     rather than shown, so terminal speed is not part of the measurement. A command that hangs
-    for ``COMMAND_TIMEOUT_S`` is a failed run, not a benchmark that never ends."""
+    for ``COMMAND_TIMEOUT_S`` is a failed run, not a benchmark that never ends. Its stdin is
+    ``stdin_data`` piped in, else /dev/null: never the benchmark's own stdin, which would make
+    every row's path depend on how the benchmark was started (a terminal or a pipe)."""
     started = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+            cmd,
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            input=stdin_data,
+            stdin=subprocess.DEVNULL if stdin_data is None else None,
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"`{shlex.join(cmd)}` still running after {COMMAND_TIMEOUT_S}s") from exc
@@ -467,6 +492,7 @@ def bench_env(stack_kind: str) -> Iterator[Env]:
             exits.callback(server.shutdown)
             for mode in ("stack", "embedded"):
                 env.warm_script[mode] = unique_script(root, f"warm-{mode}")
+                env.stdin_script[mode] = unique_script(root, f"stdin-{mode}", STDIN_SCRIPT)
                 env.edit_requirements[mode] = new_requirements(root, f"edit-{mode}")
             env.pip_wheel = download_pip(root)
             if stack_kind == "private":
@@ -677,6 +703,7 @@ def cli_run(
     script_hit: bool | None = None,
     deps_hit: bool | None = None,
     with_deps: bool = False,
+    stdin_data: str | None = None,
 ) -> Sample:
     """One ``rgrid run --json``: wall time of the whole process and the JSON it printed.
 
@@ -685,11 +712,14 @@ def cli_run(
     some, hit or miss.
     After a run that installed a set, untimed: the environment folder is recorded for cleanup,
     RGrid's background bytecode compile is waited for (so it lands on no other row), and uv's
-    own timings are read from the execution's stored log."""
+    own timings are read from the execution's stored log. ``stdin_data``: piped to the
+    CLI (else its stdin is /dev/null)."""
     cmd = [str(RGRID), "run", str(script), "--json"]
     if requirements is not None:
         cmd += ["-r", str(requirements)]
-    elapsed, proc = timed(cmd, env=mode.env, cwd=env.root / "cwd", check=False)
+    elapsed, proc = timed(
+        cmd, env=mode.env, cwd=env.root / "cwd", check=False, stdin_data=stdin_data
+    )
     report = last_json_line(proc.stdout)
     installed = report.get("deps_build_s") is not None
     if installed and mode.name == "stack" and report.get("environment"):
@@ -774,20 +804,26 @@ def bare_run(
     deps: Path | None = None,
     sandboxed: bool = False,
     in_image: bool = False,
+    stdin_data: str | None = None,
 ) -> Sample:
     """The floor: ``docker run --rm --network none`` of the runtime image with the script
     bind-mounted read-only at /work/script.py and a writable /work/outputs (RGrid's sandbox has
     both at the same paths), optionally with a dependency folder mounted read-only at RGrid's
     path and put on PYTHONPATH, as RGrid does. ``in_image``: the script is already in the image
-    (the ``docker build`` floor), so only the outputs folder is mounted."""
+    (the ``docker build`` floor), so only the outputs folder is mounted. ``stdin_data``:
+    piped in, with ``docker run -i`` (else stdin is /dev/null and not attached)."""
     flags = SANDBOX_FLAGS if sandboxed else ["--network", "none"]
+    if stdin_data is not None:
+        flags = ["-i", *flags]
     mounts = ["-v", f"{writable_outputs(script.parent)}:{WORK_DIR}/outputs"]
     if not in_image:
         mounts += ["-v", f"{script}:{SCRIPT_IN_WORK}:ro"]
     if deps is not None:
         mounts += ["-v", f"{deps}:{DEPS_MOUNT}:ro", "-e", f"PYTHONPATH={DEPS_MOUNT}"]
     target = SCRIPT_IN_IMAGE if in_image else SCRIPT_IN_WORK
-    elapsed, _ = timed(["docker", "run", "--rm", *flags, *mounts, image, "python3", target])
+    elapsed, _ = timed(
+        ["docker", "run", "--rm", *flags, *mounts, image, "python3", target], stdin_data=stdin_data
+    )
     return elapsed, {}
 
 
@@ -919,6 +955,18 @@ def warm_up(env: Env) -> None:
     measure_with_retries(row, lambda: bare_run(floor_script, sandboxed=True))
 
 
+def stdin_warm_up(env: Env) -> None:
+    """Untimed, before the piped-stdin section: each mode's stdin script once (its script
+    cache miss) and the piped floor once."""
+    row = env.warmup
+    for mode in env.modes:
+        script = env.stdin_script[mode.name]
+        measure_with_retries(
+            row, lambda m=mode, s=script: cli_run(env, m, s, stdin_data=STDIN_DATA)
+        )
+    measure_with_retries(row, lambda: bare_run(env.stdin_script["stack"], stdin_data=STDIN_DATA))
+
+
 def edit_warm_up(env: Env, first: Row) -> None:
     """Untimed, before section 2: each mode installs its edit-loop set (the embedded one on
     its fresh data dir, so with uv's cache empty: kept in ``first`` as context), then runs one
@@ -981,11 +1029,13 @@ EDIT_SANDBOX_FLOOR = "edit-sandbox-floor"
 NEW_SET_FLOOR = "new-set-floor"
 UV_FLOOR = "uv-floor"
 UV_RUN_FLOOR = "uv-run-floor"
+STDIN_FLOOR = "stdin-floor"
 
 #: Issue 7's targets (ratio of the median to the floor's median), by row key.
 TARGETS = {
     "warm-stack": "≤ 1.0×",
     "warm-embedded": "≤ 1.2×",
+    "stdin-embedded": "≤ 1.2×",
     "edit-stack": "≤ 1.1×",
     "new-set-stack": "≤ 0.1×",
     "install-stack": "≤ 1.5×",
@@ -1020,6 +1070,43 @@ def warm_rows(env: Env) -> list[tuple[Row, Measure]]:
         )
     rows.append(
         (Row("cli-start", "diagnostic: `rgrid --version` (CLI start-up only)", FLOOR), cli_start)
+    )
+    return rows
+
+
+def stdin_rows(env: Env) -> list[tuple[Row, Measure]]:
+    """Section 1b: a warm script that reads stdin, fed 64 KiB through a pipe (as from a
+    Python ``subprocess.run``, a heredoc or CI), next to ``docker run -i`` fed the same; and
+    the same script with stdin at /dev/null (as from a terminal), to see both paths at once."""
+    floor_script = env.stdin_script["stack"]
+    rows: list[tuple[Row, Measure]] = [
+        (
+            Row(
+                STDIN_FLOOR, "floor: `docker run -i --rm --network none`, stdin piped", STDIN_FLOOR
+            ),
+            lambda: bare_run(floor_script, stdin_data=STDIN_DATA),
+        ),
+    ]
+    for mode in env.modes:
+        script = env.stdin_script[mode.name]
+        rows.append(
+            (
+                rgrid_row(
+                    f"stdin-{mode.name}", f"`rgrid run`, {mode.label}, stdin piped", STDIN_FLOOR
+                ),
+                lambda m=mode, s=script: cli_run(env, m, s, script_hit=True, stdin_data=STDIN_DATA),
+            )
+        )
+    embedded = next(mode for mode in env.modes if mode.name == "embedded")
+    rows.append(
+        (
+            Row(
+                "stdin-embedded-devnull",
+                "`rgrid run`, embedded default, stdin /dev/null",
+                STDIN_FLOOR,
+            ),
+            lambda: cli_run(env, embedded, env.stdin_script["embedded"], script_hit=True),
+        )
     )
     return rows
 
@@ -1359,6 +1446,13 @@ def main(argv: list[str] | None = None) -> int:
                 warm = warm_rows(env)
                 run_rounds(warm, args.repeat, "warm")
                 sections.append(("1. Warm run (all caches hit), no dependencies", rows_of(warm)))
+            if "stdin" in only:
+                stdin_warm_up(env)
+                piped = stdin_rows(env)
+                run_rounds(piped, args.repeat, "piped stdin")
+                sections.append(
+                    ("1b. Warm run with 64 KiB piped to stdin (all caches hit)", rows_of(piped))
+                )
             if only & {"edit", "new-set"}:
                 print("warming up with dependencies…", file=sys.stderr)
                 edit_warm_up(env, first)

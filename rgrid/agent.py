@@ -6,7 +6,8 @@ The CLI starts it on first use (rgrid/agent_client.py), as Docker's CLI has a da
 its build daemon; it ends itself after ``agent_idle_s`` with no client connected, on
 `rgrid agent stop`, and on SIGTERM/SIGINT, cancelling whatever it still runs. Everything it
 does is what the in-process ``EmbeddedClient`` does; a connection owns the executions it
-submitted, and closing it early (the client was killed) cancels them.
+submitted, and closing it early (the client was killed) cancels them. A client's stdin comes
+as a descriptor passed with its ``submit`` (SCM_RIGHTS), read here as the script reads it.
 
 Run as ``python -m rgrid.agent SOCKET_PATH``.
 """
@@ -17,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from rgrid import pipeline
+from rgrid.channels import PassedStdin
 from rgrid.config import Settings, get_settings
 from rgrid.context import embedded_context
 from rgrid.embedded import EmbeddedClient
@@ -91,18 +94,30 @@ class Agent:
         self.client.ctx.join_background()
 
     # The calls a client makes; each returns JSON-ready values.
-    def dispatch(self, method: str, args: dict, owned: set[str]) -> object:
+    def dispatch(self, method: str, args: dict, owned: set[str], fds: list[int]) -> object:
+        """``fds``: descriptors passed with the request; the call takes over the ones it uses,
+        the caller closes what is left in the list."""
         client = self.client
         if method not in ("ping", "shutdown"):
             self.touch()  # `rgrid agent status` must not keep an idle agent alive
         if method == "submit":
-            result = client.submit(**args)
+            stdin = None
+            if args.pop("stdin", False):
+                if len(fds) != 1:
+                    raise RGridError("the local rgrid agent got no stdin with this run")
+                stdin = PassedStdin(fds.pop())
+            try:
+                result = client.submit(**args, stdin_source=stdin)
+            except BaseException:
+                if stdin is not None:
+                    stdin.close()
+                raise
             owned.add(result["execution_id"])
             with self._lock:
                 self._live.add(result["execution_id"])
             return result
         if method == "get":
-            return client.get(args["execution_id"])
+            return client.get(args["execution_id"], bool(args.get("check_store")))
         if method == "cancel":
             return client.cancel(args["execution_id"])
         if method == "list":
@@ -143,11 +158,17 @@ class _Handler(socketserver.StreamRequestHandler):
         agent = self.server.agent
         owned: set[str] = set()
         agent.connected(+1)
+        done = threading.Event()
+        threading.Thread(
+            target=_watch_hangup, args=(self.request, done, agent, owned), daemon=True
+        ).start()
         try:
-            for line in self.rfile:
+            for line, fds in _requests(self.request):
                 request = json.loads(line)
                 try:
-                    reply = {"result": agent.dispatch(request["method"], request["args"], owned)}
+                    reply = {
+                        "result": agent.dispatch(request["method"], request["args"], owned, fds)
+                    }
                 except RGridError as exc:
                     reply = {"error": {"type": type(exc).__name__, "message": exc.message}}
                 except Exception as exc:  # noqa: BLE001 - the client gets one line, the log the rest
@@ -159,15 +180,57 @@ class _Handler(socketserver.StreamRequestHandler):
                             f" (details in {agent.settings.data_dir / 'agent.log'})",
                         }
                     }
+                finally:
+                    for fd in fds:  # passed with a call that did not take them
+                        os.close(fd)
                 self.wfile.write(json.dumps(reply).encode() + b"\n")
                 self.wfile.flush()
         except (ConnectionError, OSError):
             pass
         finally:
+            done.set()
             agent.connected(-1)
             if owned:
                 agent.touch()
-            agent.abandon(owned)
+            agent.abandon(set(owned))
+
+
+def _watch_hangup(conn: socket.socket, done: threading.Event, agent: Agent, owned: set) -> None:
+    """Cancel a connection's executions as soon as its client hangs up, even while a call of
+    it is still being answered: a follower's long poll of a quiet script (one waiting on its
+    stdin) would otherwise notice only when the poll returns, seconds later. ``POLLRDHUP``
+    is the peer's close alone; a next request does not raise it."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP)
+    while not done.is_set():
+        if poller.poll(500) and not done.is_set():
+            agent.abandon(set(owned))
+            return
+
+
+#: At most this many descriptors come with one request (a run's stdin is one).
+MAX_FDS = 4
+
+
+def _requests(conn: socket.socket):
+    """The connection's request lines, each with the descriptors passed with it. Read with
+    ``recvmsg`` rather than a buffered file: descriptors arrive as ancillary data, which a
+    file read drops (and the kernel then closes them). A client sends one request and waits
+    for its answer, so what arrives before a line's end belongs to that line."""
+    buffer = b""
+    fds: list[int] = []
+    while True:
+        while b"\n" not in buffer:
+            data, received, _flags, _addr = socket.recv_fds(conn, 65536, MAX_FDS)
+            fds.extend(received)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return
+            buffer += data
+        line, buffer = buffer.split(b"\n", 1)
+        yield line, fds
+        fds = []
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):

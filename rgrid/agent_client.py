@@ -8,6 +8,11 @@ The protocol is one JSON object per line each way: ``{"method": ..., "args": {..
 by ``{"result": ...}`` or ``{"error": {"type": ..., "message": ...}}``. A connection owns what
 it submitted: when it closes before an execution ends, the agent cancels the execution. So a
 killed client cancels its run, as the in-process default always did.
+
+A run with piped stdin (or ``-i``) hands the agent its stdin descriptor itself, with the
+``submit`` line (SCM_RIGHTS): the agent then reads the pipe, file or terminal directly, so a run
+from a script, a heredoc or CI takes the same path as one from a terminal, and EOF is the pipe's
+own.
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ class AgentClient:
         conn.settimeout(None)
         return cls(path, conn)
 
-    def _call(self, method: str, **args) -> object:
+    def _call(self, method: str, _fds: tuple[int, ...] = (), **args) -> object:
+        """One request and its answer; ``_fds``: descriptors passed with the request line."""
         if self._conn is None:
             # An earlier call was interrupted (Ctrl-C) with its answer unread: a fresh
             # connection rather than an answer to the wrong question. Closing the old one
@@ -105,7 +111,13 @@ class AgentClient:
         conn = self._conn
         assert conn is not None
         try:
-            conn.sendall(json.dumps({"method": method, "args": args}).encode() + b"\n")
+            request = json.dumps({"method": method, "args": args}).encode() + b"\n"
+            if _fds:
+                # The descriptors travel with the line's first byte; the rest follows as usual.
+                sent = socket.send_fds(conn, [request], list(_fds))
+                conn.sendall(request[sent:])
+            else:
+                conn.sendall(request)
             line = _read_line(conn)
         except OSError:
             line = b""  # reset or refused mid-call: the agent is going away
@@ -129,12 +141,17 @@ class AgentClient:
 
     # The Client protocol.
     def submit(self, *, stdin_source=None, **options) -> dict:
-        if stdin_source is not None:
-            raise errors.BadInput("the agent cannot forward stdin")  # make_run_client's job
-        return self._call("submit", **options)  # type: ignore[return-value]
+        """``stdin_source``: this process's stdin (an ``FdReader``), whose descriptor the agent
+        receives and reads from then on."""
+        if stdin_source is None:
+            return self._call("submit", **options)  # type: ignore[return-value]
+        fd = getattr(stdin_source, "fd", None)
+        if not isinstance(fd, int):
+            raise errors.BadInput("the local rgrid agent takes stdin only as a descriptor")
+        return self._call("submit", _fds=(fd,), stdin=True, **options)  # type: ignore[return-value]
 
-    def get(self, execution_id: str) -> dict:
-        return self._call("get", execution_id=execution_id)  # type: ignore[return-value]
+    def get(self, execution_id: str, check_store: bool = False) -> dict:
+        return self._call("get", execution_id=execution_id, check_store=check_store)  # type: ignore[return-value]
 
     def cancel(self, execution_id: str) -> dict:
         return self._call("cancel", execution_id=execution_id)  # type: ignore[return-value]

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import threading
 from typing import TYPE_CHECKING, Protocol
 
@@ -84,6 +85,65 @@ class FdReader:
         """The caller's descriptor is the caller's to close."""
 
 
+class PassedStdin:
+    """A client's stdin handed to the agent over its Unix socket (SCM_RIGHTS): the agent owns
+    this copy of the descriptor and must give it up when the execution ends.
+
+    Closing a descriptor does not wake a thread blocked reading it, and a copy left open would
+    keep reading the user's terminal (``-i``) or keep a pipe's writer from ever seeing its
+    reader go. So a read waits with ``poll`` on the descriptor and on a wake-up pipe, and
+    ``close`` writes to the pipe: the read returns EOF and the descriptor is closed. The
+    descriptor is never made non-blocking: its open file is shared with the client's shell."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._reading = False
+
+    def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            if self._closing:
+                return b""
+            self._reading = True
+        try:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            poller.register(self._wake_r, select.POLLIN)
+            while True:
+                ready = dict(poller.poll())
+                if self._wake_r in ready:
+                    return b""
+                if self.fd in ready:
+                    try:
+                        return os.read(self.fd, size if size > 0 else 64 * 1024)
+                    except OSError:
+                        return b""  # the client's end went away: the script reads EOF
+        finally:
+            with self._lock:
+                self._reading = False
+                if self._closing:
+                    self._release()
+
+    def close(self) -> None:
+        """Wake a waiting read (it returns EOF) and give the descriptor up; idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            os.write(self._wake_w, b"x")
+            if not self._reading:
+                self._release()
+
+    def _release(self) -> None:
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class MemoryChannels:
     """The embedded default: the script runs in this process, so both are handed over here."""
 
@@ -104,8 +164,12 @@ class MemoryChannels:
         return self._stdin.get(execution_id)
 
     def forget(self, execution_id: str) -> None:
+        """The execution is over: a stdin it never read to the end is given up too (the
+        agent's copy of a client's descriptor would otherwise stay open)."""
         self._env.pop(execution_id, None)
-        self._stdin.pop(execution_id, None)
+        source = self._stdin.pop(execution_id, None)
+        if source is not None:
+            source.close()
 
 
 class RedisChannels:

@@ -23,7 +23,14 @@ from urllib.parse import urlencode, urlsplit
 
 from rgrid.channels import StdinSource
 from rgrid.config import Settings
-from rgrid.errors import AuthError, BadInput, NotFound, RGridError, ServiceUnavailable
+from rgrid.errors import (
+    AuthError,
+    BadInput,
+    LostFromStore,
+    NotFound,
+    RGridError,
+    ServiceUnavailable,
+)
 from rgrid.inputs import InputFile
 from rgrid.statuses import TERMINAL_STATUSES
 
@@ -50,7 +57,11 @@ class Client(Protocol):
         env: dict[str, str] | None = None,
         stdin_source: StdinSource | None = None,
     ) -> dict: ...
-    def get(self, execution_id: str) -> dict: ...
+    def get(self, execution_id: str, check_store: bool = False) -> dict:
+        """``check_store``: also ask the object store whether the log and outputs it was
+        given are still there (``log_lost``, ``lost_outputs``)."""
+        ...
+
     def cancel(self, execution_id: str) -> dict: ...
     def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
@@ -373,8 +384,9 @@ class RemoteClient:
         except OSError as exc:
             print(f"rgrid: could not read stdin: {exc}", file=sys.stderr)
 
-    def get(self, execution_id: str) -> dict:
-        return self._request("GET", f"/executions/{execution_id}", retry=True)
+    def get(self, execution_id: str, check_store: bool = False) -> dict:
+        params = {"check_store": 1} if check_store else None
+        return self._request("GET", f"/executions/{execution_id}", params=params, retry=True)
 
     def cancel(self, execution_id: str) -> dict:
         return self._request("POST", f"/executions/{execution_id}/cancel", retry=True)
@@ -488,6 +500,9 @@ class RemoteClient:
         url = output["url"]
         try:
             response = self.objects.request("GET", url)
+            if response.status == 404:
+                response.read()
+                raise LostFromStore.output(output["path"])
             if response.status != 200:
                 response.read()
                 raise ServiceUnavailable(
@@ -512,11 +527,12 @@ class RemoteClient:
             yield chunks()
 
 
-def make_run_client(settings: Settings, stdin_source: StdinSource | None) -> Client:
+def make_run_client(settings: Settings) -> Client:
     """The client for `rgrid run`. The embedded default goes through its agent (rgrid/agent.py),
-    which keeps the pipeline loaded between runs, unless stdin has to be forwarded (the agent
-    is not the script's terminal) or the agent is turned off (RGRID_AGENT=0)."""
-    if settings.embedded and settings.agent and stdin_source is None:
+    which keeps the pipeline loaded between runs, unless the agent is turned off
+    (RGRID_AGENT=0). Forwarded stdin goes too: the agent is handed the descriptor itself
+    (the script reads it there)."""
+    if settings.embedded and settings.agent:
         from rgrid.agent_client import connect_or_start
 
         client = connect_or_start(settings)

@@ -17,6 +17,7 @@ from rgrid.client import save_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.embedded_batches import EmbeddedBatches
+from rgrid.errors import LostFromStore, NotFound
 from rgrid.inputs import InputFile
 from rgrid.models import iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
@@ -84,9 +85,13 @@ class EmbeddedClient(EmbeddedBatches):
         thread.start()
         return result
 
-    def get(self, execution_id: str) -> dict:
+    def get(self, execution_id: str, check_store: bool = False) -> dict:
         with session_scope(self.ctx.session_factory) as session:
-            return svc.execution_to_dict(svc.get_execution(session, self.account_id, execution_id))
+            execution = svc.get_execution(session, self.account_id, execution_id)
+            result = svc.execution_to_dict(execution)
+            if check_store:
+                result.update(svc.lost_objects(session, execution, self.ctx.store))
+            return result
 
     def cancel(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
@@ -178,5 +183,9 @@ class EmbeddedClient(EmbeddedBatches):
 
     @contextmanager
     def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:
-        with self.ctx.store.open_stream(output["key"]) as stream:
+        try:
+            stream = self.ctx.store.open_stream(output["key"])
+        except NotFound:
+            raise LostFromStore.output(output["path"]) from None
+        with stream:
             yield iter(lambda: stream.read(1024 * 1024), b"")

@@ -7,6 +7,8 @@ to the user as ``internal_error`` (never the exception's own text, which can car
 URLs and connection-pool messages).
 """
 
+from __future__ import annotations
+
 
 class RGridError(Exception):
     """A failure with a one-line explanation meant for the user."""
@@ -28,6 +30,20 @@ class UnknownRuntime(BadInput):
 
 class NotFound(RGridError):
     http_status = 404
+
+
+class LostFromStore(NotFound):
+    """Something RGrid stored (an execution's log, an output file) is no longer in the object
+    store although the database says it was put there: the store lost it. Said as such, so
+    that a lost log is not shown as an empty one, nor a lost file as a failed download."""
+
+    @classmethod
+    def log(cls, execution_id: str) -> LostFromStore:
+        return cls(f"the log of execution {execution_id} is lost from the object store")
+
+    @classmethod
+    def output(cls, path: str) -> LostFromStore:
+        return cls(f"output {path} is lost from the object store")
 
 
 class AuthError(RGridError):

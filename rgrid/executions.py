@@ -15,7 +15,7 @@ from rgrid import cache_keys
 from rgrid.blobs import check_uploaded, find_blob
 from rgrid.config import Settings
 from rgrid.dependencies import check_sources
-from rgrid.errors import BadInput, NotFound
+from rgrid.errors import BadInput, LostFromStore, NotFound
 from rgrid.hashing import script_hash
 from rgrid.inputs import OUTPUTS_DIR, check_manifest
 from rgrid.logbuffer import LogBuffer, LogChunk, iter_buffered, iter_log, stored_size
@@ -354,7 +354,9 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
                 chunks = _page(stored)
                 more = next(stored, None) is not None
         except NotFound:
-            chunks = []
+            if execution.log_stored:
+                raise LostFromStore.log(execution.id) from None
+            chunks = []  # it ended before any step ran (and wrote a log)
     else:
         chunks = _page(iter_buffered(logs, execution.id, offset))
     return {
@@ -364,6 +366,19 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
         "next_offset": offset + len(chunks),
         "chunks": [list(chunk) for chunk in chunks],
     }
+
+
+def lost_objects(session: Session, execution: Execution, store: ObjectStore) -> dict:
+    """What the object store no longer has of this execution although it was stored: whether
+    its log is lost, and which outputs are. One HEAD request per object, so only on request
+    (`rgrid status`), never on a run's path."""
+    log_lost = execution.log_stored and not store.exists(cache_keys.log_object_key(execution.id))
+    lost = []
+    for output in execution.outputs or []:
+        blob = find_blob(session, execution.account_id, output["sha256"])
+        if blob is None or not store.exists(blob.object_key):
+            lost.append(output["path"])
+    return {"log_lost": bool(log_lost), "lost_outputs": lost}
 
 
 def output_listing(session: Session, execution: Execution, store: ObjectStore) -> list[dict]:

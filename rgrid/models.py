@@ -92,6 +92,10 @@ class Execution(Base):
     cpus: Mapped[float | None] = mapped_column(Float)
     # Whether the client streams stdin to the script (else the script reads EOF at once).
     stdin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Whether the log was written to the object store when the execution ended: a log that
+    # was stored and is missing there now is lost (`rgrid logs` says so), one that never was
+    # (ended without a pipeline step) is simply empty.
+    log_stored: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The names of the variables passed with --env; their values are never stored here.
     env_names: Mapped[list | None] = mapped_column(JSON)
     # The environment it ran in: the installed dependency set's folder name on the worker

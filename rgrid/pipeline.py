@@ -773,6 +773,7 @@ def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
     ctx.note(execution_id, "cancelled before it ran")
     _persist_logs(ctx, execution_id)
     with execution_row(ctx, execution_id) as execution:
+        execution.log_stored = True
         if execution.status in TERMINAL_STATUSES or execution.status == Status.RUNNING:
             return execution.status, True  # the run step got there first; its watch stops it
         set_status(execution, Status.CANCELLED)
@@ -1006,7 +1007,7 @@ def store_step(ctx: PipelineContext, execution_id: str, execution: Execution | N
 
 def _publish(ctx: PipelineContext, execution_id: str) -> Execution | None:
     """The final status, with the cache rows the run used touched in the same transaction;
-    None if the execution had already ended."""
+    None if the execution had already ended. Called once its log is stored."""
     with session_scope(ctx.session_factory) as session:
         execution = _load(session, execution_id)
         if execution.status in TERMINAL_STATUSES:
@@ -1025,21 +1026,25 @@ def _publish(ctx: PipelineContext, execution_id: str) -> Execution | None:
                     blobs.touch(blob)
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
+        execution.log_stored = True
     return execution
 
 
 def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
     """Called when a step raised: the execution ends in ``error`` with its log kept."""
     log.error("execution %s failed: %s", execution_id, message)
+    stored = False
     try:
         ctx.note(execution_id, f"error: {message}")
         _persist_logs(ctx, execution_id)
+        stored = True
     except Exception:  # noqa: BLE001 - the row must still be marked even if the store is down
         log.exception("could not store the log of %s", execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = session.get(Execution, execution_id)
         if execution is None or execution.status in TERMINAL_STATUSES:
             return
+        execution.log_stored = stored
         set_status(execution, Status.ERROR)
         execution.outcome = Status.ERROR
         execution.error = message

@@ -12,7 +12,14 @@ from rgrid import executions as svc
 from rgrid import metrics
 from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
-from rgrid.api.schemas import ExecutionListQuery, LogsQuery, StdinQuery, SubmitRequest, validated
+from rgrid.api.schemas import (
+    ExecutionListQuery,
+    ExecutionQuery,
+    LogsQuery,
+    StdinQuery,
+    SubmitRequest,
+    validated,
+)
 from rgrid.channels import check_env
 from rgrid.db import session_scope
 from rgrid.errors import BadInput, NotFound, ServiceUnavailable
@@ -77,13 +84,17 @@ def list_executions(query: ExecutionListQuery):
 
 
 @bp.get("/executions/<execution_id>")
-@validated()
-def get_execution(execution_id: str):
-    """One execution, by id, unique id prefix or `last`."""
-    with session_scope(_ctx().session_factory) as session:
-        return jsonify(
-            svc.execution_to_dict(svc.get_execution(session, g.account_id, execution_id))
-        )
+@validated(query=ExecutionQuery)
+def get_execution(execution_id: str, query: ExecutionQuery):
+    """One execution, by id, unique id prefix or `last`. ``?check_store=1``: also whether the
+    object store still has its log and outputs (``log_lost``, ``lost_outputs``)."""
+    ctx = _ctx()
+    with session_scope(ctx.session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        result = svc.execution_to_dict(execution)
+        if query.check_store:
+            result.update(svc.lost_objects(session, execution, ctx.store))
+        return jsonify(result)
 
 
 #: The longest a log request may wait for something new (``?wait=``), and how often it looks

@@ -182,6 +182,11 @@ class CachePurgeRequest(_Strict):
     all: bool = False
 
 
+class ExecutionQuery(_Query):
+    #: 1: also ask the object store whether the execution's log and outputs are still there.
+    check_store: Annotated[int, Field(ge=0, le=1)] = 0
+
+
 class StdinQuery(_Query):
     eof: Annotated[int, Field(ge=0, le=1)] = 0
 

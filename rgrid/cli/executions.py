@@ -326,7 +326,7 @@ def run(
             " in this process"
         )
     stdin_source = None if detach else stdin_to_forward(interactive)
-    client = make_run_client(settings, stdin_source)
+    client = make_run_client(settings)
     files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
     script_args = [
         *(input_name(arg) for arg in inputs),
@@ -446,8 +446,8 @@ def cancel(execution_id: str):
 @click.argument("execution_id")
 @click.option("--json", "json_mode", is_flag=True)
 def status(execution_id: str, json_mode: bool):
-    """Show an execution's state."""
-    execution = _client().get(execution_id)
+    """Show an execution's state, and whether the object store still has its log and outputs."""
+    execution = _client().get(execution_id, check_store=True)
     if json_mode:
         print_json(execution)
         return
@@ -483,8 +483,12 @@ def status(execution_id: str, json_mode: bool):
         click.echo(f"{'env':22} {' '.join(execution['env_names'])} (values not kept)")
     for pin in execution.get("resolved_dependencies") or []:
         click.echo(f"{'dependency':22} {pin}")
+    if execution.get("log_lost"):
+        click.echo(f"{'log':22} lost from the object store")
+    lost = set(execution.get("lost_outputs") or [])
     for output in execution["outputs"]:
-        click.echo(f"{'output':22} {output['path']} ({human_bytes(output['size'])})")
+        gone = " lost from the object store" if output["path"] in lost else ""
+        click.echo(f"{'output':22} {output['path']} ({human_bytes(output['size'])}){gone}")
     if execution["status"] not in TERMINAL_STATUSES:
         note(f"{execution['execution_id']} is still {execution['status']}")
 

@@ -108,3 +108,72 @@ def test_image_era_rows_migrate_to_environments(empty_database):
     command.upgrade(config, "head")
     assert _diff(empty_database) == []
     engine.dispose()
+
+
+def test_finished_rows_from_before_log_stored_expect_their_log(empty_database):
+    """0011's backfill: a finished execution's log is expected in the store (so a missing one
+    is reported lost), except where no step ever wrote one: a batch's queued execution
+    cancelled in bulk, an execution the sweep ended as lost; nor while one still runs."""
+    from alembic import command
+
+    from rgrid.db import alembic_config
+
+    config = alembic_config(empty_database)
+    command.upgrade(config, "0008")
+    engine = create_engine(empty_database)
+    now = datetime.now(UTC)
+    rows = {
+        # id: (status, error, batch_id, started_at, finished_at)
+        "ran": ("succeeded", None, None, now, now),
+        "failed": ("error", "internal error while running the script", None, now, now),
+        "queued-cancel": ("cancelled", "cancelled", None, None, now),
+        "bulk-cancel": ("cancelled", "cancelled", "b1", None, now),
+        "swept": (
+            "error",
+            "lost: no worker finished this execution; run it again",
+            None,
+            None,
+            now,
+        ),
+        "running": ("running", None, None, now, None),
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO accounts (id, name, created_at) VALUES (7, 'old', :now)"),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, account_id, script_name, script_hash, runtime,"
+                " template, created_at) VALUES ('b1', 7, 'job.py', :h, 'python:3.11', '{}', :now)"
+            ),
+            {"h": "a" * 64, "now": now},
+        )
+        for execution_id, (status, error, batch_id, started, finished) in rows.items():
+            conn.execute(
+                text(
+                    "INSERT INTO executions (id, account_id, status, runtime, script_name,"
+                    " script_hash, args, timeout_s, script_cache_hit, input_cache_hit,"
+                    " bytes_uploaded, outputs, created_at, error, batch_id, started_at,"
+                    " finished_at) VALUES (:id, 7, :status, 'python:3.11', 'job.py', :h, '[]',"
+                    " 60, false, false, 0, '[]', :now, :error, :batch, :started, :finished)"
+                ),
+                {
+                    "id": execution_id,
+                    "status": status,
+                    "h": "a" * 64,
+                    "now": now,
+                    "error": error,
+                    "batch": batch_id,
+                    "started": started,
+                    "finished": finished,
+                },
+            )
+    command.upgrade(config, "0011")
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT id, log_stored FROM executions")).all())
+    assert {k for k, v in stored.items() if v} == {"ran", "failed", "queued-cancel"}
+    command.downgrade(config, "0008")
+    command.upgrade(config, "head")
+    assert _diff(empty_database) == []
+    engine.dispose()

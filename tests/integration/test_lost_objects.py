@@ -1,0 +1,107 @@
+"""A log or output the object store lost, on the real API, PostgreSQL and S3 endpoint: said to
+be lost (never shown as an empty log or a failed download), and told apart from a log that
+was never written. Loss is simulated by deleting the objects from the test bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import pytest
+
+from rgrid import accounts, batches, cache_keys, pipeline
+from rgrid import executions as svc
+from rgrid.api import create_app
+from rgrid.blobs import find_blob, store_file
+from rgrid.db import session_scope
+from rgrid.models import Account, Execution
+
+SCRIPT = """\
+import os
+print("counted", flush=True)
+os.makedirs("outputs", exist_ok=True)
+open("outputs/count.txt", "w").write("3\\n")
+open("outputs/kept.txt", "w").write("kept\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def app(server_settings):
+    return create_app(server_settings)
+
+
+@pytest.fixture
+def api(app, ctx, account):
+    """A test client of the real app, and this account's auth header."""
+    with session_scope(ctx.session_factory) as session:
+        _, secret = accounts.issue_key(session, session.get(Account, account.id))
+    return app.test_client(), {"Authorization": f"Bearer {secret}"}
+
+
+def _output_key(ctx, execution_id: str, path: str) -> str:
+    with session_scope(ctx.session_factory) as session:
+        execution = session.get(Execution, execution_id)
+        (output,) = [o for o in execution.outputs if o["path"] == path]
+        return find_blob(session, execution.account_id, output["sha256"]).object_key
+
+
+def test_a_lost_log_and_a_lost_output_are_named_as_lost(api, ctx, submit):
+    client, headers = api
+    # A script of its own: no other test's run shares its output blobs.
+    execution_id = submit(SCRIPT + f"# {uuid.uuid4().hex}\n", runtime="python:3.11", timeout_s=60)
+    pipeline.run_all(ctx, execution_id)
+    base = f"/v1/executions/{execution_id}"
+
+    # All there: nothing is said to be lost.
+    page = client.get(f"{base}/logs", headers=headers).json
+    assert ["stdout", "counted\n"] in page["chunks"]
+    checked = client.get(f"{base}?check_store=1", headers=headers).json
+    assert checked["status"] == "succeeded"
+    assert checked["log_lost"] is False and checked["lost_outputs"] == []
+    # Without the check, no store request and no such fields.
+    assert "log_lost" not in client.get(base, headers=headers).json
+
+    ctx.store.delete(cache_keys.log_object_key(execution_id))
+    response = client.get(f"{base}/logs", headers=headers)
+    assert response.status_code == 404
+    assert response.json == {
+        "error": f"the log of execution {execution_id} is lost from the object store"
+    }
+    checked = client.get(f"{base}?check_store=1", headers=headers).json
+    assert checked["log_lost"] is True and checked["lost_outputs"] == []
+
+    ctx.store.delete(_output_key(ctx, execution_id, "count.txt"))
+    checked = client.get(f"{base}?check_store=1", headers=headers).json
+    assert checked["lost_outputs"] == ["count.txt"]
+
+
+def test_a_log_never_written_is_empty_not_lost(ctx, account, tmp_path):
+    """A batch's queued execution cancelled in bulk ends without any step, so without a log:
+    its log reads as empty, and nothing is said to be lost."""
+    data = tmp_path / "in.txt"
+    data.write_text("input")
+    digest = hashlib.sha256(b"input").hexdigest()
+    with session_scope(ctx.session_factory) as session:
+        store_file(session, ctx.store, account.id, data, digest)
+        batch_id = batches.create_batch(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script="print('never runs')\n",
+            script_name="never.py",
+            runtime="python:3.11",
+        ).id
+    with session_scope(ctx.session_factory) as session:
+        item = {"path": "in.txt", "sha256": digest, "size": 5}
+        batches.add_inputs(session, ctx.settings, account.id, batch_id, [item])
+    batches.cancel(ctx.session_factory, account.id, batch_id, lambda i: None, lambda i: None)
+    with session_scope(ctx.session_factory) as session:
+        (execution,) = session.query(Execution).filter(Execution.batch_id == batch_id).all()
+        assert execution.status == "cancelled" and not execution.log_stored
+        page = svc.read_logs(execution, ctx.logs, ctx.store)
+        assert page["complete"] and page["chunks"] == []
+        assert svc.lost_objects(session, execution, ctx.store) == {
+            "log_lost": False,
+            "lost_outputs": [],
+        }
