@@ -546,21 +546,19 @@ def _store_outputs(
     store_by: float,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
-    twice. Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the
-    outputs are not recorded, so none of them is half there for the user."""
-    for output in outputs:
-        if time.monotonic() > store_by:
-            raise sandbox.OutputLimitExceeded(
-                f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
-            )
-        with session_scope(ctx.session_factory) as session:
-            blobs.store_file(
-                session,
-                ctx.store,
-                execution.account_id,
-                sandbox.output_path(box, output["path"]),
-                output["sha256"],
-            )
+    twice, and thousands of small ones are stored many at a time (``blobs.store_outputs``).
+    Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the outputs
+    are not recorded, so none of them is half there for the user."""
+    blobs.store_outputs(
+        ctx.session_factory,
+        ctx.store,
+        execution.account_id,
+        [(sandbox.output_path(box, output["path"]), output["sha256"]) for output in outputs],
+        store_by=store_by,
+        on_late=lambda: sandbox.OutputLimitExceeded(
+            f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
+        ),
+    )
 
 
 #: The longest text one log chunk carries: a script's output is cut into chunks no larger,
