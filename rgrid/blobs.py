@@ -18,16 +18,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
 from rgrid.config import Settings
-from rgrid.errors import BadInput, NotFound, RGridError
+from rgrid.errors import BadInput, NotFound, OverQuota, RGridError
 from rgrid.hashing import sha256_stream
-from rgrid.models import Blob, Upload, utcnow
+from rgrid.models import Account, Blob, Upload, utcnow
 from rgrid.objectstore import ObjectStore, PresigningStore
+from rgrid.units import human_bytes
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: The pace a part's URL lifetime allows for the parts before it (a 5 GiB file: 85 minutes).
@@ -103,6 +104,7 @@ def start_upload(
     """Where to send the bytes: one presigned PUT, or presigned parts for a large file."""
     check_digest(digest)
     check_size(settings, size)
+    _check_staging_room(session, store, settings, account_id, size)
     upload = Upload(
         id=secrets.token_hex(16),
         account_id=account_id,
@@ -115,7 +117,9 @@ def start_upload(
     expires = settings.upload_url_expiry_s
     result: dict = {"upload_id": upload.id}
     if size <= part:
-        result["url"] = store.upload_url(upload.object_key, size, expires)
+        result["url"] = store.upload_url(upload.object_key, size, digest, expires)
+        # Signed into the URL: the client sends it, and S3 refuses a body of other bytes.
+        result["headers"] = store.upload_headers(digest)
     else:
         upload.multipart_id = store.start_multipart(upload.object_key)
         result["parts"] = [
@@ -137,6 +141,36 @@ def start_upload(
         ]
     session.add(upload)
     return result
+
+
+def _check_staging_room(
+    session: Session, store: ObjectStore, settings: Settings, account_id: int, size: int
+) -> None:
+    """An account's open uploads are unchecked bytes in the bucket: at most
+    ``max_open_uploads`` of them, declaring at most ``max_staged_bytes`` in all. Its own
+    abandoned ones are cleared first, so a cap reached by a killed client frees itself."""
+    from rgrid.purge import purge_abandoned_uploads
+
+    # One start at a time per account (a row lock; SQLite's writer lock is one already), so
+    # that concurrent starts cannot all fit in the same room.
+    session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    purge_abandoned_uploads(store, session, settings, account_id)
+    count, staged = session.execute(
+        select(func.count(Upload.id), func.coalesce(func.sum(Upload.size), 0)).where(
+            Upload.account_id == account_id
+        )
+    ).one()
+    if count >= settings.max_open_uploads:
+        raise OverQuota(
+            f"{count} uploads of this account are already in progress, the most allowed "
+            f"(RGRID_MAX_OPEN_UPLOADS): let them finish first"
+        )
+    if staged + size > settings.max_staged_bytes:
+        raise OverQuota(
+            f"uploads in progress would hold {human_bytes(staged + size)}, over this "
+            f"account's {human_bytes(settings.max_staged_bytes)} staging limit "
+            "(RGRID_MAX_STAGED_BYTES): let them finish first"
+        )
 
 
 def _check_size(store: ObjectStore, key: str, size: int, declared: int) -> None:

@@ -503,10 +503,12 @@ class RemoteClient:
         body = {"all": True} if everything else {"older_than_s": older_than_s}
         return self._request("POST", "/cache/purge", body)["removed"]
 
-    def _put(self, url: str, body: FileSlice) -> http.client.HTTPResponse:
+    def _put(
+        self, url: str, body: FileSlice, headers: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
         try:
             response = self.objects.request(
-                "PUT", url, body=body, headers={"Content-Length": str(len(body))}
+                "PUT", url, body=body, headers={**(headers or {}), "Content-Length": str(len(body))}
             )
             response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -520,7 +522,8 @@ class RemoteClient:
         parts = []
         with open(item.path, "rb") as fh:
             if "url" in plan:
-                self._put(plan["url"], FileSlice(fh, 0, item.size, advance))
+                body = FileSlice(fh, 0, item.size, advance)
+                self._put(plan["url"], body, plan.get("headers"))
             for part in plan.get("parts", []):
                 body = FileSlice(fh, part["offset"], part["length"], advance)
                 response = self._put(part["url"], body)
