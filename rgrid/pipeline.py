@@ -561,6 +561,34 @@ def _store_outputs(
     )
 
 
+#: While a run's outputs are read, its sandbox folder's mtime is renewed this often.
+HOLD_EVERY_S = 10.0
+
+
+@contextlib.contextmanager
+def _holding(box: sandbox.Box):
+    """Keep the ended sandbox's folder young while its outputs are collected and stored. Its
+    container is gone by then, and every sweeper on this host (``pool.sweep_folders``, and
+    ``pool.release_orphaned_disks`` of any installation) deletes or unmounts a folder with
+    no live container once its mtime is a minute old: storing 10,000 outputs took longer."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                os.utime(box.host_dir)
+            if stop.wait(HOLD_EVERY_S):
+                return
+
+    thread = threading.Thread(target=renew, name="rgrid-hold-outputs", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 #: The longest text one log chunk carries: a script's output is cut into chunks no larger,
 #: so that a page of chunks stays small (``executions.LOG_PAGE_BYTES``).
 MAX_CHUNK_CHARS = 8192
@@ -903,10 +931,11 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
     store_by += OUTPUT_STORE_GRACE_S
     try:
-        outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
-        for note in result.notes:
-            ctx.note(execution_id, note)
-        patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+        with _holding(box):
+            outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
+            for note in result.notes:
+                ctx.note(execution_id, note)
+            patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
     except sandbox.OutputLimitExceeded as exc:
         _end_failed(ctx, execution_id, str(exc), warm, result)
         return
