@@ -16,6 +16,7 @@ pre-started sandbox for the environment (``rgrid/pool.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -565,12 +566,25 @@ def _store_outputs(
 HOLD_EVERY_S = 10.0
 
 
+@dataclasses.dataclass
+class _HeldBox(sandbox.Box):
+    """An ended sandbox whose ``/work`` is reached through a descriptor held open on it."""
+
+    work_fd: int = -1
+
+    @property
+    def work(self) -> Path:
+        return Path(f"/proc/self/fd/{self.work_fd}")
+
+
 @contextlib.contextmanager
-def _holding(box: sandbox.Box):
-    """Keep the ended sandbox's folder young while its outputs are collected and stored. Its
-    container is gone by then, and every sweeper on this host (``pool.sweep_folders``, and
-    ``pool.release_orphaned_disks`` of any installation) deletes or unmounts a folder with
-    no live container once its mtime is a minute old: storing 10,000 outputs took longer."""
+def _holding(box: sandbox.Box) -> Iterator[sandbox.Box]:
+    """The ended sandbox, held while its outputs are collected and stored. Its container is
+    gone by then, and sweepers on this host delete or unmount a folder with no live
+    container: ``pool.sweep_folders`` once its mtime is a minute old (renewed here), and any
+    installation's ``pool.release_orphaned_disks`` (a test session's end: at once). Storing
+    10,000 outputs took longer than either. The yielded box reads ``/work`` through a
+    descriptor held on it, which keeps a lazily unmounted filesystem alive and reachable."""
     stop = threading.Event()
 
     def renew() -> None:
@@ -583,8 +597,17 @@ def _holding(box: sandbox.Box):
     thread = threading.Thread(target=renew, name="rgrid-hold-outputs", daemon=True)
     thread.start()
     try:
-        yield
+        fd = os.open(box.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        fd = None  # then collecting says what is wrong with the folder
+    try:
+        if fd is None:
+            yield box
+        else:
+            yield _HeldBox(box.name, box.container_id, box.host_dir, work_fd=fd)
     finally:
+        if fd is not None:
+            os.close(fd)
         stop.set()
         thread.join()
 
@@ -931,11 +954,11 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
     store_by += OUTPUT_STORE_GRACE_S
     try:
-        with _holding(box):
-            outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
+        with _holding(box) as held:
+            outputs = sandbox.collect_outputs(held, ctx.limits, result.notes)
             for note in result.notes:
                 ctx.note(execution_id, note)
-            patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+            patiently(lambda: _store_outputs(ctx, execution, held, outputs, store_by))
     except sandbox.OutputLimitExceeded as exc:
         _end_failed(ctx, execution_id, str(exc), warm, result)
         return
