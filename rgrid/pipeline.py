@@ -954,7 +954,9 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
     store_by += OUTPUT_STORE_GRACE_S
     try:
-        with _holding(box) as held:
+        # The watch renews the lease meanwhile: storing 2,000 outputs outlasted the e2e
+        # stack's 4 s lease, and its sweep called the worker lost.
+        with _holding(box) as held, RunWatch(ctx, execution_id, box):
             outputs = sandbox.collect_outputs(held, ctx.limits, result.notes)
             for note in result.notes:
                 ctx.note(execution_id, note)
