@@ -45,6 +45,9 @@ worker_send_task_events = True
 task_send_sent_event = False
 broker_connection_retry_on_startup = True
 
+#: How often abandoned uploads are purged.
+UPLOAD_PURGE_EVERY_S = 600
+
 beat_schedule = {
     # Twice per lease, so a lost worker is noticed within 1.5 leases.
     "sweep-lost-workers": {
@@ -60,6 +63,12 @@ beat_schedule = {
     "dispatch-stalled-batches": {
         "task": queueing.DISPATCH_BATCHES,
         "schedule": _settings.lease_s,
+    },
+    # Staged bytes of uploads never completed: gone within the hour, not at the nightly purge
+    # (issue 24); the job only reads the uploads table and lists the staging prefix.
+    "purge-abandoned-uploads": {
+        "task": queueing.PURGE_UPLOADS,
+        "schedule": UPLOAD_PURGE_EVERY_S,
     },
     "purge-unused-cache-entries": {
         "task": queueing.PURGE_CACHES,

@@ -91,6 +91,11 @@ def purge_lock_name(queue: str) -> str:
     return f"rgrid:purge:{queue}"
 
 
+def upload_purge_lock_name(queue: str) -> str:
+    """One purge of abandoned uploads at a time per deployment."""
+    return f"rgrid:purge-uploads:{queue}"
+
+
 def last_purge_key(queue: str) -> str:
     """Where the last purge's result waits for `rgrid cache stats` (Redis)."""
     return f"rgrid:last-purge:{queue}"

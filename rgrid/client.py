@@ -77,18 +77,34 @@ class Client(Protocol):
 
 def verified_copy(chunks, target: Path, expected_sha256: str) -> None:
     """Write chunks to ``target`` and refuse the file unless its digest is the promised one."""
+    partial = fetch_verified(chunks, target, expected_sha256)
+    partial.replace(target)
+
+
+def fetch_verified(chunks, target: Path, expected_sha256: str) -> Path:
+    """Write chunks beside ``target`` and return that file, unless its digest is not the
+    promised one. Its name is short (the output's own may be as long as a name can be) and
+    unique (outputs of the same bytes may be fetched at once into the same folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A short name of its own: the output's name may already be as long as a name can be.
-    partial = target.with_name(f".rgrid-{expected_sha256[:16]}.part")
+    partial = target.with_name(f".rgrid-{expected_sha256[:12]}-{os.urandom(4).hex()}.part")
     digest = hashlib.sha256()
-    with open(partial, "wb") as fh:
-        for chunk in chunks:
-            digest.update(chunk)
-            fh.write(chunk)
+    try:
+        with open(partial, "wb") as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != expected_sha256:
         partial.unlink(missing_ok=True)
         raise RGridError(f"output {target.name} failed verification (digest mismatch)")
-    partial.replace(target)
+    return partial
+
+
+#: Outputs fetched at once: many small files are bound by the store's round trip, not by
+#: bandwidth (10,000 one-KiB outputs; bench/many_outputs.py).
+FETCH_THREADS = 16
 
 
 def save_outputs(
@@ -97,23 +113,69 @@ def save_outputs(
     fetch: Callable[[dict], AbstractContextManager[Iterable[bytes]]],
     advance: Callable[[int], None],
 ) -> list[Path]:
-    """Fetch and verify each output into ``dest``. One this filesystem cannot hold (a name
-    too long or invalid here, or the same as another's once case is folded) is skipped with a
-    line saying so; the others still arrive."""
+    """Fetch and verify each output into ``dest``, ``FETCH_THREADS`` at a time (``fetch`` is
+    called from several threads). One this filesystem cannot hold (a name too long or
+    invalid here, or the same as another's once case is folded) is skipped with a line
+    saying so; the others still arrive. The first failure of the store stops the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = [safe_target(dest, output["path"]) for output in listing]
+    order = {target: index for index, target in enumerate(targets)}
+    placed = threading.Lock()
     written: list[Path] = []
-    for output in listing:
-        target = safe_target(dest, output["path"])
+    progress_lock = threading.Lock()
+    failed = threading.Event()
+
+    def counted(n: int) -> None:
+        if failed.is_set():  # Ctrl-C, or the store failed for another output: stop here
+            raise RGridError("output download stopped")
+        with progress_lock:
+            advance(n)
+
+    def one(output: dict, target: Path) -> None:
+        if failed.is_set():
+            return
         try:
-            if target.exists() and any(os.path.samefile(target, done) for done in written):
-                raise OSError(errno.EEXIST, "another output has this name on this filesystem")
             with fetch(output) as chunks:
-                verified_copy(_counted(chunks, advance), target, output["sha256"])
+                partial = fetch_verified(_counted(chunks, counted), target, output["sha256"])
+            # Placing is one at a time: two names that are one file here (case folded) must
+            # not both count as written.
+            with placed:
+                try:
+                    if target.exists() and any(os.path.samefile(target, w) for w in written):
+                        raise OSError(
+                            errno.EEXIST, "another output has this name on this filesystem"
+                        )
+                    partial.replace(target)
+                except OSError:
+                    partial.unlink(missing_ok=True)
+                    raise
+                written.append(target)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             print(f"rgrid: skipped output {output['path']!r}: {reason}", file=sys.stderr)
-            continue
-        written.append(target)
-    return written
+        except BaseException:
+            failed.set()
+            raise
+
+    if len(listing) <= 1:
+        for output, target in zip(listing, targets, strict=True):
+            one(output, target)
+        return written
+    with ThreadPoolExecutor(min(FETCH_THREADS, len(listing))) as pool:
+        futures = [
+            pool.submit(one, output, target)
+            for output, target in zip(listing, targets, strict=True)
+        ]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            failed.set()
+            for future in futures:
+                future.cancel()
+            raise
+    return sorted(written, key=order.__getitem__)
 
 
 def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
@@ -239,6 +301,9 @@ class RemoteClient:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.http = _Http()
         self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
+        #: Object-store connections of the threads that fetch outputs (rgrid.client.save_outputs):
+        #: one kept-alive connection serves one request at a time.
+        self._threads = threading.local()
         #: Output listings that came with a log's final page, by execution: the download
         #: that follows needs no request of its own.
         self._final_outputs: dict[str, list[dict]] = {}
@@ -450,10 +515,12 @@ class RemoteClient:
         body = {"all": True} if everything else {"older_than_s": older_than_s}
         return self._request("POST", "/cache/purge", body)["removed"]
 
-    def _put(self, url: str, body: FileSlice) -> http.client.HTTPResponse:
+    def _put(
+        self, url: str, body: FileSlice, headers: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
         try:
             response = self.objects.request(
-                "PUT", url, body=body, headers={"Content-Length": str(len(body))}
+                "PUT", url, body=body, headers={**(headers or {}), "Content-Length": str(len(body))}
             )
             response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -467,7 +534,8 @@ class RemoteClient:
         parts = []
         with open(item.path, "rb") as fh:
             if "url" in plan:
-                self._put(plan["url"], FileSlice(fh, 0, item.size, advance))
+                body = FileSlice(fh, 0, item.size, advance)
+                self._put(plan["url"], body, plan.get("headers"))
             for part in plan.get("parts", []):
                 body = FileSlice(fh, part["offset"], part["length"], advance)
                 response = self._put(part["url"], body)
@@ -488,18 +556,28 @@ class RemoteClient:
     def download_outputs(
         self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
     ) -> list[Path]:
-        listing = self._request(
-            "GET", f"/executions/{execution['execution_id']}/outputs", retry=True
-        )
-        return save_outputs(listing["outputs"], dest, self._fetch_output, advance)
+        listing = self._final_outputs.pop(execution["execution_id"], None)
+        if listing is None:
+            path = f"/executions/{execution['execution_id']}/outputs"
+            listing = self._request("GET", path, retry=True)["outputs"]
+        return save_outputs(listing, dest, self._fetch_output, advance)
+
+    def _objects(self) -> _Http:
+        """This thread's object-store connections."""
+        if threading.current_thread() is threading.main_thread():
+            return self.objects
+        if not hasattr(self._threads, "objects"):
+            self._threads.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
+        return self._threads.objects
 
     @contextmanager
     def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:
         """The output's bytes from its presigned URL. A network failure is the object store's
         (ServiceUnavailable); an OSError that escapes is this filesystem's."""
         url = output["url"]
+        objects = self._objects()
         try:
-            response = self.objects.request("GET", url)
+            response = objects.request("GET", url)
             if response.status == 404:
                 response.read()
                 raise LostFromStore.output(output["path"])
@@ -523,7 +601,7 @@ class RemoteClient:
                     return
                 yield chunk
 
-        with self.objects.reading(response, url):
+        with objects.reading(response, url):
             yield chunks()
 
 

@@ -99,7 +99,9 @@ class Settings:
     disk_limit: str = "4g"
     max_output_bytes: int = 1024**3
     #: Files in ``/work/outputs``; a run over it ends ``failed`` and stores none of them.
-    max_output_files: int = 1000
+    #: Bytes (``max_output_bytes``) are the real bound: one file per record or per tile is
+    #: common, and each costs one PUT and one GET (issue 24).
+    max_output_files: int = 100_000
     #: A log's stored bytes (its JSON lines), per execution; also bounds what it holds in Redis.
     max_log_bytes: int = 64 * 1024**2
     max_script_bytes: int = 1024**2
@@ -150,6 +152,15 @@ class Settings:
 
     #: How long a presigned upload URL stays valid after it is issued.
     upload_url_expiry_s: int = 600
+    #: Per account: bytes declared by uploads not yet completed, and how many such uploads
+    #: may be open at once. A staged upload is unchecked bytes in the bucket: without a cap
+    #: one tenant could fill the store with them (issue 24). The CLI keeps at most 8 uploads
+    #: open (rgrid/cli/batch.py), each at most ``max_input_file_bytes``.
+    max_staged_bytes: int = 64 * 1024**3
+    max_open_uploads: int = 64
+    #: An upload still open this long after its last URL expired is abandoned: its row and
+    #: staged bytes are deleted by the purge of abandoned uploads (celeryconfig.py beat).
+    upload_abandon_grace_s: int = 600
 
     # How long a build waits for another builder of the same key before giving up. The lock's
     # lease is twice that, so a waiter gives up before a live builder's lease can lapse.
@@ -242,6 +253,11 @@ class Settings:
                 for entry in (_env("RGRID_ALLOWED_INDEXES") or "").replace(",", " ").split()
             ),
             upload_url_expiry_s=_env_int("RGRID_UPLOAD_URL_EXPIRY", cls.upload_url_expiry_s),
+            max_staged_bytes=_env_int("RGRID_MAX_STAGED_BYTES", cls.max_staged_bytes),
+            max_open_uploads=_env_int("RGRID_MAX_OPEN_UPLOADS", cls.max_open_uploads),
+            upload_abandon_grace_s=_env_int(
+                "RGRID_UPLOAD_ABANDON_GRACE", cls.upload_abandon_grace_s
+            ),
         )
 
     @property

@@ -28,6 +28,13 @@ class UnknownRuntime(BadInput):
     """The runtime name maps to no base image."""
 
 
+class OverQuota(BadInput):
+    """An account is over one of its caps for now (open uploads, staged bytes): the request
+    is fine, and succeeds once what the account already has in progress finishes."""
+
+    http_status = 429
+
+
 class NotFound(RGridError):
     http_status = 404
 

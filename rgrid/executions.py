@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
-from rgrid.blobs import check_uploaded, find_blob
+from rgrid.blobs import blobs_for, check_uploaded
 from rgrid.config import Settings
 from rgrid.dependencies import check_sources
 from rgrid.errors import BadInput, LostFromStore, NotFound
@@ -384,8 +384,11 @@ def lost_objects(session: Session, execution: Execution, store: ObjectStore) -> 
 def output_listing(session: Session, execution: Execution, store: ObjectStore) -> list[dict]:
     """Each output with where to fetch it (a presigned URL, or the key for a local store)."""
     listing = []
-    for output in execution.outputs or []:
-        blob = find_blob(session, execution.account_id, output["sha256"])
+    outputs = execution.outputs or []
+    # One query for them all: a run may leave 100,000 files (issue 24).
+    stored = blobs_for(session, execution.account_id, [output["sha256"] for output in outputs])
+    for output in outputs:
+        blob = stored.get(output["sha256"])
         if blob is None:
             raise NotFound(f"output {output['path']} is no longer stored")
         listing.append(

@@ -164,8 +164,9 @@ def purge_local_files(settings: Settings, older_than: timedelta) -> dict[str, in
 
 
 #: A staging object no upload row names is never one being written (the row is committed
-#: before its URL is handed out); the margin only keeps clear of clock skew.
-STRAY_UPLOAD_AGE_S = 3600
+#: before its URL is handed out); the margin only keeps clear of clock skew. Swept with the
+#: abandoned uploads every 10 minutes (celeryconfig.py).
+STRAY_UPLOAD_AGE_S = 600
 
 
 def purge_stray_uploads(store: ObjectStore, session: Session) -> int:

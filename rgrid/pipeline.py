@@ -16,6 +16,7 @@ pre-started sandbox for the environment (``rgrid/pool.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -546,21 +547,69 @@ def _store_outputs(
     store_by: float,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
-    twice. Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the
-    outputs are not recorded, so none of them is half there for the user."""
-    for output in outputs:
-        if time.monotonic() > store_by:
-            raise sandbox.OutputLimitExceeded(
-                f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
-            )
-        with session_scope(ctx.session_factory) as session:
-            blobs.store_file(
-                session,
-                ctx.store,
-                execution.account_id,
-                sandbox.output_path(box, output["path"]),
-                output["sha256"],
-            )
+    twice, and thousands of small ones are stored many at a time (``blobs.store_outputs``).
+    Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the outputs
+    are not recorded, so none of them is half there for the user."""
+    blobs.store_outputs(
+        ctx.session_factory,
+        ctx.store,
+        execution.account_id,
+        [(sandbox.output_path(box, output["path"]), output["sha256"]) for output in outputs],
+        store_by=store_by,
+        on_late=lambda: sandbox.OutputLimitExceeded(
+            f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
+        ),
+    )
+
+
+#: While a run's outputs are read, its sandbox folder's mtime is renewed this often.
+HOLD_EVERY_S = 10.0
+
+
+@dataclasses.dataclass
+class _HeldBox(sandbox.Box):
+    """An ended sandbox whose ``/work`` is reached through a descriptor held open on it."""
+
+    work_fd: int = -1
+
+    @property
+    def work(self) -> Path:
+        return Path(f"/proc/self/fd/{self.work_fd}")
+
+
+@contextlib.contextmanager
+def _holding(box: sandbox.Box) -> Iterator[sandbox.Box]:
+    """The ended sandbox, held while its outputs are collected and stored. Its container is
+    gone by then, and sweepers on this host delete or unmount a folder with no live
+    container: ``pool.sweep_folders`` once its mtime is a minute old (renewed here), and any
+    installation's ``pool.release_orphaned_disks`` (a test session's end: at once). Storing
+    10,000 outputs took longer than either. The yielded box reads ``/work`` through a
+    descriptor held on it, which keeps a lazily unmounted filesystem alive and reachable."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                os.utime(box.host_dir)
+            if stop.wait(HOLD_EVERY_S):
+                return
+
+    thread = threading.Thread(target=renew, name="rgrid-hold-outputs", daemon=True)
+    thread.start()
+    try:
+        fd = os.open(box.work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        fd = None  # then collecting says what is wrong with the folder
+    try:
+        if fd is None:
+            yield box
+        else:
+            yield _HeldBox(box.name, box.container_id, box.host_dir, work_fd=fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        stop.set()
+        thread.join()
 
 
 #: The longest text one log chunk carries: a script's output is cut into chunks no larger,
@@ -906,10 +955,13 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     store_by = time.monotonic() + max(0.0, execution.timeout_s - result.run_s)
     store_by += OUTPUT_STORE_GRACE_S
     try:
-        outputs = sandbox.collect_outputs(box, ctx.limits, result.notes)
-        for note in result.notes:
-            ctx.note(execution_id, note)
-        patiently(lambda: _store_outputs(ctx, execution, box, outputs, store_by))
+        # The watch renews the lease meanwhile: storing 2,000 outputs outlasted the e2e
+        # stack's 4 s lease, and its sweep called the worker lost.
+        with _holding(box) as held, RunWatch(ctx, execution_id, box):
+            outputs = sandbox.collect_outputs(held, ctx.limits, result.notes)
+            for note in result.notes:
+                ctx.note(execution_id, note)
+            patiently(lambda: _store_outputs(ctx, execution, held, outputs, store_by))
     except sandbox.OutputLimitExceeded as exc:
         _end_failed(ctx, execution_id, str(exc), warm, result)
         return

@@ -246,8 +246,10 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
             # the mount (and its loop device) behind.
             sandbox.remove_folder(folder)
             removed += 1
-    # Then other installations' (this one's are gone by now).
-    return removed + release_orphaned_disks(alive, min_age_s)
+    # Then other installations' (this one's are gone by now), never younger than a minute
+    # whatever ``min_age_s`` says: another installation may be storing an ended sandbox's
+    # outputs (it renews the folder's mtime meanwhile: rgrid.pipeline._holding).
+    return removed + release_orphaned_disks(alive, max(min_age_s, 60))
 
 
 def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:

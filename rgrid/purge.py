@@ -5,7 +5,7 @@ per-host part, environment folders and blob caches, is in rgrid/maintenance.py) 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -79,11 +79,11 @@ def purge_dependency_cache(
     return len(stale)
 
 
-def purge_blobs(store: ObjectStore, session: Session) -> int:
-    """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and uploads that
-    were started a day ago and never completed."""
+def purge_blobs(store: ObjectStore, session: Session, settings: Settings | None = None) -> int:
+    """Drop blobs (inputs and outputs) unused for 30 days, and their bytes; and abandoned
+    uploads (``purge_abandoned_uploads``)."""
     count, _ = purge_blob_rows(store, session)
-    purge_abandoned_uploads(store, session)
+    purge_abandoned_uploads(store, session, settings or Settings())
     return count
 
 
@@ -101,21 +101,51 @@ def purge_blob_rows(
     return len(stale), sum(blob.size for blob in stale)
 
 
-#: An upload not completed within this long never will be.
-ABANDONED_AFTER = timedelta(days=1)
+def upload_lifetime_s(settings: Settings, upload: Upload) -> float:
+    """How long after it started an upload may still receive bytes: its last URL's lifetime
+    (rgrid.blobs.start_upload: a part's URL allows for the parts before it)."""
+    from rgrid.blobs import SLOW_UPLOAD_BYTES_PER_S
+
+    lifetime = settings.upload_url_expiry_s
+    if upload.multipart_id:
+        lifetime += upload.size // SLOW_UPLOAD_BYTES_PER_S
+    return lifetime
 
 
-def purge_abandoned_uploads(store: ObjectStore, session: Session) -> tuple[int, int]:
-    """Uploads started a day ago and never completed: (count, bytes they announced)."""
-    abandoned = list(
-        session.scalars(select(Upload).where(Upload.created_at < utcnow() - ABANDONED_AFTER))
+def purge_abandoned_uploads(
+    store: ObjectStore, session: Session, settings: Settings, account_id: int | None = None
+) -> tuple[int, int]:
+    """Uploads never completed whose URLs expired ``upload_abandon_grace_s`` ago (a small
+    file's: 20 minutes after it started, by default), and their staged bytes: (count, bytes
+    they announced). Run every few minutes by beat (issue 24: one tenant must not keep the
+    store full of unchecked bytes for a day), and for one account before its new upload is
+    counted against its cap."""
+    now = utcnow()
+    query = select(Upload).where(
+        Upload.created_at
+        < now - timedelta(seconds=settings.upload_url_expiry_s + settings.upload_abandon_grace_s)
     )
+    if account_id is not None:
+        query = query.where(Upload.account_id == account_id)
+    abandoned = [
+        upload
+        for upload in session.scalars(query)
+        if _aware(upload.created_at)
+        + timedelta(seconds=upload_lifetime_s(settings, upload) + settings.upload_abandon_grace_s)
+        < now
+    ]
     for upload in abandoned:
         if upload.multipart_id and hasattr(store, "abort_multipart"):
             store.abort_multipart(upload.object_key, upload.multipart_id)
         store.delete(upload.object_key)
         session.delete(upload)
+    session.flush()
     return len(abandoned), sum(upload.size for upload in abandoned)
+
+
+def _aware(moment):
+    """SQLite hands back naive datetimes (stored as UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def purge_old_executions(
@@ -152,7 +182,9 @@ def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dic
     with session_scope(session_factory) as session:
         result["blobs"], result["blob_bytes"] = purge_blob_rows(store, session, unused)
     with session_scope(session_factory) as session:
-        result["uploads"], result["upload_bytes"] = purge_abandoned_uploads(store, session)
+        result["uploads"], result["upload_bytes"] = purge_abandoned_uploads(
+            store, session, settings
+        )
     with session_scope(session_factory) as session:
         result["executions"] = purge_old_executions(
             store, session, timedelta(days=settings.retention_days)

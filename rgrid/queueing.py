@@ -24,6 +24,7 @@ SWEEP_LOST_WORKERS = "rgrid.sweep_lost_workers"
 REAP_CONTAINERS = "rgrid.reap_containers"
 PURGE_CACHES = "rgrid.purge_caches"
 DISPATCH_BATCHES = "rgrid.dispatch_batches"
+PURGE_UPLOADS = "rgrid.purge_abandoned_uploads"
 #: Sent by the reaper and the purge to every live host's own queue: the part of each that only
 #: that host holds (its engine's containers, its environment folders).
 HOST_MAINTENANCE = "rgrid.host_maintenance"

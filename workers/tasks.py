@@ -490,6 +490,27 @@ def _our_workers() -> list[str]:
     return sorted(w for w, queues in replies.items() if any(q["name"] == queue for q in queues))
 
 
+@app.task(name=queueing.PURGE_UPLOADS, ignore_result=False)
+def purge_uploads_task() -> dict:
+    """Every 10 minutes (celeryconfig.py): uploads whose URLs expired without a completion,
+    and staged bytes no upload names. One at a time per deployment (a lock), like the purge."""
+    ctx = worker_context()
+    lock = redis_client(ctx.settings.redis_url).lock(
+        cache_keys.upload_purge_lock_name(ctx.settings.queue), timeout=600
+    )
+    if not lock.acquire(blocking=False):
+        return {"skipped": "another purge of uploads is running"}
+    try:
+        with session_scope(ctx.session_factory) as session:
+            count, size = purge.purge_abandoned_uploads(ctx.store, session, ctx.settings)
+        with session_scope(ctx.session_factory) as session:
+            stray = maintenance.purge_stray_uploads(ctx.store, session)
+        metrics.count_removed(metrics.PURGED, metrics.PURGED_BYTES, "uploads", count, size)
+        return {"uploads": count, "upload_bytes": size, "stray_uploads": stray}
+    finally:
+        lock.release()
+
+
 @app.task(name=queueing.PURGE_CACHES, ignore_result=False)
 def purge_caches_task() -> dict:
     """Nightly; exactly one beat should run, but the lock makes a second one harmless. The

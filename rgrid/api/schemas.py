@@ -270,6 +270,9 @@ def openapi(app: Flask) -> dict:
                     "401": _error_response("Missing, invalid or revoked API key"),
                     "404": _error_response("No such execution or upload in this account"),
                     "413": _error_response("Request body too large"),
+                    "429": _error_response(
+                        "An account's cap on open uploads or staged bytes is reached for now"
+                    ),
                     "503": _error_response("A service behind the API is unavailable"),
                 },
             }

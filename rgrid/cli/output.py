@@ -172,9 +172,12 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
     status = execution["status"]
     exit_code = execution.get("exit_code")
     duration = execution.get("duration_s")
+    error = execution.get("error")
+    # A limit ended a run whose script exited 0: the limit is the reason, not the exit code.
+    limit_reason = status == "failed" and exit_code == 0 and bool(error)
     parts = [
         status,
-        f"exit {exit_code if exit_code is not None else '-'}",
+        error if limit_reason else f"exit {exit_code if exit_code is not None else '-'}",
         f"{duration:.2f}s" if duration is not None else "-",
         f"script cache {_hit(execution.get('script_cache_hit'))}",
         f"deps {_hit(execution.get('dependency_cache_hit'))}",
@@ -187,7 +190,8 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
     line = " · ".join(parts)
-    error = execution.get("error")
+    if limit_reason:
+        return line
     if error and status != "succeeded" and not any(error in text for text in shown):
         line += f"\n{error}"
     return line

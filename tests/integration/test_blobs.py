@@ -280,7 +280,7 @@ def test_a_put_url_used_again_after_its_upload_changes_no_blob(
     urls: list[str] = []
     put = RemoteClient._put
     monkeypatch.setattr(
-        RemoteClient, "_put", lambda self, url, body: urls.append(url) or put(self, url, body)
+        RemoteClient, "_put", lambda self, url, *rest: urls.append(url) or put(self, url, *rest)
     )
     data = b"the verified bytes\n"
     digest, _ = upload(account.id, data)

@@ -162,10 +162,19 @@ def test_inputs_count_against_the_disk_limit(small_disk, ctx, account, tmp_path)
     _nothing_left(small_disk, execution_id)
 
 
-def test_a_script_writing_5000_outputs_is_refused_at_the_file_limit(ctx, submit, account):
-    execution_id = submit(
-        "import os\nfor i in range(5000):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n"
-    )
+def test_a_script_writing_5000_outputs_is_refused_at_the_file_limit(ctx, account):
+    from rgrid import executions as svc
+
+    ctx = limited(ctx, max_output_files=1000)  # the default is 100,000 (issue 24)
+    with session_scope(ctx.session_factory) as session:
+        execution_id = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account.id,
+            script="for i in range(5000):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n",
+            script_name="job.py",
+        ).id
     started = time.monotonic()
     run_all(ctx, execution_id)
     took = time.monotonic() - started

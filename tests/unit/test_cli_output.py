@@ -106,3 +106,13 @@ def test_file_log_buffer_is_read_live_by_another_process(tmp_path):
     assert reader.read("e1", 2) == [("stdout", "2\n"), ("stderr", "3\n")]
     writer.clear("e1")
     assert writer.read("e1") == [] and reader.read("e1") == []
+
+
+def test_summary_line_names_the_limit_that_ended_a_run_whose_script_exited_0():
+    """Issue 24: ``failed · exit 0`` read as if exit 0 were the reason."""
+    reason = "output file limit reached: more than 1000 files in /work/outputs"
+    line = summary_line(_execution(status="failed", exit_code=0, error=reason), None)
+    assert line == (
+        f"failed · {reason} · 1.23s · script cache hit · deps - · inputs - · uploaded 0 B"
+    )
+    assert "exit 0" not in line
