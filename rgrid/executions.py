@@ -373,9 +373,11 @@ def lost_objects(session: Session, execution: Execution, store: ObjectStore) -> 
     its log is lost, and which outputs are. One HEAD request per object, so only on request
     (`rgrid status`), never on a run's path."""
     log_lost = execution.log_stored and not store.exists(cache_keys.log_object_key(execution.id))
+    outputs = execution.outputs or []
+    blobs = blobs_for(session, execution.account_id, [o["sha256"] for o in outputs])
     lost = []
-    for output in execution.outputs or []:
-        blob = find_blob(session, execution.account_id, output["sha256"])
+    for output in outputs:
+        blob = blobs.get(output["sha256"])
         if blob is None or not store.exists(blob.object_key):
             lost.append(output["path"])
     return {"log_lost": bool(log_lost), "lost_outputs": lost}
