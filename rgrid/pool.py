@@ -242,6 +242,8 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
         with contextlib.suppress(FileNotFoundError):
             if str(folder) in alive or time.time() - folder.stat().st_mtime < min_age_s:
                 continue
+            if sandbox.holds_result(folder):
+                continue  # its runner died: the one coming back reads its result here
             # Its filesystem is unmounted first: deleting through the mount would leave
             # the mount (and its loop device) behind.
             sandbox.remove_folder(folder)
@@ -261,7 +263,7 @@ def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:
     for host_dir in sandbox.sandbox_disks():
         with contextlib.suppress(OSError):
             young = time.time() - host_dir.stat().st_mtime < min_age_s
-            if young or os.path.realpath(host_dir) in alive:
+            if young or os.path.realpath(host_dir) in alive or sandbox.holds_result(host_dir):
                 continue
             sandbox.release_disk(host_dir)
             (host_dir / sandbox.DISK_IMAGE).unlink(missing_ok=True)

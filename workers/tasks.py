@@ -453,7 +453,17 @@ def sweep_lost_workers_task() -> dict[str, list[str]]:
     """Twice per lease: running executions whose worker stopped renewing it, and waiting ones
     pinned to a host that is gone."""
     ctx = worker_context()
-    return {"lost": pipeline.sweep_lost_workers(ctx), "moved": rescue_stranded(ctx)}
+    lost = pipeline.sweep_lost_workers(ctx, resend=_resend_run)
+    return {"lost": lost, "moved": rescue_stranded(ctx)}
+
+
+def _resend_run(execution_id: str, host: str | None) -> None:
+    """The run step (and the store step after it) again, to the host whose sandbox runs the
+    script: the step there re-attaches to it."""
+    queue = get_settings().queue
+    queueing.enqueue_from(
+        app, queueing.RUN, execution_id, host_queue(queue, host) if host else queue
+    )
 
 
 def purge_local_caches() -> dict:
