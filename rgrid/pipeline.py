@@ -1236,8 +1236,8 @@ def sweep_lost_workers(
     Its sandbox runs on without it, so while its host is alive (its worker restarted under
     its supervisor, or another process there) the run step is sent back to that host's
     queue with ``resend(execution_id, host)``: it re-attaches to the sandbox, and the script
-    runs once (``_reattach``). That happens at most ``MAX_RUN_RESENDS`` times; an execution
-    whose host is gone, or that used them up, ends ``error: worker lost`` with its sandbox
+    runs once (``_reattach``). That happens at most ``MAX_RUN_RESENDS`` times, and once for a
+    host not seen alive; an execution past that ends ``error: worker lost`` with its sandbox
     killed, and a redelivered task then finds the row over and does nothing. Returns the
     executions ended."""
     cutoff = utcnow() - timedelta(seconds=ctx.settings.lease_s)
@@ -1249,7 +1249,10 @@ def sweep_lost_workers(
         ).all()
     ended = []
     for execution_id, worker, host, resends in lost:
-        if resend is not None and resends < MAX_RUN_RESENDS and _host_alive(ctx, host):
+        # A host not seen alive gets one lease of grace: its worker may be restarting (a
+        # supervised worker beats again a few seconds after it starts).
+        most = MAX_RUN_RESENDS if _host_alive(ctx, host) else 1
+        if resend is not None and resends < most:
             if _mark_resent(ctx, execution_id, cutoff):
                 ctx.note(
                     execution_id,

@@ -21,7 +21,7 @@ import docker
 from sqlalchemy import create_engine, text
 
 from rgrid.sandbox import RUN_NAME_PREFIX
-from tests.e2e.conftest import RGRID, run_cli
+from tests.e2e.conftest import RGRID, run_cli, run_json
 
 TICKS = 40
 #: Prints one line when it starts (a second start would print a second one), then a tick
@@ -144,9 +144,15 @@ def test_a_killed_worker_runs_the_script_once(stack_env, tmp_path):
         assert time.monotonic() - killed < 90, "the execution was stranded"
         time.sleep(0.5)
     took = time.monotonic() - killed
-    assert row["status"] == "succeeded", row
+    assert row["status"] == "succeeded", row["error"]
     assert _row(stack_env, execution_id)["run_resends"] == 1
     log = run_cli("logs", execution_id, "--no-follow", env=stack_env, cwd=tmp_path)
     _assert_every_line_once(log.stdout)
     assert "following its sandbox" in log.stderr
+    client = docker.from_env()
+    assert not client.api.containers(all=True, filters={"name": RUN_NAME_PREFIX + execution_id})
+    # The supervised worker takes the next run as usual.
+    (tmp_path / "ok.py").write_text("print('back')\n")
+    after, result = run_json("run", "ok.py", env=stack_env, cwd=tmp_path)
+    assert after["status"] == "succeeded", result.stderr
     print(f"worker killed: execution terminal {took:.1f}s after the kill, script ran once")
