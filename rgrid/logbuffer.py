@@ -54,6 +54,10 @@ class LogBuffer(Protocol):
         """The kept log in its stored form, or None when this host keeps none."""
         ...
 
+    def lost_chunks(self, execution_id: str) -> int:
+        """Chunks this process could keep nowhere (known lost)."""
+        ...
+
     def changes(self, execution_id: str) -> AbstractContextManager[WaitForChange]:
         """Watch a log from now on: look at it inside the block, then wait for a change.
         A change between the look and the wait is not missed."""
@@ -166,6 +170,9 @@ class FileLogBuffer:
     def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
         yield None
 
+    def lost_chunks(self, execution_id: str) -> int:
+        return 0
+
     @contextmanager
     def changes(self, execution_id: str) -> Iterator[WaitForChange]:
         """Wakes on this process's changes at once; another process's are seen within
@@ -248,6 +255,9 @@ class RedisLogBuffer:
     @contextmanager
     def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
         yield None
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return 0
 
     @contextmanager
     def changes(self, execution_id: str) -> Iterator[WaitForChange]:
@@ -412,9 +422,11 @@ class JournaledLogBuffer:
             try:
                 self._write(execution_id, fh, [line])
             except OSError:
+                # This host's disk is full: the run goes on; a chunk Redis has is taken
+                # back into the journal at the next sync, one neither has is counted.
+                log.warning("log of %s: could not keep a chunk on this host", execution_id)
                 if not pushed:
                     self.lost[execution_id] += 1
-                raise
 
     def sync(self, execution_id: str) -> bool:
         """Journal and Redis in step now, if Redis answers; True when they are."""
@@ -452,6 +464,9 @@ class JournaledLogBuffer:
             self.live.clear(execution_id)
         except ServiceUnavailable:
             pass  # its TTL ends it; the stored log is complete
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return self.lost.get(execution_id, 0)
 
     @contextmanager
     def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:

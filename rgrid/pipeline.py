@@ -1033,7 +1033,19 @@ def _reattach(
         sandbox.discard(ctx.docker, box)
         ctx.note(execution_id, f"{RUN_AGAIN_NOTE} without a result: running the script again")
         return None
+    if not result.output_kept:
+        _log_lost(ctx, execution_id, "output printed while no runner was reading was not all kept")
     return box, execution.sandbox_warm, result, False
+
+
+def _log_lost(ctx: PipelineContext, execution_id: str, what: str) -> None:
+    """Part of the log is gone for good: say so in the log and on the row (the summary)."""
+
+    def record(execution: Execution) -> None:
+        execution.log_lost = what if not execution.log_lost else f"{execution.log_lost}; {what}"
+
+    update_execution(ctx, execution_id, record)
+    ctx.note(execution_id, f"log incomplete: {what}")
 
 
 def _release(ctx: PipelineContext, execution_id: str) -> None:
@@ -1048,6 +1060,10 @@ def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
     one (complete even if Redis lost chunks), else from the live buffer one batch of chunks
     at a time."""
     ctx.logs.sync(execution_id)
+    if lost := ctx.logs.lost_chunks(execution_id):
+        _log_lost(
+            ctx, execution_id, f"{lost} chunk(s) reached neither the log service nor this host"
+        )
     with ctx.logs.journal(execution_id) as journal:
         stream = journal if journal is not None else log_stream(ctx.logs, execution_id)
         ctx.store.put_stream(cache_keys.log_object_key(execution_id), stream)

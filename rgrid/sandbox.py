@@ -308,6 +308,8 @@ class RunResult:
     full: list[str] = field(default_factory=list)
     #: The supervisor said it was done (its end marker): the container is exiting by itself.
     ended: bool = False
+    #: The supervisor kept all of the output (``OUTPUT_FILE``): under its cap, disk not full.
+    output_kept: bool = True
 
 
 class OutputLimitExceeded(Exception):
@@ -1068,18 +1070,12 @@ def reattach(
             return RunResult(exit_code=None, timed_out=True, run_s=run_s)
         return None
     full = status.get("full")
-    notes = []
-    if status.get("output_kept") is False:
-        notes.append(
-            "the sandbox kept only part of the output (its log limit, or a full disk): "
-            "lines printed while no runner was reading may be missing"
-        )
     return RunResult(
         exit_code=None if status["timed_out"] else status["exit_code"],
         timed_out=bool(status["timed_out"]),
         run_s=run_s,
-        notes=notes,
         oom_killed=bool(status.get("oom_killed")),
         full=[p for p in full if p in WRITABLE] if isinstance(full, list) else [],
         ended=True,
+        output_kept=status.get("output_kept") is not False,
     )

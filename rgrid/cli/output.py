@@ -186,7 +186,11 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
         parts[-1] += f" ({execution.get('files_uploaded') or 0} of {total} files)"
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
+    if execution.get("log_lost"):
+        parts.append("log incomplete")
     line = " · ".join(parts)
+    if execution.get("log_lost") and not any(execution["log_lost"] in t for t in shown):
+        line += f"\nlog incomplete: {execution['log_lost']}"
     error = execution.get("error")
     if error and status != "succeeded" and not any(error in text for text in shown):
         line += f"\n{error}"
