@@ -229,6 +229,10 @@ def fill_in_background(
     return thread
 
 
+#: Another installation's sandbox filesystem is left alone for at least this long.
+FOREIGN_MIN_AGE_S = 60.0
+
+
 def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60) -> int:
     """Delete host folders, with their filesystems, whose sandbox no longer exists (it idled
     out and removed itself, or its runner died). Folders younger than ``min_age_s`` are
@@ -248,8 +252,11 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
             # the mount (and its loop device) behind.
             sandbox.remove_folder(folder)
             removed += 1
-    # Then other installations' (this one's are gone by now).
-    return removed + release_orphaned_disks(alive, min_age_s)
+    # Then other installations' (this one's are gone by now), never younger than a minute
+    # whatever ``min_age_s`` says for this one's: a test session tidying its own folders
+    # with 0 unmounted another session's sandbox between its script's end and its runner
+    # reading the status (its status.json gone, seen here).
+    return removed + release_orphaned_disks(alive, max(min_age_s, FOREIGN_MIN_AGE_S))
 
 
 def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:

@@ -88,7 +88,7 @@ JOB_ACK_S = 10.0
 # the container never reach PID 1 at all. The job line is read one byte at a time so that
 # whatever follows it on stdin is left for the script (piped input).
 SUPERVISOR = r"""
-import json, os, select, signal, struct, sys, time
+import fcntl, json, os, select, signal, struct, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 if not select.select([0], [], [], float(sys.argv[1]))[0]:
     sys.exit(0)
@@ -135,6 +135,11 @@ def keep(stream, data):
         kept["fd"] = None
 out_r, out_w = os.pipe()
 err_r, err_w = os.pipe()
+for fd in (out_r, err_r):
+    try:
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger copies of a flood
+    except OSError:
+        pass
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -189,7 +194,7 @@ while code is None or streams:
         if fd == wake_r:
             os.read(wake_r, 512)
             continue
-        data = os.read(fd, 65536)
+        data = os.read(fd, 1 << 20)
         if not data:
             os.close(fd)
             del streams[fd]
@@ -861,6 +866,8 @@ def output_path(box: Box, relpath: str) -> Path:
 def kill(client: docker.DockerClient, box: Box) -> None:
     """Stop the sandbox now (it removes itself); its host folder stays until ``discard``. A
     paused one cannot be killed: it is unpaused first."""
+    if not box.container_id:
+        return  # found by its folder: its container is gone
     try:
         client.api.kill(box.container_id)
     except docker.errors.APIError as exc:
