@@ -424,7 +424,9 @@ def host_maintenance_task() -> dict[str, list[str]]:
     """On one host, from its own queue: reap its engine's leftover containers."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
-        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+        reaped = reap_containers(
+            ctx.docker, session, ctx.settings.sandboxes_dir, ctx.settings.log_journal_dir
+        )
     return {"reaped": reaped}
 
 
@@ -438,7 +440,9 @@ def reap_containers_task() -> dict[str, list[str]]:
     hosts = _every_host(ctx)
     if not hosts:  # no host has said it is alive yet: reap this one at least
         with session_scope(ctx.session_factory) as session:
-            reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+            reap_containers(
+                ctx.docker, session, ctx.settings.sandboxes_dir, ctx.settings.log_journal_dir
+            )
     return {"lost": lost, "hosts": hosts}
 
 

@@ -69,3 +69,24 @@ def test_without_a_resend_the_sweep_ends_it_at_once(ctx, submit):
     _stale(ctx, execution_id, "any")
     swept = pipeline.sweep_lost_workers(replace(ctx, hosts=None))
     assert swept == [execution_id]
+
+
+def test_the_reaper_forgets_journals_of_executions_that_are_over(ctx, submit, tmp_path):
+    """A journal whose execution another host ended is not left on this host for ever."""
+    import os
+    import time
+
+    from rgrid.maintenance import forget_finished_journals
+
+    over, running = submit("print(1)\n"), submit("print(2)\n")
+    _stale(ctx, running, "any")
+    with session_scope(ctx.session_factory) as session:
+        session.get(Execution, over).status = "error"
+    old = time.time() - 3600
+    for execution_id in (over, running):
+        path = tmp_path / f"{execution_id}.jsonl"
+        path.write_text('["system", "x\\n"]\n')
+        os.utime(path, (old, old))
+    with session_scope(ctx.session_factory) as session:
+        assert forget_finished_journals(session, tmp_path) == 1
+    assert sorted(p.stem for p in tmp_path.glob("*.jsonl")) == [running]
