@@ -1009,9 +1009,12 @@ def _reattach(
     log says so once."""
     execution_id = execution.id
     box = sandbox.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
-    if box is None or not (box.meta / (sandbox.STATUS_FILE + ".started")).exists():
-        if box is not None:
-            sandbox.discard(ctx.docker, box)
+    if box is None:
+        # Gone, or on another host (a host whose engine went away moves its runs on).
+        ctx.note(execution_id, f"{RUN_AGAIN_NOTE} from this host: running the script again")
+        return None
+    if not (box.meta / (sandbox.STATUS_FILE + ".started")).exists():
+        sandbox.discard(ctx.docker, box)
         ctx.note(execution_id, "an earlier attempt of this run ended before the script started")
         return None
     ctx.logs.sync(execution_id)
