@@ -301,6 +301,17 @@ class Settings:
         return self.data_dir / "sandboxes"
 
     @property
+    def log_journal_dir(self) -> Path:
+        """A worker host's own copy of the logs of the executions it builds and runs: the
+        log of record, which Redis mirrors for following live (``logbuffer.JournaledLogBuffer``)."""
+        return self.data_dir / "log-journal"
+
+    @property
+    def run_locks_dir(self) -> Path:
+        """One lock file per execution whose run step is on this host (``pipeline._run_lock``)."""
+        return self.data_dir / "run-locks"
+
+    @property
     def metrics_multiproc_dir(self) -> Path | None:
         """prometheus-client's multiprocess folder (its own variable, which it reads when
         imported): set by the launcher for the API's processes and for each worker host's."""

@@ -15,7 +15,7 @@ from rgrid.config import Settings, migrations_dir
 from rgrid.db import get_session_factory, upgrade
 from rgrid.hosts import HostRegistry
 from rgrid.locks import FileLocks, RedisLocks
-from rgrid.logbuffer import FileLogBuffer, LogBuffer, RedisLogBuffer
+from rgrid.logbuffer import FileLogBuffer, JournaledLogBuffer, LogBuffer, RedisLogBuffer
 from rgrid.objectstore import LocalStore, ObjectStore, PresigningStore, store_from_settings
 
 if TYPE_CHECKING:
@@ -29,6 +29,19 @@ def redis_client(url: str) -> redis.Redis:
     import redis  # the embedded default never needs it
 
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def log_client(url: str) -> redis.Redis:
+    """A worker's connection for live log chunks: no retries and short timeouts, so a Redis
+    outage costs a running script's runner one refused connection per chunk (the chunk is
+    kept in the host's journal) instead of redis-py's default ten retries with backoff."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=2, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+    )
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,10 @@ class Services:
             settings=self.settings,
             session_factory=self.session_factory,
             store=self.store,
-            logs=self.logs,
+            logs=JournaledLogBuffer(
+                RedisLogBuffer(log_client(self.settings.redis_url)),
+                self.settings.log_journal_dir,
+            ),
             locks=RedisLocks(self.redis, lease_s=2 * self.settings.build_lock_timeout_s),
             channels=self.channels,
             hosts=HostRegistry(self.redis, self.settings.queue),

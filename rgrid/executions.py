@@ -290,6 +290,8 @@ def execution_to_dict(execution: Execution) -> dict:
         "status": execution.status,
         "exit_code": execution.exit_code,
         "error": execution.error,
+        # What the stored log lacks, if anything (None: it is complete).
+        "log_incomplete": execution.log_incomplete,
         "runtime": execution.runtime,
         "script_name": execution.script_name,
         "script_hash": execution.script_hash,

@@ -52,7 +52,10 @@ def _never_started(container: dict, now: float) -> bool:
 
 
 def reap_containers(
-    client: docker.DockerClient, session: Session, sandboxes_dir: Path
+    client: docker.DockerClient,
+    session: Session,
+    sandboxes_dir: Path,
+    journal_dir: Path | None = None,
 ) -> list[str]:
     """Remove execution sandboxes that nobody will ever collect, and the host folders of
     sandboxes that are gone.
@@ -84,6 +87,29 @@ def reap_containers(
             continue
         removed.append(execution_id)
     sweep_folders(client, sandboxes_dir)
+    if journal_dir is not None:
+        forget_finished_journals(session, journal_dir)
+    return removed
+
+
+#: A journal file this old is looked at: younger ones may be an execution just starting.
+JOURNAL_MIN_AGE_S = 600.0
+
+
+def forget_finished_journals(session: Session, journal_dir: Path) -> int:
+    """Delete this host's log journals (``logbuffer.JournaledLogBuffer``) of executions that
+    are over or unknown: one ended by another host (the lease sweep, a move) is never
+    cleared here by its own store step. Returns how many."""
+    removed = 0
+    now = time.time()
+    for path in journal_dir.glob("*.jsonl") if journal_dir.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime < JOURNAL_MIN_AGE_S:
+                continue
+            execution = session.get(Execution, path.stem)
+            if execution is None or execution.status in TERMINAL_STATUSES:
+                path.unlink()
+                removed += 1
     return removed
 
 

@@ -126,6 +126,11 @@ class Execution(Base):
     # touches Docker, which pins the rest of the execution there.
     host: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How often the lease sweep sent the run step back to its host for a lost runner's
+    # successor to re-attach to the sandbox (bounded: past it, the execution is lost).
+    run_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # What the stored log lacks (None: nothing), said in the summary too.
+    log_incomplete: Mapped[str | None] = mapped_column(Text)
     # Its batch (rgrid/batches.py), if any; the input it was made for, which names its
     # outputs folder; when the batch handed it to the queue (None: still held back by the
     # batch's ``parallel``); and whether `rgrid batch retry` replaced it with a new attempt.

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import docker
-from sqlalchemy import Row, bindparam, select
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, object_session, sessionmaker
 
@@ -511,6 +511,7 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.status == Status.QUEUED:
             _take_slot(ctx, execution)
             set_status(execution, Status.BUILDING)
+    ctx.logs.keep(execution_id)
     _ensure_environment(ctx, execution_id)
 
 
@@ -617,13 +618,12 @@ def _holding(box: sandbox.Box) -> Iterator[sandbox.Box]:
 MAX_CHUNK_CHARS = 8192
 
 
-def _capped_log(ctx: PipelineContext, execution_id: str):
+def _capped_log(ctx: PipelineContext, execution_id: str, written: int = 0):
     """The log sink for a running script: the buffer lives in Redis, which is also the broker,
     so a script printing in a loop must not be able to fill it. The cap counts each chunk's
     stored size (``logbuffer.stored_size``: control bytes take six), so it bounds what Redis,
     the object store and a reader hold. Past it, output is dropped with one note saying so."""
     limit = ctx.settings.max_log_bytes
-    written = 0
 
     def sink(stream: str, text: str) -> None:
         nonlocal written
@@ -755,19 +755,6 @@ def _fit_limits(ctx: PipelineContext, execution: Execution, box: sandbox.Box) ->
         sandbox.resize(ctx.docker, box, memory, cpus)
 
 
-def _remove_leftover(ctx: PipelineContext, execution_id: str) -> None:
-    """A redelivered run step may find the sandbox of an earlier attempt: end it first, so the
-    script never runs twice at once and the name is free."""
-    name = f"{sandbox.RUN_NAME_PREFIX}{execution_id}"
-    try:
-        info = ctx.docker.api.inspect_container(name)
-    except docker.errors.NotFound:
-        return
-    ctx.note(execution_id, "an earlier attempt of this run was interrupted: running it again")
-    box = sandbox.Box(name, info["Id"], Path(info["Config"]["Labels"][sandbox.HOST_DIR_LABEL]))
-    sandbox.discard(ctx.docker, box)
-
-
 class RunWatch:
     """Beside a running script: renews the worker's lease on the execution row (so a lost
     worker is noticed within ``settings.lease_s``) and stops the sandbox as soon as a cancel
@@ -778,6 +765,8 @@ class RunWatch:
     def __init__(self, ctx: PipelineContext, execution_id: str, box: sandbox.Box):
         self.ctx, self.execution_id, self.box = ctx, execution_id, box
         self.cancelled = False
+        #: Set with ``cancelled``: a runner waiting on the sandbox stops waiting.
+        self.stopped = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="rgrid-run-watch", daemon=True)
 
@@ -801,6 +790,7 @@ class RunWatch:
                     if row.cancel_requested:
                         self.cancelled = True
                         sandbox.kill(self.ctx.docker, self.box)
+                        self.stopped.set()
                         return
                     if time.monotonic() - renewed >= renew_every:
                         row.heartbeat_at = utcnow()
@@ -834,6 +824,34 @@ def cancel(ctx: PipelineContext, execution_id: str) -> tuple[str, bool]:
     return Status.CANCELLED, True
 
 
+class RunElsewhere(Exception):
+    """Another copy of this execution's run step is running on this host (a redelivered task
+    beside the one still alive): this copy does nothing."""
+
+
+@contextmanager
+def _run_lock(ctx: PipelineContext, execution_id: str) -> Iterator[None]:
+    """One run step per execution at a time on this host, across processes: a flock, so a
+    killed holder lets go at once and its redelivered step can take over. Raises
+    ``RunElsewhere`` when another holds it."""
+    import fcntl
+
+    folder = ctx.settings.run_locks_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{execution_id}.lock"
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunElsewhere(execution_id) from None
+        try:
+            yield
+        finally:
+            # Unlinked while held: a copy waiting on this file finds the execution over
+            # once it gets it (it looks after locking), so a new file is harmless.
+            path.unlink(missing_ok=True)
+
+
 def run_step(
     ctx: PipelineContext, execution_id: str, after: ExitStack | None = None
 ) -> Execution | None:
@@ -842,16 +860,20 @@ def run_step(
     The sandbox is removed when ``after`` closes (by default, when this step returns):
     ``run_and_store_step`` closes it once the result is published, so the user does not
     wait for the unmount and the folder's removal. Returns the row as the run left it when
-    the script ran (for the store step, which then need not read it again)."""
-    with execution_row(ctx, execution_id) as execution:
-        if _finished(execution):
-            return None
-        if execution.cancel_requested:
-            execution.outcome = Status.CANCELLED
-            execution.error = "cancelled"
-            return None
-    with ExitStack() as own, disk.using(ctx.settings, execution.environment):
-        return _run_step(ctx, execution, after if after is not None else own)
+    the script ran (for the store step, which then need not read it again).
+
+    A redelivered step (its runner was killed) re-attaches to the sandbox the script was
+    started in, instead of running it again (see ``_reattach``)."""
+    with _run_lock(ctx, execution_id):
+        with execution_row(ctx, execution_id) as execution:
+            if _finished(execution):
+                return None
+            if execution.cancel_requested:
+                execution.outcome = Status.CANCELLED
+                execution.error = "cancelled"
+                return None
+        with ExitStack() as own, disk.using(ctx.settings, execution.environment):
+            return _run_step(ctx, execution, after if after is not None else own)
 
 
 def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> Execution | None:
@@ -875,76 +897,29 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     with execution_row(ctx, execution_id) as execution:
         _take_slot(ctx, execution)
         set_status(execution, Status.RUNNING)
-        execution.started_at = utcnow()
+        if execution.started_at is None:
+            execution.started_at = utcnow()
         execution.runtime_image = runtime_image[:80]
         execution.worker = ctx.worker_id
         execution.host = ctx.settings.host_name
-        execution.heartbeat_at = execution.started_at
+        execution.heartbeat_at = utcnow()
     ctx.warm(execution.environment)
-    if retried:
-        _remove_leftover(ctx, execution_id)
-    script = _script_bytes(ctx, execution)
-    inputs = _local_inputs(ctx, execution)
-    disk.touch_all(path for _, path in inputs)
-    env = sandbox.Environment(
-        image=spec.image,
-        deps_dir=(ctx.settings.environments_dir / execution.environment)
-        if execution.environment
-        else None,
-    )
-    env_vars = ctx.channels.get_env(execution_id) if execution.env_names else None
-    if execution.env_names and env_vars is None:
-        raise RGridError("the execution's environment variables expired before it could run")
-    box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s, after)
-    result: sandbox.RunResult | None = None
-    # Late-bound: the sandbox the run ended in (a retry swaps it), and whether it said so.
-    after.callback(
-        lambda: sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
-    )
-    _fit_limits(ctx, execution, box)
-    try:
-        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
-        return
-    if inputs:
-        ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
-    argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
-    for attempt in (1, 2):
-        try:
-            with RunWatch(ctx, execution_id, box) as watch:
-                result = sandbox.run(
-                    ctx.docker,
-                    box,
-                    env,
-                    argv=argv,
-                    timeout_s=execution.timeout_s,
-                    on_output=_capped_log(ctx, execution_id),
-                    env_vars=env_vars,
-                    stdin=ctx.channels.stdin(execution_id) if execution.stdin else None,
-                    cpus=execution.cpus or ctx.limits.cpus,
-                )
-            break
-        except sandbox.SandboxUnresponsive as exc:
-            if attempt == 2:
-                raise RGridError(str(exc)) from exc
-            # The script never started there, so running it elsewhere runs it once.
-            log.warning("%s: %s", execution_id, exc)
-            ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
-            sandbox.discard(ctx.docker, box)
-            box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
-            _fit_limits(ctx, execution, box)
-            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
-    if watch.cancelled:
+    ctx.logs.keep(execution_id)
+    attached = _reattach(ctx, execution, after) if retried else None
+    if attached is not None:
+        box, warm, result, cancelled = attached
+    else:
+        box, warm, result, cancelled = _run_afresh(ctx, execution, spec.image, after)
+    if cancelled:
         with execution_row(ctx, execution_id) as execution:
             execution.outcome = Status.CANCELLED
             execution.error = "cancelled"
             execution.sandbox_warm = warm
-            execution.run_s = round(result.run_s, 3)
+            execution.run_s = round(result.run_s, 3) if result is not None else None
         ctx.note(execution_id, "cancelled: the script was stopped")
         return
+    if result is None:
+        return  # ended already (its inputs did not fit)
     if result.full:
         # A write was refused at a limit: the run ends here, and what it left half
         # written is not stored.
@@ -990,6 +965,149 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
     return recorded
 
 
+def _run_afresh(
+    ctx: PipelineContext, execution: Execution, image: str, after: ExitStack
+) -> tuple[sandbox.Box, bool, sandbox.RunResult | None, bool]:
+    """Claim a sandbox and run the script in it: (sandbox, warm, result, cancelled). The
+    result is None when the run ended before the script started (inputs over the disk)."""
+    execution_id = execution.id
+    script = _script_bytes(ctx, execution)
+    inputs = _local_inputs(ctx, execution)
+    disk.touch_all(path for _, path in inputs)
+    env = sandbox.Environment(
+        image=image,
+        deps_dir=(ctx.settings.environments_dir / execution.environment)
+        if execution.environment
+        else None,
+    )
+    env_vars = ctx.channels.get_env(execution_id) if execution.env_names else None
+    if execution.env_names and env_vars is None:
+        raise RGridError("the execution's environment variables expired before it could run")
+    box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s, after)
+    sandbox.mark_claimed(box, execution_id)
+    result: sandbox.RunResult | None = None
+    # Late-bound: the sandbox the run ended in (a retry swaps it), and whether it said so.
+    after.callback(
+        lambda: sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
+    )
+    _fit_limits(ctx, execution, box)
+    try:
+        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        _end_failed(ctx, execution_id, _disk_reason(ctx, "/work") + " by the inputs", warm)
+        return box, warm, None, False
+    if inputs:
+        ctx.note(execution_id, f"placed {len(inputs)} input file(s) in /work")
+    argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
+    for attempt in (1, 2):
+        try:
+            with RunWatch(ctx, execution_id, box) as watch:
+                result = sandbox.run(
+                    ctx.docker,
+                    box,
+                    env,
+                    argv=argv,
+                    timeout_s=execution.timeout_s,
+                    on_output=_capped_log(ctx, execution_id),
+                    env_vars=env_vars,
+                    stdin=ctx.channels.stdin(execution_id) if execution.stdin else None,
+                    cpus=execution.cpus or ctx.limits.cpus,
+                    keep_output_bytes=ctx.settings.max_log_bytes,
+                )
+            break
+        except sandbox.SandboxUnresponsive as exc:
+            if attempt == 2:
+                raise RGridError(str(exc)) from exc
+            # The script never started there, so running it elsewhere runs it once.
+            log.warning("%s: %s", execution_id, exc)
+            ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
+            sandbox.discard(ctx.docker, box)
+            box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
+            sandbox.mark_claimed(box, execution_id)
+            _fit_limits(ctx, execution, box)
+            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+    return box, warm, result, watch.cancelled
+
+
+#: The note that starts the script again after an earlier attempt's sandbox was lost: the
+#: output before it belongs to that attempt (``_forwarded`` counts from the last one).
+RUN_AGAIN_NOTE = "an earlier attempt of this run was interrupted and its sandbox is gone"
+
+
+def _forwarded(ctx: PipelineContext, execution_id: str) -> tuple[dict[str, int], int]:
+    """What the log already holds of the current sandbox's output: characters per stream,
+    and their stored size (which the log cap counts)."""
+    seen = {"stdout": 0, "stderr": 0}
+    size = 0
+    for stream, text in ctx.logs.read(execution_id):
+        if stream == "system" and text.startswith(RUN_AGAIN_NOTE):
+            seen, size = {"stdout": 0, "stderr": 0}, 0
+        elif stream in seen:
+            seen[stream] += len(text)
+            size += stored_size(stream, text)
+    return seen, size
+
+
+def _reattach(
+    ctx: PipelineContext, execution: Execution, after: ExitStack
+) -> tuple[sandbox.Box, bool | None, sandbox.RunResult | None, bool] | None:
+    """An earlier attempt of this run step was interrupted (its pool process or its whole
+    worker was killed, and Celery or the lease sweep sent it again). Its sandbox runs the
+    script to the end without it, and its supervisor writes the status and keeps the
+    output: follow that sandbox to its end, adding to the log only the output the log lacks,
+    and take its result. None when there is nothing to follow (the script never started,
+    or the sandbox is gone without a result): the caller runs the script afresh, and the
+    log says so once."""
+    execution_id = execution.id
+    box = sandbox.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
+    if box is None:
+        # Gone, or on another host (a host whose engine went away moves its runs on).
+        ctx.note(execution_id, f"{RUN_AGAIN_NOTE} from this host: running the script again")
+        return None
+    if not (box.meta / (sandbox.STATUS_FILE + ".started")).exists():
+        sandbox.discard(ctx.docker, box)
+        ctx.note(execution_id, "an earlier attempt of this run ended before the script started")
+        return None
+    ctx.logs.sync(execution_id)
+    seen, size = _forwarded(ctx, execution_id)
+    after.callback(lambda: sandbox.discard(ctx.docker, box, ended=True))
+    ctx.note(execution_id, "an earlier attempt of this run was interrupted: following its sandbox")
+    with RunWatch(ctx, execution_id, box) as watch:
+        result = sandbox.reattach(
+            ctx.docker,
+            box,
+            timeout_s=execution.timeout_s,
+            on_output=_capped_log(ctx, execution_id, written=size),
+            seen=seen,
+            stop=watch.stopped,
+        )
+    if watch.cancelled:
+        return box, execution.sandbox_warm, result, True
+    if result is None:
+        sandbox.discard(ctx.docker, box)
+        ctx.note(execution_id, f"{RUN_AGAIN_NOTE} without a result: running the script again")
+        return None
+    if not result.output_kept:
+        _log_incomplete(
+            ctx, execution_id, "output printed while no runner was reading was not all kept"
+        )
+    return box, execution.sandbox_warm, result, False
+
+
+def _log_incomplete(ctx: PipelineContext, execution_id: str, what: str) -> None:
+    """Part of the log is gone for good: say so in the log and on the row (the summary)."""
+
+    def record(execution: Execution) -> None:
+        execution.log_incomplete = (
+            what if not execution.log_incomplete else f"{execution.log_incomplete}; {what}"
+        )
+
+    update_execution(ctx, execution_id, record)
+    ctx.note(execution_id, f"log incomplete: {what}")
+
+
 def _release(ctx: PipelineContext, execution_id: str) -> None:
     """An execution is over: drop its live log (the stored one is complete) and whatever of
     its secrets and stdin still waits for it."""
@@ -998,10 +1116,17 @@ def _release(ctx: PipelineContext, execution_id: str) -> None:
 
 
 def _persist_logs(ctx: PipelineContext, execution_id: str) -> None:
-    """The live log to the object store, streamed: one batch of chunks in memory at a time."""
-    ctx.store.put_stream(
-        cache_keys.log_object_key(execution_id), log_stream(ctx.logs, execution_id)
-    )
+    """The log to the object store, streamed: from this host's journal of it when it keeps
+    one (complete even if Redis lost chunks), else from the live buffer one batch of chunks
+    at a time."""
+    ctx.logs.sync(execution_id)
+    if lost := ctx.logs.lost_chunks(execution_id):
+        _log_incomplete(
+            ctx, execution_id, f"{lost} chunk(s) reached neither the log service nor this host"
+        )
+    with ctx.logs.journal(execution_id) as journal:
+        stream = journal if journal is not None else log_stream(ctx.logs, execution_id)
+        ctx.store.put_stream(cache_keys.log_object_key(execution_id), stream)
 
 
 def _remember_script(session: Session, execution: Execution) -> None:
@@ -1037,8 +1162,8 @@ def store_step(ctx: PipelineContext, execution_id: str, execution: Execution | N
     if execution is None:
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
-    if execution.status in TERMINAL_STATUSES:
-        return
+    if execution.status in TERMINAL_STATUSES or execution.outcome is None:
+        return  # over, or its run has not ended (another copy of the run step holds it)
     patiently(lambda: _persist_logs(ctx, execution_id))
     published = patiently(lambda: _publish(ctx, execution_id))
     if published is None:
@@ -1157,7 +1282,12 @@ def run_and_store_step(ctx: PipelineContext, execution_id: str) -> None:
     steps (measured before: run end to final status p50 18 s under 200 queued runs). The
     chain's own store task then finds it done. The sandbox is removed after both."""
     with ExitStack() as after:
-        store_step(ctx, execution_id, run_step(ctx, execution_id, after))
+        try:
+            ran = run_step(ctx, execution_id, after)
+        except RunElsewhere:
+            log.info("%s: its run step is running in another process here", execution_id)
+            return
+        store_step(ctx, execution_id, ran)
 
 
 #: The pipeline in order, as the embedded default runs it in process.
@@ -1171,23 +1301,76 @@ def _end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:
     fail(ctx, execution_id, message)
 
 
-def sweep_lost_workers(ctx: PipelineContext) -> list[str]:
-    """End running executions whose worker stopped renewing its lease (killed, or its host
-    died): within a minute, rather than at the broker's visibility timeout. They end `error`
-    rather than run again, so a script never runs twice at once; a redelivered task then
-    finds the row over and does nothing."""
+#: How many times the lease sweep sends a lost runner's run step back to its host before it
+#: gives the execution up as lost.
+MAX_RUN_RESENDS = 2
+
+
+def sweep_lost_workers(
+    ctx: PipelineContext, resend: Callable[[str, str | None], None] | None = None
+) -> list[str]:
+    """Running executions whose worker stopped renewing its lease (killed, or its host died),
+    within a minute rather than at the broker's visibility timeout (an hour past the hard
+    time limit).
+
+    Its sandbox runs on without it, so while its host is alive (its worker restarted under
+    its supervisor, or another process there) the run step is sent back to that host's
+    queue with ``resend(execution_id, host)``: it re-attaches to the sandbox, and the script
+    runs once (``_reattach``). That happens at most ``MAX_RUN_RESENDS`` times, and once for a
+    host not seen alive; an execution past that ends ``error: worker lost`` with its sandbox
+    killed, and a redelivered task then finds the row over and does nothing. Returns the
+    executions ended."""
     cutoff = utcnow() - timedelta(seconds=ctx.settings.lease_s)
     with session_scope(ctx.session_factory) as session:
         lost = session.execute(
-            select(Execution.id, Execution.worker).where(
+            select(Execution.id, Execution.worker, Execution.host, Execution.run_resends).where(
                 Execution.status == Status.RUNNING, Execution.heartbeat_at < cutoff
             )
         ).all()
-    for execution_id, worker in lost:
+    ended = []
+    for execution_id, worker, host, resends in lost:
+        # A host not seen alive gets one lease of grace: its worker may be restarting (a
+        # supervised worker beats again a few seconds after it starts).
+        most = MAX_RUN_RESENDS if _host_alive(ctx, host) else 1
+        if resend is not None and resends < most:
+            if _mark_resent(ctx, execution_id, cutoff):
+                ctx.note(
+                    execution_id,
+                    f"worker lost: {worker} stopped while running it; its sandbox is left "
+                    "running and the run step goes back to its host",
+                )
+                resend(execution_id, host)
+            continue
         _end_lost(
             ctx, execution_id, f"worker lost: {worker} stopped while running it; run it again"
         )
-    return [execution_id for execution_id, _ in lost]
+        ended.append(execution_id)
+    return ended
+
+
+def _host_alive(ctx: PipelineContext, host: str | None) -> bool:
+    if ctx.hosts is None or host is None:
+        return True
+    try:
+        return ctx.hosts.alive(host)
+    except Exception:  # noqa: BLE001 - Redis away: no resend now; the next sweep looks again
+        return False
+
+
+def _mark_resent(ctx: PipelineContext, execution_id: str, cutoff) -> bool:
+    """Count a resend and renew the lease for the step on its way, unless another sweep or
+    the runner itself got there first (one conditional UPDATE)."""
+    with session_scope(ctx.session_factory) as session:
+        result = session.execute(
+            update(Execution)
+            .where(
+                Execution.id == execution_id,
+                Execution.status == Status.RUNNING,
+                Execution.heartbeat_at < cutoff,
+            )
+            .values(heartbeat_at=utcnow(), run_resends=Execution.run_resends + 1)
+        )
+        return result.rowcount == 1
 
 
 def _process_alive(worker: str | None, host: str) -> bool:

@@ -229,6 +229,10 @@ def fill_in_background(
     return thread
 
 
+#: Another installation's sandbox filesystem is left alone for at least this long.
+FOREIGN_MIN_AGE_S = 60.0
+
+
 def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60) -> int:
     """Delete host folders, with their filesystems, whose sandbox no longer exists (it idled
     out and removed itself, or its runner died). Folders younger than ``min_age_s`` are
@@ -242,14 +246,18 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
         with contextlib.suppress(FileNotFoundError):
             if str(folder) in alive or time.time() - folder.stat().st_mtime < min_age_s:
                 continue
+            if sandbox.holds_result(folder):
+                continue  # its runner died: the one coming back reads its result here
             # Its filesystem is unmounted first: deleting through the mount would leave
             # the mount (and its loop device) behind.
             sandbox.remove_folder(folder)
             removed += 1
     # Then other installations' (this one's are gone by now), never younger than a minute
     # whatever ``min_age_s`` says: another installation may be storing an ended sandbox's
-    # outputs (it renews the folder's mtime meanwhile: rgrid.pipeline._holding).
-    return removed + release_orphaned_disks(alive, max(min_age_s, 60))
+    # outputs (it renews the folder's mtime meanwhile: rgrid.pipeline._holding), or be between
+    # its script's end and its runner reading the status (a test session tidying its own
+    # folders with 0 unmounted another's sandbox there: its status.json gone, seen here).
+    return removed + release_orphaned_disks(alive, max(min_age_s, FOREIGN_MIN_AGE_S))
 
 
 def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:
@@ -263,7 +271,7 @@ def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:
     for host_dir in sandbox.sandbox_disks():
         with contextlib.suppress(OSError):
             young = time.time() - host_dir.stat().st_mtime < min_age_s
-            if young or os.path.realpath(host_dir) in alive:
+            if young or os.path.realpath(host_dir) in alive or sandbox.holds_result(host_dir):
                 continue
             sandbox.release_disk(host_dir)
             (host_dir / sandbox.DISK_IMAGE).unlink(missing_ok=True)

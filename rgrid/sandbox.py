@@ -34,6 +34,7 @@ import secrets
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -58,6 +59,13 @@ DEPS_MOUNT = "/opt/rgrid/deps"
 #: working directory shows only what the user put there.
 META_MOUNT = "/run/rgrid"
 STATUS_FILE = "status.json"
+#: The script's output as the supervisor saw it (``read_kept_output``), beside the status:
+#: on the sandbox's own filesystem, so it is bounded by its disk limit, and on the worker
+#: host, so a runner that dies mid-run loses none of it.
+OUTPUT_FILE = "output.bin"
+#: In the sandbox's host folder (out of the container's sight): which execution claimed it,
+#: so a redelivered run step finds its folder after the container has removed itself.
+CLAIM_FILE = "execution"
 
 #: Everything a script can write, each with a hard size limit the kernel enforces.
 WRITABLE = (WORK_DIR, "/tmp", CONTAINER_HOME)
@@ -80,7 +88,7 @@ JOB_ACK_S = 10.0
 # the container never reach PID 1 at all. The job line is read one byte at a time so that
 # whatever follows it on stdin is left for the script (piped input).
 SUPERVISOR = r"""
-import json, os, select, signal, sys
+import fcntl, json, os, select, signal, struct, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 if not select.select([0], [], [], float(sys.argv[1]))[0]:
     sys.exit(0)
@@ -107,31 +115,94 @@ ooms = oom_kills()
 # filesystem and may fill it, after which no new block could be had.
 status_fd = os.open(job["status"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.write(status_fd, b" " * 512)
+# The script's output, kept beside the status as frames (stream, length, bytes) up to a cap:
+# what a runner that died mid-run never read is here for the one that re-attaches.
+kept = {"fd": os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+        "room": job["output_max"], "all": True}
+def keep(stream, data):
+    if kept["fd"] is None:
+        return
+    piece = data[: kept["room"]]
+    try:
+        if piece:
+            os.write(kept["fd"], struct.pack(">BI", stream, len(piece)) + piece)
+    except OSError:
+        piece = b""
+    kept["room"] -= len(piece)
+    if len(piece) < len(data):
+        kept["all"] = False
+        os.close(kept["fd"])
+        kept["fd"] = None
+out_r, out_w = os.pipe()
+err_r, err_w = os.pipe()
+for fd in (out_r, err_r):
+    try:
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger copies of a flood
+    except OSError:
+        pass
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+signal.set_wakeup_fd(wake_w)
 open(job["status"] + ".started", "w").close()
 pid = os.fork()
 if pid == 0:
     os.setsid()
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in (out_r, out_w, err_r, err_w, wake_r, wake_w, kept["fd"], status_fd):
+        if fd is not None and fd > 2:
+            os.close(fd)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.chdir(job["cwd"])
     os.execvpe(job["argv"][0], job["argv"], job["env"])
-class Deadline(Exception):
-    pass
-def on_alarm(*_):
-    raise Deadline
-signal.signal(signal.SIGALRM, on_alarm)
-signal.setitimer(signal.ITIMER_REAL, job["timeout"])
+os.close(out_w)
+os.close(err_w)
+streams = {out_r: 1, err_r: 2}
+deadline = time.monotonic() + job["timeout"]
 timed_out = False
-try:
-    _, wait_status = os.waitpid(pid, 0)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    code = os.waitstatus_to_exitcode(wait_status)
-except Deadline:
-    timed_out = True
-    os.killpg(pid, signal.SIGKILL)
+code = None
+def write_all(fd, data):
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except OSError:
+            return
+# Until the script has exited and every process holding its output is gone (killed once
+# it has exited): its output is copied to the container's streams and kept.
+while code is None or streams:
+    if code is None:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(wait_status)
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            continue
+    left = deadline - time.monotonic()
+    if left <= 0 and code is None and not timed_out:
+        timed_out = True
+        os.killpg(pid, signal.SIGKILL)
+        continue
+    try:
+        ready = select.select([*streams, wake_r], [], [], max(left, 0.05) if code is None else 1)[0]
+    except InterruptedError:
+        continue
+    for fd in ready:
+        if fd == wake_r:
+            os.read(wake_r, 512)
+            continue
+        data = os.read(fd, 1 << 20)
+        if not data:
+            os.close(fd)
+            del streams[fd]
+            continue
+        write_all(streams[fd], data)
+        keep(streams[fd], data)
+if timed_out:
     code = -signal.SIGKILL
-try:
-    os.kill(-1, signal.SIGKILL)
-except ProcessLookupError:
-    pass
 code = code if code >= 0 else 128 - code
 oom = oom_kills() > ooms
 def full(path):
@@ -143,7 +214,8 @@ def full(path):
     return fs.f_bavail < margin or (fs.f_files and not fs.f_favail)
 filled = [path for path in job["writable"] if full(path)]
 status = json.dumps(
-    {"exit_code": code, "timed_out": timed_out, "oom_killed": oom, "full": filled}
+    {"exit_code": code, "timed_out": timed_out, "oom_killed": oom, "full": filled,
+     "output_kept": kept["all"]}
 )
 os.pwrite(status_fd, status.encode()[:512].ljust(512), 0)
 os.close(status_fd)
@@ -241,6 +313,8 @@ class RunResult:
     full: list[str] = field(default_factory=list)
     #: The supervisor said it was done (its end marker): the container is exiting by itself.
     ended: bool = False
+    #: The supervisor kept all of the output (``OUTPUT_FILE``): under its cap, disk not full.
+    output_kept: bool = True
 
 
 class OutputLimitExceeded(Exception):
@@ -550,18 +624,22 @@ def run(
     env_vars: dict[str, str] | None = None,
     stdin: StdinSource | None = None,
     cpus: float | None = None,
+    keep_output_bytes: int = 64 * 1024**2,
 ) -> RunResult:
     """Send the job to a claimed sandbox and stream its output until it ends.
 
     The supervisor inside enforces ``timeout_s``; the runner kills the container itself only
     if the supervisor has not ended it ``KILL_GRACE_S`` later. ``cpus``: the sandbox's CPU
-    limit, which thread pools are told (``thread_environment``)."""
+    limit, which thread pools are told (``thread_environment``). ``keep_output_bytes``: how
+    much of the output the supervisor keeps in the sandbox's folder (``read_kept_output``)."""
     job = {
         "argv": argv,
         "env": _exec_environment(env, env_vars or {}, cpus),
         "cwd": WORK_DIR,
         "timeout": timeout_s,
         "status": f"{META_MOUNT}/{STATUS_FILE}",
+        "output": f"{META_MOUNT}/{OUTPUT_FILE}",
+        "output_max": keep_output_bytes,
         # Filesystems the script can write, reported back if it filled one: /work only when
         # it is the sandbox's own (a plain folder on the host disk measures the host's).
         "writable": [p for p in WRITABLE if p != WORK_DIR or os.path.ismount(box.disk)],
@@ -788,6 +866,8 @@ def output_path(box: Box, relpath: str) -> Path:
 def kill(client: docker.DockerClient, box: Box) -> None:
     """Stop the sandbox now (it removes itself); its host folder stays until ``discard``. A
     paused one cannot be killed: it is unpaused first."""
+    if not box.container_id:
+        return  # found by its folder: its container is gone
     try:
         client.api.kill(box.container_id)
     except docker.errors.APIError as exc:
@@ -813,3 +893,196 @@ def execution_labels(execution_id: str, timeout_s: float) -> dict[str, str]:
         EXECUTION_LABEL: execution_id,
         DEADLINE_LABEL: str(int(time.time() + timeout_s + KILL_GRACE_S + 60)),
     }
+
+
+# --- a runner that died mid-run: the next one re-attaches ------------------------------------
+
+
+def mark_claimed(box: Box, execution_id: str) -> None:
+    """Record in the sandbox's host folder which execution claimed it. The container removes
+    itself when the script ends; the folder (status, outputs, kept output) stays until the
+    result is published, and this is how a redelivered run step finds it."""
+    (box.host_dir / CLAIM_FILE).write_text(execution_id)
+
+
+#: How long the folder of a claimed sandbox whose container is gone is kept for a runner
+#: that may still come back for its result (a redelivered run step: seconds; one re-sent
+#: by the lease sweep: a lease or two).
+RESULT_KEEP_S = 900.0
+
+
+def holds_result(host_dir: Path, keep_s: float = RESULT_KEEP_S) -> bool:
+    """Whether a gone sandbox's folder may still be wanted by a runner coming back for it:
+    claimed by an execution, and claimed or ended less than ``keep_s`` ago."""
+    stamps = [_mtime(host_dir / CLAIM_FILE), _mtime(host_dir / DISK_DIR / "meta" / STATUS_FILE)]
+    if stamps[0] is None:
+        return False
+    return time.time() - max(t for t in stamps if t is not None) < keep_s
+
+
+def claimed_by(host_dir: Path) -> str | None:
+    try:
+        return (host_dir / CLAIM_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def find_claimed(client: docker.DockerClient, root: Path, execution_id: str) -> Box | None:
+    """The sandbox an earlier attempt of this execution claimed, alive or not: by its
+    container's name while it exists, else by the claim file in its host folder."""
+    name = f"{RUN_NAME_PREFIX}{execution_id}"
+    try:
+        info = client.api.inspect_container(name)
+        labels = info["Config"]["Labels"] or {}
+        if HOST_DIR_LABEL in labels:
+            return Box(name, info["Id"], Path(labels[HOST_DIR_LABEL]))
+    except docker.errors.NotFound:
+        pass
+    for folder in root.iterdir() if root.is_dir() else []:
+        if claimed_by(folder) == execution_id:
+            return Box(name, "", folder)
+    return None
+
+
+#: A frame of the kept output: its stream (1 or 2) and length, then that many bytes.
+_FRAME = struct.Struct(">BI")
+
+
+class KeptOutput:
+    """Reads the output the supervisor kept (``OUTPUT_FILE``), as it grows, decoded per stream
+    like the live stream is. The file is the script's to write too (it runs as the same
+    user), so it is opened without following links and read only as far as it is well
+    formed: a script can spoil only its own log."""
+
+    NAMES = {1: "stdout", 2: "stderr"}
+
+    def __init__(self, box: Box):
+        self.path = box.meta / OUTPUT_FILE
+        self.position = 0
+        self.broken = False
+        self.decoders = {
+            number: codecs.getincrementaldecoder("utf-8")(errors="replace") for number in self.NAMES
+        }
+
+    def read(self) -> list[tuple[str, str]]:
+        """The (stream, text) pieces written since the last read."""
+        if self.broken:
+            return []
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return []
+        pieces = []
+        with os.fdopen(fd, "rb") as fh:
+            fh.seek(self.position)
+            while header := fh.read(_FRAME.size):
+                if len(header) < _FRAME.size:
+                    break
+                number, size = _FRAME.unpack(header)
+                if number not in self.NAMES:
+                    self.broken = True
+                    break
+                data = fh.read(size)
+                if len(data) < size:
+                    break  # the supervisor is half way through writing it
+                self.position += _FRAME.size + size
+                if text := self.decoders[number].decode(data):
+                    pieces.append((self.NAMES[number], text))
+        return pieces
+
+    def flush(self) -> list[tuple[str, str]]:
+        """The last pieces, once the supervisor is done."""
+        pieces = self.read()
+        for number, decoder in self.decoders.items():
+            if tail := decoder.decode(b"", final=True):
+                pieces.append((self.NAMES[number], tail))
+        return pieces
+
+
+class Skipping:
+    """Hands on the part of each stream's text past what was already forwarded (``seen``:
+    characters per stream), so that re-reading the kept output from its start adds each
+    line to the log once."""
+
+    def __init__(self, on_output: Callable[[str, str], None], seen: dict[str, int]):
+        self.on_output = on_output
+        self.skip = dict(seen)
+
+    def __call__(self, pieces: list[tuple[str, str]]) -> None:
+        for stream, text in pieces:
+            skip = self.skip.get(stream, 0)
+            if skip >= len(text):
+                self.skip[stream] = skip - len(text)
+                continue
+            self.skip[stream] = 0
+            self.on_output(stream, text[skip:])
+
+
+def _container_running(client: docker.DockerClient, box: Box) -> bool:
+    if not box.container_id:
+        return False
+    try:
+        return bool(client.api.inspect_container(box.container_id)["State"]["Running"])
+    except docker.errors.NotFound:
+        return False
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+#: How often a re-attached runner looks at the sandbox it waits for.
+REATTACH_POLL_S = 0.2
+
+
+def reattach(
+    client: docker.DockerClient,
+    box: Box,
+    *,
+    timeout_s: float,
+    on_output: Callable[[str, str], None],
+    seen: dict[str, int],
+    stop: threading.Event | None = None,
+) -> RunResult | None:
+    """Follow a sandbox an earlier runner started the script in, until it ends: its output
+    past ``seen`` (characters per stream already in the log) goes to ``on_output``, and its
+    result comes from the status its supervisor wrote. None when the script never started
+    there, or the sandbox is gone without a result (killed, or its supervisor died): the
+    caller runs it anew. The deadline is the supervisor's to enforce; past it and
+    ``KILL_GRACE_S`` the sandbox is killed from here, as ``run`` would. ``stop``: set to give
+    up waiting (a cancel; the caller has killed the sandbox)."""
+    started = _mtime(box.meta / (STATUS_FILE + ".started"))
+    if started is None:
+        return None
+    kept = KeptOutput(box)
+    forward = Skipping(on_output, seen)
+    stop = stop or threading.Event()
+    killed = False
+    while _container_running(client, box) and _read_status(box) is None:
+        forward(kept.read())
+        if not killed and time.time() > started + timeout_s + KILL_GRACE_S:
+            kill(client, box)
+            killed = True
+        if stop.wait(REATTACH_POLL_S):
+            break
+    status = _read_status(box)
+    forward(kept.flush())
+    ended = _mtime(box.meta / STATUS_FILE) or time.time()
+    run_s = max(0.0, ended - started)
+    if status is None:
+        if killed:
+            return RunResult(exit_code=None, timed_out=True, run_s=run_s)
+        return None
+    full = status.get("full")
+    return RunResult(
+        exit_code=None if status["timed_out"] else status["exit_code"],
+        timed_out=bool(status["timed_out"]),
+        run_s=run_s,
+        oom_killed=bool(status.get("oom_killed")),
+        full=[p for p in full if p in WRITABLE] if isinstance(full, list) else [],
+        ended=True,
+        output_kept=status.get("output_kept") is not False,
+    )

@@ -32,7 +32,7 @@ TERMINAL_STATUSES = frozenset(
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset({Status.BUILDING, Status.RUNNING}) | TERMINAL_STATUSES,
     Status.BUILDING: frozenset({Status.RUNNING}) | TERMINAL_STATUSES,
-    # A redelivered run step (its worker died) starts the script again.
+    # A redelivered run step (its worker died) re-attaches to the sandbox running the script.
     Status.RUNNING: frozenset({Status.RUNNING}) | TERMINAL_STATUSES,
     **{status: frozenset() for status in TERMINAL_STATUSES},
 }

@@ -424,7 +424,9 @@ def host_maintenance_task() -> dict[str, list[str]]:
     """On one host, from its own queue: reap its engine's leftover containers."""
     ctx = worker_context()
     with session_scope(ctx.session_factory) as session:
-        reaped = reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+        reaped = reap_containers(
+            ctx.docker, session, ctx.settings.sandboxes_dir, ctx.settings.log_journal_dir
+        )
     return {"reaped": reaped}
 
 
@@ -438,7 +440,9 @@ def reap_containers_task() -> dict[str, list[str]]:
     hosts = _every_host(ctx)
     if not hosts:  # no host has said it is alive yet: reap this one at least
         with session_scope(ctx.session_factory) as session:
-            reap_containers(ctx.docker, session, ctx.settings.sandboxes_dir)
+            reap_containers(
+                ctx.docker, session, ctx.settings.sandboxes_dir, ctx.settings.log_journal_dir
+            )
     return {"lost": lost, "hosts": hosts}
 
 
@@ -453,7 +457,17 @@ def sweep_lost_workers_task() -> dict[str, list[str]]:
     """Twice per lease: running executions whose worker stopped renewing it, and waiting ones
     pinned to a host that is gone."""
     ctx = worker_context()
-    return {"lost": pipeline.sweep_lost_workers(ctx), "moved": rescue_stranded(ctx)}
+    lost = pipeline.sweep_lost_workers(ctx, resend=_resend_run)
+    return {"lost": lost, "moved": rescue_stranded(ctx)}
+
+
+def _resend_run(execution_id: str, host: str | None) -> None:
+    """The run step (and the store step after it) again, to the host whose sandbox runs the
+    script: the step there re-attaches to it."""
+    queue = get_settings().queue
+    queueing.enqueue_from(
+        app, queueing.RUN, execution_id, host_queue(queue, host) if host else queue
+    )
 
 
 def purge_local_caches() -> dict:

@@ -456,6 +456,7 @@ def status(execution_id: str, json_mode: bool):
         "status",
         "exit_code",
         "error",
+        "log_incomplete",
         "script_name",
         "runtime",
         "script_hash",

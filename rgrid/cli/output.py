@@ -189,7 +189,11 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
         parts[-1] += f" ({execution.get('files_uploaded') or 0} of {total} files)"
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
+    if execution.get("log_incomplete"):
+        parts.append("log incomplete")
     line = " · ".join(parts)
+    if execution.get("log_incomplete") and not any(execution["log_incomplete"] in t for t in shown):
+        line += f"\nlog incomplete: {execution['log_incomplete']}"
     if limit_reason:
         return line
     if error and status != "succeeded" and not any(error in text for text in shown):
