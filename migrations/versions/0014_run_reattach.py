@@ -3,7 +3,7 @@ lost runner's successor re-attaches to the sandbox, up to a bound), and what its
 lacks, if anything (said in the summary, not only in the log).
 
 Revision ID: 0014
-Revises: 0008
+Revises: 0011
 Create Date: 2026-12-03
 """
 
