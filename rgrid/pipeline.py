@@ -576,6 +576,14 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
     limit = ctx.settings.max_log_bytes
     written = 0
 
+    def append(stream: str, piece: str) -> None:
+        # Patiently: a Redis blip (a worker host's link down for seconds) used to fail the
+        # append, the run step was retried, and the script ran a second time after the
+        # first run's partial output (tests/integration/test_deploy_hosts.py saw
+        # "donedone 3"). The script waits on its full pipe meanwhile; its deadline holds
+        # inside the sandbox.
+        patiently(lambda: ctx.logs.append(execution_id, stream, piece))
+
     def sink(stream: str, text: str) -> None:
         nonlocal written
         for start in range(0, len(text), MAX_CHUNK_CHARS):
@@ -586,7 +594,7 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
             if written + size > limit:
                 piece = _fitting(stream, piece, limit - written)
                 if piece:
-                    ctx.logs.append(execution_id, stream, piece)
+                    append(stream, piece)
                 ctx.note(
                     execution_id,
                     f"\nlog truncated at {human_limit(limit)}: the rest of the script's "
@@ -595,7 +603,7 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
                 written = limit
                 return
             written += size
-            ctx.logs.append(execution_id, stream, piece)
+            append(stream, piece)
 
     return sink
 

@@ -363,7 +363,11 @@ def test_a_host_cut_off_mid_batch_loses_nothing_and_drains_when_it_is_back(ctx, 
     assert all(r.status in TERMINAL_STATUSES for r in rows), [(r.id, r.status) for r in rows]
     for i, row in enumerate(rows):
         if row.status == "succeeded":
-            assert _log(ctx, row.id, "stdout") == f"done {i}\n"
+            assert _log(ctx, row.id, "stdout") == f"done {i}\n", (
+                row.host,
+                _log(ctx, row.id, "phase"),
+                _log(ctx, row.id, "stderr"),
+            )
             assert [o["path"] for o in row.outputs] == ["result.txt"]
         else:  # a run n2 held while cut off past its lease: it says so, nothing else is lost
             assert row.host == "n2" and row.status == "error" and row.error, row
