@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -576,13 +578,18 @@ def _capped_log(ctx: PipelineContext, execution_id: str):
     limit = ctx.settings.max_log_bytes
     written = 0
 
+    writer, sequence, lock = secrets.token_hex(8), itertools.count(), threading.Lock()
+
     def append(stream: str, piece: str) -> None:
         # Patiently: a Redis blip (a worker host's link down for seconds) used to fail the
         # append, the run step was retried, and the script ran a second time after the
         # first run's partial output (tests/integration/test_deploy_hosts.py saw
         # "donedone 3"). The script waits on its full pipe meanwhile; its deadline holds
-        # inside the sandbox.
-        patiently(lambda: ctx.logs.append(execution_id, stream, piece))
+        # inside the sandbox. Numbered, and in order (the lock), so a chunk sent again
+        # after a lost reply is stored once.
+        with lock:
+            once = (writer, next(sequence))
+            patiently(lambda: ctx.logs.append(execution_id, stream, piece, once=once))
 
     def sink(stream: str, text: str) -> None:
         nonlocal written
