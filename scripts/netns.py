@@ -27,10 +27,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from rgrid import queueing
+from rgrid.context import redis_client
+from rgrid.hosts import HostRegistry
 from scripts import hosts
+from scripts.stack import free_port, runtime_images, stop_group, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 #: Addresses for the veth pairs: one /24 of this block per grid, one /30 per host in it.
@@ -252,3 +258,216 @@ def wait_for(what: str, done, timeout_s: float, every_s: float = 0.3) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {timeout_s:.0f}s waiting for {what}")
         time.sleep(every_s)
+
+
+# --- a deployed grid: worker hosts, the API and beat, all from the wheel -------------------
+
+TEMPLATE = REPO / "deploy" / "rgrid.env"
+
+
+class Supervised:
+    """A process started again whenever it exits (systemd's Restart=always), tied to this
+    test process (it gets SIGTERM if the test session dies)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path, cwd: Path):
+        self.command, self.env, self.log, self.cwd = command, env, log, cwd
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Supervised:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=hosts._die_with_parent,
+            )
+        self.starts += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.process is not None and self.process.poll() is not None:
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.process is not None:
+            stop_group(self.process.pid)
+
+
+@dataclass
+class Grid:
+    root: Path
+    bin: Path
+    queue: str
+    nets: dict[str, NetHost]
+    env_files: dict[str, Path]
+    workers: dict[str, Supervised]
+    registry: HostRegistry
+    app: object
+    api_port: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def host_env(self, name: str) -> dict[str, str]:
+        """A host's process environment: its env file and nothing of this test's."""
+        return {
+            "PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.nets[name].engine.dir),
+            "LANG": "C.UTF-8",
+            **read_env_file(self.env_files[name]),
+        }
+
+    def on_host(self, name: str, *args: str, timeout: float = 120):
+        """``rgrid ARGS`` run on host ``name``, as its operator would."""
+        return subprocess.run(
+            self.nets[name].command([str(self.bin / "rgrid"), *args]),
+            env=self.host_env(name),
+            cwd=self.nets[name].engine.dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def enqueue(self, ids: list[str]) -> None:
+        for execution_id in ids:
+            queueing.enqueue_pipeline(self.app, execution_id)
+
+
+def _on(url: str, address: str) -> str:
+    """``url`` with its host (loopback here) replaced by ``address``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.replace(parts.hostname or "", address, 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _port(url: str) -> int:
+    parsed = urlsplit(url)
+    assert parsed.port is not None, url
+    return parsed.port
+
+
+@contextlib.contextmanager
+def deployed(
+    root: Path,
+    names: tuple[str, ...],
+    services: dict[str, str],
+    common: dict[str, str],
+    template: Path = TEMPLATE,
+) -> Iterator[Grid]:
+    """Worker hosts ``names`` deployed from the wheel (built from this tree) in namespaces of
+    their own, with the API and beat in the main namespace. ``services``: the database,
+    Redis and S3 URLs on loopback (each host gets them on its link's address); ``common``:
+    the rest of every host's env file (``RGRID_QUEUE`` among them)."""
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    wheel = build_wheel(root)
+    timings["wheel build"] = time.monotonic() - started
+    started = time.monotonic()
+    bin_dir = install_wheel(wheel, root / "venv")
+    timings["wheel install"] = time.monotonic() - started
+
+    queue = common["RGRID_QUEUE"]
+    api_port = free_port()
+    logs = root / "logs"
+    logs.mkdir()
+    engines = [hosts.Engine(name, root / "hosts") for name in names]
+    subnet = free_subnet()
+    nets = {e.name: NetHost(e, subnet, i) for i, e in enumerate(engines)}
+    processes: list[Supervised] = []
+    started = time.monotonic()
+    with hosts.Engines(engines, runtime_images(), remove=True):
+        timings["engines started, runtime image loaded"] = time.monotonic() - started
+        try:
+            for net in nets.values():
+                net.connect()
+            routes = [
+                (net.main_address, port, port)
+                for net in nets.values()
+                for port in [*(_port(u) for u in services.values()), api_port]
+            ]
+            with Forwarder(routes):
+                # The main namespace's roles: the API and beat, on loopback.
+                main_file = render_env_file(template, {**services, **common}, root / "main.env")
+                main_env = {
+                    "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "HOME": str(root),
+                    "LANG": "C.UTF-8",
+                    "PROMETHEUS_MULTIPROC_DIR": str(logs),
+                    **read_env_file(main_file),
+                }
+                python = str(bin_dir / "python")
+                api = [python, "-m", "gunicorn", "--bind", f"127.0.0.1:{api_port}"]
+                api += ["--workers", "1", "--threads", "4", "rgrid.api:create_app()"]
+                processes.append(Supervised(api, main_env, logs / "api.log", root).start())
+                beat = [python, "-m", "celery", "-A", "workers.celery_app", "beat"]
+                beat += ["--schedule", str(root / "beat-schedule")]
+                processes.append(Supervised(beat, main_env, logs / "beat.log", root).start())
+                wait_healthy(f"http://127.0.0.1:{api_port}", logs / "api.log")
+
+                env_files = {}
+                for name, net in nets.items():
+                    (net.engine.dir / "metrics").mkdir(exist_ok=True)
+                    values = {
+                        **{k: _on(v, net.main_address) for k, v in services.items()},
+                        **common,
+                        "RGRID_HOST_NAME": name,
+                        "RGRID_DATA_DIR": str(net.engine.data_dir),
+                        "DOCKER_HOST": net.engine.docker_host,
+                        "RGRID_API_URL": f"http://{net.main_address}:{api_port}",
+                        "PROMETHEUS_MULTIPROC_DIR": str(net.engine.dir / "metrics"),
+                    }
+                    env_files[name] = render_env_file(
+                        template, values, net.engine.dir / "rgrid.env"
+                    )
+                app = queueing.create_celery_app()
+                app.conf.task_default_queue = queue
+                grid = Grid(
+                    root=root,
+                    bin=bin_dir,
+                    queue=queue,
+                    nets=nets,
+                    env_files=env_files,
+                    workers={},
+                    registry=HostRegistry(redis_client(services["RGRID_REDIS_URL"]), queue),
+                    app=app,
+                    api_port=api_port,
+                    timings=timings,
+                )
+                for name, net in nets.items():
+                    worker = [python, "-m", "celery", "-A", "workers.celery_app", "worker"]
+                    worker += ["--loglevel", "INFO", "--concurrency", "2"]
+                    worker += ["--hostname", f"{name}@%h"]
+                    grid.workers[name] = Supervised(
+                        net.command(worker),
+                        grid.host_env(name),
+                        logs / f"worker-{name}.log",
+                        net.engine.dir,
+                    ).start()
+                    processes.append(grid.workers[name])
+                wait_for(
+                    "both hosts' heartbeats",
+                    lambda: all(grid.registry.alive(n) for n in names),
+                    90,
+                )
+                yield grid
+        finally:
+            for process in reversed(processes):
+                process.stop()
+            for net in nets.values():
+                net.disconnect()
+            client = redis_client(services["RGRID_REDIS_URL"])
+            for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+                for key in client.scan_iter(pattern):
+                    client.delete(key)

@@ -10,247 +10,45 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
-from rgrid import cache_keys, queueing
-from rgrid.context import redis_client
+from rgrid import cache_keys
 from rgrid.db import session_scope
-from rgrid.hosts import HostRegistry
 from rgrid.logbuffer import decode_log
 from rgrid.models import Execution
 from rgrid.statuses import TERMINAL_STATUSES
-from scripts import hosts, netns
-from scripts.stack import free_port, runtime_images, stop_group, wait_healthy
+from scripts import netns
 from tests.conftest import DEV_ENV
 
 HOSTS = ("n1", "n2")
-TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "rgrid.env"
 #: A running execution's lease on these hosts: a host cut off longer than this loses its runs.
 LEASE_S = 20
 
 
-class Supervised:
-    """A process started again whenever it exits (systemd's Restart=always), tied to this
-    test process (it gets SIGTERM if the test session dies)."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log: Path, cwd: Path):
-        self.command, self.env, self.log, self.cwd = command, env, log, cwd
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Supervised:
-        self._spawn()
-        self._thread.start()
-        return self
-
-    def _spawn(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                self.command,
-                env=self.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=hosts._die_with_parent,
-            )
-        self.starts += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            if self.process is not None and self.process.poll() is not None:
-                self._spawn()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self.process is not None:
-            stop_group(self.process.pid)
-
-
-@dataclass
-class Grid:
-    root: Path
-    bin: Path
-    queue: str
-    nets: dict[str, netns.NetHost]
-    env_files: dict[str, Path]
-    workers: dict[str, Supervised]
-    registry: HostRegistry
-    app: object
-    api_port: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def host_env(self, name: str) -> dict[str, str]:
-        """A host's process environment: its env file and nothing of this test's."""
-        return {
-            "PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(self.nets[name].engine.dir),
-            "LANG": "C.UTF-8",
-            **netns.read_env_file(self.env_files[name]),
-        }
-
-    def on_host(self, name: str, *args: str, timeout: float = 120):
-        """``rgrid ARGS`` run on host ``name``, as its operator would."""
-        return subprocess.run(
-            self.nets[name].command([str(self.bin / "rgrid"), *args]),
-            env=self.host_env(name),
-            cwd=self.nets[name].engine.dir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def enqueue(self, ids: list[str]) -> None:
-        for execution_id in ids:
-            queueing.enqueue_pipeline(self.app, execution_id)
-
-
-def _on(url: str, address: str) -> str:
-    """``url`` with its host (loopback here) replaced by ``address``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.replace(parts.hostname or "", address, 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
-def _port(url: str) -> int:
-    parsed = urlsplit(url)
-    assert parsed.port is not None, url
-    return parsed.port
-
-
 @pytest.fixture(scope="module")
-def grid(server_settings, tmp_path_factory) -> Iterator[Grid]:
-    root = tmp_path_factory.mktemp("deploy")
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    wheel = netns.build_wheel(root)
-    timings["wheel build"] = time.monotonic() - started
-    started = time.monotonic()
-    bin_dir = netns.install_wheel(wheel, root / "venv")
-    timings["wheel install"] = time.monotonic() - started
-
-    queue = f"{os.environ['RGRID_QUEUE']}-net"
+def grid(server_settings, tmp_path_factory) -> Iterator[netns.Grid]:
     services = {
         "RGRID_DATABASE_URL": server_settings.database_url,
         "RGRID_REDIS_URL": server_settings.redis_url,
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
     }
-    api_port = free_port()
     common = {
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "AWS_ACCESS_KEY_ID": DEV_ENV["AWS_ACCESS_KEY_ID"],
         "AWS_SECRET_ACCESS_KEY": DEV_ENV["AWS_SECRET_ACCESS_KEY"],
         "RGRID_SECRET_KEY": os.environ["RGRID_SECRET_KEY"],
-        "RGRID_QUEUE": queue,
+        "RGRID_QUEUE": f"{os.environ['RGRID_QUEUE']}-net",
         "RGRID_LEASE": str(LEASE_S),
         "RGRID_DEFAULT_TIMEOUT": "120",
         "RGRID_POOL_SIZE": "1",
         "RGRID_POOL_MAX": "2",
     }
-    logs = root / "logs"
-    logs.mkdir()
-    engines = [hosts.Engine(name, root / "hosts") for name in HOSTS]
-    subnet = netns.free_subnet()
-    nets = {e.name: netns.NetHost(e, subnet, i) for i, e in enumerate(engines)}
-    processes: list[Supervised] = []
-    started = time.monotonic()
-    with hosts.Engines(engines, runtime_images(), remove=True):
-        timings["engine start + runtime image load (2 hosts)"] = time.monotonic() - started
-        try:
-            for net in nets.values():
-                net.connect()
-            routes = [
-                (net.main_address, port, port)
-                for net in nets.values()
-                for port in [*(_port(u) for u in services.values()), api_port]
-            ]
-            with netns.Forwarder(routes):
-                # The main namespace's roles: the API and beat, on loopback.
-                main_file = netns.render_env_file(
-                    TEMPLATE, {**services, **common}, root / "main.env"
-                )
-                main_env = {
-                    "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME": str(root),
-                    "LANG": "C.UTF-8",
-                    "PROMETHEUS_MULTIPROC_DIR": str(logs),
-                    **netns.read_env_file(main_file),
-                }
-                python = str(bin_dir / "python")
-                api = [python, "-m", "gunicorn", "--bind", f"127.0.0.1:{api_port}"]
-                api += ["--workers", "1", "--threads", "4", "rgrid.api:create_app()"]
-                processes.append(Supervised(api, main_env, logs / "api.log", root).start())
-                beat = [python, "-m", "celery", "-A", "workers.celery_app", "beat"]
-                beat += ["--schedule", str(root / "beat-schedule")]
-                processes.append(Supervised(beat, main_env, logs / "beat.log", root).start())
-                wait_healthy(f"http://127.0.0.1:{api_port}", logs / "api.log")
-
-                env_files = {}
-                for name, net in nets.items():
-                    (net.engine.dir / "metrics").mkdir(exist_ok=True)
-                    values = {
-                        **{k: _on(v, net.main_address) for k, v in services.items()},
-                        **common,
-                        "RGRID_HOST_NAME": name,
-                        "RGRID_DATA_DIR": str(net.engine.data_dir),
-                        "DOCKER_HOST": net.engine.docker_host,
-                        "RGRID_API_URL": f"http://{net.main_address}:{api_port}",
-                        "PROMETHEUS_MULTIPROC_DIR": str(net.engine.dir / "metrics"),
-                    }
-                    env_files[name] = netns.render_env_file(
-                        TEMPLATE, values, net.engine.dir / "rgrid.env"
-                    )
-                app = queueing.create_celery_app()
-                app.conf.task_default_queue = queue
-                grid = Grid(
-                    root=root,
-                    bin=bin_dir,
-                    queue=queue,
-                    nets=nets,
-                    env_files=env_files,
-                    workers={},
-                    registry=HostRegistry(redis_client(server_settings.redis_url), queue),
-                    app=app,
-                    api_port=api_port,
-                    timings=timings,
-                )
-                for name, net in nets.items():
-                    worker = [python, "-m", "celery", "-A", "workers.celery_app", "worker"]
-                    worker += ["--loglevel", "INFO", "--concurrency", "2"]
-                    worker += ["--hostname", f"{name}@%h"]
-                    grid.workers[name] = Supervised(
-                        net.command(worker),
-                        grid.host_env(name),
-                        logs / f"worker-{name}.log",
-                        net.engine.dir,
-                    ).start()
-                    processes.append(grid.workers[name])
-                netns.wait_for(
-                    "both hosts' heartbeats",
-                    lambda: all(grid.registry.alive(n) for n in HOSTS),
-                    90,
-                )
-                yield grid
-        finally:
-            for process in reversed(processes):
-                process.stop()
-            for net in nets.values():
-                net.disconnect()
-            client = redis_client(server_settings.redis_url)
-            for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
-                for key in client.scan_iter(pattern):
-                    client.delete(key)
+    with netns.deployed(tmp_path_factory.mktemp("deploy"), HOSTS, services, common) as grid:
+        yield grid
 
 
 def _rows(ctx, ids: list[str]) -> list[Execution]:
