@@ -35,7 +35,13 @@ def run_migrations_online() -> None:
     with connectable.connect() as connection:
         # Batch mode lets later ALTERs work on SQLite, the embedded default's database.
         context.configure(
-            connection=connection, target_metadata=target_metadata, render_as_batch=True
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=True,
+            # What this run applied, for `rgrid admin migrate` to report (rgrid/db.py).
+            on_version_apply=lambda step, **_: config.attributes.setdefault("applied", []).append(
+                step.up_revision_id
+            ),
         )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":

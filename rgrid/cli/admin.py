@@ -31,14 +31,12 @@ def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head). Safe to run from every
     host at once: one migrates under a PostgreSQL advisory lock, the others wait and find
     nothing to do."""
-    from rgrid.db import schema_revision, upgrade
+    from rgrid.db import upgrade
     from rgrid.errors import ServiceUnavailable
 
     url = get_settings().effective_database_url
     try:
-        before = schema_revision(url)
-        upgrade(url)
-        after = schema_revision(url)
+        applied = upgrade(url)
     except ServiceUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL: one line
@@ -46,10 +44,12 @@ def migrate() -> None:
 
         reason = _first_line(getattr(exc, "orig", None) or exc)
         raise ServiceUnavailable(f"database {_safe_url(url)}: {reason}") from None
-    if before == after:
-        click.echo(f"database is up to date (schema {after})")
+    from rgrid.db import newest_revision
+
+    if applied:
+        click.echo(f"database migrated to {applied[-1]} ({len(applied)} migration(s) applied)")
     else:
-        click.echo(f"database migrated from {before or 'nothing'} to {after}")
+        click.echo(f"database is up to date (schema {newest_revision()})")
 
 
 @admin.command()
