@@ -116,6 +116,9 @@ def _grid_run(root: Path, names: tuple[str, ...], url: str, runs: int, first: bo
         "RGRID_QUEUE": f"bench-deploy-{secrets.token_hex(4)}",
         "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
         "RGRID_MAX_CONCURRENT_PER_ACCOUNT": "0",
+        # The hosts have no route to any package index (nothing leaves their namespaces):
+        # uv installs from the local wheel folder only.
+        "UV_NO_INDEX": "1",
     }
     os.environ.update({**services, **common})  # this process's submitter, as the API
     out: dict = {}
@@ -124,6 +127,7 @@ def _grid_run(root: Path, names: tuple[str, ...], url: str, runs: int, first: bo
         submitter = Submitter(url, bucket)
         if first:
             wheels = root / "wheels"
+            wheels.mkdir()
             dist = f"bench-dep-{secrets.token_hex(3)}"
             make_wheel(wheels, dist, "1.0")
             requirements = f"--find-links {wheels}\n{dist}\n"
