@@ -1,8 +1,9 @@
 """Alembic environment: the schema's only way to change."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 
+from rgrid.cache_keys import MIGRATION_LOCK_ID
 from rgrid.config import get_settings
 from rgrid.models import Base
 
@@ -34,9 +35,23 @@ def run_migrations_online() -> None:
     with connectable.connect() as connection:
         # Batch mode lets later ALTERs work on SQLite, the embedded default's database.
         context.configure(
-            connection=connection, target_metadata=target_metadata, render_as_batch=True
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=True,
+            # What this run applied, for `rgrid admin migrate` to report (rgrid/db.py).
+            on_version_apply=lambda step, **_: config.attributes.setdefault("applied", []).append(
+                step.up_revision_id
+            ),
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Every host may run `rgrid admin migrate` at once: the first takes the lock
+                # and migrates; the others wait here, then read the version it committed
+                # (run_migrations reads it only now) and have nothing to do. Released at
+                # commit, or when a killed migrator's connection closes.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID}
+                )
             context.run_migrations()
 
 

@@ -8,6 +8,8 @@ environment.
 
 from __future__ import annotations
 
+import hashlib
+
 from rgrid.hashing import sha256_bytes
 
 KEY_SEPARATOR = "\x1f"
@@ -99,3 +101,19 @@ def upload_purge_lock_name(queue: str) -> str:
 def last_purge_key(queue: str) -> str:
     """Where the last purge's result waits for `rgrid cache stats` (Redis)."""
     return f"rgrid:last-purge:{queue}"
+
+
+#: PostgreSQL advisory lock held by `rgrid admin migrate` (rgrid/db.py ``upgrade``): every
+#: host may run it at once during an upgrade, and exactly one migrates while the others wait
+#: and then find the schema current. A fixed 64-bit number (advisory locks are keyed by
+#: integers, per database): the first 8 bytes of sha256("rgrid:migrate"), as a signed int.
+MIGRATION_LOCK_ID = int.from_bytes(
+    hashlib.sha256(b"rgrid:migrate").digest()[:8], "big", signed=True
+)
+
+
+def host_drained_key(queue: str, host: str) -> str:
+    """Set while an operator drains ``host`` (`rgrid admin drain`): its worker stops taking
+    from the shared queue and stops its heartbeat, so nothing new is sent its way, until
+    `rgrid admin undrain`. Kept in Redis without expiry: it must outlive a worker restart."""
+    return f"rgrid:{queue}:host-drained:{host}"

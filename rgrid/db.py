@@ -119,8 +119,30 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str) -> None:
-    """Bring the schema at ``url`` to the newest migration (the only way it ever changes)."""
+def upgrade(url: str) -> list[str]:
+    """Bring the schema at ``url`` to the newest migration (the only way it ever changes);
+    returns the migrations this call applied. Safe from many hosts at once on PostgreSQL:
+    migrations/env.py serializes them under an advisory lock, and a host that waited finds
+    nothing left to apply."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), "head")
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "head")
+    return list(cfg.attributes.get("applied", []))
+
+
+def schema_revision(url: str) -> str | None:
+    """The migration the database at ``url`` is at (None: none applied yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def newest_revision() -> str:
+    """The newest migration this installation ships."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head

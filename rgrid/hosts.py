@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from rgrid import cache_keys
 from rgrid.db import session_scope
 from rgrid.models import Execution
 from rgrid.statuses import Status
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 #: A host renews its heartbeat this often, and is taken for gone once it is this old.
 HEARTBEAT_EVERY_S = 2.0
 HEARTBEAT_TTL_S = 10
+
+
+DRAIN_REQUESTED = "requested"
+DRAINED = "drained"
 
 
 def host_queue(queue: str, host: str) -> str:
@@ -62,6 +67,28 @@ class HostRegistry:
 
     def alive(self, host: str) -> bool:
         return bool(self.client.exists(self._alive_key(host)))
+
+    # Draining (`rgrid admin drain`): the host finishes what it runs and takes nothing new.
+    # "requested" until the host's worker has stopped taking from the shared queue, then
+    # "drained" (its engine watch says so), so the operator knows when it holds still.
+
+    def drain(self, host: str) -> None:
+        self.client.set(cache_keys.host_drained_key(self.queue, host), DRAIN_REQUESTED)
+        self.gone(host)
+
+    def undrain(self, host: str) -> bool:
+        """Take work again; False when the host was not drained."""
+        return bool(self.client.delete(cache_keys.host_drained_key(self.queue, host)))
+
+    def drain_state(self, host: str) -> str | None:
+        """None (taking work), DRAIN_REQUESTED or DRAINED."""
+        value = self.client.get(cache_keys.host_drained_key(self.queue, host))
+        return value.decode() if value is not None else None
+
+    def acknowledge_drain(self, host: str) -> None:
+        """The host's worker no longer consumes the shared queue (only while still drained:
+        an undrain in between wins)."""
+        self.client.set(cache_keys.host_drained_key(self.queue, host), DRAINED, xx=True)
 
     def has_environment(self, host: str, environment: str) -> None:
         self.client.sadd(self._env_key(environment), host)
@@ -140,6 +167,18 @@ def pinned_to_lost_hosts(
         if not alive[host]:
             lost.append((execution_id, host))
     return lost
+
+
+def busy_on(session_factory: sessionmaker[Session], host: str) -> list[tuple[str, str]]:
+    """(execution, status) of the executions ``host`` holds that have not ended."""
+    with session_scope(session_factory) as session:
+        rows = session.execute(
+            select(Execution.id, Execution.status).where(
+                Execution.host == host,
+                Execution.status.in_((Status.QUEUED, Status.BUILDING, Status.RUNNING)),
+            )
+        ).all()
+    return [(execution_id, str(status)) for execution_id, status in rows]
 
 
 def move(session_factory: sessionmaker[Session], execution_id: str, lost: str, to: str) -> bool:

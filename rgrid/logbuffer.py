@@ -37,7 +37,12 @@ WaitForChange = Callable[[float], None]
 
 
 class LogBuffer(Protocol):
-    def append(self, execution_id: str, stream: str, text: str) -> None: ...
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        """``once``: (writer, sequence number) of a writer that may send the same chunk
+        again (a retry after a lost reply): appended only if newer than that writer's last."""
+
     def read(
         self, execution_id: str, start: int = 0, limit: int | None = None
     ) -> list[LogChunk]: ...
@@ -87,7 +92,9 @@ class FileLogBuffer:
     def _path(self, execution_id: str) -> Path:
         return self.folder / f"{execution_id}.jsonl"
 
-    def append(self, execution_id: str, stream: str, text: str) -> None:
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
         line = json.dumps([stream, text]) + "\n"
         with self._lock:
             if execution_id not in self._chunks:
@@ -224,9 +231,34 @@ class RedisLogBuffer:
         """Where each change is announced, for followers waiting in ``changes``."""
         return f"rgrid:log-changed:{execution_id}"
 
+    #: RPUSH unless the writer's sequence number is not newer than the last one it appended:
+    #: a reply lost with a host's link (redis-py then sends the command again, and so do our
+    #: own retries) must not store the chunk twice ("donedone 8" was seen).
+    _APPEND_ONCE = """
+    local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+    if tonumber(ARGV[2]) <= last then return 0 end
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[4])
+    redis.call('RPUSH', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('PUBLISH', KEYS[3], '')
+    return 1
+    """
+
+    @staticmethod
+    def _writers_key(execution_id: str) -> str:
+        return f"rgrid:log-writers:{execution_id}"
+
     @redis_unavailable
-    def append(self, execution_id: str, stream: str, text: str) -> None:
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
         key = self._key(execution_id)
+        if once is not None:
+            keys = (key, self._writers_key(execution_id), self._channel(execution_id))
+            chunk = json.dumps([stream, text])
+            self.client.eval(self._APPEND_ONCE, 3, *keys, once[0], once[1], chunk, self.TTL_S)
+            return
         pipe = self.client.pipeline()
         pipe.rpush(key, json.dumps([stream, text]))
         pipe.expire(key, self.TTL_S)
@@ -242,7 +274,7 @@ class RedisLogBuffer:
     @redis_unavailable
     def clear(self, execution_id: str) -> None:
         pipe = self.client.pipeline()
-        pipe.delete(self._key(execution_id))
+        pipe.delete(self._key(execution_id), self._writers_key(execution_id))
         pipe.publish(self._channel(execution_id), b"")
         pipe.execute()
 

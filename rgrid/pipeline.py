@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -625,6 +627,19 @@ def _capped_log(ctx: PipelineContext, execution_id: str, written: int = 0):
     the object store and a reader hold. Past it, output is dropped with one note saying so."""
     limit = ctx.settings.max_log_bytes
 
+    writer, sequence, lock = secrets.token_hex(8), itertools.count(), threading.Lock()
+
+    def append(stream: str, piece: str) -> None:
+        # Patiently: a Redis blip (a worker host's link down for seconds) used to fail the
+        # append, the run step was retried, and the script ran a second time after the
+        # first run's partial output (tests/integration/test_deploy_hosts.py saw
+        # "donedone 3"). The script waits on its full pipe meanwhile; its deadline holds
+        # inside the sandbox. Numbered, and in order (the lock), so a chunk sent again
+        # after a lost reply is stored once.
+        with lock:
+            once = (writer, next(sequence))
+            patiently(lambda: ctx.logs.append(execution_id, stream, piece, once=once))
+
     def sink(stream: str, text: str) -> None:
         nonlocal written
         for start in range(0, len(text), MAX_CHUNK_CHARS):
@@ -635,7 +650,7 @@ def _capped_log(ctx: PipelineContext, execution_id: str, written: int = 0):
             if written + size > limit:
                 piece = _fitting(stream, piece, limit - written)
                 if piece:
-                    ctx.logs.append(execution_id, stream, piece)
+                    append(stream, piece)
                 ctx.note(
                     execution_id,
                     f"\nlog truncated at {human_limit(limit)}: the rest of the script's "
@@ -644,7 +659,7 @@ def _capped_log(ctx: PipelineContext, execution_id: str, written: int = 0):
                 written = limit
                 return
             written += size
-            ctx.logs.append(execution_id, stream, piece)
+            append(stream, piece)
 
     return sink
 

@@ -320,12 +320,29 @@ def serve_metrics(**_kwargs) -> None:
         log.exception("could not serve metrics on port %d", settings.worker_metrics_port)
 
 
+#: Whether this worker consumes the shared queue as it starts: not when its host is drained
+#: (set before the worker's first message, read by the engine watch).
+_CONSUMING_AT_START = [True]
+
+
 @celeryd_after_setup.connect
 def consume_host_queue(sender: str, instance, **_kwargs) -> None:
     """Every worker also consumes its host's own queue (Celery's documented way to add one):
-    the steps of executions pinned to this host come through it."""
+    the steps of executions pinned to this host come through it. A drained host's worker
+    that starts again (an upgrade, a reboot) stays off the shared queue from its first
+    message on, not only from the engine watch's first tick."""
     settings = get_settings()
-    instance.app.amqp.queues.select_add(host_queue(settings.queue, settings.host_name))
+    queues = instance.app.amqp.queues
+    queues.select_add(host_queue(settings.queue, settings.host_name))
+    try:
+        registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
+        drained = registry.drain_state(settings.host_name) is not None
+    except redis.exceptions.RedisError:
+        drained = False  # the watch decides once Redis answers
+    if drained:
+        queues.deselect([settings.queue])
+        _CONSUMING_AT_START[0] = False
+        log.warning("%s is drained: not taking from the shared queue", settings.host_name)
 
 
 def _ping(docker) -> bool:
@@ -350,34 +367,43 @@ def _stop_taking_work(ctx: PipelineContext, nodename: str | None) -> None:
 
 
 def watch_engine(nodename: str, stop: threading.Event) -> None:
-    """In the worker's main process: while this host's Docker engine answers, renew the
-    host's heartbeat; when it stops answering, stop taking from the shared queue (so the host
-    does not fail every execution it would receive) and take it up again when it is back.
-    The host's own queue stays consumed: what is pinned here is moved elsewhere by the
-    steps themselves (``_move_elsewhere``)."""
+    """In the worker's main process: while this host's Docker engine answers and the host is
+    not drained, renew the host's heartbeat; when the engine stops answering, or an operator
+    drains the host (`rgrid admin drain`), stop taking from the shared queue (so the host does
+    not fail every execution it would receive, or gets no new work) and take it up again
+    when it is back. The host's own queue stays consumed: what is pinned here and already
+    running finishes here; what is pinned and waiting is moved elsewhere (by the steps
+    themselves, ``_move_elsewhere``, or by the sweep of hosts without a heartbeat)."""
     import docker
 
     settings = get_settings()
     registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
-    host, consuming = settings.host_name, True
+    host, consuming = settings.host_name, _CONSUMING_AT_START[0]
     while not stop.wait(HEARTBEAT_EVERY_S):
         try:
             answers = _ping(docker)
-            if answers:
+            drain = registry.drain_state(host)
+            if answers and drain is None:
                 # Gone from the registry while answering: a step saw the engine fail and
                 # stopped this host taking work; it answers again, so take work again.
                 was_alive = registry.alive(host)
                 registry.beat(host)
                 if not consuming or not was_alive:
                     app.control.add_consumer(settings.queue, destination=[nodename])
-                    log.warning("%s: Docker engine back: taking work again", host)
+                    log.warning("%s: taking work again", host)
                     consuming = True
-            else:
-                registry.gone(host)
-                if consuming:
-                    app.control.cancel_consumer(settings.queue, destination=[nodename])
-                    log.warning("%s: Docker engine down: no longer taking work", host)
-                    consuming = False
+                continue
+            registry.gone(host)
+            if consuming:
+                # With a reply: the drain is acknowledged only once the consumer is gone.
+                app.control.cancel_consumer(
+                    settings.queue, destination=[nodename], reply=drain is not None, timeout=5
+                )
+                why = "drained" if drain is not None else "Docker engine down"
+                log.warning("%s: %s: no longer taking work", host, why)
+                consuming = False
+            if drain == hosts.DRAIN_REQUESTED:
+                registry.acknowledge_drain(host)
         except Exception:  # noqa: BLE001 - a Redis blip: try again on the next tick
             log.warning("could not check this host's Docker engine", exc_info=True)
 

@@ -1,10 +1,13 @@
-"""Operator commands: accounts and API keys, straight against the database."""
+"""Operator commands: the schema, a host's health and draining, accounts and API keys,
+straight against the database and the broker."""
 
 from __future__ import annotations
 
+import time
+
 import click
 
-from rgrid.cli import cli
+from rgrid.cli import EXIT_RGRID, cli
 from rgrid.cli.output import note, print_json, table_lines
 from rgrid.config import get_settings
 
@@ -25,11 +28,133 @@ def admin() -> None:
 
 @admin.command()
 def migrate() -> None:
-    """Bring the database schema up to date (alembic upgrade head)."""
+    """Bring the database schema up to date (alembic upgrade head). Safe to run from every
+    host at once: one migrates under a PostgreSQL advisory lock, the others wait and find
+    nothing to do."""
     from rgrid.db import upgrade
+    from rgrid.errors import ServiceUnavailable
 
-    upgrade(get_settings().effective_database_url)
-    click.echo("database is up to date")
+    url = get_settings().effective_database_url
+    try:
+        applied = upgrade(url)
+    except ServiceUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL: one line
+        from rgrid.checks import _first_line, _safe_url
+
+        reason = _first_line(getattr(exc, "orig", None) or exc)
+        raise ServiceUnavailable(f"database {_safe_url(url)}: {reason}") from None
+    from rgrid.db import newest_revision
+
+    if applied:
+        click.echo(f"database migrated to {applied[-1]} ({len(applied)} migration(s) applied)")
+    else:
+        click.echo(f"database is up to date (schema {newest_revision()})")
+
+
+@admin.command()
+@click.option(
+    "--role",
+    type=click.Choice(["api", "worker", "beat", "flower"]),
+    default="worker",
+    show_default=True,
+    help="What this host runs: which services it must reach.",
+)
+def check(role: str) -> None:
+    """Reach the database, broker, store and Docker engine (and the API, when RGRID_API_URL
+    is set) with this host's settings: one line each, non-zero exit if anything is wrong."""
+    from rgrid.checks import run_checks
+    from rgrid.config import Settings
+
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        click.echo(f"{'FAIL':<5}{'settings':<10}{exc}")
+        raise SystemExit(EXIT_RGRID) from None
+    results = run_checks(settings, role)
+    for result in results:
+        click.echo(result.line())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        click.echo(f"rgrid: error: {len(failed)} check(s) failed: {', '.join(failed)}", err=True)
+        raise SystemExit(EXIT_RGRID)
+
+
+def _registry():
+    from rgrid.context import redis_client
+    from rgrid.hosts import HostRegistry
+
+    settings = get_settings()
+    return HostRegistry(redis_client(settings.redis_url), settings.queue)
+
+
+def _wait_for(what: str, done, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            from rgrid.errors import RGridError
+
+            raise RGridError(f"gave up after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+@admin.command()
+@click.argument("host")
+@click.option("--wait", is_flag=True, help="Return once the host has finished its runs.")
+@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True)
+def drain(host: str, wait: bool, timeout_s: float) -> None:
+    """Take worker host HOST (its RGRID_HOST_NAME) out of service: it finishes what it runs,
+    takes no new work, and executions waiting for it move to a live host. It stays drained
+    (a restart included) until `rgrid admin undrain HOST`."""
+    from rgrid import hosts, queueing
+
+    settings = get_settings()
+    registry = _registry()
+    registry.drain(host)
+    click.echo(f"{host}: draining (takes no new work)")
+    if wait:
+        _wait_for(
+            f"{host}'s worker to stop taking work (is it running?)",
+            lambda: registry.drain_state(host) == hosts.DRAINED,
+            timeout_s,
+        )
+    factory = _factory()
+    live = [h for h in registry.live_hosts() if h != host]
+    app = queueing.create_celery_app()
+    moved = 0
+    for execution_id, pinned in hosts.pinned_to_lost_hosts(factory, registry):
+        if pinned != host or not live:
+            continue
+        to = live[moved % len(live)]
+        if hosts.move(factory, execution_id, host, to):
+            queueing.enqueue_from(
+                app, queueing.BUILD, execution_id, hosts.host_queue(settings.queue, to)
+            )
+            moved += 1
+    if moved:
+        click.echo(f"{host}: {moved} waiting execution(s) moved to {', '.join(live)}")
+    elif not live and hosts.pinned_to_lost_hosts(factory, registry):
+        click.echo(f"{host}: no other live host yet: waiting executions move when one is up")
+    if wait:
+        running = {"n": 0}
+
+        def finished() -> bool:
+            busy = [s for _, s in hosts.busy_on(factory, host) if s == "running"]
+            running["n"] = len(busy)
+            return not busy
+
+        _wait_for(f"{host}'s runs to finish", finished, timeout_s)
+        click.echo(f"{host}: drained: nothing running, nothing new")
+
+
+@admin.command()
+@click.argument("host")
+def undrain(host: str) -> None:
+    """Put a drained worker host HOST back in service."""
+    if _registry().undrain(host):
+        click.echo(f"{host}: taking work again")
+    else:
+        click.echo(f"{host}: was not drained")
 
 
 @admin.command("create-account")

@@ -91,3 +91,25 @@ def test_a_stream_is_stored_whole_below_and_above_the_single_put_size(ctx, size)
         assert ctx.store.get_bytes(key) == data
     finally:
         ctx.store.delete(key)
+
+
+def test_a_chunk_sent_again_after_a_lost_reply_is_stored_once(redis_url):
+    from rgrid.context import redis_client
+
+    logs = RedisLogBuffer(redis_client(redis_url))
+    execution_id = f"once-{uuid.uuid4().hex}"
+    try:
+        logs.append(execution_id, "stdout", "done", once=("run-a", 0))
+        logs.append(execution_id, "stdout", "done", once=("run-a", 0))  # the retry
+        logs.append(execution_id, "stdout", " 8\n", once=("run-a", 1))
+        logs.append(execution_id, "stderr", "oops\n", once=("run-b", 0))  # another writer
+        logs.append(execution_id, "phase", "storing")
+        assert logs.read(execution_id) == [
+            ("stdout", "done"),
+            ("stdout", " 8\n"),
+            ("stderr", "oops\n"),
+            ("phase", "storing"),
+        ]
+    finally:
+        logs.clear(execution_id)
+    assert logs.read(execution_id) == []
