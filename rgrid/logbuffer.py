@@ -433,9 +433,13 @@ class JournaledLogBuffer:
         fh.seek(0, os.SEEK_END)
         return count
 
-    def append(self, execution_id: str, stream: str, text: str) -> None:
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        """A journaled chunk needs no ``once``: it is pushed only while Redis holds exactly
+        the journal's chunks, so a push whose reply was lost is seen as done at the next."""
         if not self.keeps(execution_id):
-            self.live.append(execution_id, stream, text)
+            self.live.append(execution_id, stream, text, once=once)
             return
         line = encode_chunk((stream, text))
         from redis.exceptions import RedisError
