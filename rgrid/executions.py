@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -49,11 +50,14 @@ def validate_submission(
         raise BadInput("script is not valid Unicode text") from exc
     if size > settings.max_script_bytes:
         raise BadInput(f"script is larger than {settings.max_script_bytes} bytes")
+    # A relative path: the entry script's place in its project (``sub/main.py``).
+    parts = script_name.split("/") if isinstance(script_name, str) else [""]
     if (
         not script_name
         or len(script_name) > 255
-        or "/" in script_name
-        or script_name in (".", "..", OUTPUTS_DIR)
+        or any(part in ("", ".", "..") for part in parts)
+        or parts[0] == OUTPUTS_DIR
+        or "\\" in script_name
         or any(ord(c) < 32 for c in script_name)
     ):
         raise BadInput(f"bad script name {script_name!r}")
@@ -132,6 +136,7 @@ class CheckedSubmission:
     cpus: float
     requirements: str
     inputs: list[dict]
+    sources: list[dict]
 
 
 def check_submission(
@@ -148,6 +153,7 @@ def check_submission(
     inputs: list[dict] | None,
     memory: str | int | None,
     cpus: float | None,
+    sources: list[dict] | None = None,
 ) -> CheckedSubmission:
     """Every check a script's options get before anything is stored, the same for a single
     execution and a batch (BadInput on the first that fails). Inputs must already be stored
@@ -163,9 +169,39 @@ def check_submission(
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
         raise BadInput(f"an input has the script's own name {script_name}")
-    check_uploaded(session, account_id, manifest)
+    tree = check_sources(settings, sources, script_name, manifest)
+    check_uploaded(session, account_id, manifest + tree)
     check_args(args)
-    return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest)
+    return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest, tree)
+
+
+def check_sources(
+    settings: Settings, sources: object, script_name: str, manifest: list[dict]
+) -> list[dict]:
+    """The shipped modules: safe unique paths and real digests (as inputs), within the source
+    tree's bounds, and none where an input or the script goes."""
+    if sources is None:
+        return []
+    tree = check_manifest(sources, settings)
+    if len(tree) >= settings.max_source_files:
+        raise BadInput(f"more than {settings.max_source_files} source files")
+    if sum(item["size"] for item in tree) > settings.max_source_bytes:
+        raise BadInput(f"source files total over the limit of {settings.max_source_bytes} bytes")
+    taken = {item["path"] for item in manifest} | {script_name}
+    clash = next((item["path"] for item in tree if item["path"] in taken), None)
+    if clash:
+        raise BadInput(f"the shipped module {clash} has the name of an input or the script")
+    names = taken | {item["path"] for item in tree}
+    for name in names:
+        parent = next((str(p) for p in PurePosixPath(name).parents if str(p) in names), None)
+        if parent:
+            raise BadInput(f"{parent} is both a file and the folder of {name}")
+    return tree
+
+
+def tree_digest(script_name: str, script_digest: str, tree: list[dict]) -> str:
+    """The source-tree digest: the entry script at its path and every shipped module."""
+    return cache_keys.source_tree_digest([{"path": script_name, "sha256": script_digest}, *tree])
 
 
 def create_execution(
@@ -188,6 +224,7 @@ def create_execution(
     cpus: float | None = None,
     stdin: bool = False,
     env_names: list[str] | None = None,
+    sources: list[dict] | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
@@ -204,6 +241,7 @@ def create_execution(
         inputs=inputs,
         memory=memory,
         cpus=cpus,
+        sources=sources,
     )
     counts = (files_uploaded, bytes_uploaded)
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
@@ -222,6 +260,8 @@ def create_execution(
         refresh_deps=bool(refresh_deps),
         inputs=manifest,
         input_hash=cache_keys.input_hash(manifest) if manifest else None,
+        sources=checked.sources or None,
+        source_digest=tree_digest(script_name, digest, checked.sources),
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
         timeout_s=checked.timeout_s,
@@ -302,6 +342,8 @@ def execution_to_dict(execution: Execution) -> dict:
         "refresh_deps": execution.refresh_deps,
         "input_hash": execution.input_hash,
         "inputs": execution.inputs,
+        "source_digest": execution.source_digest,
+        "sources": execution.sources or [],
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,

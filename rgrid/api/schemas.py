@@ -29,7 +29,7 @@ from rgrid.errors import BadInput
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ScriptName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/]+$")
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$")
 ]
 InputPath = Annotated[
     str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -101,6 +101,8 @@ class _ScriptRequest(_Strict):
 
 class SubmitRequest(_ScriptRequest):
     inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
+    #: The local modules shipped with the script, at their paths relative to its project.
+    sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
     files_uploaded: SmallCount = 0
     bytes_uploaded: Count = 0
     stdin: bool = False

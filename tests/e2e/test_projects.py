@@ -1,0 +1,139 @@
+"""Projects, not just scripts: a script's local modules and packages travel with it, through the
+real CLI, embedded and against the running stack."""
+
+import os
+
+import pytest
+
+from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
+
+MAIN = """\
+import sys
+from helpers import clean
+from helpers.stats import total
+import config
+import os
+names = sorted(os.path.join(d, f) for d, _, fs in os.walk("data") for f in fs)
+rows = [clean(line) for name in names for line in open(name)]
+print("argv", sys.argv[1:])
+print("total", total(rows), config.UNIT)
+"""
+HELPERS_INIT = "from .text import clean\n"
+HELPERS_TEXT = "def clean(line):\n    return int(line.strip())\n"
+HELPERS_STATS = "from . import text  # noqa\n\ndef total(rows):\n    return sum(rows)\n"
+CONFIG = 'UNIT = "apples"\n'
+
+
+@pytest.fixture(params=["embedded", "stack"])
+def env(request):
+    return request.getfixturevalue("embedded_env" if request.param == "embedded" else "stack_env")
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    (root / "helpers").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "pyproject.toml").write_text('[project]\nname = "demo"\nversion = "0"\n')
+    (root / "main.py").write_text(MAIN)
+    (root / "helpers" / "__init__.py").write_text(HELPERS_INIT)
+    (root / "helpers" / "text.py").write_text(HELPERS_TEXT)
+    (root / "helpers" / "stats.py").write_text(HELPERS_STATS)
+    (root / "config.py").write_text(CONFIG)
+    (root / "unused.py").write_text("raise SystemExit('never imported, never shipped')\n")
+    (root / "data" / "a.txt").write_text("1\n2\n")
+    (root / "data" / "b.txt").write_text("3\n")
+    return root
+
+
+SHIPPED = ["config.py", "helpers/__init__.py", "helpers/stats.py", "helpers/text.py"]
+
+
+def test_a_project_runs_with_its_modules_which_are_no_arguments(env, project):
+    first, result = run_json("run", "main.py", "data/", "-a", "--flag", env=env, cwd=project)
+    assert first["status"] == "succeeded", result.stderr
+    assert "argv ['data', '--flag']" in result.stderr
+    assert "total 6 apples" in result.stderr
+    assert sorted(item["path"] for item in first["sources"]) == SHIPPED
+    assert first["script_name"] == "main.py"
+
+    # A repeat sends nothing and is a script cache hit.
+    second, _ = run_json("run", "main.py", "data/", "-a", "--flag", env=env, cwd=project)
+    assert second["status"] == "succeeded"
+    assert second["bytes_uploaded"] == 0 and second["script_cache_hit"] is True
+    assert second["source_digest"] == first["source_digest"]
+
+    # One edited module: a miss that uploads that module's bytes only.
+    edited = HELPERS_STATS.replace("sum(rows)", "sum(rows) * 10")
+    (project / "helpers" / "stats.py").write_text(edited)
+    third, result = run_json("run", "main.py", "data/", "-a", "--flag", env=env, cwd=project)
+    assert third["status"] == "succeeded", result.stderr
+    assert "total 60 apples" in result.stderr
+    assert third["script_cache_hit"] is False
+    assert third["source_digest"] != first["source_digest"]
+    assert third["bytes_uploaded"] == len(edited.encode()) and third["files_uploaded"] == 1
+
+    human = run_cli("run", "main.py", "-v", env=env, cwd=project)
+    assert "sources: 4 module file(s) shipped, 0 uploaded (0 B)" in human.stderr
+    assert "  helpers/stats.py" in human.stderr
+    status = run_cli("status", third["execution_id"], env=env, cwd=project)
+    assert "helpers/text.py" in status.stdout and third["source_digest"] in status.stdout
+
+
+def test_a_script_in_a_subfolder_runs_as_python_sub_main_py(env, project):
+    tools = project / "tools"
+    tools.mkdir()
+    (tools / "report.py").write_text(
+        "import sys, local_helper\nprint('report', local_helper.VALUE, sys.argv[1:])\n"
+    )
+    (tools / "local_helper.py").write_text("VALUE = 42\n")
+    # From the project root, and from the subfolder itself.
+    for cwd, script in ((project, "tools/report.py"), (tools, "report.py")):
+        execution, result = run_json("run", script, "-a", "x", env=env, cwd=cwd)
+        assert execution["status"] == "succeeded", result.stderr
+        assert "report 42 ['x']" in result.stderr
+        assert execution["script_name"] == "tools/report.py"
+        assert [item["path"] for item in execution["sources"]] == ["tools/local_helper.py"]
+
+
+def test_a_dynamic_import_is_shipped_with_with_module(env, project):
+    (project / "dyn.py").write_text(
+        "import importlib\nprint('plugin', importlib.import_module('plugin').NAME)\n"
+    )
+    (project / "plugin.py").write_text("NAME = 'loaded'\n")
+    missing = run_cli("run", "dyn.py", env=env, cwd=project)
+    assert missing.returncode == 1 and "No module named 'plugin'" in missing.stderr
+    found = run_cli("run", "dyn.py", "--with-module", "plugin", env=env, cwd=project)
+    assert found.returncode == 0, found.stderr
+    assert "plugin loaded" in found.stdout
+    refused = run_cli("run", "dyn.py", "--with-module", "nosuch", env=env, cwd=project)
+    assert_one_line_error(refused, "--with-module nosuch: no such module")
+    assert refused.returncode == 125
+
+
+def test_a_syntax_error_in_a_module_is_the_scripts_own_error(env, project):
+    (project / "config.py").write_text("UNIT = (\n")
+    result = run_cli("run", "main.py", "data/", env=env, cwd=project)
+    assert result.returncode == 1
+    assert "SyntaxError" in result.stderr and "config.py" in result.stderr
+
+
+def test_a_module_linking_outside_the_project_is_refused(embedded_env, project, tmp_path):
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text("UNIT = 'stolen'\n")
+    (project / "config.py").unlink()
+    os.symlink(outside, project / "config.py")
+    result = run_cli("run", "main.py", "data/", env=embedded_env, cwd=project)
+    assert_one_line_error(result, "module config.py is a link pointing outside the project")
+    assert result.returncode == 125
+    listed = run_cli("list", "--json", env=embedded_env, cwd=project)
+    assert listed.stdout.strip() in ("[]", "")  # nothing was submitted
+
+
+def test_the_closure_bound_is_refused_before_anything_is_sent(embedded_env, project):
+    env = {**embedded_env, "RGRID_MAX_SOURCE_FILES": "3"}
+    result = run_cli("run", "main.py", "data/", env=env, cwd=project)
+    assert_one_line_error(result, "more than 3 local files (RGRID_MAX_SOURCE_FILES)")
+    env = {**embedded_env, "RGRID_MAX_SOURCE_BYTES": "100"}
+    result = run_cli("run", "main.py", "data/", env=env, cwd=project)
+    assert_one_line_error(result, "over the limit of 100 (RGRID_MAX_SOURCE_BYTES)")
