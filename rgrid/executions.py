@@ -169,13 +169,13 @@ def check_submission(
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
         raise BadInput(f"an input has the script's own name {script_name}")
-    tree = check_sources(settings, sources, script_name, manifest)
+    tree = check_source_tree(settings, sources, script_name, manifest)
     check_uploaded(session, account_id, manifest + tree)
     check_args(args)
     return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest, tree)
 
 
-def check_sources(
+def check_source_tree(
     settings: Settings, sources: object, script_name: str, manifest: list[dict]
 ) -> list[dict]:
     """The shipped modules: safe unique paths and real digests (as inputs), within the source
