@@ -87,9 +87,7 @@ def source_tree_digest(manifest: list[dict]) -> str:
     is a digest of its files. It is the script part of the script cache's key: editing any one
     module changes it, moving nothing changes it. A single script is the one-file tree."""
     pairs = sorted((item["path"], item["sha256"]) for item in manifest)
-    return sha256_bytes(
-        "\n".join(f"source\t{path}\t{digest}" for path, digest in pairs).encode()
-    )
+    return sha256_bytes("\n".join(f"source\t{path}\t{digest}" for path, digest in pairs).encode())
 
 
 def log_object_key(execution_id: str) -> str:

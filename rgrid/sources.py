@@ -135,10 +135,9 @@ class _Scanner:
                     for alias in node.names:  # from . import submodule
                         self.resolve(alias.name, [target])
                     self._inits_between(base, target)
-                elif node.module:
-                    if self.resolve(node.module):
-                        for alias in node.names:  # from pkg import submodule
-                            self.resolve(f"{node.module}.{alias.name}")
+                elif node.module and self.resolve(node.module):
+                    for alias in node.names:  # from pkg import submodule
+                        self.resolve(f"{node.module}.{alias.name}")
 
     def _inits_between(self, base: Path, target: Path) -> None:
         current = target

@@ -29,7 +29,10 @@ from rgrid.errors import BadInput
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ScriptName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$")
+    str,
+    StringConstraints(
+        min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$"
+    ),
 ]
 InputPath = Annotated[
     str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")

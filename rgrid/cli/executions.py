@@ -311,8 +311,9 @@ def run(
     The local modules and packages SCRIPT imports (found statically, under its project root:
     the nearest folder up with pyproject.toml or .git) are shipped with it at their paths, so
     they import as they do locally; they are no arguments. The script's arguments are the
-    inputs' names, then any --arg values, then everything after --. Piped stdin reaches the script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its
-    output closed as by `| head`) cancels the execution; with --detach it goes on."""
+    inputs' names, then any --arg values, then everything after --. Piped stdin reaches the
+    script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`)
+    cancels the execution; with --detach it goes on."""
     text = read_script(script)
     settings = get_settings()
     files = collect_inputs(list(inputs), Path.cwd(), settings)
