@@ -202,3 +202,88 @@ def collect_sources(
 def entry_argv(entry: str) -> str:
     """Where the entry script sits in the sandbox."""
     return str(PurePosixPath("/work") / entry)
+
+
+@dataclass
+class ProjectDependencies:
+    """What the script's dependencies are and where they were found: ``requirements`` None
+    means the server reads them from the script itself (its PEP 723 block) or there are none."""
+
+    requirements: str | None
+    source: str | None  # "-r FILE", "script metadata", "uv.lock", "pyproject.toml", ...
+
+
+def _uv_export(root: Path, extras: tuple[str, ...] = ()) -> str:
+    """The lock's exact pins, as requirement lines with their markers (so the runtime's own
+    Python and platform pick theirs at install), without resolving. ``--locked`` fails when
+    the lock is out of date against pyproject.toml, as ``uv run --locked`` does."""
+    import subprocess
+
+    from rgrid.dependencies import uv_binary, uv_environment
+
+    argv = [uv_binary(), "export", "--locked", "--no-hashes", "--no-header", "--no-annotate"]
+    argv += ["--no-emit-project", "--format", "requirements-txt", "--offline", "--quiet"]
+    for extra in extras:
+        argv += ["--extra", extra]
+    env = {**os.environ, **uv_environment()}
+    result = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        reason = next(
+            (line for line in result.stderr.splitlines() if "lock" in line.lower()),
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "uv failed",
+        )
+        raise BadInput(f"uv.lock in {root} is out of date or unreadable: {reason.strip()}")
+    return result.stdout
+
+
+def project_dependencies(
+    script: Path, script_text: str, root: Path, extras: tuple[str, ...] = ()
+) -> ProjectDependencies:
+    """Where ``uv run`` finds a script's dependencies, in its order: a PEP 723 block in the
+    script; else the project's ``pyproject.toml`` ``[project].dependencies`` (its optional
+    groups only when asked), pinned by its ``uv.lock`` when there is one; else a
+    ``requirements.txt`` beside the script. ``-r`` (handled by the caller) overrides all."""
+    import tomllib
+
+    from rgrid.requirements import inline_metadata, read_requirements_file
+
+    if inline_metadata(script_text) is not None:
+        return ProjectDependencies(None, "script metadata (# /// script)")
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            project = tomllib.loads(pyproject.read_text()).get("project", {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{pyproject} is not valid TOML: {exc}") from exc
+        deps = list(project.get("dependencies") or [])
+        optional = project.get("optional-dependencies") or {}
+        for extra in extras:
+            if extra not in optional:
+                raise BadInput(f"--extra {extra}: {pyproject} has no such optional group")
+            deps += optional[extra]
+        options = _tool_uv_sources(tomllib.loads(pyproject.read_text()), root)
+        if (root / "uv.lock").is_file():
+            return ProjectDependencies(options + _uv_export(root, extras), "uv.lock")
+        if deps or extras:
+            return ProjectDependencies(options + "\n".join(deps) + "\n", "pyproject.toml")
+    beside = script.parent / "requirements.txt"
+    if beside.is_file():
+        return ProjectDependencies(read_requirements_file(beside), "requirements.txt")
+    return ProjectDependencies(None, None)
+
+
+def _tool_uv_sources(document: dict, root: Path) -> str:
+    """The project's ``[tool.uv]`` package sources (``index-url``, ``extra-index-url``,
+    ``find-links``) as requirement option lines, where uv itself would look; a relative
+    find-links folder is taken from the project root. The server checks them as it checks
+    ``-r`` files' (allowed indexes, per-account caches for private sources)."""
+    tool = (document.get("tool") or {}).get("uv") or {}
+    lines = []
+    if isinstance(tool.get("index-url"), str):
+        lines.append(f"--index-url {tool['index-url']}")
+    for url in tool.get("extra-index-url") or []:
+        lines.append(f"--extra-index-url {url}")
+    for link in tool.get("find-links") or []:
+        local = "://" not in link and not Path(link).is_absolute()
+        lines.append(f"--find-links {root / link if local else link}")
+    return "".join(line + "\n" for line in lines)

@@ -29,7 +29,7 @@ from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
 from rgrid.errors import BadInput
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
-from rgrid.sources import collect_sources
+from rgrid.sources import collect_sources, project_dependencies
 from rgrid.statuses import TERMINAL_STATUSES
 from rgrid.units import human_bytes, parse_bytes
 
@@ -242,6 +242,13 @@ Exit status (as with docker run):
     help="A requirements file (or use PEP 723 '# /// script' metadata in the script).",
 )
 @click.option(
+    "--extra",
+    "extras",
+    multiple=True,
+    metavar="NAME",
+    help="Also install this optional dependency group of the project's pyproject.toml.",
+)
+@click.option(
     "--refresh-deps", is_flag=True, help="Resolve unpinned requirements again (new versions)."
 )
 @click.option(
@@ -291,6 +298,7 @@ def run(
     memory: str | None,
     cpus: float | None,
     requirements_file: Path | None,
+    extras: tuple[str, ...],
     refresh_deps: bool,
     batch_patterns: tuple[str, ...],
     batch_file: Path | None,
@@ -332,6 +340,12 @@ def run(
 
         # A malformed line is reported here, naming its file and line, before anything is sent.
         requirements = read_requirements_file(requirements_file)
+        dependency_source = f"-r {requirements_file}"
+    else:
+        found = project_dependencies(script, text, tree.root, extras)
+        requirements, dependency_source = found.requirements, found.source
+    if dependency_source and not json_mode:
+        note(f"dependencies: from {dependency_source}")
     if batch_patterns or batch_file is not None:
         if env:
             raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
@@ -413,7 +427,9 @@ def run(
     written = fetch_outputs(client, execution, dest)
     outputs_dir = str(dest) if written else None
     if json_mode:
-        print_json({**execution, "outputs_dir": outputs_dir})
+        print_json(
+            {**execution, "outputs_dir": outputs_dir, "dependency_source": dependency_source}
+        )
     else:
         print_summary(execution, outputs_dir, printer.shown)
     status = execution["status"]

@@ -2,10 +2,13 @@
 real CLI, embedded and against the running stack."""
 
 import os
+import subprocess
 
 import pytest
+from uv import find_uv_bin
 
 from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
+from tests.wheels import make_wheel
 
 MAIN = """\
 import sys
@@ -137,3 +140,68 @@ def test_the_closure_bound_is_refused_before_anything_is_sent(embedded_env, proj
     env = {**embedded_env, "RGRID_MAX_SOURCE_BYTES": "100"}
     result = run_cli("run", "main.py", "data/", env=env, cwd=project)
     assert_one_line_error(result, "over the limit of 100 (RGRID_MAX_SOURCE_BYTES)")
+
+
+DEPS_MAIN = "import projdep\nprint('projdep', projdep.VERSION)\n"
+
+
+def _deps_project(tmp_path, deps: str) -> tuple:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "projdep", "1.0")
+    root = tmp_path / "withdeps"
+    root.mkdir()
+    (root / "main.py").write_text(DEPS_MAIN)
+    (root / "pyproject.toml").write_text(
+        f'[project]\nname = "withdeps"\nversion = "0"\nrequires-python = ">=3.11"\n'
+        f"dependencies = [{deps}]\n\n[tool.uv]\nfind-links = [{str(wheels)!r}]\n"
+    )
+    return root, wheels
+
+
+def test_pyproject_dependencies_are_installed(env, tmp_path):
+    root, wheels = _deps_project(tmp_path, '"projdep"')
+    make_wheel(wheels, "projdep", "2.0")
+    execution, result = run_json("run", "main.py", env=env, cwd=root)
+    assert execution["status"] == "succeeded", result.stderr
+    assert "projdep 2.0" in result.stderr
+    assert execution["dependency_source"] == "pyproject.toml"
+    assert (
+        "dependencies: from pyproject.toml" in run_cli("run", "main.py", env=env, cwd=root).stderr
+    )
+
+
+def test_a_uv_lock_pin_is_honoured_and_an_old_lock_refused(env, tmp_path):
+    root, wheels = _deps_project(tmp_path, '"projdep"')
+    locked = subprocess.run(
+        [find_uv_bin(), "lock", "--offline", "--quiet"], cwd=root, capture_output=True, text=True
+    )
+    assert locked.returncode == 0, locked.stderr
+    make_wheel(wheels, "projdep", "2.0")  # a newer release than the lock's
+    execution, result = run_json("run", "main.py", env=env, cwd=root)
+    assert execution["status"] == "succeeded", result.stderr
+    assert "projdep 1.0" in result.stderr
+    assert execution["dependency_source"] == "uv.lock"
+    assert execution["resolved_dependencies"] == ["projdep==1.0"]
+
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('["projdep"]', '["projdep>=2"]'))
+    refused = run_cli("run", "main.py", env=env, cwd=root)
+    assert_one_line_error(refused, "uv.lock in")
+    assert refused.returncode == 125
+
+
+def test_requirements_txt_beside_the_script_and_r_overrides(embedded_env, tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "projdep", "1.0")
+    make_wheel(wheels, "projdep", "2.0")
+    (tmp_path / "main.py").write_text(DEPS_MAIN)
+    (tmp_path / "requirements.txt").write_text(f"--find-links {wheels}\nprojdep==1.0\n")
+    (tmp_path / "other.txt").write_text(f"--find-links {wheels}\nprojdep==2.0\n")
+    execution, result = run_json("run", "main.py", env=embedded_env, cwd=tmp_path)
+    assert "projdep 1.0" in result.stderr and execution["dependency_source"] == "requirements.txt"
+    execution, result = run_json(
+        "run", "main.py", "-r", "other.txt", env=embedded_env, cwd=tmp_path
+    )
+    assert "projdep 2.0" in result.stderr and execution["dependency_source"] == "-r other.txt"
