@@ -199,9 +199,26 @@ def check_source_tree(
     return tree
 
 
-def tree_digest(script_name: str, script_digest: str, tree: list[dict]) -> str:
+def tree_digest(
+    script_name: str, script_digest: str, tree: list[dict], module: str | None = None
+) -> str:
     """The source-tree digest: the entry script at its path and every shipped module."""
-    return cache_keys.source_tree_digest([{"path": script_name, "sha256": script_digest}, *tree])
+    entry = {"path": script_name, "sha256": script_digest}
+    return cache_keys.source_tree_digest([entry, *tree], module)
+
+
+def check_module(module: object, script_name: str) -> str | None:
+    """``-m``: a dotted name whose file is the entry script (``pkg/mod.py`` or
+    ``pkg/mod/__main__.py``), so the name cannot point the run at anything else."""
+    if module is None:
+        return None
+    parts = module.split(".") if isinstance(module, str) else []
+    if not parts or not all(part.isidentifier() for part in parts) or len(module) > 255:
+        raise BadInput("module must be a dotted module name")
+    path = "/".join(parts)
+    if script_name not in (f"{path}.py", f"{path}/__main__.py"):
+        raise BadInput(f"module {module} is not the script {script_name}")
+    return module
 
 
 def create_execution(
@@ -225,6 +242,7 @@ def create_execution(
     stdin: bool = False,
     env_names: list[str] | None = None,
     sources: list[dict] | None = None,
+    module: str | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
@@ -247,6 +265,7 @@ def create_execution(
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
     manifest = checked.inputs
+    module = check_module(module, script_name)
     digest = store_script(store, account_id, script)
     execution = Execution(
         id=new_execution_id(),
@@ -261,7 +280,8 @@ def create_execution(
         inputs=manifest,
         input_hash=cache_keys.input_hash(manifest) if manifest else None,
         sources=checked.sources or None,
-        source_digest=tree_digest(script_name, digest, checked.sources),
+        source_digest=tree_digest(script_name, digest, checked.sources, module),
+        module=module,
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
         timeout_s=checked.timeout_s,
@@ -344,6 +364,7 @@ def execution_to_dict(execution: Execution) -> dict:
         "inputs": execution.inputs,
         "source_digest": execution.source_digest,
         "sources": execution.sources or [],
+        "module": execution.module,
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,

@@ -88,6 +88,8 @@ class Execution(Base):
     # project root, the entry script not among them) and the digest of the whole tree.
     sources: Mapped[list | None] = mapped_column(JSON)
     source_digest: Mapped[str | None] = mapped_column(String(64))
+    # Run as `python -m MODULE` (the entry script is that module's file), or None.
+    module: Mapped[str | None] = mapped_column(String(255))
     files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)

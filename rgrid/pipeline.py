@@ -870,7 +870,8 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
         return
     if execution.inputs:
         ctx.note(execution_id, f"placed {len(execution.inputs)} input file(s) in /work")
-    argv = ["python3", f"/work/{execution.script_name}", *(execution.args or [])]
+    entry = ["-m", execution.module] if execution.module else [f"/work/{execution.script_name}"]
+    argv = ["python3", *entry, *(execution.args or [])]
     for attempt in (1, 2):
         try:
             with RunWatch(ctx, execution_id, box) as watch:

@@ -152,12 +152,28 @@ class _Scanner:
             self.scan(*self.pending.pop())
 
 
+def module_file(module: str, cwd: Path) -> Path:
+    """The file ``python -m MODULE`` runs from ``cwd`` (its first place to look): the module's
+    ``.py``, or a package's ``__main__.py``."""
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise BadInput(f"-m {module}: not a module name")
+    target = cwd.joinpath(*module.split("."))
+    for candidate in (target.with_suffix(".py"), target / "__main__.py"):
+        if candidate.is_file():
+            return candidate
+    raise BadInput(f"-m {module}: no module {module} under {cwd} (a local module is needed)")
+
+
 def collect_sources(
-    script: Path, settings: Settings, with_modules: tuple[str, ...] = ()
+    script: Path,
+    settings: Settings,
+    with_modules: tuple[str, ...] = (),
+    as_module: bool = False,
 ) -> SourceTree:
     """The script's source tree; BadInput (one line) for a link out of the project, a module
-    named with ``--with-module`` that is not found, or a tree over its bounds."""
-    root = project_root(script)
+    named with ``--with-module`` that is not found, or a tree over its bounds. ``as_module``
+    (``-m``): the tree is rooted at the working folder, which is where ``python -m`` looks."""
+    root = Path.cwd().resolve() if as_module else project_root(script)
     script_abs = Path(os.path.abspath(script))
     if script_abs.is_symlink() and not script_abs.resolve().is_relative_to(root):
         raise BadInput(f"script {script} is a link pointing outside the project")
@@ -167,7 +183,7 @@ def collect_sources(
         entry = script_abs.name
         root = script_abs.parent
     # Where `python sub/main.py` looks for a local module: the script's own folder.
-    search = [script_abs.parent]
+    search = [root] if as_module else [script_abs.parent]
     scanner = _Scanner(root, search, settings)
     scanner.found[entry] = script_abs
     scanner.pending.append((script_abs, None))

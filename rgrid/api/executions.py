@@ -48,6 +48,7 @@ def create_execution(body: SubmitRequest):
             sources=[item.model_dump() for item in body.sources]
             if body.sources is not None
             else None,
+            module=body.module,
         )
         execution_id = execution.id
     if env:

@@ -106,6 +106,8 @@ class SubmitRequest(_ScriptRequest):
     inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
     #: The local modules shipped with the script, at their paths relative to its project.
     sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
+    #: Run as ``python -m MODULE``; the script is that module's file.
+    module: Annotated[str, StringConstraints(max_length=255)] | None = None
     files_uploaded: SmallCount = 0
     bytes_uploaded: Count = 0
     stdin: bool = False

@@ -188,8 +188,16 @@ Exit status (as with docker run):
 
 
 @cli.command(cls=RunCommand, epilog=RUN_EPILOG)
-@click.argument("script", type=click.Path(path_type=Path))
+@click.argument("script", type=click.Path(path_type=Path), required=False)
 @click.argument("inputs", nargs=-1)
+@click.option(
+    "-m",
+    "--module",
+    "module",
+    metavar="MODULE",
+    help="Run a local module as `python -m MODULE` does (from this folder); then every"
+    " positional argument is an input.",
+)
 @click.option(
     "-a", "--arg", "extra_args", multiple=True, help="An argument for the script (repeatable)."
 )
@@ -223,7 +231,6 @@ Exit status (as with docker run):
     help=f"Wall-clock limit in seconds.  [default: {Settings.default_timeout_s}]",
 )
 @click.option(
-    "-m",
     "--memory",
     help=f"Memory limit, e.g. 512m or 2g.  [default: {Settings.memory_limit},"
     f" at most {Settings.max_memory_limit}]",
@@ -287,8 +294,9 @@ Exit status (as with docker run):
 @click.pass_context
 def run(
     ctx: click.Context,
-    script: Path,
+    script: Path | None,
     inputs: tuple[str, ...],
+    module: str | None,
     extra_args: tuple[str, ...],
     env_pairs: tuple[str, ...],
     env_files: tuple[Path, ...],
@@ -322,10 +330,17 @@ def run(
     inputs' names, then any --arg values, then everything after --. Piped stdin reaches the
     script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`)
     cancels the execution; with --detach it goes on."""
+    if module is not None:
+        from rgrid.sources import module_file
+
+        inputs = (str(script), *inputs) if script is not None else inputs
+        script = module_file(module, Path.cwd())
+    elif script is None:
+        raise BadInput("name a SCRIPT to run, or a module with -m MODULE")
     text = read_script(script)
     settings = get_settings()
     files = collect_inputs(list(inputs), Path.cwd(), settings)
-    tree = collect_sources(script, settings, with_modules)
+    tree = collect_sources(script, settings, with_modules, as_module=module is not None)
     # A module also given as an input (the habit before trees were shipped) goes as that input.
     given = {item.name for item in files}
     tree.files = [item for item in tree.files if item.name not in given]
@@ -393,6 +408,7 @@ def run(
         script=text,
         script_name=tree.entry,
         sources=[item.manifest_entry() for item in tree.files] or None,
+        module=module,
         runtime=runtime,
         timeout_s=timeout_s,
         args=script_args,

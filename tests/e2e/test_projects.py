@@ -205,3 +205,19 @@ def test_requirements_txt_beside_the_script_and_r_overrides(embedded_env, tmp_pa
         "run", "main.py", "-r", "other.txt", env=embedded_env, cwd=tmp_path
     )
     assert "projdep 2.0" in result.stderr and execution["dependency_source"] == "-r other.txt"
+
+
+def test_run_a_module_with_m_as_python_m_does(env, project):
+    (project / "helpers" / "__main__.py").write_text(
+        "import sys\nfrom .stats import total\n"
+        "print('main of helpers', total([1, 2]), sys.argv[1:])\n"
+    )
+    execution, result = run_json("run", "-m", "helpers", "data/", "-a", "z", env=env, cwd=project)
+    assert execution["status"] == "succeeded", result.stderr
+    assert "main of helpers 3 ['data', 'z']" in result.stderr
+    assert execution["module"] == "helpers" and execution["script_name"] == "helpers/__main__.py"
+    assert "helpers/stats.py" in [item["path"] for item in execution["sources"]]
+    execution, result = run_json("run", "-m", "helpers.text", env=env, cwd=project)
+    assert execution["status"] == "succeeded", result.stderr
+    refused = run_cli("run", "-m", "nowhere.mod", env=env, cwd=project)
+    assert_one_line_error(refused, "-m nowhere.mod: no module nowhere.mod")
