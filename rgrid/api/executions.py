@@ -45,10 +45,6 @@ def create_execution(body: SubmitRequest):
             bytes_uploaded=body.bytes_uploaded,
             stdin=body.stdin,
             env_names=list(env) if env else None,
-            sources=[item.model_dump() for item in body.sources]
-            if body.sources is not None
-            else None,
-            module=body.module,
         )
         execution_id = execution.id
     if env:

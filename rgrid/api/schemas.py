@@ -84,6 +84,10 @@ class _ScriptRequest(_Strict):
     ) = None
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     inputs: list[InputEntry]
+    #: The local modules shipped with the script, at their paths relative to its project.
+    sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
+    #: Run as ``python -m MODULE``; the script is that module's file.
+    module: Annotated[str, StringConstraints(max_length=255)] | None = None
 
     def script_options(self) -> dict[str, Any]:
         """The shared options as the service functions take them (``create_execution``,
@@ -97,6 +101,10 @@ class _ScriptRequest(_Strict):
             "requirements": self.requirements,
             "refresh_deps": self.refresh_deps,
             "inputs": [item.model_dump() for item in self.inputs],
+            "sources": [item.model_dump() for item in self.sources]
+            if self.sources is not None
+            else None,
+            "module": self.module,
             "memory": self.memory,
             "cpus": self.cpus,
         }
@@ -105,9 +113,6 @@ class _ScriptRequest(_Strict):
 class SubmitRequest(_ScriptRequest):
     inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
     #: The local modules shipped with the script, at their paths relative to its project.
-    sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
-    #: Run as ``python -m MODULE``; the script is that module's file.
-    module: Annotated[str, StringConstraints(max_length=255)] | None = None
     files_uploaded: SmallCount = 0
     bytes_uploaded: Count = 0
     stdin: bool = False

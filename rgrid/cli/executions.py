@@ -369,7 +369,9 @@ def run(
         raise SystemExit(
             run_batch(
                 script_text=text,
-                script_name=script.name,
+                script_name=tree.entry,
+                sources=tree.files,
+                module=module,
                 patterns=batch_patterns,
                 batch_file=batch_file,
                 parallel=parallel,

@@ -1,6 +1,7 @@
 """Projects, not just scripts: a script's local modules and packages travel with it, through the
 real CLI, embedded and against the running stack."""
 
+import json
 import os
 import subprocess
 
@@ -15,6 +16,7 @@ import sys
 from helpers import clean
 from helpers.stats import total
 import config
+import json
 import os
 names = sorted(os.path.join(d, f) for d, _, fs in os.walk("data") for f in fs)
 rows = [clean(line) for name in names for line in open(name)]
@@ -221,3 +223,24 @@ def test_run_a_module_with_m_as_python_m_does(env, project):
     assert execution["status"] == "succeeded", result.stderr
     refused = run_cli("run", "-m", "nowhere.mod", env=env, cwd=project)
     assert_one_line_error(refused, "-m nowhere.mod: no module nowhere.mod")
+
+
+def test_a_batch_ships_the_tree_once_for_all_its_executions(env, project):
+    (project / "each.py").write_text(
+        "import sys\nfrom helpers import clean\nimport config\n"
+        "print('item', sum(clean(line) for line in open(sys.argv[1])), config.UNIT)\n"
+    )
+    result = run_cli("run", "each.py", "--batch", "data/*.txt", "--json", env=env, cwd=project)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    *executions, summary = lines
+    assert result.returncode == 0, result.stderr
+    assert summary["counts"] == {"succeeded": 2}
+    assert sorted(e["args"][0] for e in executions) == ["data/a.txt", "data/b.txt"]
+    assert all(e["source_digest"] == executions[0]["source_digest"] for e in executions)
+    assert all(
+        sorted(s["path"] for s in e["sources"])
+        == ["config.py", "helpers/__init__.py", "helpers/text.py"]
+        for e in executions
+    )
+    logs = run_cli("logs", executions[0]["execution_id"], env=env, cwd=project)
+    assert "apples" in logs.stdout
