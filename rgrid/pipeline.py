@@ -525,14 +525,13 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
     # The shipped modules are placed as inputs are (content-addressed, verified), but are
     # no script arguments.
     files = [*(execution.sources or []), *(execution.inputs or [])]
-    with session_scope(ctx.session_factory) as session:
-        for item in files:
-            blob = blobs.find_blob(session, execution.account_id, item["sha256"])
-            if blob is None:
-                raise RGridError(
-                    f"input {item['path']} is no longer stored; run again to upload it"
-                )
-            keys[item["sha256"]] = blob.object_key
+    if files:
+        # One query for all of them: a project ships tens of modules.
+        with session_scope(ctx.session_factory) as session:
+            keys = blobs.object_keys(session, execution.account_id, [i["sha256"] for i in files])
+    for item in files:
+        if item["sha256"] not in keys:
+            raise RGridError(f"input {item['path']} is no longer stored; run again to upload it")
     return [
         (
             item["path"],
