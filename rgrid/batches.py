@@ -30,6 +30,7 @@ from rgrid.db import session_scope
 from rgrid.errors import BadInput, NotFound
 from rgrid.executions import (
     MIN_ID_PREFIX,
+    check_label,
     check_module,
     check_submission,
     execution_to_dict,
@@ -81,6 +82,7 @@ def create_batch(
     size: int | None = None,
     sources: list[dict] | None = None,
     module: str | None = None,
+    dependency_source: str | None = None,
 ) -> Batch:
     """Check what every execution of the batch will share, once, and store the script; the
     batch then waits for its inputs (``add_inputs``) and ``start``."""
@@ -127,6 +129,7 @@ def create_batch(
             "sources": checked.sources or None,
             "source_digest": tree_digest(script_name, digest, checked.sources, module),
             "module": module,
+            "dependency_source": check_label(dependency_source),
         },
     )
     session.add(batch)
@@ -187,6 +190,7 @@ def add_inputs(
                 "sources": template.get("sources"),
                 "source_digest": template.get("source_digest"),
                 "module": template.get("module"),
+                "dependency_source": template.get("dependency_source"),
                 "requirements": template["requirements"],
                 "refresh_deps": template["refresh_deps"],
                 "inputs": manifest,
@@ -429,6 +433,7 @@ def retry(
             "sources",
             "source_digest",
             "module",
+            "dependency_source",
             "requirements",
             "inputs",
             "input_hash",

@@ -207,6 +207,15 @@ def tree_digest(
     return cache_keys.source_tree_digest([entry, *tree], module)
 
 
+def check_label(text: object) -> str | None:
+    """A short printable label (where the dependencies were found), or None."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > 300 or any(ord(c) < 32 for c in text):
+        raise BadInput("dependency_source must be a short line of text")
+    return text
+
+
 def check_module(module: object, script_name: str) -> str | None:
     """``-m``: a dotted name whose file is the entry script (``pkg/mod.py`` or
     ``pkg/mod/__main__.py``), so the name cannot point the run at anything else."""
@@ -243,6 +252,7 @@ def create_execution(
     env_names: list[str] | None = None,
     sources: list[dict] | None = None,
     module: str | None = None,
+    dependency_source: str | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
@@ -282,6 +292,7 @@ def create_execution(
         sources=checked.sources or None,
         source_digest=tree_digest(script_name, digest, checked.sources, module),
         module=module,
+        dependency_source=check_label(dependency_source),
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
         timeout_s=checked.timeout_s,
@@ -365,6 +376,7 @@ def execution_to_dict(execution: Execution) -> dict:
         "source_digest": execution.source_digest,
         "sources": execution.sources or [],
         "module": execution.module,
+        "dependency_source": execution.dependency_source,
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,

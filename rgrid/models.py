@@ -90,6 +90,8 @@ class Execution(Base):
     source_digest: Mapped[str | None] = mapped_column(String(64))
     # Run as `python -m MODULE` (the entry script is that module's file), or None.
     module: Mapped[str | None] = mapped_column(String(255))
+    # Where the CLI found the dependencies ("uv.lock", "pyproject.toml", "-r FILE", ...).
+    dependency_source: Mapped[str | None] = mapped_column(String(300))
     files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)

@@ -246,6 +246,8 @@ def hash_step(ctx: PipelineContext, execution_id: str) -> None:
             execution.error = exc.message
             return
         execution.dependency_hash = dependency_hash(normalise(execution.requirements or ""))
+        if execution.dependency_source and _has_dependencies(execution):
+            ctx.note(execution_id, f"dependencies from {execution.dependency_source}")
 
 
 def _tree_key(execution: Execution) -> str:

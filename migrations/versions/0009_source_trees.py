@@ -20,10 +20,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("sources", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("source_digest", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("module", sa.String(length=255), nullable=True))
+        batch.add_column(sa.Column("dependency_source", sa.String(length=300), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("executions") as batch:
+        batch.drop_column("dependency_source")
         batch.drop_column("module")
         batch.drop_column("source_digest")
         batch.drop_column("sources")

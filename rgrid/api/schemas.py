@@ -88,6 +88,10 @@ class _ScriptRequest(_Strict):
     sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
     #: Run as ``python -m MODULE``; the script is that module's file.
     module: Annotated[str, StringConstraints(max_length=255)] | None = None
+    #: Where the client found the dependencies, for the log and `status`.
+    dependency_source: (
+        Annotated[str, StringConstraints(max_length=300, pattern=_PRINTABLE)] | None
+    ) = None
 
     def script_options(self) -> dict[str, Any]:
         """The shared options as the service functions take them (``create_execution``,
@@ -105,6 +109,7 @@ class _ScriptRequest(_Strict):
             if self.sources is not None
             else None,
             "module": self.module,
+            "dependency_source": self.dependency_source,
             "memory": self.memory,
             "cpus": self.cpus,
         }

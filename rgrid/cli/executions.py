@@ -372,6 +372,7 @@ def run(
                 script_name=tree.entry,
                 sources=tree.files,
                 module=module,
+                dependency_source=dependency_source,
                 patterns=batch_patterns,
                 batch_file=batch_file,
                 parallel=parallel,
@@ -411,6 +412,7 @@ def run(
         script_name=tree.entry,
         sources=[item.manifest_entry() for item in tree.files] or None,
         module=module,
+        dependency_source=dependency_source,
         runtime=runtime,
         timeout_s=timeout_s,
         args=script_args,
@@ -445,9 +447,7 @@ def run(
     written = fetch_outputs(client, execution, dest)
     outputs_dir = str(dest) if written else None
     if json_mode:
-        print_json(
-            {**execution, "outputs_dir": outputs_dir, "dependency_source": dependency_source}
-        )
+        print_json({**execution, "outputs_dir": outputs_dir})
     else:
         print_summary(execution, outputs_dir, printer.shown)
     status = execution["status"]
@@ -538,6 +538,7 @@ def status(execution_id: str, json_mode: bool):
         "script_hash",
         "source_digest",
         "dependency_hash",
+        "dependency_source",
         "environment",
         "runtime_image",
         "sandbox_warm",

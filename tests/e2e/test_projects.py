@@ -185,6 +185,10 @@ def test_a_uv_lock_pin_is_honoured_and_an_old_lock_refused(env, tmp_path):
     assert "projdep 1.0" in result.stderr
     assert execution["dependency_source"] == "uv.lock"
     assert execution["resolved_dependencies"] == ["projdep==1.0"]
+    log = run_cli("logs", execution["execution_id"], env=env, cwd=root)
+    assert "dependencies from uv.lock" in log.stderr
+    status = run_cli("status", execution["execution_id"], env=env, cwd=root)
+    assert "dependency_source      uv.lock" in status.stdout
 
     pyproject = root / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('["projdep"]', '["projdep>=2"]'))
