@@ -123,6 +123,8 @@ def main() -> None:
                     f" {min(times[name]):.3f} | {median / floor_median:.2f}× |"
                     f" {repeat_bytes[name]} B / {pairs} B |"
                 )
+            # The embedded default's agent serves this data folder: end it with the folder.
+            subprocess.run([RGRID, "agent", "stop"], env=modes["embedded"], capture_output=True)
             remove_containers_mounting([root])
     finally:
         shutil.rmtree(root, ignore_errors=True)
