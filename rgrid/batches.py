@@ -30,9 +30,12 @@ from rgrid.db import session_scope
 from rgrid.errors import BadInput, NotFound
 from rgrid.executions import (
     MIN_ID_PREFIX,
+    check_label,
+    check_module,
     check_submission,
     execution_to_dict,
     store_script,
+    tree_digest,
 )
 from rgrid.inputs import check_manifest
 from rgrid.models import Batch, Execution, iso_utc, utcnow
@@ -77,6 +80,9 @@ def create_batch(
     cpus: float | None = None,
     parallel: int | None = None,
     size: int | None = None,
+    sources: list[dict] | None = None,
+    module: str | None = None,
+    dependency_source: str | None = None,
 ) -> Batch:
     """Check what every execution of the batch will share, once, and store the script; the
     batch then waits for its inputs (``add_inputs``) and ``start``."""
@@ -93,7 +99,9 @@ def create_batch(
         inputs=inputs,
         memory=memory,
         cpus=cpus,
+        sources=sources,
     )
+    module = check_module(module, script_name)
     if size is not None and size > settings.max_batch_executions:
         raise BadInput(
             f"{size} inputs: over the limit of {settings.max_batch_executions} per batch"
@@ -117,6 +125,11 @@ def create_batch(
             "inputs": checked.inputs,
             "memory_bytes": checked.memory_bytes,
             "cpus": checked.cpus,
+            # The source tree is shipped once for the whole batch: every execution names it.
+            "sources": checked.sources or None,
+            "source_digest": tree_digest(script_name, digest, checked.sources, module),
+            "module": module,
+            "dependency_source": check_label(dependency_source),
         },
     )
     session.add(batch)
@@ -155,7 +168,8 @@ def add_inputs(
         )
     template = batch.template
     shared = template["inputs"]
-    taken = {item["path"] for item in shared} | {batch.script_name}
+    sources = template.get("sources") or []
+    taken = {item["path"] for item in [*shared, *sources]} | {batch.script_name}
     clean = check_manifest(items, settings)
     for item in clean:
         if item["path"] in taken:
@@ -173,6 +187,10 @@ def add_inputs(
                 "runtime": batch.runtime,
                 "script_name": batch.script_name,
                 "script_hash": batch.script_hash,
+                "sources": template.get("sources"),
+                "source_digest": template.get("source_digest"),
+                "module": template.get("module"),
+                "dependency_source": template.get("dependency_source"),
                 "requirements": template["requirements"],
                 "refresh_deps": template["refresh_deps"],
                 "inputs": manifest,
@@ -412,6 +430,10 @@ def retry(
             "runtime",
             "script_name",
             "script_hash",
+            "sources",
+            "source_digest",
+            "module",
+            "dependency_source",
             "requirements",
             "inputs",
             "input_hash",

@@ -47,6 +47,16 @@ def find_blob(session: Session, account_id: int, digest: str) -> Blob | None:
     ).one_or_none()
 
 
+def object_keys(session: Session, account_id: int, digests: list[str]) -> dict[str, str]:
+    """Digest -> object key of those of ``digests`` this account has stored, in one query."""
+    rows = session.execute(
+        select(Blob.digest, Blob.object_key).where(
+            Blob.account_id == account_id, Blob.digest.in_(set(digests))
+        )
+    )
+    return dict(rows.all())
+
+
 def check_uploaded(session: Session, account_id: int, manifest: list[dict]) -> None:
     """Every input of ``manifest`` must be a blob this account stored, of the size claimed:
     one query for a whole page of a batch, or a whole execution's inputs."""

@@ -83,6 +83,18 @@ def input_hash(manifest: list[dict]) -> str:
     return sha256_bytes("\n".join(f"{path}\t{digest}" for path, digest in pairs).encode())
 
 
+def source_tree_digest(manifest: list[dict], module: str | None = None) -> str:
+    """The digest of a script's source tree (the entry script and the local modules it
+    imports): sha256 over the sorted (relative path, file sha256) pairs, as a REAPI input root
+    is a digest of its files. It is the script part of the script cache's key: editing any one
+    module changes it, moving nothing changes it. A single script is the one-file tree."""
+    pairs = sorted((item["path"], item["sha256"]) for item in manifest)
+    lines = [f"source\t{path}\t{digest}" for path, digest in pairs]
+    if module:  # run as `python -m`: another __main__, other relative imports
+        lines.append(f"module\t{module}")
+    return sha256_bytes("\n".join(lines).encode())
+
+
 def log_object_key(execution_id: str) -> str:
     return f"logs/{execution_id}.jsonl"
 

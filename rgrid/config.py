@@ -108,6 +108,9 @@ class Settings:
     max_input_file_bytes: int = 5 * 1024**3
     max_input_total_bytes: int = 20 * 1024**3
     max_input_files: int = 10_000
+    #: The most files and bytes a script's import closure (its shipped source tree) may hold.
+    max_source_files: int = 2_000
+    max_source_bytes: int = 64 * 1024**2
     #: The most executions one batch may hold (`rgrid run --batch`), retries included.
     max_batch_executions: int = 100_000
     #: Multipart upload part size: the CLI holds at most one part's read buffer, not the file.
@@ -231,6 +234,8 @@ class Settings:
                 "RGRID_MAX_INPUT_TOTAL_BYTES", cls.max_input_total_bytes
             ),
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
+            max_source_files=_env_int("RGRID_MAX_SOURCE_FILES", cls.max_source_files),
+            max_source_bytes=_env_int("RGRID_MAX_SOURCE_BYTES", cls.max_source_bytes),
             max_batch_executions=_env_int("RGRID_MAX_BATCH_EXECUTIONS", cls.max_batch_executions),
             host_name=_env("RGRID_HOST_NAME") or socket.gethostname(),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),

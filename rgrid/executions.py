@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -49,11 +50,14 @@ def validate_submission(
         raise BadInput("script is not valid Unicode text") from exc
     if size > settings.max_script_bytes:
         raise BadInput(f"script is larger than {settings.max_script_bytes} bytes")
+    # A relative path: the entry script's place in its project (``sub/main.py``).
+    parts = script_name.split("/") if isinstance(script_name, str) else [""]
     if (
         not script_name
         or len(script_name) > 255
-        or "/" in script_name
-        or script_name in (".", "..", OUTPUTS_DIR)
+        or any(part in ("", ".", "..") for part in parts)
+        or parts[0] == OUTPUTS_DIR
+        or "\\" in script_name
         or any(ord(c) < 32 for c in script_name)
     ):
         raise BadInput(f"bad script name {script_name!r}")
@@ -132,6 +136,7 @@ class CheckedSubmission:
     cpus: float
     requirements: str
     inputs: list[dict]
+    sources: list[dict]
 
 
 def check_submission(
@@ -148,6 +153,7 @@ def check_submission(
     inputs: list[dict] | None,
     memory: str | int | None,
     cpus: float | None,
+    sources: list[dict] | None = None,
 ) -> CheckedSubmission:
     """Every check a script's options get before anything is stored, the same for a single
     execution and a batch (BadInput on the first that fails). Inputs must already be stored
@@ -163,9 +169,65 @@ def check_submission(
     if any(item["path"] == script_name for item in manifest):
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
         raise BadInput(f"an input has the script's own name {script_name}")
-    check_uploaded(session, account_id, manifest)
+    tree = check_source_tree(settings, sources, script_name, manifest)
+    check_uploaded(session, account_id, manifest + tree)
     check_args(args)
-    return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest)
+    return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest, tree)
+
+
+def check_source_tree(
+    settings: Settings, sources: object, script_name: str, manifest: list[dict]
+) -> list[dict]:
+    """The shipped modules: safe unique paths and real digests (as inputs), within the source
+    tree's bounds, and none where an input or the script goes."""
+    if sources is None:
+        return []
+    tree = check_manifest(sources, settings)
+    if len(tree) >= settings.max_source_files:
+        raise BadInput(f"more than {settings.max_source_files} source files")
+    if sum(item["size"] for item in tree) > settings.max_source_bytes:
+        raise BadInput(f"source files total over the limit of {settings.max_source_bytes} bytes")
+    taken = {item["path"] for item in manifest} | {script_name}
+    clash = next((item["path"] for item in tree if item["path"] in taken), None)
+    if clash:
+        raise BadInput(f"the shipped module {clash} has the name of an input or the script")
+    names = taken | {item["path"] for item in tree}
+    for name in names:
+        parent = next((str(p) for p in PurePosixPath(name).parents if str(p) in names), None)
+        if parent:
+            raise BadInput(f"{parent} is both a file and the folder of {name}")
+    return tree
+
+
+def tree_digest(
+    script_name: str, script_digest: str, tree: list[dict], module: str | None = None
+) -> str:
+    """The source-tree digest: the entry script at its path and every shipped module."""
+    entry = {"path": script_name, "sha256": script_digest}
+    return cache_keys.source_tree_digest([entry, *tree], module)
+
+
+def check_label(text: object) -> str | None:
+    """A short printable label (where the dependencies were found), or None."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > 300 or any(ord(c) < 32 for c in text):
+        raise BadInput("dependency_source must be a short line of text")
+    return text
+
+
+def check_module(module: object, script_name: str) -> str | None:
+    """``-m``: a dotted name whose file is the entry script (``pkg/mod.py`` or
+    ``pkg/mod/__main__.py``), so the name cannot point the run at anything else."""
+    if module is None:
+        return None
+    parts = module.split(".") if isinstance(module, str) else []
+    if not parts or not all(part.isidentifier() for part in parts) or len(module) > 255:
+        raise BadInput("module must be a dotted module name")
+    path = "/".join(parts)
+    if script_name not in (f"{path}.py", f"{path}/__main__.py"):
+        raise BadInput(f"module {module} is not the script {script_name}")
+    return module
 
 
 def create_execution(
@@ -188,6 +250,9 @@ def create_execution(
     cpus: float | None = None,
     stdin: bool = False,
     env_names: list[str] | None = None,
+    sources: list[dict] | None = None,
+    module: str | None = None,
+    dependency_source: str | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
     only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
@@ -204,11 +269,13 @@ def create_execution(
         inputs=inputs,
         memory=memory,
         cpus=cpus,
+        sources=sources,
     )
     counts = (files_uploaded, bytes_uploaded)
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
     manifest = checked.inputs
+    module = check_module(module, script_name)
     digest = store_script(store, account_id, script)
     execution = Execution(
         id=new_execution_id(),
@@ -222,6 +289,10 @@ def create_execution(
         refresh_deps=bool(refresh_deps),
         inputs=manifest,
         input_hash=cache_keys.input_hash(manifest) if manifest else None,
+        sources=checked.sources or None,
+        source_digest=tree_digest(script_name, digest, checked.sources, module),
+        module=module,
+        dependency_source=check_label(dependency_source),
         input_cache_hit=bool(manifest) and files_uploaded == 0,
         files_uploaded=files_uploaded,
         timeout_s=checked.timeout_s,
@@ -304,6 +375,10 @@ def execution_to_dict(execution: Execution) -> dict:
         "refresh_deps": execution.refresh_deps,
         "input_hash": execution.input_hash,
         "inputs": execution.inputs,
+        "source_digest": execution.source_digest,
+        "sources": execution.sources or [],
+        "module": execution.module,
+        "dependency_source": execution.dependency_source,
         "files_uploaded": execution.files_uploaded,
         "args": execution.args,
         "timeout_s": execution.timeout_s,

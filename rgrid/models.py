@@ -84,6 +84,14 @@ class Execution(Base):
     input_hash: Mapped[str | None] = mapped_column(String(64))
     # The input manifest: [{"path": relative name in /work, "sha256": ..., "size": ...}].
     inputs: Mapped[list] = mapped_column(JSON, default=list)
+    # The local modules shipped with the script ({path, sha256, size}, paths relative to the
+    # project root, the entry script not among them) and the digest of the whole tree.
+    sources: Mapped[list | None] = mapped_column(JSON)
+    source_digest: Mapped[str | None] = mapped_column(String(64))
+    # Run as `python -m MODULE` (the entry script is that module's file), or None.
+    module: Mapped[str | None] = mapped_column(String(255))
+    # Where the CLI found the dependencies ("uv.lock", "pyproject.toml", "-r FILE", ...).
+    dependency_source: Mapped[str | None] = mapped_column(String(300))
     files_uploaded: Mapped[int] = mapped_column(Integer, default=0)
     args: Mapped[list] = mapped_column(JSON, default=list)
     timeout_s: Mapped[int] = mapped_column(Integer)

@@ -29,7 +29,10 @@ from rgrid.errors import BadInput
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ScriptName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/]+$")
+    str,
+    StringConstraints(
+        min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$"
+    ),
 ]
 InputPath = Annotated[
     str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -81,6 +84,14 @@ class _ScriptRequest(_Strict):
     ) = None
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     inputs: list[InputEntry]
+    #: The local modules shipped with the script, at their paths relative to its project.
+    sources: list[InputEntry] | None = Field(default=None, max_length=100_000)
+    #: Run as ``python -m MODULE``; the script is that module's file.
+    module: Annotated[str, StringConstraints(max_length=255)] | None = None
+    #: Where the client found the dependencies, for the log and `status`.
+    dependency_source: (
+        Annotated[str, StringConstraints(max_length=300, pattern=_PRINTABLE)] | None
+    ) = None
 
     def script_options(self) -> dict[str, Any]:
         """The shared options as the service functions take them (``create_execution``,
@@ -94,6 +105,11 @@ class _ScriptRequest(_Strict):
             "requirements": self.requirements,
             "refresh_deps": self.refresh_deps,
             "inputs": [item.model_dump() for item in self.inputs],
+            "sources": [item.model_dump() for item in self.sources]
+            if self.sources is not None
+            else None,
+            "module": self.module,
+            "dependency_source": self.dependency_source,
             "memory": self.memory,
             "cpus": self.cpus,
         }
@@ -101,6 +117,7 @@ class _ScriptRequest(_Strict):
 
 class SubmitRequest(_ScriptRequest):
     inputs: list[InputEntry] = Field(default_factory=list, max_length=100_000)
+    #: The local modules shipped with the script, at their paths relative to its project.
     files_uploaded: SmallCount = 0
     bytes_uploaded: Count = 0
     stdin: bool = False

@@ -181,17 +181,21 @@ def submit_batch(
     names: list[str],
     shared: list[InputFile],
     json_mode: bool,
+    sources: list[InputFile] = (),
     **options: object,
 ) -> dict:
     """Create the batch, add its inputs page by page, start it. A failure before the start
     cancels the batch, so nothing of it ever runs."""
     from rgrid.cli.executions import send_inputs
 
-    if shared:
-        send_inputs(client, shared, json_mode)
+    if shared or sources:
+        send_inputs(client, shared, json_mode, sources)
     cwd = Path.cwd()
     batch = client.create_batch(
-        inputs=[item.manifest_entry() for item in shared], size=len(names), **options
+        inputs=[item.manifest_entry() for item in shared],
+        sources=[item.manifest_entry() for item in sources] or None,
+        size=len(names),
+        **options,
     )
     batch_id = batch["batch_id"]
     try:
@@ -482,8 +486,10 @@ def run_batch(
     args: list[str],
     json_mode: bool,
     detach: bool,
+    sources: list[InputFile] = (),
     **options: object,
 ) -> int:
+    """``sources``: the script's shipped modules, sent once for the whole batch."""
     settings = get_settings()
     cwd = Path.cwd()
     names = expand(patterns, batch_file, cwd)
@@ -500,6 +506,7 @@ def run_batch(
         names=names,
         shared=shared,
         json_mode=json_mode,
+        sources=list(sources),
         script=script_text,
         script_name=script_name,
         args=[*(input_name(arg) for arg in shared_inputs), *args],

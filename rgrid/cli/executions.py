@@ -29,6 +29,7 @@ from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
 from rgrid.errors import BadInput
 from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
+from rgrid.sources import collect_sources, project_dependencies
 from rgrid.statuses import TERMINAL_STATUSES
 from rgrid.units import human_bytes, parse_bytes
 
@@ -125,23 +126,43 @@ def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
         return client.download_outputs(execution, dest, advance)
 
 
-def send_inputs(client: Client, files: list[InputFile], json_mode: bool) -> tuple[int, int]:
-    """Hash every input, ask which digests the account lacks, upload only those (each distinct
-    content once). Returns (files uploaded, bytes uploaded)."""
-    total = sum(item.size for item in files)
+def send_inputs(
+    client: Client,
+    files: list[InputFile],
+    json_mode: bool,
+    sources: list[InputFile] = (),
+    verbose: bool = False,
+) -> tuple[int, int]:
+    """Hash every input and shipped module, ask which digests the account lacks (one request
+    for both), upload only those (each distinct content once). Returns (files uploaded,
+    bytes uploaded)."""
+    both = [*sources, *files]
+    total = sum(item.size for item in both)
     with progress("hashing inputs", total) as advance:
-        hash_files(files, advance)
-    missing = set(client.missing([item.sha256 for item in files]))
-    to_send = list({item.sha256: item for item in files if item.sha256 in missing}.values())
+        hash_files(both, advance)
+    missing = set(client.missing([item.sha256 for item in both]))
+    to_send = list({item.sha256: item for item in both if item.sha256 in missing}.values())
     sent_bytes = sum(item.size for item in to_send)
     with progress("uploading inputs", sent_bytes) as advance:
         for item in to_send:
             client.upload(item, advance)
     if not json_mode:
-        note(
-            f"inputs: {len(files)} file(s), {len(to_send)} uploaded "
-            f"({human_bytes(sent_bytes)}), {len(files) - len(to_send)} already stored"
-        )
+        sent = {item.sha256 for item in to_send}
+        if sources:
+            new = [item for item in sources if item.sha256 in sent]
+            note(
+                f"sources: {len(sources)} module file(s) shipped, {len(new)} uploaded "
+                f"({human_bytes(sum(item.size for item in new))})"
+            )
+            for item in sources if verbose else []:
+                note(f"  {item.name} ({human_bytes(item.size)})")
+        if files:
+            new = [item for item in files if item.sha256 in sent]
+            note(
+                f"inputs: {len(files)} file(s), {len(new)} uploaded "
+                f"({human_bytes(sum(item.size for item in new))}), "
+                f"{len(files) - len(new)} already stored"
+            )
     return len(to_send), sent_bytes
 
 
@@ -167,8 +188,16 @@ Exit status (as with docker run):
 
 
 @cli.command(cls=RunCommand, epilog=RUN_EPILOG)
-@click.argument("script", type=click.Path(path_type=Path))
+@click.argument("script", type=click.Path(path_type=Path), required=False)
 @click.argument("inputs", nargs=-1)
+@click.option(
+    "-m",
+    "--module",
+    "module",
+    metavar="MODULE",
+    help="Run a local module as `python -m MODULE` does (from this folder); then every"
+    " positional argument is an input.",
+)
 @click.option(
     "-a", "--arg", "extra_args", multiple=True, help="An argument for the script (repeatable)."
 )
@@ -202,7 +231,6 @@ Exit status (as with docker run):
     help=f"Wall-clock limit in seconds.  [default: {Settings.default_timeout_s}]",
 )
 @click.option(
-    "-m",
     "--memory",
     help=f"Memory limit, e.g. 512m or 2g.  [default: {Settings.memory_limit},"
     f" at most {Settings.max_memory_limit}]",
@@ -219,6 +247,13 @@ Exit status (as with docker run):
     "requirements_file",
     type=click.Path(path_type=Path),
     help="A requirements file (or use PEP 723 '# /// script' metadata in the script).",
+)
+@click.option(
+    "--extra",
+    "extras",
+    multiple=True,
+    metavar="NAME",
+    help="Also install this optional dependency group of the project's pyproject.toml.",
 )
 @click.option(
     "--refresh-deps", is_flag=True, help="Resolve unpinned requirements again (new versions)."
@@ -242,15 +277,26 @@ Exit status (as with docker run):
     help="With --batch: at most this many executions at once.  [default: what the grid takes]",
 )
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
-@click.option("-v", "--verbose", is_flag=True, help="Show the installer's own output too.")
+@click.option(
+    "--with-module",
+    "with_modules",
+    multiple=True,
+    metavar="NAME|PATH",
+    help="Ship a local module the import scan cannot see (a dynamic import): a dotted name or"
+    " a path (repeatable).",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show the installer's own output and the shipped files."
+)
 @click.option(
     "-d", "--detach", is_flag=True, help="Submit, print the execution id and return at once."
 )
 @click.pass_context
 def run(
     ctx: click.Context,
-    script: Path,
+    script: Path | None,
     inputs: tuple[str, ...],
+    module: str | None,
     extra_args: tuple[str, ...],
     env_pairs: tuple[str, ...],
     env_files: tuple[Path, ...],
@@ -260,11 +306,13 @@ def run(
     memory: str | None,
     cpus: float | None,
     requirements_file: Path | None,
+    extras: tuple[str, ...],
     refresh_deps: bool,
     batch_patterns: tuple[str, ...],
     batch_file: Path | None,
     parallel: int | None,
     json_mode: bool,
+    with_modules: tuple[str, ...],
     verbose: bool,
     detach: bool,
 ):
@@ -276,13 +324,26 @@ def run(
       cat items.txt | rgrid run count.py
       rgrid run fetch.py -e API_TOKEN --memory 2g
 
-    The script runs in /work, its folder, so modules given as inputs import as they do
-    locally. Its arguments are the inputs' names, then any --arg values, then everything
-    after --. Piped stdin reaches the script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its
-    output closed as by `| head`) cancels the execution; with --detach it goes on."""
+    The local modules and packages SCRIPT imports (found statically, under its project root:
+    the nearest folder up with pyproject.toml or .git) are shipped with it at their paths, so
+    they import as they do locally; they are no arguments. The script's arguments are the
+    inputs' names, then any --arg values, then everything after --. Piped stdin reaches the
+    script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`)
+    cancels the execution; with --detach it goes on."""
+    if module is not None:
+        from rgrid.sources import module_file
+
+        inputs = (str(script), *inputs) if script is not None else inputs
+        script = module_file(module, Path.cwd())
+    elif script is None:
+        raise BadInput("name a SCRIPT to run, or a module with -m MODULE")
     text = read_script(script)
     settings = get_settings()
     files = collect_inputs(list(inputs), Path.cwd(), settings)
+    tree = collect_sources(script, settings, with_modules, as_module=module is not None)
+    # A module also given as an input (the habit before trees were shipped) goes as that input.
+    given = {item.name for item in files}
+    tree.files = [item for item in tree.files if item.name not in given]
     if timeout_s is not None and timeout_s < 1:
         raise BadInput("--timeout must be at least 1 second")
     if memory is not None:
@@ -294,6 +355,12 @@ def run(
 
         # A malformed line is reported here, naming its file and line, before anything is sent.
         requirements = read_requirements_file(requirements_file)
+        dependency_source = f"-r {requirements_file}"
+    else:
+        found = project_dependencies(script, text, tree.root, extras)
+        requirements, dependency_source = found.requirements, found.source
+    if dependency_source and not json_mode:
+        note(f"dependencies: from {dependency_source}")
     if batch_patterns or batch_file is not None:
         if env:
             raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
@@ -302,7 +369,10 @@ def run(
         raise SystemExit(
             run_batch(
                 script_text=text,
-                script_name=script.name,
+                script_name=tree.entry,
+                sources=tree.files,
+                module=module,
+                dependency_source=dependency_source,
                 patterns=batch_patterns,
                 batch_file=batch_file,
                 parallel=parallel,
@@ -327,7 +397,11 @@ def run(
         )
     stdin_source = None if detach else stdin_to_forward(interactive)
     client = make_run_client(settings)
-    files_uploaded, bytes_uploaded = send_inputs(client, files, json_mode) if files else (0, 0)
+    files_uploaded, bytes_uploaded = (
+        send_inputs(client, files, json_mode, tree.files, verbose)
+        if files or tree.files
+        else (0, 0)
+    )
     script_args = [
         *(input_name(arg) for arg in inputs),
         *extra_args,
@@ -335,7 +409,10 @@ def run(
     ]
     submitted = client.submit(
         script=text,
-        script_name=script.name,
+        script_name=tree.entry,
+        sources=[item.manifest_entry() for item in tree.files] or None,
+        module=module,
+        dependency_source=dependency_source,
         runtime=runtime,
         timeout_s=timeout_s,
         args=script_args,
@@ -460,7 +537,9 @@ def status(execution_id: str, json_mode: bool):
         "script_name",
         "runtime",
         "script_hash",
+        "source_digest",
         "dependency_hash",
+        "dependency_source",
         "environment",
         "runtime_image",
         "sandbox_warm",
@@ -482,6 +561,12 @@ def status(execution_id: str, json_mode: bool):
         click.echo(f"{'memory':22} {human_bytes(execution['memory_bytes'])}")
     if execution.get("env_names"):
         click.echo(f"{'env':22} {' '.join(execution['env_names'])} (values not kept)")
+    if execution.get("sources"):
+        shipped = execution["sources"]
+        size = human_bytes(sum(item["size"] for item in shipped))
+        click.echo(f"{'sources':22} {len(shipped)} module file(s) beside the script ({size})")
+        for item in shipped:
+            click.echo(f"{'source':22} {item['path']} ({human_bytes(item['size'])})")
     for pin in execution.get("resolved_dependencies") or []:
         click.echo(f"{'dependency':22} {pin}")
     if execution.get("log_lost"):

@@ -184,9 +184,12 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
         f"inputs {_hit(execution.get('input_cache_hit'))}",
         f"uploaded {human_bytes(execution.get('bytes_uploaded') or 0)}",
     ]
-    if execution.get("inputs"):
-        total = len(execution["inputs"])
+    if execution.get("inputs") or execution.get("sources"):
+        # Shipped modules are sent as inputs are: both count here.
+        total = len(execution.get("inputs") or []) + len(execution.get("sources") or [])
         parts[-1] += f" ({execution.get('files_uploaded') or 0} of {total} files)"
+    if execution.get("sources"):
+        parts.insert(-1, f"sources {len(execution['sources']) + 1} files")
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
     if execution.get("log_incomplete"):

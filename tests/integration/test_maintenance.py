@@ -104,14 +104,16 @@ def _last_used_31_days_ago(ctx, model, **key) -> None:
 def test_purge_drops_script_entries_unused_for_30_days(ctx, run_script, account):
     old = run_script("print('old')\n")
     recent = run_script("print('recent')\n")
-    _last_used_31_days_ago(ctx, ScriptCache, account_id=account.id, script_hash=old["script_hash"])
+    _last_used_31_days_ago(
+        ctx, ScriptCache, account_id=account.id, script_hash=old["source_digest"]
+    )
     with session_scope(ctx.session_factory) as session:
         assert purge_script_cache(session) >= 1
     with session_scope(ctx.session_factory) as session:
         hashes = {
             r.script_hash for r in session.query(ScriptCache).filter_by(account_id=account.id)
         }
-    assert hashes == {recent["script_hash"]}
+    assert hashes == {recent["source_digest"]}
     again = run_script("print('old')\n")  # a purged entry is simply a miss next time
     assert again["status"] == "succeeded" and again["script_cache_hit"] is False
 

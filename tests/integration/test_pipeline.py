@@ -77,7 +77,8 @@ def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script, accou
     with session_scope(ctx.session_factory) as session:
         row = (
             session.query(ScriptCache)
-            .filter_by(account_id=account.id, script_hash=first["script_hash"])
+            # The script cache's key is the source tree's digest (a one-file tree here).
+            .filter_by(account_id=account.id, script_hash=first["source_digest"])
             .one()
         )
         assert row.use_count == 2
@@ -231,7 +232,7 @@ def test_concurrent_misses_on_one_new_script_build_nothing_and_share_one_row(
     with session_scope(ctx.session_factory) as session:
         row = (
             session.query(ScriptCache)
-            .filter_by(account_id=account.id, script_hash=rows[0]["script_hash"])
+            .filter_by(account_id=account.id, script_hash=rows[0]["source_digest"])
             .one()
         )
         assert row.use_count == 3
@@ -273,7 +274,7 @@ def test_every_step_run_twice_runs_the_script_once(ctx, submit):
         row = session.get(Execution, execution_id)
         assert row.status == "succeeded" and row.exit_code == 0
         cached = session.scalars(
-            select(ScriptCache).where(ScriptCache.script_hash == row.script_hash)
+            select(ScriptCache).where(ScriptCache.script_hash == row.source_digest)
         ).one()
         deps = session.scalars(
             select(DependencyCache).where(

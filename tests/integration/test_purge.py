@@ -138,7 +138,7 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
             )
         session.execute(  # the recent run stays recent
             update(ScriptCache)
-            .where(ScriptCache.script_hash == recent["script_hash"])
+            .where(ScriptCache.script_hash == recent["source_digest"])
             .values(last_used_at=utcnow())
         )
         session.execute(
@@ -175,7 +175,7 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
     with session_scope(host.session_factory) as session:
         mine = (ScriptCache.account_id == account.id,)
         assert set(session.scalars(select(ScriptCache.script_hash).where(*mine))) == {
-            recent["script_hash"]
+            recent["source_digest"]
         }
         theirs = DependencyCache.account_id == account.id
         assert session.scalars(select(DependencyCache).where(theirs)).first() is None

@@ -1,0 +1,134 @@
+"""Projects benchmark (issue 22): a one-line edit of one helper module in a 30-module project.
+
+Rows, timed in interleaved rounds (order rotated), median and minimum, ratios against the floor:
+- floor: `docker run --rm --network none -v PROJECT:/work:ro -w /work rgrid-runtime:python-3.11
+  python3 /work/main.py`, the same project bind-mounted into the same image;
+- `rgrid run main.py --json` embedded and against a private stack (bench/run.py's
+  `private_stack`), each round after a one-line edit of `helpers/m07.py`;
+- bytes sent: a repeat of an unchanged tree, and one module of 30 changed.
+
+    .venv/bin/python bench/projects.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.run import clean_environ, private_stack, remove_containers_mounting  # noqa: E402
+
+RGRID = str(REPO / ".venv" / "bin" / "rgrid")
+IMAGE = "rgrid-runtime:python-3.11"
+MODULES = 30
+
+
+def make_project(root: Path) -> Path:
+    """A project: pyproject.toml, main.py, a package of 30 helper modules (relative imports)."""
+    project = root / "project"
+    helpers = project / "helpers"
+    helpers.mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "bench"\nversion = "0"\n')
+    imports = "".join(f"from . import m{i:02d}\n" for i in range(MODULES))
+    (helpers / "__init__.py").write_text(imports)
+    for i in range(MODULES):
+        body = "".join(f"def f{j}(x):\n    return x + {j}\n\n" for j in range(20))
+        (helpers / f"m{i:02d}.py").write_text(f"VALUE = {i}\n\n{body}")
+    total = " + ".join(f"helpers.m{i:02d}.VALUE" for i in range(MODULES))
+    (project / "main.py").write_text(f"import helpers\nprint('total', {total})\n")
+    return project
+
+
+def edit(project: Path, counter: int) -> int:
+    """One line of one helper changed; returns the module's new size."""
+    module = project / "helpers" / "m07.py"
+    lines = module.read_text().splitlines()
+    lines[0] = f"VALUE = 7  # edit {counter} {time.time_ns()}"
+    module.write_text("\n".join(lines) + "\n")
+    return module.stat().st_size
+
+
+def run(cmd: list[str], env: dict | None, cwd: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=env, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {proc.stderr[-500:]}")
+    return elapsed, proc.stdout
+
+
+def rgrid_json(env: dict, project: Path) -> tuple[float, dict]:
+    elapsed, out = run([RGRID, "run", "main.py", "--json"], env, project)
+    return elapsed, json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    repeat = parser.parse_args().repeat
+    root = Path(tempfile.mkdtemp(prefix="rgrid-bench-projects-"))
+    try:
+        with ExitStack() as exits:
+            project = make_project(root)
+            modes = {
+                "embedded": {**clean_environ(), "RGRID_DATA_DIR": str(root / "embedded-data")},
+                "stack": {**clean_environ(), **exits.enter_context(private_stack(root))},
+            }
+            floor = ["docker", "run", "--rm", "--network", "none", "-v", f"{project}:/work:ro"]
+            floor += ["-w", "/work", IMAGE, "python3", "/work/main.py"]
+            times: dict[str, list[float]] = {"floor": [], "embedded": [], "stack": []}
+            sent: dict[str, list[tuple[int, int]]] = {"embedded": [], "stack": []}
+            repeat_bytes: dict[str, int] = {}
+            for name, env in modes.items():  # untimed warm-up; then an unchanged repeat
+                rgrid_json(env, project)
+                repeat_bytes[name] = rgrid_json(env, project)[1]["bytes_uploaded"]
+            run(floor, None, project)
+            counter = 0
+            for round_ in range(repeat):
+                order = ["floor", "embedded", "stack"]
+                order = order[round_ % 3 :] + order[: round_ % 3]
+                for name in order:
+                    counter += 1
+                    size = edit(project, counter)
+                    if name == "floor":
+                        times[name].append(run(floor, None, project)[0])
+                        continue
+                    elapsed, execution = rgrid_json(modes[name], project)
+                    assert execution["status"] == "succeeded", execution
+                    times[name].append(elapsed)
+                    sent[name].append((execution["bytes_uploaded"], size))
+            floor_median = statistics.median(times["floor"])
+            print("| row | median s | min s | ÷ floor | bytes sent (repeat / one module) |")
+            print("| --- | --- | --- | --- | --- |")
+            print(
+                f"| floor: docker run, project bind-mounted | {floor_median:.3f} |"
+                f" {min(times['floor']):.3f} | 1.00× | |"
+            )
+            for name in ("stack", "embedded"):
+                median = statistics.median(times[name])
+                pairs = ", ".join(f"{b} of {s}" for b, s in sent[name])
+                print(
+                    f"| `rgrid run`, one-line helper edit, {name} | {median:.3f} |"
+                    f" {min(times[name]):.3f} | {median / floor_median:.2f}× |"
+                    f" {repeat_bytes[name]} B / {pairs} B |"
+                )
+            # The embedded default's agent serves this data folder: end it with the folder.
+            subprocess.run([RGRID, "agent", "stop"], env=modes["embedded"], capture_output=True)
+            remove_containers_mounting([root])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The import scan: which local files a script's closure holds (real files under tmp_path)."""
+
+import pytest
+
+from rgrid.config import Settings
+from rgrid.errors import BadInput
+from rgrid.sources import collect_sources, project_root
+
+
+def _write(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _names(tree) -> list[str]:
+    return sorted(item.name for item in tree.files)
+
+
+def test_closure_follows_packages_namespaces_submodules_and_skips_installed(tmp_path):
+    _write(
+        tmp_path,
+        {
+            "pyproject.toml": "[project]\nname='x'\n",
+            "app/main.py": "import json, os\nimport ns.leaf\nfrom pkg import sub\n"
+            "from pkg.deep import inner\nimport vendored\n",
+            "app/ns/leaf.py": "from . import sibling\n",
+            "app/ns/sibling.py": "",
+            "app/pkg/__init__.py": "",
+            "app/pkg/sub.py": "from .deep.inner import X\n",
+            "app/pkg/deep/__init__.py": "",
+            "app/pkg/deep/inner.py": "X = 1\nfrom .. import sub\n",
+            "app/pkg/unused.py": "",
+            "app/.venv/lib/vendored.py": "",
+            "app/vendored/__init__.py": "",
+        },
+    )
+    (tmp_path / "app" / ".venv" / "vendored.py").write_text("")
+    tree = collect_sources(tmp_path / "app" / "main.py", Settings())
+    assert tree.root == tmp_path and tree.entry == "app/main.py"
+    assert _names(tree) == [
+        "app/ns/leaf.py",
+        "app/ns/sibling.py",
+        "app/pkg/__init__.py",
+        "app/pkg/deep/__init__.py",
+        "app/pkg/deep/inner.py",
+        "app/pkg/sub.py",
+        "app/vendored/__init__.py",
+    ]
+
+
+def test_project_root_is_the_nearest_marker_else_the_scripts_folder(tmp_path):
+    _write(tmp_path, {"a/.git/HEAD": "", "a/b/c/s.py": "", "x/s.py": ""})
+    assert project_root(tmp_path / "a" / "b" / "c" / "s.py") == tmp_path / "a"
+    assert project_root(tmp_path / "x" / "s.py") == tmp_path / "x"
+
+
+def test_syntax_errors_are_left_for_run_time_and_bounds_hold(tmp_path):
+    _write(tmp_path, {"s.py": "import broken\n", "broken.py": "def (:\n"})
+    assert _names(collect_sources(tmp_path / "s.py", Settings())) == ["broken.py"]
+    with pytest.raises(BadInput, match="RGRID_MAX_SOURCE_FILES"):
+        collect_sources(tmp_path / "s.py", Settings(max_source_files=1))
