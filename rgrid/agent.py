@@ -105,6 +105,8 @@ class Agent:
             return client.get(args["execution_id"])
         if method == "cancel":
             return client.cancel(args["execution_id"])
+        if method == "why":
+            return client.why(args["execution_id"])
         if method == "list":
             return client.list(args["limit"])
         if method == "logs":

@@ -49,8 +49,11 @@ class Client(Protocol):
         cpus: float | None = None,
         env: dict[str, str] | None = None,
         stdin_source: StdinSource | None = None,
+        reuse: bool | None = None,
+        refresh: bool = False,
     ) -> dict: ...
     def get(self, execution_id: str) -> dict: ...
+    def why(self, execution_id: str) -> dict: ...
     def cancel(self, execution_id: str) -> dict: ...
     def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
@@ -375,6 +378,9 @@ class RemoteClient:
 
     def get(self, execution_id: str) -> dict:
         return self._request("GET", f"/executions/{execution_id}", retry=True)
+
+    def why(self, execution_id: str) -> dict:
+        return self._request("GET", f"/executions/{execution_id}/why", retry=True)
 
     def cancel(self, execution_id: str) -> dict:
         return self._request("POST", f"/executions/{execution_id}/cancel", retry=True)

@@ -241,6 +241,13 @@ Exit status (as with docker run):
     type=click.IntRange(min=1),
     help="With --batch: at most this many executions at once.  [default: what the grid takes]",
 )
+@click.option(
+    "--reuse/--no-reuse",
+    default=None,
+    help="Answer from a previous succeeded run whose every input is unchanged, without"
+    " running the script (`rgrid why ID` says why one ran).  [default: RGRID_REUSE_DEFAULT]",
+)
+@click.option("--refresh", is_flag=True, help="Run even if it could be reused, and keep this run.")
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the installer's own output too.")
 @click.option(
@@ -264,6 +271,8 @@ def run(
     batch_patterns: tuple[str, ...],
     batch_file: Path | None,
     parallel: int | None,
+    reuse: bool | None,
+    refresh: bool,
     json_mode: bool,
     verbose: bool,
     detach: bool,
@@ -316,6 +325,8 @@ def run(
                 refresh_deps=refresh_deps or None,
                 memory=memory,
                 cpus=cpus,
+                reuse=reuse,
+                refresh=refresh,
             )
         )
     if parallel is not None:
@@ -348,6 +359,8 @@ def run(
         cpus=cpus,
         env=env or None,
         stdin_source=stdin_source,
+        reuse=reuse,
+        refresh=refresh or None,
     )
     execution_id = submitted["execution_id"]
     if detach:
