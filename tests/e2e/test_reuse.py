@@ -75,7 +75,8 @@ def _answered_without_a_sandbox(env, cwd: Path) -> None:
     logs = run_cli("logs", second["execution_id"], env=env, cwd=cwd)
     assert logs.stdout == "ran alpha ['helper.py', 'data.csv', 'x'] \n"
     assert f"reused {first['execution_id']}" in logs.stderr
-    plain = run_cli("run", "--reuse", "job.py", "helper.py", "data.csv", "--", "x", env=env, cwd=cwd)
+    again = ("run", "--reuse", "job.py", "helper.py", "data.csv", "--", "x")
+    plain = run_cli(*again, env=env, cwd=cwd)
     assert plain.returncode == 0
     assert f"succeeded · exit 0 · reused {first['execution_id'][:8]}… · 0.0s run" in plain.stderr
     # Without --reuse it runs again.
@@ -139,7 +140,8 @@ def test_requirements_and_their_resolution_are_part_of_the_key(embedded_env, tmp
     wheels.mkdir()
     make_wheel(wheels, "reuse-dep", "1.0")
     (cwd / "dep.py").write_text(
-        "import os, uuid, reuse_dep\nprint(reuse_dep.VERSION)\nos.makedirs('outputs', exist_ok=True)\n"
+        "import os, uuid, reuse_dep\nprint(reuse_dep.VERSION)\n"
+        "os.makedirs('outputs', exist_ok=True)\n"
         "open('outputs/token.txt', 'w').write(uuid.uuid4().hex)\n"
     )
     (cwd / "req.txt").write_text(f"--find-links {wheels}\nreuse-dep\n")
@@ -239,9 +241,10 @@ def second_account(stack_env) -> dict[str, str]:
 def test_another_accounts_identical_run_is_a_miss(stack_env, second_account, tmp_path):
     _project(tmp_path)
     mine = _run(stack_env, tmp_path, "job.py", "helper.py", "data.csv", "--", "shared")
-    assert _run(stack_env, tmp_path, "job.py", "helper.py", "data.csv", "--", "shared")[
-        "reused_from"
-    ] == mine["execution_id"]
+    assert (
+        _run(stack_env, tmp_path, "job.py", "helper.py", "data.csv", "--", "shared")["reused_from"]
+        == mine["execution_id"]
+    )
     theirs = _run(second_account, tmp_path, "job.py", "helper.py", "data.csv", "--", "shared")
     assert theirs["status"] == "succeeded" and theirs["reused_from"] is None
     assert theirs["output_cache_hit"] is False
