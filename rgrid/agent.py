@@ -120,6 +120,8 @@ class Agent:
             return client.get(args["execution_id"], bool(args.get("check_store")))
         if method == "cancel":
             return client.cancel(args["execution_id"])
+        if method == "why":
+            return client.why(args["execution_id"])
         if method == "list":
             return client.list(args["limit"])
         if method == "logs":

@@ -156,6 +156,9 @@ class AgentClient:
     def cancel(self, execution_id: str) -> dict:
         return self._call("cancel", execution_id=execution_id)  # type: ignore[return-value]
 
+    def why(self, execution_id: str) -> dict:
+        return self._call("why", execution_id=execution_id)  # type: ignore[return-value]
+
     def list(self, limit: int) -> list[dict]:
         return self._call("list", limit=limit)  # type: ignore[return-value]
 

@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import hashlib
+import json
 
 from rgrid.hashing import sha256_bytes
 
@@ -129,3 +130,26 @@ def host_drained_key(queue: str, host: str) -> str:
     from the shared queue and stops its heartbeat, so nothing new is sent its way, until
     `rgrid admin undrain`. Kept in Redis without expiry: it must outlive a worker restart."""
     return f"rgrid:{queue}:host-drained:{host}"
+
+
+#: The working-directory layout a script runs in: /work/<script name>, its inputs at their
+#: paths beside it, its outputs collected from /work/outputs. A new layout gets a new name,
+#: which makes every earlier action key a miss.
+WORKDIR_LAYOUT = "work-v1"
+
+
+def action_key(account_id: int, salt: str, parts: dict) -> str:
+    """The output cache's key (rgrid/reuse.py): everything a sandboxed run's result is a
+    function of. A sandbox has no network, so that is the account, the runtime image, the
+    installed environment's resolution, the source, the inputs (paths and digests), the
+    arguments, the ``--env`` names with a keyed hash of each value, and the working-directory
+    layout; ``parts`` holds them (``reuse.key_parts``), ``salt`` is the operator's. Memory
+    and CPU limits are not in it: a run they cut short never succeeded, so is never kept."""
+    body = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(KEY_SEPARATOR.join(("action", str(account_id), salt, body)).encode())
+
+
+def runtime_image_key(queue: str, runtime: str) -> str:
+    """Redis: the image id the deployment's workers last ran ``runtime`` with, so the API can
+    compute an action key without a Docker engine of its own."""
+    return f"rgrid:{queue}:runtime-image:{runtime}"

@@ -14,12 +14,25 @@ from datetime import datetime, timedelta
 from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.orm import Session
 
-from rgrid.models import Blob, DependencyCache, Execution, ScriptCache, iso_utc, utcnow
+from rgrid.models import (
+    Blob,
+    DependencyCache,
+    Execution,
+    OutputCache,
+    ScriptCache,
+    iso_utc,
+    utcnow,
+)
 
 #: The windows `rgrid cache stats` reports hit rates over, in days.
 WINDOWS_DAYS = (1, 7, 30)
 
-_TABLES = {"script": ScriptCache, "dependency": DependencyCache, "input": Blob}
+_TABLES = {
+    "script": ScriptCache,
+    "dependency": DependencyCache,
+    "input": Blob,
+    "outputs": OutputCache,
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,13 @@ def totals(session: Session, account_id: int | None) -> list[Totals]:
     """Entries, bytes and the least recent use per cache type; ``account_id`` None: all."""
     found = []
     for cache, model in _TABLES.items():
-        size = func.coalesce(func.sum(Blob.size), 0) if model is Blob else 0
+        size = (
+            func.coalesce(func.sum(Blob.size), 0)
+            if model is Blob
+            else func.coalesce(func.sum(OutputCache.bytes), 0)
+            if model is OutputCache
+            else 0
+        )
         query = select(func.count(model.id), size, func.min(model.last_used_at))
         if account_id is not None:
             query = query.where(model.account_id == account_id)
@@ -73,11 +92,30 @@ def hit_rates(session: Session, account_id: int, days: int) -> dict[str, dict]:
             *mine, Execution.input_hash.is_not(None)
         )
     ).one()
+    outputs = session.execute(
+        select(func.count(), as_int(Execution.output_cache_hit)).where(
+            *mine, Execution.output_cache_hit.is_not(None)
+        )
+    ).one()
     return {
         "script": _rate(int(script[1]), int(script[0])),
         "dependency": _rate(int(dependency[1]), int(dependency[0])),
         "input": _rate(int(inputs[1]), int(inputs[0])),
+        "outputs": _rate(int(outputs[1]), int(outputs[0])),
     }
+
+
+def outputs_saved(session: Session, account_id: int) -> dict:
+    """What the account's live output-cache entries have saved: reuses, the run time the
+    scripts did not spend and the output bytes handed over without running them."""
+    uses, seconds, nbytes = session.execute(
+        select(
+            func.coalesce(func.sum(OutputCache.use_count), 0),
+            func.coalesce(func.sum(OutputCache.use_count * OutputCache.run_s), 0.0),
+            func.coalesce(func.sum(OutputCache.use_count * OutputCache.bytes), 0),
+        ).where(OutputCache.account_id == account_id)
+    ).one()
+    return {"reuses": int(uses), "run_seconds": round(float(seconds), 3), "bytes": int(nbytes)}
 
 
 def as_int(flag):
@@ -96,6 +134,7 @@ def stats(session: Session, account_id: int, last_purge: dict | None) -> dict:
             }
             for row in totals(session, account_id)
         },
+        "outputs_saved": outputs_saved(session, account_id),
         "last_purge": last_purge,
     }
 
@@ -136,6 +175,23 @@ def entries(session: Session, account_id: int, limit: int = 100) -> list[dict]:
         .limit(limit)
     ):
         found.append(_entry("input", row.digest, None, row.size, row.last_used_at, row.use_count))
+    for row in session.scalars(
+        select(OutputCache)
+        .where(OutputCache.account_id == account_id)
+        .order_by(OutputCache.last_used_at.desc())
+        .limit(limit)
+    ):
+        found.append(
+            _entry(
+                "outputs",
+                row.action_key,
+                None,
+                row.bytes,
+                row.last_used_at,
+                row.use_count,
+                execution_id=row.execution_id,
+            )
+        )
     found.sort(key=lambda e: e["last_used_at"] or "", reverse=True)
     return found[:limit]
 

@@ -56,12 +56,15 @@ class Client(Protocol):
         cpus: float | None = None,
         env: dict[str, str] | None = None,
         stdin_source: StdinSource | None = None,
+        reuse: bool | None = None,
+        refresh: bool = False,
     ) -> dict: ...
     def get(self, execution_id: str, check_store: bool = False) -> dict:
         """``check_store``: also ask the object store whether the log and outputs it was
         given are still there (``log_lost``, ``lost_outputs``)."""
         ...
 
+    def why(self, execution_id: str) -> dict: ...
     def cancel(self, execution_id: str) -> dict: ...
     def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
@@ -452,6 +455,9 @@ class RemoteClient:
     def get(self, execution_id: str, check_store: bool = False) -> dict:
         params = {"check_store": 1} if check_store else None
         return self._request("GET", f"/executions/{execution_id}", params=params, retry=True)
+
+    def why(self, execution_id: str) -> dict:
+        return self._request("GET", f"/executions/{execution_id}/why", retry=True)
 
     def cancel(self, execution_id: str) -> dict:
         return self._request("POST", f"/executions/{execution_id}/cancel", retry=True)

@@ -189,6 +189,13 @@ class Settings:
     #: Finished executions' logs and outputs are kept this long, then purged with their row.
     retention_days: int = 30
 
+    # Instant repeats (rgrid/reuse.py): answer a run whose every input is unchanged from a
+    # previous succeeded run's outputs. ``reuse_default``: on without ``--reuse``;
+    # ``action_cache_salt``: part of every action key, so changing it disowns every entry
+    # at once (REAPI's ``salt``).
+    reuse_default: bool = False
+    action_cache_salt: str = ""
+
     @classmethod
     def from_env(cls) -> Settings:
         data_dir = Path(_env("RGRID_DATA_DIR") or platformdirs.user_data_dir("rgrid"))
@@ -245,6 +252,8 @@ class Settings:
             cache_budget=_env("RGRID_CACHE_BUDGET", cls.cache_budget),
             cache_unused_days=_env_int("RGRID_CACHE_UNUSED_DAYS", cls.cache_unused_days),
             retention_days=_env_int("RGRID_RETENTION_DAYS", cls.retention_days),
+            reuse_default=_env("RGRID_REUSE_DEFAULT", "0") in ("1", "true", "yes"),
+            action_cache_salt=_env("RGRID_ACTION_CACHE_SALT") or "",
             agent=_env("RGRID_AGENT", "1") not in ("0", "false", "no"),
             agent_idle_s=_env_int("RGRID_AGENT_IDLE", cls.agent_idle_s),
             build_timeout_s=_env_int("RGRID_BUILD_TIMEOUT", cls.build_timeout_s),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rgrid import blobs, cachestats, disk, maintenance, pipeline, purge
 from rgrid import executions as svc
+from rgrid import reuse as reuse_mod
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
 from rgrid.client import save_outputs
@@ -50,11 +51,16 @@ class EmbeddedClient(EmbeddedBatches):
         args,
         env=None,
         stdin_source=None,
+        reuse=None,
+        refresh=False,
         **options,
     ) -> dict:
         resolve_runtime(runtime)
         env = check_env(env) if env else None
         get_docker()  # Fail now, with one line, rather than after writing a row.
+        settings = self.ctx.settings
+        wanted = reuse_mod.wanted(settings, reuse) and not refresh
+        image = reuse_mod.local_runtime_image(runtime) if wanted else None
         with session_scope(self.ctx.session_factory) as session:
             execution = svc.create_execution(
                 session,
@@ -73,7 +79,19 @@ class EmbeddedClient(EmbeddedBatches):
             # Owned by this process from the start: if it is killed before the script ends,
             # the next `rgrid` on this machine ends the row (recover_interrupted).
             execution.worker = self.ctx.worker_id
+            reused = reuse_mod.at_submission(
+                session,
+                self.ctx.store,
+                settings,
+                execution,
+                env=env,
+                runtime_image=image,
+                reuse=reuse,
+                refresh=refresh,
+            )
             result = svc.execution_to_dict(execution)
+        if reused:
+            return result  # answered from the output cache: no sandbox, nothing to run
         # Handed over in memory: they never reach the database or a file.
         if env:
             self.ctx.channels.put_env(result["execution_id"], env)
@@ -92,6 +110,11 @@ class EmbeddedClient(EmbeddedBatches):
             if check_store:
                 result.update(svc.lost_objects(session, execution, self.ctx.store))
             return result
+
+    def why(self, execution_id: str) -> dict:
+        with session_scope(self.ctx.session_factory) as session:
+            execution = svc.get_execution(session, self.account_id, execution_id)
+            return reuse_mod.explain(session, execution)
 
     def cancel(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import secrets
 from collections.abc import Iterator
@@ -398,6 +399,10 @@ def execution_to_dict(execution: Execution) -> dict:
         "run_s": execution.run_s,
         "duration_s": duration_s(execution),
         "outputs": execution.outputs,
+        # Instant repeats (rgrid/reuse.py): the run this one was answered from, and whether
+        # the output cache was looked up (None: not asked) and hit.
+        "reused_from": execution.reused_from,
+        "output_cache_hit": execution.output_cache_hit,
         "created_at": iso_utc(execution.created_at),
         "started_at": iso_utc(execution.started_at),
         "finished_at": iso_utc(execution.finished_at),
@@ -417,6 +422,15 @@ def _page(chunks: Iterator[LogChunk]) -> list[LogChunk]:
     return page
 
 
+def replayed_log(source_id: str, stream) -> Iterator[LogChunk]:
+    """A reused execution's log: one note saying so, then the script's own output from the
+    original's log (its notes on caches and sandboxes were about a run that this was not)."""
+    yield ("system", f"reused {source_id}: its output replayed; the script did not run\n")
+    for chunk in iter_log(stream):
+        if chunk[0] in ("stdout", "stderr"):
+            yield chunk
+
+
 def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset: int = 0) -> dict:
     """One page of log chunks from ``offset`` on. ``complete`` is true once the final log is
     stored and this page reaches its end, so a follower knows it has seen everything."""
@@ -425,9 +439,15 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
     chunks: list[LogChunk]
     if finished:
         try:
-            stream = store.open_stream(cache_keys.log_object_key(execution.id))
+            # A reused execution replays the log of the run it was answered from.
+            source = execution.reused_from or execution.id
+            stream = store.open_stream(cache_keys.log_object_key(source))
             with contextlib.closing(stream):
-                stored = iter_log(stream, skip=offset)
+                stored = (
+                    itertools.islice(replayed_log(execution.reused_from, stream), offset, None)
+                    if execution.reused_from
+                    else iter_log(stream, skip=offset)
+                )
                 chunks = _page(stored)
                 more = next(stored, None) is not None
         except NotFound:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The cache types of DESIGN.md's cache contract, as the ``cache`` label.
-CACHE_TYPES = ("script", "dependency", "input")
+CACHE_TYPES = ("script", "dependency", "input", "outputs")
 
 #: Seconds, from a warm run (~0.3 s) to a long job.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
@@ -129,6 +129,14 @@ def _defined() -> dict[str, object]:
     BYTES_SAVED = Counter(
         "rgrid_input_bytes_saved_total",
         "Input bytes clients did not upload because the account had them stored (input hits).",
+    )
+    OUTPUTS_BYTES_SAVED = Counter(
+        "rgrid_outputs_bytes_saved_total",
+        "Output bytes handed to reused executions without running their script again.",
+    )
+    OUTPUTS_SECONDS_SAVED = Counter(
+        "rgrid_outputs_run_seconds_saved_total",
+        "Script run time reused executions did not spend (the original run's time).",
     )
     PURGED = Counter("rgrid_purged_total", "Entries removed by the purge, by kind.", ["kind"])
     PURGED_BYTES = Counter(
@@ -224,6 +232,17 @@ def execution_finished(execution: Execution) -> None:
                 histogram.labels(status).observe(value)
     except Exception:  # noqa: BLE001 - see the docstring
         log.warning("could not count execution %s", execution.id, exc_info=True)
+
+
+def output_lookup(hit: bool, run_s: float = 0.0, saved_bytes: int = 0) -> None:
+    """One output-cache lookup (rgrid/reuse.py); a hit with what it saved."""
+    try:
+        _count("outputs", hit)
+        if hit:
+            _metric("OUTPUTS_SECONDS_SAVED").inc(max(0.0, run_s))
+            _metric("OUTPUTS_BYTES_SAVED").inc(max(0, saved_bytes))
+    except Exception:  # noqa: BLE001 - a metric must not fail a run
+        log.warning("could not count an output-cache lookup", exc_info=True)
 
 
 def count_removed(counter, bytes_counter, kind: str, n: int, size: int) -> None:

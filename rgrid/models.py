@@ -148,6 +148,38 @@ class Execution(Base):
     batch_item: Mapped[str | None] = mapped_column(String(1024))
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     superseded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Instant repeats (rgrid/reuse.py): the action key's parts (digests and names, never an
+    # --env value) and the key, what `rgrid why` compares; the succeeded run this one was
+    # answered from, without running; whether the output cache was looked up and hit (None:
+    # not looked up).
+    action_parts: Mapped[dict | None] = mapped_column(JSON)
+    action_key: Mapped[str | None] = mapped_column(String(64))
+    reused_from: Mapped[str | None] = mapped_column(String(32), index=True)
+    output_cache_hit: Mapped[bool | None] = mapped_column(Boolean)
+
+
+class OutputCache(Base):
+    """A succeeded run's result by its action key (``cache_keys.action_key``): the execution
+    whose log is replayed and the outputs (blobs of the account, referenced, not copied)
+    handed to a later run with the same key."""
+
+    __tablename__ = "output_cache"
+    __table_args__ = (UniqueConstraint("account_id", "action_key", name="uq_output_cache_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    action_key: Mapped[str] = mapped_column(String(64))
+    execution_id: Mapped[str] = mapped_column(String(32))
+    outputs: Mapped[list] = mapped_column(JSON, default=list)
+    exit_code: Mapped[int] = mapped_column(Integer, default=0)
+    #: What one reuse saves: the original's run time and its outputs' bytes.
+    run_s: Mapped[float] = mapped_column(Float, default=0.0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    use_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Batch(Base):

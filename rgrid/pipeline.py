@@ -47,6 +47,7 @@ from rgrid import (
     indexes,
     metrics,
     pool,
+    reuse,
     sandbox,
     slots,
 )
@@ -929,6 +930,11 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
         execution.host = ctx.settings.host_name
         execution.heartbeat_at = utcnow()
     ctx.warm(execution.environment)
+    if ctx.hosts is not None:
+        with contextlib.suppress(Exception):  # only a hint for the API's action keys
+            reuse.note_runtime_image(
+                ctx.hosts.client, ctx.settings.queue, execution.runtime, runtime_image[:80]
+            )
     ctx.logs.keep(execution_id)
     attached = _reattach(ctx, execution, after) if retried else None
     if attached is not None:
@@ -1227,6 +1233,10 @@ def _publish(ctx: PipelineContext, execution_id: str) -> Execution | None:
                 blob = blobs.find_blob(session, execution.account_id, item["sha256"])
                 if blob is not None:
                     blobs.touch(blob)
+            with cache_tables(ctx, execution_id, session):
+                # The action key from what the run got; a succeeded run's outputs by it.
+                reuse.record(session, ctx.settings, execution)
+                session.flush()
         set_status(execution, Status(execution.outcome or Status.ERROR))
         execution.finished_at = utcnow()
         execution.log_stored = True

@@ -11,12 +11,20 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from rgrid import metrics
+from rgrid import metrics, reuse
 from rgrid.cache_keys import log_object_key
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.errors import BadInput
-from rgrid.models import Blob, DependencyCache, Execution, ScriptCache, Upload, utcnow
+from rgrid.models import (
+    Blob,
+    DependencyCache,
+    Execution,
+    OutputCache,
+    ScriptCache,
+    Upload,
+    utcnow,
+)
 from rgrid.objectstore import ObjectStore
 from rgrid.statuses import TERMINAL_STATUSES
 
@@ -153,12 +161,18 @@ def purge_old_executions(
 ) -> int:
     """Finished executions older than the retention: their stored log and their row (their
     outputs are blobs, purged when unused). Returns how many."""
+    # A run whose log a live output-cache entry or a kept reused execution replays stays
+    # until they are gone (the reused ones are newer, so go first).
+    replayed = select(OutputCache.execution_id).union(
+        select(Execution.reused_from).where(Execution.reused_from.is_not(None))
+    )
     old = list(
         session.scalars(
             select(Execution)
             .where(
                 Execution.status.in_(TERMINAL_STATUSES),
                 Execution.finished_at < utcnow() - retention,
+                Execution.id.not_in(replayed),
             )
             .limit(limit)
         )
@@ -180,6 +194,10 @@ def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dic
     with session_scope(session_factory) as session:
         result["dependency_cache"] = purge_dependency_cache(session, None, unused)
     with session_scope(session_factory) as session:
+        result["output_cache"] = reuse.drop_entries(session, None, _cutoff(unused))
+    with session_scope(session_factory) as session:
+        # A live output-cache entry's blobs were touched when it was last used, so they are
+        # no older than it: none of them is stale while it is live.
         result["blobs"], result["blob_bytes"] = purge_blob_rows(store, session, unused)
     with session_scope(session_factory) as session:
         result["uploads"], result["upload_bytes"] = purge_abandoned_uploads(
@@ -192,6 +210,7 @@ def purge_shared(settings: Settings, session_factory, store: ObjectStore) -> dic
     for kind, size_key in (
         ("script_cache", None),
         ("dependency_cache", None),
+        ("output_cache", None),
         ("blobs", "blob_bytes"),
         ("uploads", "upload_bytes"),
         ("executions", None),
@@ -217,6 +236,7 @@ def purge_account(
         "dependency_cache": purge_dependency_cache(
             session, environments_dir, older_than, account_id
         ),
+        "output_cache": reuse.drop_entries(session, account_id, _cutoff(older_than)),
     }
     needed = {
         item["sha256"]

@@ -3,7 +3,7 @@ store can be told apart from one that was never written (a batch execution cance
 it was queued, an execution the sweep ended): the first is lost and `rgrid logs` says so.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-03
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, g, jsonify, request
 
 from rgrid import executions as svc
-from rgrid import metrics
+from rgrid import metrics, reuse
 from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
 from rgrid.api.schemas import (
@@ -54,6 +54,22 @@ def create_execution(body: SubmitRequest):
             env_names=list(env) if env else None,
         )
         execution_id = execution.id
+        reused = reuse.at_submission(
+            session,
+            ctx.store,
+            ctx.settings,
+            execution,
+            env=env,
+            runtime_image=_grid_image(ctx, execution.runtime),
+            reuse=body.reuse,
+            refresh=body.refresh,
+        )
+    metrics.SUBMITTED.inc()
+    if reused:
+        # Answered from the output cache: no worker, no sandbox, nothing queued.
+        with session_scope(ctx.session_factory) as session:
+            execution = svc.get_execution(session, g.account_id, execution_id)
+            return jsonify(svc.execution_to_dict(execution)), 201
     if env:
         # Encrypted, in Redis, until the execution ends: never in the database.
         ctx.channels.put_env(execution_id, env)
@@ -66,10 +82,27 @@ def create_execution(body: SubmitRequest):
             execution.status = "error"
             execution.error = "could not queue the execution: broker unavailable"
         raise ServiceUnavailable(f"could not queue the execution: {exc}") from exc
-    metrics.SUBMITTED.inc()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
         return jsonify(svc.execution_to_dict(execution)), 201
+
+
+def _grid_image(ctx, runtime: str) -> str | None:
+    """The runtime image the workers last ran; Redis away: unknown, so a miss that runs."""
+    try:
+        return reuse.grid_runtime_image(ctx.redis, ctx.settings.queue, runtime)
+    except Exception:  # noqa: BLE001 - only a lookup: the run goes on as a miss
+        return None
+
+
+@bp.get("/executions/<execution_id>/why")
+@validated()
+def why(execution_id: str):
+    """Why the execution ran (or was reused): its action key compared, part by part, with
+    the nearest earlier run of the same script name."""
+    with session_scope(_ctx().session_factory) as session:
+        execution = svc.get_execution(session, g.account_id, execution_id)
+        return jsonify(reuse.explain(session, execution))
 
 
 @bp.get("/executions")

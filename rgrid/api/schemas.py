@@ -122,6 +122,10 @@ class SubmitRequest(_ScriptRequest):
     bytes_uploaded: Count = 0
     stdin: bool = False
     env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_VARS)
+    #: Answer from a previous succeeded run with the same action key (None: the server's
+    #: default, RGRID_REUSE_DEFAULT); ``refresh``: run anyway and replace that entry.
+    reuse: bool | None = None
+    refresh: bool = False
 
 
 class BatchRequest(_ScriptRequest):

@@ -49,6 +49,7 @@ COMMAND_MODULES = {
     "batch": "batch",
     "cache": "cache",
     "runtime": "runtime",
+    "why": "why",
     **{name: "executions" for name in ("run", "cancel", "status", "logs", "outputs", "list")},
 }
 

@@ -27,7 +27,7 @@ def parse_age(text: str) -> int:
 
 @cli.group()
 def cache() -> None:
-    """Inspect and clean your caches (scripts, dependency sets, input files)."""
+    """Inspect and clean your caches (scripts, dependency sets, input files, outputs)."""
 
 
 def _rate(rate: dict) -> str:
@@ -49,7 +49,7 @@ def stats(json_mode: bool) -> None:
         print_json(data)
         return
     windows = list(data["hit_rates"])
-    types = ("script", "dependency", "input")
+    types = ("script", "dependency", "input", "outputs")
     for line in table_lines(
         ("HIT RATE", *windows),
         ((t, *(_rate(data["hit_rates"][w][t]) for w in windows)) for t in types),
@@ -62,7 +62,7 @@ def stats(json_mode: bool) -> None:
             (
                 t,
                 str(data["caches"][t]["entries"]),
-                human_bytes(data["caches"][t]["bytes"]) if t == "input" else "-",
+                human_bytes(data["caches"][t]["bytes"]) if t in ("input", "outputs") else "-",
                 _when(data["caches"][t]["oldest_used_at"]),
             )
             for t in types
@@ -77,6 +77,12 @@ def stats(json_mode: bool) -> None:
             f"this machine: {env['entries']} environment(s) {human_bytes(env['bytes'])}, "
             f"{blob['entries']} cached file(s) {human_bytes(blob['bytes'])}, "
             f"budget {human_bytes(data['budget_bytes'])}"
+        )
+    saved = data.get("outputs_saved")
+    if saved:
+        click.echo(
+            f"reused runs: {saved['reuses']}, saving {saved['run_seconds']:.1f}s of run time"
+            f" and {human_bytes(saved['bytes'])} of outputs"
         )
     purge = data.get("last_purge")
     click.echo(f"last purge: {_when(purge['finished_at']) + ' UTC' if purge else 'never'}")
@@ -129,6 +135,7 @@ def purge(older_than: str | None, everything: bool, json_mode: bool) -> None:
         f"{removed.get('script_cache', 0)} script",
         f"{removed.get('dependency_cache', 0)} dependency",
         f"{removed.get('blobs', 0)} input file ({human_bytes(removed.get('blob_bytes', 0))})",
+        f"{removed.get('output_cache', 0)} reusable run",
     ]
     if "environments" in removed:
         parts.append(
@@ -136,3 +143,13 @@ def purge(older_than: str | None, everything: bool, json_mode: bool) -> None:
             f"({human_bytes(removed['environment_bytes'])})"
         )
     click.echo("removed " + ", ".join(parts) + " entries")
+
+
+@cache.command(name="why")
+@click.argument("execution_id")
+@click.option("--json", "json_mode", is_flag=True)
+def cache_why(execution_id: str, json_mode: bool) -> None:
+    """Why EXECUTION_ID ran again (or was reused): the same as `rgrid why`."""
+    from rgrid.cli.why import show_why
+
+    show_why(execution_id, json_mode)

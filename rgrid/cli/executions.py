@@ -276,6 +276,13 @@ Exit status (as with docker run):
     type=click.IntRange(min=1),
     help="With --batch: at most this many executions at once.  [default: what the grid takes]",
 )
+@click.option(
+    "--reuse/--no-reuse",
+    default=None,
+    help="Answer from a previous succeeded run whose every input is unchanged, without"
+    " running the script (`rgrid why ID` says why one ran).  [default: RGRID_REUSE_DEFAULT]",
+)
+@click.option("--refresh", is_flag=True, help="Run even if it could be reused, and keep this run.")
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object on stdout at the end.")
 @click.option(
     "--with-module",
@@ -311,6 +318,8 @@ def run(
     batch_patterns: tuple[str, ...],
     batch_file: Path | None,
     parallel: int | None,
+    reuse: bool | None,
+    refresh: bool,
     json_mode: bool,
     with_modules: tuple[str, ...],
     verbose: bool,
@@ -364,6 +373,8 @@ def run(
     if batch_patterns or batch_file is not None:
         if env:
             raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
+        if reuse or refresh:
+            raise BadInput("--reuse and --refresh cannot be given with --batch yet")
         from rgrid.cli.batch import run_batch
 
         raise SystemExit(
@@ -425,6 +436,8 @@ def run(
         cpus=cpus,
         env=env or None,
         stdin_source=stdin_source,
+        reuse=reuse,
+        refresh=refresh or None,
     )
     execution_id = submitted["execution_id"]
     if detach:

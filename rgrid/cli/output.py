@@ -190,6 +190,10 @@ def summary_line(execution: dict, outputs_dir: str | None, shown: Iterable[str] 
         parts[-1] += f" ({execution.get('files_uploaded') or 0} of {total} files)"
     if execution.get("sources"):
         parts.insert(-1, f"sources {len(execution['sources']) + 1} files")
+    if execution.get("reused_from"):
+        # Answered from the output cache: nothing was built, uploaded for it or run.
+        reused = execution["reused_from"][:8]
+        parts[2:] = [f"reused {reused}…", f"{execution.get('run_s') or 0:.1f}s run"]
     if outputs_dir:
         parts.append(f"outputs {outputs_dir}")
     if execution.get("log_incomplete"):

@@ -19,7 +19,15 @@ from rgrid import cache_keys, disk, environments, queueing
 from rgrid.context import redis_client, server_context
 from rgrid.db import session_scope
 from rgrid.executions import create_execution, execution_to_dict
-from rgrid.models import Blob, DependencyCache, Execution, ScriptCache, Upload, utcnow
+from rgrid.models import (
+    Blob,
+    DependencyCache,
+    Execution,
+    OutputCache,
+    ScriptCache,
+    Upload,
+    utcnow,
+)
 from rgrid.pipeline import run_all
 from scripts.stack import Stack, StackConfig
 from tests.conftest import retire_sandboxes
@@ -130,7 +138,7 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
 
     # Everything of the first run, and the blob, went unused for 40 days.
     with session_scope(host.session_factory) as session:
-        for model in (ScriptCache, DependencyCache, Blob):
+        for model in (ScriptCache, DependencyCache, Blob, OutputCache):
             session.execute(
                 update(model)
                 .where(model.account_id == account.id, model.last_used_at < utcnow())
@@ -163,6 +171,7 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
     assert shared["blobs"] >= 1 and shared["blob_bytes"] >= 1000
     assert shared["uploads"] >= 1 and shared["upload_bytes"] >= 123
     assert shared["executions"] >= 1
+    assert shared["output_cache"] >= 1  # the old run's, whose log it would have replayed
     (reply,) = result["hosts"].values()  # one worker host, which purged its own disk
     local = reply["ok"]
     assert local["environments"] == 1

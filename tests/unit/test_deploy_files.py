@@ -116,8 +116,8 @@ def test_the_env_template_shows_each_default_as_config_py_has_it():
         field = field_of(name)
         default = defaults.get(field) if field else None
         if value == "":
-            # Unset means derived (a folder under the data dir, the hostname) or none.
-            assert default in (None, ()) or field in (None, "host_name"), (name, default)
+            # Unset means derived (a folder under the data dir, the hostname), none or empty.
+            assert default in (None, (), "") or field in (None, "host_name"), (name, default)
         elif isinstance(default, bool):
             assert value == ("1" if default else "0"), (name, value, default)
         elif isinstance(default, (int, float)):
