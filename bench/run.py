@@ -161,7 +161,7 @@ with open("outputs/result.txt", "w") as fh:
 PAD_PACKAGE = "rgrid-bench-pad"
 
 #: The benchmark's sections, in the order they run (``--only`` picks some).
-SECTIONS = ("warm", "stdin", "edit", "new-set", "pep723")
+SECTIONS = ("warm", "stdin", "reuse", "edit", "new-set", "pep723")
 
 
 class BenchError(RuntimeError):
@@ -704,6 +704,8 @@ def cli_run(
     deps_hit: bool | None = None,
     with_deps: bool = False,
     stdin_data: str | None = None,
+    reuse: bool = False,
+    reused: bool | None = None,
 ) -> Sample:
     """One ``rgrid run --json``: wall time of the whole process and the JSON it printed.
 
@@ -713,10 +715,13 @@ def cli_run(
     After a run that installed a set, untimed: the environment folder is recorded for cleanup,
     RGrid's background bytecode compile is waited for (so it lands on no other row), and uv's
     own timings are read from the execution's stored log. ``stdin_data``: piped to the
-    CLI (else its stdin is /dev/null)."""
+    CLI (else its stdin is /dev/null). ``reuse``: run with ``--reuse``; ``reused``: expect the
+    run to be answered from the output cache (True) or to run (False)."""
     cmd = [str(RGRID), "run", str(script), "--json"]
     if requirements is not None:
         cmd += ["-r", str(requirements)]
+    if reuse:
+        cmd.append("--reuse")
     elapsed, proc = timed(
         cmd, env=mode.env, cwd=env.root / "cwd", check=False, stdin_data=stdin_data
     )
@@ -736,6 +741,10 @@ def cli_run(
         )
     if report.get("status") != "succeeded" or not report.get("outputs_dir"):
         raise BenchError(f"rgrid run did not succeed with an output: {report}")
+    if reused is not None and bool(report.get("reused_from")) != reused:
+        raise BenchError(f"expected the run {'reused' if reused else 'to run'}: {report}")
+    if reused:
+        return elapsed, report
     if script_hit is not None and bool(report.get("script_cache_hit")) != script_hit:
         raise BenchError(f"expected a script cache {'hit' if script_hit else 'miss'}: {report}")
     has_deps = cache_keys.has_dependencies(report.get("dependency_hash"))
@@ -1036,6 +1045,8 @@ TARGETS = {
     "warm-stack": "≤ 1.0×",
     "warm-embedded": "≤ 1.2×",
     "stdin-embedded": "≤ 1.2×",
+    "reuse-stack": "≤ 0.5×",
+    "reuse-embedded": "≤ 0.5×",
     "edit-stack": "≤ 1.1×",
     "new-set-stack": "≤ 0.1×",
     "install-stack": "≤ 1.5×",
@@ -1108,6 +1119,32 @@ def stdin_rows(env: Env) -> list[tuple[Row, Measure]]:
             lambda: cli_run(env, embedded, env.stdin_script["embedded"], script_hit=True),
         )
     )
+    return rows
+
+
+def reuse_rows(env: Env) -> list[tuple[Row, Measure]]:
+    """Section 1c: a repeat of an identical succeeded run with ``--reuse``, answered from the
+    output cache (no sandbox, no script run), next to a bare ``docker run`` of the script.
+    Untimed first, each mode's warm script once with ``--reuse``: every succeeded run records
+    its entry, so this one is answered from the warm-up's run, or runs and records it."""
+    for mode in env.modes:
+        script = env.warm_script[mode.name]
+        measure_with_retries(env.warmup, lambda m=mode, s=script: cli_run(env, m, s, reuse=True))
+    floor_script = env.warm_script["stack"]
+    rows: list[tuple[Row, Measure]] = [
+        (
+            Row(FLOOR, "floor: `docker run --rm --network none`, script bind-mounted", FLOOR),
+            lambda: bare_run(floor_script),
+        ),
+    ]
+    for mode in env.modes:
+        script = env.warm_script[mode.name]
+        rows.append(
+            (
+                rgrid_row(f"reuse-{mode.name}", f"`rgrid run --reuse`, {mode.label}", FLOOR),
+                lambda m=mode, s=script: cli_run(env, m, s, reuse=True, reused=True),
+            )
+        )
     return rows
 
 
@@ -1452,6 +1489,12 @@ def main(argv: list[str] | None = None) -> int:
                 run_rounds(piped, args.repeat, "piped stdin")
                 sections.append(
                     ("1b. Warm run with 64 KiB piped to stdin (all caches hit)", rows_of(piped))
+                )
+            if "reuse" in only:
+                reuse = reuse_rows(env)
+                run_rounds(reuse, args.repeat, "reused repeat")
+                sections.append(
+                    ("1c. Identical repeat answered from its outputs (`--reuse`)", rows_of(reuse))
                 )
             if only & {"edit", "new-set"}:
                 print("warming up with dependencies…", file=sys.stderr)
