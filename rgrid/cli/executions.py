@@ -368,8 +368,6 @@ def run(
     else:
         found = project_dependencies(script, text, tree.root, extras)
         requirements, dependency_source = found.requirements, found.source
-    if dependency_source and not json_mode:
-        note(f"dependencies: from {dependency_source}")
     if batch_patterns or batch_file is not None:
         if env:
             raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
@@ -445,6 +443,9 @@ def run(
         return
     if not json_mode:
         note(f"execution {execution_id}")
+        # Said once the submission is accepted: a refused one gets its one line alone.
+        if dependency_source:
+            note(f"dependencies: from {dependency_source}")
     printer = LogPrinter(json_mode, verbose)
     try:
         with stop_signals():
