@@ -121,3 +121,48 @@ def test_two_slow_builds_of_one_account_do_not_keep_anothers_run_queued(
                     .where(Execution.id.in_(builds))
                     .values(status="error", error="test over")
                 )
+
+
+def _set_status(ctx, execution_id: str, status: str) -> None:
+    with session_scope(ctx.session_factory) as session:
+        session.get(Execution, execution_id).status = status
+
+
+def _may_run(ctx, execution_id: str, slots: int) -> bool:
+    from rgrid.slots import AccountBusy, take_slot
+    from rgrid.statuses import Status
+
+    with session_scope(ctx.session_factory) as session:
+        try:
+            take_slot(session, session.get(Execution, execution_id), Status.RUNNING, slots)
+        except AccountBusy:
+            return False
+    return True
+
+
+def test_an_account_alone_uses_every_run_slot_and_shares_them_once_another_waits(
+    ctx, submit, account
+):
+    with session_scope(ctx.session_factory) as session:
+        other = Account(name=f"acct-{secrets.token_hex(4)}")
+        session.add(other)
+        session.flush()
+        other_id = other.id
+    # Only this test's rows count among those sharing: the session's others are finished.
+    with session_scope(ctx.session_factory) as session:
+        session.execute(
+            update(Execution)
+            .where(Execution.status.in_(["queued", "building", "running"]))
+            .values(status="error")
+        )
+    first, second, third = (submit(f"print({n})\n") for n in range(3))
+    _set_status(ctx, first, "running")
+    assert _may_run(ctx, second, slots=2)  # alone: both slots
+    theirs = submit("print('B')\n", account_id=other_id)  # B waits: A's share is now 1
+    assert not _may_run(ctx, second, slots=2)
+    assert _may_run(ctx, theirs, slots=2)
+    assert _may_run(ctx, second, slots=4)  # four slots for two accounts: two each
+    _set_status(ctx, second, "running")
+    assert not _may_run(ctx, third, slots=4)
+    for execution_id in (first, second, third, theirs):
+        _set_status(ctx, execution_id, "error")
