@@ -427,7 +427,8 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
         lock = cache_keys.build_lock_name(key)
         if known is not None and not execution.refresh_deps:
             lock = cache_keys.host_build_lock_name(key, ctx.settings.host_name)
-    with ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s):
+    with ExitStack() as held:
+        held.enter_context(ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s))
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             row = None
@@ -444,9 +445,16 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 ctx.note(execution_id, "installed by a concurrent run: dependency cache hit")
                 ctx.warm(row.environment)
                 return True
+            resolved_meanwhile = known is None and row is not None and not execution.refresh_deps
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
             refresh = execution.refresh_deps
+        if resolved_meanwhile:
+            # Another host resolved the set while we waited for the grid-wide lock: install
+            # its pins under this host's lock instead, which this host's other builders of
+            # the set take (with a build pool per host, several wait at once).
+            held.close()
+            return _provide_environment(ctx, execution_id)
         if not ctx.embedded:
             try:  # checked at submission too; the operator's list may have changed since
                 dependencies.check_sources(ctx.settings, requirements)
