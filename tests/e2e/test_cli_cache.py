@@ -41,7 +41,8 @@ def test_stats_ls_and_purge_show_and_clean_the_account_cache(cli_env, tmp_path):
     assert "50% (1/2)" in human.stdout and "last purge:" in human.stdout
 
     listed, _ = run_json("cache", "ls", env=env, cwd=tmp_path)
-    assert sorted(e["cache"] for e in listed) == ["input", "script"]
+    # Every succeeded run records its action key (the output cache), --reuse or not.
+    assert sorted(e["cache"] for e in listed) == ["input", "outputs", "script"]
     assert "input" in run_cli("cache", "ls", env=env, cwd=tmp_path).stdout
 
     kept, _ = run_json("cache", "purge", "--older-than", "7d", env=env, cwd=tmp_path)
@@ -53,6 +54,7 @@ def test_stats_ls_and_purge_show_and_clean_the_account_cache(cli_env, tmp_path):
     after, _ = run_json("cache", "stats", env=env, cwd=tmp_path)
     assert after["caches"]["script"]["entries"] == 0
     assert after["caches"]["input"]["entries"] == 0
+    assert after["caches"]["outputs"]["entries"] == 0
     # A purged entry is a miss next time: the script and its input are sent again.
     again, result = run_json("run", "job.py", "data.csv", env=env, cwd=tmp_path)
     assert again["status"] == "succeeded", result.stderr
