@@ -1,4 +1,4 @@
-"""Every cache key and every name derived from one, in one place (DESIGN.md, "Cache keys").
+"""Every cache key and every name derived from one, in one place (docs/design.md, "Cache keys").
 
 Keys include the account so that no account can learn whether another ran a script, and the
 script cache's key (its table's unique columns: account, runtime, dependency hash, script hash)

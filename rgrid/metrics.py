@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The cache types of DESIGN.md's cache contract, as the ``cache`` label.
+#: The cache types of the cache contract (docs/design.md), as the ``cache`` label.
 CACHE_TYPES = ("script", "dependency", "input", "outputs")
 
 #: Seconds, from a warm run (~0.3 s) to a long job.

@@ -212,7 +212,7 @@ class Batch(Base):
 
 
 class ScriptCache(Base):
-    """A script seen before, keyed as DESIGN.md's cache contract says; its value is the
+    """A script seen before, keyed as the cache contract (docs/design.md) says; its value is the
     environment it ran in. The script itself is stored content-addressed beside it."""
 
     __tablename__ = "script_cache"

@@ -1,7 +1,7 @@
 """Requirements: reading them (a requirements file or PEP 723 inline script metadata) and
 normalising them into the text whose hash is the dependency cache key.
 
-Normalisation (DESIGN.md): comments, blank lines and surrounding whitespace dropped, names
+Normalisation (docs/design.md): comments, blank lines and surrounding whitespace dropped, names
 normalised as PEP 503 says, lines sorted. So the same set in another order or case is the same
 key, and a changed pin is another. Option lines that change where packages come from
 (``--index-url`` and friends) are part of the key; options that would reach outside what a

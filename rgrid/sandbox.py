@@ -1,11 +1,12 @@
 """The sandbox a script runs in: a pre-started container, claimed once, then gone.
 
 A sandbox is started before any execution needs it (see ``rgrid/pool.py``) with every limit
-DESIGN.md asks for: no network, a non-root user, a read-only root, writable ``/work``, ``/tmp``
-and home, memory/CPU/PID limits, no capabilities, no new privileges. Its PID 1 is a small
-supervisor (``SUPERVISOR``) that waits on stdin for one job. An execution claims it, writes the
-script and inputs into its work folder, sends the job line over an attach socket and reads the
-output back on the same socket; the supervisor runs the script once, enforces the deadline
+the design (docs/design.md) asks for: no network, a non-root user, a read-only root, writable
+``/work``, ``/tmp`` and home, memory/CPU/PID limits, no capabilities, no new privileges. Its
+PID 1 is a small supervisor (``SUPERVISOR``) that waits on stdin for one job. An execution
+claims it, writes the script and inputs into its work folder, sends the job line over an
+attach socket and reads the output back on the same socket; the supervisor runs the script
+once, enforces the deadline
 itself (so it holds when the runner or the whole worker dies), kills whatever the script left
 behind, writes the exit status and exits. ``auto_remove`` then deletes the container: nobody
 has to remember to. An unclaimed sandbox exits after its idle timeout the same way.
