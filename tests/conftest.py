@@ -92,6 +92,25 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
     )
 
 
+def stored_log(ctx, execution_id: str, stream: str | None = None) -> str:
+    """The text of an execution's stored log: one stream's, or every stream's in order. Chunk
+    boundaries are the writes the sandbox happened to see, so tests compare the text."""
+    from rgrid import cache_keys
+    from rgrid.logbuffer import decode_log
+
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    return "".join(text for s, text in chunks if stream is None or s == stream)
+
+
+def stored_phases(ctx, execution_id: str) -> list[str]:
+    """The phase lines (install steps with their elapsed times) of an execution's stored log."""
+    from rgrid import cache_keys
+    from rgrid.logbuffer import decode_log
+
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    return [text for s, text in chunks if s == "phase"]
+
+
 def retire_sandboxes(root: Path) -> int:
     """End the embedded agents and warm sandboxes of one test session (or one embedded user):
     left alone, they would idle on for ``agent_idle_s`` / ``pool_idle_s`` after their folders

@@ -77,6 +77,20 @@ def run_cli(
     )
 
 
+def start_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """The CLI as a running process, as a user leaves it running in a terminal to stop or kill
+    it later: stdin /dev/null, its output piped back as text."""
+    return subprocess.Popen(
+        [RGRID, *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_json(
     *args: str, env: dict[str, str], cwd: Path
 ) -> tuple[dict, subprocess.CompletedProcess]:

@@ -18,7 +18,7 @@ import pytest
 from rgrid.agent_client import agent_sockets
 from rgrid.config import Settings
 from tests.conftest import TICKER
-from tests.e2e.conftest import RGRID, run_cli, run_json
+from tests.e2e.conftest import RGRID, run_cli, run_json, start_cli
 
 
 def _agents(env: dict[str, str], cwd: Path) -> list[dict]:
@@ -182,15 +182,7 @@ def test_interactive_input_from_a_terminal_goes_through_the_agent(embedded_env, 
 
 def test_agent_stop_cancels_what_it_runs(embedded_env, tmp_path):
     (tmp_path / "ticker.py").write_text(TICKER)
-    process = subprocess.Popen(
-        [RGRID, "run", "ticker.py"],
-        env=embedded_env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("run", "ticker.py", env=embedded_env, cwd=tmp_path)
     assert process.stdout is not None
     assert process.stdout.readline().startswith("tick")
     stop = run_cli("agent", "stop", env=embedded_env, cwd=tmp_path)

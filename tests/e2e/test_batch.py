@@ -17,7 +17,7 @@ import sqlalchemy
 from rgrid.docker_engine import MANAGED_LABEL
 from rgrid.sandbox import RUN_NAME_PREFIX
 from rgrid.statuses import TERMINAL_STATUSES
-from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli
+from tests.e2e.conftest import assert_one_line_error, run_cli, start_cli
 from tests.wheels import make_wheel
 
 SCRIPT = """\
@@ -147,14 +147,16 @@ def test_cancel_mid_batch_leaves_every_row_terminal_and_no_container(stack_env, 
     (tmp_path / "list.txt").write_text(
         "\n".join(f"item{number}.txt" for number in range(12)) + "\n"
     )
-    process = subprocess.Popen(
-        [RGRID, "run", "slow.py", "--batch-file", "list.txt", "--parallel", "3", "--json"],
+    process = start_cli(
+        "run",
+        "slow.py",
+        "--batch-file",
+        "list.txt",
+        "--parallel",
+        "3",
+        "--json",
         env=stack_env,
         cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -216,14 +218,16 @@ def test_a_worker_killed_mid_batch_still_ends_every_execution(stack_env, tmp_pat
     (tmp_path / "nap.py").write_text("import time\ntime.sleep(3)\nprint('ok')\n")
     for number in range(8):
         (tmp_path / f"n{number}.txt").write_text(str(number))
-    process = subprocess.Popen(
-        [RGRID, "run", "nap.py", "--batch", "n*.txt", "--parallel", "2", "--json"],
+    process = start_cli(
+        "run",
+        "nap.py",
+        "--batch",
+        "n*.txt",
+        "--parallel",
+        "2",
+        "--json",
         env=stack_env,
         cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         deadline = time.monotonic() + 120

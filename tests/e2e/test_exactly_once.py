@@ -21,7 +21,7 @@ import docker
 from sqlalchemy import create_engine, text
 
 from rgrid.sandbox import RUN_NAME_PREFIX
-from tests.e2e.conftest import RGRID, run_cli, run_json
+from tests.e2e.conftest import run_cli, run_json, start_cli
 
 TICKS = 40
 #: Prints one line when it starts (a second start would print a second one), then a tick
@@ -95,15 +95,7 @@ def _status(env: dict[str, str], cwd: Path, execution_id: str) -> dict:
 def test_a_killed_pool_process_runs_the_script_once(stack_env, tmp_path):
     (tmp_path / "once_child.py").write_text(ONCE)
     # Followed by the CLI, as a user runs it: what it prints is what the user sees.
-    cli = subprocess.Popen(
-        [RGRID, "run", "once_child.py"],
-        env=stack_env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cli = start_cli("run", "once_child.py", env=stack_env, cwd=tmp_path)
     try:
         execution_id = _newest_running(stack_env, "once_child.py")
         _wait_for_line(stack_env, tmp_path, execution_id, "tick 3")

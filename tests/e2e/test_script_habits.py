@@ -15,7 +15,7 @@ import boto3
 import pytest
 import redis
 
-from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json
+from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json, start_cli
 
 SECRET = "rgrid-e2e-" + "s3cr3t-" * 3
 
@@ -156,15 +156,7 @@ def test_logs_follow_a_running_execution_from_another_terminal(user_env, tmp_pat
     (tmp_path / "tick.py").write_text(
         "import time\nfor i in range(15):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n"
     )
-    running = subprocess.Popen(
-        [RGRID, "run", "tick.py"],
-        env=user_env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    running = start_cli("run", "tick.py", env=user_env, cwd=tmp_path)
     try:
         assert running.stdout.readline() == "tick 0\n"
         snapshot = run_cli("logs", "last", "--no-follow", env=user_env, cwd=tmp_path)

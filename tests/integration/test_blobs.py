@@ -20,6 +20,7 @@ from rgrid.db import session_scope
 from rgrid.errors import BadInput
 from rgrid.inputs import InputFile, hash_files
 from rgrid.models import Account, Blob, Upload
+from tests.conftest import stored_log
 
 #: S3's smallest part: files above it go up in parts.
 PART = 5 * 1024 * 1024
@@ -186,19 +187,11 @@ def _run_with_inputs(ctx, account, run_script, upload, files: dict[str, bytes]) 
     return run_script(READER, inputs=manifest, args=list(files))
 
 
-def _stdout(ctx, execution_id):
-    from rgrid import cache_keys
-    from rgrid.logbuffer import decode_log
-
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(t for s, t in chunks if s == "stdout")
-
-
 def test_inputs_are_placed_under_work_with_their_names(ctx, account, run_script, upload):
     files = {"data/a.csv": b"alpha\n", "data/deep/b.csv": b"beta\n", "top.txt": b"top\n"}
     result = _run_with_inputs(ctx, account, run_script, upload, files)
     assert result["status"] == "succeeded", result["error"]
-    assert _stdout(ctx, result["execution_id"]) == (
+    assert stored_log(ctx, result["execution_id"], "stdout") == (
         "data/a.csv alpha\ndata/deep/b.csv beta\ntop.txt top\n"
     )
     assert result["outputs"][0]["path"] == "nested/count.txt"
@@ -242,7 +235,7 @@ def test_large_input_is_streamed_into_the_container(ctx, account, run_script, tm
     data = os.urandom(size)
     result = _run_with_inputs(ctx, account, run_script, upload, {"big.bin": data})
     assert result["status"] == "succeeded", result["error"]
-    assert _stdout(ctx, result["execution_id"]).startswith("big.bin ")
+    assert stored_log(ctx, result["execution_id"], "stdout").startswith("big.bin ")
 
 
 def test_concurrent_writers_of_the_same_bytes_end_with_one_blob(ctx, account, tmp_path):
@@ -297,7 +290,7 @@ def test_a_put_url_used_again_after_its_upload_changes_no_blob(
     assert _missing(ctx, account.id, [digest]) == []
     result = _run_with_inputs(ctx, account, run_script, upload, {"in.txt": data})
     assert result["status"] == "succeeded", result["error"]
-    assert _stdout(ctx, result["execution_id"]) == "in.txt the verified bytes\n"
+    assert stored_log(ctx, result["execution_id"], "stdout") == "in.txt the verified bytes\n"
 
     # The maintenance purge removes what the reused URL left; pending uploads' keys stay.
     with session_scope(ctx.session_factory) as session:

@@ -5,24 +5,13 @@ import secrets
 
 import pytest
 
-from rgrid import cache_keys
 from rgrid.db import session_scope
 from rgrid.errors import BadInput
-from rgrid.logbuffer import decode_log
 from rgrid.models import DependencyCache
+from tests.conftest import stored_log, stored_phases
 from tests.wheels import make_sdist, make_wheel
 
 IMPORTS = "import numpy, six\nprint('numpy', numpy.__version__, 'six', six.__version__)\n"
-
-
-def _log(ctx, execution_id: str, stream: str) -> str:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for s, text in chunks if s == stream)
-
-
-def _phases(ctx, execution_id: str) -> list[str]:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return [text for s, text in chunks if s == "phase"]
 
 
 def _folders(ctx) -> set[str]:
@@ -37,12 +26,12 @@ def test_packages_are_installed_once_and_an_edited_script_installs_nothing(ctx, 
     assert first["dependency_cache_hit"] is False and first["deps_build_s"] is not None
     assert "six==1.16.0" in first["resolved_dependencies"]
     assert any(pin.startswith("numpy==") for pin in first["resolved_dependencies"])
-    assert _log(ctx, first["execution_id"], "stdout").startswith("numpy 2.")
-    assert "resolving and installing 2 requirement(s)" in _phases(ctx, first["execution_id"])
+    assert stored_log(ctx, first["execution_id"], "stdout").startswith("numpy 2.")
+    assert "resolving and installing 2 requirement(s)" in stored_phases(ctx, first["execution_id"])
     # uv's own words are kept in the log (shown with -v and by `rgrid logs`), RGrid's summary
     # is a note.
-    assert "Installed 2 packages" in _log(ctx, first["execution_id"], "detail")
-    assert "installed 2 package(s)" in _log(ctx, first["execution_id"], "system")
+    assert "Installed 2 packages" in stored_log(ctx, first["execution_id"], "detail")
+    assert "installed 2 package(s)" in stored_log(ctx, first["execution_id"], "system")
     assert (ctx.settings.environments_dir / first["environment"]).is_dir()
 
     # Same set in another order and case; an edited script.
@@ -52,10 +41,10 @@ def test_packages_are_installed_once_and_an_edited_script_installs_nothing(ctx, 
     assert edited["dependency_cache_hit"] is True and edited["deps_build_s"] is None
     assert edited["script_cache_hit"] is False
     assert edited["environment"] == first["environment"]
-    assert _log(ctx, edited["execution_id"], "detail") == ""
-    assert "installed" not in _log(ctx, edited["execution_id"], "system")
-    assert not [p for p in _phases(ctx, edited["execution_id"]) if "install" in p]
-    assert _log(ctx, edited["execution_id"], "stdout").endswith("edited\n")
+    assert stored_log(ctx, edited["execution_id"], "detail") == ""
+    assert "installed" not in stored_log(ctx, edited["execution_id"], "system")
+    assert not [p for p in stored_phases(ctx, edited["execution_id"]) if "install" in p]
+    assert stored_log(ctx, edited["execution_id"], "stdout").endswith("edited\n")
 
     again = run_script(IMPORTS + "print('edited')\n", requirements="numpy\nsix==1.16.0\n")
     assert again["script_cache_hit"] is True and again["dependency_cache_hit"] is True
@@ -67,8 +56,8 @@ def test_the_same_script_with_other_requirements_never_reuses_an_environment(ctx
     new = run_script(script, requirements="six==1.17.0\n")
     assert new["script_cache_hit"] is False
     assert new["environment"] != old["environment"]
-    assert _log(ctx, old["execution_id"], "stdout") == "1.16.0\n"
-    assert _log(ctx, new["execution_id"], "stdout") == "1.17.0\n"
+    assert stored_log(ctx, old["execution_id"], "stdout") == "1.16.0\n"
+    assert stored_log(ctx, new["execution_id"], "stdout") == "1.17.0\n"
 
 
 PEP723 = """\
@@ -85,7 +74,7 @@ def test_inline_script_metadata_gets_its_packages(ctx, run_script):
     result = run_script(PEP723)
     assert result["status"] == "succeeded", result["error"]
     assert result["resolved_dependencies"] == ["six==1.16.0"]
-    assert _log(ctx, result["execution_id"], "stdout") == "six 1.16.0\n"
+    assert stored_log(ctx, result["execution_id"], "stdout") == "six 1.16.0\n"
 
 
 def test_inline_metadata_and_a_requirements_file_together_are_refused(ctx, account):
@@ -121,7 +110,7 @@ def test_bad_requirements_fail_the_build_with_the_installers_message(
     result = run_script("import six\n", requirements=requirements)
     assert result["status"] == "build_failed"
     assert message in result["error"]
-    assert message in _log(ctx, result["execution_id"], "system")
+    assert message in stored_log(ctx, result["execution_id"], "system")
     assert _dependency_rows(ctx, account.id) == []
     fixed = run_script("import six\n", requirements="six==1.16.0\n")
     assert fixed["status"] == "succeeded"
@@ -150,14 +139,14 @@ def test_refresh_deps_picks_up_a_new_release_and_reuses_an_unchanged_one(ctx, ru
     make_wheel(tmp_path, dist, "1.1")
     stale = run_script(script, requirements=requirements)
     assert stale["dependency_cache_hit"] is True and stale["script_cache_hit"] is True
-    assert _log(ctx, stale["execution_id"], "stdout") == "1.0\n"  # the classic stale cache
+    assert stored_log(ctx, stale["execution_id"], "stdout") == "1.0\n"  # the classic stale cache
 
     refreshed = run_script(script, requirements=requirements, refresh_deps=True)
     assert refreshed["status"] == "succeeded", refreshed["error"]
     assert refreshed["resolved_dependencies"] == [f"{dist}==1.1"]
     assert refreshed["environment"] != first["environment"]
     assert refreshed["script_cache_hit"] is False  # it runs in another environment now
-    assert _log(ctx, refreshed["execution_id"], "stdout") == "1.1\n"
+    assert stored_log(ctx, refreshed["execution_id"], "stdout") == "1.1\n"
 
     folders = _folders(ctx)
     unchanged = run_script(script, requirements=requirements, refresh_deps=True)
@@ -167,7 +156,7 @@ def test_refresh_deps_picks_up_a_new_release_and_reuses_an_unchanged_one(ctx, ru
 
     after = run_script(script, requirements=requirements)  # the cache now serves 1.1
     assert after["dependency_cache_hit"] is True
-    assert _log(ctx, after["execution_id"], "stdout") == "1.1\n"
+    assert stored_log(ctx, after["execution_id"], "stdout") == "1.1\n"
 
 
 def test_two_texts_resolving_to_the_same_pins_share_one_folder(ctx, run_script, tmp_path):

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from rgrid import cache_keys
 from rgrid.db import session_scope
-from rgrid.logbuffer import decode_log
 from rgrid.models import Execution
 from rgrid.statuses import TERMINAL_STATUSES
 from scripts import netns
-from tests.conftest import DEV_ENV
+from tests.conftest import DEV_ENV, stored_log
 
 HOSTS = ("n1", "n2")
 #: A running execution's lease on these hosts: a host cut off longer than this loses its runs.
@@ -56,11 +54,6 @@ def _rows(ctx, ids: list[str]) -> list[Execution]:
         rows = [session.get(Execution, i) for i in ids]
         session.expunge_all()
     return rows
-
-
-def _log(ctx, execution_id: str, stream: str) -> str:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for s, text in chunks if s == stream)
 
 
 def _wait_terminal(ctx, ids: list[str], timeout_s: float = 180) -> list[Execution]:
@@ -161,10 +154,10 @@ def test_a_host_cut_off_mid_batch_loses_nothing_and_drains_when_it_is_back(ctx, 
     assert all(r.status in TERMINAL_STATUSES for r in rows), [(r.id, r.status) for r in rows]
     for i, row in enumerate(rows):
         if row.status == "succeeded":
-            assert _log(ctx, row.id, "stdout") == f"done {i}\n", (
+            assert stored_log(ctx, row.id, "stdout") == f"done {i}\n", (
                 row.host,
-                _log(ctx, row.id, "phase"),
-                _log(ctx, row.id, "stderr"),
+                stored_log(ctx, row.id, "phase"),
+                stored_log(ctx, row.id, "stderr"),
             )
             assert [o["path"] for o in row.outputs] == ["result.txt"]
         else:  # a run n2 held while cut off past its lease: it says so, nothing else is lost

@@ -11,7 +11,8 @@ import pytest
 
 from rgrid import environments, pipeline
 from rgrid.db import session_scope
-from tests.integration.test_dependencies import _folders, _log, _phases
+from tests.conftest import stored_log, stored_phases
+from tests.integration.test_dependencies import _folders
 from tests.wheels import make_wheel
 
 #: The bench builds its ``docker build`` floor's images under this name, maybe meanwhile.
@@ -77,14 +78,14 @@ def test_an_edited_script_never_triggers_a_build(
 
     edited = run_script(imports + "print('v2')\n", **options)
     assert edited["status"] == "succeeded", edited["error"]
-    assert _log(ctx, edited["execution_id"], "stdout") == "v2\n"
+    assert stored_log(ctx, edited["execution_id"], "stdout") == "v2\n"
     assert edited["script_cache_hit"] is False
     assert edited["dependency_cache_hit"] is (True if with_requirements else None)
     assert edited["deps_build_s"] is None
     assert edited["environment"] == first["environment"]
     assert edited["sandbox_warm"] is True  # it only waited for the script
-    assert _phases(ctx, edited["execution_id"]) == []
-    assert _log(ctx, edited["execution_id"], "detail") == ""
+    assert stored_phases(ctx, edited["execution_id"]) == []
+    assert stored_log(ctx, edited["execution_id"], "detail") == ""
     ctx.join_background()
     assert image_calls == []  # no image, no layer, for the script or anything else
     assert _image_tags() == tags
@@ -114,9 +115,9 @@ for path, mode in (("/opt/rgrid/deps/planted.py", "w"), ({module}.__file__, "a")
         print("refused", errno.errorcode[exc.errno])
 """
     result = run_script(script, requirements=requirements)
-    assert result["status"] == "succeeded", _log(ctx, result["execution_id"], "stderr")
+    assert result["status"] == "succeeded", stored_log(ctx, result["execution_id"], "stderr")
     assert result["environment"] == first["environment"]
-    lines = _log(ctx, result["execution_id"], "stdout").splitlines()
+    lines = stored_log(ctx, result["execution_id"], "stdout").splitlines()
     assert lines[0] == "mount ro"
     assert lines[1] == f"importable from /opt/rgrid/deps/{module}/__init__.py"
     assert lines[2:] == ["refused EROFS", "refused EROFS"]
@@ -129,17 +130,17 @@ def test_a_requirements_set_that_installs_nothing_runs_with_no_environment(ctx, 
     folders = _folders(ctx)
     first = run_script("import sys\nprint(sys.platform)\n", requirements=requirements)
     assert first["status"] == "succeeded", first["error"]
-    assert _log(ctx, first["execution_id"], "stdout") == "linux\n"
+    assert stored_log(ctx, first["execution_id"], "stdout") == "linux\n"
     assert first["environment"] is None and first["resolved_dependencies"] == []
     assert first["dependency_cache_hit"] is False
-    assert "the requirements install nothing" in _log(ctx, first["execution_id"], "system")
+    assert "the requirements install nothing" in stored_log(ctx, first["execution_id"], "system")
     assert _folders(ctx) == folders  # no folder, not even an empty or temporary one
 
     ctx.join_background()  # the pool refilled: the phases below are the run's own
     again = run_script("import sys\nprint(sys.platform)\n", requirements=requirements)
     assert again["status"] == "succeeded"
     assert again["dependency_cache_hit"] is True and again["script_cache_hit"] is True
-    assert again["deps_build_s"] is None and _phases(ctx, again["execution_id"]) == []
+    assert again["deps_build_s"] is None and stored_phases(ctx, again["execution_id"]) == []
 
 
 def test_a_vanished_environment_is_installed_again_from_its_pins(ctx, run_script, probe):
@@ -157,18 +158,18 @@ def test_a_vanished_environment_is_installed_again_from_its_pins(ctx, run_script
     make_wheel(wheels, f"rgrid-probe-{module.rsplit('_', 1)[1]}", "1.1")  # would win a resolve
 
     second = run_script(script, requirements=requirements)
-    assert second["status"] == "succeeded", _log(ctx, second["execution_id"], "stderr")
-    assert _log(ctx, second["execution_id"], "stdout") == "1.0\n"
+    assert second["status"] == "succeeded", stored_log(ctx, second["execution_id"], "stderr")
+    assert stored_log(ctx, second["execution_id"], "stdout") == "1.0\n"
     assert second["dependency_cache_hit"] is False and second["deps_build_s"] is not None
     assert second["resolved_dependencies"] == first["resolved_dependencies"]
-    phases = _phases(ctx, second["execution_id"])
+    phases = stored_phases(ctx, second["execution_id"])
     assert "installing 1 package(s)" in phases
     assert not [p for p in phases if p.startswith("resolving")]
     assert second["environment"] == first["environment"] and folder.is_dir()
 
     third = run_script(script, requirements=requirements)
     assert third["dependency_cache_hit"] is True and third["script_cache_hit"] is True
-    assert _log(ctx, third["execution_id"], "stdout") == "1.0\n"
+    assert stored_log(ctx, third["execution_id"], "stdout") == "1.0\n"
 
 
 def test_an_environment_evicted_between_lookup_and_run_is_installed_again(ctx, submit, probe):
@@ -190,8 +191,8 @@ def test_an_environment_evicted_between_lookup_and_run_is_installed_again(ctx, s
     pipeline.store_step(ctx, second)
     with session_scope(ctx.session_factory) as session:
         assert session.get(pipeline.Execution, second).status == "succeeded"
-    assert _log(ctx, second, "stdout") == "1.0\n"
-    assert "environment gone from this host" in _log(ctx, second, "system")
+    assert stored_log(ctx, second, "stdout") == "1.0\n"
+    assert "environment gone from this host" in stored_log(ctx, second, "system")
 
 
 def test_another_accounts_identical_run_misses_and_gets_its_own_folder(ctx, run_script, probe):
@@ -231,4 +232,4 @@ def test_inline_tool_uv_exclude_newer_is_honoured(ctx, run_script):
     result = run_script(INLINE_EXCLUDE_NEWER)
     assert result["status"] == "succeeded", result["error"]
     assert result["resolved_dependencies"] == ["six==1.16.0"]
-    assert _log(ctx, result["execution_id"], "stdout") == "1.16.0\n"
+    assert stored_log(ctx, result["execution_id"], "stdout") == "1.16.0\n"

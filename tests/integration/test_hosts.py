@@ -15,13 +15,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from rgrid import cache_keys, queueing
+from rgrid import queueing
 from rgrid.db import session_scope
-from rgrid.logbuffer import decode_log
 from rgrid.models import DependencyCache, Execution, utcnow
 from rgrid.statuses import TERMINAL_STATUSES
 from scripts import hosts
 from scripts.stack import Stack, StackConfig, free_port
+from tests.conftest import stored_log, stored_phases
 from tests.wheels import make_wheel
 
 HOSTS = ("h1", "h2", "h3")
@@ -91,18 +91,8 @@ def _wait_terminal(ctx, ids: list[str], timeout_s: float = 150) -> list[Executio
         time.sleep(0.5)
 
 
-def _phases(ctx, execution_id: str) -> list[str]:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return [text for stream, text in chunks if stream == "phase"]
-
-
-def _log(ctx, execution_id: str, stream: str) -> str:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for s, text in chunks if s == stream)
-
-
 def _stdout(ctx, execution_id: str) -> str:
-    return _log(ctx, execution_id, "stdout")
+    return stored_log(ctx, execution_id, "stdout")
 
 
 SCRIPT = (
@@ -126,7 +116,7 @@ def test_thirty_runs_over_three_hosts_resolve_once_and_install_once_per_host(
     rows = _wait_terminal(ctx, ids)
 
     assert [r.status for r in rows] == ["succeeded"] * 30, [
-        (r.status, r.error, r.exit_code, _stdout(ctx, r.id), _log(ctx, r.id, "stderr"))
+        (r.status, r.error, r.exit_code, _stdout(ctx, r.id), stored_log(ctx, r.id, "stderr"))
         for r in rows
         if r.status != "succeeded"
     ]
@@ -136,7 +126,7 @@ def test_thirty_runs_over_three_hosts_resolve_once_and_install_once_per_host(
         assert [o["path"] for o in row.outputs] == ["result.txt"]
         assert row.outputs[0]["sha256"] == hashlib.sha256(expected.encode()).hexdigest()
         assert row.host in HOSTS
-    phases = {row.id: _phases(ctx, row.id) for row in rows}
+    phases = {row.id: stored_phases(ctx, row.id) for row in rows}
     resolves = [i for i, p in phases.items() if any(t.startswith("resolving") for t in p)]
     assert len(resolves) == 1, phases
     installs = Counter(

@@ -15,16 +15,13 @@ from rgrid.logbuffer import decode_log
 from rgrid.models import DependencyCache, Execution, ScriptCache
 from rgrid.pipeline import run_all
 from rgrid.runtimes import resolve_runtime
+from tests.conftest import stored_log
 
 HELLO = "print('hello')\nopen('outputs/result.txt', 'w').write('42')\n"
 
 
 def _log(ctx, execution_id: str) -> list:
     return decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-
-
-def _stdout(ctx, execution_id: str) -> str:
-    return "".join(text for stream, text in _log(ctx, execution_id) if stream == "stdout")
 
 
 def _blob(ctx, digest: str):
@@ -64,7 +61,7 @@ def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script, accou
     assert first["dependency_cache_hit"] is None  # no requirements: nothing to look up
     assert first["environment"] is None and first["deps_build_s"] is None
     assert first["runtime_image"].startswith("sha256:")
-    assert _stdout(ctx, first["execution_id"]) == "hello\n"
+    assert stored_log(ctx, first["execution_id"], "stdout") == "hello\n"
     assert [o["path"] for o in first["outputs"]] == ["result.txt"]
     blob = _blob(ctx, first["outputs"][0]["sha256"])
     assert ctx.store.get_bytes(blob.object_key) == b"42"
@@ -73,7 +70,7 @@ def test_run_stores_output_and_log_then_repeat_hits_cache(ctx, run_script, accou
     assert second["status"] == "succeeded"
     assert second["script_cache_hit"] is True and second["deps_build_s"] is None
     assert second["runtime_image"] == first["runtime_image"]
-    assert _stdout(ctx, second["execution_id"]) == "hello\n"
+    assert stored_log(ctx, second["execution_id"], "stdout") == "hello\n"
     with session_scope(ctx.session_factory) as session:
         row = (
             session.query(ScriptCache)
@@ -110,7 +107,7 @@ def test_a_local_script_copy_that_vanished_or_changed_is_fetched_again(
         local.write_text("print('tampered')\n")
     second = run_script("print('soon gone')\n")
     assert second["status"] == "succeeded" and second["script_cache_hit"] is True
-    assert _stdout(ctx, second["execution_id"]) == "soon gone\n"
+    assert stored_log(ctx, second["execution_id"], "stdout") == "soon gone\n"
     assert local.read_text() == "print('soon gone')\n"
 
 
@@ -130,7 +127,7 @@ def test_exit_code_3_is_failed_and_keeps_output_and_log(ctx, run_script):
     )
     assert result["status"] == "failed" and result["exit_code"] == 3
     assert [o["path"] for o in result["outputs"]] == ["part.txt"]
-    assert _stdout(ctx, result["execution_id"]) == "partial\n"
+    assert stored_log(ctx, result["execution_id"], "stdout") == "partial\n"
 
 
 def test_empty_script_runs(run_script):
@@ -143,7 +140,7 @@ def test_timeout_kills_and_removes_the_container(ctx, run_script):
     assert result["status"] == "timed_out" and result["exit_code"] is None
     assert result["error"] == "timed out after 2s"
     assert result["run_s"] < 30
-    assert _stdout(ctx, result["execution_id"]) == "started\n"
+    assert stored_log(ctx, result["execution_id"], "stdout") == "started\n"
     assert _leftovers(ctx, result["execution_id"]) == []
 
 
@@ -185,7 +182,7 @@ print(json.dumps(report))
 def test_sandbox_has_no_network_no_root_no_capabilities(ctx, run_script):
     result = run_script(SANDBOX_PROBE)
     assert result["status"] == "succeeded", result
-    report = json.loads(_stdout(ctx, result["execution_id"]))
+    report = json.loads(stored_log(ctx, result["execution_id"], "stdout"))
     assert report["uid"] == 1000 and report["gid"] == 1000
     assert report["cwd"] == "/work"
     assert report["network"] != "reached"
@@ -284,7 +281,7 @@ def test_every_step_run_twice_runs_the_script_once(ctx, submit):
         ).one()
         # Counted once per execution, not once per delivery.
         assert cached.use_count == 2 and deps.use_count == 2
-    printed = _stdout(ctx, execution_id)
+    printed = stored_log(ctx, execution_id, "stdout")
     assert printed.count("ran ") == 1, printed
 
 

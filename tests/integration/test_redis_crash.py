@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 from scripts.stack import Stack, StackConfig, create_account_key, free_port
 from tests.conftest import retire_sandboxes
-from tests.e2e.conftest import RGRID, run_cli
+from tests.e2e.conftest import run_cli, start_cli
 from tests.integration.test_broker_restart import _start_redis
 
 TICKS = 20
@@ -59,15 +58,7 @@ def test_a_redis_crash_loses_no_log_line(tmp_path, server_settings):
                 "RGRID_API_URL": config.api_url,
                 "RGRID_API_KEY": create_account_key(env, f"redis-crash-{port}"),
             }
-            cli = subprocess.Popen(
-                [RGRID, "run", "ticker.py"],
-                env=cli_env,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            cli = start_cli("run", "ticker.py", env=cli_env, cwd=tmp_path)
             try:
                 deadline = time.monotonic() + 60
                 while True:

@@ -9,20 +9,15 @@ from dataclasses import replace
 
 import pytest
 
-from rgrid import cache_keys, pipeline
 from rgrid import executions as svc
+from rgrid import pipeline
 from rgrid.accounts import create_account
 from rgrid.db import session_scope
 from rgrid.errors import BadInput
-from rgrid.logbuffer import decode_log
 from scripts.stack import free_port
+from tests.conftest import stored_log
 from tests.index_server import private_index
 from tests.wheels import make_wheel
-
-
-def _log(ctx, execution_id: str) -> str:
-    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
-    return "".join(text for _, text in chunks)
 
 
 def _second_account(ctx) -> int:
@@ -71,10 +66,10 @@ def test_a_private_package_never_reaches_an_account_without_the_password(
 
     # Neither log tells of downloads (so of what the host's cache held) or shows a password.
     for execution in (mine, theirs):
-        text = _log(ctx, execution["execution_id"])
+        text = stored_log(ctx, execution["execution_id"])
         for word in ("Downloading", "Downloaded", "Prepared", index.password):
             assert word not in text, (word, text)
-    assert "Installed 1 package" in _log(ctx, mine["execution_id"])
+    assert "Installed 1 package" in stored_log(ctx, mine["execution_id"])
 
 
 def test_default_index_sets_still_share_the_hosts_cache(ctx, run_script):
@@ -127,7 +122,7 @@ def test_whatever_listens_on_an_allowed_index_it_is_just_unreachable(ctx, run_sc
         )
         assert result["status"] == "build_failed"
         errors.add(result["error"])
-        logs.append(_log(ctx, result["execution_id"]))
+        logs.append(stored_log(ctx, result["execution_id"]))
     assert errors == {"dependency install failed: package index 127.0.0.1 could not be reached"}
     for text in logs:
         for telltale in ("HTTP version", "connection closed", "Connection refused", "os error"):
@@ -154,7 +149,7 @@ def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplo
         shown = svc.execution_to_dict(session.get(svc.Execution, execution_id))
     assert shown["status"] == "error"
     assert shown["error"] == f"internal error while running the script; reference {execution_id}"
-    assert "UnixHTTPConnectionPool" not in _log(ctx, execution_id)
+    assert "UnixHTTPConnectionPool" not in stored_log(ctx, execution_id)
     # The operator's log keeps the detail, under the same reference.
     kept = [r for r in caplog.records if execution_id in r.getMessage()]
     assert any(detail in r.getMessage() and r.exc_info for r in kept)
