@@ -72,37 +72,29 @@ def _rate(hits: int, lookups: int) -> dict:
     }
 
 
+def _lookups() -> dict[str, tuple]:
+    """Per cache type: the execution column saying it hit, and the condition that says the
+    execution looked that cache up at all."""
+    return {
+        "script": (Execution.script_cache_hit, Execution.dependency_hash.is_not(None)),
+        "dependency": (Execution.dependency_cache_hit, Execution.dependency_cache_hit.is_not(None)),
+        "input": (Execution.input_cache_hit, Execution.input_hash.is_not(None)),
+        "outputs": (Execution.output_cache_hit, Execution.output_cache_hit.is_not(None)),
+    }
+
+
 def hit_rates(session: Session, account_id: int, days: int) -> dict[str, dict]:
     """Per cache type over the last ``days``: lookups, hits and their ratio, counted from the
     executions that looked the caches up (input: executions with input files)."""
     since = utcnow() - timedelta(days=days)
     mine = (Execution.account_id == account_id, Execution.created_at >= since)
-    script = session.execute(
-        select(func.count(), as_int(Execution.script_cache_hit)).where(
-            *mine, Execution.dependency_hash.is_not(None)
-        )
-    ).one()
-    dependency = session.execute(
-        select(func.count(), as_int(Execution.dependency_cache_hit)).where(
-            *mine, Execution.dependency_cache_hit.is_not(None)
-        )
-    ).one()
-    inputs = session.execute(
-        select(func.count(), as_int(Execution.input_cache_hit)).where(
-            *mine, Execution.input_hash.is_not(None)
-        )
-    ).one()
-    outputs = session.execute(
-        select(func.count(), as_int(Execution.output_cache_hit)).where(
-            *mine, Execution.output_cache_hit.is_not(None)
-        )
-    ).one()
-    return {
-        "script": _rate(int(script[1]), int(script[0])),
-        "dependency": _rate(int(dependency[1]), int(dependency[0])),
-        "input": _rate(int(inputs[1]), int(inputs[0])),
-        "outputs": _rate(int(outputs[1]), int(outputs[0])),
-    }
+    rates: dict[str, dict] = {}
+    for cache, (hit, looked_up) in _lookups().items():
+        lookups, hits = session.execute(
+            select(func.count(), as_int(hit)).where(*mine, looked_up)
+        ).one()
+        rates[cache] = _rate(int(hits), int(lookups))
+    return rates
 
 
 def outputs_saved(session: Session, account_id: int) -> dict:
@@ -139,59 +131,53 @@ def stats(session: Session, account_id: int, last_purge: dict | None) -> dict:
     }
 
 
-def entries(session: Session, account_id: int, limit: int = 100) -> list[dict]:
-    """The account's cache entries, most recently used first (`rgrid cache ls`)."""
-    found: list[dict] = []
-    for row in session.scalars(
-        select(ScriptCache)
-        .where(ScriptCache.account_id == account_id)
-        .order_by(ScriptCache.last_used_at.desc())
-        .limit(limit)
-    ):
-        found.append(
-            _entry("script", row.script_hash, row.runtime, None, row.last_used_at, row.use_count)
-        )
-    for row in session.scalars(
-        select(DependencyCache)
-        .where(DependencyCache.account_id == account_id)
-        .order_by(DependencyCache.last_used_at.desc())
-        .limit(limit)
-    ):
-        found.append(
-            _entry(
+def _listings() -> list[tuple]:
+    """Per cache type: its table and how one row reads in `rgrid cache ls`."""
+    return [
+        (
+            ScriptCache,
+            lambda r: _entry("script", r.script_hash, r.runtime, None, r.last_used_at, r.use_count),
+        ),
+        (
+            DependencyCache,
+            lambda r: _entry(
                 "dependency",
-                row.dependency_hash,
-                row.runtime,
+                r.dependency_hash,
+                r.runtime,
                 None,
-                row.last_used_at,
-                row.use_count,
-                packages=len(row.resolved or []),
-            )
-        )
-    for row in session.scalars(
-        select(Blob)
-        .where(Blob.account_id == account_id)
-        .order_by(Blob.last_used_at.desc())
-        .limit(limit)
-    ):
-        found.append(_entry("input", row.digest, None, row.size, row.last_used_at, row.use_count))
-    for row in session.scalars(
-        select(OutputCache)
-        .where(OutputCache.account_id == account_id)
-        .order_by(OutputCache.last_used_at.desc())
-        .limit(limit)
-    ):
-        found.append(
-            _entry(
+                r.last_used_at,
+                r.use_count,
+                packages=len(r.resolved or []),
+            ),
+        ),
+        (Blob, lambda r: _entry("input", r.digest, None, r.size, r.last_used_at, r.use_count)),
+        (
+            OutputCache,
+            lambda r: _entry(
                 "outputs",
-                row.action_key,
+                r.action_key,
                 None,
-                row.bytes,
-                row.last_used_at,
-                row.use_count,
-                execution_id=row.execution_id,
-            )
+                r.bytes,
+                r.last_used_at,
+                r.use_count,
+                execution_id=r.execution_id,
+            ),
+        ),
+    ]
+
+
+def entries(session: Session, account_id: int, limit: int = 100) -> list[dict]:
+    """The account's cache entries, most recently used first (`rgrid cache ls`): the newest
+    ``limit`` of each type, merged."""
+    found: list[dict] = []
+    for model, render in _listings():
+        rows = session.scalars(
+            select(model)
+            .where(model.account_id == account_id)
+            .order_by(model.last_used_at.desc())
+            .limit(limit)
         )
+        found.extend(render(row) for row in rows)
     found.sort(key=lambda e: e["last_used_at"] or "", reverse=True)
     return found[:limit]
 
