@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.processes import stop_group
+
 #: Tried in this order until one starts.
 STORAGE_DRIVERS = ("overlay2", "fuse-overlayfs", "vfs")
 START_TIMEOUT_S = 30.0
@@ -177,8 +179,6 @@ def start(engine: Engine, *, die_with_parent: bool = False) -> int:
 def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
     """TERM the engine's session (dockerd and its containerd), KILL what outlives the wait.
     dockerd stops its containers on TERM."""
-    from scripts.stack import stop_group  # stack imports this module
-
     stop_group(pid, timeout_s)
 
 

@@ -36,7 +36,8 @@ from rgrid import queueing
 from rgrid.context import redis_client
 from rgrid.hosts import HostRegistry
 from scripts import hosts
-from scripts.stack import free_port, runtime_images, stop_group, wait_healthy
+from scripts.processes import stop_group
+from scripts.stack import free_port, runtime_images, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 #: Addresses for the veth pairs: one /24 of this block per grid, one /30 per host in it.

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ if str(REPO) not in sys.path:  # run as a script: `scripts.hosts` lives beside t
     sys.path.insert(0, str(REPO))
 
 from scripts import hosts  # noqa: E402 - needs the path above when run as a script
+from scripts.processes import stop_group  # noqa: E402
 
 #: The virtualenv running this launcher: its gunicorn, celery and rgrid are the ones started.
 BIN = Path(sys.executable).parent
@@ -51,9 +51,8 @@ HOSTS_DIR = REPO / ".rgrid-dev" / "hosts"
 KEY_FILE = REPO / ".rgrid-dev" / "dev-api-key"
 #: The order `up` starts them in; `down` stops them in the reverse order.
 ROLES = ("api", "worker", "beat", "flower")
-#: How long the API may take to answer /healthz, and how long a stopped process may take.
+#: How long the API may take to answer /healthz.
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 20.0
 
 
 def dev_env() -> dict[str, str]:
@@ -172,32 +171,6 @@ def wait_healthy(url: str, log: Path, timeout_s: float = START_TIMEOUT_S) -> Non
         time.sleep(0.2)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
     raise RuntimeError(f"the API at {url} did not start within {timeout_s:.0f}s; {log}:\n{tail}")
-
-
-def stop_group(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> bool:
-    """TERM the process group ``pid`` leads, then KILL it if it outlives ``timeout_s``.
-    False when there was nothing to stop."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            # Reaps it if it is our child; a zombie would otherwise look alive.
-            if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                break
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
-    except ProcessLookupError:
-        pass
-    return True
 
 
 def create_account_key(env: dict[str, str], account: str) -> str:

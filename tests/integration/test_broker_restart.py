@@ -13,7 +13,8 @@ import time
 
 from celery import Celery
 
-from scripts.stack import free_port, spawn, stop_group, worker_command
+from scripts.processes import stop_group
+from scripts.stack import free_port, spawn, worker_command
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
