@@ -2,11 +2,11 @@
 ``settings.cache_budget``, least recently used evicted first.
 
 - An environment in use is never evicted. A run holds a shared ``flock`` on the
-  environment's lock file (``using``) from before it checks the folder until its sandbox is
+  environment's lock file (``envlocks.using``) from before it checks the folder until its sandbox is
   gone; eviction takes the exclusive lock without waiting and skips the folder if it cannot.
   A lock held by a process dies with it, so a killed run never pins a folder for ever.
   Unclaimed warm sandboxes that mount an evicted folder are retired with it: a script there
-  would find no packages. A pool refill holds a second lock (``refilling``) while it starts
+  would find no packages. A pool refill holds a second lock (``envlocks.refilling``) while it starts
   sandboxes on a folder; eviction waits for it (a container start), so a refill that began
   before the eviction cannot leave a warm sandbox on the removed folder behind it.
 - A blob-cache file (a verified input or script copy) used within ``BLOB_GRACE_S`` is kept:
@@ -22,26 +22,21 @@ built by the operator (``rgrid runtime build``); evicting one would break every 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rgrid import environments, metrics
+from rgrid import environments, envlocks, metrics, pool
 from rgrid.config import Settings
 
 log = logging.getLogger(__name__)
 
 #: A blob-cache file used this recently is never evicted (see the module docstring).
 BLOB_GRACE_S = 120.0
-#: Lock files of environments in use, beside them (dot-names are never environments).
-LOCKS_FOLDER = ".using"
 
 
 @dataclass(frozen=True)
@@ -67,49 +62,6 @@ class Removed:
         flat = {f"{kind}s": n for kind, n in self.counts.items()}
         flat.update({f"{kind}_bytes": n for kind, n in self.bytes.items()})
         return flat
-
-
-def _lock_path(environments_dir: Path, name: str, suffix: str = ".lock") -> Path:
-    folder = environments_dir / LOCKS_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / (hashlib.sha256(name.encode()).hexdigest()[:32] + suffix)
-
-
-def _refill_lock_path(environments_dir: Path, name: str) -> Path:
-    return _lock_path(environments_dir, name, ".refill")
-
-
-@contextmanager
-def using(settings: Settings, name: str | None) -> Iterator[None]:
-    """Hold environment ``name`` (None: nothing to hold) against eviction, and mark it used
-    now. Waits only while an eviction of that folder is under way (milliseconds)."""
-    if not name:
-        yield
-        return
-    with open(_lock_path(settings.environments_dir, name), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        try:
-            touch(settings.environments_dir / name)
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextmanager
-def refilling(deps_dir: Path | None) -> Iterator[bool]:
-    """Hold environment folder ``deps_dir`` (None: the bare runtime) while warm sandboxes are
-    started on it; yields whether the folder is still there to start them on. Unlike a run's
-    hold (``using``) this does not keep the folder from eviction, which waits for it instead:
-    warm sandboxes are only a guess at the next run, and must not keep a host over budget."""
-    if deps_dir is None:
-        yield True
-        return
-    with open(_refill_lock_path(deps_dir.parent, deps_dir.name), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        try:
-            yield deps_dir.is_dir()
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def touch(path: Path) -> None:
@@ -170,55 +122,19 @@ def usage(settings: Settings) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _warm_sandboxes_mounting(client, path: Path) -> tuple[list[dict], bool]:
-    """(unclaimed pool sandboxes that mount ``path``, whether any execution sandbox does)."""
-    from rgrid import sandbox
-
-    pool_boxes, running = [], False
-    for container in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL}):
-        if not any(m.get("Source") == str(path) for m in container.get("Mounts") or []):
-            continue
-        names = [n.lstrip("/") for n in container.get("Names") or []]
-        if any(n.startswith(sandbox.POOL_NAME_PREFIX) for n in names):
-            pool_boxes.append(container)
-        elif container.get("State") == "running" and any(
-            n.startswith(sandbox.RUN_NAME_PREFIX) for n in names
-        ):
-            running = True
-    return pool_boxes, running
-
-
 def remove_environment(settings: Settings, path: Path, client=None) -> bool:
     """Delete an environment unless a run holds it; retire warm sandboxes that mount it.
     Returns whether it was removed."""
-    root = settings.environments_dir
-    with (
-        open(_lock_path(root, path.name), "a") as fh,
-        open(_refill_lock_path(root, path.name), "a") as refill,
-    ):
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with envlocks.evicting(settings.environments_dir, path.name) as free:
+        if not free:
             log.info("keeping environment %s: a run is using it", path.name)
             return False
-        # Wait out a refill under way; one that starts after this sees no folder.
-        fcntl.flock(refill, fcntl.LOCK_EX)
-        try:
-            if client is not None:
-                from rgrid import pool
-
-                warm, running = _warm_sandboxes_mounting(client, path)
-                if running:
-                    # A run's sandbox outlived its lock (a killed runner): the reaper's job.
-                    log.info("keeping environment %s: a sandbox still runs on it", path.name)
-                    return False
-                for container in warm:
-                    pool.retire(client, pool._box(container))
-            environments.remove(settings.environments_dir, path.name)
-            return True
-        finally:
-            fcntl.flock(refill, fcntl.LOCK_UN)
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        if client is not None and not pool.retire_mounting(client, path):
+            # A run's sandbox outlived its lock (a killed runner): the reaper's job.
+            log.info("keeping environment %s: a sandbox still runs on it", path.name)
+            return False
+        environments.remove(settings.environments_dir, path.name)
+        return True
 
 
 def _evict(settings: Settings, entry: Entry, client, now: float) -> bool:

@@ -44,6 +44,7 @@ from rgrid import (
     dependencies,
     disk,
     environments,
+    envlocks,
     indexes,
     metrics,
     pool,
@@ -882,7 +883,7 @@ def run_step(
     ctx: PipelineContext, execution_id: str, after: ExitStack | None = None
 ) -> Execution | None:
     """Claim a sandbox, place the script and inputs, run it once, store what it wrote; its
-    environment is held against this host's disk budget the whole time (rgrid/disk.py).
+    environment is held against this host's disk budget the whole time (rgrid/envlocks.py).
     The sandbox is removed when ``after`` closes (by default, when this step returns):
     ``run_and_store_step`` closes it once the result is published, so the user does not
     wait for the unmount and the folder's removal. Returns the row as the run left it when
@@ -898,7 +899,10 @@ def run_step(
                 execution.outcome = Status.CANCELLED
                 execution.error = "cancelled"
                 return None
-        with ExitStack() as own, disk.using(ctx.settings, execution.environment):
+        with (
+            ExitStack() as own,
+            envlocks.using(ctx.settings.environments_dir, execution.environment),
+        ):
             return _run_step(ctx, execution, after if after is not None else own)
 
 

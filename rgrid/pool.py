@@ -21,7 +21,7 @@ from pathlib import Path
 
 import docker
 
-from rgrid import disk, sandbox
+from rgrid import envlocks, sandbox
 from rgrid.sandbox import Box, Environment, Limits
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class PoolSettings:
 INSTALLATION_LABEL = "rgrid.installation"
 
 
-def _installation(pool: PoolSettings) -> str:
+def installation_id(pool: PoolSettings) -> str:
     return hashlib.sha256(str(pool.root).encode()).hexdigest()[:16]
 
 
@@ -53,11 +53,11 @@ def pool_key(env: Environment, limits: Limits, pool: PoolSettings) -> str:
     """Interchangeable sandboxes: same environment, same limits, same installation. Two
     installations sharing a Docker host (a test session, a stack, the embedded default) never
     hand each other sandboxes whose host folders the other may delete."""
-    text = f"{env.pool_key(limits)}\x1f{_installation(pool)}"
+    text = f"{env.pool_key(limits)}\x1f{installation_id(pool)}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _warm(
+def warm_sandboxes(
     client: docker.DockerClient, key: str | None = None, installation: str | None = None
 ) -> list[dict]:
     """Unclaimed running sandboxes (of one pool, or of one installation), newest first."""
@@ -76,7 +76,7 @@ def _warm(
     return sorted(warm, key=lambda c: c.get("Created", 0), reverse=True)
 
 
-def _box(container: dict) -> Box:
+def box_of(container: dict) -> Box:
     name = container["Names"][0].lstrip("/")
     return Box(
         name=name,
@@ -107,7 +107,7 @@ def claim_counting_spares(
     the engine listed them: another execution may take one meanwhile). With a spare left,
     the refill can wait until the run is over instead of starting a container beside it."""
     now = time.time()
-    warm = _warm(client, pool_key(env, limits, pool))
+    warm = warm_sandboxes(client, pool_key(env, limits, pool))
     for index, container in enumerate(warm):
         try:
             idle_until = int(container["Labels"].get(sandbox.IDLE_UNTIL_LABEL, "0"))
@@ -115,7 +115,7 @@ def claim_counting_spares(
             continue
         if idle_until - now < CLAIM_MARGIN_S:
             continue
-        box = _box(container)
+        box = box_of(container)
         if not box.work.is_dir():
             # Its host folder was deleted under it (a data folder wiped while it waited):
             # files written now would never reach it.
@@ -129,7 +129,7 @@ def claim_counting_spares(
 def start(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> Box:
     key = pool_key(env, limits, pool)
     name = f"{sandbox.POOL_NAME_PREFIX}{key[:12]}-{secrets.token_hex(4)}"
-    labels = {sandbox.POOL_LABEL: key, INSTALLATION_LABEL: _installation(pool)}
+    labels = {sandbox.POOL_LABEL: key, INSTALLATION_LABEL: installation_id(pool)}
     return sandbox.start_box(
         client, env, limits, root=pool.root, idle_s=pool.idle_s, name=name, labels=labels
     )
@@ -141,14 +141,14 @@ def fill(client: docker.DockerClient, env: Environment, limits: Limits, pool: Po
     many were started (none when the environment's folder has just been evicted)."""
     key = pool_key(env, limits, pool)
     started = 0
-    with disk.refilling(env.deps_dir) as present:
-        missing = pool.size - len(_warm(client, key)) if present else 0
+    with envlocks.refilling(env.deps_dir) as present:
+        missing = pool.size - len(warm_sandboxes(client, key)) if present else 0
         while started < missing:
-            everyone = _warm(client, installation=_installation(pool))
+            everyone = warm_sandboxes(client, installation=installation_id(pool))
             others = [c for c in everyone if c["Labels"].get(sandbox.POOL_LABEL) != key]
             while len(everyone) >= pool.max_total and others:
                 oldest = others.pop()
-                retire(client, _box(oldest))
+                retire(client, box_of(oldest))
                 everyone.remove(oldest)
             if len(everyone) >= pool.max_total:
                 break
@@ -164,13 +164,35 @@ def retire(client: docker.DockerClient, box: Box) -> None:
         sandbox.discard(client, box)
 
 
+def retire_mounting(client: docker.DockerClient, path: Path) -> bool:
+    """Retire the unclaimed warm sandboxes that mount ``path`` (an environment about to be
+    removed: a script there would find no packages). False, retiring nothing, when a claimed
+    sandbox still runs on it."""
+    warm, running = [], False
+    for container in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL}):
+        if not any(m.get("Source") == str(path) for m in container.get("Mounts") or []):
+            continue
+        names = [n.lstrip("/") for n in container.get("Names") or []]
+        if any(n.startswith(sandbox.POOL_NAME_PREFIX) for n in names):
+            warm.append(container)
+        elif container.get("State") == "running" and any(
+            n.startswith(sandbox.RUN_NAME_PREFIX) for n in names
+        ):
+            running = True
+    if running:
+        return False
+    for container in warm:
+        retire(client, box_of(container))
+    return True
+
+
 def retire_all(
     client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings
 ) -> int:
     """End every unclaimed sandbox of ``env``. Needed when its dependency folder has just been
     installed again under the same name (evicted or purged, then a miss): sandboxes started
     before still mount the removed folder, and a script there would find no packages."""
-    boxes = [_box(container) for container in _warm(client, pool_key(env, limits, pool))]
+    boxes = [box_of(container) for container in warm_sandboxes(client, pool_key(env, limits, pool))]
     for box in boxes:
         retire(client, box)
     return len(boxes)
@@ -183,8 +205,8 @@ def retire_installation(client: docker.DockerClient, root: Path) -> int:
     would end them, and they keep their folders' filesystems counted as in use. Returns how
     many."""
     ended = 0
-    for container in _warm(client):
-        box = _box(container)
+    for container in warm_sandboxes(client):
+        box = box_of(container)
         if box.host_dir.is_relative_to(root):
             retire(client, box)
             ended += 1
@@ -202,7 +224,7 @@ def retire_installation(client: docker.DockerClient, root: Path) -> int:
         filters={"label": sandbox.HOST_DIR_LABEL, "name": sandbox.RUN_NAME_PREFIX}
     )
     for container in claimed:
-        box = _box(container)
+        box = box_of(container)
         if box.host_dir.is_relative_to(root):
             sandbox.discard(client, box)
             ended += 1

@@ -299,7 +299,7 @@ def forget_process_metrics(pid=None, **_kwargs) -> None:
 
 
 def _warm_count(ctx: PipelineContext) -> int:
-    return len(pool._warm(ctx.docker, installation=pool._installation(ctx.pool)))
+    return len(pool.warm_sandboxes(ctx.docker, installation=pool.installation_id(ctx.pool)))
 
 
 @worker_ready.connect

@@ -13,7 +13,7 @@ import docker
 import pytest
 from prometheus_client import REGISTRY
 
-from rgrid import disk, pool, sandbox
+from rgrid import disk, envlocks, pool, sandbox
 from rgrid.config import DEFAULT_RUNTIME
 from rgrid.context import server_context
 from rgrid.db import session_scope
@@ -100,7 +100,7 @@ def test_least_recently_used_goes_first_and_never_one_in_use(host, account, tmp_
 
     # In use: a run holds it. Even a budget of nothing keeps it (and the blob-cache files a
     # run may be about to place, used within the grace period).
-    with disk.using(settings, env_b):
+    with envlocks.using(settings.environments_dir, env_b):
         assert disk.enforce_budget(settings, docker.from_env(), budget=0).counts == {}
     assert _environments(host) == {env_b}
     assert disk.enforce_budget(settings, docker.from_env(), budget=0).counts == {"environment": 1}
@@ -143,7 +143,7 @@ def test_an_eviction_waits_for_a_refill_and_leaves_no_warm_sandbox_on_the_remove
     refill_began, started = threading.Event(), []
 
     def slow_refill() -> None:
-        with disk.refilling(env_dir) as present:
+        with envlocks.refilling(env_dir) as present:
             refill_began.set()
             time.sleep(1.0)  # the eviction comes while this refill is still starting
             if present:

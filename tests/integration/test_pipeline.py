@@ -299,7 +299,7 @@ def _warm_counts_while_running(ctx, submit, script: str) -> list[int]:
     def watch() -> None:
         while not done.is_set():
             running = client.api.containers(filters=own)
-            warm = len(pool._warm(client, key))
+            warm = len(pool.warm_sandboxes(client, key))
             if running and client.api.containers(filters=own):
                 counts.append(warm)
             time.sleep(0.05)
@@ -329,7 +329,7 @@ def test_the_pool_is_refilled_beside_a_run_only_when_the_run_emptied_it(ctx, sub
     with_spare = _warm_counts_while_running(ctx, submit, slow)
     assert with_spare and set(with_spare) == {1}, with_spare
     ctx.join_background()
-    assert len(pool._warm(ctx.docker, pool.pool_key(env, ctx.limits, ctx.pool))) == 2
+    assert len(pool.warm_sandboxes(ctx.docker, pool.pool_key(env, ctx.limits, ctx.pool))) == 2
 
     pool.retire_all(ctx.docker, env, ctx.limits, ctx.pool)
     emptied = _warm_counts_while_running(ctx, submit, slow)
