@@ -467,8 +467,10 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
             except BadInput as exc:
                 _fail_build(ctx, execution_id, exc.message)
                 return False
-        if pinned is None:
-            count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
+        count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
+        if pinned is None and dependencies.is_locked(requirements):
+            ctx.phase(execution_id, f"installing {count} locked package(s), nothing to resolve")
+        elif pinned is None:
             ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
         else:
             ctx.phase(execution_id, f"installing {len(pinned)} package(s)")

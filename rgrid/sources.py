@@ -279,7 +279,10 @@ def project_dependencies(
             deps += optional[extra]
         options = _tool_uv_sources(tomllib.loads(pyproject.read_text()), root)
         if (root / "uv.lock").is_file():
-            return ProjectDependencies(options + _uv_export(root, extras), "uv.lock")
+            # The lock is the resolution: its pins are installed as they are, and the worker
+            # runs no resolver (``--locked``: rgrid.dependencies.is_locked).
+            locked = options + "--locked\n" + _uv_export(root, extras)
+            return ProjectDependencies(locked, "uv.lock")
         if deps or extras:
             return ProjectDependencies(options + "\n".join(deps) + "\n", "pyproject.toml")
     beside = script.parent / "requirements.txt"

@@ -170,11 +170,14 @@ def send_inputs(
             client.upload(item, advance)
     if not json_mode:
         sent = {item.sha256 for item in to_send}
+        carried = {item["sha256"] for item in inline or []}
         if sources:
             new = [item for item in sources if item.sha256 in sent]
+            within = sum(1 for item in new if item.sha256 in carried)
             note(
                 f"sources: {len(sources)} module file(s) shipped, {len(new)} uploaded "
                 f"({human_bytes(sum(item.size for item in new))})"
+                + (f", {within} inline in the submission" if within else "")
             )
             for item in sources if verbose else []:
                 note(f"  {item.name} ({human_bytes(item.size)})")
