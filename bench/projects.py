@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -127,12 +128,32 @@ def uv_run(root: Path, project: Path, name: str) -> float:
     return elapsed
 
 
+def compile_checkout() -> None:
+    """The checkout's bytecode, compiled once, as installing RGrid's wheel compiles it. An
+    editable checkout run with PYTHONDONTWRITEBYTECODE (set on this workplace's machines)
+    never writes it, and every CLI start then compiled ~16 of rgrid's modules (~0.1 s under
+    load; measured with cProfile): a cost of the checkout, not of what users install."""
+    for package in ("rgrid", "workers", "migrations"):
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(REPO / package)],
+            check=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--lock-repeat", type=int, default=3)
+    parser.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="Do not compile the checkout's bytecode first (see compile_checkout).",
+    )
     options = parser.parse_args()
     repeat = options.repeat
+    if not options.no_bytecode:
+        compile_checkout()
     root = Path(tempfile.mkdtemp(prefix="rgrid-bench-projects-"))
     try:
         with ExitStack() as exits:

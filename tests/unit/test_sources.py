@@ -95,3 +95,24 @@ def test_a_uv_lock_is_sent_as_its_pins_marked_as_the_whole_resolution(tmp_path):
         "lockdep==1.0"
     ]
     assert not is_locked(normalise("lockdep==1.0\n"))
+
+
+def test_imports_nested_in_functions_classes_and_handlers_are_found(tmp_path):
+    """The scan visits statements only, nested ones included."""
+    _write(
+        tmp_path,
+        {
+            "main.py": "class C:\n    def f(self):\n        try:\n            pass\n"
+            "        except ImportError:\n            import in_handler\n"
+            "        else:\n            if True:\n                from in_else import x\n"
+            "def g(v):\n    match v:\n        case 1:\n            import in_case\n"
+            "with open('f') as fh:\n    import in_with\n",
+            "in_handler.py": "",
+            "in_else.py": "x = 1\n",
+            "in_case.py": "",
+            "in_with.py": "",
+            "leaf_never.py": "",
+        },
+    )
+    tree = collect_sources(tmp_path / "main.py", Settings())
+    assert _names(tree) == ["in_case.py", "in_else.py", "in_handler.py", "in_with.py"]
