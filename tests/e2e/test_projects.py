@@ -95,7 +95,7 @@ def test_an_edited_module_rides_inline_in_the_submission(stack_env, project):
     (project / "helpers" / "text.py").write_text(edited)
     human = run_cli("run", "main.py", "data/", "-v", env=stack_env, cwd=project)
     assert human.returncode == 0, human.stderr
-    assert "total 12 apples" in human.stderr
+    assert "total 12 apples" in human.stdout
     size = len(edited.encode())
     assert f"4 module file(s) shipped, 1 uploaded ({size} B), 1 inline" in human.stderr
     again, result = run_json("run", "main.py", "data/", env=stack_env, cwd=project)
