@@ -36,7 +36,15 @@ def missing(body: MissingRequest):
         found = blobs.missing_digests(
             session, ctx.store, g.account_id, body.digests, ctx.settings.blob_presence_ttl_s
         )
-        return jsonify(missing=found, inline_bytes=ctx.settings.inline_upload_bytes)
+        return jsonify(missing=found, inline_bytes=inline_budget(ctx.settings.inline_upload_bytes))
+
+
+def inline_budget(setting: int) -> int:
+    """What a submission may carry inline: the operator's setting, within a quarter of the
+    request size limit (base64 adds a third, and the script itself may be 1 MiB)."""
+    from rgrid.api import MAX_REQUEST_BYTES
+
+    return max(0, min(setting, MAX_REQUEST_BYTES // 4))
 
 
 @bp.post("/uploads")
