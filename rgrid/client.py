@@ -310,6 +310,8 @@ class RemoteClient:
         #: Output listings that came with a log's final page, by execution: the download
         #: that follows needs no request of its own.
         self._final_outputs: dict[str, list[dict]] = {}
+        #: What the server's last missing-digests answer said a submission may carry inline.
+        self.inline_bytes = 0
 
     def fork(self) -> RemoteClient:
         """The same API and key on connections of its own, for another thread (one kept-alive
@@ -509,7 +511,12 @@ class RemoteClient:
         return page
 
     def missing(self, digests: list[str]) -> list[str]:
-        return self._request("POST", "/blobs/missing", {"digests": digests})["missing"]
+        answer = self._request("POST", "/blobs/missing", {"digests": digests})
+        # How many bytes of what is missing the submission may carry itself (0: an older
+        # server, or the operator turned it off): each such file then costs no upload.
+        inline = answer.get("inline_bytes", 0)
+        self.inline_bytes = inline if isinstance(inline, int) and inline > 0 else 0
+        return answer["missing"]
 
     def cache_stats(self) -> dict:
         return self._request("GET", "/cache/stats")

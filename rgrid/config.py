@@ -111,6 +111,13 @@ class Settings:
     #: The most files and bytes a script's import closure (its shipped source tree) may hold.
     max_source_files: int = 2_000
     max_source_bytes: int = 64 * 1024**2
+    #: Small files the submission itself may carry (base64, in all at most this many bytes
+    #: before encoding) in place of an upload each: an edited module then costs no round trip
+    #: of its own (missing-digests call, presigned PUT, completion). 0: every file is uploaded.
+    inline_upload_bytes: int = 256 * 1024
+    #: Seconds an API process trusts that a blob's object is in the store after it last saw
+    #: it there, before asking again (one HEAD per file per run otherwise); 0: always ask.
+    blob_presence_ttl_s: float = 300.0
     #: The most executions one batch may hold (`rgrid run --batch`), retries included.
     max_batch_executions: int = 100_000
     #: Multipart upload part size: the CLI holds at most one part's read buffer, not the file.
@@ -243,6 +250,8 @@ class Settings:
             max_input_files=_env_int("RGRID_MAX_INPUT_FILES", cls.max_input_files),
             max_source_files=_env_int("RGRID_MAX_SOURCE_FILES", cls.max_source_files),
             max_source_bytes=_env_int("RGRID_MAX_SOURCE_BYTES", cls.max_source_bytes),
+            inline_upload_bytes=_env_int("RGRID_INLINE_UPLOAD_BYTES", cls.inline_upload_bytes),
+            blob_presence_ttl_s=_env_float("RGRID_BLOB_PRESENCE_TTL", cls.blob_presence_ttl_s),
             max_batch_executions=_env_int("RGRID_MAX_BATCH_EXECUTIONS", cls.max_batch_executions),
             host_name=_env("RGRID_HOST_NAME") or socket.gethostname(),
             upload_part_bytes=_env_int("RGRID_UPLOAD_PART_BYTES", cls.upload_part_bytes),

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import cache_keys
-from rgrid.blobs import blobs_for, check_uploaded
+from rgrid.blobs import blobs_for, check_uploaded, decode_inline, store_inline
 from rgrid.config import Settings
 from rgrid.dependencies import check_sources
 from rgrid.errors import BadInput, LostFromStore, NotFound
@@ -118,12 +118,16 @@ def requirements_for(script: str, requirements: str | None, runtime: str) -> str
     return normalise(requirements if requirements is not None else inline or "")
 
 
-def store_script(store: ObjectStore, account_id: int, script: str) -> str:
+def store_script(
+    store: ObjectStore, account_id: int, script: str, presence_ttl_s: float = 0
+) -> str:
     """Store the script under its content hash (once per account); returns the hash."""
+    from rgrid.blobs import all_exist
+
     data = script.encode()
     digest = script_hash(data)
     key = cache_keys.script_object_key(account_id, digest)
-    if not store.exists(key):
+    if not all_exist(store, [key], presence_ttl_s)[0]:
         store.put_bytes(key, data)
     return digest
 
@@ -155,6 +159,8 @@ def check_submission(
     memory: str | int | None,
     cpus: float | None,
     sources: list[dict] | None = None,
+    inline: list[dict] | None = None,
+    store: ObjectStore | None = None,
 ) -> CheckedSubmission:
     """Every check a script's options get before anything is stored, the same for a single
     execution and a batch (BadInput on the first that fails). Inputs must already be stored
@@ -171,8 +177,15 @@ def check_submission(
         # Both would be /work/<name>: the script sits beside its inputs, as it does locally.
         raise BadInput(f"an input has the script's own name {script_name}")
     tree = check_source_tree(settings, sources, script_name, manifest)
-    check_uploaded(session, account_id, manifest + tree)
     check_args(args)
+    if inline:
+        # Last, once everything else is accepted: these are stored now, as uploads would
+        # have been before the submission.
+        assert store is not None
+        referenced = {item["sha256"] for item in manifest + tree}
+        files = decode_inline(settings, inline, referenced)
+        store_inline(session, store, account_id, files, settings.blob_presence_ttl_s)
+    check_uploaded(session, account_id, manifest + tree)
     return CheckedSubmission(timeout, memory_bytes, cpu_limit, normalised, manifest, tree)
 
 
@@ -254,9 +267,11 @@ def create_execution(
     sources: list[dict] | None = None,
     module: str | None = None,
     dependency_source: str | None = None,
+    inline: list[dict] | None = None,
 ) -> Execution:
     """Store the script (content-addressed) and write the execution row; the caller commits and
-    only then enqueues the pipeline. Inputs must already be stored blobs of this account."""
+    only then enqueues the pipeline. Inputs must already be stored blobs of this account, or
+    come ``inline`` (``{sha256, data}``, base64: small files in the submission's body)."""
     checked = check_submission(
         session,
         settings,
@@ -271,13 +286,15 @@ def create_execution(
         memory=memory,
         cpus=cpus,
         sources=sources,
+        inline=inline,
+        store=store,
     )
     counts = (files_uploaded, bytes_uploaded)
     if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**31 for n in counts):
         raise BadInput("files_uploaded and bytes_uploaded must be counts")
     manifest = checked.inputs
     module = check_module(module, script_name)
-    digest = store_script(store, account_id, script)
+    digest = store_script(store, account_id, script, settings.blob_presence_ttl_s)
     execution = Execution(
         id=new_execution_id(),
         account_id=account_id,

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,7 +57,14 @@ from rgrid.channels import ScriptChannels
 from rgrid.config import Settings
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker, image_id
-from rgrid.errors import BadInput, BuildError, RGridError, ServiceUnavailable, user_message
+from rgrid.errors import (
+    BadInput,
+    BuildError,
+    NotFound,
+    RGridError,
+    ServiceUnavailable,
+    user_message,
+)
 from rgrid.hashing import script_hash
 from rgrid.hosts import HostRegistry
 from rgrid.locks import LockFactory
@@ -460,8 +468,10 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
             except BadInput as exc:
                 _fail_build(ctx, execution_id, exc.message)
                 return False
-        if pinned is None:
-            count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
+        count = sum(1 for line in requirements.splitlines() if not line.startswith("-"))
+        if pinned is None and dependencies.is_locked(requirements):
+            ctx.phase(execution_id, f"installing {count} locked package(s), nothing to resolve")
+        elif pinned is None:
             ctx.phase(execution_id, f"resolving and installing {count} requirement(s)")
         else:
             ctx.phase(execution_id, f"installing {len(pinned)} package(s)")
@@ -540,18 +550,38 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
     for item in files:
         if item["sha256"] not in keys:
             raise RGridError(f"input {item['path']} is no longer stored; run again to upload it")
-    return [
-        (
-            item["path"],
-            blobs.cached_copy(
-                ctx.store,
-                keys[item["sha256"]],
-                item["sha256"],
-                ctx.settings.blob_cache_dir / str(execution.account_id),
-            ),
-        )
-        for item in files
-    ]
+    # This host's content-addressed copies (per account) are the tree: an unchanged module
+    # is never fetched again, and what is not here yet is fetched several at a time.
+    cache_dir = ctx.settings.blob_cache_dir / str(execution.account_id)
+    digests = list(dict.fromkeys(item["sha256"] for item in files))
+
+    def local(digest: str) -> Path:
+        try:
+            return blobs.cached_copy(ctx.store, keys[digest], digest, cache_dir)
+        except NotFound:
+            _forget_lost_blob(ctx, execution.account_id, digest, keys[digest])
+            name = next(item["path"] for item in files if item["sha256"] == digest)
+            raise RGridError(f"input {name} is no longer stored; run again to upload it") from None
+
+    if sum(1 for d in digests if not blobs.cached_path(cache_dir, d).is_file()) > 1:
+        with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rgrid-fetch") as fetchers:
+            copies = dict(zip(digests, fetchers.map(local, digests), strict=True))
+    else:
+        copies = {digest: local(digest) for digest in digests}
+    return [(item["path"], copies[item["sha256"]]) for item in files]
+
+
+#: Input and source files fetched from the object store at once, for those this host lacks.
+FETCH_THREADS = 8
+
+
+def _forget_lost_blob(ctx: PipelineContext, account_id: int, digest: str, key: str) -> None:
+    """The store lost a blob's bytes: drop its row, so that the next run uploads it again."""
+    blobs.forget_presence(key)
+    with contextlib.suppress(Exception), session_scope(ctx.session_factory) as session:
+        blob = blobs.find_blob(session, account_id, digest)
+        if blob is not None and blob.object_key == key:
+            session.delete(blob)
 
 
 def _store_outputs(

@@ -12,6 +12,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from rgrid import metrics, reuse
+from rgrid.blobs import forget_presence
 from rgrid.cache_keys import log_object_key
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -105,6 +106,7 @@ def purge_blob_rows(
     stale = list(session.scalars(_stale(Blob, unused, account_id)))
     for blob in stale:
         store.delete(blob.object_key)
+        forget_presence(blob.object_key)
         session.delete(blob)
     return len(stale), sum(blob.size for blob in stale)
 
@@ -254,6 +256,7 @@ def purge_account(
     ]
     for blob in stale:
         store.delete(blob.object_key)
+        forget_presence(blob.object_key)
         session.delete(blob)
     result["blobs"], result["blob_bytes"] = len(stale), sum(blob.size for blob in stale)
     return result

@@ -33,6 +33,11 @@ _KEPT_OPTIONS = {
     # Not a pip option: uv takes it on its command line (rgrid/dependencies.py). It comes
     # from a PEP 723 block's ``[tool.uv] exclude-newer``.
     "--exclude-newer": "--exclude-newer",
+    # Not a pip option either: the set is a whole resolution already (a ``uv.lock``'s
+    # export, rgrid/sources.py), so its pins are installed as they are (uv's --no-deps) and
+    # nothing is resolved. (--no-deps itself stays refused: in a hand-written file it would
+    # leave out what the listed packages need.)
+    "--locked": "--locked",
 }
 
 #: ``[tool.uv]`` settings of a PEP 723 block that RGrid honours, as the option each becomes.
@@ -184,7 +189,7 @@ def _normalise_option(line: str, number: int) -> str:
         raise BadInput(f"requirements line {number}: unsupported option '{flag}'")
     canonical = _KEPT_OPTIONS[flag]
     value = value.strip()
-    if canonical == "--pre":
+    if canonical in ("--pre", "--locked"):
         return canonical
     if not value:
         raise BadInput(f"requirements line {number}: '{flag}' needs a value")

@@ -16,12 +16,15 @@ def _record_line(name: str, data: bytes) -> str:
     return f"{name},sha256={digest},{len(data)}"
 
 
-def make_wheel(folder: Path, dist: str, version: str) -> Path:
+def make_wheel(folder: Path, dist: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A pure-Python wheel; ``requires``: its ``Requires-Dist`` lines."""
     module = dist.replace("-", "_")
     info = f"{module}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
     files = {
         f"{module}/__init__.py": f"VERSION = {version!r}\n".encode(),
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+        f"{info}/METADATA": metadata.encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: rgrid-tests\nRoot-Is-Purelib: true\n"
         b"Tag: py3-none-any\n",
     }

@@ -29,11 +29,22 @@ def _presigning_store() -> PresigningStore:
 @bp.post("/blobs/missing")
 @validated(body=MissingRequest)
 def missing(body: MissingRequest):
-    """Which of these digests the caller has no stored copy of."""
+    """Which of these digests the caller has no stored copy of, and how many bytes of them
+    a submission may carry inline (``inline``) instead of uploading each."""
     ctx = context()
     with session_scope(ctx.session_factory) as session:
-        found = blobs.missing_digests(session, ctx.store, g.account_id, body.digests)
-        return jsonify(missing=found)
+        found = blobs.missing_digests(
+            session, ctx.store, g.account_id, body.digests, ctx.settings.blob_presence_ttl_s
+        )
+        return jsonify(missing=found, inline_bytes=inline_budget(ctx.settings.inline_upload_bytes))
+
+
+def inline_budget(setting: int) -> int:
+    """What a submission may carry inline: the operator's setting, within a quarter of the
+    request size limit (base64 adds a third, and the script itself may be 1 MiB)."""
+    from rgrid.api import MAX_REQUEST_BYTES
+
+    return max(0, min(setting, MAX_REQUEST_BYTES // 4))
 
 
 @bp.post("/uploads")

@@ -52,6 +52,7 @@ def create_execution(body: SubmitRequest):
             bytes_uploaded=body.bytes_uploaded,
             stdin=body.stdin,
             env_names=list(env) if env else None,
+            inline=[item.model_dump() for item in body.inline] if body.inline else None,
         )
         execution_id = execution.id
         reused = reuse.at_submission(

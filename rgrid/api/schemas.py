@@ -65,6 +65,16 @@ class InputEntry(_Strict):
     size: Count
 
 
+class InlineFile(_Strict):
+    """A small file sent in the submission's own body in place of an upload: its digest and
+    its bytes, base64 (standard alphabet, padded)."""
+
+    sha256: Digest
+    data: Annotated[
+        str, StringConstraints(max_length=8 * 1024 * 1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")
+    ]
+
+
 class _ScriptRequest(_Strict):
     """The options a single execution and a batch share: the script and how it runs."""
 
@@ -121,6 +131,10 @@ class SubmitRequest(_ScriptRequest):
     files_uploaded: SmallCount = 0
     bytes_uploaded: Count = 0
     stdin: bool = False
+    #: Files of ``inputs`` or ``sources`` the account lacked, small enough to come inline
+    #: (at most RGRID_INLINE_UPLOAD_BYTES in all, as ``POST /blobs/missing`` says): checked
+    #: against their digests and stored as uploads are, before the submission is.
+    inline: list[InlineFile] | None = Field(default=None, max_length=10_000)
     env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_VARS)
     #: Answer from a previous succeeded run with the same action key (None: the server's
     #: default, RGRID_REUSE_DEFAULT); ``refresh``: run anyway and replace that entry.

@@ -85,6 +85,24 @@ def test_a_project_runs_with_its_modules_which_are_no_arguments(env, project):
     assert "helpers/text.py" in status.stdout and third["source_digest"] in status.stdout
 
 
+def test_an_edited_module_rides_inline_in_the_submission(stack_env, project):
+    """Against the stack a small missing file is carried in the submission's own body: no
+    upload of its own (POST /uploads, presigned PUT, completion), yet stored as a blob, so
+    that a repeat sends nothing."""
+    first, result = run_json("run", "main.py", "data/", env=stack_env, cwd=project)
+    assert first["status"] == "succeeded", result.stderr
+    edited = HELPERS_TEXT.replace("int(line.strip())", "int(line.strip()) * 2")
+    (project / "helpers" / "text.py").write_text(edited)
+    human = run_cli("run", "main.py", "data/", "-v", env=stack_env, cwd=project)
+    assert human.returncode == 0, human.stderr
+    assert "total 12 apples" in human.stdout
+    size = len(edited.encode())
+    assert f"4 module file(s) shipped, 1 uploaded ({size} B), 1 inline" in human.stderr
+    again, result = run_json("run", "main.py", "data/", env=stack_env, cwd=project)
+    assert again["status"] == "succeeded", result.stderr
+    assert again["bytes_uploaded"] == 0 and again["script_cache_hit"] is True
+
+
 def test_a_script_in_a_subfolder_runs_as_python_sub_main_py(env, project):
     tools = project / "tools"
     tools.mkdir()

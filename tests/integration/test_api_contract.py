@@ -47,6 +47,9 @@ def _post(client, path: str, body) -> tuple[int, dict]:
         ({**GOOD, "env": {"1BAD": "x"}}, "env"),
         ({**GOOD, "memory": True}, "memory"),
         ({**GOOD, "unknown_option": 1}, "unknown_option"),
+        ({**GOOD, "inline": [{"sha256": DIGEST, "data": "not base64!"}]}, "inline.0.data"),
+        ({**GOOD, "inline": [{"sha256": "x", "data": ""}]}, "inline.0.sha256"),
+        ({**GOOD, "inline": {"a": 1}}, "inline"),
         ({"script_name": "ok.py"}, "script"),
     ],
 )
@@ -120,3 +123,29 @@ def test_metrics_answer_only_the_operator(server_settings):
     assert guarded.get("/metrics").status_code == 401
     ok = guarded.get("/metrics", headers={"Authorization": "Bearer m-token"})
     assert ok.status_code == 200 and b"rgrid_executions_submitted_total" in ok.data
+
+
+def test_a_module_sent_inline_is_stored_and_a_repeat_finds_it(client):
+    """The missing-digests answer says how many bytes may come inline; a submission carrying
+    the file runs, and the file is then stored like an upload."""
+    import base64
+    import hashlib
+    import secrets
+
+    data = f"VALUE = {secrets.token_hex(8)!r}\n".encode()
+    digest = hashlib.sha256(data).hexdigest()
+    status, answer = _post(client, "/v1/blobs/missing", {"digests": [digest]})
+    assert status == 200 and answer["missing"] == [digest]
+    assert 0 < answer["inline_bytes"] <= MAX_REQUEST_BYTES // 4
+    source = {"path": "mod.py", "sha256": digest, "size": len(data)}
+    body = {
+        "script": "import mod\n",
+        "script_name": "main.py",
+        "sources": [source],
+        "inline": [{"sha256": digest, "data": base64.b64encode(data).decode()}],
+    }
+    status, answer = _post(client, "/v1/executions", body)
+    assert status == 201, answer
+    assert _post(client, "/v1/blobs/missing", {"digests": [digest]})[1]["missing"] == []
+    status, answer = _post(client, "/v1/executions", {**body, "inline": None})
+    assert status == 201, answer

@@ -328,3 +328,97 @@ def test_more_bytes_than_declared_are_refused_and_nothing_is_stored(ctx, account
     assert ctx.store.keys_older_than(f"uploads/{account.id}/", 0) == []
     with session_scope(ctx.session_factory) as session:
         assert session.query(Upload).filter_by(account_id=account.id).count() == 0
+
+
+def _inline(data: bytes) -> dict:
+    import base64
+
+    return {"sha256": _digest(data), "data": base64.b64encode(data).decode()}
+
+
+def _source(path: str, data: bytes) -> dict:
+    return {"path": path, "sha256": _digest(data), "size": len(data)}
+
+
+TREE_MAIN = "import helper\nimport other\nprint('sum', helper.VALUE + other.VALUE)\n"
+
+
+def test_inline_files_are_stored_as_blobs_and_the_host_cache_is_the_tree(
+    ctx, account, run_script, monkeypatch
+):
+    """Small files sent in the submission itself become blobs as an upload's would (a repeat
+    finds them); on the worker host the tree is made from its content-addressed copies, so
+    after one module is edited only that one is fetched from the store."""
+    helper, other = b"VALUE = 1\n", b"VALUE = 2  # " + secrets.token_hex(8).encode() + b"\n"
+    sources = [_source("helper.py", helper), _source("other.py", other)]
+    first = run_script(TREE_MAIN, sources=sources, inline=[_inline(helper), _inline(other)])
+    assert first["status"] == "succeeded", first["error"]
+    assert _missing(ctx, account.id, [_digest(helper), _digest(other)]) == []
+
+    fetched: list[str] = []
+    download = ctx.store.download
+    monkeypatch.setattr(
+        ctx.store, "download", lambda key, dest: fetched.append(key) or download(key, dest)
+    )
+    edited = b"VALUE = 10  # " + secrets.token_hex(8).encode() + b"\n"
+    sources = [_source("helper.py", edited), _source("other.py", other)]
+    second = run_script(TREE_MAIN, sources=sources, inline=[_inline(edited)])
+    assert second["status"] == "succeeded", second["error"]
+    assert second["source_digest"] != first["source_digest"]
+    with session_scope(ctx.session_factory) as session:
+        assert fetched == [blobs.find_blob(session, account.id, _digest(edited)).object_key]
+
+
+@pytest.mark.parametrize(
+    "inline, reason",
+    [
+        ([{"sha256": _digest(b"x = 1\n"), "data": "eCA9IDIK"}], "do not match their digest"),
+        ([_inline(b"print('not named')\n")], "none of the submission's files"),
+        ([{"sha256": _digest(b"x = 1\n"), "data": "not base64!"}], "not base64"),
+    ],
+)
+def test_a_false_or_stray_inline_file_is_refused_and_nothing_is_stored(
+    ctx, account, submit, inline, reason
+):
+    with pytest.raises(BadInput, match=reason):
+        submit("import m\n", sources=[_source("m.py", b"x = 1\n")], inline=inline)
+    with session_scope(ctx.session_factory) as session:
+        assert session.query(Blob).filter_by(account_id=account.id).count() == 0
+
+
+def test_inline_files_over_the_budget_are_refused(ctx, account):
+    settings = replace(ctx.settings, inline_upload_bytes=10)
+    data = b"VALUE = 'more than ten bytes'\n"
+    with (
+        pytest.raises(BadInput, match="RGRID_INLINE_UPLOAD_BYTES"),
+        session_scope(ctx.session_factory) as session,
+    ):
+        svc.create_execution(
+            session,
+            ctx.store,
+            settings,
+            account_id=account.id,
+            script="import m\n",
+            script_name="job.py",
+            sources=[_source("m.py", data)],
+            inline=[_inline(data)],
+        )
+
+
+def test_a_blob_seen_recently_is_not_asked_about_again(ctx, account, upload, monkeypatch):
+    """Within RGRID_BLOB_PRESENCE_TTL the API trusts an object it saw (no HEAD per file per
+    run); with 0 it asks every time, and a vanished object is missing again."""
+    digest, _ = upload(account.id, secrets.token_bytes(32))
+    asked: list[str] = []
+    exists = ctx.store.exists
+    monkeypatch.setattr(ctx.store, "exists", lambda key: asked.append(key) or exists(key))
+
+    def missing(ttl: float) -> list[str]:
+        with session_scope(ctx.session_factory) as session:
+            return blobs.missing_digests(session, ctx.store, account.id, [digest], ttl)
+
+    assert missing(300) == [] and len(asked) == 1
+    assert missing(300) == [] and len(asked) == 1
+    with session_scope(ctx.session_factory) as session:
+        ctx.store.delete(blobs.find_blob(session, account.id, digest).object_key)
+    assert missing(0) == [digest] and len(asked) == 2

@@ -184,3 +184,23 @@ def test_concurrent_runs_with_new_requirements_install_once(
     assert sum(r["deps_build_s"] is not None for r in rows) == 1
     assert len({r["environment"] for r in rows}) == 1
     assert _folders(ctx) - folders == {rows[0]["environment"]}
+
+
+def test_a_locked_set_is_installed_from_its_pins_without_resolving(ctx, run_script, tmp_path):
+    """A uv.lock's export (``--locked`` first, as rgrid/sources.py sends it) is the
+    resolution: its pins go in as they are. Proof that no resolver ran: the pinned wheel
+    declares a dependency that exists nowhere, which any resolution would fail on."""
+    dist = f"locked-{secrets.token_hex(4)}"
+    make_wheel(tmp_path, dist, "1.0", requires=("nowhere-to-be-found-rgrid>=1",))
+    module = dist.replace("-", "_")
+    script = f"import {module}\nprint('version', {module}.VERSION)\n"
+    unlocked = run_script(script, requirements=f"--find-links {tmp_path}\n{dist}==1.0\n")
+    assert unlocked["status"] == "build_failed"  # resolving needs the missing dependency
+    locked = f"--locked\n--find-links {tmp_path}\n{dist}==1.0 ; python_version >= '3'\n"
+    result = run_script(script, requirements=locked)
+    assert result["status"] == "succeeded", result["error"]
+    assert "version 1.0" in _log(ctx, result["execution_id"], "stdout")
+    assert result["resolved_dependencies"] == [f"{dist}==1.0"]
+    phases = _phases(ctx, result["execution_id"])
+    assert "installing 1 locked package(s), nothing to resolve" in phases, phases
+    assert not [p for p in phases if "resolving" in p]

@@ -61,3 +61,58 @@ def test_syntax_errors_are_left_for_run_time_and_bounds_hold(tmp_path):
     assert _names(collect_sources(tmp_path / "s.py", Settings())) == ["broken.py"]
     with pytest.raises(BadInput, match="RGRID_MAX_SOURCE_FILES"):
         collect_sources(tmp_path / "s.py", Settings(max_source_files=1))
+
+
+def test_a_uv_lock_is_sent_as_its_pins_marked_as_the_whole_resolution(tmp_path):
+    """The lock's export goes with ``--locked`` first: the worker installs those pins and
+    runs no resolver (rgrid.dependencies.is_locked); the normalised key keeps the mark."""
+    import subprocess
+
+    from uv import find_uv_bin
+
+    from rgrid.dependencies import is_locked
+    from rgrid.requirements import normalise
+    from rgrid.sources import project_dependencies
+    from tests.wheels import make_wheel
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "lockdep", "1.0")
+    (tmp_path / "main.py").write_text("import lockdep\n")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.11"\n'
+        f'dependencies = ["lockdep"]\n\n[tool.uv]\nfind-links = [{str(wheels)!r}]\n'
+    )
+    locked = subprocess.run(
+        [find_uv_bin(), "lock", "--offline", "--quiet"], cwd=tmp_path, capture_output=True
+    )
+    assert locked.returncode == 0, locked.stderr
+    found = project_dependencies(tmp_path / "main.py", "import lockdep\n", tmp_path)
+    assert found.source == "uv.lock"
+    normalised = normalise(found.requirements)
+    assert is_locked(normalised)
+    assert [line for line in normalised.splitlines() if not line.startswith("-")] == [
+        "lockdep==1.0"
+    ]
+    assert not is_locked(normalise("lockdep==1.0\n"))
+
+
+def test_imports_nested_in_functions_classes_and_handlers_are_found(tmp_path):
+    """The scan visits statements only, nested ones included."""
+    _write(
+        tmp_path,
+        {
+            "main.py": "class C:\n    def f(self):\n        try:\n            pass\n"
+            "        except ImportError:\n            import in_handler\n"
+            "        else:\n            if True:\n                from in_else import x\n"
+            "def g(v):\n    match v:\n        case 1:\n            import in_case\n"
+            "with open('f') as fh:\n    import in_with\n",
+            "in_handler.py": "",
+            "in_else.py": "x = 1\n",
+            "in_case.py": "",
+            "in_with.py": "",
+            "leaf_never.py": "",
+        },
+    )
+    tree = collect_sources(tmp_path / "main.py", Settings())
+    assert _names(tree) == ["in_case.py", "in_else.py", "in_handler.py", "in_with.py"]
