@@ -199,8 +199,8 @@ def test_a_locked_set_is_installed_from_its_pins_without_resolving(ctx, run_scri
     locked = f"--locked\n--find-links {tmp_path}\n{dist}==1.0 ; python_version >= '3'\n"
     result = run_script(script, requirements=locked)
     assert result["status"] == "succeeded", result["error"]
-    assert "version 1.0" in _log(ctx, result["execution_id"], "stdout")
+    assert "version 1.0" in stored_log(ctx, result["execution_id"], "stdout")
     assert result["resolved_dependencies"] == [f"{dist}==1.0"]
-    phases = _phases(ctx, result["execution_id"])
+    phases = stored_phases(ctx, result["execution_id"])
     assert "installing 1 locked package(s), nothing to resolve" in phases, phases
     assert not [p for p in phases if "resolving" in p]
