@@ -27,7 +27,7 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound, OverQuota, RGridError
 from rgrid.hashing import sha256_stream
 from rgrid.models import Account, Blob, Upload, utcnow
-from rgrid.objectstore import ObjectStore, PresigningStore
+from rgrid.objectstore import ObjectStore, PresigningStore, exists_many
 from rgrid.units import human_bytes
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -82,10 +82,12 @@ def missing_digests(
     missing (and is dropped), so the file is simply uploaded again."""
     wanted = list(dict.fromkeys(check_digest(d) for d in digests))
     found = {}
-    for blob in session.scalars(
-        select(Blob).where(Blob.account_id == account_id, Blob.digest.in_(wanted))
-    ):
-        if store.exists(blob.object_key):
+    rows = list(
+        session.scalars(select(Blob).where(Blob.account_id == account_id, Blob.digest.in_(wanted)))
+    )
+    present = exists_many(store, [blob.object_key for blob in rows])  # several at a time
+    for blob in rows:
+        if present[blob.object_key]:
             found[blob.digest] = blob
         else:
             session.delete(blob)

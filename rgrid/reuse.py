@@ -22,7 +22,6 @@ import os
 import secrets
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ from rgrid import blobs, cache_keys, metrics
 from rgrid.config import Settings
 from rgrid.hashing import sha256_bytes
 from rgrid.models import Blob, DependencyCache, Execution, OutputCache, utcnow
-from rgrid.objectstore import ObjectStore
+from rgrid.objectstore import ObjectStore, exists_many
 from rgrid.statuses import Status
 
 if TYPE_CHECKING:
@@ -286,19 +285,6 @@ def answer(
 
 # --- a batch's page of new executions, looked up at once -----------------------------------
 
-#: HEADs of a page's hits run on this many connections at once (one after the other, 2,000
-#: HEADs of a 1,000-input page took seconds on their own).
-EXISTS_THREADS = 8
-
-
-def exists_many(store: ObjectStore, keys: list[str]) -> dict[str, bool]:
-    """Whether each object is in the store: a HEAD each, several at a time."""
-    keys = list(dict.fromkeys(keys))
-    if len(keys) < 4:
-        return {key: store.exists(key) for key in keys}
-    with ThreadPoolExecutor(min(EXISTS_THREADS, len(keys))) as pool:
-        return dict(zip(keys, pool.map(store.exists, keys), strict=True))
-
 
 def lookup_many(session: Session, account_id: int, keys: list[str]) -> dict[str, OutputCache]:
     """The account's entries of these keys, by key: one indexed query for a page (at most
@@ -326,7 +312,7 @@ def _stored_entries(
     found = blobs.blobs_for(session, account_id, digests)
     keys = [cache_keys.log_object_key(entry.execution_id) for entry in entries]
     keys += [blob.object_key for blob in found.values()]
-    present = exists_many(store, keys)
+    present = exists_many(store, keys)  # a LIST for a batch's logs, else HEADs
     good = set()
     for entry in entries:
         if not present.get(cache_keys.log_object_key(entry.execution_id)):
