@@ -539,8 +539,10 @@ def drop_entries(session: Session, account_id: int | None, older_than) -> int:
 
 def nearest_earlier(session: Session, execution: Execution) -> Execution | None:
     """The account's latest run of the same script name before this one that has a key's
-    parts (what Bazel's execution log and Nextflow's -dump-hashes compare against)."""
-    return session.scalars(
+    parts (what Bazel's execution log and Nextflow's -dump-hashes compare against). A batch's
+    execution is compared with the latest earlier one made for the same input path, if any
+    (the batch's other inputs would all differ)."""
+    query = (
         select(Execution)
         .where(
             Execution.account_id == execution.account_id,
@@ -551,7 +553,12 @@ def nearest_earlier(session: Session, execution: Execution) -> Execution | None:
         )
         .order_by(Execution.created_at.desc())
         .limit(1)
-    ).first()
+    )
+    if execution.batch_item is not None:
+        same_input = session.scalars(query.where(Execution.batch_item == execution.batch_item))
+        if (found := same_input.first()) is not None:
+            return found
+    return session.scalars(query).first()
 
 
 def _pin_names(pins: list[str] | None) -> dict[str, str]:

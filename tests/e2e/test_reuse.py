@@ -310,6 +310,10 @@ def _batch_reuses_the_unchanged_inputs(env, cwd: Path, count: int = 6) -> None:
     changed = [name for name in after_outputs if after_outputs[name] != before_outputs[name]]
     assert changed == ["in3.txt"]
     assert after_outputs["in3.txt"].startswith("ITEM THREE, CHANGED ")
+    # `rgrid why` compares a batch's execution with the last one made for the same input.
+    why = run_json("why", by_input["data/in3.txt"]["execution_id"], env=env, cwd=cwd)[0]
+    assert why["compared_with"] == originals["data/in3.txt"]
+    assert why["differences"] == ["input data/in3.txt changed"]
 
     # The summary counts them apart; `batch status` too.
     plain = run_cli("run", "up.py", "--batch", "data", "--reuse", env=env, cwd=cwd, timeout=600)
