@@ -49,6 +49,8 @@ bench: setup
 	$(BIN)/python bench/sandbox_disk.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/cache_lookup.py
+	$(BIN)/python bench/reuse_lookup.py
+	$(BIN)/python bench/reuse_batch.py
 	$(BIN)/python bench/projects.py
 	$(BIN)/python bench/many_outputs.py
 

@@ -83,6 +83,8 @@ def create_batch(
     sources: list[dict] | None = None,
     module: str | None = None,
     dependency_source: str | None = None,
+    reuse: bool | None = None,
+    refresh: bool = False,
 ) -> Batch:
     """Check what every execution of the batch will share, once, and store the script; the
     batch then waits for its inputs (``add_inputs``) and ``start``."""
@@ -130,6 +132,11 @@ def create_batch(
             "source_digest": tree_digest(script_name, digest, checked.sources, module),
             "module": module,
             "dependency_source": check_label(dependency_source),
+            # Instant repeats (rgrid/reuse.py): each input added is looked up in the output
+            # cache (None: the server's RGRID_REUSE_DEFAULT when it is added); ``refresh``:
+            # every one runs, and its entry replaces the old one.
+            "reuse": None if reuse is None else bool(reuse),
+            "refresh": bool(refresh),
         },
     )
     session.add(batch)
@@ -149,11 +156,38 @@ def _locked(session: Session, account_id: int, batch_id: str) -> Batch:
 
 
 def add_inputs(
-    session: Session, settings: Settings, account_id: int, batch_id: str, items: list[dict]
+    session: Session,
+    settings: Settings,
+    account_id: int,
+    batch_id: str,
+    items: list[dict],
+    *,
+    store: ObjectStore | None = None,
+    runtime_image: Callable[[str], str | None] | None = None,
 ) -> int:
     """One execution per input (``{path, sha256, size}``, already uploaded), in one
     transaction; the input is placed at its path in /work and its path is the script's first
-    argument. Returns how many the batch now holds."""
+    argument. Returns how many the batch now holds (``add_page`` says how many were reused
+    too)."""
+    return add_page(
+        session, settings, account_id, batch_id, items, store=store, runtime_image=runtime_image
+    )["total"]
+
+
+def add_page(
+    session: Session,
+    settings: Settings,
+    account_id: int,
+    batch_id: str,
+    items: list[dict],
+    *,
+    store: ObjectStore | None = None,
+    runtime_image: Callable[[str], str | None] | None = None,
+) -> dict:
+    """``add_inputs``, with the output-cache lookup of the page when the batch reuses (and a
+    ``store`` is given to check the hits' objects in): the executions whose action key has
+    a live entry are answered at once, in the same INSERT, and are never dispatched;
+    ``runtime_image(runtime)``: the image the runs will get. Returns ``{total, reused}``."""
     if not items:
         raise BadInput("no inputs to add")
     if len(items) > PAGE_SIZE:
@@ -211,9 +245,21 @@ def add_inputs(
                 "superseded": False,
             }
         )
+    from rgrid import reuse
+
+    answered = reuse.for_batch(
+        session,
+        store,
+        settings,
+        account_id,
+        rows,
+        reuse=template.get("reuse"),
+        refresh=bool(template.get("refresh")),
+        runtime_image=runtime_image,
+    )
     session.execute(insert(Execution), rows)
     batch.next_index += len(rows)
-    return batch.next_index
+    return {"total": batch.next_index, "reused": len(answered)}
 
 
 def start(
@@ -518,9 +564,23 @@ def counts(session: Session, batch_id: str) -> dict[str, int]:
     )
 
 
+def reused_count(session: Session, batch_id: str) -> int:
+    """How many of the batch's current executions were answered from the output cache."""
+    return session.scalar(
+        select(func.count())
+        .select_from(Execution)
+        .where(
+            Execution.batch_id == batch_id,
+            Execution.superseded.is_(False),
+            Execution.reused_from.is_not(None),
+        )
+    )
+
+
 def batch_to_dict(session: Session, batch: Batch) -> dict:
     by_status = counts(session, batch.id)
     total = sum(by_status.values())
+    reused = reused_count(session, batch.id) if by_status.get(Status.SUCCEEDED) else 0
     done = sum(n for status, n in by_status.items() if status in TERMINAL_STATUSES)
     return {
         "batch_id": batch.id,
@@ -531,6 +591,10 @@ def batch_to_dict(session: Session, batch: Batch) -> dict:
         "total": total,
         "finished": done,
         "counts": by_status,
+        # Answered from earlier runs' outputs without running (--reuse); counted among
+        # ``succeeded`` too.
+        "reused": reused,
+        "reuse": (batch.template or {}).get("reuse"),
         "done": batch.started_at is not None and done == total,
         "cancelled": batch.cancelled_at is not None,
         "created_at": iso_utc(batch.created_at),

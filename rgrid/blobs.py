@@ -27,7 +27,7 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound, OverQuota, RGridError
 from rgrid.hashing import sha256_stream
 from rgrid.models import Account, Blob, Upload, utcnow
-from rgrid.objectstore import ObjectStore, PresigningStore
+from rgrid.objectstore import ObjectStore, PresigningStore, exists_many
 from rgrid.units import human_bytes
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -101,16 +101,14 @@ def missing_digests(
     return [digest for digest in wanted if digest not in found]
 
 
-#: Existence checks (one HEAD each on S3) made at once.
-EXISTS_THREADS = 16
 #: Object keys this process found in the store, and when (``time.monotonic()``).
 _SEEN: dict[str, float] = {}
 _SEEN_MAX = 100_000
 
 
 def all_exist(store: ObjectStore, keys: list[str], ttl_s: float = 0) -> list[bool]:
-    """``store.exists`` of each key, ``EXISTS_THREADS`` at a time, except for keys this
-    process found there less than ``ttl_s`` ago. A HEAD costs 5-15 ms of botocore and the S3
+    """Whether each key is in the store (``exists_many``: several at a time), except for keys
+    this process found there less than ``ttl_s`` ago. A HEAD costs 5-15 ms of botocore and the S3
     endpoint here: a project's 30 modules asked about one by one were 0.15-0.5 s of every
     run's missing-digests call (bench/projects.py), for objects that only RGrid's own purge,
     which drops their rows first, ever deletes. A store that lost objects behind RGrid's back
@@ -118,11 +116,8 @@ def all_exist(store: ObjectStore, keys: list[str], ttl_s: float = 0) -> list[boo
     now = time.monotonic()
     fresh = [ttl_s > 0 and now - _SEEN.get(key, -ttl_s - 1) < ttl_s for key in keys]
     ask = [key for key, ok in zip(keys, fresh, strict=True) if not ok]
-    if len(ask) <= 1:
-        answers = [store.exists(key) for key in ask]
-    else:
-        with ThreadPoolExecutor(min(EXISTS_THREADS, len(ask)), "rgrid-exists") as pool:
-            answers = list(pool.map(store.exists, ask))
+    present_now = exists_many(store, ask)  # several at a time, a LIST where many share a prefix
+    answers = [present_now[key] for key in ask]
     if ttl_s > 0:
         if len(_SEEN) > _SEEN_MAX:
             _SEEN.clear()

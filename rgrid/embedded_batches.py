@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import update
 
-from rgrid import batches, pipeline
+from rgrid import batches, pipeline, reuse
 from rgrid.db import serialized_session_factory, session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.models import Execution
@@ -62,8 +62,14 @@ class EmbeddedBatches:
 
     def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
         with session_scope(self._writer.session_factory) as session:
-            total = batches.add_inputs(
-                session, self.ctx.settings, self.account_id, batch_id, inputs
+            added = batches.add_page(
+                session,
+                self.ctx.settings,
+                self.account_id,
+                batch_id,
+                inputs,
+                store=self.ctx.store,
+                runtime_image=self._runtime_image,
             )
             session.execute(
                 update(Execution)
@@ -71,7 +77,14 @@ class EmbeddedBatches:
                 .values(worker=self.ctx.worker_id),
                 execution_options={"synchronize_session": False},
             )
-        return {"batch_id": batch_id, "total": total}
+        return {"batch_id": batch_id, **added}
+
+    def _runtime_image(self, runtime: str) -> str | None:
+        """This engine's image for the runtime, looked up once per process (a page each)."""
+        images = self.__dict__.setdefault("_images", {})
+        if runtime not in images:
+            images[runtime] = reuse.local_runtime_image(runtime)
+        return images[runtime]
 
     def _run(self, execution_id: str) -> None:
         pipeline.run_all(self._writer, execution_id)

@@ -139,6 +139,9 @@ class Execution(Base):
     run_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # What the stored log lacks (None: nothing), said in the summary too.
     log_incomplete: Mapped[str | None] = mapped_column(Text)
+    # Which limit cut a run short that still exited 0 (the memory limit killed one of its
+    # processes), if any: such a run is never recorded for reuse (rgrid/reuse.py).
+    cut_short: Mapped[str | None] = mapped_column(Text)
     # Its batch (rgrid/batches.py), if any; the input it was made for, which names its
     # outputs folder; when the batch handed it to the queue (None: still held back by the
     # batch's ``parallel``); and whether `rgrid batch retry` replaced it with a new attempt.

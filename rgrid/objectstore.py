@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -106,6 +107,40 @@ class LocalStore:
             return open(self._path(key), "rb")
         except FileNotFoundError as exc:
             raise NotFound(f"object {key} not found") from exc
+
+
+#: HEADs (and LISTs) of many objects run on this many connections at once: one after the
+#: other, the 2,000 HEADs of a 1,000-input batch page took 30 s on the S3 endpoint here.
+EXISTS_THREADS = 8
+#: Keys that share their folder and the first this many characters of their name (a batch's
+#: executions' logs: ``logs/<batch id>...``) are looked for with one LIST of that prefix...
+LIST_PREFIX_CHARS = 10
+#: ... when there are at least this many of them; fewer get a HEAD each.
+LIST_AT_LEAST = 16
+
+
+def exists_many(store: ObjectStore, keys: list[str]) -> dict[str, bool]:
+    """Whether each object is in the store. A local folder: a stat each. S3: keys sharing a
+    prefix (``LIST_PREFIX_CHARS``) in numbers are listed, the rest get a HEAD each, several
+    requests at a time."""
+    keys = list(dict.fromkeys(keys))
+    lister = getattr(store, "keys_under", None)
+    if isinstance(store, LocalStore) or len(keys) < 4:
+        return {key: store.exists(key) for key in keys}
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        folder, _, name = key.rpartition("/")
+        groups.setdefault(f"{folder}/{name[:LIST_PREFIX_CHARS]}", []).append(key)
+    listed = [p for p, members in groups.items() if lister and len(members) >= LIST_AT_LEAST]
+    headed = [key for p, members in groups.items() if p not in listed for key in members]
+    found: dict[str, bool] = {}
+    with ThreadPoolExecutor(EXISTS_THREADS) as pool:
+        heads = pool.map(store.exists, headed)
+        lists = pool.map(lister, listed) if listed else []
+        found.update(zip(headed, heads, strict=True))
+        for prefix, present in zip(listed, lists, strict=True):
+            found.update((key, key in present) for key in groups[prefix])
+    return found
 
 
 def store_from_settings(settings: Settings) -> ObjectStore:

@@ -693,11 +693,14 @@ def _capped_log(ctx: PipelineContext, execution_id: str, written: int = 0):
                 piece = _fitting(stream, piece, limit - written)
                 if piece:
                     append(stream, piece)
-                ctx.note(
-                    execution_id,
-                    f"\nlog truncated at {human_limit(limit)}: the rest of the script's "
-                    "output was dropped",
+                said = (
+                    f"log truncated at {human_limit(limit)}: the rest of the script's"
+                    " output was dropped"
                 )
+                ctx.note(execution_id, f"\n{said}")
+                # On the row too: a run cut at the log limit is no clean success, and is
+                # never recorded for reuse (its replay would lack the rest).
+                _mark_log_incomplete(ctx, execution_id, said)
                 written = limit
                 return
             written += size
@@ -1021,6 +1024,10 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
             execution.outcome = Status.SUCCEEDED if ok else Status.FAILED
             if result.oom_killed and not ok:
                 execution.error = out_of_memory
+            elif result.oom_killed:
+                # It exited 0, but the memory limit killed one of its processes: a success
+                # a larger limit might not repeat, so never one to reuse.
+                execution.cut_short = out_of_memory
 
     recorded = update_execution(ctx, execution_id, record)
     if result.timed_out:
@@ -1164,6 +1171,12 @@ def _reattach(
 
 def _log_incomplete(ctx: PipelineContext, execution_id: str, what: str) -> None:
     """Part of the log is gone for good: say so in the log and on the row (the summary)."""
+    _mark_log_incomplete(ctx, execution_id, what)
+    ctx.note(execution_id, f"log incomplete: {what}")
+
+
+def _mark_log_incomplete(ctx: PipelineContext, execution_id: str, what: str) -> None:
+    """What the stored log lacks, on the row (the summary says it; reuse never records it)."""
 
     def record(execution: Execution) -> None:
         execution.log_incomplete = (
@@ -1171,7 +1184,6 @@ def _log_incomplete(ctx: PipelineContext, execution_id: str, what: str) -> None:
         )
 
     update_execution(ctx, execution_id, record)
-    ctx.note(execution_id, f"log incomplete: {what}")
 
 
 def _release(ctx: PipelineContext, execution_id: str) -> None:

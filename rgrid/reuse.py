@@ -21,18 +21,20 @@ import json
 import os
 import secrets
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rgrid import blobs, cache_keys, metrics
 from rgrid.config import Settings
 from rgrid.hashing import sha256_bytes
-from rgrid.models import DependencyCache, Execution, OutputCache, utcnow
-from rgrid.objectstore import ObjectStore
+from rgrid.models import Blob, DependencyCache, Execution, OutputCache, utcnow
+from rgrid.objectstore import ObjectStore, exists_many
 from rgrid.statuses import Status
 
 if TYPE_CHECKING:
@@ -229,14 +231,24 @@ def at_submission(
     return True
 
 
+#: The lookup of an entry's id: built once, one column, on the session's connection past
+#: the ORM's execution path (as the script cache's lookup: bench/cache_lookup.py measured a
+#: whole ORM row per call at ~2x); only a hit loads its row.
+_ENTRY_ID = select(OutputCache.id).where(
+    OutputCache.account_id == bindparam("account_id"),
+    OutputCache.action_key == bindparam("action_key"),
+)
+
+
 def lookup(session: Session, account_id: int, key: str) -> OutputCache | None:
     """One indexed read by (account, key): another account's identical run is a miss that
     costs what any miss costs."""
-    return session.scalars(
-        select(OutputCache).where(
-            OutputCache.account_id == account_id, OutputCache.action_key == key
-        )
-    ).one_or_none()
+    found = (
+        session.connection()
+        .execute(_ENTRY_ID, {"account_id": account_id, "action_key": key})
+        .first()
+    )
+    return session.get(OutputCache, found.id) if found is not None else None
 
 
 def still_stored(session: Session, store: ObjectStore, entry: OutputCache) -> bool:
@@ -281,7 +293,189 @@ def answer(
             blobs.touch(blob)
 
 
+# --- a batch's page of new executions, looked up at once -----------------------------------
+
+
+def lookup_many(session: Session, account_id: int, keys: list[str]) -> dict[str, OutputCache]:
+    """The account's entries of these keys, by key: one indexed query for a page (at most
+    1,000 keys), not one per execution."""
+    found: dict[str, OutputCache] = {}
+    keys = list(dict.fromkeys(keys))
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        for entry in session.scalars(
+            select(OutputCache).where(
+                OutputCache.account_id == account_id, OutputCache.action_key.in_(chunk)
+            )
+        ):
+            found[entry.action_key] = entry
+    return found
+
+
+def _stored_entries(
+    session: Session, store: ObjectStore, account_id: int, entries: list[OutputCache]
+) -> tuple[set[int], dict[str, Blob]]:
+    """Which entries still have their log and every output blob in the store (what
+    ``still_stored`` checks for one, here in one blob query and parallel HEADs), and the
+    blobs found, by digest."""
+    digests = [o["sha256"] for entry in entries for o in entry.outputs or []]
+    found = blobs.blobs_for(session, account_id, digests)
+    keys = [cache_keys.log_object_key(entry.execution_id) for entry in entries]
+    keys += [blob.object_key for blob in found.values()]
+    present = exists_many(store, keys)  # a LIST for a batch's logs, else HEADs
+    good = set()
+    for entry in entries:
+        if not present.get(cache_keys.log_object_key(entry.execution_id)):
+            continue
+        if all(
+            (blob := found.get(o["sha256"])) is not None and present.get(blob.object_key)
+            for o in entry.outputs or []
+        ):
+            good.add(entry.id)
+    return good, found
+
+
+#: The columns a batch page's rows all carry, so that they go in as one multi-row INSERT
+#: (a hit fills them in; a miss leaves them empty for its run).
+ANSWER_COLUMNS = (
+    "outcome",
+    "exit_code",
+    "reused_from",
+    "output_cache_hit",
+    "action_parts",
+    "action_key",
+    "runtime_image",
+    "environment",
+    "resolved_dependencies",
+    "run_s",
+    "started_at",
+    "finished_at",
+    "dispatched_at",
+)
+
+
+def for_batch(
+    session: Session,
+    store: ObjectStore | None,
+    settings: Settings,
+    account_id: int,
+    rows: list[dict],
+    *,
+    reuse: bool | None,
+    refresh: bool = False,
+    runtime_image=None,
+) -> list[str]:
+    """A page of a batch's new executions (rows about to be inserted): each gets its action
+    key's parts, and with --reuse (or the default) the page is looked up at once (one query
+    for the entries, one for their blobs, parallel HEADs) and each hit is answered as a
+    single run is (``answer``): succeeded, ``reused_from``, the original's outputs, never
+    dispatched. Only the misses are left queued. ``runtime_image``: a callable giving the
+    image the run will get for a runtime, called only when looking up. Returns the ids of
+    the executions answered."""
+    if not rows:
+        return []
+    now = utcnow()
+    for row in rows:
+        row.update(dict.fromkeys(ANSWER_COLUMNS))
+        row["created_at"] = now
+    looking = store is not None and wanted(settings, reuse) and not refresh
+    image = runtime_image(rows[0]["runtime"]) if looking and runtime_image else None
+    # One runtime, one requirements set per batch: one resolution for the page.
+    first = SimpleNamespace(**rows[0], dependency_hash=None)
+    pins, environment = _known_resolution(session, first)
+    resolved = resolution(first, pins)
+    keys: dict[str, dict] = {}
+    for row in rows:
+        probe = SimpleNamespace(**row, dependency_hash=None)
+        parts = key_parts(settings, probe, runtime_image=image, resolution=resolved, env={})
+        row["action_parts"] = parts
+        if looking:
+            row["output_cache_hit"] = False
+            key = key_of(settings, account_id, parts)
+            if key is not None:
+                keys[key] = row
+    if not looking:
+        return []
+    entries = lookup_many(session, account_id, list(keys))
+    good, found = _stored_entries(session, store, account_id, list(entries.values()))
+    gone = [entry.id for entry in entries.values() if entry.id not in good]
+    if gone:  # never a partial answer: the entry is dropped, and the run is a miss
+        session.execute(
+            delete(OutputCache)
+            .where(OutputCache.id.in_(gone))
+            .execution_options(synchronize_session=False)
+        )
+    answered: list[str] = []
+    touched: Counter[str] = Counter()
+    for key, row in keys.items():
+        entry = entries.get(key)
+        if entry is None or entry.id not in good:
+            continue
+        row.update(
+            status=Status.SUCCEEDED.value,
+            outcome=Status.SUCCEEDED.value,
+            exit_code=entry.exit_code,
+            outputs=list(entry.outputs or []),
+            reused_from=entry.execution_id,
+            output_cache_hit=True,
+            action_key=key,
+            runtime_image=image,
+            environment=environment,
+            resolved_dependencies=pins,
+            run_s=0.0,
+            started_at=now,
+            finished_at=now,
+            dispatched_at=now,
+        )
+        answered.append(row["id"])
+        touched.update(o["sha256"] for o in [*(entry.outputs or []), *(row["inputs"] or [])])
+        metrics.output_lookup(True, entry.run_s, entry.bytes)
+    for _ in range(len(rows) - len(answered)):
+        metrics.output_lookup(False)
+    hit_ids = [entries[key].id for key in keys if key in entries and entries[key].id in good]
+    if hit_ids:
+        session.execute(
+            update(OutputCache)
+            .where(OutputCache.id.in_(hit_ids))
+            .values(last_used_at=now, use_count=OutputCache.use_count + 1)
+            .execution_options(synchronize_session=False)
+        )
+    _touch_blobs(session, account_id, touched, found, now)
+    return answered
+
+
+def _touch_blobs(
+    session: Session, account_id: int, uses: Counter[str], known: dict[str, Blob], now
+) -> None:
+    """Each blob the answered executions use, touched once per use, in a statement per
+    distinct count (a page's shared inputs are used by every one of its executions)."""
+    if not uses:
+        return
+    missing = [digest for digest in uses if digest not in known]
+    if missing:
+        known = {**known, **blobs.blobs_for(session, account_id, missing)}
+    by_count: dict[int, list[int]] = {}
+    for digest, count in uses.items():
+        if (blob := known.get(digest)) is not None:
+            by_count.setdefault(count, []).append(blob.id)
+    for count, ids in by_count.items():
+        session.execute(
+            update(Blob)
+            .where(Blob.id.in_(ids))
+            .values(last_used_at=now, use_count=Blob.use_count + count)
+            .execution_options(synchronize_session=False)
+        )
+
+
 # --- recording a succeeded run ---------------------------------------------------------------
+
+
+def clean_success(execution: Execution) -> bool:
+    """Whether a succeeded run may answer later ones: its stored log is whole (no lost
+    chunks, no output dropped at the log limit: ``log_incomplete``) and no limit cut it
+    short (an exit 0 after the memory limit killed one of its processes is ``cut_short``).
+    Replaying such a run would hand on less than the script gave."""
+    return not execution.log_incomplete and not execution.cut_short
 
 
 def record(session: Session, settings: Settings, execution: Execution) -> None:
@@ -303,6 +497,8 @@ def record(session: Session, settings: Settings, execution: Execution) -> None:
     key = key_of(settings, execution.account_id, parts)
     execution.action_parts, execution.action_key = parts, key
     if key is None or execution.stdin or execution.outcome != Status.SUCCEEDED:
+        return
+    if not clean_success(execution):
         return
     values = {
         "execution_id": execution.id,
@@ -343,8 +539,10 @@ def drop_entries(session: Session, account_id: int | None, older_than) -> int:
 
 def nearest_earlier(session: Session, execution: Execution) -> Execution | None:
     """The account's latest run of the same script name before this one that has a key's
-    parts (what Bazel's execution log and Nextflow's -dump-hashes compare against)."""
-    return session.scalars(
+    parts (what Bazel's execution log and Nextflow's -dump-hashes compare against). A batch's
+    execution is compared with the latest earlier one made for the same input path, if any
+    (the batch's other inputs would all differ)."""
+    query = (
         select(Execution)
         .where(
             Execution.account_id == execution.account_id,
@@ -355,7 +553,12 @@ def nearest_earlier(session: Session, execution: Execution) -> Execution | None:
         )
         .order_by(Execution.created_at.desc())
         .limit(1)
-    ).first()
+    )
+    if execution.batch_item is not None:
+        same_input = session.scalars(query.where(Execution.batch_item == execution.batch_item))
+        if (found := same_input.first()) is not None:
+            return found
+    return session.scalars(query).first()
 
 
 def _pin_names(pins: list[str] | None) -> dict[str, str]:

@@ -155,6 +155,17 @@ class S3Store:
             Config=TransferConfig(multipart_threshold=_SINGLE_COPY_MAX, max_concurrency=4),
         )
 
+    def keys_under(self, prefix: str) -> set[str]:
+        """Every key that starts with ``prefix`` (a LIST per 1,000): what many HEADs of keys
+        sharing it would say, in a request or a few (``objectstore.exists_many``)."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        try:
+            return {item["Key"] for page in pages for item in page.get("Contents", [])}
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, {}) from exc
+
     def keys_older_than(self, prefix: str, age_s: float) -> list[str]:
         """Keys under ``prefix`` last written more than ``age_s`` seconds ago."""
         cutoff = datetime.now(UTC) - timedelta(seconds=age_s)

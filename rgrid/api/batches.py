@@ -17,6 +17,7 @@ from prometheus_client import Counter
 from rgrid import batches as svc
 from rgrid.api.common import authenticate_request
 from rgrid.api.common import context as _ctx
+from rgrid.api.executions import grid_image
 from rgrid.api.schemas import (
     BatchExecutionsQuery,
     BatchInputsRequest,
@@ -66,6 +67,8 @@ def create_batch(body: BatchRequest):
             **body.script_options(),
             parallel=body.parallel,
             size=body.size,
+            reuse=body.reuse,
+            refresh=body.refresh,
         )
         return jsonify(svc.batch_to_dict(session, batch)), 201
 
@@ -77,15 +80,18 @@ def add_inputs(batch_id: str, body: BatchInputsRequest):
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         batch = svc.get_batch(session, g.account_id, batch_id)
-        total = svc.add_inputs(
+        added = svc.add_page(
             session,
             ctx.settings,
             g.account_id,
             batch.id,
             [item.model_dump() for item in body.inputs],
+            store=ctx.store,
+            runtime_image=lambda runtime: grid_image(ctx, runtime),
         )
     BATCH_EXECUTIONS.inc(len(body.inputs))
-    return jsonify(batch_id=batch.id, total=total)
+    # ``reused``: how many of this page were answered from the output cache at once.
+    return jsonify(batch_id=batch.id, total=added["total"], reused=added["reused"])
 
 
 @bp.post("/batches/<batch_id>/start")

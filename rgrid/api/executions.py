@@ -61,7 +61,7 @@ def create_execution(body: SubmitRequest):
             ctx.settings,
             execution,
             env=env,
-            runtime_image=_grid_image(ctx, execution.runtime),
+            runtime_image=grid_image(ctx, execution.runtime),
             reuse=body.reuse,
             refresh=body.refresh,
         )
@@ -88,7 +88,7 @@ def create_execution(body: SubmitRequest):
         return jsonify(svc.execution_to_dict(execution)), 201
 
 
-def _grid_image(ctx, runtime: str) -> str | None:
+def grid_image(ctx, runtime: str) -> str | None:
     """The runtime image the workers last ran; Redis away: unknown, so a miss that runs."""
     try:
         return reuse.grid_runtime_image(ctx.redis, ctx.settings.queue, runtime)

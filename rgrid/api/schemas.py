@@ -151,6 +151,10 @@ class BatchRequest(_ScriptRequest):
     parallel: Annotated[int, Field(ge=1, le=100_000)] | None = None
     #: How many inputs will be added: a batch over the limit is refused before it exists.
     size: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    #: Answer each input from a previous succeeded run with the same action key (None: the
+    #: server's default, RGRID_REUSE_DEFAULT); ``refresh``: run every one anyway.
+    reuse: bool | None = None
+    refresh: bool = False
 
 
 class BatchInputsRequest(_Strict):

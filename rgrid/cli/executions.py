@@ -396,8 +396,6 @@ def run(
     if batch_patterns or batch_file is not None:
         if env:
             raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
-        if reuse or refresh:
-            raise BadInput("--reuse and --refresh cannot be given with --batch yet")
         from rgrid.cli.batch import run_batch
 
         raise SystemExit(
@@ -420,6 +418,8 @@ def run(
                 refresh_deps=refresh_deps or None,
                 memory=memory,
                 cpus=cpus,
+                reuse=reuse,
+                refresh=refresh or None,
             )
         )
     if parallel is not None:

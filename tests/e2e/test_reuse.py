@@ -249,3 +249,90 @@ def test_another_accounts_identical_run_is_a_miss(stack_env, second_account, tmp
     assert theirs["status"] == "succeeded" and theirs["reused_from"] is None
     assert theirs["output_cache_hit"] is False
     assert _token(tmp_path, theirs) != _token(tmp_path, mine)
+
+
+#: One execution per input; its output holds a fresh token, so a reused answer has the first
+#: run's token and a run of the script a new one.
+BATCH_SCRIPT = """\
+import os, sys, uuid
+text = open(sys.argv[1]).read()
+os.makedirs("outputs", exist_ok=True)
+open("outputs/out.txt", "w").write(text.upper() + " " + uuid.uuid4().hex)
+"""
+
+
+def _batch(env, cwd, *extra: str) -> tuple[list[dict], dict]:
+    result = run_cli(
+        "run", "up.py", "--batch", "data", "--json", *extra, env=env, cwd=cwd, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    *executions, summary = [json.loads(line) for line in result.stdout.splitlines() if line]
+    assert summary["summary"] is True
+    return executions, summary
+
+
+def _batch_outputs(cwd: Path, summary: dict) -> dict[str, str]:
+    root = cwd / "rgrid-outputs" / summary["batch_id"]
+    return {folder.name: (folder / "out.txt").read_text() for folder in sorted(root.iterdir())}
+
+
+def _batch_reuses_the_unchanged_inputs(env, cwd: Path, count: int = 6) -> None:
+    (cwd / "up.py").write_text(BATCH_SCRIPT)
+    (cwd / "data").mkdir()
+    for number in range(count):
+        (cwd / "data" / f"in{number}.txt").write_text(f"item {number}")
+    first, first_summary = _batch(env, cwd, "--reuse")
+    assert first_summary["counts"] == {"succeeded": count}
+    assert first_summary["reused"] == 0 and first_summary["ran"] == count
+    before_outputs = _batch_outputs(cwd, first_summary)
+
+    (cwd / "data" / "in3.txt").write_text("item three, changed")
+    before = time.time()
+    second, summary = _batch(env, cwd, "--reuse")
+    assert summary["counts"] == {"succeeded": count}
+    assert summary["reused"] == count - 1 and summary["ran"] == 1
+    by_input = {e["batch_item"]: e for e in second}
+    ran = [name for name, e in by_input.items() if e["reused_from"] is None]
+    assert ran == ["data/in3.txt"]
+    originals = {e["batch_item"]: e["execution_id"] for e in first}
+    for name, execution in by_input.items():
+        if name == "data/in3.txt":
+            assert execution["output_cache_hit"] is False and execution["host"] is not None
+            continue
+        assert execution["reused_from"] == originals[name]
+        assert execution["output_cache_hit"] is True and execution["sandbox_warm"] is None
+        # No sandbox was started or claimed for it.
+        assert _container_events(before, execution["execution_id"]) == []
+    assert _container_events(before, by_input["data/in3.txt"]["execution_id"]) != []
+    # Only the changed input's script ran: every other output is the first run's, token and all.
+    after_outputs = _batch_outputs(cwd, summary)
+    assert after_outputs.keys() == before_outputs.keys()
+    changed = [name for name in after_outputs if after_outputs[name] != before_outputs[name]]
+    assert changed == ["in3.txt"]
+    assert after_outputs["in3.txt"].startswith("ITEM THREE, CHANGED ")
+    # `rgrid why` compares a batch's execution with the last one made for the same input.
+    why = run_json("why", by_input["data/in3.txt"]["execution_id"], env=env, cwd=cwd)[0]
+    assert why["compared_with"] == originals["data/in3.txt"]
+    assert why["differences"] == ["input data/in3.txt changed"]
+
+    # The summary counts them apart; `batch status` too.
+    plain = run_cli("run", "up.py", "--batch", "data", "--reuse", env=env, cwd=cwd, timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    assert f"{count} reused · 0 ran" in plain.stderr, plain.stderr
+    assert f"{count} answered from earlier runs (--reuse)" in plain.stderr
+    status = json.loads(
+        run_cli("batch", "status", summary["batch_id"], "--json", env=env, cwd=cwd).stdout
+    )
+    assert status["reused"] == count - 1 and status["done"]
+
+    # Without --reuse every input runs again.
+    again, again_summary = _batch(env, cwd)
+    assert again_summary["reused"] == 0 and all(e["reused_from"] is None for e in again)
+
+
+def test_embedded_batch_reuses_the_unchanged_inputs(embedded_env, tmp_path):
+    _batch_reuses_the_unchanged_inputs(embedded_env, tmp_path)
+
+
+def test_stack_batch_reuses_the_unchanged_inputs(stack_env, tmp_path):
+    _batch_reuses_the_unchanged_inputs(stack_env, tmp_path)
