@@ -535,7 +535,7 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
     if files:
         # One query for all of them: a project ships tens of modules.
         with session_scope(ctx.session_factory) as session:
-            keys = blobs.object_keys(session, execution.account_id, [i["sha256"] for i in files])
+            keys = blobs.blob_locations(session, execution.account_id, [i["sha256"] for i in files])
     for item in files:
         if item["sha256"] not in keys:
             raise RGridError(f"input {item['path']} is no longer stored; run again to upload it")
@@ -544,9 +544,11 @@ def _local_inputs(ctx: PipelineContext, execution: Execution) -> list[tuple[str,
             item["path"],
             blobs.cached_copy(
                 ctx.store,
-                keys[item["sha256"]],
+                keys[item["sha256"]][0],
                 item["sha256"],
                 ctx.settings.blob_cache_dir / str(execution.account_id),
+                pack_offset=keys[item["sha256"]][1],
+                size=keys[item["sha256"]][2],
             ),
         )
         for item in files
