@@ -114,14 +114,28 @@ def fetch_verified(chunks, target: Path, expected_sha256: str) -> Path:
     return partial
 
 
+def _verified_file(data: bytes, target: Path, expected_sha256: str) -> Path:
+    """``fetch_verified`` for a packed output's bytes, already in memory (64 KiB at most) and
+    verified, in a folder already made."""
+    partial = target.with_name(f".rgrid-{expected_sha256[:12]}-{os.urandom(4).hex()}.part")
+    try:
+        with open(partial, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return partial
+
+
 #: Outputs (or spans of packs) fetched at once: many small files are bound by the store's
 #: round trip, not by bandwidth (10,000 one-KiB outputs; bench/many_outputs.py).
 FETCH_THREADS = 16
 #: Packed outputs (rgrid/blobs.py) are fetched by span: one ranged GET for neighbours in a
 #: pack, split here. A gap up to this many bytes is read through rather than asked again,
 SPAN_GAP_BYTES = 256 * 1024
-#: and a span stops growing at this many bytes, so that a pack's spans arrive side by side.
-SPAN_MAX_BYTES = 4 * 1024**2
+#: and a span stops growing at this many bytes, so that a pack's spans arrive (and are split
+#: into files) side by side.
+SPAN_MAX_BYTES = 1024**2
 
 #: ``fetch_span(pack, offset, length, paths)``: ``length`` bytes of the pack from ``offset``
 #: on; ``paths``, the outputs they hold, are named if the pack is lost.
@@ -215,10 +229,12 @@ def save_outputs(
     from concurrent.futures import ThreadPoolExecutor
 
     outputs = listing["outputs"]
-    targets = {id(output): safe_target(dest, output["path"]) for output in outputs}
+    resolve = _Targets(dest)
+    targets = {id(output): resolve(output["path"]) for output in outputs}
     order = {targets[id(output)]: index for index, output in enumerate(outputs)}
     placed = threading.Lock()
     written: list[Path] = []
+    files: set[tuple[int, int]] = set()  # (device, inode) of each file written
     progress_lock = threading.Lock()
     failed = threading.Event()
 
@@ -233,13 +249,49 @@ def save_outputs(
         # both count as written.
         with placed:
             try:
-                if target.exists() and any(os.path.samefile(target, w) for w in written):
-                    raise OSError(errno.EEXIST, "another output has this name on this filesystem")
+                try:
+                    seen = os.stat(target)
+                except FileNotFoundError:
+                    pass
+                else:  # a file of a former download, or one just written under another name
+                    if (seen.st_dev, seen.st_ino) in files:
+                        raise OSError(
+                            errno.EEXIST, "another output has this name on this filesystem"
+                        )
                 partial.replace(target)
+                now = os.stat(target)
             except OSError:
                 partial.unlink(missing_ok=True)
                 raise
             written.append(target)
+            files.add((now.st_dev, now.st_ino))
+
+    def create(data: bytes, target: Path, expected_sha256: str) -> bool:
+        """A packed output's verified bytes (in memory) written as a new file, in one write,
+        without a temporary name and a rename (10,000 files: the time is the file system's,
+        per call). False if a file (or link) of that name is there already: ``place`` then
+        replaces it by a rename, and tells a case-folded twin of another output apart."""
+        if hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise RGridError(f"output {target.name} failed verification (digest mismatch)")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(target, flags, 0o666)
+        except FileExistsError:
+            return False
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            info = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            target.unlink(missing_ok=True)  # never a half-written file under its name
+            raise
+        os.close(fd)
+        with placed:
+            written.append(target)
+            files.add((info.st_dev, info.st_ino))
+        return True
 
     def skipped(output: dict, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
@@ -279,8 +331,8 @@ def save_outputs(
                     counted(len(data))
                     target = targets[id(output)]
                     try:
-                        partial = fetch_verified([data], target, output["sha256"])
-                        place(partial, target)
+                        if not create(data, target, output["sha256"]):
+                            place(_verified_file(data, target, output["sha256"]), target)
                     except OSError as exc:
                         skipped(output, exc)
         except BaseException:
@@ -298,6 +350,8 @@ def save_outputs(
         pack, paths = listing["packs"][index], [o["path"] for o in members]
         # The spans first: each holds many outputs.
         jobs[:0] = [functools.partial(span, pack, part, paths) for part in _spans(members)]
+    if by_pack:
+        resolve.make_folders()
     if len(jobs) <= 1:
         for job in jobs:
             job()
@@ -326,6 +380,33 @@ def safe_target(dest: Path, relpath: str) -> Path:
     if target == dest.resolve() or not target.is_relative_to(dest.resolve()):
         raise RGridError(f"refusing output path {relpath!r} outside the outputs folder")
     return target
+
+
+class _Targets:
+    """``safe_target`` for many outputs: each folder resolved once, not each file (resolving
+    10,000 paths took seconds). The file's own name is never resolved: it is replaced by a
+    rename, which replaces a symlink of that name rather than following it."""
+
+    def __init__(self, dest: Path):
+        self.dest, self.root = dest, dest.resolve()
+        self._folders: dict[str, Path] = {"": self.root}
+
+    def __call__(self, relpath: str) -> Path:
+        folder, _, name = relpath.rpartition("/")
+        if relpath.startswith("/") or name in ("", ".", "..") or "\0" in relpath:
+            return safe_target(self.dest, relpath)
+        parent = self._folders.get(folder)
+        if parent is None:
+            parent = (self.root / folder).resolve()
+            if parent != self.root and not parent.is_relative_to(self.root):
+                raise RGridError(f"refusing output path {relpath!r} outside the outputs folder")
+            self._folders[folder] = parent
+        return parent / name
+
+    def make_folders(self) -> None:
+        """Every folder the outputs go to, once: not a mkdir per file."""
+        for folder in self._folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
 
 
 class FileSlice(io.RawIOBase):
