@@ -454,9 +454,12 @@ def store_outputs(
     files: list[tuple[Path | str, str]] | list[tuple[Path | str, str, int]],
     store_by: float | None = None,
     on_late: Callable[[], Exception] | None = None,
+    contents: dict[str, bytes] | None = None,
 ) -> int:
     """Store a run's output files (path, sha256[, size]) as blobs of the account; returns how
-    many objects were written. A file the account has stored already is touched, not sent again.
+    many objects were written. A file the account has stored already is touched, not sent
+    again. ``contents``: bytes of small files already read, by path (the worker kept them as
+    it hashed them), packed without reading the files again.
 
     For thousands of small files (one per record or tile): one query for what is stored, one
     HEAD per object that holds it, the new small files packed (``PACK_MAX_BLOB_BYTES`` each at
@@ -495,6 +498,7 @@ def store_outputs(
         return [(digest, key, size, None)]
 
     packing = threading.BoundedSemaphore(PACKS_AT_ONCE)
+    held = contents or {}
 
     def put_pack(members: list[str]) -> list[_Stored]:
         if late():
@@ -504,8 +508,10 @@ def store_outputs(
             data = bytearray()
             entries: list[_Stored] = []
             for digest in members:
-                with open(wanted[digest], "rb") as fh:
-                    chunk = fh.read()
+                chunk = held.get(str(wanted[digest]))
+                if chunk is None:
+                    with open(wanted[digest], "rb") as fh:
+                        chunk = fh.read()
                 if sha256_bytes(chunk) != digest:
                     name = os.path.basename(wanted[digest])
                     raise RGridError(f"output {name} changed while it was stored")

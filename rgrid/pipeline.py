@@ -561,6 +561,7 @@ def _store_outputs(
     box: sandbox.Box,
     outputs: list[dict],
     store_by: float,
+    contents: dict[str, bytes] | None = None,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
     twice, and thousands of small ones are stored many at a time (``blobs.store_outputs``).
@@ -573,6 +574,7 @@ def _store_outputs(
         execution.account_id,
         # Strings, not a Path per output: 10,000 of those cost most of a second.
         [(f"{folder}/{output['path']}", output["sha256"], output["size"]) for output in outputs],
+        contents={f"{folder}/{path}": data for path, data in (contents or {}).items()},
         store_by=store_by,
         on_late=lambda: sandbox.OutputLimitExceeded(
             f"time limit {execution.timeout_s}s reached while storing {len(outputs)} outputs"
@@ -968,10 +970,19 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
         # The watch renews the lease meanwhile: storing 2,000 outputs outlasted the e2e
         # stack's 4 s lease, and its sweep called the worker lost.
         with _holding(box) as held, RunWatch(ctx, execution_id, box):
-            outputs = sandbox.collect_outputs(held, ctx.limits, result.notes)
+            # Small files' bytes are kept as they are hashed: packing them reads none again.
+            contents: dict[str, bytes] = {}
+            outputs = sandbox.collect_outputs(
+                held,
+                ctx.limits,
+                result.notes,
+                keep=contents,
+                keep_at_most=blobs.PACK_MAX_BLOB_BYTES,
+                keep_bytes=blobs.PACKS_AT_ONCE * blobs.PACK_TARGET_BYTES,
+            )
             for note in result.notes:
                 ctx.note(execution_id, note)
-            patiently(lambda: _store_outputs(ctx, execution, held, outputs, store_by))
+            patiently(lambda: _store_outputs(ctx, execution, held, outputs, store_by, contents))
     except sandbox.OutputLimitExceeded as exc:
         _end_failed(ctx, execution_id, str(exc), warm, result)
         return
