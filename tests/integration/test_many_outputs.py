@@ -216,3 +216,30 @@ def test_a_run_over_the_output_file_limit_stores_nothing(ctx, account):
     assert execution["error"] == ("output file limit reached: more than 100 files in /work/outputs")
     assert execution["outputs"] in (None, [])
     assert _blobs(ctx, account.id) == {}
+
+
+def test_a_pack_no_row_names_is_swept_and_one_in_use_is_kept(ctx, submit, account):
+    """A worker killed between a pack's PUT and its rows' commit leaves a pack nothing points
+    into: the nightly sweep deletes it once it is older than any run may take; a pack rows
+    point into stays."""
+    from dataclasses import replace
+
+    from rgrid import cache_keys, maintenance
+
+    execution_id = submit(TILES.format(count=40))
+    run_all(ctx, execution_id)
+    (used,) = {blob.object_key for blob in _blobs(ctx, account.id).values()}
+    stray = cache_keys.pack_object_key(account.id, "stray-" + uuid_hex())
+    ctx.store.put_bytes(stray, b"bytes no row names")
+    with session_scope(ctx.session_factory) as session:
+        assert maintenance.purge_stray_packs(ctx.store, session, ctx.settings) == 0  # too new
+    every_pack_old = replace(ctx.settings, max_timeout_s=-7200)
+    with session_scope(ctx.session_factory) as session:
+        assert maintenance.purge_stray_packs(ctx.store, session, every_pack_old) >= 1
+    assert not ctx.store.exists(stray) and ctx.store.exists(used)
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
