@@ -139,7 +139,9 @@ class Agent:
             client.upload(item, lambda n: None)
             return None
         if method == "download_outputs":
-            written = client.download_outputs(args["execution"], Path(args["dest"]))
+            written = client.download_outputs(
+                args["execution"], Path(args["dest"]), paths=args.get("paths")
+            )
             return [str(p) for p in written]
         if method == "ping":
             return {"pid": os.getpid(), "socket": str(self.path)}

@@ -175,9 +175,15 @@ class AgentClient:
         advance(item.size)
 
     def download_outputs(
-        self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
+        self,
+        execution: dict,
+        dest: Path,
+        advance: Callable[[int], None] = lambda n: None,
+        paths: list[str] | None = None,
     ) -> list[Path]:
-        written = self._call("download_outputs", execution=execution, dest=str(dest.resolve()))
+        written = self._call(
+            "download_outputs", execution=execution, dest=str(dest.resolve()), paths=paths
+        )
         advance(sum(o["size"] for o in execution.get("outputs") or []))
         return [Path(p) for p in written]  # type: ignore[union-attr]
 

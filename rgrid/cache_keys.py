@@ -62,6 +62,17 @@ def blob_object_key(account_id: int, name: str) -> str:
     return f"blobs/{account_id}/{name}"
 
 
+#: Where packs of small outputs live (rgrid/blobs.py).
+PACK_PREFIX = "packs/"
+
+
+def pack_object_key(account_id: int, name: str) -> str:
+    """A pack: many small blobs of one account back to back, each found by its row's offset
+    and size. ``name`` is random: only the rows written after the pack's PUT say what it
+    holds."""
+    return f"{PACK_PREFIX}{account_id}/{name}"
+
+
 def blob_content_key(account_id: int, digest: str) -> str:
     """Where an uploaded blob's bytes live once the server has checked them against their
     digest. Only the server writes here (a server-side copy): no presigned URL names it."""

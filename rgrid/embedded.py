@@ -14,7 +14,7 @@ from rgrid import executions as svc
 from rgrid import reuse as reuse_mod
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
-from rgrid.client import save_outputs
+from rgrid.client import save_outputs, select_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
 from rgrid.embedded_batches import EmbeddedBatches
@@ -155,12 +155,16 @@ class EmbeddedClient(EmbeddedBatches):
         advance(item.size)
 
     def download_outputs(
-        self, execution: dict, dest: Path, advance: Callable[[int], None] = lambda n: None
+        self,
+        execution: dict,
+        dest: Path,
+        advance: Callable[[int], None] = lambda n: None,
+        paths: list[str] | None = None,
     ) -> list[Path]:
         with session_scope(self.ctx.session_factory) as session:
             row = svc.get_execution(session, self.account_id, execution["execution_id"])
-            listing = svc.output_listing(session, row, self.ctx.store)
-        return save_outputs(listing, dest, self._fetch_output, advance)
+            listing = select_outputs(svc.output_listing(session, row, self.ctx.store), paths)
+        return save_outputs(listing, dest, self._fetch_output, advance, self._fetch_span)
 
     def cache_stats(self) -> dict:
         """The account's stats, and this machine's own disk: the embedded default is its own
@@ -210,5 +214,16 @@ class EmbeddedClient(EmbeddedBatches):
             stream = self.ctx.store.open_stream(output["key"])
         except NotFound:
             raise LostFromStore.output(output["path"]) from None
+        with stream:
+            yield iter(lambda: stream.read(1024 * 1024), b"")
+
+    @contextmanager
+    def _fetch_span(
+        self, pack: dict, offset: int, length: int, paths: list[str]
+    ) -> Iterator[Iterator[bytes]]:
+        try:
+            stream = self.ctx.store.open_range(pack["key"], offset, length)
+        except NotFound:
+            raise LostFromStore.outputs(paths) from None
         with stream:
             yield iter(lambda: stream.read(1024 * 1024), b"")

@@ -52,6 +52,15 @@ class LostFromStore(NotFound):
     def output(cls, path: str) -> LostFromStore:
         return cls(f"output {path} is lost from the object store")
 
+    @classmethod
+    def outputs(cls, paths: list[str]) -> LostFromStore:
+        """Outputs packed together (rgrid/blobs.py) are lost together: named, on one line."""
+        if len(paths) == 1:
+            return cls.output(paths[0])
+        named = ", ".join(paths[:3])
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        return cls(f"outputs {named}{more} ({len(paths)}) are lost from the object store")
+
 
 class AuthError(RGridError):
     http_status = 401

@@ -22,7 +22,7 @@ from rgrid.hashing import script_hash
 from rgrid.inputs import OUTPUTS_DIR, check_manifest
 from rgrid.logbuffer import LogBuffer, LogChunk, iter_buffered, iter_log, stored_size
 from rgrid.models import Execution, iso_utc
-from rgrid.objectstore import ObjectStore
+from rgrid.objectstore import ObjectStore, exists_many
 from rgrid.requirements import check_local_paths, inline_requirements, normalise
 from rgrid.runtimes import DEFAULT_RUNTIME, resolve_runtime
 from rgrid.statuses import TERMINAL_STATUSES
@@ -484,22 +484,29 @@ def read_logs(execution: Execution, logs: LogBuffer, store: ObjectStore, offset:
 
 def lost_objects(session: Session, execution: Execution, store: ObjectStore) -> dict:
     """What the object store no longer has of this execution although it was stored: whether
-    its log is lost, and which outputs are. One HEAD request per object, so only on request
-    (`rgrid status`), never on a run's path."""
+    its log is lost, and which outputs are (a lost pack: every output in it). One HEAD request
+    per object, so only on request (`rgrid status`), never on a run's path."""
     log_lost = execution.log_stored and not store.exists(cache_keys.log_object_key(execution.id))
     outputs = execution.outputs or []
     blobs = blobs_for(session, execution.account_id, [o["sha256"] for o in outputs])
-    lost = []
-    for output in outputs:
-        blob = blobs.get(output["sha256"])
-        if blob is None or not store.exists(blob.object_key):
-            lost.append(output["path"])
+    present = exists_many(store, [blob.object_key for blob in blobs.values()])
+    lost = [
+        output["path"]
+        for output in outputs
+        if (blob := blobs.get(output["sha256"])) is None or not present[blob.object_key]
+    ]
     return {"log_lost": bool(log_lost), "lost_outputs": lost}
 
 
-def output_listing(session: Session, execution: Execution, store: ObjectStore) -> list[dict]:
-    """Each output with where to fetch it (a presigned URL, or the key for a local store)."""
+def output_listing(session: Session, execution: Execution, store: ObjectStore) -> dict:
+    """Where to fetch each output: ``outputs``, each with a presigned URL (or, for a local
+    store, the key) of its own object, or, packed with other small outputs, the index of its
+    pack in ``packs`` and its offset there; ``packs``, each pack once with its URL and key.
+    A client fetches a pack's outputs with one (ranged) GET and splits it, instead of one GET
+    per output; one URL is signed per pack, not per output."""
     listing = []
+    packs: dict[str, int] = {}
+    pack_list: list[dict] = []
     outputs = execution.outputs or []
     # One query for them all: a run may leave 100,000 files (issue 24).
     stored = blobs_for(session, execution.account_id, [output["sha256"] for output in outputs])
@@ -507,7 +514,13 @@ def output_listing(session: Session, execution: Execution, store: ObjectStore) -
         blob = stored.get(output["sha256"])
         if blob is None:
             raise NotFound(f"output {output['path']} is no longer stored")
-        listing.append(
-            {**output, "key": blob.object_key, "url": store.download_url(blob.object_key)}
-        )
-    return listing
+        if blob.pack_offset is None:
+            listing.append(
+                {**output, "key": blob.object_key, "url": store.download_url(blob.object_key)}
+            )
+            continue
+        if blob.object_key not in packs:
+            packs[blob.object_key] = len(pack_list)
+            pack_list.append({"key": blob.object_key, "url": store.download_url(blob.object_key)})
+        listing.append({**output, "pack": packs[blob.object_key], "offset": blob.pack_offset})
+    return {"outputs": listing, "packs": pack_list}

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid import disk, metrics
-from rgrid.cache_keys import UPLOAD_STAGING_PREFIX
+from rgrid.cache_keys import PACK_PREFIX, UPLOAD_STAGING_PREFIX
 from rgrid.config import Settings
 from rgrid.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.models import DependencyCache, Execution, Upload, utcnow
@@ -207,5 +207,22 @@ def purge_stray_uploads(store: ObjectStore, session: Session) -> int:
         if key not in pending
     ]
     for key in stray:
+        store.delete(key)
+    return len(stray)
+
+
+def purge_stray_packs(store: ObjectStore, session: Session, settings: Settings) -> int:
+    """Delete packs of small outputs (rgrid/blobs.py) no blob row points into: one whose
+    worker died between its PUT and its rows' commit, or one two concurrent purges each left
+    to the other. A pack's rows are written when its run's outputs are all stored, within the
+    run's time limit: a pack older than the longest one allows and unreferenced is a stray."""
+    if not isinstance(store, PresigningStore):
+        return 0  # the embedded default's folder: its purge sees every row (one process)
+    from rgrid.purge import packs_in_use
+
+    age = settings.max_timeout_s + 3600
+    candidates = store.keys_older_than(PACK_PREFIX, age)
+    stray = set(candidates) - packs_in_use(session, candidates)
+    for key in sorted(stray):
         store.delete(key)
     return len(stray)

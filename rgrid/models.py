@@ -269,7 +269,9 @@ class DependencyCache(Base):
 
 class Blob(Base):
     """A stored file (input or output), content-addressed per account: the digest is a promise,
-    checked before the row is written."""
+    checked before the row is written. Its bytes are the whole object at ``object_key``, or,
+    for a small output packed with others (rgrid/blobs.py), ``size`` bytes at ``pack_offset``
+    of that pack object, which is deleted once no row points into it."""
 
     __tablename__ = "blobs"
     __table_args__ = (UniqueConstraint("account_id", "digest", name="uq_blob_account_digest"),)
@@ -278,7 +280,9 @@ class Blob(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     digest: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
-    object_key: Mapped[str] = mapped_column(String(300))
+    object_key: Mapped[str] = mapped_column(String(300), index=True)
+    # Where its bytes start in the pack at ``object_key``; None: the object is its own.
+    pack_offset: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True

@@ -3,6 +3,7 @@ embedded default. Both speak the same small interface so the pipeline does not c
 
 from __future__ import annotations
 
+import io
 import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from rgrid.errors import NotFound
 
 
 class ObjectStore(Protocol):
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None: ...
     def put_stream(self, key: str, stream: BinaryIO, sha256: str | None = None) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def download(self, key: str, dest: Path) -> None: ...
@@ -22,6 +23,10 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def download_url(self, key: str, expires_s: int = 3600) -> str | None: ...
     def open_stream(self, key: str) -> BinaryIO: ...
+    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+        """``length`` bytes of the object from ``offset`` on (a ranged GET): one blob of a
+        pack, or a span of several."""
+        ...
 
 
 @runtime_checkable
@@ -65,7 +70,7 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*_check_key(key).parts)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _partial(path)
@@ -107,6 +112,11 @@ class LocalStore:
             return open(self._path(key), "rb")
         except FileNotFoundError as exc:
             raise NotFound(f"object {key} not found") from exc
+
+    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+        with self.open_stream(key) as fh:
+            fh.seek(offset)
+            return io.BytesIO(fh.read(length))
 
 
 #: HEADs (and LISTs) of many objects run on this many connections at once: one after the

@@ -104,11 +104,43 @@ def purge_blob_rows(
 ) -> tuple[int, int]:
     """Blobs unused for 30 days (or ``unused``) and their stored bytes: (count, bytes)."""
     stale = list(session.scalars(_stale(Blob, unused, account_id)))
-    for blob in stale:
-        store.delete(blob.object_key)
-        forget_presence(blob.object_key)
-        session.delete(blob)
+    drop_blobs(store, session, stale)
     return len(stale), sum(blob.size for blob in stale)
+
+
+def drop_blobs(store: ObjectStore, session: Session, stale: list[Blob]) -> None:
+    """Delete these blob rows and their bytes: an object of its own at once, a pack (small
+    outputs back to back, rgrid/blobs.py) only once no row points into it any more. The other
+    blobs of a pack may still be in use (a later run produced the same file, a live output-cache
+    entry replays it): their bytes stay, the pack with them. A pack two concurrent purges both
+    left, each seeing the other's rows, is swept as a stray (``maintenance.purge_stray_packs``)."""
+    packs: set[str] = set()
+    for blob in stale:
+        if blob.pack_offset is None:
+            store.delete(blob.object_key)
+            forget_presence(blob.object_key)
+        else:
+            packs.add(blob.object_key)
+        session.delete(blob)
+    session.flush()
+    for key in sorted(packs - packs_in_use(session, packs)):
+        store.delete(key)
+        forget_presence(key)
+
+
+def packs_in_use(session: Session, keys) -> set[str]:
+    """Those of these pack keys some blob row still points into (one query per 1,000)."""
+    keys = list(keys)
+    used: set[str] = set()
+    for start in range(0, len(keys), 1000):
+        used.update(
+            session.scalars(
+                select(Blob.object_key)
+                .where(Blob.object_key.in_(keys[start : start + 1000]))
+                .distinct()
+            )
+        )
+    return used
 
 
 def upload_lifetime_s(settings: Settings, upload: Upload) -> float:
@@ -254,10 +286,7 @@ def purge_account(
         for blob in session.scalars(_stale(Blob, older_than, account_id))
         if blob.digest not in needed
     ]
-    for blob in stale:
-        store.delete(blob.object_key)
-        forget_presence(blob.object_key)
-        session.delete(blob)
+    drop_blobs(store, session, stale)
     result["blobs"], result["blob_bytes"] = len(stale), sum(blob.size for blob in stale)
     return result
 

@@ -252,14 +252,15 @@ def lookup(session: Session, account_id: int, key: str) -> OutputCache | None:
 
 
 def still_stored(session: Session, store: ObjectStore, entry: OutputCache) -> bool:
-    """The original's log and every output blob are still in the store (one HEAD each)."""
+    """The original's log and every output blob are still in the store: one query for the
+    blobs, one HEAD per object that holds them (a pack of 10,000 small outputs: one)."""
     if not store.exists(cache_keys.log_object_key(entry.execution_id)):
         return False
-    for output in entry.outputs or []:
-        blob = blobs.find_blob(session, entry.account_id, output["sha256"])
-        if blob is None or not store.exists(blob.object_key):
-            return False
-    return True
+    outputs = entry.outputs or []
+    found = blobs.blobs_for(session, entry.account_id, [o["sha256"] for o in outputs])
+    if any(output["sha256"] not in found for output in outputs):
+        return False
+    return all(exists_many(store, [blob.object_key for blob in found.values()]).values())
 
 
 def answer(
@@ -287,10 +288,9 @@ def answer(
     execution.dispatched_at = now
     entry.last_used_at = now
     entry.use_count = OutputCache.use_count + 1
-    for item in [*(entry.outputs or []), *(execution.inputs or [])]:
-        blob = blobs.find_blob(session, execution.account_id, item["sha256"])
-        if blob is not None:
-            blobs.touch(blob)
+    items = [*(entry.outputs or []), *(execution.inputs or [])]
+    found = blobs.blobs_for(session, execution.account_id, [item["sha256"] for item in items])
+    blobs.touch_all(session, [blob.id for blob in found.values()])
 
 
 # --- a batch's page of new executions, looked up at once -----------------------------------

@@ -811,13 +811,27 @@ def _read_status(box: Box) -> dict | None:
     return status
 
 
-def collect_outputs(box: Box, limits: Limits, notes: list[str]) -> list[dict]:
+#: Files read (and hashed) at once when outputs are collected: each small file costs a few
+#: system calls, which threads overlap (10,000 outputs of 1 KiB).
+COLLECT_THREADS = 8
+
+
+def collect_outputs(
+    box: Box,
+    limits: Limits,
+    notes: list[str],
+    keep: dict[str, bytes] | None = None,
+    keep_at_most: int = 0,
+    keep_bytes: int = 0,
+) -> list[dict]:
     """Every regular file under ``/work/outputs``: relative path, size, sha256.
 
     Runs on the host after the container is gone, so nothing can change the folder while it is
     read; links are reported and never followed (one could point anywhere on the host). The
     limits on their count and total size are checked on the listing alone, before any file is
-    read, so a run over either is refused at once (5,000 files used to take minutes)."""
+    read, so a run over either is refused at once (5,000 files used to take minutes).
+    ``keep``: filled with the bytes of files of at most ``keep_at_most`` bytes, up to
+    ``keep_bytes`` in all, by relative path, so that storing them (packed) reads none again."""
     root = box.work / OUTPUTS_DIR
     try:
         if not stat.S_ISDIR(os.lstat(root).st_mode):
@@ -826,13 +840,16 @@ def collect_outputs(box: Box, limits: Limits, notes: list[str]) -> list[dict]:
     except FileNotFoundError:
         notes.append("the script removed /work/outputs; no outputs collected")
         return []
-    found: list[tuple[str, Path, int]] = []
+    found: list[tuple[str, str, int]] = []
     total = 0
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    top = str(root)
+    # Strings, not Path objects: 10,000 outputs are 10,000 of each step below.
+    for folder, dirs, files in os.walk(top, followlinks=False):
         dirs.sort()
-        for name in sorted(files) + [d for d in dirs if os.path.islink(Path(folder, d))]:
-            path = Path(folder, name)
-            relpath = path.relative_to(root).as_posix()
+        prefix = "" if folder == top else os.path.relpath(folder, top).replace(os.sep, "/") + "/"
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            relpath = prefix + name
             info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode):
                 notes.append(f"skipped outputs/{relpath}: not a regular file (links not followed)")
@@ -849,15 +866,36 @@ def collect_outputs(box: Box, limits: Limits, notes: list[str]) -> list[dict]:
                     "in /work/outputs"
                 )
             found.append((relpath, path, info.st_size))
-    outputs: list[dict] = []
-    for relpath, path, size in found:
+    kept_total = 0
+    if keep is not None:
+        small = [size for _, _, size in found if size <= keep_at_most]
+        kept_total = sum(small)
+        if kept_total > keep_bytes:
+            keep = None  # too much to hold: storing reads the files again
+
+    def one(item: tuple[str, str, int]) -> dict:
+        relpath, path, size = item
         digest = hashlib.sha256()
+        held = keep is not None and size <= keep_at_most
+        parts = []
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as fh:
-            while chunk := fh.read(1024 * 1024):
+        try:
+            while chunk := os.read(fd, 1024 * 1024):
                 digest.update(chunk)
-        outputs.append({"path": relpath, "size": size, "sha256": digest.hexdigest()})
-    return outputs
+                if held:
+                    parts.append(chunk)
+        finally:
+            os.close(fd)
+        if held:
+            keep[relpath] = b"".join(parts)  # type: ignore[index]
+        return {"path": relpath, "size": size, "sha256": digest.hexdigest()}
+
+    if len(found) < 2 * COLLECT_THREADS:
+        return [one(item) for item in found]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(COLLECT_THREADS, thread_name_prefix="rgrid-collect") as pool:
+        return list(pool.map(one, found, chunksize=64))
 
 
 def output_path(box: Box, relpath: str) -> Path:

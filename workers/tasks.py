@@ -568,6 +568,8 @@ def purge_caches_task() -> dict:
         shared = purge.purge_shared(ctx.settings, ctx.session_factory, ctx.store)
         with session_scope(ctx.session_factory) as session:
             shared["stray_uploads"] = maintenance.purge_stray_uploads(ctx.store, session)
+        with session_scope(ctx.session_factory) as session:
+            shared["stray_packs"] = maintenance.purge_stray_packs(ctx.store, session, ctx.settings)
         replies = app.control.broadcast(
             PURGE_LOCAL_COMMAND, reply=True, timeout=300, destination=_our_workers()
         )

@@ -156,7 +156,8 @@ def get_logs(execution_id: str, query: LogsQuery):
                 if page["complete"]:
                     page["execution"] = svc.execution_to_dict(execution)
                     with contextlib.suppress(NotFound):  # then GET .../outputs says which
-                        page["outputs"] = _download_listing(session, execution, ctx)
+                        listing = _download_listing(session, execution, ctx)
+                        page["outputs"], page["output_packs"] = listing["outputs"], listing["packs"]
             left = deadline - time.monotonic()
             if page["chunks"] or page["complete"] or left <= 0:
                 return jsonify(page)
@@ -199,14 +200,19 @@ def cancel_execution(execution_id: str):
 @bp.get("/executions/<execution_id>/outputs")
 @validated()
 def get_outputs(execution_id: str):
-    """Each output file with a presigned URL to download it from."""
+    """Each output file with a presigned URL to download it from, or its pack's (and where
+    in the pack it is)."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
-        return jsonify(outputs=_download_listing(session, execution, ctx))
+        return jsonify(_download_listing(session, execution, ctx))
 
 
-def _download_listing(session: Session, execution: Execution, ctx: PipelineContext) -> list[dict]:
-    """Each output with its presigned URL (the object key stays on the server)."""
+def _download_listing(session: Session, execution: Execution, ctx: PipelineContext) -> dict:
+    """Each output with its presigned URL, or its pack and offset; each pack with its URL
+    (the object keys stay on the server)."""
     listing = svc.output_listing(session, execution, ctx.store)
-    return [{k: v for k, v in output.items() if k != "key"} for output in listing]
+    return {
+        "outputs": [{k: v for k, v in o.items() if k != "key"} for o in listing["outputs"]],
+        "packs": [{k: v for k, v in p.items() if k != "key"} for p in listing["packs"]],
+    }

@@ -24,7 +24,7 @@ from rgrid.cli.output import (
     print_summary,
     progress,
 )
-from rgrid.client import Client, make_client, make_run_client
+from rgrid.client import Client, make_client, make_run_client, select_outputs
 from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
 from rgrid.errors import BadInput
 from rgrid.inputs import InputFile, hash_files, input_name
@@ -118,11 +118,19 @@ def follow(client: Client, execution_id: str, printer: LogPrinter) -> dict:
         printer.close()
 
 
-def fetch_outputs(client: Client, execution: dict, dest: Path) -> list[Path]:
+def fetch_outputs(
+    client: Client, execution: dict, dest: Path, paths: list[str] | None = None
+) -> list[Path]:
+    """``paths``: only the outputs they name (a path, a folder or a glob)."""
     if not execution["outputs"]:
+        if paths:
+            raise BadInput(f"{execution['execution_id']} has no outputs")
         return []
-    total = sum(output["size"] for output in execution["outputs"])
+    chosen = select_outputs({"outputs": execution["outputs"]}, paths)["outputs"]
+    total = sum(output["size"] for output in chosen)
     with progress("downloading outputs", total) as advance:
+        if paths:
+            return client.download_outputs(execution, dest, advance, paths=paths)
         return client.download_outputs(execution, dest, advance)
 
 
@@ -648,9 +656,11 @@ def logs(execution_id: str, follow_logs: bool):
 
 @cli.command()
 @click.argument("execution_id")
+@click.argument("paths", nargs=-1)
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), help="Where to put them.")
-def outputs(execution_id: str, output_dir: Path | None):
-    """Download an execution's output files (again)."""
+def outputs(execution_id: str, paths: tuple[str, ...], output_dir: Path | None):
+    """Download an execution's output files (again): all, or those PATHS name (an output's
+    path, a folder, or a glob such as 'tiles/*.png')."""
     client = _client()
     execution = client.get(execution_id)
     if execution["status"] not in TERMINAL_STATUSES:
@@ -659,7 +669,7 @@ def outputs(execution_id: str, output_dir: Path | None):
             " fetched when it ends"
         )
     dest = output_dir or outputs_dir_for(execution["execution_id"])
-    written = fetch_outputs(client, execution, dest)
+    written = fetch_outputs(client, execution, dest, list(paths))
     for path in written:
         click.echo(str(path))
     if not written:

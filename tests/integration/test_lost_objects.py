@@ -106,3 +106,44 @@ def test_a_log_never_written_is_empty_not_lost(ctx, account, tmp_path):
             "log_lost": False,
             "lost_outputs": [],
         }
+
+
+TILES = """\
+import os
+os.makedirs("outputs/tiles", exist_ok=True)
+for i in range(30):
+    open(f"outputs/tiles/{i:02}.txt", "w").write(f"{TOKEN} tile {i}\\n")
+open("outputs/big.bin", "wb").write(os.urandom(100_000))
+"""
+
+
+def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
+    """30 small outputs are one pack (rgrid/blobs.py), the 100 kB one an object of its own:
+    with the pack gone, `?check_store=1` names the 30, and only them; the listing still says
+    where each was, and fetching them says they are lost, on one line."""
+    client, headers = api
+    script = f"TOKEN = {uuid.uuid4().hex!r}\n" + TILES
+    execution_id = submit(script, runtime="python:3.11", timeout_s=60)
+    pipeline.run_all(ctx, execution_id)
+    base = f"/v1/executions/{execution_id}"
+    listing = client.get(f"{base}/outputs", headers=headers).json
+    assert len(listing["packs"]) == 1 and "key" not in listing["packs"][0]
+    packed = sorted(o["path"] for o in listing["outputs"] if "pack" in o)
+    assert packed == [f"tiles/{i:02}.txt" for i in range(30)]
+    assert [o["path"] for o in listing["outputs"] if "url" in o] == ["big.bin"]
+
+    ctx.store.delete(_output_key(ctx, execution_id, "tiles/07.txt"))
+    checked = client.get(f"{base}?check_store=1", headers=headers).json
+    assert sorted(checked["lost_outputs"]) == packed
+
+    from rgrid.client import RemoteClient, save_outputs
+    from rgrid.errors import LostFromStore
+
+    remote = RemoteClient("http://unused", None)
+    with pytest.raises(LostFromStore) as lost:
+        save_outputs(
+            listing, ctx.settings.data_dir / f"fetch-{execution_id}", remote._fetch_output,
+            lambda n: None, remote._fetch_span,
+        )  # fmt: skip
+    assert "(30) are lost from the object store" in lost.value.message
+    assert lost.value.message.startswith("outputs tiles/")
