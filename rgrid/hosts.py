@@ -44,6 +44,12 @@ def host_queue(queue: str, host: str) -> str:
     return f"{queue}.host.{host}"
 
 
+def build_queue(queue: str, host: str) -> str:
+    """The Celery queue only ``host``'s build pool consumes: dependency installs, so that
+    they never hold the host's run slots (see rgrid/slots.py)."""
+    return f"{queue}.build.{host}"
+
+
 class HostRegistry:
     """The deployment's view of its hosts, in Redis."""
 

@@ -43,7 +43,7 @@ from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import ServiceUnavailable
-from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
+from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, build_queue, host_queue
 from rgrid.maintenance import reap_containers, sweep_lost_executions
 from rgrid.models import Execution, iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
@@ -150,9 +150,25 @@ def _route_rest_here(task: Task, ctx: PipelineContext) -> None:
 
 
 def _from_own_queue(task: Task, ctx: PipelineContext) -> bool:
-    """Whether this step came through this host's own queue (not the shared one)."""
-    own = host_queue(ctx.settings.queue, ctx.settings.host_name)
-    return (task.request.delivery_info or {}).get("routing_key") == own
+    """Whether this step came through one of this host's own queues (not the shared one)."""
+    settings = ctx.settings
+    own = (
+        host_queue(settings.queue, settings.host_name),
+        build_queue(settings.queue, settings.host_name),
+    )
+    return (task.request.delivery_info or {}).get("routing_key") in own
+
+
+def _to_build_pool(task: Task, ctx: PipelineContext, execution_id: str) -> bool:
+    """In the run pool, a build that installs a dependency set is handed (with the rest of
+    its chain) to this host's build pool, which has slots of its own: an install, up to its
+    deadline, never holds a slot that runs need. Returns whether it was handed on."""
+    if ctx.settings.worker_pool == "build" or not pipeline.build_installs(ctx, execution_id):
+        return False
+    rest = _drop_rest(task)
+    queue = build_queue(ctx.settings.queue, ctx.settings.host_name)
+    app.signature(task.name, args=(execution_id,), queue=queue).apply_async(chain=rest)
+    return True
 
 
 def _drop_rest(task: Task) -> list[dict] | None:
@@ -215,6 +231,8 @@ def _step(name: str, fn):
             if not hosts.claim(ctx.session_factory, execution_id, ctx.settings.host_name):
                 log.info("%s: held by another host; dropping this copy", execution_id)
                 _drop_rest(self)
+                return execution_id
+            if name == queueing.BUILD and _to_build_pool(self, ctx, execution_id):
                 return execution_id
         try:
             fn(ctx, execution_id)
@@ -332,6 +350,8 @@ def consume_host_queue(sender: str, instance, **_kwargs) -> None:
     that starts again (an upgrade, a reboot) stays off the shared queue from its first
     message on, not only from the engine watch's first tick."""
     settings = get_settings()
+    if settings.worker_pool == "build":
+        return  # started with -Q on its host's build queue, and only that
     queues = instance.app.amqp.queues
     queues.select_add(host_queue(settings.queue, settings.host_name))
     try:
@@ -414,7 +434,7 @@ _ENGINE_WATCH_STOP = threading.Event()
 @worker_ready.connect
 def start_engine_watch(sender=None, **_kwargs) -> None:
     nodename = getattr(sender, "hostname", None)
-    if nodename:
+    if nodename and get_settings().worker_pool != "build":  # the run pool's job
         threading.Thread(
             target=watch_engine, args=(nodename, _ENGINE_WATCH_STOP), daemon=True
         ).start()
@@ -429,7 +449,10 @@ def stop_engine_watch(**_kwargs) -> None:
 def warm_pool(**_kwargs) -> None:
     """A worker host starts with sandboxes already waiting for the default runtime, so even
     its first run is warm. A failure here only makes that run cold. Runs in the main
-    process, with a context of its own that pool processes never inherit."""
+    process, with a context of its own that pool processes never inherit. The run pool's
+    job: the build pool runs no script."""
+    if get_settings().worker_pool == "build":
+        return
     try:
         started = pipeline.warm_up(server_context(get_settings()), DEFAULT_RUNTIME)
         log.info("warm pool: started %d sandbox(es) for %s", started, DEFAULT_RUNTIME)
