@@ -296,7 +296,9 @@ class StackConfig:
         if role == "flower" and self.env.get("RGRID_FLOWER_BASIC_AUTH"):
             env["FLOWER_BASIC_AUTH"] = self.env["RGRID_FLOWER_BASIC_AUTH"]
         if role == "api" or role.startswith(("worker", "builder")):
-            folder = self.log_dir / f"metrics-{role}"
+            # A build pool writes its metrics beside its host's run pool, whose exporter
+            # serves them both (a folder of its own would never be scraped).
+            folder = self.log_dir / f"metrics-{role.replace('builder', 'worker', 1)}"
             folder.mkdir(parents=True, exist_ok=True)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
         return env

@@ -307,7 +307,8 @@ def fresh_metrics(**_kwargs) -> None:
     """Before the pool processes start: forget the metric files of this host's earlier
     start (they would be counted again)."""
     folder = metrics.multiprocess_dir()
-    if folder is not None:
+    # The build pool shares its host's folder: only the run pool, which serves it, empties it.
+    if folder is not None and get_settings().worker_pool != "build":
         metrics.fresh_multiprocess_dir(folder)
 
 
