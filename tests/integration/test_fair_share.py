@@ -1,6 +1,6 @@
 """Issue 26, item 3: one account's slow builds do not starve another account's run.
 
-A real worker host (run pool of two slots, build pool of two) on this session's queue, the
+A real worker host (run pool of two slots, build pool of two) on a queue of its own, the
 real PostgreSQL, Redis and Docker; account A's two builds trickle from a slow index while
 account B's one-line script is submitted."""
 
@@ -10,14 +10,17 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+from celery import Celery
 from sqlalchemy import update
 
 from rgrid import queueing
 from rgrid.db import session_scope
 from rgrid.models import Account, Execution
 from rgrid.slots import fair_share
+from scripts.stack import Stack
 from tests.index_server import trickling_index
 
 
@@ -46,13 +49,38 @@ def test_an_accounts_share_is_bounded_by_the_slots_and_the_accounts_sharing_them
     assert fair_share(slots, accounts, cap) == share
 
 
+def _finish_the_sessions_other_work(ctx) -> None:
+    """Only this test's rows count among those sharing. Earlier tests of the session leave
+    executions ``queued`` that no worker will ever take (test_batches' held-back batch
+    members, test_api's submissions without a worker): each of their accounts would count as
+    waiting, and three or more accounts sharing two build slots leave A a share of one."""
+    with session_scope(ctx.session_factory) as session:
+        session.execute(
+            update(Execution)
+            .where(Execution.status.in_(["queued", "building", "running"]))
+            .values(status="error", error="ended by test_fair_share")
+        )
+
+
+@dataclass
+class WorkerHost:
+    stack: Stack
+    app: Celery  # queues on the host's own queue
+    queue: str
+
+
 @pytest.fixture
-def worker_host(server_settings, tmp_path) -> Iterator[None]:
+def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
     """One worker host as `make up` starts it: run pool and build pool, two slots each,
-    and the default per-account cap (4, above the two run slots)."""
-    from scripts.stack import Stack, StackConfig, free_port
+    and the default per-account cap (4, above the two run slots). On a queue of its own:
+    the chains earlier tests left on the session's queue (submitted through the API with no
+    worker running) are not its work, and would hold its run slots before B's run."""
+    from scripts.stack import StackConfig, free_port
     from tests.conftest import retire_sandboxes
 
+    name = f"fair-{free_port()}"
+    queue = f"{os.environ['RGRID_QUEUE']}-{name}"
+    _finish_the_sessions_other_work(ctx)
     env = {
         **os.environ,
         "RGRID_DATA_DIR": str(tmp_path / "worker-data"),
@@ -61,23 +89,33 @@ def worker_host(server_settings, tmp_path) -> Iterator[None]:
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "RGRID_ALLOWED_INDEXES": "127.0.0.1",
+        "RGRID_QUEUE": queue,
     }
     config = StackConfig(
         env=env,
         log_dir=tmp_path / "logs",
-        name=f"fair-{free_port()}",
+        name=name,
         api_port=0,
         roles=("worker",),
         supervised=False,
         concurrency=2,
         build_concurrency=2,
     )
+    app = queueing.create_celery_app()
+    app.conf.task_default_queue = queue
     try:
         with Stack(config) as stack:
             assert set(stack.processes) == {"worker", "builder"}
-            yield
+            yield WorkerHost(stack, app, queue)
     finally:
         retire_sandboxes(tmp_path / "worker-data")
+        from rgrid.context import redis_client
+
+        client = redis_client(server_settings.redis_url)
+        # Its registry, and the broker's bindings of its queues (this fixture's own names).
+        for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+            for key in client.scan_iter(pattern):
+                client.delete(key)
 
 
 def test_two_slow_builds_of_one_account_do_not_keep_anothers_run_queued(
@@ -88,7 +126,7 @@ def test_two_slow_builds_of_one_account_do_not_keep_anothers_run_queued(
         session.add(other)
         session.flush()
         other_id = other.id
-    app = queueing.create_celery_app()
+    app = worker_host.app
     with trickling_index() as index:
         builds = [
             submit(
