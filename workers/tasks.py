@@ -22,6 +22,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
@@ -164,6 +165,14 @@ def _to_build_pool(task: Task, ctx: PipelineContext, execution_id: str) -> bool:
     its chain) to this host's build pool, which has slots of its own: an install, up to its
     deadline, never holds a slot that runs need. Returns whether it was handed on."""
     if ctx.settings.worker_pool == "build" or not pipeline.build_installs(ctx, execution_id):
+        return False
+    if ctx.hosts is not None and not ctx.hosts.build_pool_alive(ctx.settings.host_name):
+        # Nothing consumes this host's build queue: install here, in a run slot, rather
+        # than hand the build to a queue where it would wait for ever.
+        log.warning(
+            "%s: no build pool alive on this host: installing in the run pool", execution_id
+        )
+        ctx.note(execution_id, "no build pool on this host: installing in a run slot")
         return False
     rest = _drop_rest(task)
     queue = build_queue(ctx.settings.queue, ctx.settings.host_name)
@@ -444,6 +453,50 @@ def start_engine_watch(sender=None, **_kwargs) -> None:
 @worker_shutdown.connect
 def stop_engine_watch(**_kwargs) -> None:
     _ENGINE_WATCH_STOP.set()
+
+
+def beat_build_pool(stop: threading.Event) -> None:
+    """In the build pool's main process: say that this host's build queue is consumed, so
+    the run pool hands its installs here (``_to_build_pool``); once stopped, say so at once
+    so the run pool installs in place from its next build on."""
+    settings = get_settings()
+    registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
+    while True:
+        try:
+            registry.build_pool_beat(settings.host_name)
+        except Exception:  # noqa: BLE001 - a Redis blip: try again on the next tick
+            log.warning("could not renew this host's build pool heartbeat", exc_info=True)
+        if stop.wait(HEARTBEAT_EVERY_S):
+            break
+    with contextlib.suppress(Exception):
+        registry.build_pool_gone(settings.host_name)
+
+
+_BUILD_POOL_BEAT_STOP = threading.Event()
+_BUILD_POOL_BEAT: list[threading.Thread] = []
+
+
+@worker_ready.connect
+def start_build_pool_beat(**_kwargs) -> None:
+    if get_settings().worker_pool != "build":
+        return
+    thread = threading.Thread(target=beat_build_pool, args=(_BUILD_POOL_BEAT_STOP,), daemon=True)
+    thread.start()
+    _BUILD_POOL_BEAT.append(thread)
+
+
+@worker_shutting_down.connect
+def build_pool_stopping(**_kwargs) -> None:
+    """At the stop signal, before the warm shutdown waits for the installs under way: the
+    run pool hands this host no new one (only an event set: this runs in a signal handler)."""
+    _BUILD_POOL_BEAT_STOP.set()
+
+
+@worker_shutdown.connect
+def stop_build_pool_beat(**_kwargs) -> None:
+    _BUILD_POOL_BEAT_STOP.set()
+    for thread in _BUILD_POOL_BEAT:
+        thread.join(timeout=5)
 
 
 @worker_ready.connect

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
         "RGRID_S3_ENDPOINT_URL": server_settings.s3_endpoint_url,
         "RGRID_S3_BUCKET": server_settings.s3_bucket,
         "RGRID_ALLOWED_INDEXES": "127.0.0.1",
+        "RGRID_ALLOW_LOCAL_FIND_LINKS": "1",
         "RGRID_QUEUE": queue,
     }
     config = StackConfig(
@@ -162,6 +164,47 @@ def test_two_slow_builds_of_one_account_do_not_keep_anothers_run_queued(
                     .where(Execution.id.in_(builds))
                     .values(status="error", error="test over")
                 )
+
+
+def test_a_host_whose_build_pool_is_not_running_installs_in_its_run_pool(
+    ctx, worker_host, submit, tmp_path
+):
+    """A host started without its build pool (rgrid-builder.service not enabled, or
+    stopped) must not hand its installs to a build queue nothing consumes: they would wait
+    ``queued`` for ever. The run pool installs them itself, in a run slot, and says so."""
+    from rgrid import cache_keys
+    from rgrid.context import redis_client
+    from rgrid.hosts import HostRegistry
+    from rgrid.logbuffer import decode_log
+    from scripts.stack import stop_group
+    from tests.wheels import make_wheel
+
+    registry = HostRegistry(redis_client(ctx.settings.redis_url), worker_host.queue)
+    host = socket.gethostname()  # the stack's workers have no RGRID_HOST_NAME
+    deadline = time.monotonic() + 60
+    while not registry.build_pool_alive(host):
+        assert time.monotonic() < deadline, "the build pool never said it was alive"
+        time.sleep(0.2)
+    stop_group(worker_host.stack.processes.pop("builder").pid)
+    # Said as it stops, not only once its heartbeat expires.
+    assert not registry.build_pool_alive(host)
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    dist = f"rgrid-solo-{secrets.token_hex(3)}"
+    make_wheel(wheels, dist, "1.0")
+    module = dist.replace("-", "_")
+    execution_id = submit(
+        f"import {module}\nprint('solo', {module}.VERSION)\n",
+        requirements=f"--find-links {wheels}\n{dist}\n",
+    )
+    queueing.enqueue_pipeline(worker_host.app, execution_id)
+    ended = {"succeeded", "failed", "error", "build_failed", "timed_out"}
+    assert _wait_for(ctx, execution_id, ended, 120) == "succeeded"
+    chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
+    text = "".join(t for _, t in chunks)
+    assert "solo 1.0" in text
+    assert "no build pool on this host: installing in a run slot" in text
 
 
 def _set_status(ctx, execution_id: str, status: str) -> None:
