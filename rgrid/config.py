@@ -179,9 +179,17 @@ class Settings:
     #: the execution ends ``build_failed`` (an index that trickles bytes held a worker slot
     #: up to Celery's 24 h limit).
     build_timeout_s: int = 600
-    #: Executions of one account building or running at once; the rest wait ``queued``,
-    #: without holding a worker slot. 0: no limit.
+    #: A fixed cap on one account's executions running at once, on top of its fair share
+    #: of the slots that exist (rgrid/slots.py); 0: only the fair share bounds it.
     max_concurrent_per_account: int = 4
+    #: Run slots per worker host (its run pool's Celery concurrency) and build slots per
+    #: host (its build pool's): dependency installs have a pool of their own, so they never
+    #: hold the slots runs need. The fair share divides these.
+    worker_concurrency: int = 2
+    build_concurrency: int = 2
+    #: Which pool this worker process is: "run" (the shared and host queues) or "build"
+    #: (the host's build queue only).
+    worker_pool: str = "run"
 
     #: Each worker host's Prometheus exporter (served by the Celery worker's main process);
     #: 0: none. Bound to loopback unless the operator names an address for their Prometheus.
@@ -269,6 +277,9 @@ class Settings:
             max_concurrent_per_account=_env_int(
                 "RGRID_MAX_CONCURRENT_PER_ACCOUNT", cls.max_concurrent_per_account
             ),
+            worker_concurrency=_env_int("RGRID_WORKER_CONCURRENCY", cls.worker_concurrency),
+            build_concurrency=_env_int("RGRID_BUILD_CONCURRENCY", cls.build_concurrency),
+            worker_pool=_env("RGRID_WORKER_POOL", cls.worker_pool),
             allow_local_find_links=_env("RGRID_ALLOW_LOCAL_FIND_LINKS", "0")
             in ("1", "true", "yes"),
             allowed_indexes=tuple(

@@ -44,6 +44,12 @@ def host_queue(queue: str, host: str) -> str:
     return f"{queue}.host.{host}"
 
 
+def build_queue(queue: str, host: str) -> str:
+    """The Celery queue only ``host``'s build pool consumes: dependency installs, so that
+    they never hold the host's run slots (see rgrid/slots.py)."""
+    return f"{queue}.build.{host}"
+
+
 class HostRegistry:
     """The deployment's view of its hosts, in Redis."""
 
@@ -67,6 +73,23 @@ class HostRegistry:
 
     def alive(self, host: str) -> bool:
         return bool(self.client.exists(self._alive_key(host)))
+
+    # A host's build pool (rgrid-builder.service) beats a key of its own: the run pool hands
+    # an install to the host's build queue only while something consumes it. A host started
+    # without its build pool (an upgrade that enabled only rgrid-worker.service, a builder
+    # that keeps crashing) would otherwise leave every install waiting ``queued`` for ever.
+
+    def _build_pool_key(self, host: str) -> str:
+        return f"rgrid:{self.queue}:build-pool-alive:{host}"
+
+    def build_pool_beat(self, host: str) -> None:
+        self.client.set(self._build_pool_key(host), str(time.time()), ex=HEARTBEAT_TTL_S)
+
+    def build_pool_gone(self, host: str) -> None:
+        self.client.delete(self._build_pool_key(host))
+
+    def build_pool_alive(self, host: str) -> bool:
+        return bool(self.client.exists(self._build_pool_key(host)))
 
     # Draining (`rgrid admin drain`): the host finishes what it runs and takes nothing new.
     # "requested" until the host's worker has stopped taking from the shared queue, then

@@ -400,14 +400,20 @@ def cache_lookup_step(ctx: PipelineContext, execution_id: str) -> None:
             ctx.note(execution_id, "the installed set is not on this host: installing its pins")
 
 
-def _take_slot(ctx: PipelineContext, execution: Execution) -> None:
-    """Leave ``queued`` only within the account's limit of concurrent executions (raises
+def _take_slot(ctx: PipelineContext, execution: Execution, to: Status) -> None:
+    """Move to ``to`` (``building``: a build slot; ``running``: a run slot) only within the
+    account's fair share of that kind's slots on the live hosts (raises
     ``slots.AccountBusy``, before anything is done, otherwise)."""
     if ctx.embedded:
         return  # one user's own machine: nobody else's work to wait for
     session = object_session(execution)
     assert session is not None
-    slots.take_slot(session, execution, ctx.settings.max_concurrent_per_account)
+    settings = ctx.settings
+    per_host = settings.build_concurrency if to == Status.BUILDING else settings.worker_concurrency
+    hosts_live = len(ctx.hosts.live_hosts()) if ctx.hosts is not None else 0
+    slots.take_slot(
+        session, execution, to, per_host * max(1, hosts_live), settings.max_concurrent_per_account
+    )
 
 
 def _fail_build(ctx: PipelineContext, execution_id: str, message: str) -> None:
@@ -442,7 +448,8 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
         lock = cache_keys.build_lock_name(key)
         if known is not None and not execution.refresh_deps:
             lock = cache_keys.host_build_lock_name(key, ctx.settings.host_name)
-    with ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s):
+    with ExitStack() as held:
+        held.enter_context(ctx.locks.hold(lock, ctx.settings.build_lock_timeout_s))
         with session_scope(ctx.session_factory) as session:
             execution = _load(session, execution_id)
             row = None
@@ -459,9 +466,16 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
                 ctx.note(execution_id, "installed by a concurrent run: dependency cache hit")
                 ctx.warm(row.environment)
                 return True
+            resolved_meanwhile = known is None and row is not None and not execution.refresh_deps
             pinned = list(row.resolved) if row is not None and not execution.refresh_deps else None
             requirements, account_id = execution.requirements, execution.account_id
             refresh = execution.refresh_deps
+        if resolved_meanwhile:
+            # Another host resolved the set while we waited for the grid-wide lock: install
+            # its pins under this host's lock instead, which this host's other builders of
+            # the set take (with a build pool per host, several wait at once).
+            held.close()
+            return _provide_environment(ctx, execution_id)
         if not ctx.embedded:
             try:  # checked at submission too; the operator's list may have changed since
                 dependencies.check_sources(ctx.settings, requirements)
@@ -523,6 +537,19 @@ def _provide_environment(ctx: PipelineContext, execution_id: str) -> bool:
     return True
 
 
+def build_installs(ctx: PipelineContext, execution_id: str) -> bool:
+    """Whether the build step would install a dependency set on this host (the worker
+    hands such a build to the host's build pool; any other is done at once in the run
+    pool)."""
+    with session_scope(ctx.session_factory) as session:
+        execution = session.get(Execution, execution_id)
+        if execution is None or _finished(execution) or not _has_dependencies(execution):
+            return False
+        return not (
+            execution.dependency_cache_hit and _environment_present(ctx, execution.environment)
+        )
+
+
 def build_step(ctx: PipelineContext, execution_id: str) -> None:
     """Install the dependency set if this host lacks it. Nothing is built for the script."""
     with execution_row(ctx, execution_id) as execution:
@@ -531,7 +558,7 @@ def build_step(ctx: PipelineContext, execution_id: str) -> None:
         if execution.dependency_cache_hit and _environment_present(ctx, execution.environment):
             return
         if execution.status == Status.QUEUED:
-            _take_slot(ctx, execution)
+            _take_slot(ctx, execution, Status.BUILDING)
             set_status(execution, Status.BUILDING)
     ctx.logs.keep(execution_id)
     _ensure_environment(ctx, execution_id)
@@ -963,7 +990,7 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
         )
         return
     with execution_row(ctx, execution_id) as execution:
-        _take_slot(ctx, execution)
+        _take_slot(ctx, execution, Status.RUNNING)
         set_status(execution, Status.RUNNING)
         if execution.started_at is None:
             execution.started_at = utcnow()

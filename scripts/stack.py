@@ -111,14 +111,34 @@ def _celery(*args: str) -> list[str]:
     return [str(BIN / "celery"), "-A", "workers.celery_app", *args]
 
 
-def worker_command(hostname: str, *, concurrency: int = 2, supervised: bool = True) -> list[str]:
+def worker_command(
+    hostname: str, *, concurrency: int = 2, supervised: bool = True, queues: str | None = None
+) -> list[str]:
     """A Celery worker; ``supervised``: under scripts/supervise.sh (a broker restart has killed
-    celery 5.7's main process here, and a killed worker must come back)."""
+    celery 5.7's main process here, and a killed worker must come back); ``queues``: the
+    queues it consumes (the build pool's), or the shared one and its host's."""
     command = _celery(
         *("worker", "--loglevel", "INFO"),
         *("--concurrency", str(concurrency), "--hostname", f"{hostname}@%h"),
+        *(("--queues", queues) if queues else ()),
     )
     return [str(SUPERVISE), *command] if supervised else command
+
+
+def builder_command(
+    hostname: str, queue: str, host: str, *, concurrency: int = 2, supervised: bool = True
+) -> list[str]:
+    """A host's build pool: a Celery worker of its own on the host's build queue, so that
+    dependency installs never hold the run pool's slots (rgrid/slots.py). Its environment
+    says RGRID_WORKER_POOL=build (see ``StackConfig.env_for``)."""
+    from rgrid.hosts import build_queue
+
+    return worker_command(
+        f"{hostname}-build",
+        concurrency=concurrency,
+        supervised=supervised,
+        queues=build_queue(queue, host),
+    )
 
 
 def beat_command(schedule: Path) -> list[str]:
@@ -208,6 +228,8 @@ class StackConfig:
     roles: tuple[str, ...] = ROLES
     supervised: bool = True
     concurrency: int = 2
+    #: The build pool's concurrency on each host (its own slots: rgrid/slots.py).
+    build_concurrency: int = 2
     #: Worker hosts: 0 is one worker on the machine's own Docker engine; N starts N engines
     #: under ``hosts_root`` and, in place of that worker, one worker bound to each.
     hosts: int = 0
@@ -236,16 +258,33 @@ class StackConfig:
         none may count another's files)."""
         env = {**self.env, "RGRID_WORKER_METRICS_PORT": str(self.worker_metrics_port)}
         for engine in self.engines:
-            if role == f"worker-{engine.name}":
+            if role in (f"worker-{engine.name}", f"builder-{engine.name}"):
                 env = host_env(env, engine)
                 env["RGRID_WORKER_METRICS_PORT"] = str(self.host_metrics_port(engine.name))
+        env["RGRID_WORKER_CONCURRENCY"] = str(self.concurrency)
+        env["RGRID_BUILD_CONCURRENCY"] = str(self.build_concurrency)
+        if role.startswith("builder"):
+            # The run pool on the same host serves the host's metrics.
+            env.update(RGRID_WORKER_POOL="build", RGRID_WORKER_METRICS_PORT="0")
         if role == "flower" and self.env.get("RGRID_FLOWER_BASIC_AUTH"):
             env["FLOWER_BASIC_AUTH"] = self.env["RGRID_FLOWER_BASIC_AUTH"]
-        if role == "api" or role.startswith("worker"):
-            folder = self.log_dir / f"metrics-{role}"
+        if role == "api" or role.startswith(("worker", "builder")):
+            # A build pool writes its metrics beside its host's run pool, whose exporter
+            # serves them both (a folder of its own would never be scraped).
+            folder = self.log_dir / f"metrics-{role.replace('builder', 'worker', 1)}"
             folder.mkdir(parents=True, exist_ok=True)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
         return env
+
+    @property
+    def queue(self) -> str:
+        """The deployment's queue, as the processes' settings read it (rgrid/config.py)."""
+        return self.env.get("RGRID_QUEUE") or "rgrid"
+
+    @property
+    def host_name(self) -> str:
+        """The one-engine stack's host name, as its workers' settings read it."""
+        return self.env.get("RGRID_HOST_NAME") or socket.gethostname()
 
     @property
     def api_url(self) -> str:
@@ -261,11 +300,28 @@ class StackConfig:
         def worker(name: str) -> list[str]:
             return worker_command(name, concurrency=self.concurrency, supervised=self.supervised)
 
-        every = {"api": api_command(self.api_port), "worker": worker(self.name)}
+        def builder(name: str, host: str) -> list[str]:
+            return builder_command(
+                name,
+                self.queue,
+                host,
+                concurrency=self.build_concurrency,
+                supervised=self.supervised,
+            )
+
+        every = {
+            "api": api_command(self.api_port),
+            "worker": worker(self.name),
+            "builder": builder(self.name, self.host_name),
+        }
         for engine in self.engines:
             # In its engine's mount namespace: call once the engines run.
             command = worker(f"{self.name}-{engine.name}")
             every[f"worker-{engine.name}"] = (
+                hosts.in_namespace(engine, command) if engine.pid() else command
+            )
+            command = builder(f"{self.name}-{engine.name}", host_env({}, engine)["RGRID_HOST_NAME"])
+            every[f"builder-{engine.name}"] = (
                 hosts.in_namespace(engine, command) if engine.pid() else command
             )
         every["beat"] = beat_command(self.log_dir / "beat-schedule")
@@ -276,8 +332,11 @@ class StackConfig:
                 self.env.get("RGRID_FLOWER_BASIC_AUTH"),
             )
         chosen = [r for r in self.roles if r != "worker" or not self.hosts]
-        if self.hosts and "worker" in self.roles:
-            chosen += [f"worker-{engine.name}" for engine in self.engines]
+        if "worker" in self.roles:
+            # Every worker host has its build pool beside its run pool (rgrid/slots.py).
+            chosen += [f"builder-{e.name}" for e in self.engines] if self.hosts else ["builder"]
+            if self.hosts:
+                chosen += [f"worker-{engine.name}" for engine in self.engines]
         return {role: every[role] for role in every if role in chosen}
 
 
@@ -438,7 +497,12 @@ def down() -> None:
         if hosts.stop(engine, kill=True):
             print(f"engine {engine.name}: stopped", file=sys.stderr)
 
-    workers = ["worker", *sorted(p.stem for p in RUN_DIR.glob("worker-h*.pid"))]
+    workers = [
+        "worker",
+        "builder",
+        *sorted(p.stem for p in RUN_DIR.glob("worker-h*.pid")),
+        *sorted(p.stem for p in RUN_DIR.glob("builder-h*.pid")),
+    ]
     engines = [hosts.Engine(p.parent.name, HOSTS_DIR) for p in HOSTS_DIR.glob("h*/dockerd.pid")]
     # Each takes seconds to stop (a warm shutdown, a dockerd's): the workers side by side,
     # then the engines side by side.

@@ -99,3 +99,55 @@ def private_index(
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+@dataclass
+class TricklingIndex:
+    """An index that answers every request at once, then sends one byte every half second
+    for ever: a dependency install from it goes on until its deadline or until it is killed."""
+
+    port: int = 0
+    #: Paths asked for, in arrival order.
+    requests: list[str] = field(default_factory=list)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/simple/"
+
+
+@contextmanager
+def trickling_index() -> Iterator[TricklingIndex]:
+    """Serve a trickling index until the block ends (its open answers end with it)."""
+    import time
+
+    index = TricklingIndex()
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            index.requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            try:
+                while not stop.is_set():
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass  # the client went away
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    index.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, name="trickling-index", daemon=True)
+    thread.start()
+    try:
+        yield index
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

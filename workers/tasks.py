@@ -22,6 +22,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
@@ -43,7 +44,7 @@ from rgrid.config import DEFAULT_RUNTIME, get_settings
 from rgrid.context import redis_client, server_context
 from rgrid.db import forget_engines_after_fork, session_scope
 from rgrid.errors import ServiceUnavailable
-from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, host_queue
+from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, build_queue, host_queue
 from rgrid.maintenance import reap_containers, sweep_lost_executions
 from rgrid.models import Execution, iso_utc, utcnow
 from rgrid.pipeline import PipelineContext
@@ -150,9 +151,33 @@ def _route_rest_here(task: Task, ctx: PipelineContext) -> None:
 
 
 def _from_own_queue(task: Task, ctx: PipelineContext) -> bool:
-    """Whether this step came through this host's own queue (not the shared one)."""
-    own = host_queue(ctx.settings.queue, ctx.settings.host_name)
-    return (task.request.delivery_info or {}).get("routing_key") == own
+    """Whether this step came through one of this host's own queues (not the shared one)."""
+    settings = ctx.settings
+    own = (
+        host_queue(settings.queue, settings.host_name),
+        build_queue(settings.queue, settings.host_name),
+    )
+    return (task.request.delivery_info or {}).get("routing_key") in own
+
+
+def _to_build_pool(task: Task, ctx: PipelineContext, execution_id: str) -> bool:
+    """In the run pool, a build that installs a dependency set is handed (with the rest of
+    its chain) to this host's build pool, which has slots of its own: an install, up to its
+    deadline, never holds a slot that runs need. Returns whether it was handed on."""
+    if ctx.settings.worker_pool == "build" or not pipeline.build_installs(ctx, execution_id):
+        return False
+    if ctx.hosts is not None and not ctx.hosts.build_pool_alive(ctx.settings.host_name):
+        # Nothing consumes this host's build queue: install here, in a run slot, rather
+        # than hand the build to a queue where it would wait for ever.
+        log.warning(
+            "%s: no build pool alive on this host: installing in the run pool", execution_id
+        )
+        ctx.note(execution_id, "no build pool on this host: installing in a run slot")
+        return False
+    rest = _drop_rest(task)
+    queue = build_queue(ctx.settings.queue, ctx.settings.host_name)
+    app.signature(task.name, args=(execution_id,), queue=queue).apply_async(chain=rest)
+    return True
 
 
 def _drop_rest(task: Task) -> list[dict] | None:
@@ -215,6 +240,8 @@ def _step(name: str, fn):
             if not hosts.claim(ctx.session_factory, execution_id, ctx.settings.host_name):
                 log.info("%s: held by another host; dropping this copy", execution_id)
                 _drop_rest(self)
+                return execution_id
+            if name == queueing.BUILD and _to_build_pool(self, ctx, execution_id):
                 return execution_id
         try:
             fn(ctx, execution_id)
@@ -289,7 +316,8 @@ def fresh_metrics(**_kwargs) -> None:
     """Before the pool processes start: forget the metric files of this host's earlier
     start (they would be counted again)."""
     folder = metrics.multiprocess_dir()
-    if folder is not None:
+    # The build pool shares its host's folder: only the run pool, which serves it, empties it.
+    if folder is not None and get_settings().worker_pool != "build":
         metrics.fresh_multiprocess_dir(folder)
 
 
@@ -332,6 +360,8 @@ def consume_host_queue(sender: str, instance, **_kwargs) -> None:
     that starts again (an upgrade, a reboot) stays off the shared queue from its first
     message on, not only from the engine watch's first tick."""
     settings = get_settings()
+    if settings.worker_pool == "build":
+        return  # started with -Q on its host's build queue, and only that
     queues = instance.app.amqp.queues
     queues.select_add(host_queue(settings.queue, settings.host_name))
     try:
@@ -414,7 +444,7 @@ _ENGINE_WATCH_STOP = threading.Event()
 @worker_ready.connect
 def start_engine_watch(sender=None, **_kwargs) -> None:
     nodename = getattr(sender, "hostname", None)
-    if nodename:
+    if nodename and get_settings().worker_pool != "build":  # the run pool's job
         threading.Thread(
             target=watch_engine, args=(nodename, _ENGINE_WATCH_STOP), daemon=True
         ).start()
@@ -425,11 +455,58 @@ def stop_engine_watch(**_kwargs) -> None:
     _ENGINE_WATCH_STOP.set()
 
 
+def beat_build_pool(stop: threading.Event) -> None:
+    """In the build pool's main process: say that this host's build queue is consumed, so
+    the run pool hands its installs here (``_to_build_pool``); once stopped, say so at once
+    so the run pool installs in place from its next build on."""
+    settings = get_settings()
+    registry = HostRegistry(redis_client(settings.redis_url), settings.queue)
+    while True:
+        try:
+            registry.build_pool_beat(settings.host_name)
+        except Exception:  # noqa: BLE001 - a Redis blip: try again on the next tick
+            log.warning("could not renew this host's build pool heartbeat", exc_info=True)
+        if stop.wait(HEARTBEAT_EVERY_S):
+            break
+    with contextlib.suppress(Exception):
+        registry.build_pool_gone(settings.host_name)
+
+
+_BUILD_POOL_BEAT_STOP = threading.Event()
+_BUILD_POOL_BEAT: list[threading.Thread] = []
+
+
+@worker_ready.connect
+def start_build_pool_beat(**_kwargs) -> None:
+    if get_settings().worker_pool != "build":
+        return
+    thread = threading.Thread(target=beat_build_pool, args=(_BUILD_POOL_BEAT_STOP,), daemon=True)
+    thread.start()
+    _BUILD_POOL_BEAT.append(thread)
+
+
+@worker_shutting_down.connect
+def build_pool_stopping(**_kwargs) -> None:
+    """At the stop signal, before the warm shutdown waits for the installs under way: the
+    run pool hands this host no new one (only an event set: this runs in a signal handler)."""
+    _BUILD_POOL_BEAT_STOP.set()
+
+
+@worker_shutdown.connect
+def stop_build_pool_beat(**_kwargs) -> None:
+    _BUILD_POOL_BEAT_STOP.set()
+    for thread in _BUILD_POOL_BEAT:
+        thread.join(timeout=5)
+
+
 @worker_ready.connect
 def warm_pool(**_kwargs) -> None:
     """A worker host starts with sandboxes already waiting for the default runtime, so even
     its first run is warm. A failure here only makes that run cold. Runs in the main
-    process, with a context of its own that pool processes never inherit."""
+    process, with a context of its own that pool processes never inherit. The run pool's
+    job: the build pool runs no script."""
+    if get_settings().worker_pool == "build":
+        return
     try:
         started = pipeline.warm_up(server_context(get_settings()), DEFAULT_RUNTIME)
         log.info("warm pool: started %d sandbox(es) for %s", started, DEFAULT_RUNTIME)
