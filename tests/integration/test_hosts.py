@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from rgrid import queueing
+from rgrid import environments, queueing
 from rgrid.db import session_scope
 from rgrid.models import DependencyCache, Execution, utcnow
 from rgrid.statuses import TERMINAL_STATUSES
@@ -165,6 +165,12 @@ def test_the_nightly_purge_removes_a_stale_environment_on_every_host(ctx, grid, 
     folders = [grid.engine(h).data_dir / "environments" / environment for h in HOSTS]
     installed = [f for f in folders if f.is_dir()]
     assert len(installed) == len({r.host for r in rows}) >= 1
+    # Each host compiles the folder's bytecode in the background after its first run, and
+    # the compile's marker file makes the folder recent again: wait for it before aging it.
+    deadline = time.monotonic() + 120
+    while not all((f / environments.COMPILED_MARKER).exists() for f in installed):
+        assert time.monotonic() < deadline, "bytecode never compiled"
+        time.sleep(0.2)
     # Unused for 40 days, on every host that has it.
     long_ago = time.time() - 40 * 86400
     for folder in installed:
