@@ -31,7 +31,7 @@ from rgrid.config import Settings
 from rgrid.errors import BadInput, NotFound, OverQuota, RGridError
 from rgrid.hashing import sha256_bytes, sha256_stream
 from rgrid.models import Account, Blob, Upload, utcnow
-from rgrid.objectstore import ObjectStore, PresigningStore, exists_many
+from rgrid.objectstore import ObjectStore, PresigningStore, all_exist, exists_many
 from rgrid.units import human_bytes
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -109,40 +109,6 @@ def missing_digests(
             session.delete(blob)
     session.flush()
     return [digest for digest in wanted if digest not in found]
-
-
-#: Object keys this process found in the store, and when (``time.monotonic()``).
-_SEEN: dict[str, float] = {}
-_SEEN_MAX = 100_000
-
-
-def all_exist(store: ObjectStore, keys: list[str], ttl_s: float = 0) -> list[bool]:
-    """Whether each key is in the store (``exists_many``: several at a time), except for keys
-    this process found there less than ``ttl_s`` ago. A HEAD costs 5-15 ms of botocore and the S3
-    endpoint here: a project's 30 modules asked about one by one were 0.15-0.5 s of every
-    run's missing-digests call (bench/projects.py), for objects that only RGrid's own purge,
-    which drops their rows first, ever deletes. A store that lost objects behind RGrid's back
-    is noticed within ``ttl_s`` (and by the worker that fetches one: it drops the row)."""
-    now = time.monotonic()
-    fresh = [ttl_s > 0 and now - _SEEN.get(key, -ttl_s - 1) < ttl_s for key in keys]
-    ask = [key for key, ok in zip(keys, fresh, strict=True) if not ok]
-    present_now = exists_many(store, ask)  # several at a time, a LIST where many share a prefix
-    answers = [present_now[key] for key in ask]
-    if ttl_s > 0:
-        if len(_SEEN) > _SEEN_MAX:
-            _SEEN.clear()
-        for key, present in zip(ask, answers, strict=True):
-            if present:
-                _SEEN[key] = now
-            else:
-                _SEEN.pop(key, None)
-    told = iter(answers)
-    return [True if ok else next(told) for ok in fresh]
-
-
-def forget_presence(key: str) -> None:
-    """``key`` is known to be gone from the store (deleted, or found missing)."""
-    _SEEN.pop(key, None)
 
 
 def decode_inline(settings: Settings, items: list[dict], referenced: set[str]) -> dict[str, bytes]:

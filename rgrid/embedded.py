@@ -14,9 +14,9 @@ from rgrid import executions as svc
 from rgrid import reuse as reuse_mod
 from rgrid.accounts import get_or_create_account
 from rgrid.channels import check_env
-from rgrid.client import save_outputs, select_outputs
 from rgrid.db import session_scope
 from rgrid.docker_engine import get_docker
+from rgrid.downloads import save_outputs, select_outputs
 from rgrid.embedded_batches import EmbeddedBatches
 from rgrid.errors import LostFromStore, NotFound
 from rgrid.inputs import InputFile

@@ -122,7 +122,7 @@ def store_script(
     store: ObjectStore, account_id: int, script: str, presence_ttl_s: float = 0
 ) -> str:
     """Store the script under its content hash (once per account); returns the hash."""
-    from rgrid.blobs import all_exist
+    from rgrid.objectstore import all_exist
 
     data = script.encode()
     digest = script_hash(data)

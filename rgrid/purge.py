@@ -12,7 +12,6 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from rgrid import metrics, reuse
-from rgrid.blobs import forget_presence
 from rgrid.cache_keys import log_object_key
 from rgrid.config import Settings
 from rgrid.db import session_scope
@@ -26,7 +25,7 @@ from rgrid.models import (
     Upload,
     utcnow,
 )
-from rgrid.objectstore import ObjectStore
+from rgrid.objectstore import ObjectStore, forget_presence
 from rgrid.statuses import TERMINAL_STATUSES
 
 UNUSED_AFTER = timedelta(days=30)

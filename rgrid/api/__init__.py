@@ -14,14 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from rgrid import metrics as rgrid_metrics
+from rgrid.api.common import MAX_REQUEST_BYTES
 from rgrid.api.schemas import openapi
 from rgrid.config import Settings, get_settings
 from rgrid.context import server_services
 from rgrid.errors import RGridError, ServiceUnavailable
 from rgrid.queueing import create_celery_app
-
-#: The most a request body may hold (a 1 MiB script as JSON, with escaping, and the rest).
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify
 
 from rgrid import blobs
-from rgrid.api.common import authenticate_request, context
+from rgrid.api.common import MAX_REQUEST_BYTES, authenticate_request, context
 from rgrid.api.schemas import CompleteUploadRequest, MissingRequest, UploadRequest, validated
 from rgrid.db import session_scope
 from rgrid.errors import RGridError
@@ -42,8 +42,6 @@ def missing(body: MissingRequest):
 def inline_budget(setting: int) -> int:
     """What a submission may carry inline: the operator's setting, within a quarter of the
     request size limit (base64 adds a third, and the script itself may be 1 MiB)."""
-    from rgrid.api import MAX_REQUEST_BYTES
-
     return max(0, min(setting, MAX_REQUEST_BYTES // 4))
 
 

@@ -10,6 +10,9 @@ from rgrid.accounts import authenticate
 from rgrid.context import Services
 from rgrid.db import session_scope
 
+#: The most a request body may hold (a 1 MiB script as JSON, with escaping, and the rest).
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 def context() -> Services:
     return current_app.extensions["rgrid"]

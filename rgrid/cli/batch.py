@@ -187,7 +187,7 @@ def submit_batch(
 ) -> dict:
     """Create the batch, add its inputs page by page, start it. A failure before the start
     cancels the batch, so nothing of it ever runs."""
-    from rgrid.cli.executions import send_inputs
+    from rgrid.cli.uploads import send_inputs
 
     if shared or sources:
         send_inputs(client, shared, json_mode, sources)
@@ -493,7 +493,7 @@ def _ask_to_cancel(batch_id: str) -> bool:
 def follow_and_summarise(
     client: Client, batch_id: str, json_mode: bool, only: set[str] | None = None
 ) -> int:
-    from rgrid.cli.executions import Stopped, stop_signals
+    from rgrid.cli.signals import Stopped, stop_signals
 
     follower = Follower(client, batch_id, json_mode, only=only)
     try:

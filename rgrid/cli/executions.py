@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -24,11 +21,14 @@ from rgrid.cli.output import (
     print_summary,
     progress,
 )
-from rgrid.client import Client, make_client, make_run_client, select_outputs
+from rgrid.cli.signals import Stopped, stop_signals
+from rgrid.cli.uploads import send_inputs
+from rgrid.client import Client, make_client, make_run_client
 from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
+from rgrid.downloads import select_outputs
 from rgrid.errors import BadInput
-from rgrid.inputs import InputFile, hash_files, input_name
 from rgrid.inputs import collect as collect_inputs
+from rgrid.inputs import input_name
 from rgrid.sources import collect_sources, project_dependencies
 from rgrid.statuses import TERMINAL_STATUSES
 from rgrid.units import human_bytes, parse_bytes
@@ -132,71 +132,6 @@ def fetch_outputs(
         if paths:
             return client.download_outputs(execution, dest, advance, paths=paths)
         return client.download_outputs(execution, dest, advance)
-
-
-def send_inputs(
-    client: Client,
-    files: list[InputFile],
-    json_mode: bool,
-    sources: list[InputFile] = (),
-    verbose: bool = False,
-    inline: list[dict] | None = None,
-) -> tuple[int, int]:
-    """Hash every input and shipped module, ask which digests the account lacks (one request
-    for both), send only those (each distinct content once). Given an ``inline`` list, the
-    smallest of them, up to the server's inline budget in all, are appended to it
-    (``{sha256, data}``, base64) for the submission's own body, as remote build clients batch
-    small blobs into one request: an edited module then costs no upload round trips. The
-    rest are uploaded. Returns (files sent, bytes sent)."""
-    both = [*sources, *files]
-    total = sum(item.size for item in both)
-    with progress("hashing inputs", total) as advance:
-        hash_files(both, advance)
-    missing = set(client.missing([item.sha256 for item in both]))
-    to_send = list({item.sha256: item for item in both if item.sha256 in missing}.values())
-    sent_bytes = sum(item.size for item in to_send)
-    to_upload = to_send
-    budget = getattr(client, "inline_bytes", 0) if inline is not None else 0
-    if budget:
-        import base64
-        import hashlib
-
-        to_upload = []
-        for item in sorted(to_send, key=lambda item: item.size):
-            if item.size <= budget:
-                data = item.path.read_bytes()
-                # Changed since it was hashed: the upload's own check reports it.
-                if hashlib.sha256(data).hexdigest() == item.sha256:
-                    budget -= item.size
-                    inline.append(
-                        {"sha256": item.sha256, "data": base64.b64encode(data).decode("ascii")}
-                    )
-                    continue
-            to_upload.append(item)
-    with progress("uploading inputs", sum(item.size for item in to_upload)) as advance:
-        for item in to_upload:
-            client.upload(item, advance)
-    if not json_mode:
-        sent = {item.sha256 for item in to_send}
-        carried = {item["sha256"] for item in inline or []}
-        if sources:
-            new = [item for item in sources if item.sha256 in sent]
-            within = sum(1 for item in new if item.sha256 in carried)
-            note(
-                f"sources: {len(sources)} module file(s) shipped, {len(new)} uploaded "
-                f"({human_bytes(sum(item.size for item in new))})"
-                + (f", {within} inline in the submission" if within else "")
-            )
-            for item in sources if verbose else []:
-                note(f"  {item.name} ({human_bytes(item.size)})")
-        if files:
-            new = [item for item in files if item.sha256 in sent]
-            note(
-                f"inputs: {len(files)} file(s), {len(new)} uploaded "
-                f"({human_bytes(sum(item.size for item in new))}), "
-                f"{len(files) - len(new)} already stored"
-            )
-    return len(to_send), sent_bytes
 
 
 class RunCommand(click.Command):
@@ -503,29 +438,6 @@ def run(
     if status == "failed":
         raise SystemExit(execution["exit_code"] or 1)
     raise SystemExit(EXIT_STATUS.get(status, EXIT_RGRID))
-
-
-class Stopped(Exception):
-    """`rgrid run` was told to stop by a signal other than Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-
-def _raise_stopped(signum: int, _frame) -> None:
-    raise Stopped(signum)
-
-
-@contextmanager
-def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop a followed run the way Ctrl-C does."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def silence_stdout() -> None:

@@ -136,7 +136,8 @@ def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
     checked = client.get(f"{base}?check_store=1", headers=headers).json
     assert sorted(checked["lost_outputs"]) == packed
 
-    from rgrid.client import RemoteClient, save_outputs
+    from rgrid.client import RemoteClient
+    from rgrid.downloads import save_outputs
     from rgrid.errors import LostFromStore
 
     remote = RemoteClient("http://unused", None)

@@ -1,4 +1,4 @@
-"""The CLI's side of packed outputs (rgrid/client.py): spans of a pack, split into files byte
+"""The CLI's side of packed outputs (rgrid/downloads.py): spans of a pack, split into files byte
 for byte and verified; which outputs a pattern names; a ranged GET against a server that
 honours the range and one that ignores it."""
 
@@ -11,8 +11,9 @@ import threading
 
 import pytest
 
-from rgrid import client as cli_client
-from rgrid.client import RemoteClient, _spans, save_outputs, select_outputs
+from rgrid import downloads
+from rgrid.client import RemoteClient
+from rgrid.downloads import _spans, save_outputs, select_outputs
 from rgrid.errors import BadInput, RGridError
 
 
@@ -51,8 +52,8 @@ def _memory_fetcher(pack: bytes, asked: list[tuple[int, int]]):
 
 
 def test_spans_keep_neighbours_together_and_split_far_or_long_ones(monkeypatch):
-    monkeypatch.setattr(cli_client, "SPAN_GAP_BYTES", 10)
-    monkeypatch.setattr(cli_client, "SPAN_MAX_BYTES", 100)
+    monkeypatch.setattr(downloads, "SPAN_GAP_BYTES", 10)
+    monkeypatch.setattr(downloads, "SPAN_MAX_BYTES", 100)
     members = [
         {"path": "a", "offset": 0, "size": 5},
         {"path": "b", "offset": 5, "size": 5},
@@ -66,7 +67,7 @@ def test_spans_keep_neighbours_together_and_split_far_or_long_ones(monkeypatch):
 
 
 def test_a_pack_is_split_into_files_byte_for_byte(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli_client, "SPAN_MAX_BYTES", 3000)
+    monkeypatch.setattr(downloads, "SPAN_MAX_BYTES", 3000)
     blobs = [bytes([i]) * (i * 37 % 1500) for i in range(60)] + [b""]
     pack, offsets = _pack(blobs)
     # Blob 5 is not wanted (a gap), blob 9 has two names, one output is empty.
