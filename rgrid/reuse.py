@@ -263,6 +263,30 @@ def still_stored(session: Session, store: ObjectStore, entry: OutputCache) -> bo
     return all(exists_many(store, [blob.object_key for blob in found.values()]).values())
 
 
+def answered_columns(
+    entry: OutputCache, key: str, image: str | None, environment: str | None, pins, now
+) -> dict:
+    """What an execution answered from ``entry`` holds: the original's result and outputs (the
+    same blobs), no run time, never dispatched to a worker. One list for a single run
+    (``answer``) and a batch's page (``for_batch``)."""
+    return {
+        "status": Status.SUCCEEDED.value,
+        "outcome": Status.SUCCEEDED.value,
+        "exit_code": entry.exit_code,
+        "outputs": list(entry.outputs or []),
+        "reused_from": entry.execution_id,
+        "output_cache_hit": True,
+        "action_key": key,
+        "runtime_image": image,
+        "environment": environment,
+        "resolved_dependencies": pins,
+        "run_s": 0.0,
+        "started_at": now,
+        "finished_at": now,
+        "dispatched_at": now,
+    }
+
+
 def answer(
     session: Session,
     execution: Execution,
@@ -274,18 +298,9 @@ def answer(
     """The execution ends as the original did, with its outputs (the same blobs) and its
     log (read from the original's stored log), touching the entry and the blobs."""
     now = utcnow()
-    execution.status = execution.outcome = Status.SUCCEEDED.value
-    execution.exit_code = entry.exit_code
-    execution.outputs = list(entry.outputs or [])
-    execution.reused_from = entry.execution_id
-    execution.output_cache_hit = True
-    execution.action_key = key
-    execution.runtime_image = (execution.action_parts or {}).get("runtime_image")
-    execution.environment = environment
-    execution.resolved_dependencies = pins
-    execution.run_s = 0.0
-    execution.started_at = execution.finished_at = now
-    execution.dispatched_at = now
+    image = (execution.action_parts or {}).get("runtime_image")
+    for column, value in answered_columns(entry, key, image, environment, pins, now).items():
+        setattr(execution, column, value)
     entry.last_used_at = now
     entry.use_count = OutputCache.use_count + 1
     items = [*(entry.outputs or []), *(execution.inputs or [])]
@@ -411,22 +426,7 @@ def for_batch(
         entry = entries.get(key)
         if entry is None or entry.id not in good:
             continue
-        row.update(
-            status=Status.SUCCEEDED.value,
-            outcome=Status.SUCCEEDED.value,
-            exit_code=entry.exit_code,
-            outputs=list(entry.outputs or []),
-            reused_from=entry.execution_id,
-            output_cache_hit=True,
-            action_key=key,
-            runtime_image=image,
-            environment=environment,
-            resolved_dependencies=pins,
-            run_s=0.0,
-            started_at=now,
-            finished_at=now,
-            dispatched_at=now,
-        )
+        row.update(answered_columns(entry, key, image, environment, pins, now))
         answered.append(row["id"])
         touched.update(o["sha256"] for o in [*(entry.outputs or []), *(row["inputs"] or [])])
         metrics.output_lookup(True, entry.run_s, entry.bytes)
