@@ -1,10 +1,10 @@
-"""Celery settings, in one place, built from RGrid's one Settings (rgrid/config.py), so each
+"""Celery settings, in one place, built from RGrid's one Settings (rgrid/core/config.py), so each
 has one name and one default (loaded by workers/celery_app.py)."""
 
 from celery.schedules import crontab
 
-from rgrid import queueing
-from rgrid.config import get_settings
+from rgrid.core import queueing
+from rgrid.core.config import get_settings
 
 _settings = get_settings()
 
@@ -59,7 +59,7 @@ beat_schedule = {
         "schedule": _settings.reap_interval_s,
     },
     # The backstop for a batch whose dispatching worker died before handing on its next
-    # executions (rgrid/batches.py).
+    # executions (rgrid/service/batches.py).
     "dispatch-stalled-batches": {
         "task": queueing.DISPATCH_BATCHES,
         "schedule": _settings.lease_s,

@@ -37,7 +37,7 @@ def _key(g: int) -> tuple[int, str]:
 def seed(url: str, rows: int) -> float:
     from sqlalchemy import create_engine, text
 
-    from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
+    from rgrid.core.cache_keys import EMPTY_DEPENDENCY_HASH
 
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     started = time.monotonic()
@@ -100,11 +100,11 @@ def main() -> None:
     import psycopg2
     from sqlalchemy import func, select
 
-    from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
-    from rgrid.db import get_engine, get_session_factory, session_scope, upgrade
-    from rgrid.models import ScriptCache
-    from rgrid.pipeline import _remember_script, script_cache_environment
-    from rgrid.purge import purge_script_cache
+    from rgrid.core.cache_keys import EMPTY_DEPENDENCY_HASH
+    from rgrid.core.db import get_engine, get_session_factory, session_scope, upgrade
+    from rgrid.core.models import ScriptCache
+    from rgrid.pipeline.chain import _remember_script, script_cache_environment
+    from rgrid.service.purge import purge_script_cache
 
     with fresh_database("rgrid_bench") as url:
         upgrade(url)

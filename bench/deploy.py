@@ -56,10 +56,10 @@ class Submitter:
     def __init__(self, database_url: str, bucket: str):
         from dataclasses import replace
 
-        from rgrid import accounts
-        from rgrid.config import Settings
-        from rgrid.context import server_context
-        from rgrid.db import session_scope
+        from rgrid.core.config import Settings
+        from rgrid.core.db import session_scope
+        from rgrid.service import accounts
+        from rgrid.service.context import server_context
 
         self.settings = replace(
             Settings.from_env(),
@@ -72,8 +72,8 @@ class Submitter:
             self.account_id = accounts.create_account(session, f"bench-{bucket}").id
 
     def submit(self, script: str, **options) -> str:
-        from rgrid import executions
-        from rgrid.db import session_scope
+        from rgrid.core.db import session_scope
+        from rgrid.service import executions
 
         with session_scope(self.ctx.session_factory) as session:
             row = executions.create_execution(
@@ -88,8 +88,8 @@ class Submitter:
             return row.id
 
     def wait(self, ids: list[str], timeout_s: float = 600) -> list:
-        from rgrid.db import session_scope
-        from rgrid.models import Execution
+        from rgrid.core.db import session_scope
+        from rgrid.core.models import Execution
 
         deadline = time.monotonic() + timeout_s
         while True:
@@ -153,7 +153,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
-    from rgrid.db import upgrade
+    from rgrid.core.db import upgrade
 
     print(f"machine: {os.cpu_count()} CPU cores, shared by both hosts")
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from rgrid.client import RemoteClient
+from rgrid.client.remote import RemoteClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import load  # noqa: E402
@@ -45,7 +45,7 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
     """(executions/s, statuses, runs per host) of ``runs`` cached runs on ``host_count``."""
     import threading
 
-    from rgrid.db import upgrade
+    from rgrid.core.db import upgrade
 
     with stack.fresh_database("rgrid_bench_hosts") as url:
         upgrade(url)
@@ -92,13 +92,13 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
 def first_run_costs(rounds: int) -> dict[str, list[float]]:
     """Wall seconds of runs of IMPORTS (pins known) on hosts in three states, ``rounds``
     times each (a new host each round)."""
-    from rgrid import environments
-    from rgrid import executions as svc
-    from rgrid.config import Settings
-    from rgrid.context import server_context
-    from rgrid.db import session_scope, upgrade
-    from rgrid.models import Account
-    from rgrid.pipeline import run_all
+    from rgrid.core.config import Settings
+    from rgrid.core.db import session_scope, upgrade
+    from rgrid.core.models import Account
+    from rgrid.host import environments
+    from rgrid.pipeline.chain import run_all
+    from rgrid.service import executions as svc
+    from rgrid.service.context import server_context
 
     dev = stack.dev_env()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -184,8 +184,8 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
 def stack_retire(data_dir: Path) -> None:
     import docker
 
-    from rgrid import pool
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
+    from rgrid.host import pool
 
     pool.retire_installation(docker.from_env(), Settings(data_dir=data_dir).sandboxes_dir)
 

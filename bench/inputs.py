@@ -28,7 +28,7 @@ GIB = 1024**3
 SCRIPT = "import os, sys\nprint(sum(os.path.getsize(p) for p in sys.argv[1:]))\n"
 
 sys.path.insert(0, str(REPO))
-from rgrid.inputs import InputFile, hash_files  # noqa: E402
+from rgrid.store.inputs import InputFile, hash_files  # noqa: E402
 from scripts import stack  # noqa: E402
 
 

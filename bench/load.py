@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-from rgrid.client import RemoteClient
-from rgrid.config import DEFAULT_RUNTIME
+from rgrid.client.remote import RemoteClient
+from rgrid.core.config import DEFAULT_RUNTIME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts import stack  # noqa: E402 - the one stack launcher

@@ -63,11 +63,11 @@ def main() -> None:
 
     import psycopg2
 
-    from rgrid import reuse
-    from rgrid.config import Settings
-    from rgrid.db import get_engine, get_session_factory, upgrade
-    from rgrid.models import Execution
-    from rgrid.objectstore import LocalStore
+    from rgrid.core.config import Settings
+    from rgrid.core.db import get_engine, get_session_factory, upgrade
+    from rgrid.core.models import Execution
+    from rgrid.pipeline import reuse
+    from rgrid.store.objectstore import LocalStore
 
     settings = Settings.from_env()
     with fresh_database("rgrid_bench") as url:

@@ -54,10 +54,10 @@ UV = BIN / "uv"
 RESULTS_FILE = REPO / "bench" / "results" / "latest.md"
 
 sys.path.insert(0, str(REPO))
-from rgrid import cache_keys  # noqa: E402
-from rgrid.config import DEFAULT_RUNTIME, Settings  # noqa: E402
-from rgrid.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime  # noqa: E402
-from rgrid.sandbox import DEPS_MOUNT, thread_environment  # noqa: E402
+from rgrid.core import cache_keys  # noqa: E402
+from rgrid.core.config import DEFAULT_RUNTIME, Settings  # noqa: E402
+from rgrid.host.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime  # noqa: E402
+from rgrid.host.sandbox import DEPS_MOUNT, thread_environment  # noqa: E402
 from scripts import stack  # noqa: E402 - the one stack launcher, found through REPO
 
 #: The runtime every row runs on; the floors use its image, interpreter and platform (their
@@ -79,8 +79,9 @@ CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 #: Longest any one measured command may take (the ``docker build`` floor takes ~30 s here).
 COMMAND_TIMEOUT_S = 900
 
-#: RGrid's sandbox (rgrid/sandbox.py, with the default limits of rgrid/config.py) as ``docker
-#: run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the runtime's
+#: RGrid's sandbox (rgrid/host/sandbox.py, with the default limits of rgrid/core/config.py)
+#: as ``docker run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the
+#: runtime's
 #: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network, and the
 #: thread counts that fit the CPU limit. (RGrid's home tmpfs is left out: the scripts never
 #: write there.)
@@ -246,7 +247,7 @@ class Env:
 
     @property
     def embedded_uv_cache(self) -> Path:
-        """Where the embedded default keeps uv's cache (rgrid/config.py: data dir/uv-cache).
+        """Where the embedded default keeps uv's cache (rgrid/core/config.py: data dir/uv-cache).
         The bare uv floors use it too, so both sides find the same wheels."""
         return Path(self.embedded_env["RGRID_DATA_DIR"]) / "uv-cache"
 
@@ -339,7 +340,7 @@ def private_stack(root: Path, extra_env: dict[str, str] | None = None) -> Iterat
     removed on the way out."""
     import boto3
 
-    from rgrid.db import upgrade
+    from rgrid.core.db import upgrade
 
     dev = stack.dev_env()
     token = uuid.uuid4().hex[:8]
@@ -440,7 +441,7 @@ def up_stack_environments() -> Path:
     """The environments folder of the stack `make up` started: its worker's RGRID_DATA_DIR
     (read from the running worker's environment), else the default data dir of this user, which
     is what the worker uses when the variable is unset (scripts/dev.env does not set it)."""
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
 
     data_dir = None
     try:
@@ -522,8 +523,8 @@ def cleanup(env: Env) -> None:
         proc = subprocess.run(["docker", "rmi", *refs], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(f"cleanup: docker rmi: {proc.stderr.strip()}", file=sys.stderr)
-    from rgrid.agent_client import stop_agents
-    from rgrid.config import Settings
+    from rgrid.client.agent_client import stop_agents
+    from rgrid.core.config import Settings
 
     agents = stop_agents(Settings(data_dir=Path(env.embedded_env["RGRID_DATA_DIR"])))
     doomed = [env.root]
@@ -534,7 +535,7 @@ def cleanup(env: Env) -> None:
     try:
         containers = remove_containers_mounting(doomed)
         if env.stack_kind == "up" and env.stack_environments is not None:
-            from rgrid import environments
+            from rgrid.host import environments
 
             for name in made:
                 if (env.stack_environments / name).is_dir():
@@ -556,8 +557,8 @@ def remove_containers_mounting(paths: list[Path]) -> int:
     """End every container (RGrid's, by its label) with a mount at or under one of ``paths``.
     A warm sandbox is retired as RGrid retires it (claimed under a throwaway name first, so no
     execution can be claiming it at that moment); anything else is removed by force."""
-    from rgrid import pool, sandbox
-    from rgrid.docker_engine import MANAGED_LABEL
+    from rgrid.host import pool, sandbox
+    from rgrid.host.docker_engine import MANAGED_LABEL
 
     client = docker_client()
     prefixes = [str(p).rstrip("/") for p in paths]
@@ -585,11 +586,11 @@ def remove_containers_mounting(paths: list[Path]) -> int:
 
 def wait_for_compile(environment: str, timeout_s: float = 600) -> float:
     """Wait (untimed) until RGrid's background bytecode compile of ``environment`` has ended
-    (rgrid/environments.py ``compile_bytecode``: a container that mounts the environment's
+    (rgrid/host/environments.py ``compile_bytecode``: a container that mounts the environment's
     folder and runs compileall). A first run leaves one behind, and it must not land on the
     next row's time. Compiles of other environments (tests, other users) are not waited for.
     Returns the seconds waited."""
-    from rgrid.docker_engine import MANAGED_LABEL
+    from rgrid.host.docker_engine import MANAGED_LABEL
 
     filters = {"label": MANAGED_LABEL, "status": "running"}
     started = time.perf_counter()
@@ -889,8 +890,8 @@ def bare_deps_build_and_run(env: Env) -> Sample:
 @functools.cache
 def rgrid_uv_settings() -> dict[str, str]:
     """The settings RGrid gives uv (the host's pip configuration translated,
-    rgrid/dependencies.py): the bare uv floors get exactly the same."""
-    from rgrid.dependencies import uv_environment
+    rgrid/host/dependencies.py): the bare uv floors get exactly the same."""
+    from rgrid.host.dependencies import uv_environment
 
     return dict(uv_environment())
 
@@ -930,7 +931,7 @@ def bare_uv_run(env: Env) -> Sample:
 
 def install_floor_deps(env: Env) -> Path:
     """The edit floor's dependency folder, once (untimed): the same packages as the edit loop's
-    set, installed by uv with RGrid's command line (rgrid/dependencies.py) from the embedded
+    set, installed by uv with RGrid's command line (rgrid/host/dependencies.py) from the embedded
     default's warm cache, then compiled to bytecode with the runtime's interpreter, as RGrid
     compiles its folders in the background. Without the bytecode the floor would compile numpy
     on every import (read-only mount) and flatter RGrid."""

@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rgrid import sandbox  # noqa: E402
-from rgrid.config import DEFAULT_RUNTIME  # noqa: E402
-from rgrid.runtimes import resolve_runtime  # noqa: E402
-from rgrid.units import parse_bytes  # noqa: E402
+from rgrid.core.config import DEFAULT_RUNTIME  # noqa: E402
+from rgrid.core.units import parse_bytes  # noqa: E402
+from rgrid.host import sandbox  # noqa: E402
+from rgrid.host.runtimes import resolve_runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

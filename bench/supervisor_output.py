@@ -21,9 +21,9 @@ from pathlib import Path
 
 import docker
 
-from rgrid import sandbox
-from rgrid.config import DEFAULT_RUNTIME, Settings
-from rgrid.runtimes import resolve_runtime
+from rgrid.core.config import DEFAULT_RUNTIME, Settings
+from rgrid.host import sandbox
+from rgrid.host.runtimes import resolve_runtime
 
 # The supervisor as it was (git e070a1a), for the floor: the script's output goes straight
 # to the container's stdout and stderr.

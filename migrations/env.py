@@ -3,9 +3,9 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool, text
 
-from rgrid.cache_keys import MIGRATION_LOCK_ID
-from rgrid.config import get_settings
-from rgrid.models import Base
+from rgrid.core.cache_keys import MIGRATION_LOCK_ID
+from rgrid.core.config import get_settings
+from rgrid.core.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -38,7 +38,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=True,
-            # What this run applied, for `rgrid admin migrate` to report (rgrid/db.py).
+            # What this run applied, for `rgrid admin migrate` to report (rgrid/core/db.py).
             on_version_apply=lambda step, **_: config.attributes.setdefault("applied", []).append(
                 step.up_revision_id
             ),

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rgrid import queueing
-from rgrid.context import redis_client
-from rgrid.hosts import HostRegistry
+from rgrid.core import queueing
+from rgrid.host.hosts import HostRegistry
+from rgrid.service.context import redis_client
 from scripts import hosts
 from scripts.processes import stop_group
 from scripts.stack import free_port, runtime_images, wait_healthy

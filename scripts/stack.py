@@ -100,7 +100,7 @@ def api_command(port: int) -> list[str]:
     return [
         str(BIN / "gunicorn"),
         *("--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"),
-        # The multiprocess metrics hooks (rgrid/metrics.py).
+        # The multiprocess metrics hooks (rgrid/core/metrics.py).
         *("--config", "python:rgrid.api.gunicorn_conf"),
         *("--access-logfile", "-"),
         "rgrid.api:create_app()",
@@ -129,9 +129,9 @@ def builder_command(
     hostname: str, queue: str, host: str, *, concurrency: int = 2, supervised: bool = True
 ) -> list[str]:
     """A host's build pool: a Celery worker of its own on the host's build queue, so that
-    dependency installs never hold the run pool's slots (rgrid/slots.py). Its environment
+    dependency installs never hold the run pool's slots (rgrid/host/slots.py). Its environment
     says RGRID_WORKER_POOL=build (see ``StackConfig.env_for``)."""
-    from rgrid.hosts import build_queue
+    from rgrid.host.hosts import build_queue
 
     return worker_command(
         f"{hostname}-build",
@@ -228,13 +228,13 @@ class StackConfig:
     roles: tuple[str, ...] = ROLES
     supervised: bool = True
     concurrency: int = 2
-    #: The build pool's concurrency on each host (its own slots: rgrid/slots.py).
+    #: The build pool's concurrency on each host (its own slots: rgrid/host/slots.py).
     build_concurrency: int = 2
     #: Worker hosts: 0 is one worker on the machine's own Docker engine; N starts N engines
     #: under ``hosts_root`` and, in place of that worker, one worker bound to each.
     hosts: int = 0
     hosts_root: Path | None = None
-    #: The worker host's metrics exporter (rgrid/metrics.py); None: a free port. With
+    #: The worker host's metrics exporter (rgrid/core/metrics.py); None: a free port. With
     #: ``hosts``, each host's worker gets a free port of its own.
     worker_metrics_port: int | None = None
     _host_metrics_ports: dict[str, int] = field(default_factory=dict)
@@ -278,7 +278,7 @@ class StackConfig:
 
     @property
     def queue(self) -> str:
-        """The deployment's queue, as the processes' settings read it (rgrid/config.py)."""
+        """The deployment's queue, as the processes' settings read it (rgrid/core/config.py)."""
         return self.env.get("RGRID_QUEUE") or "rgrid"
 
     @property
@@ -333,7 +333,7 @@ class StackConfig:
             )
         chosen = [r for r in self.roles if r != "worker" or not self.hosts]
         if "worker" in self.roles:
-            # Every worker host has its build pool beside its run pool (rgrid/slots.py).
+            # Every worker host has its build pool beside its run pool (rgrid/host/slots.py).
             chosen += [f"builder-{e.name}" for e in self.engines] if self.hosts else ["builder"]
             if self.hosts:
                 chosen += [f"worker-{engine.name}" for engine in self.engines]
@@ -351,8 +351,8 @@ def host_env(env: dict[str, str], engine: hosts.Engine) -> dict[str, str]:
 
 def runtime_images() -> tuple[str, ...]:
     """What every new engine gets loaded: the default runtime's image."""
-    from rgrid.config import DEFAULT_RUNTIME
-    from rgrid.runtimes import resolve_runtime
+    from rgrid.core.config import DEFAULT_RUNTIME
+    from rgrid.host.runtimes import resolve_runtime
 
     return (resolve_runtime(DEFAULT_RUNTIME).image,)
 
@@ -433,7 +433,7 @@ def up(
 ) -> dict[str, str]:
     """Start (or find running) the development stack in the background; returns the variables
     that point the CLI at it (RGRID_API_URL, RGRID_API_KEY). Progress goes to stderr."""
-    from rgrid.db import upgrade
+    from rgrid.core.db import upgrade
 
     dev = dev_env()
     chosen = {
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if command == "migrate":
-            from rgrid.db import upgrade
+            from rgrid.core.db import upgrade
 
             upgrade(dev_env()["RGRID_DATABASE_URL"])
             return 0

@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database of its own for this test session, built by the migrations."""
-    from rgrid.db import get_engine, upgrade
+    from rgrid.core.db import get_engine, upgrade
 
     with fresh_database() as url:
         upgrade(url)
@@ -75,7 +75,7 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def server_settings(database_url, bucket, redis_url, tmp_path_factory):
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
 
     return replace(
         Settings.from_env(),
@@ -95,8 +95,8 @@ def server_settings(database_url, bucket, redis_url, tmp_path_factory):
 def stored_log(ctx, execution_id: str, stream: str | None = None) -> str:
     """The text of an execution's stored log: one stream's, or every stream's in order. Chunk
     boundaries are the writes the sandbox happened to see, so tests compare the text."""
-    from rgrid import cache_keys
-    from rgrid.logbuffer import decode_log
+    from rgrid.core import cache_keys
+    from rgrid.store.logbuffer import decode_log
 
     chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
     return "".join(text for s, text in chunks if stream is None or s == stream)
@@ -104,8 +104,8 @@ def stored_log(ctx, execution_id: str, stream: str | None = None) -> str:
 
 def stored_phases(ctx, execution_id: str) -> list[str]:
     """The phase lines (install steps with their elapsed times) of an execution's stored log."""
-    from rgrid import cache_keys
-    from rgrid.logbuffer import decode_log
+    from rgrid.core import cache_keys
+    from rgrid.store.logbuffer import decode_log
 
     chunks = decode_log(ctx.store.get_bytes(cache_keys.log_object_key(execution_id)))
     return [text for s, text in chunks if s == "phase"]
@@ -117,9 +117,9 @@ def retire_sandboxes(root: Path) -> int:
     are deleted."""
     import docker
 
-    from rgrid import pool
-    from rgrid.agent_client import stop_agents
-    from rgrid.config import Settings
+    from rgrid.client.agent_client import stop_agents
+    from rgrid.core.config import Settings
+    from rgrid.host import pool
 
     settings = Settings(data_dir=root)
     stop_agents(settings)
@@ -133,7 +133,7 @@ def retire_sandboxes(root: Path) -> int:
 @pytest.fixture(scope="session")
 def ctx(server_settings):
     """The pipeline's surroundings on the real services, as a worker has them."""
-    from rgrid.context import server_context
+    from rgrid.service.context import server_context
 
     context = server_context(server_settings)
     yield context
@@ -146,8 +146,8 @@ def account(ctx):
     """A fresh account per test, so cache rows never leak between tests. Its id is random, so
     that what is named from account ids (environment folders, local script copies) never meets
     another test session's on this host."""
-    from rgrid.db import session_scope
-    from rgrid.models import Account
+    from rgrid.core.db import session_scope
+    from rgrid.core.models import Account
 
     with session_scope(ctx.session_factory) as session:
         row = Account(
@@ -161,8 +161,8 @@ def account(ctx):
 @pytest.fixture
 def submit(ctx, account):
     """Submit a script as ``account`` (or ``account_id``) without running it; returns its id."""
-    from rgrid import executions as svc
-    from rgrid.db import session_scope
+    from rgrid.core.db import session_scope
+    from rgrid.service import executions as svc
 
     def _submit(script: str, *, account_id: int | None = None, **options) -> str:
         with session_scope(ctx.session_factory) as session:
@@ -181,8 +181,8 @@ def submit(ctx, account):
 
 
 def _as_dicts(ctx, ids: list[str]) -> list[dict]:
-    from rgrid import executions as svc
-    from rgrid.db import session_scope
+    from rgrid.core.db import session_scope
+    from rgrid.service import executions as svc
 
     with session_scope(ctx.session_factory) as session:
         return [svc.execution_to_dict(session.get(svc.Execution, i)) for i in ids]
@@ -191,7 +191,7 @@ def _as_dicts(ctx, ids: list[str]) -> list[dict]:
 @pytest.fixture
 def run_script(ctx, submit):
     """Submit a script and run the whole pipeline in this process; returns the execution."""
-    from rgrid.pipeline import run_all
+    from rgrid.pipeline.chain import run_all
 
     def _run(script: str, **options) -> dict:
         execution_id = submit(script, **options)
@@ -206,7 +206,7 @@ def run_concurrently(ctx):
     """Run the pipelines of several submitted executions at once, one thread each."""
     import threading
 
-    from rgrid.pipeline import run_all
+    from rgrid.pipeline.chain import run_all
 
     def _run(ids: list[str], timeout_s: int = 300) -> list[dict]:
         threads = [threading.Thread(target=run_all, args=(ctx, i)) for i in ids]

@@ -28,27 +28,19 @@ from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
 from sqlalchemy.exc import OperationalError
 
-from rgrid import (
-    batches,
-    cache_keys,
-    disk,
-    hosts,
-    maintenance,
-    metrics,
-    pipeline,
-    pool,
-    purge,
-    queueing,
-)
-from rgrid.config import DEFAULT_RUNTIME, get_settings
-from rgrid.context import redis_client, server_context
-from rgrid.db import forget_engines_after_fork, session_scope
-from rgrid.errors import ServiceUnavailable
-from rgrid.hosts import HEARTBEAT_EVERY_S, HostRegistry, build_queue, host_queue
-from rgrid.maintenance import reap_containers, sweep_lost_executions
-from rgrid.models import Execution, iso_utc, utcnow
-from rgrid.pipeline import PipelineContext
-from rgrid.slots import AccountBusy
+from rgrid.core import cache_keys, metrics, queueing
+from rgrid.core.config import DEFAULT_RUNTIME, get_settings
+from rgrid.core.db import forget_engines_after_fork, session_scope
+from rgrid.core.errors import ServiceUnavailable
+from rgrid.core.models import Execution, iso_utc, utcnow
+from rgrid.host import disk, hosts, pool
+from rgrid.host.hosts import HEARTBEAT_EVERY_S, HostRegistry, build_queue, host_queue
+from rgrid.host.slots import AccountBusy
+from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.chain import PipelineContext
+from rgrid.service import batches, maintenance, purge
+from rgrid.service.context import redis_client, server_context
+from rgrid.service.maintenance import reap_containers, sweep_lost_executions
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -292,7 +284,7 @@ def rescue_stranded(ctx: PipelineContext) -> list[str]:
     return moved
 
 
-# Queued by name (rgrid/queueing.py builds the chain), so the API never imports this module.
+# Queued by name (rgrid/core/queueing.py builds the chain), so the API never imports this module.
 hash_task = _step(queueing.HASH, pipeline.hash_step)
 cache_lookup_task = _step(queueing.CACHE_LOOKUP, pipeline.cache_lookup_step)
 build_task = _step(queueing.BUILD, pipeline.build_step)
@@ -332,7 +324,7 @@ def _warm_count(ctx: PipelineContext) -> int:
 
 @worker_ready.connect
 def serve_metrics(**_kwargs) -> None:
-    """This host's exporter, in the main process (see rgrid/metrics.py for why an exporter
+    """This host's exporter, in the main process (see rgrid/core/metrics.py for why an exporter
     per host): every pool process's counters, this host's disk and warm pool. A port in use
     only costs the metrics, never the worker."""
     settings = get_settings()
@@ -574,7 +566,7 @@ def _resend_run(execution_id: str, host: str | None) -> None:
 
 
 def purge_local_caches() -> dict:
-    """This host's part of the purge (rgrid/maintenance.py): the hook every worker host runs
+    """This host's part of the purge (rgrid/service/maintenance.py): the hook every worker host runs
     when the purge broadcasts it. Environments it removes stop counting as warm here."""
     ctx = worker_context()
 

@@ -13,13 +13,13 @@ from flask import Flask, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from rgrid import metrics as rgrid_metrics
 from rgrid.api.common import MAX_REQUEST_BYTES
 from rgrid.api.schemas import openapi
-from rgrid.config import Settings, get_settings
-from rgrid.context import server_services
-from rgrid.errors import RGridError, ServiceUnavailable
-from rgrid.queueing import create_celery_app
+from rgrid.core import metrics as rgrid_metrics
+from rgrid.core.config import Settings, get_settings
+from rgrid.core.errors import RGridError, ServiceUnavailable
+from rgrid.core.queueing import create_celery_app
+from rgrid.service.context import server_services
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, g, jsonify
 from prometheus_client import Counter
 
-from rgrid import batches as svc
 from rgrid.api.common import authenticate_request
 from rgrid.api.common import context as _ctx
 from rgrid.api.executions import grid_image
@@ -25,9 +24,10 @@ from rgrid.api.schemas import (
     ListQuery,
     validated,
 )
-from rgrid.db import session_scope
-from rgrid.errors import BadInput, RGridError, ServiceUnavailable
-from rgrid.queueing import enqueue_pipeline
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput, RGridError, ServiceUnavailable
+from rgrid.core.queueing import enqueue_pipeline
+from rgrid.service import batches as svc
 
 bp = Blueprint("batches", __name__)
 bp.before_request(authenticate_request)
@@ -148,7 +148,9 @@ def batch_executions(batch_id: str, query: BatchExecutionsQuery):
 @validated()
 def cancel_batch(batch_id: str):
     """Cancel a batch: every queued and running execution of it ends `cancelled`."""
-    from rgrid import pipeline  # only here: the API loads the pipeline for a cancel alone
+    from rgrid.pipeline.chain import (
+        chain as pipeline,
+    )  # only here: the API loads the pipeline for a cancel alone
 
     ctx = _ctx()
     full_id = _batch_id(batch_id)

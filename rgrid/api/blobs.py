@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from flask import Blueprint, g, jsonify
 
-from rgrid import blobs
 from rgrid.api.common import MAX_REQUEST_BYTES, authenticate_request, context
 from rgrid.api.schemas import CompleteUploadRequest, MissingRequest, UploadRequest, validated
-from rgrid.db import session_scope
-from rgrid.errors import RGridError
-from rgrid.objectstore import PresigningStore
+from rgrid.core.db import session_scope
+from rgrid.core.errors import RGridError
+from rgrid.store import blobs
+from rgrid.store.objectstore import PresigningStore
 
 bp = Blueprint("blobs", __name__)
 bp.before_request(authenticate_request)

@@ -6,10 +6,11 @@ import json
 
 from flask import Blueprint, g, jsonify
 
-from rgrid import cache_keys, cachestats, purge
 from rgrid.api.common import authenticate_request, context
 from rgrid.api.schemas import CacheEntriesQuery, CachePurgeRequest, validated
-from rgrid.db import session_scope
+from rgrid.core import cache_keys, cachestats
+from rgrid.core.db import session_scope
+from rgrid.service import purge
 
 bp = Blueprint("cache", __name__)
 bp.before_request(authenticate_request)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from flask import current_app, g, request
 
-from rgrid import queueing
-from rgrid.accounts import authenticate
-from rgrid.context import Services
-from rgrid.db import session_scope
+from rgrid.core import queueing
+from rgrid.core.db import session_scope
+from rgrid.service.accounts import authenticate
+from rgrid.service.context import Services
 
 #: The most a request body may hold (a 1 MiB script as JSON, with escaping, and the rest).
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -19,7 +19,7 @@ def context() -> Services:
 
 
 def enqueue_pipeline(execution_id: str) -> None:
-    """Queue an execution's chain by task name (see rgrid/queueing.py)."""
+    """Queue an execution's chain by task name (see rgrid/core/queueing.py)."""
     queueing.enqueue_pipeline(current_app.extensions["rgrid.celery"], execution_id)
 
 

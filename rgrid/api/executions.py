@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, g, jsonify, request
 
-from rgrid import executions as svc
-from rgrid import metrics, reuse
 from rgrid.api.common import authenticate_request, enqueue_pipeline
 from rgrid.api.common import context as _ctx
 from rgrid.api.schemas import (
@@ -20,16 +18,19 @@ from rgrid.api.schemas import (
     SubmitRequest,
     validated,
 )
-from rgrid.channels import check_env
-from rgrid.db import session_scope
-from rgrid.errors import BadInput, NotFound, ServiceUnavailable
-from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.core import metrics
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput, NotFound, ServiceUnavailable
+from rgrid.core.statuses import TERMINAL_STATUSES
+from rgrid.pipeline import reuse
+from rgrid.service import executions as svc
+from rgrid.store.channels import check_env
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from rgrid.models import Execution
-    from rgrid.pipeline import PipelineContext
+    from rgrid.core.models import Execution
+    from rgrid.pipeline.chain import PipelineContext
 
 bp = Blueprint("executions", __name__)
 bp.before_request(authenticate_request)
@@ -186,7 +187,9 @@ def feed_stdin(execution_id: str, query: StdinQuery):
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
-    from rgrid import pipeline  # only here: the API loads the pipeline for a cancel alone
+    from rgrid.pipeline.chain import (
+        chain as pipeline,
+    )  # only here: the API loads the pipeline for a cancel alone
 
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:

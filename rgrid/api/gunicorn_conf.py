@@ -1,10 +1,10 @@
 """gunicorn settings for the API (``gunicorn --config python:rgrid.api.gunicorn_conf``): the
 hooks prometheus-client's multiprocess mode needs, so that /metrics adds up every worker
-process's numbers whichever process answers (see rgrid/metrics.py)."""
+process's numbers whichever process answers (see rgrid/core/metrics.py)."""
 
 from __future__ import annotations
 
-from rgrid import metrics
+from rgrid.core import metrics
 
 
 def on_starting(_server) -> None:

@@ -20,9 +20,9 @@ from typing import Annotated, Any
 from flask import Flask, request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from rgrid.channels import ENV_NAME, MAX_ENV_BYTES, MAX_ENV_VARS
-from rgrid.config import DEFAULT_RUNTIME
-from rgrid.errors import BadInput
+from rgrid.core.config import DEFAULT_RUNTIME
+from rgrid.core.errors import BadInput
+from rgrid.store.channels import ENV_NAME, MAX_ENV_BYTES, MAX_ENV_VARS
 
 #: No control characters (NUL included): PostgreSQL refuses NUL, and a tar header or a
 #: terminal would misread the others.

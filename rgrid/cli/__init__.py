@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from rgrid.errors import RGridError
+from rgrid.core.errors import RGridError
 
 #: RGrid could not run the script: bad input, a failed dependency install, an unreachable
 #: service (``docker run``'s 125).

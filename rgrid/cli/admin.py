@@ -9,14 +9,14 @@ import click
 
 from rgrid.cli import EXIT_RGRID, cli
 from rgrid.cli.output import note, print_json, table_lines
-from rgrid.config import get_settings
+from rgrid.core.config import get_settings
 
 # Database modules are imported inside the commands: importing SQLAlchemy and Alembic costs
 # a third of a second that `rgrid run` against an API should not pay.
 
 
 def _factory():
-    from rgrid.db import get_session_factory
+    from rgrid.core.db import get_session_factory
 
     return get_session_factory(get_settings().effective_database_url)
 
@@ -31,8 +31,8 @@ def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head). Safe to run from every
     host at once: one migrates under a PostgreSQL advisory lock, the others wait and find
     nothing to do."""
-    from rgrid.db import upgrade
-    from rgrid.errors import ServiceUnavailable
+    from rgrid.core.db import upgrade
+    from rgrid.core.errors import ServiceUnavailable
 
     url = get_settings().effective_database_url
     try:
@@ -40,11 +40,11 @@ def migrate() -> None:
     except ServiceUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad URL: one line
-        from rgrid.checks import _first_line, _safe_url
+        from rgrid.service.checks import _first_line, _safe_url
 
         reason = _first_line(getattr(exc, "orig", None) or exc)
         raise ServiceUnavailable(f"database {_safe_url(url)}: {reason}") from None
-    from rgrid.db import newest_revision
+    from rgrid.core.db import newest_revision
 
     if applied:
         click.echo(f"database migrated to {applied[-1]} ({len(applied)} migration(s) applied)")
@@ -63,8 +63,8 @@ def migrate() -> None:
 def check(role: str) -> None:
     """Reach the database, broker, store and Docker engine (and the API, when RGRID_API_URL
     is set) with this host's settings: one line each, non-zero exit if anything is wrong."""
-    from rgrid.checks import run_checks
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
+    from rgrid.service.checks import run_checks
 
     try:
         settings = Settings.from_env()
@@ -81,8 +81,8 @@ def check(role: str) -> None:
 
 
 def _registry():
-    from rgrid.context import redis_client
-    from rgrid.hosts import HostRegistry
+    from rgrid.host.hosts import HostRegistry
+    from rgrid.service.context import redis_client
 
     settings = get_settings()
     return HostRegistry(redis_client(settings.redis_url), settings.queue)
@@ -92,7 +92,7 @@ def _wait_for(what: str, done, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
-            from rgrid.errors import RGridError
+            from rgrid.core.errors import RGridError
 
             raise RGridError(f"gave up after {timeout_s:.0f}s waiting for {what}")
         time.sleep(0.5)
@@ -106,7 +106,8 @@ def drain(host: str, wait: bool, timeout_s: float) -> None:
     """Take worker host HOST (its RGRID_HOST_NAME) out of service: it finishes what it runs,
     takes no new work, and executions waiting for it move to a live host. It stays drained
     (a restart included) until `rgrid admin undrain HOST`."""
-    from rgrid import hosts, queueing
+    from rgrid.core import queueing
+    from rgrid.host import hosts
 
     settings = get_settings()
     registry = _registry()
@@ -163,8 +164,8 @@ def undrain(host: str) -> None:
 @click.option("--json", "json_mode", is_flag=True)
 def create_account(name: str, with_key: bool, json_mode: bool) -> None:
     """Create an account."""
-    from rgrid import accounts
-    from rgrid.db import session_scope
+    from rgrid.core.db import session_scope
+    from rgrid.service import accounts
 
     with session_scope(_factory()) as session:
         account = accounts.create_account(session, name)
@@ -185,8 +186,8 @@ def create_account(name: str, with_key: bool, json_mode: bool) -> None:
 @click.option("--json", "json_mode", is_flag=True)
 def create_key(account_name: str, json_mode: bool) -> None:
     """Issue an API key for ACCOUNT_NAME. The key is shown once; only its hash is kept."""
-    from rgrid import accounts
-    from rgrid.db import session_scope
+    from rgrid.core.db import session_scope
+    from rgrid.service import accounts
 
     with session_scope(_factory()) as session:
         account = accounts.find_account(session, account_name)
@@ -202,8 +203,8 @@ def create_key(account_name: str, json_mode: bool) -> None:
 @click.argument("key_id", type=int)
 def revoke_key(key_id: int) -> None:
     """Revoke an API key by its id; requests with it are refused from now on."""
-    from rgrid import accounts
-    from rgrid.db import session_scope
+    from rgrid.core.db import session_scope
+    from rgrid.service import accounts
 
     with session_scope(_factory()) as session:
         accounts.revoke_key(session, key_id)
@@ -216,8 +217,8 @@ def list_keys(json_mode: bool) -> None:
     """List API keys (their prefixes, never the keys)."""
     from sqlalchemy import select
 
-    from rgrid.db import session_scope
-    from rgrid.models import Account, ApiKey, iso_utc
+    from rgrid.core.db import session_scope
+    from rgrid.core.models import Account, ApiKey, iso_utc
 
     with session_scope(_factory()) as session:
         rows = session.execute(select(ApiKey, Account.name).join(Account).order_by(ApiKey.id)).all()

@@ -1,16 +1,17 @@
-"""`rgrid agent`: see and stop the embedded default's agent (rgrid/agent.py), the local process
-that keeps the pipeline loaded between runs. It starts by itself and idles out by itself; these
+"""`rgrid agent`: see and stop the embedded default's agent (rgrid/client/agent.py), the
+local process that keeps the pipeline loaded between runs. It starts by itself and idles out by
+itself; these
 are for the user who wants it gone now (or to know it is there)."""
 
 from __future__ import annotations
 
 import click
 
-from rgrid.agent_client import AgentClient, agent_sockets, log_path, stop_agents
 from rgrid.cli import cli
 from rgrid.cli.output import print_json
-from rgrid.config import get_settings
-from rgrid.errors import RGridError
+from rgrid.client.agent_client import AgentClient, agent_sockets, log_path, stop_agents
+from rgrid.core.config import get_settings
+from rgrid.core.errors import RGridError
 
 
 @cli.group()

@@ -29,12 +29,12 @@ from rgrid.cli.output import (
     stderr_is_terminal,
     table_lines,
 )
-from rgrid.client import Client, make_client
-from rgrid.config import Settings, get_settings
-from rgrid.errors import BadInput, RGridError
-from rgrid.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
-from rgrid.inputs import collect as collect_inputs
-from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.client.remote import Client, make_client
+from rgrid.core.config import Settings, get_settings
+from rgrid.core.errors import BadInput, RGridError
+from rgrid.core.statuses import TERMINAL_STATUSES
+from rgrid.store.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
+from rgrid.store.inputs import collect as collect_inputs
 
 #: Inputs hashed, uploaded and added per request (the API's most per request).
 PAGE_SIZE = 1000

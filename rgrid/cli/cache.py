@@ -8,10 +8,10 @@ import click
 
 from rgrid.cli import cli
 from rgrid.cli.output import note, print_json, table_lines
-from rgrid.client import make_client
-from rgrid.config import get_settings
-from rgrid.errors import BadInput
-from rgrid.units import human_bytes
+from rgrid.client.remote import make_client
+from rgrid.core.config import get_settings
+from rgrid.core.errors import BadInput
+from rgrid.core.units import human_bytes
 
 _AGE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from rgrid.channels import FdReader, StdinSource
 from rgrid.cli import EXIT_INTERRUPTED, EXIT_RGRID, EXIT_TIMED_OUT, cli, listfile
 from rgrid.cli.output import (
     LogPrinter,
@@ -23,15 +22,16 @@ from rgrid.cli.output import (
 )
 from rgrid.cli.signals import Stopped, stop_signals
 from rgrid.cli.uploads import send_inputs
-from rgrid.client import Client, make_client, make_run_client
-from rgrid.config import DEFAULT_RUNTIME, Settings, get_settings
-from rgrid.downloads import select_outputs
-from rgrid.errors import BadInput
-from rgrid.inputs import collect as collect_inputs
-from rgrid.inputs import input_name
-from rgrid.sources import collect_sources, project_dependencies
-from rgrid.statuses import TERMINAL_STATUSES
-from rgrid.units import human_bytes, parse_bytes
+from rgrid.client.downloads import select_outputs
+from rgrid.client.remote import Client, make_client, make_run_client
+from rgrid.client.sources import collect_sources, project_dependencies
+from rgrid.core.config import DEFAULT_RUNTIME, Settings, get_settings
+from rgrid.core.errors import BadInput
+from rgrid.core.statuses import TERMINAL_STATUSES
+from rgrid.core.units import human_bytes, parse_bytes
+from rgrid.store.channels import FdReader, StdinSource
+from rgrid.store.inputs import collect as collect_inputs
+from rgrid.store.inputs import input_name
 
 #: ``rgrid run``'s exit status for each way an execution ends (a failed script: its own code).
 EXIT_STATUS = {
@@ -308,7 +308,7 @@ def run(
     script. Stopping rgrid (Ctrl-C, SIGTERM, SIGHUP, or its output closed as by `| head`)
     cancels the execution; with --detach it goes on."""
     if module is not None:
-        from rgrid.sources import module_file
+        from rgrid.client.sources import module_file
 
         inputs = (str(script), *inputs) if script is not None else inputs
         script = module_file(module, Path.cwd())
@@ -328,7 +328,7 @@ def run(
     env = read_env(env_pairs, env_files)
     requirements = None
     if requirements_file is not None:
-        from rgrid.requirements import read_requirements_file
+        from rgrid.host.requirements import read_requirements_file
 
         # A malformed line is reported here, naming its file and line, before anything is sent.
         requirements = read_requirements_file(requirements_file)

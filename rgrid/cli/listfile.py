@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rgrid.errors import BadInput
+from rgrid.core.errors import BadInput
 
 
 def entries(path: Path, option: str) -> list[tuple[int, str]]:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from rgrid.errors import RGridError
-from rgrid.units import human_bytes
+from rgrid.core.errors import RGridError
+from rgrid.core.units import human_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console

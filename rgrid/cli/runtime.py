@@ -16,8 +16,8 @@ def runtime() -> None:
 @runtime.command("list")
 def list_runtimes() -> None:
     """Show each runtime, its image, and whether the image is built on this Docker host."""
-    from rgrid.docker_engine import get_docker
-    from rgrid.runtimes import RUNTIMES, runtime_image_exists
+    from rgrid.host.docker_engine import get_docker
+    from rgrid.host.runtimes import RUNTIMES, runtime_image_exists
 
     client = get_docker()
     for name, spec in RUNTIMES.items():
@@ -30,8 +30,8 @@ def list_runtimes() -> None:
 @click.option("--if-missing", is_flag=True, help="Do nothing if the image already exists.")
 def build(name: str, if_missing: bool) -> None:
     """Build the base image for runtime NAME from Debian packages."""
-    from rgrid.docker_engine import get_docker
-    from rgrid.runtimes import build_runtime, resolve_runtime, runtime_image_exists
+    from rgrid.host.docker_engine import get_docker
+    from rgrid.host.runtimes import build_runtime, resolve_runtime, runtime_image_exists
 
     spec = resolve_runtime(name)
     client = get_docker()

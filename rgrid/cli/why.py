@@ -6,8 +6,8 @@ import click
 
 from rgrid.cli import cli
 from rgrid.cli.output import print_json
-from rgrid.client import make_client
-from rgrid.config import get_settings
+from rgrid.client.remote import make_client
+from rgrid.core.config import get_settings
 
 
 def show_why(execution_id: str, json_mode: bool) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rgrid.agent_client import agent_sockets
-from rgrid.config import Settings
+from rgrid.client.agent_client import agent_sockets
+from rgrid.core.config import Settings
 from tests.conftest import TICKER
 from tests.e2e.conftest import RGRID, run_cli, run_json, start_cli
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import docker
 
-from rgrid.sandbox import HOST_DIR_LABEL, POOL_NAME_PREFIX
+from rgrid.host.sandbox import HOST_DIR_LABEL, POOL_NAME_PREFIX
 from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import docker
 from sqlalchemy import create_engine, text
 
-from rgrid.sandbox import RUN_NAME_PREFIX
+from rgrid.host.sandbox import RUN_NAME_PREFIX
 from tests.e2e.conftest import run_cli, run_json, start_cli
 
 TICKS = 40

@@ -14,7 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from rgrid.sandbox import RUN_NAME_PREFIX
+from rgrid.host.sandbox import RUN_NAME_PREFIX
 from tests.conftest import TICKER
 from tests.e2e.conftest import RGRID, run_cli
 
@@ -167,8 +167,8 @@ def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
     ends the execution and its sandbox."""
     process = _start(embedded_env, tmp_path)
     _wait_for_ticks(process)
-    from rgrid.agent_client import AgentClient, agent_sockets
-    from rgrid.config import Settings
+    from rgrid.client.agent_client import AgentClient, agent_sockets
+    from rgrid.core.config import Settings
 
     sockets = agent_sockets(Settings(data_dir=Path(embedded_env["RGRID_DATA_DIR"])))
     assert sockets, "the run did not go through an agent"

@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from rgrid.sandbox import RUN_NAME_PREFIX
+from rgrid.host.sandbox import RUN_NAME_PREFIX
 from scripts.stack import Stack, StackConfig, create_account_key, free_port
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_cli, run_json

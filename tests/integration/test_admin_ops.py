@@ -18,7 +18,7 @@ def _env(**values: str) -> dict[str, str]:
 
 
 def test_four_hosts_migrating_a_new_database_at_once_migrate_it_once(tmp_path):
-    from rgrid.db import newest_revision, schema_revision
+    from rgrid.core.db import newest_revision, schema_revision
 
     with fresh_database("rgrid_migrate") as url:
         running = [

@@ -2,9 +2,9 @@
 
 import pytest
 
-from rgrid import accounts
 from rgrid.api import create_app
-from rgrid.db import session_scope
+from rgrid.core.db import session_scope
+from rgrid.service import accounts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_requests_without_a_valid_key_are_refused(app, ctx, issue_key):
 
 
 def test_keys_are_stored_hashed(ctx, issue_key):
-    from rgrid.models import ApiKey
+    from rgrid.core.models import ApiKey
 
     _, key_id, secret = issue_key("hashed-user")
     with session_scope(ctx.session_factory) as session:
@@ -98,7 +98,7 @@ _SERVE_ONE_SUBMISSION = """
 import json, sys
 from rgrid import accounts
 from rgrid.api import create_app
-from rgrid.db import session_scope
+from rgrid.core.db import session_scope
 
 app = create_app()
 with session_scope(app.extensions["rgrid"].session_factory) as session:
@@ -108,7 +108,8 @@ headers = {"Authorization": f"Bearer {secret}"}
 created = client.post("/v1/executions", json={"script": "print(1)\\n"}, headers=headers)
 assert created.status_code == 201, created.json
 client.get(f"/v1/executions/{created.json['execution_id']}/logs", headers=headers)
-loaded = [m for m in ("docker", "rgrid.pipeline", "workers", "workers.tasks") if m in sys.modules]
+steps = ("docker", "rgrid.pipeline.chain", "workers", "workers.tasks")
+loaded = [m for m in steps if m in sys.modules]
 print(json.dumps({"execution_id": created.json["execution_id"], "loaded": loaded}))
 """
 
@@ -123,7 +124,7 @@ def test_the_api_queues_by_task_name_without_loading_the_worker_side(server_sett
 
     import redis
 
-    from rgrid import queueing
+    from rgrid.core import queueing
 
     env = {
         **os.environ,
@@ -157,8 +158,8 @@ def test_a_failing_service_is_named_without_its_internal_detail(app, issue_key, 
     """Issue 10: the cause's text (addresses, library messages) stays in the server's log."""
     import secrets
 
-    from rgrid import blobs
-    from rgrid.errors import ServiceUnavailable
+    from rgrid.core.errors import ServiceUnavailable
+    from rgrid.store import blobs
 
     def store_down(*args, **kwargs):
         raise ServiceUnavailable(

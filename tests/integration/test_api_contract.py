@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from rgrid import accounts
 from rgrid.api import MAX_REQUEST_BYTES, create_app
-from rgrid.db import session_scope
+from rgrid.core.db import session_scope
+from rgrid.service import accounts
 
 GOOD = {"script": "print(1)\n", "script_name": "ok.py"}
 DIGEST = "a" * 64

@@ -10,12 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from rgrid import batches, pipeline
-from rgrid.blobs import store_file
-from rgrid.db import session_scope
-from rgrid.errors import BadInput
-from rgrid.models import Execution
-from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput
+from rgrid.core.models import Execution
+from rgrid.core.statuses import TERMINAL_STATUSES
+from rgrid.pipeline import chain as pipeline
+from rgrid.service import batches
+from rgrid.store.blobs import store_file
 
 SCRIPT = """\
 import sys

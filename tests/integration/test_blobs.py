@@ -12,14 +12,14 @@ from dataclasses import replace
 import pytest
 import requests
 
-from rgrid import blobs
-from rgrid import executions as svc
-from rgrid.accounts import issue_key
-from rgrid.client import RemoteClient
-from rgrid.db import session_scope
-from rgrid.errors import BadInput
-from rgrid.inputs import InputFile, hash_files
-from rgrid.models import Account, Blob, Upload
+from rgrid.client.remote import RemoteClient
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput
+from rgrid.core.models import Account, Blob, Upload
+from rgrid.service import executions as svc
+from rgrid.service.accounts import issue_key
+from rgrid.store import blobs
+from rgrid.store.inputs import InputFile, hash_files
 from tests.conftest import stored_log
 
 #: S3's smallest part: files above it go up in parts.
@@ -47,8 +47,8 @@ def api_url(server_settings) -> Iterator[str]:
 
 @pytest.fixture
 def upload(ctx, api_url, tmp_path):
-    """Send bytes as the CLI does (rgrid.client: start, presigned PUTs, complete) as an account;
-    returns their digest and the length of each PUT."""
+    """Send bytes as the CLI does (rgrid.client.remote: start, presigned PUTs, complete) as
+    an account; returns their digest and the length of each PUT."""
 
     def _upload(account_id: int, data: bytes, claimed: str | None = None):
         with session_scope(ctx.session_factory) as session:
@@ -133,7 +133,7 @@ def test_a_single_put_that_never_arrived_is_refused(ctx, account):
 
 
 def test_accounts_never_see_each_others_blobs(ctx, account, upload):
-    from rgrid.accounts import create_account
+    from rgrid.service.accounts import create_account
 
     data = secrets.token_bytes(64)
     digest, _ = upload(account.id, data)
@@ -268,7 +268,8 @@ def test_a_put_url_used_again_after_its_upload_changes_no_blob(
     ctx, account, run_script, upload, monkeypatch
 ):
     """Issue 10: the URL outlives the check, but writes only a staging key no run reads."""
-    from rgrid import cache_keys, maintenance
+    from rgrid.core import cache_keys
+    from rgrid.service import maintenance
 
     urls: list[str] = []
     put = RemoteClient._put

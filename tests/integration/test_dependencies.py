@@ -5,9 +5,9 @@ import secrets
 
 import pytest
 
-from rgrid.db import session_scope
-from rgrid.errors import BadInput
-from rgrid.models import DependencyCache
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput
+from rgrid.core.models import DependencyCache
 from tests.conftest import stored_log, stored_phases
 from tests.wheels import make_sdist, make_wheel
 
@@ -78,7 +78,7 @@ def test_inline_script_metadata_gets_its_packages(ctx, run_script):
 
 
 def test_inline_metadata_and_a_requirements_file_together_are_refused(ctx, account):
-    from rgrid import executions as svc
+    from rgrid.service import executions as svc
 
     with session_scope(ctx.session_factory) as session, pytest.raises(BadInput, match="one of"):
         svc.create_execution(
@@ -187,7 +187,7 @@ def test_concurrent_runs_with_new_requirements_install_once(
 
 
 def test_a_locked_set_is_installed_from_its_pins_without_resolving(ctx, run_script, tmp_path):
-    """A uv.lock's export (``--locked`` first, as rgrid/sources.py sends it) is the
+    """A uv.lock's export (``--locked`` first, as rgrid/client/sources.py sends it) is the
     resolution: its pins go in as they are. Proof that no resolver ran: the pinned wheel
     declares a dependency that exists nowhere, which any resolution would fail on."""
     dist = f"locked-{secrets.token_hex(4)}"

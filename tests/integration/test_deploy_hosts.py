@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from rgrid.db import session_scope
-from rgrid.models import Execution
-from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.core.db import session_scope
+from rgrid.core.models import Execution
+from rgrid.core.statuses import TERMINAL_STATUSES
 from scripts import netns
 from tests.conftest import DEV_ENV, stored_log
 

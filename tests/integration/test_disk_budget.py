@@ -13,14 +13,14 @@ import docker
 import pytest
 from prometheus_client import REGISTRY
 
-from rgrid import disk, envlocks, pool, sandbox
-from rgrid.config import DEFAULT_RUNTIME
-from rgrid.context import server_context
-from rgrid.db import session_scope
-from rgrid.executions import create_execution, execution_to_dict
-from rgrid.models import Execution
-from rgrid.pipeline import run_all
-from rgrid.runtimes import resolve_runtime
+from rgrid.core.config import DEFAULT_RUNTIME
+from rgrid.core.db import session_scope
+from rgrid.core.models import Execution
+from rgrid.host import disk, envlocks, pool, sandbox
+from rgrid.host.runtimes import resolve_runtime
+from rgrid.pipeline.chain import run_all
+from rgrid.service.context import server_context
+from rgrid.service.executions import create_execution, execution_to_dict
 from tests.conftest import retire_sandboxes
 from tests.integration.test_pipeline import _log
 from tests.wheels import make_wheel

@@ -9,8 +9,9 @@ import secrets
 import docker
 import pytest
 
-from rgrid import environments, pipeline
-from rgrid.db import session_scope
+from rgrid.core.db import session_scope
+from rgrid.host import environments
+from rgrid.pipeline import chain as pipeline
 from tests.conftest import stored_log, stored_phases
 from tests.integration.test_dependencies import _folders
 from tests.wheels import make_wheel
@@ -196,7 +197,7 @@ def test_an_environment_evicted_between_lookup_and_run_is_installed_again(ctx, s
 
 
 def test_another_accounts_identical_run_misses_and_gets_its_own_folder(ctx, run_script, probe):
-    from rgrid.accounts import create_account
+    from rgrid.service.accounts import create_account
 
     requirements, module, _ = probe
     script = f"import {module}\nprint({module}.VERSION)\n"

@@ -17,10 +17,10 @@ import pytest
 from celery import Celery
 from sqlalchemy import update
 
-from rgrid import queueing
-from rgrid.db import session_scope
-from rgrid.models import Account, Execution
-from rgrid.slots import fair_share
+from rgrid.core import queueing
+from rgrid.core.db import session_scope
+from rgrid.core.models import Account, Execution
+from rgrid.host.slots import fair_share
 from scripts.stack import Stack
 from tests.index_server import trickling_index
 
@@ -111,7 +111,7 @@ def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
             yield WorkerHost(stack, app, queue)
     finally:
         retire_sandboxes(tmp_path / "worker-data")
-        from rgrid.context import redis_client
+        from rgrid.service.context import redis_client
 
         client = redis_client(server_settings.redis_url)
         # Its registry, and the broker's bindings of its queues (this fixture's own names).
@@ -172,10 +172,10 @@ def test_a_host_whose_build_pool_is_not_running_installs_in_its_run_pool(
     """A host started without its build pool (rgrid-builder.service not enabled, or
     stopped) must not hand its installs to a build queue nothing consumes: they would wait
     ``queued`` for ever. The run pool installs them itself, in a run slot, and says so."""
-    from rgrid import cache_keys
-    from rgrid.context import redis_client
-    from rgrid.hosts import HostRegistry
-    from rgrid.logbuffer import decode_log
+    from rgrid.core import cache_keys
+    from rgrid.host.hosts import HostRegistry
+    from rgrid.service.context import redis_client
+    from rgrid.store.logbuffer import decode_log
     from scripts.stack import stop_group
     from tests.wheels import make_wheel
 
@@ -213,8 +213,8 @@ def _set_status(ctx, execution_id: str, status: str) -> None:
 
 
 def _may_run(ctx, execution_id: str, slots: int) -> bool:
-    from rgrid.slots import AccountBusy, take_slot
-    from rgrid.statuses import Status
+    from rgrid.core.statuses import Status
+    from rgrid.host.slots import AccountBusy, take_slot
 
     with session_scope(ctx.session_factory) as session:
         try:

@@ -21,12 +21,13 @@ import docker
 import pytest
 from sqlalchemy import text
 
-from rgrid import pipeline, sandbox
-from rgrid.client import RemoteClient
-from rgrid.db import session_scope
-from rgrid.errors import ServiceUnavailable
-from rgrid.models import Execution
-from rgrid.s3store import S3Store
+from rgrid.client.remote import RemoteClient
+from rgrid.core.db import session_scope
+from rgrid.core.errors import ServiceUnavailable
+from rgrid.core.models import Execution
+from rgrid.host import sandbox
+from rgrid.pipeline import chain as pipeline
+from rgrid.store.s3store import S3Store
 from tests.conftest import TICKER, retire_sandboxes
 from tests.integration.test_pipeline import _leftovers, _log
 
@@ -104,9 +105,9 @@ def test_a_lost_worker_is_noticed_within_its_lease(ctx, submit, server_settings,
                 f"""
                 from dataclasses import replace
                 from pathlib import Path
-                from rgrid.config import Settings
-                from rgrid.context import server_context
-                from rgrid.pipeline import run_all
+                from rgrid.core.config import Settings
+                from rgrid.service.context import server_context
+                from rgrid.pipeline.chain import run_all
                 settings = replace(
                     Settings.from_env(), data_dir=Path({str(worker_data)!r}), lease_s=3
                 )
@@ -247,8 +248,8 @@ def test_the_cli_rides_out_a_restarting_api():
 
 
 def test_the_api_answers_503_when_redis_is_down(server_settings, ctx, submit):
-    from rgrid import accounts
     from rgrid.api import create_app
+    from rgrid.service import accounts
 
     app = create_app(replace(server_settings, redis_url="redis://127.0.0.1:9/0"))
     with session_scope(ctx.session_factory) as session:

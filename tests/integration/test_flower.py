@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from rgrid import queueing
+from rgrid.core import queueing
 from scripts.stack import Stack, StackConfig, create_account_key, flower_command, free_port
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_json

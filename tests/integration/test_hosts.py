@@ -15,10 +15,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from rgrid import environments, queueing
-from rgrid.db import session_scope
-from rgrid.models import DependencyCache, Execution, utcnow
-from rgrid.statuses import TERMINAL_STATUSES
+from rgrid.core import queueing
+from rgrid.core.db import session_scope
+from rgrid.core.models import DependencyCache, Execution, utcnow
+from rgrid.core.statuses import TERMINAL_STATUSES
+from rgrid.host import environments
 from scripts import hosts
 from scripts.stack import Stack, StackConfig, free_port
 from tests.conftest import stored_log, stored_phases
@@ -66,7 +67,7 @@ def grid(server_settings, tmp_path_factory) -> Iterator[Grid]:
     app.conf.task_default_queue = queue
     with Stack(config) as stack:
         yield Grid(stack, app, queue)
-    from rgrid.context import redis_client
+    from rgrid.service.context import redis_client
 
     client = redis_client(server_settings.redis_url)
     # Its registry, and the broker's bindings of its queues (this module's own names).

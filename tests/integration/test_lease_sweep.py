@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from rgrid import pipeline
-from rgrid.db import session_scope
-from rgrid.models import Execution, utcnow
+from rgrid.core.db import session_scope
+from rgrid.core.models import Execution, utcnow
+from rgrid.pipeline import chain as pipeline
 
 
 def _stale(ctx, execution_id: str, host: str) -> None:
@@ -76,7 +76,7 @@ def test_the_reaper_forgets_journals_of_executions_that_are_over(ctx, submit, tm
     import os
     import time
 
-    from rgrid.maintenance import forget_finished_journals
+    from rgrid.service.maintenance import forget_finished_journals
 
     over, running = submit("print(1)\n"), submit("print(2)\n")
     _stale(ctx, running, "any")

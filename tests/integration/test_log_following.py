@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 
-from rgrid import accounts
 from rgrid.api import create_app
-from rgrid.db import session_scope
-from rgrid.logbuffer import RedisLogBuffer
-from rgrid.models import Account
+from rgrid.core.db import session_scope
+from rgrid.core.models import Account
+from rgrid.service import accounts
+from rgrid.store.logbuffer import RedisLogBuffer
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_wait_with_no_change_ends_at_its_timeout(ctx):
 
 
 def test_the_final_log_page_lists_the_outputs_with_their_download_urls(app, ctx, account, submit):
-    from rgrid.pipeline import run_all
+    from rgrid.pipeline.chain import run_all
 
     script = (
         "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/r.txt', 'w').write('42')\n"
@@ -94,7 +94,7 @@ def test_a_stream_is_stored_whole_below_and_above_the_single_put_size(ctx, size)
 
 
 def test_a_chunk_sent_again_after_a_lost_reply_is_stored_once(redis_url):
-    from rgrid.context import redis_client
+    from rgrid.service.context import redis_client
 
     logs = RedisLogBuffer(redis_client(redis_url))
     execution_id = f"once-{uuid.uuid4().hex}"

@@ -9,12 +9,14 @@ import uuid
 
 import pytest
 
-from rgrid import accounts, batches, cache_keys, pipeline
-from rgrid import executions as svc
 from rgrid.api import create_app
-from rgrid.blobs import find_blob, store_file
-from rgrid.db import session_scope
-from rgrid.models import Account, Execution
+from rgrid.core import cache_keys
+from rgrid.core.db import session_scope
+from rgrid.core.models import Account, Execution
+from rgrid.pipeline import chain as pipeline
+from rgrid.service import accounts, batches
+from rgrid.service import executions as svc
+from rgrid.store.blobs import find_blob, store_file
 
 SCRIPT = """\
 import os
@@ -118,7 +120,7 @@ open("outputs/big.bin", "wb").write(os.urandom(100_000))
 
 
 def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
-    """30 small outputs are one pack (rgrid/blobs.py), the 100 kB one an object of its own:
+    """30 small outputs are one pack (rgrid/store/blobs.py), the 100 kB one an object of its own:
     with the pack gone, `?check_store=1` names the 30, and only them; the listing still says
     where each was, and fetching them says they are lost, on one line."""
     client, headers = api
@@ -136,9 +138,9 @@ def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
     checked = client.get(f"{base}?check_store=1", headers=headers).json
     assert sorted(checked["lost_outputs"]) == packed
 
-    from rgrid.client import RemoteClient
-    from rgrid.downloads import save_outputs
-    from rgrid.errors import LostFromStore
+    from rgrid.client.downloads import save_outputs
+    from rgrid.client.remote import RemoteClient
+    from rgrid.core.errors import LostFromStore
 
     remote = RemoteClient("http://unused", None)
     with pytest.raises(LostFromStore) as lost:

@@ -8,12 +8,12 @@ from datetime import timedelta
 import docker
 import pytest
 
-from rgrid.db import session_scope
-from rgrid.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
-from rgrid.maintenance import reap_containers
-from rgrid.models import ScriptCache, utcnow
-from rgrid.purge import purge_script_cache
-from rgrid.sandbox import POOL_NAME_PREFIX, RUN_NAME_PREFIX
+from rgrid.core.db import session_scope
+from rgrid.core.models import ScriptCache, utcnow
+from rgrid.host.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.host.sandbox import POOL_NAME_PREFIX, RUN_NAME_PREFIX
+from rgrid.service.maintenance import reap_containers
+from rgrid.service.purge import purge_script_cache
 
 
 @pytest.fixture
@@ -119,9 +119,9 @@ def test_purge_drops_script_entries_unused_for_30_days(ctx, run_script, account)
 
 
 def test_purge_drops_unused_environments_and_blobs(ctx, run_script, account):
-    from rgrid import blobs
-    from rgrid.models import Blob, DependencyCache
-    from rgrid.purge import purge_blobs, purge_dependency_cache
+    from rgrid.core.models import Blob, DependencyCache
+    from rgrid.service.purge import purge_blobs, purge_dependency_cache
+    from rgrid.store import blobs
 
     old = run_script(
         "import six\nopen('outputs/o.txt','w').write('old output')\n",
@@ -152,8 +152,8 @@ def test_purge_drops_unused_environments_and_blobs(ctx, run_script, account):
 def test_purge_keeps_an_environment_another_entry_still_uses(ctx, run_script, account, tmp_path):
     """Two texts that resolve to the same set share one folder: purging one entry leaves the
     folder to the other."""
-    from rgrid.models import DependencyCache
-    from rgrid.purge import purge_dependency_cache
+    from rgrid.core.models import DependencyCache
+    from rgrid.service.purge import purge_dependency_cache
     from tests.wheels import make_wheel
 
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
@@ -172,8 +172,8 @@ def test_purge_keeps_an_environment_another_entry_still_uses(ctx, run_script, ac
 
 
 def test_sweeper_ends_executions_no_worker_will_finish(ctx, submit):
-    from rgrid import executions as svc
-    from rgrid.maintenance import sweep_lost_executions
+    from rgrid.service import executions as svc
+    from rgrid.service.maintenance import sweep_lost_executions
 
     stuck, fresh = submit("pass\n", timeout_s=60), submit("pass\n", timeout_s=60)
     with session_scope(ctx.session_factory) as session:

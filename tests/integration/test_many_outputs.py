@@ -13,11 +13,13 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from rgrid import blobs, purge, reuse
-from rgrid import executions as svc
-from rgrid.db import session_scope
-from rgrid.models import Blob, Execution, OutputCache, utcnow
-from rgrid.pipeline import run_all
+from rgrid.core.db import session_scope
+from rgrid.core.models import Blob, Execution, OutputCache, utcnow
+from rgrid.pipeline import reuse
+from rgrid.pipeline.chain import run_all
+from rgrid.service import executions as svc
+from rgrid.service import purge
+from rgrid.store import blobs
 from tests.conftest import stored_log
 from tests.integration.test_tenant_limits import _execution, limited
 
@@ -223,7 +225,8 @@ def test_a_pack_no_row_names_is_swept_and_one_in_use_is_kept(ctx, submit, accoun
     point into stays."""
     from dataclasses import replace
 
-    from rgrid import cache_keys, maintenance
+    from rgrid.core import cache_keys
+    from rgrid.service import maintenance
 
     execution_id = submit(TILES.format(count=40))
     run_all(ctx, execution_id)

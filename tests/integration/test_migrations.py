@@ -9,8 +9,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-from rgrid.db import upgrade
-from rgrid.models import Base
+from rgrid.core.db import upgrade
+from rgrid.core.models import Base
 
 
 def _diff(url: str) -> list:
@@ -53,9 +53,9 @@ def test_image_era_rows_migrate_to_environments(empty_database):
     longer exist) are dropped, so the next run repopulates them; and back down again."""
     from alembic import command
 
-    from rgrid.db import alembic_config
-    from rgrid.executions import execution_to_dict
-    from rgrid.models import Execution, ScriptCache
+    from rgrid.core.db import alembic_config
+    from rgrid.core.models import Execution, ScriptCache
+    from rgrid.service.executions import execution_to_dict
 
     config = alembic_config(empty_database)
     command.upgrade(config, "0003")
@@ -116,7 +116,7 @@ def test_finished_rows_from_before_log_stored_expect_their_log(empty_database):
     cancelled in bulk, an execution the sweep ended as lost; nor while one still runs."""
     from alembic import command
 
-    from rgrid.db import alembic_config
+    from rgrid.core.db import alembic_config
 
     config = alembic_config(empty_database)
     command.upgrade(config, "0008")

@@ -8,13 +8,14 @@ import docker
 import pytest
 from sqlalchemy import select
 
-from rgrid import cache_keys, pool, sandbox
-from rgrid.config import DEFAULT_RUNTIME
-from rgrid.db import session_scope
-from rgrid.logbuffer import decode_log
-from rgrid.models import DependencyCache, Execution, ScriptCache
-from rgrid.pipeline import run_all
-from rgrid.runtimes import resolve_runtime
+from rgrid.core import cache_keys
+from rgrid.core.config import DEFAULT_RUNTIME
+from rgrid.core.db import session_scope
+from rgrid.core.models import DependencyCache, Execution, ScriptCache
+from rgrid.host import pool, sandbox
+from rgrid.host.runtimes import resolve_runtime
+from rgrid.pipeline.chain import run_all
+from rgrid.store.logbuffer import decode_log
 from tests.conftest import stored_log
 
 HELLO = "print('hello')\nopen('outputs/result.txt', 'w').write('42')\n"
@@ -25,7 +26,7 @@ def _log(ctx, execution_id: str) -> list:
 
 
 def _blob(ctx, digest: str):
-    from rgrid.models import Blob
+    from rgrid.core.models import Blob
 
     with session_scope(ctx.session_factory) as session:
         return session.query(Blob).filter_by(digest=digest).first()
@@ -112,7 +113,7 @@ def test_a_local_script_copy_that_vanished_or_changed_is_fetched_again(
 
 
 def test_same_script_in_two_accounts_does_not_share_a_cache_row(ctx, run_script):
-    from rgrid.accounts import create_account
+    from rgrid.service.accounts import create_account
 
     with session_scope(ctx.session_factory) as session:
         other = create_account(session, "other-" + HELLO.__hash__().__str__()[-6:]).id
@@ -237,8 +238,8 @@ def test_concurrent_misses_on_one_new_script_build_nothing_and_share_one_row(
 
 @pytest.mark.parametrize("runtime", ["python:2.7", ""])
 def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime):
-    from rgrid import executions as svc
-    from rgrid.errors import BadInput
+    from rgrid.core.errors import BadInput
+    from rgrid.service import executions as svc
 
     with session_scope(ctx.session_factory) as session:
         before = len(svc.list_executions(session, account.id))
@@ -259,7 +260,7 @@ def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime)
 def test_every_step_run_twice_runs_the_script_once(ctx, submit):
     """Celery may deliver a task again (acks are late): each step, run a second time, finds
     its work done and leaves the result as it was."""
-    from rgrid import pipeline
+    from rgrid.pipeline import chain as pipeline
 
     script = "import secrets\nprint('ran', secrets.token_hex(4))\n"
     execution_id = submit(script, requirements="six\n")

@@ -15,11 +15,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from rgrid import cache_keys, disk, environments, queueing
-from rgrid.context import redis_client, server_context
-from rgrid.db import session_scope
-from rgrid.executions import create_execution, execution_to_dict
-from rgrid.models import (
+from rgrid.core import cache_keys, queueing
+from rgrid.core.db import session_scope
+from rgrid.core.models import (
     Blob,
     DependencyCache,
     Execution,
@@ -28,7 +26,10 @@ from rgrid.models import (
     Upload,
     utcnow,
 )
-from rgrid.pipeline import run_all
+from rgrid.host import disk, environments
+from rgrid.pipeline.chain import run_all
+from rgrid.service.context import redis_client, server_context
+from rgrid.service.executions import create_execution, execution_to_dict
 from scripts.stack import Stack, StackConfig
 from tests.conftest import retire_sandboxes
 from tests.wheels import make_wheel
@@ -93,7 +94,7 @@ def _age_files(folder) -> None:
 
 def _purge(ctx) -> dict:
     """Queue the purge by name, as beat does, and wait for its result."""
-    from rgrid.queueing import create_celery_app
+    from rgrid.core.queueing import create_celery_app
 
     app = create_celery_app()
     deadline = time.monotonic() + 60
@@ -115,7 +116,7 @@ def test_the_purge_removes_every_kind_and_reports_bytes(host, account, tmp_path)
     assert env_dir.is_dir()
     data = secrets.token_bytes(1000)
     with session_scope(host.session_factory) as session:
-        from rgrid import blobs
+        from rgrid.store import blobs
 
         source = tmp_path / "input.bin"
         source.write_bytes(data)

@@ -8,12 +8,14 @@ from datetime import timedelta
 
 from sqlalchemy import delete, select, update
 
-from rgrid import cache_keys, purge, reuse
-from rgrid.accounts import get_or_create_account
-from rgrid.db import session_scope
-from rgrid.executions import create_execution, execution_to_dict, read_logs
-from rgrid.models import Blob, Execution, OutputCache, utcnow
-from rgrid.pipeline import run_all
+from rgrid.core import cache_keys
+from rgrid.core.db import session_scope
+from rgrid.core.models import Blob, Execution, OutputCache, utcnow
+from rgrid.pipeline import reuse
+from rgrid.pipeline.chain import run_all
+from rgrid.service import purge
+from rgrid.service.accounts import get_or_create_account
+from rgrid.service.executions import create_execution, execution_to_dict, read_logs
 
 SCRIPT = (
     "import os, uuid\nos.makedirs('outputs', exist_ok=True)\n"
@@ -149,7 +151,7 @@ BATCH_SCRIPT = (
 def _batch_inputs(ctx, account, folder, texts: dict[str, str]) -> list[dict]:
     import hashlib
 
-    from rgrid.blobs import store_file
+    from rgrid.store.blobs import store_file
 
     items = []
     for name, text in texts.items():
@@ -168,7 +170,7 @@ def _image(ctx):
 
 def _fill(ctx, account, items: list[dict], **options) -> tuple[str, dict]:
     """Create and fill a batch as the API does (with the store and the grid's image)."""
-    from rgrid import batches
+    from rgrid.service import batches
 
     with session_scope(ctx.session_factory) as session:
         batch_id = batches.create_batch(
@@ -196,7 +198,7 @@ def _fill(ctx, account, items: list[dict], **options) -> tuple[str, dict]:
 
 def _start_and_run(ctx, account, batch_id: str) -> list[str]:
     """Start the batch and run what it queues in this process; returns the ids queued."""
-    from rgrid import batches
+    from rgrid.service import batches
 
     queued: list[str] = []
     batches.start(ctx.session_factory, account.id, batch_id, queued.append)
@@ -220,7 +222,7 @@ def _batch_rows(ctx, batch_id: str) -> dict[str, dict]:
 def test_a_batch_page_is_looked_up_in_one_query_and_only_misses_are_queued(ctx, account, tmp_path):
     from sqlalchemy import event
 
-    from rgrid import batches
+    from rgrid.service import batches
 
     texts = {f"in{n}.txt": f"item {n}" for n in range(6)}
     first_id, added, queued = _run_batch(ctx, account, _batch_inputs(ctx, account, tmp_path, texts))
@@ -292,7 +294,7 @@ def test_a_batch_page_is_looked_up_in_one_query_and_only_misses_are_queued(ctx, 
 def test_the_reuse_default_applies_to_batches(ctx, account, tmp_path):
     from dataclasses import replace
 
-    from rgrid import batches
+    from rgrid.service import batches
 
     items = _batch_inputs(ctx, account, tmp_path, {"a.txt": "a", "b.txt": "b"})
     _run_batch(ctx, account, items)

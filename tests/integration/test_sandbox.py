@@ -17,9 +17,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from rgrid import pool, sandbox
-from rgrid.config import Settings
-from rgrid.runtimes import resolve_runtime
+from rgrid.core.config import Settings
+from rgrid.host import pool, sandbox
+from rgrid.host.runtimes import resolve_runtime
 from tests.wheels import make_wheel
 
 IMAGE = resolve_runtime("python:3.11").image
@@ -151,7 +151,7 @@ from pathlib import Path
 import docker
 
 from rgrid import pool, sandbox
-from rgrid.config import Settings
+from rgrid.core.config import Settings
 
 root, image = sys.argv[1:3]
 client = docker.from_env()
@@ -222,7 +222,7 @@ from pathlib import Path
 import docker
 
 from rgrid import sandbox
-from rgrid.config import Settings
+from rgrid.core.config import Settings
 
 root, name, image = sys.argv[1:4]
 client = docker.from_env()
@@ -272,8 +272,8 @@ def test_pipeline_never_gives_a_warm_sandbox_to_a_second_execution(ctx, run_scri
     """Each run reports the container it ran in (its hostname is the container id): the
     second run gets a warm one the first run's refill started, never the first's own, and
     every claimed container is gone after its run."""
-    from rgrid import cache_keys
-    from rgrid.logbuffer import decode_log
+    from rgrid.core import cache_keys
+    from rgrid.store.logbuffer import decode_log
 
     dist = f"rgrid-probe-{secrets.token_hex(4)}"
     make_wheel(tmp_path, dist, "1.0")

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import docker
 
-from rgrid import pool, sandbox
-from rgrid.runtimes import resolve_runtime
+from rgrid.host import pool, sandbox
+from rgrid.host.runtimes import resolve_runtime
 
 
 def test_simultaneous_claims_of_one_sandbox_have_one_winner(ctx):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from rgrid import sandbox
-from rgrid.db import session_scope
-from rgrid.models import Account, Blob
-from rgrid.pipeline import PipelineContext, run_all
+from rgrid.core.db import session_scope
+from rgrid.core.models import Account, Blob
+from rgrid.host import sandbox
+from rgrid.pipeline.chain import PipelineContext, run_all
 
 
 def limited(ctx: PipelineContext, **settings) -> PipelineContext:
@@ -33,7 +33,7 @@ def limited(ctx: PipelineContext, **settings) -> PipelineContext:
 
 
 def _execution(ctx, execution_id: str) -> dict:
-    from rgrid import executions as svc
+    from rgrid.service import executions as svc
 
     with session_scope(ctx.session_factory) as session:
         return svc.execution_to_dict(session.get(svc.Execution, execution_id))
@@ -127,17 +127,17 @@ def test_a_script_writing_past_its_disk_limit_fails_naming_it(small_disk, submit
 
 
 def _stored_log(ctx, execution_id: str) -> str:
-    from rgrid import cache_keys
-    from rgrid.logbuffer import decode_log
+    from rgrid.core import cache_keys
+    from rgrid.store.logbuffer import decode_log
 
     data = ctx.store.get_bytes(cache_keys.log_object_key(execution_id))
     return "".join(text for _, text in decode_log(data))
 
 
 def test_inputs_count_against_the_disk_limit(small_disk, ctx, account, tmp_path):
-    from rgrid import blobs as blob_svc
-    from rgrid import executions as svc
-    from rgrid.hashing import sha256_file
+    from rgrid.core.hashing import sha256_file
+    from rgrid.service import executions as svc
+    from rgrid.store import blobs as blob_svc
 
     data = os.urandom(70 * 1024**2)
     path = tmp_path / "big.bin"
@@ -163,7 +163,7 @@ def test_inputs_count_against_the_disk_limit(small_disk, ctx, account, tmp_path)
 
 
 def test_a_script_writing_5000_outputs_is_refused_at_the_file_limit(ctx, account):
-    from rgrid import executions as svc
+    from rgrid.service import executions as svc
 
     ctx = limited(ctx, max_output_files=1000)  # the default is 100,000 (issue 24)
     with session_scope(ctx.session_factory) as session:
@@ -291,7 +291,8 @@ def worker(server_settings, tmp_path) -> Iterator[None]:
 def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
     ctx, worker, submit, account
 ):
-    from rgrid import pipeline, queueing
+    from rgrid.core import queueing
+    from rgrid.pipeline import chain as pipeline
 
     with session_scope(ctx.session_factory) as session:
         other = Account(id=account.id + 1, name=f"acct-{secrets.token_hex(4)}")
@@ -379,9 +380,9 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
     import redis
     import requests
 
-    from rgrid import cache_keys
-    from rgrid.executions import LOG_PAGE_BYTES
-    from rgrid.logbuffer import RedisLogBuffer
+    from rgrid.core import cache_keys
+    from rgrid.service.executions import LOG_PAGE_BYTES
+    from rgrid.store.logbuffer import RedisLogBuffer
     from scripts.stack import Stack, StackConfig, create_account_key, free_port
 
     client = redis.Redis.from_url(own_redis)
@@ -460,7 +461,7 @@ def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx, tmp
     image: the reaper's sweep takes both, as it takes the folder. One that another
     installation left (a test session's, an embedded user's data folder that may never run
     again) is unmounted and its image deleted too."""
-    from rgrid.maintenance import reap_containers
+    from rgrid.service.maintenance import reap_containers
 
     root = ctx.settings.sandboxes_dir
     root.mkdir(parents=True, exist_ok=True)
@@ -487,7 +488,7 @@ def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx, tmp
 def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
     """A process killed between creating and starting a sandbox leaves a container that will
     never end itself (its supervisor never ran); the reaper removes it once it is old."""
-    from rgrid.maintenance import NEVER_STARTED_AFTER_S, _never_started
+    from rgrid.service.maintenance import NEVER_STARTED_AFTER_S, _never_started
 
     now = time.time()
     old = int(now - NEVER_STARTED_AFTER_S - 1)
@@ -499,7 +500,7 @@ def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
 def test_storing_outputs_past_the_runs_time_limit_fails_and_records_none(ctx, submit, monkeypatch):
     """Storing outputs counts within the run's own time limit: a run whose outputs cannot
     be stored in time ends failed, naming it, with no output recorded."""
-    from rgrid import pipeline
+    from rgrid.pipeline import chain as pipeline
 
     # The run's whole time budget (and the grace) already spent when storing starts.
     monkeypatch.setattr(pipeline, "OUTPUT_STORE_GRACE_S", -(10.0**6))

@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from rgrid import executions as svc
-from rgrid import pipeline
-from rgrid.accounts import create_account
-from rgrid.db import session_scope
-from rgrid.errors import BadInput
+from rgrid.core.db import session_scope
+from rgrid.core.errors import BadInput
+from rgrid.pipeline import chain as pipeline
+from rgrid.service import executions as svc
+from rgrid.service.accounts import create_account
 from scripts.stack import free_port
 from tests.conftest import stored_log
 from tests.index_server import private_index
@@ -132,7 +132,7 @@ def test_whatever_listens_on_an_allowed_index_it_is_just_unreachable(ctx, run_sc
 def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplog):
     import requests
 
-    from rgrid import sandbox
+    from rgrid.host import sandbox
 
     detail = (
         "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out. (read timeout=60)"
@@ -143,7 +143,7 @@ def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplo
 
     monkeypatch.setattr(sandbox, "run", docker_times_out)
     execution_id = submit("print('hi')\n")
-    with caplog.at_level("ERROR", logger="rgrid.pipeline"):
+    with caplog.at_level("ERROR", logger="rgrid.pipeline.chain"):
         pipeline.run_all(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         shown = svc.execution_to_dict(session.get(svc.Execution, execution_id))
@@ -156,7 +156,7 @@ def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplo
 
 
 def test_errors_meant_for_users_keep_their_words():
-    from rgrid.errors import BuildError, ServiceUnavailable, user_message
+    from rgrid.core.errors import BuildError, ServiceUnavailable, user_message
 
     assert user_message(BuildError("no wheel"), "x", "id1") == "no wheel"
     assert (

@@ -15,13 +15,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from rgrid import cache_keys, purge
-from rgrid.accounts import issue_key
-from rgrid.client import RemoteClient
-from rgrid.db import session_scope
-from rgrid.inputs import InputFile, hash_files
-from rgrid.models import Account, Blob, Upload, utcnow
-from rgrid.s3store import checksum_sha256
+from rgrid.client.remote import RemoteClient
+from rgrid.core import cache_keys
+from rgrid.core.db import session_scope
+from rgrid.core.models import Account, Blob, Upload, utcnow
+from rgrid.service import purge
+from rgrid.service.accounts import issue_key
+from rgrid.store.inputs import InputFile, hash_files
+from rgrid.store.s3store import checksum_sha256
 
 MiB = 1024 * 1024
 
@@ -178,7 +179,7 @@ def test_abandoned_uploads_and_their_bytes_are_purged_within_the_hour(
 
     # Beat runs the job well within the hour.
     import celeryconfig
-    from rgrid import queueing
+    from rgrid.core import queueing
 
     (job,) = [j for j in celeryconfig.beat_schedule.values() if j["task"] == queueing.PURGE_UPLOADS]
     assert job["schedule"] + capped.upload_url_expiry_s + capped.upload_abandon_grace_s <= 3600

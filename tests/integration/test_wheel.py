@@ -115,8 +115,8 @@ def test_the_celery_app_loads_and_asks_the_broker(installed, outside, tmp_path, 
 
 def test_the_installed_migrations_build_a_new_database(installed, outside, tmp_path):
     code = (
-        "import sys, sqlalchemy, rgrid.db\n"
-        "rgrid.db.upgrade(sys.argv[1])\n"
+        "import sys, sqlalchemy, rgrid.core.db\n"
+        "rgrid.core.db.upgrade(sys.argv[1])\n"
         "with sqlalchemy.create_engine(sys.argv[1]).connect() as conn:\n"
         "    print(conn.execute(sqlalchemy.text('select version_num from alembic_version'))"
         ".scalar_one())"

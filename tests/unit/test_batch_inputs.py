@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rgrid.cli.batch import expand, outputs_root
-from rgrid.errors import BadInput, RGridError
+from rgrid.core.errors import BadInput, RGridError
 
 
 @pytest.fixture

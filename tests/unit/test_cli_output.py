@@ -1,6 +1,6 @@
 from rgrid.cli.output import LogPrinter, summary_line
-from rgrid.logbuffer import FileLogBuffer, decode_log, encode_log
-from rgrid.units import human_bytes, parse_bytes
+from rgrid.core.units import human_bytes, parse_bytes
+from rgrid.store.logbuffer import FileLogBuffer, decode_log, encode_log
 
 
 def _execution(**overrides):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from rgrid import metrics
+from rgrid.core import metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-#: Computed at scrape by the collectors in rgrid/metrics.py.
+#: Computed at scrape by the collectors in rgrid/core/metrics.py.
 COLLECTED = {
     "rgrid_cache_entries",
     "rgrid_cache_bytes",
@@ -42,7 +42,7 @@ def test_the_scrape_config_names_both_exporters():
     assert "job_name: rgrid-api" in text and "job_name: rgrid-workers" in text
 
 
-# --- deploy/rgrid.env against rgrid/config.py ------------------------------------------------
+# --- deploy/rgrid.env against rgrid/core/config.py ------------------------------------------------
 
 ROLES = {"api", "worker", "beat", "flower", "cli", "required"}
 #: Read by the libraries themselves (boto3, docker-py) or by the units, not by Settings.
@@ -74,7 +74,7 @@ def field_of(variable: str) -> str | None:
     import os
     from unittest import mock
 
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
 
     base = Settings.from_env()
     for probe in ("7", "1", "0", "x"):
@@ -100,7 +100,7 @@ def test_the_env_template_names_every_setting_once_with_its_roles():
 def test_the_env_template_shows_each_default_as_config_py_has_it():
     import dataclasses
 
-    from rgrid.config import Settings
+    from rgrid.core.config import Settings
 
     defaults = {
         f.name: f.default

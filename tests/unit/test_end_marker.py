@@ -3,7 +3,7 @@ boundaries, never eating the script's own output, and holding back only what cou
 
 from __future__ import annotations
 
-from rgrid.sandbox import END_PREFIX, EndMarker
+from rgrid.host.sandbox import END_PREFIX, EndMarker
 
 MARKER = END_PREFIX + "0123456789abcdef"
 

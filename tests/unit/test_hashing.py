@@ -1,7 +1,7 @@
 import io
 
-from rgrid import cache_keys
-from rgrid.hashing import script_hash, sha256_chunks, sha256_file, sha256_stream
+from rgrid.core import cache_keys
+from rgrid.core.hashing import script_hash, sha256_chunks, sha256_file, sha256_stream
 
 #: FIPS 180-2's test vector: sha256 of b"abc".
 ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

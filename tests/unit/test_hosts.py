@@ -3,8 +3,8 @@ how the rest of a chain is sent to one host's queue."""
 
 from pathlib import Path
 
-from rgrid import queueing
-from rgrid.hosts import host_queue
+from rgrid.core import queueing
+from rgrid.host.hosts import host_queue
 from scripts.hosts import Engine
 
 

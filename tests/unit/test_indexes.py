@@ -2,9 +2,9 @@
 
 import pytest
 
-from rgrid import indexes
-from rgrid.errors import BadInput
-from rgrid.requirements import normalise
+from rgrid.core.errors import BadInput
+from rgrid.host import indexes
+from rgrid.host.requirements import normalise
 
 DEFAULT = "https://pypi.org/simple"
 

@@ -3,10 +3,10 @@ from dataclasses import replace
 
 import pytest
 
-from rgrid.cache_keys import input_hash
-from rgrid.config import Settings
-from rgrid.errors import BadInput
-from rgrid.inputs import check_manifest, collect, hash_files, input_name
+from rgrid.core.cache_keys import input_hash
+from rgrid.core.config import Settings
+from rgrid.core.errors import BadInput
+from rgrid.store.inputs import check_manifest, collect, hash_files, input_name
 
 SETTINGS = Settings()
 DIGEST = "a" * 64

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from rgrid import sandbox
+from rgrid.host import sandbox
 
 
 def _box(tmp_path: Path) -> sandbox.Box:

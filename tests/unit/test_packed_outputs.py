@@ -1,5 +1,6 @@
-"""The CLI's side of packed outputs (rgrid/downloads.py): spans of a pack, split into files byte
-for byte and verified; which outputs a pattern names; a ranged GET against a server that
+"""The CLI's side of packed outputs (rgrid/client/downloads.py): spans of a pack, split
+into files byte for byte and verified; which outputs a pattern names; a ranged GET against a
+server that
 honours the range and one that ignores it."""
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import threading
 
 import pytest
 
-from rgrid import downloads
-from rgrid.client import RemoteClient
-from rgrid.downloads import _spans, save_outputs, select_outputs
-from rgrid.errors import BadInput, RGridError
+from rgrid.client import downloads
+from rgrid.client.downloads import _spans, save_outputs, select_outputs
+from rgrid.client.remote import RemoteClient
+from rgrid.core.errors import BadInput, RGridError
 
 
 def _pack(blobs: list[bytes]) -> tuple[bytes, list[int]]:

@@ -1,4 +1,4 @@
-"""The agent's copy of a client's stdin (rgrid/channels.py ``PassedStdin``), on real pipes:
+"""The agent's copy of a client's stdin (rgrid/store/channels.py ``PassedStdin``), on real pipes:
 it reads what is written, ends at the writer's EOF, and a close wakes a read blocked on a pipe
 nobody writes to, then gives the descriptor up (so the pipe's writer sees its reader go)."""
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from rgrid.channels import MemoryChannels, PassedStdin
+from rgrid.store.channels import MemoryChannels, PassedStdin
 
 
 @pytest.fixture

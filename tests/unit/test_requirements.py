@@ -1,8 +1,8 @@
 import pytest
 
-from rgrid.cache_keys import EMPTY_DEPENDENCY_HASH
-from rgrid.errors import BadInput
-from rgrid.requirements import (
+from rgrid.core.cache_keys import EMPTY_DEPENDENCY_HASH
+from rgrid.core.errors import BadInput
+from rgrid.host.requirements import (
     dependency_hash,
     inline_requirements,
     normalise,
@@ -131,7 +131,7 @@ def test_unsupported_inline_tool_uv_settings_are_refused_not_ignored():
 
 
 def test_local_find_links_only_where_the_operator_allows():
-    from rgrid.requirements import check_local_paths
+    from rgrid.host.requirements import check_local_paths
 
     text = normalise("--find-links /srv/wheels\nsix\n")
     with pytest.raises(BadInput, match="not allowed here"):

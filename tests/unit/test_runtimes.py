@@ -1,4 +1,4 @@
-"""Unit tests for rgrid.runtimes: no Docker, no mmdebstrap run."""
+"""Unit tests for rgrid.host.runtimes: no Docker, no mmdebstrap run."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rgrid.errors import BuildError, RGridError, UnknownRuntime
-from rgrid.runtimes import (
+from rgrid.core.errors import BuildError, RGridError, UnknownRuntime
+from rgrid.host.runtimes import (
     DEFAULT_RUNTIME,
     INCLUDE_PACKAGES,
     RUNTIMES,

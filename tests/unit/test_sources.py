@@ -2,9 +2,9 @@
 
 import pytest
 
-from rgrid.config import Settings
-from rgrid.errors import BadInput
-from rgrid.sources import collect_sources, project_root
+from rgrid.client.sources import collect_sources, project_root
+from rgrid.core.config import Settings
+from rgrid.core.errors import BadInput
 
 
 def _write(root, files: dict[str, str]) -> None:
@@ -65,14 +65,14 @@ def test_syntax_errors_are_left_for_run_time_and_bounds_hold(tmp_path):
 
 def test_a_uv_lock_is_sent_as_its_pins_marked_as_the_whole_resolution(tmp_path):
     """The lock's export goes with ``--locked`` first: the worker installs those pins and
-    runs no resolver (rgrid.dependencies.is_locked); the normalised key keeps the mark."""
+    runs no resolver (rgrid.host.dependencies.is_locked); the normalised key keeps the mark."""
     import subprocess
 
     from uv import find_uv_bin
 
-    from rgrid.dependencies import is_locked
-    from rgrid.requirements import normalise
-    from rgrid.sources import project_dependencies
+    from rgrid.client.sources import project_dependencies
+    from rgrid.host.dependencies import is_locked
+    from rgrid.host.requirements import normalise
     from tests.wheels import make_wheel
 
     wheels = tmp_path / "wheels"

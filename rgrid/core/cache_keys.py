@@ -1,0 +1,166 @@
+"""Every cache key and every name derived from one, in one place (docs/design.md, "Cache keys").
+
+Keys include the account so that no account can learn whether another ran a script, and the
+script cache's key (its table's unique columns: account, runtime, dependency hash, script hash)
+includes the dependency hash so that a script never gets another requirements set's
+environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from rgrid.core.hashing import sha256_bytes
+
+KEY_SEPARATOR = "\x1f"
+
+#: The dependency hash of a script with no requirements (the normalised empty set).
+EMPTY_DEPENDENCY_HASH = sha256_bytes(b"")
+
+
+def has_dependencies(dependency_hash: str | None) -> bool:
+    return dependency_hash not in (None, EMPTY_DEPENDENCY_HASH)
+
+
+def dependency_cache_key(account_id: int, runtime: str, dependency_hash: str) -> str:
+    return sha256_bytes(
+        KEY_SEPARATOR.join(("deps", str(account_id), runtime, dependency_hash)).encode()
+    )
+
+
+def environment_name(account_id: int, resolution_hash: str) -> str:
+    """The folder an installed dependency set lives in on a worker host. Named by what is
+    installed, not by the requirements text: two texts that resolve to the same pins share
+    one folder. Still per account, so no account can time another's cache."""
+    key = sha256_bytes(KEY_SEPARATOR.join(("env", str(account_id), resolution_hash)).encode())
+    return key[:32]
+
+
+def script_local_name(account_id: int, script_hash: str) -> str:
+    """A verified script in a worker host's local cache: a script cache hit fetches nothing."""
+    return f"scripts/{account_id}/{script_hash}.py"
+
+
+def build_lock_name(cache_key: str) -> str:
+    """Single-flight lock: one build per key at a time across the grid."""
+    return f"rgrid:build-lock:{cache_key}"
+
+
+def host_build_lock_name(cache_key: str, host: str) -> str:
+    """Installing an already resolved set: one install per key at a time on each host."""
+    return f"rgrid:build-lock:{cache_key}:host:{host}"
+
+
+def script_object_key(account_id: int, script_hash: str) -> str:
+    return f"scripts/{account_id}/{script_hash}.py"
+
+
+def blob_object_key(account_id: int, name: str) -> str:
+    """Where a blob's bytes live. ``name`` is an upload's id, not the digest: the bytes are
+    only trusted through the Blob row written after their digest was checked."""
+    return f"blobs/{account_id}/{name}"
+
+
+#: Where packs of small outputs live (rgrid/store/blobs.py).
+PACK_PREFIX = "packs/"
+
+
+def pack_object_key(account_id: int, name: str) -> str:
+    """A pack: many small blobs of one account back to back, each found by its row's offset
+    and size. ``name`` is random: only the rows written after the pack's PUT say what it
+    holds."""
+    return f"{PACK_PREFIX}{account_id}/{name}"
+
+
+def blob_content_key(account_id: int, digest: str) -> str:
+    """Where an uploaded blob's bytes live once the server has checked them against their
+    digest. Only the server writes here (a server-side copy): no presigned URL names it."""
+    return f"blobs/{account_id}/{digest}"
+
+
+#: Where presigned uploads land, and the only keys a presigned URL ever names.
+UPLOAD_STAGING_PREFIX = "uploads/"
+
+
+def upload_staging_key(account_id: int, upload_id: str) -> str:
+    """Where a presigned upload sends its bytes: checked and copied from here to
+    ``blob_content_key``, then deleted. A URL reused later writes only here."""
+    return f"{UPLOAD_STAGING_PREFIX}{account_id}/{upload_id}"
+
+
+def input_hash(manifest: list[dict]) -> str:
+    """The hash of the sorted manifest: renamed files are a new manifest but no new upload."""
+    pairs = sorted((item["path"], item["sha256"]) for item in manifest)
+    return sha256_bytes("\n".join(f"{path}\t{digest}" for path, digest in pairs).encode())
+
+
+def source_tree_digest(manifest: list[dict], module: str | None = None) -> str:
+    """The digest of a script's source tree (the entry script and the local modules it
+    imports): sha256 over the sorted (relative path, file sha256) pairs, as a REAPI input root
+    is a digest of its files. It is the script part of the script cache's key: editing any one
+    module changes it, moving nothing changes it. A single script is the one-file tree."""
+    pairs = sorted((item["path"], item["sha256"]) for item in manifest)
+    lines = [f"source\t{path}\t{digest}" for path, digest in pairs]
+    if module:  # run as `python -m`: another __main__, other relative imports
+        lines.append(f"module\t{module}")
+    return sha256_bytes("\n".join(lines).encode())
+
+
+def log_object_key(execution_id: str) -> str:
+    return f"logs/{execution_id}.jsonl"
+
+
+def purge_lock_name(queue: str) -> str:
+    """One purge at a time per deployment (its queue names it: deployments and test sessions
+    may share a Redis)."""
+    return f"rgrid:purge:{queue}"
+
+
+def upload_purge_lock_name(queue: str) -> str:
+    """One purge of abandoned uploads at a time per deployment."""
+    return f"rgrid:purge-uploads:{queue}"
+
+
+def last_purge_key(queue: str) -> str:
+    """Where the last purge's result waits for `rgrid cache stats` (Redis)."""
+    return f"rgrid:last-purge:{queue}"
+
+
+#: PostgreSQL advisory lock held by `rgrid admin migrate` (rgrid/core/db.py ``upgrade``): every
+#: host may run it at once during an upgrade, and exactly one migrates while the others wait
+#: and then find the schema current. A fixed 64-bit number (advisory locks are keyed by
+#: integers, per database): the first 8 bytes of sha256("rgrid:migrate"), as a signed int.
+MIGRATION_LOCK_ID = int.from_bytes(
+    hashlib.sha256(b"rgrid:migrate").digest()[:8], "big", signed=True
+)
+
+
+def host_drained_key(queue: str, host: str) -> str:
+    """Set while an operator drains ``host`` (`rgrid admin drain`): its worker stops taking
+    from the shared queue and stops its heartbeat, so nothing new is sent its way, until
+    `rgrid admin undrain`. Kept in Redis without expiry: it must outlive a worker restart."""
+    return f"rgrid:{queue}:host-drained:{host}"
+
+
+#: The working-directory layout a script runs in: /work/<script name>, its inputs at their
+#: paths beside it, its outputs collected from /work/outputs. A new layout gets a new name,
+#: which makes every earlier action key a miss.
+WORKDIR_LAYOUT = "work-v1"
+
+
+def action_key(account_id: int, salt: str, parts: dict) -> str:
+    """The output cache's key (rgrid/pipeline/reuse.py): everything a sandboxed run's result is a
+    function of. A sandbox has no network, so that is the account, the runtime image, the
+    installed environment's resolution, the source, the inputs (paths and digests), the
+    arguments, the ``--env`` names with a keyed hash of each value, and the working-directory
+    layout; ``parts`` holds them (``reuse.key_parts``), ``salt`` is the operator's. Memory
+    and CPU limits are not in it: a run they cut short never succeeded, so is never kept."""
+    body = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(KEY_SEPARATOR.join(("action", str(account_id), salt, body)).encode())
+
+
+def runtime_image_key(queue: str, runtime: str) -> str:
+    """Redis: the image id the deployment's workers last ran ``runtime`` with, so the API can
+    compute an action key without a Docker engine of its own."""
+    return f"rgrid:{queue}:runtime-image:{runtime}"

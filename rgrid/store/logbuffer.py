@@ -1,0 +1,610 @@
+"""Live log chunks of running executions.
+
+While an execution runs, its output is appended here so that the CLI can follow it; the store
+step then writes the whole log to the object store and clears the buffer. Readers take logs
+from here until the execution's status is final, and from the object store afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from rgrid.core.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    import redis  # imported by the server context only: ~0.1 s the embedded default saves
+
+log = logging.getLogger(__name__)
+
+#: (stream, text); the stream is "stdout" or "stderr" (the script's) or "system" (RGrid's own
+#: messages: the build log, cache decisions, notes).
+LogChunk = tuple[str, str]
+
+
+#: Waits up to the given seconds for the next change to a log (a chunk, or its end).
+WaitForChange = Callable[[float], None]
+
+
+class LogBuffer(Protocol):
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        """``once``: (writer, sequence number) of a writer that may send the same chunk
+        again (a retry after a lost reply): appended only if newer than that writer's last."""
+
+    def read(
+        self, execution_id: str, start: int = 0, limit: int | None = None
+    ) -> list[LogChunk]: ...
+    def clear(self, execution_id: str) -> None: ...
+    def keep(self, execution_id: str) -> None:
+        """Keep this execution's log on this host too, from now on (server workers)."""
+        ...
+
+    def sync(self, execution_id: str) -> bool:
+        """Bring the live copy in step with the kept one; True when it is."""
+        ...
+
+    def journal(self, execution_id: str) -> AbstractContextManager[BinaryIO | None]:
+        """The kept log in its stored form, or None when this host keeps none."""
+        ...
+
+    def lost_chunks(self, execution_id: str) -> int:
+        """Chunks this process could keep nowhere (known lost)."""
+        ...
+
+    def changes(self, execution_id: str) -> AbstractContextManager[WaitForChange]:
+        """Watch a log from now on: look at it inside the block, then wait for a change.
+        A change between the look and the wait is not missed."""
+        ...
+
+
+class FileLogBuffer:
+    """For the embedded default, where the pipeline runs in the CLI's own process.
+
+    The process that runs an execution keeps its log in memory, so its own follower wakes the
+    moment the pipeline writes; each chunk is also appended to a file under the data folder,
+    so ``rgrid logs ID`` in another terminal follows the same run live."""
+
+    POLL_S = 0.1
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._chunks: dict[str, list[LogChunk]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        #: Where another process's log file was last read up to: (chunks, byte offset).
+        self._read_to: dict[str, tuple[int, int]] = {}
+        #: Bumped by every append and clear of this process: a follower that started before
+        #: this process's run wrote anything still wakes when it does (or when it is over).
+        self._generation = 0
+
+    def _path(self, execution_id: str) -> Path:
+        return self.folder / f"{execution_id}.jsonl"
+
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        line = json.dumps([stream, text]) + "\n"
+        with self._lock:
+            if execution_id not in self._chunks:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            self._chunks[execution_id].append((stream, text))
+            with open(self._path(execution_id), "a", encoding="utf-8") as fh:
+                fh.write(line)
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait(self, execution_id: str, start: int, timeout_s: float) -> None:
+        """Until the log has more than ``start`` chunks or is cleared (the run is over). A run
+        of this process wakes its follower at once; another process's run is polled."""
+        with self._lock:
+            if execution_id in self._chunks:
+                self._changed.wait_for(
+                    lambda: (
+                        execution_id not in self._chunks or len(self._chunks[execution_id]) > start
+                    ),
+                    timeout_s,
+                )
+                return
+            generation = self._generation
+        deadline = time.monotonic() + timeout_s
+        path = self._path(execution_id)
+        size = path.stat().st_size if path.exists() else -1
+        while time.monotonic() < deadline:
+            with self._lock:
+                self._changed.wait(self.POLL_S)
+                if self._generation != generation:
+                    return
+            now = path.stat().st_size if path.exists() else -1
+            if now != size:
+                return
+
+    def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
+        end = None if limit is None else start + limit
+        with self._lock:
+            if execution_id in self._chunks:
+                return list(self._chunks[execution_id][start:end])
+        return self._read_file(execution_id, start, limit)
+
+    def _read_file(self, execution_id: str, start: int, limit: int | None) -> list[LogChunk]:
+        count, position = self._read_to.get(execution_id, (0, 0))
+        if start < count:
+            count, position = 0, 0
+        chunks: list[LogChunk] = []
+        try:
+            with open(self._path(execution_id), "rb") as fh:
+                fh.seek(position)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break  # the writer is half way through this one
+                    position += len(line)
+                    count += 1
+                    if count > start:
+                        chunks.append(tuple(json.loads(line)))  # type: ignore[arg-type]
+                        if limit is not None and len(chunks) >= limit:
+                            break
+        except FileNotFoundError:
+            return []
+        self._read_to[execution_id] = (count, position)
+        return chunks
+
+    def clear(self, execution_id: str) -> None:
+        with self._lock:
+            self._chunks.pop(execution_id, None)
+            self._read_to.pop(execution_id, None)
+            self._path(execution_id).unlink(missing_ok=True)
+            self._generation += 1
+            self._changed.notify_all()
+
+    def keep(self, execution_id: str) -> None:
+        """Nothing to keep beside it: this buffer is its own record."""
+
+    def sync(self, execution_id: str) -> bool:
+        return True
+
+    @contextmanager
+    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
+        yield None
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return 0
+
+    @contextmanager
+    def changes(self, execution_id: str) -> Iterator[WaitForChange]:
+        """Wakes on this process's changes at once; another process's are seen within
+        ``POLL_S``, when the caller looks again."""
+        with self._lock:
+            generation = self._generation
+
+        def wait(timeout_s: float) -> None:
+            nonlocal generation
+            with self._lock:
+                self._changed.wait_for(
+                    lambda: self._generation != generation, min(timeout_s, self.POLL_S)
+                )
+                generation = self._generation
+
+        yield wait
+
+
+def redis_unavailable(method):
+    """Redis down is a service outage like any other: ServiceUnavailable, which the worker
+    retries and the API answers with 503."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        try:
+            return method(*args, **kwargs)
+        except (ConnectionError, TimeoutError) as exc:
+            raise ServiceUnavailable("the queue and log service (Redis) is unavailable") from exc
+
+    return wrapper
+
+
+class RedisLogBuffer:
+    """A Redis list per execution, shared by the workers that write and the API that reads."""
+
+    TTL_S = 7 * 24 * 3600
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @staticmethod
+    def _key(execution_id: str) -> str:
+        return f"rgrid:log:{execution_id}"
+
+    @staticmethod
+    def _channel(execution_id: str) -> str:
+        """Where each change is announced, for followers waiting in ``changes``."""
+        return f"rgrid:log-changed:{execution_id}"
+
+    #: RPUSH unless the writer's sequence number is not newer than the last one it appended:
+    #: a reply lost with a host's link (redis-py then sends the command again, and so do our
+    #: own retries) must not store the chunk twice ("donedone 8" was seen).
+    _APPEND_ONCE = """
+    local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+    if tonumber(ARGV[2]) <= last then return 0 end
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[4])
+    redis.call('RPUSH', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('PUBLISH', KEYS[3], '')
+    return 1
+    """
+
+    @staticmethod
+    def _writers_key(execution_id: str) -> str:
+        return f"rgrid:log-writers:{execution_id}"
+
+    @redis_unavailable
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        key = self._key(execution_id)
+        if once is not None:
+            keys = (key, self._writers_key(execution_id), self._channel(execution_id))
+            chunk = json.dumps([stream, text])
+            self.client.eval(self._APPEND_ONCE, 3, *keys, once[0], once[1], chunk, self.TTL_S)
+            return
+        pipe = self.client.pipeline()
+        pipe.rpush(key, json.dumps([stream, text]))
+        pipe.expire(key, self.TTL_S)
+        pipe.publish(self._channel(execution_id), b"")
+        pipe.execute()
+
+    @redis_unavailable
+    def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
+        end = -1 if limit is None else start + limit - 1
+        raw = self.client.lrange(self._key(execution_id), start, end)
+        return [tuple(json.loads(item)) for item in raw]  # type: ignore[misc]
+
+    @redis_unavailable
+    def clear(self, execution_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.delete(self._key(execution_id), self._writers_key(execution_id))
+        pipe.publish(self._channel(execution_id), b"")
+        pipe.execute()
+
+    def keep(self, execution_id: str) -> None:
+        """Nothing to keep beside it: this buffer is its own record."""
+
+    def sync(self, execution_id: str) -> bool:
+        return True
+
+    @contextmanager
+    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
+        yield None
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return 0
+
+    @contextmanager
+    def changes(self, execution_id: str) -> Iterator[WaitForChange]:
+        """Subscribed to the log's channel before the caller looks, so the wait wakes the
+        moment a worker appends or ends the log, with no polling in between."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            redis_unavailable(pubsub.subscribe)(self._channel(execution_id))
+
+            @redis_unavailable
+            def wait(timeout_s: float) -> None:
+                deadline = time.monotonic() + timeout_s
+                while (left := deadline - time.monotonic()) > 0:
+                    if pubsub.get_message(timeout=left) is not None:
+                        return
+
+            yield wait
+        finally:
+            pubsub.close()
+
+
+#: Append one chunk only if the list holds exactly the chunks the writer knows of (ARGV[1]);
+#: else change nothing and answer -(its length + 1). So a list that lost chunks (Redis
+#: restarted, a push that failed) or gained some (a writer elsewhere) is never appended to
+#: out of step with the journal.
+_PUSH_IF_IN_STEP = """
+local n = redis.call('LLEN', KEYS[1])
+if n ~= tonumber(ARGV[1]) then return -n - 1 end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], '')
+return n + 1
+"""
+
+
+class JournaledLogBuffer:
+    """A server worker's log: Redis for following a run live, and a journal file per
+    execution on this host as the log of record.
+
+    The build and run steps open the journal (``keep``), which takes in what other steps
+    (other hosts, the API) wrote to Redis before; from then on every chunk written here goes
+    to the journal, and to Redis only in step with it (``_PUSH_IF_IN_STEP``). When Redis
+    restarts empty or misses pushes while it is away, the next append (or ``sync``) writes
+    the journal's chunks back into it in order, so a follower's offset means the same chunk
+    again and it reads exactly the lines it missed; the stored log is persisted from the
+    journal. A Redis outage never fails the run: it only delays the live view. Chunks for an
+    execution without a journal here go to Redis alone, as before. Writers on this host
+    (Celery's pool processes) take turns under a lock on the journal file."""
+
+    BATCH = 256
+
+    def __init__(self, live: RedisLogBuffer, folder: Path):
+        self.live = live
+        self.folder = folder
+        #: Per execution: (journal size, chunks in it) when this process last counted.
+        self._counted: dict[str, tuple[int, int]] = {}
+        #: Chunks neither journal nor Redis took (a full host disk while Redis was away).
+        self.lost: dict[str, int] = defaultdict(int)
+        self._push = None
+
+    @property
+    def client(self) -> redis.Redis:
+        return self.live.client
+
+    def path(self, execution_id: str) -> Path:
+        return self.folder / f"{execution_id}.jsonl"
+
+    def keeps(self, execution_id: str) -> bool:
+        return self.path(execution_id).exists()
+
+    def keep(self, execution_id: str) -> None:
+        """Start this execution's journal here (idempotent) with what Redis holds so far."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path(execution_id).touch()
+        self.sync(execution_id)
+
+    @contextmanager
+    def _journal(self, execution_id: str) -> Iterator[tuple[BinaryIO, int]]:
+        import fcntl
+
+        with open(self.path(execution_id), "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            size = os.fstat(fh.fileno()).st_size
+            counted_size, count = self._counted.get(execution_id, (0, 0))
+            if counted_size > size:
+                counted_size, count = 0, 0
+            if counted_size < size:
+                fh.seek(counted_size)
+                count += fh.read(size - counted_size).count(b"\n")
+            self._counted[execution_id] = (size, count)
+            yield fh, count
+
+    def _write(self, execution_id: str, fh: BinaryIO, lines: list[bytes]) -> None:
+        fh.write(b"".join(lines))
+        fh.flush()
+        size, count = self._counted[execution_id]
+        self._counted[execution_id] = (size + sum(map(len, lines)), count + len(lines))
+
+    def _push_in_step(self, execution_id: str, count: int, line: bytes) -> int:
+        if self._push is None:
+            self._push = self.live.client.register_script(_PUSH_IF_IN_STEP)
+        return int(
+            self._push(
+                keys=[self.live._key(execution_id)],
+                args=[count, line.rstrip(b"\n"), self.live.TTL_S, self.live._channel(execution_id)],
+            )
+        )
+
+    def _journal_lines(self, fh: BinaryIO, start: int) -> Iterator[bytes]:
+        fh.seek(0)
+        for number, line in enumerate(fh):
+            if number >= start:
+                yield line.rstrip(b"\n")
+
+    def _catch_up(self, execution_id: str, fh: BinaryIO, count: int, listed: int) -> int:
+        """Bring journal and Redis in step; returns the journal's chunk count after."""
+        client, key = self.live.client, self.live._key(execution_id)
+        if listed > count:
+            # Written elsewhere (an earlier step's host, the API): into the journal.
+            raw = client.lrange(key, count, listed - 1)
+            self._write(execution_id, fh, [item + b"\n" for item in raw])
+            return count + len(raw)
+        in_step = listed > 0 and _same(
+            client.lindex(key, listed - 1), next(self._journal_lines(fh, listed - 1), None)
+        )
+        start = listed if in_step else 0
+        pipe = client.pipeline(transaction=False)
+        if not in_step:
+            pipe.delete(key)
+        batch: list[bytes] = []
+        for line in self._journal_lines(fh, start):
+            batch.append(line)
+            if len(batch) >= self.BATCH:
+                pipe.rpush(key, *batch)
+                batch = []
+        if batch:
+            pipe.rpush(key, *batch)
+        pipe.expire(key, self.live.TTL_S)
+        pipe.publish(self.live._channel(execution_id), b"")
+        pipe.execute()
+        fh.seek(0, os.SEEK_END)
+        return count
+
+    def append(
+        self, execution_id: str, stream: str, text: str, once: tuple[str, int] | None = None
+    ) -> None:
+        """A journaled chunk needs no ``once``: it is pushed only while Redis holds exactly
+        the journal's chunks, so a push whose reply was lost is seen as done at the next."""
+        if not self.keeps(execution_id):
+            self.live.append(execution_id, stream, text, once=once)
+            return
+        line = encode_chunk((stream, text))
+        from redis.exceptions import RedisError
+
+        with self._journal(execution_id) as (fh, count):
+            pushed = False
+            try:
+                for _ in range(3):
+                    answer = self._push_in_step(execution_id, count, line)
+                    if answer > 0:
+                        pushed = True
+                        break
+                    count = self._catch_up(execution_id, fh, count, -answer - 1)
+            except RedisError:
+                log.warning("log of %s: Redis unavailable, kept on this host", execution_id)
+            try:
+                self._write(execution_id, fh, [line])
+            except OSError:
+                # This host's disk is full: the run goes on; a chunk Redis has is taken
+                # back into the journal at the next sync, one neither has is counted.
+                log.warning("log of %s: could not keep a chunk on this host", execution_id)
+                if not pushed:
+                    self.lost[execution_id] += 1
+
+    def sync(self, execution_id: str) -> bool:
+        """Journal and Redis in step now, if Redis answers; True when they are."""
+        if not self.keeps(execution_id):
+            return False
+        from redis.exceptions import RedisError
+
+        with self._journal(execution_id) as (fh, count):
+            try:
+                listed = self.live.client.llen(self.live._key(execution_id))
+                if listed != count:
+                    self._catch_up(execution_id, fh, count, listed)
+            except RedisError:
+                return False
+        return True
+
+    def read(self, execution_id: str, start: int = 0, limit: int | None = None) -> list[LogChunk]:
+        if not self.keeps(execution_id):
+            return self.live.read(execution_id, start, limit)
+        chunks: list[LogChunk] = []
+        with open(self.path(execution_id), "rb") as fh:
+            for number, line in enumerate(fh):
+                if number < start or not line.endswith(b"\n"):
+                    continue
+                chunks.append(tuple(json.loads(line)))  # type: ignore[arg-type]
+                if limit is not None and len(chunks) >= limit:
+                    break
+        return chunks
+
+    def clear(self, execution_id: str) -> None:
+        self.path(execution_id).unlink(missing_ok=True)
+        self._counted.pop(execution_id, None)
+        self.lost.pop(execution_id, None)
+        try:
+            self.live.clear(execution_id)
+        except ServiceUnavailable:
+            pass  # its TTL ends it; the stored log is complete
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return self.lost.get(execution_id, 0)
+
+    @contextmanager
+    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
+        try:
+            fh = open(self.path(execution_id), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            yield None
+            return
+        with fh:
+            yield fh
+
+    def changes(self, execution_id: str) -> AbstractContextManager[WaitForChange]:
+        return self.live.changes(execution_id)
+
+
+def _same(listed: bytes | None, journaled: bytes | None) -> bool:
+    return listed is not None and journaled is not None and listed == journaled
+
+
+def encode_chunk(chunk: LogChunk) -> bytes:
+    """The stored form of one chunk: a JSON ``[stream, text]`` line. ASCII (control bytes and
+    non-ASCII are escaped, ``\x01`` as six bytes), so its length in characters is its size in
+    bytes, which is what the log cap counts (``stored_size``)."""
+    return (json.dumps(list(chunk)) + "\n").encode()
+
+
+def stored_size(stream: str, text: str) -> int:
+    """Bytes the chunk takes once stored: in Redis, in the object store, in a ``GET /logs``
+    page. The cap counts this, not the decoded text: 100 MiB of ``\x01`` under a cap on the
+    text grew Redis by 832 MiB."""
+    return len(json.dumps([stream, text])) + 1
+
+
+def encode_log(chunks: list[LogChunk]) -> bytes:
+    """The stored form of a finished log: one JSON ``[stream, text]`` per line."""
+    return b"".join(encode_chunk(chunk) for chunk in chunks)
+
+
+#: Chunks read from a live buffer at a time while persisting or paging a log.
+READ_BATCH = 64
+
+
+def iter_buffered(logs: LogBuffer, execution_id: str, start: int = 0) -> Iterator[LogChunk]:
+    """A live log's chunks, ``READ_BATCH`` at a time: never the whole log at once."""
+    while batch := logs.read(execution_id, start, READ_BATCH):
+        yield from batch
+        start += len(batch)
+        if len(batch) < READ_BATCH:
+            return
+
+
+class LogReader(io.RawIOBase):
+    """A live log as a binary stream of its stored form, for ``ObjectStore.put_stream``:
+    persisting a log holds one batch of chunks, not the log."""
+
+    def __init__(self, logs: LogBuffer, execution_id: str):
+        self._chunks = iter_buffered(logs, execution_id)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = encode_chunk(chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def log_stream(logs: LogBuffer, execution_id: str) -> BinaryIO:
+    return io.BufferedReader(LogReader(logs, execution_id), 1024 * 1024)  # type: ignore[return-value]
+
+
+def decode_log(data: bytes) -> list[LogChunk]:
+    return [tuple(json.loads(line)) for line in data.decode().splitlines() if line]  # type: ignore[misc]
+
+
+def iter_log(stream: BinaryIO, skip: int = 0) -> Iterator[LogChunk]:
+    """The chunks of a stored log after the first ``skip``, read from a stream 1 MiB at a
+    time: a reader of one page of a large log never holds the whole of it, and the chunks
+    before the page are counted (a stored line never holds a raw newline), not parsed."""
+    rest = b""
+    while block := stream.read(1024 * 1024):
+        block = rest + block
+        if skip:
+            ends = block.count(b"\n")
+            if ends <= skip:
+                skip -= ends
+                rest = block[block.rfind(b"\n") + 1 :]
+                continue
+            position = -1
+            for _ in range(skip):
+                position = block.find(b"\n", position + 1)
+            block, skip = block[position + 1 :], 0
+        *lines, rest = block.split(b"\n")
+        for line in lines:
+            if line:
+                yield tuple(json.loads(line))  # type: ignore[misc]
+    if rest.strip() and not skip:
+        yield tuple(json.loads(rest))  # type: ignore[misc]
