@@ -41,6 +41,7 @@ from rgrid.pipeline.chain import PipelineContext
 from rgrid.service import batches, maintenance, purge
 from rgrid.service.context import redis_client, server_context
 from rgrid.service.maintenance import reap_containers, sweep_lost_executions
+from rgrid.store import uploads
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -611,7 +612,7 @@ def purge_uploads_task() -> dict:
         return {"skipped": "another purge of uploads is running"}
     try:
         with session_scope(ctx.session_factory) as session:
-            count, size = purge.purge_abandoned_uploads(ctx.store, session, ctx.settings)
+            count, size = uploads.purge_abandoned_uploads(ctx.store, session, ctx.settings)
         with session_scope(ctx.session_factory) as session:
             stray = maintenance.purge_stray_uploads(ctx.store, session)
         metrics.count_removed(metrics.PURGED, metrics.PURGED_BYTES, "uploads", count, size)

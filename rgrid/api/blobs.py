@@ -12,7 +12,7 @@ from rgrid.api.common import MAX_REQUEST_BYTES, authenticate_request, context
 from rgrid.api.schemas import CompleteUploadRequest, MissingRequest, UploadRequest, validated
 from rgrid.core.db import session_scope
 from rgrid.core.errors import RGridError
-from rgrid.store import blobs
+from rgrid.store import blobs, uploads
 from rgrid.store.objectstore import PresigningStore
 
 bp = Blueprint("blobs", __name__)
@@ -51,7 +51,7 @@ def start_upload(body: UploadRequest):
     """Where to send a file's bytes: presigned URLs for one PUT or for its parts."""
     ctx = context()
     with session_scope(ctx.session_factory) as session:
-        result = blobs.start_upload(
+        result = uploads.start_upload(
             session,
             _presigning_store(),
             ctx.settings,
@@ -69,5 +69,5 @@ def complete_upload(upload_id: str, body: CompleteUploadRequest):
     parts = [part.model_dump() for part in body.parts]
     ctx = context()
     with session_scope(ctx.session_factory) as session:
-        blob = blobs.complete_upload(session, _presigning_store(), g.account_id, upload_id, parts)
+        blob = uploads.complete_upload(session, _presigning_store(), g.account_id, upload_id, parts)
         return jsonify(sha256=blob.digest, size=blob.size)

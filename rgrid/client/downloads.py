@@ -67,7 +67,7 @@ def _verified_file(data: bytes, target: Path, expected_sha256: str) -> Path:
 #: Outputs (or spans of packs) fetched at once: many small files are bound by the store's
 #: round trip, not by bandwidth (10,000 one-KiB outputs; bench/many_outputs.py).
 FETCH_THREADS = 16
-#: Packed outputs (rgrid/store/blobs.py) are fetched by span: one ranged GET for neighbours in a
+#: Packed outputs (store/output_blobs.py) are fetched by span: one ranged GET for neighbours in a
 #: pack, split here. A gap up to this many bytes is read through rather than asked again,
 SPAN_GAP_BYTES = 256 * 1024
 #: and a span stops growing at this many bytes, so that a pack's spans arrive (and are split

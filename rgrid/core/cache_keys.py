@@ -62,7 +62,7 @@ def blob_object_key(account_id: int, name: str) -> str:
     return f"blobs/{account_id}/{name}"
 
 
-#: Where packs of small outputs live (rgrid/store/blobs.py).
+#: Where packs of small outputs live (rgrid/store/output_blobs.py).
 PACK_PREFIX = "packs/"
 
 

@@ -54,7 +54,7 @@ class LostFromStore(NotFound):
 
     @classmethod
     def outputs(cls, paths: list[str]) -> LostFromStore:
-        """Outputs packed together (rgrid/store/blobs.py) are lost together: named, on one line."""
+        """Outputs packed together (store/output_blobs.py) are lost together: named, on one line."""
         if len(paths) == 1:
             return cls.output(paths[0])
         named = ", ".join(paths[:3])

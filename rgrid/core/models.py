@@ -270,7 +270,7 @@ class DependencyCache(Base):
 class Blob(Base):
     """A stored file (input or output), content-addressed per account: the digest is a promise,
     checked before the row is written. Its bytes are the whole object at ``object_key``, or,
-    for a small output packed with others (rgrid/store/blobs.py), ``size`` bytes at ``pack_offset``
+    for a small output packed with others (store/output_blobs.py), ``size`` bytes at ``pack_offset``
     of that pack object, which is deleted once no row points into it."""
 
     __tablename__ = "blobs"

@@ -61,10 +61,10 @@ from rgrid.host.hosts import HostRegistry
 from rgrid.host.requirements import dependency_hash, normalise
 from rgrid.host.runtimes import resolve_runtime
 from rgrid.pipeline import reuse
-from rgrid.store import blobs
+from rgrid.store import blobs, output_blobs
 from rgrid.store.channels import ScriptChannels
 from rgrid.store.logbuffer import LogBuffer, log_stream, stored_size
-from rgrid.store.objectstore import ObjectStore
+from rgrid.store.objectstore import ObjectStore, forget_presence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -595,7 +595,7 @@ FETCH_THREADS = 8
 
 def _forget_lost_blob(ctx: PipelineContext, account_id: int, digest: str, key: str) -> None:
     """The store lost a blob's bytes: drop its row, so that the next run uploads it again."""
-    blobs.forget_presence(key)
+    forget_presence(key)
     with contextlib.suppress(Exception), session_scope(ctx.session_factory) as session:
         blob = blobs.find_blob(session, account_id, digest)
         if blob is not None and blob.object_key == key:
@@ -611,11 +611,11 @@ def _store_outputs(
     contents: dict[str, bytes] | None = None,
 ) -> None:
     """Outputs are blobs of the account too: a file some run already produced is not stored
-    twice, and thousands of small ones are stored many at a time (``blobs.store_outputs``).
+    twice, and thousands of small ones are stored many at a time (``output_blobs.store_outputs``).
     Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the outputs
     are not recorded, so none of them is half there for the user."""
     folder = str(sandbox.output_path(box, "")).rstrip("/")
-    blobs.store_outputs(
+    output_blobs.store_outputs(
         ctx.session_factory,
         ctx.store,
         execution.account_id,
@@ -1030,8 +1030,8 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
                 ctx.limits,
                 result.notes,
                 keep=contents,
-                keep_at_most=blobs.PACK_MAX_BLOB_BYTES,
-                keep_bytes=blobs.PACKS_AT_ONCE * blobs.PACK_TARGET_BYTES,
+                keep_at_most=output_blobs.PACK_MAX_BLOB_BYTES,
+                keep_bytes=output_blobs.PACKS_AT_ONCE * output_blobs.PACK_TARGET_BYTES,
             )
             for note in result.notes:
                 ctx.note(execution_id, note)

@@ -23,10 +23,11 @@ from rgrid.core.units import human_limit, parse_bytes
 from rgrid.host.dependencies import check_sources
 from rgrid.host.requirements import check_local_paths, inline_requirements, normalise
 from rgrid.host.runtimes import DEFAULT_RUNTIME, resolve_runtime
-from rgrid.store.blobs import blobs_for, check_uploaded, decode_inline, store_inline
+from rgrid.store.blobs import blobs_for, check_uploaded
 from rgrid.store.inputs import OUTPUTS_DIR, check_manifest
 from rgrid.store.logbuffer import LogBuffer, LogChunk, iter_buffered, iter_log, stored_size
 from rgrid.store.objectstore import ObjectStore, exists_many
+from rgrid.store.uploads import decode_inline, store_inline
 
 #: A log page carries at most this many chunks and about this much text, so neither the API
 #: nor the CLI ever holds a whole log in memory, however large.

@@ -213,7 +213,7 @@ def purge_stray_uploads(store: ObjectStore, session: Session) -> int:
 
 
 def purge_stray_packs(store: ObjectStore, session: Session, settings: Settings) -> int:
-    """Delete packs of small outputs (rgrid/store/blobs.py) no blob row points into: one whose
+    """Delete packs of small outputs (store/output_blobs.py) no blob row points into: one whose
     worker died between its PUT and its rows' commit, or one two concurrent purges each left
     to the other. A pack's rows are written when its run's outputs are all stored, within the
     run's time limit: a pack older than the longest one allows and unreferenced is a stray."""

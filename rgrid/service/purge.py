@@ -5,7 +5,7 @@ per-host part, environment folders and blob caches, is in rgrid/service/maintena
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -22,12 +22,12 @@ from rgrid.core.models import (
     Execution,
     OutputCache,
     ScriptCache,
-    Upload,
     utcnow,
 )
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.pipeline import reuse
 from rgrid.store.objectstore import ObjectStore, forget_presence
+from rgrid.store.uploads import purge_abandoned_uploads
 
 UNUSED_AFTER = timedelta(days=30)
 
@@ -110,10 +110,11 @@ def purge_blob_rows(
 
 def drop_blobs(store: ObjectStore, session: Session, stale: list[Blob]) -> None:
     """Delete these blob rows and their bytes: an object of its own at once, a pack (small
-    outputs back to back, rgrid/store/blobs.py) only once no row points into it any more. The other
-    blobs of a pack may still be in use (a later run produced the same file, a live output-cache
-    entry replays it): their bytes stay, the pack with them. A pack two concurrent purges both
-    left, each seeing the other's rows, is swept as a stray (``maintenance.purge_stray_packs``)."""
+    outputs back to back, rgrid/store/output_blobs.py) only once no row points into it any
+    more. The other blobs of a pack may still be in use (a later run produced the same file, a
+    live output-cache entry replays it): their bytes stay, the pack with them. A pack two
+    concurrent purges both left, each seeing the other's rows, is swept as a stray
+    (``maintenance.purge_stray_packs``)."""
     packs: set[str] = set()
     for blob in stale:
         if blob.pack_offset is None:
@@ -141,53 +142,6 @@ def packs_in_use(session: Session, keys) -> set[str]:
             )
         )
     return used
-
-
-def upload_lifetime_s(settings: Settings, upload: Upload) -> float:
-    """How long after it started an upload may still receive bytes: its last URL's lifetime
-    (rgrid.store.blobs.start_upload: a part's URL allows for the parts before it)."""
-    from rgrid.store.blobs import SLOW_UPLOAD_BYTES_PER_S
-
-    lifetime = settings.upload_url_expiry_s
-    if upload.multipart_id:
-        lifetime += upload.size // SLOW_UPLOAD_BYTES_PER_S
-    return lifetime
-
-
-def purge_abandoned_uploads(
-    store: ObjectStore, session: Session, settings: Settings, account_id: int | None = None
-) -> tuple[int, int]:
-    """Uploads never completed whose URLs expired ``upload_abandon_grace_s`` ago (a small
-    file's: 20 minutes after it started, by default), and their staged bytes: (count, bytes
-    they announced). Run every few minutes by beat (issue 24: one tenant must not keep the
-    store full of unchecked bytes for a day), and for one account before its new upload is
-    counted against its cap."""
-    now = utcnow()
-    query = select(Upload).where(
-        Upload.created_at
-        < now - timedelta(seconds=settings.upload_url_expiry_s + settings.upload_abandon_grace_s)
-    )
-    if account_id is not None:
-        query = query.where(Upload.account_id == account_id)
-    abandoned = [
-        upload
-        for upload in session.scalars(query)
-        if _aware(upload.created_at)
-        + timedelta(seconds=upload_lifetime_s(settings, upload) + settings.upload_abandon_grace_s)
-        < now
-    ]
-    for upload in abandoned:
-        if upload.multipart_id and hasattr(store, "abort_multipart"):
-            store.abort_multipart(upload.object_key, upload.multipart_id)
-        store.delete(upload.object_key)
-        session.delete(upload)
-    session.flush()
-    return len(abandoned), sum(upload.size for upload in abandoned)
-
-
-def _aware(moment):
-    """SQLite hands back naive datetimes (stored as UTC)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def purge_old_executions(

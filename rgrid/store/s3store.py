@@ -55,7 +55,7 @@ class S3Store:
                 signature_version="s3v4",
                 retries={"max_attempts": 3, "mode": "standard"},
                 s3={"addressing_style": "path"},
-                # Outputs are stored many at a time (rgrid.store.blobs.OUTPUT_STORE_THREADS): one
+                # Outputs are stored many at a time (output_blobs.OUTPUT_STORE_THREADS): one
                 # kept-alive connection each, not botocore's default 10.
                 max_pool_connections=32,
             ),
@@ -199,7 +199,7 @@ class S3Store:
     # and is signed with the declared length and (a single PUT) the declared SHA-256: S3
     # refuses a body of another length (signature mismatch) or of other bytes (BadDigest).
     # moto 5.2, the endpoint here, checks neither (it does not verify presigned signatures):
-    # rgrid.store.blobs checks both again at completion, whatever the store.
+    # rgrid.store.uploads checks both again at completion, whatever the store.
 
     def upload_url(self, key: str, size: int, sha256: str, expires_s: int) -> str:
         # Signing involves no request, so a lost bucket would only show as the client's PUT

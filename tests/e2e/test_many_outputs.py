@@ -64,7 +64,7 @@ def test_the_summary_names_the_limit_that_ended_a_run_whose_script_exited_0(embe
     )
 
 
-# Many small outputs are packed (rgrid/store/blobs.py): one object holds them, each keeps its own
+# Many small outputs are packed (store/output_blobs.py): one object holds them, each keeps its own
 # digest. Sizes around the packing bound (64 KiB) and an empty file, binary bytes, nested
 # folders, two files of the same bytes, and one large file that stays an object of its own.
 MIXED = """

@@ -18,7 +18,7 @@ from rgrid.core.errors import BadInput
 from rgrid.core.models import Account, Blob, Upload
 from rgrid.service import executions as svc
 from rgrid.service.accounts import issue_key
-from rgrid.store import blobs
+from rgrid.store import blobs, uploads
 from rgrid.store.inputs import InputFile, hash_files
 from tests.conftest import stored_log
 
@@ -112,12 +112,12 @@ def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx,
     data = secrets.token_bytes(11 * 1024 * 1024)
     digest = _digest(data)
     with session_scope(ctx.session_factory) as session:
-        plan = blobs.start_upload(session, ctx.store, settings, account.id, digest, len(data))
+        plan = uploads.start_upload(session, ctx.store, settings, account.id, digest, len(data))
     first = plan["parts"][0]  # the connection drops after the first part
     response = requests.put(first["url"], data=data[: first["length"]], timeout=60)
     parts = [{"part_number": 1, "etag": response.headers["ETag"]}]
     with pytest.raises(BadInput, match="cut off"), session_scope(ctx.session_factory) as session:
-        blobs.complete_upload(session, ctx.store, account.id, plan["upload_id"], parts)
+        uploads.complete_upload(session, ctx.store, account.id, plan["upload_id"], parts)
     assert _missing(ctx, account.id, [digest]) == [digest]
     upload(account.id, data)  # the next run sends it whole
     assert _missing(ctx, account.id, [digest]) == []
@@ -126,9 +126,9 @@ def test_a_cut_off_upload_references_nothing_and_the_next_run_uploads_again(ctx,
 def test_a_single_put_that_never_arrived_is_refused(ctx, account):
     digest = _digest(b"never sent")
     with session_scope(ctx.session_factory) as session:
-        plan = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 10)
+        plan = uploads.start_upload(session, ctx.store, ctx.settings, account.id, digest, 10)
     with pytest.raises(BadInput, match="never arrived"), session_scope(ctx.session_factory) as s:
-        blobs.complete_upload(s, ctx.store, account.id, plan["upload_id"], None)
+        uploads.complete_upload(s, ctx.store, account.id, plan["upload_id"], None)
     assert _missing(ctx, account.id, [digest]) == [digest]
 
 
@@ -295,7 +295,7 @@ def test_a_put_url_used_again_after_its_upload_changes_no_blob(
 
     # The maintenance purge removes what the reused URL left; pending uploads' keys stay.
     with session_scope(ctx.session_factory) as session:
-        pending = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 5)
+        pending = uploads.start_upload(session, ctx.store, ctx.settings, account.id, digest, 5)
     requests.put(pending["url"], data=b"12345", timeout=30)
     staged = [k for k in ctx.store.keys_older_than(f"uploads/{account.id}/", 0)]
     assert len(staged) == 2
@@ -313,14 +313,14 @@ def test_more_bytes_than_declared_are_refused_and_nothing_is_stored(ctx, account
     claimed = b"x"
     digest = _digest(claimed)
     with session_scope(ctx.session_factory) as session:
-        plan = blobs.start_upload(session, ctx.store, ctx.settings, account.id, digest, 1)
+        plan = uploads.start_upload(session, ctx.store, ctx.settings, account.id, digest, 1)
     sent = requests.put(plan["url"], data=b"x" * (2 * 1024 * 1024), timeout=60)
     if sent.ok:
         with (
             pytest.raises(BadInput) as refused,
             session_scope(ctx.session_factory) as session,
         ):
-            blobs.complete_upload(session, ctx.store, account.id, plan["upload_id"], None)
+            uploads.complete_upload(session, ctx.store, account.id, plan["upload_id"], None)
         assert refused.value.message == (
             "the upload is larger than declared (2097152 bytes arrived, 1 declared): "
             "nothing was stored"

@@ -120,7 +120,7 @@ open("outputs/big.bin", "wb").write(os.urandom(100_000))
 
 
 def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
-    """30 small outputs are one pack (rgrid/store/blobs.py), the 100 kB one an object of its own:
+    """30 small outputs are one pack (store/output_blobs.py), the 100 kB one an object of its own:
     with the pack gone, `?check_store=1` names the 30, and only them; the listing still says
     where each was, and fetching them says they are lost, on one line."""
     client, headers = api

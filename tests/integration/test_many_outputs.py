@@ -19,7 +19,7 @@ from rgrid.pipeline import reuse
 from rgrid.pipeline.chain import run_all
 from rgrid.service import executions as svc
 from rgrid.service import purge
-from rgrid.store import blobs
+from rgrid.store import blobs, output_blobs
 from tests.conftest import stored_log
 from tests.integration.test_tenant_limits import _execution, limited
 
@@ -91,11 +91,11 @@ def _digest(data: bytes) -> str:
 
 def test_a_few_small_outputs_stay_an_object_each(ctx, submit, account):
     """Under ``PACK_MIN_FILES`` new small files, one round of concurrent PUTs: no pack."""
-    execution_id = submit(TILES.format(count=blobs.PACK_MIN_FILES - 3))
+    execution_id = submit(TILES.format(count=output_blobs.PACK_MIN_FILES - 3))
     run_all(ctx, execution_id)
     assert _execution(ctx, execution_id)["status"] == "succeeded"
     stored = _blobs(ctx, account.id)
-    assert len(stored) == blobs.PACK_MIN_FILES - 2
+    assert len(stored) == output_blobs.PACK_MIN_FILES - 2
     assert all(b.pack_offset is None and b.object_key.startswith("blobs/") for b in stored.values())
 
 

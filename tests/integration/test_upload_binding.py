@@ -19,10 +19,10 @@ from rgrid.client.remote import RemoteClient
 from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Blob, Upload, utcnow
-from rgrid.service import purge
 from rgrid.service.accounts import issue_key
 from rgrid.store.inputs import InputFile, hash_files
 from rgrid.store.s3store import checksum_sha256
+from rgrid.store.uploads import purge_abandoned_uploads
 
 MiB = 1024 * 1024
 
@@ -168,12 +168,12 @@ def test_abandoned_uploads_and_their_bytes_are_purged_within_the_hour(
     # Its URL expired, but not yet the grace after it: kept.
     _backdate(ctx, account, capped.upload_url_expiry_s + 60)
     with session_scope(ctx.session_factory) as session:
-        purge.purge_abandoned_uploads(ctx.store, session, capped, account.id)
+        purge_abandoned_uploads(ctx.store, session, capped, account.id)
     assert _open_uploads(ctx, account) == 1
     # Past the grace (20 minutes after it started, with the default settings): gone.
     _backdate(ctx, account, capped.upload_url_expiry_s + capped.upload_abandon_grace_s + 1)
     with session_scope(ctx.session_factory) as session:
-        removed = purge.purge_abandoned_uploads(ctx.store, session, capped)
+        removed = purge_abandoned_uploads(ctx.store, session, capped)
     assert removed[0] >= 1
     assert _open_uploads(ctx, account) == 0 and _staged(ctx, account) == []
 
@@ -199,7 +199,7 @@ def test_a_multipart_upload_is_not_abandoned_while_its_part_urls_live(ctx, accou
             )
         )
     with session_scope(ctx.session_factory) as session:
-        purge.purge_abandoned_uploads(ctx.store, session, capped, account.id)
+        purge_abandoned_uploads(ctx.store, session, capped, account.id)
     assert _open_uploads(ctx, account) == 1
 
 
