@@ -88,10 +88,13 @@ class PipelineContext:
     #: Work started off the user's path (refilling the pool). A process that is about to
     #: exit joins these first.
     background: list[threading.Thread] = field(default_factory=list)
-    #: True for the embedded default: the pipeline runs in the CLI's own process.
-    embedded: bool = False
     #: Which hosts hold which environment (server side); None: one host, nothing to share.
     hosts: HostRegistry | None = None
+
+    @property
+    def embedded(self) -> bool:
+        """True for the embedded default: the pipeline runs in the CLI's own process."""
+        return self.settings.embedded
 
     @cached_property
     def docker(self) -> docker.DockerClient:

@@ -134,5 +134,4 @@ def embedded_context(settings: Settings) -> PipelineContext:
         # One warm sandbox for the environment just used, so the next run is warm too; it
         # ends itself when idle.
         pool_size=1,
-        embedded=True,
     )

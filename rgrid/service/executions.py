@@ -170,7 +170,7 @@ def check_submission(
     memory_bytes, cpu_limit = resolve_limits(settings, memory, cpus)
     normalised = requirements_for(script, requirements, runtime)
     # The embedded default's "worker host" is the user's own machine: its folders are theirs.
-    check_local_paths(normalised, settings.allow_local_find_links or not settings.database_url)
+    check_local_paths(normalised, settings.allow_local_find_links or settings.embedded)
     if settings.database_url:
         check_sources(settings, normalised)
     manifest = check_manifest(inputs or [], settings)
