@@ -77,34 +77,11 @@ class _Noop:
         return contextlib.nullcontext()
 
 
-@functools.cache
-def _defined() -> dict[str, object]:
-    """Every metric, created on first use (so a process that never counts never imports
-    prometheus-client)."""
+def _execution_metrics() -> dict[str, object]:
+    """Executions: accepted, and how long they waited, ran and took in all."""
     from prometheus_client import Counter, Histogram
 
     SUBMITTED = Counter("rgrid_executions_submitted_total", "Executions accepted by the API")
-    CACHE_HITS = Counter(
-        "rgrid_cache_hits_total",
-        "Cache lookups that found a usable entry, by cache type (input: per file).",
-        ["cache"],
-    )
-    CACHE_MISSES = Counter(
-        "rgrid_cache_misses_total",
-        "Cache lookups that found nothing usable, by cache type (input: per file).",
-        ["cache"],
-    )
-    ENVIRONMENT_BUILD = Histogram(
-        "rgrid_environment_build_seconds",
-        "Providing a dependency set on a host that lacks it: waiting for the build lock, "
-        "resolving and installing.",
-        buckets=DURATION_BUCKETS,
-    )
-    ENVIRONMENT_INSTALL = Histogram(
-        "rgrid_environment_install_seconds",
-        "The installer's own time for a dependency set (uv).",
-        buckets=DURATION_BUCKETS,
-    )
     QUEUE_WAIT = Histogram(
         "rgrid_execution_queue_wait_seconds",
         "From submission to the script's start, by final status.",
@@ -123,6 +100,23 @@ def _defined() -> dict[str, object]:
         ["status"],
         buckets=DURATION_BUCKETS,
     )
+    return {name: value for name, value in locals().items() if name.isupper()}
+
+
+def _cache_metrics() -> dict[str, object]:
+    """The caches: lookups by cache type, and the bytes and run time they saved."""
+    from prometheus_client import Counter
+
+    CACHE_HITS = Counter(
+        "rgrid_cache_hits_total",
+        "Cache lookups that found a usable entry, by cache type (input: per file).",
+        ["cache"],
+    )
+    CACHE_MISSES = Counter(
+        "rgrid_cache_misses_total",
+        "Cache lookups that found nothing usable, by cache type (input: per file).",
+        ["cache"],
+    )
     BYTES_UPLOADED = Counter(
         "rgrid_input_bytes_uploaded_total", "Input bytes clients uploaded for executions."
     )
@@ -138,6 +132,40 @@ def _defined() -> dict[str, object]:
         "rgrid_outputs_run_seconds_saved_total",
         "Script run time reused executions did not spend (the original run's time).",
     )
+    for cache in CACHE_TYPES:  # every series exists from the start: a ratio is never empty
+        CACHE_HITS.labels(cache)
+        CACHE_MISSES.labels(cache)
+    return {name: value for name, value in locals().items() if name.isupper()}
+
+
+def _host_metrics() -> dict[str, object]:
+    """A worker host's environments and warm sandboxes."""
+    from prometheus_client import Counter, Histogram
+
+    ENVIRONMENT_BUILD = Histogram(
+        "rgrid_environment_build_seconds",
+        "Providing a dependency set on a host that lacks it: waiting for the build lock, "
+        "resolving and installing.",
+        buckets=DURATION_BUCKETS,
+    )
+    ENVIRONMENT_INSTALL = Histogram(
+        "rgrid_environment_install_seconds",
+        "The installer's own time for a dependency set (uv).",
+        buckets=DURATION_BUCKETS,
+    )
+    POOL_CLAIMS = Counter(
+        "rgrid_pool_claims_total", "Runs that found a pre-started (warm) sandbox."
+    )
+    POOL_MISSES = Counter(
+        "rgrid_pool_misses_total", "Runs that had to start a sandbox (no warm one was free)."
+    )
+    return {name: value for name, value in locals().items() if name.isupper()}
+
+
+def _removal_metrics() -> dict[str, object]:
+    """What the purge and the hosts' disk budgets removed."""
+    from prometheus_client import Counter
+
     PURGED = Counter("rgrid_purged_total", "Entries removed by the purge, by kind.", ["kind"])
     PURGED_BYTES = Counter(
         "rgrid_purged_bytes_total", "Bytes freed by the purge, by kind.", ["kind"]
@@ -152,17 +180,17 @@ def _defined() -> dict[str, object]:
         "Bytes a host freed to keep its disk budget, by kind.",
         ["kind"],
     )
-    POOL_CLAIMS = Counter(
-        "rgrid_pool_claims_total", "Runs that found a pre-started (warm) sandbox."
-    )
-    POOL_MISSES = Counter(
-        "rgrid_pool_misses_total", "Runs that had to start a sandbox (no warm one was free)."
-    )
-
-    for cache in CACHE_TYPES:  # every series exists from the start: a ratio is never empty
-        CACHE_HITS.labels(cache)
-        CACHE_MISSES.labels(cache)
     return {name: value for name, value in locals().items() if name.isupper()}
+
+
+@functools.cache
+def _defined() -> dict[str, object]:
+    """Every metric, created on first use (so a process that never counts never imports
+    prometheus-client), each family in a function of its own."""
+    defined: dict[str, object] = {}
+    for family in (_execution_metrics, _cache_metrics, _host_metrics, _removal_metrics):
+        defined.update(family())
+    return defined
 
 
 def __getattr__(name: str):
