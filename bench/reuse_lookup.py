@@ -2,7 +2,7 @@
 added to a submission): what `--reuse` adds to a submission that misses (the action key's
 computation and its indexed lookup, as ``reuse.at_submission`` runs them in the submission's
 transaction), the whole ``at_submission`` with and without `--reuse`, and a batch page's
-bulk lookup of 1,000 keys in one query (``reuse.lookup_many``), against the floor of a bare
+bulk lookup of 1,000 keys in one query (``reuse_batch.lookup_many``), against the floor of a bare
 indexed SELECT with psycopg2 on the same database.
 
 Run: `.venv/bin/python bench/reuse_lookup.py [--rows 1000000] [--lookups 5000]`. It makes a
@@ -66,7 +66,7 @@ def main() -> None:
     from rgrid.core.config import Settings
     from rgrid.core.db import get_engine, get_session_factory, upgrade
     from rgrid.core.models import Execution
-    from rgrid.pipeline import reuse
+    from rgrid.pipeline import reuse, reuse_batch, reuse_key
     from rgrid.store.objectstore import LocalStore
 
     settings = Settings.from_env()
@@ -97,10 +97,10 @@ def main() -> None:
 
         def key_and_lookup(g: int) -> None:
             run = execution(g)
-            parts = reuse.key_parts(
+            parts = reuse_key.key_parts(
                 settings, run, runtime_image="sha256:bench", resolution="", env={}
             )
-            key = reuse.key_of(settings, ACCOUNT, parts)
+            key = reuse_key.key_of(settings, ACCOUNT, parts)
             assert reuse.lookup(step, ACCOUNT, key) is None
 
         store = LocalStore(Path("/nonexistent-bench-store"))  # a miss never reaches it
@@ -155,7 +155,7 @@ def main() -> None:
         for page in range(50):
             wanted = [hashlib.sha256(f"page {page} {n}".encode()).hexdigest() for n in range(1000)]
             started = time.perf_counter()
-            assert reuse.lookup_many(step, ACCOUNT, wanted) == {}
+            assert reuse_batch.lookup_many(step, ACCOUNT, wanted) == {}
             pages.append((time.perf_counter() - started) * 1000)
         step.rollback()
         step.close()

@@ -22,7 +22,7 @@ from rgrid.core import metrics
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound, ServiceUnavailable
 from rgrid.core.statuses import TERMINAL_STATUSES
-from rgrid.pipeline import reuse
+from rgrid.pipeline import reuse, reuse_why
 from rgrid.service import executions as svc
 from rgrid.store.channels import check_env
 
@@ -104,7 +104,7 @@ def why(execution_id: str):
     the nearest earlier run of the same script name."""
     with session_scope(_ctx().session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
-        return jsonify(reuse.explain(session, execution))
+        return jsonify(reuse_why.explain(session, execution))
 
 
 @bp.get("/executions")

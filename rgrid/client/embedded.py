@@ -20,6 +20,7 @@ from rgrid.host.docker_engine import get_docker
 from rgrid.host.runtimes import resolve_runtime
 from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse as reuse_mod
+from rgrid.pipeline import reuse_why
 from rgrid.pipeline.chain import PipelineContext
 from rgrid.service import executions as svc
 from rgrid.service import maintenance, purge
@@ -118,7 +119,7 @@ class EmbeddedClient(EmbeddedBatches):
     def why(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
             execution = svc.get_execution(session, self.account_id, execution_id)
-            return reuse_mod.explain(session, execution)
+            return reuse_why.explain(session, execution)
 
     def cancel(self, execution_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:

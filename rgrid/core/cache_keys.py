@@ -154,7 +154,7 @@ def action_key(account_id: int, salt: str, parts: dict) -> str:
     function of. A sandbox has no network, so that is the account, the runtime image, the
     installed environment's resolution, the source, the inputs (paths and digests), the
     arguments, the ``--env`` names with a keyed hash of each value, and the working-directory
-    layout; ``parts`` holds them (``reuse.key_parts``), ``salt`` is the operator's. Memory
+    layout; ``parts`` holds them (``reuse_key.key_parts``), ``salt`` is the operator's. Memory
     and CPU limits are not in it: a run they cut short never succeeded, so is never kept."""
     body = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return sha256_bytes(KEY_SEPARATOR.join(("action", str(account_id), salt, body)).encode())

@@ -245,9 +245,9 @@ def add_page(
                 "superseded": False,
             }
         )
-    from rgrid.pipeline import reuse
+    from rgrid.pipeline import reuse_batch
 
-    answered = reuse.for_batch(
+    answered = reuse_batch.for_batch(
         session,
         store,
         settings,
