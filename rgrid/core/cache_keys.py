@@ -164,3 +164,22 @@ def runtime_image_key(queue: str, runtime: str) -> str:
     """Redis: the image id the deployment's workers last ran ``runtime`` with, so the API can
     compute an action key without a Docker engine of its own."""
     return f"rgrid:{queue}:runtime-image:{runtime}"
+
+
+# --- live logs (rgrid/store/redis_logs.py) ----------------------------------------------------
+
+
+def log_buffer_key(execution_id: str) -> str:
+    """Redis: a running execution's log chunks, a list its workers append to and the API
+    reads while the run is live (the stored log, ``log_object_key``, is the record after)."""
+    return f"rgrid:log:{execution_id}"
+
+
+def log_changed_channel(execution_id: str) -> str:
+    """Redis pub/sub: where each change to a live log is announced, for its followers."""
+    return f"rgrid:log-changed:{execution_id}"
+
+
+def log_writers_key(execution_id: str) -> str:
+    """Redis: each writer's last appended sequence number, so a retried append is stored once."""
+    return f"rgrid:log-writers:{execution_id}"

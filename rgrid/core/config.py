@@ -329,7 +329,8 @@ class Settings:
     @property
     def log_journal_dir(self) -> Path:
         """A worker host's own copy of the logs of the executions it builds and runs: the
-        log of record, which Redis mirrors for following live (``logbuffer.JournaledLogBuffer``)."""
+        log of record, which Redis mirrors for following live
+        (``redis_logs.JournaledLogBuffer``)."""
         return self.data_dir / "log-journal"
 
     @property

@@ -15,8 +15,10 @@ from rgrid.core.db import get_session_factory, upgrade
 from rgrid.core.locks import FileLocks, RedisLocks
 from rgrid.host.hosts import HostRegistry
 from rgrid.store.channels import MemoryChannels, RedisChannels
-from rgrid.store.logbuffer import FileLogBuffer, JournaledLogBuffer, LogBuffer, RedisLogBuffer
+from rgrid.store.file_logs import FileLogBuffer
+from rgrid.store.logbuffer import LogBuffer
 from rgrid.store.objectstore import LocalStore, ObjectStore, PresigningStore, store_from_settings
+from rgrid.store.redis_logs import JournaledLogBuffer, RedisLogBuffer
 
 if TYPE_CHECKING:
     import redis

@@ -98,7 +98,7 @@ JOURNAL_MIN_AGE_S = 600.0
 
 
 def forget_finished_journals(session: Session, journal_dir: Path) -> int:
-    """Delete this host's log journals (``logbuffer.JournaledLogBuffer``) of executions that
+    """Delete this host's log journals (``redis_logs.JournaledLogBuffer``) of executions that
     are over or unknown: one ended by another host (the lease sweep, a move) is never
     cleared here by its own store step. Returns how many."""
     removed = 0

@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Protocol
 
 from rgrid.core.errors import BadInput
-from rgrid.store.logbuffer import redis_unavailable
+from rgrid.store.redis_errors import redis_unavailable
 
 if TYPE_CHECKING:
     import redis

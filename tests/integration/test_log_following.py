@@ -13,7 +13,7 @@ from rgrid.api import create_app
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account
 from rgrid.service import accounts
-from rgrid.store.logbuffer import RedisLogBuffer
+from rgrid.store.redis_logs import RedisLogBuffer
 
 
 @pytest.fixture(scope="module")

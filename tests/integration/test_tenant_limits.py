@@ -382,7 +382,7 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
 
     from rgrid.core import cache_keys
     from rgrid.service.executions import LOG_PAGE_BYTES
-    from rgrid.store.logbuffer import RedisLogBuffer
+    from rgrid.store.redis_logs import RedisLogBuffer
     from scripts.stack import Stack, StackConfig, create_account_key, free_port
 
     client = redis.Redis.from_url(own_redis)

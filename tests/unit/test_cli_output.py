@@ -1,6 +1,7 @@
 from rgrid.cli.output import LogPrinter, summary_line
 from rgrid.core.units import human_bytes, parse_bytes
-from rgrid.store.logbuffer import FileLogBuffer, decode_log, encode_log
+from rgrid.store.file_logs import FileLogBuffer
+from rgrid.store.logbuffer import decode_log, encode_log
 
 
 def _execution(**overrides):
