@@ -2,7 +2,8 @@
 
 Settings come from the environment (``RGRID_*``) so that the API, the workers, beat and the CLI
 can be pointed at the same services without a config file. Nothing else in the code base reads
-``os.environ`` for RGrid settings.
+``os.environ`` for RGrid settings. Each setting is declared once: a field of ``Settings`` that
+names its variable and its default (``setting``); ``Settings.from_env`` reads them all, once.
 """
 
 from __future__ import annotations
