@@ -108,7 +108,9 @@ headers = {"Authorization": f"Bearer {secret}"}
 created = client.post("/v1/executions", json={"script": "print(1)\\n"}, headers=headers)
 assert created.status_code == 201, created.json
 client.get(f"/v1/executions/{created.json['execution_id']}/logs", headers=headers)
-steps = ("docker", "rgrid.pipeline.chain", "workers", "workers.tasks")
+steps = ("docker", "rgrid.pipeline.context", "rgrid.pipeline.hash", "rgrid.pipeline.lookup",
+         "rgrid.pipeline.build", "rgrid.pipeline.run", "rgrid.pipeline.store",
+         "rgrid.pipeline.chain", "workers", "workers.tasks")
 loaded = [m for m in steps if m in sys.modules]
 print(json.dumps({"execution_id": created.json["execution_id"], "loaded": loaded}))
 """
