@@ -29,7 +29,7 @@ def store_step(ctx: PipelineContext, execution_id: str, execution: Execution | N
     on the user's path)."""
     if execution is None:
         with execution_row(ctx, execution_id) as execution:
-            pass
+            pass  # only read: the row as the run left it
     if execution.status in TERMINAL_STATUSES or execution.outcome is None:
         return  # over, or its run has not ended (another copy of the run step holds it)
     patiently(lambda: persist_logs(ctx, execution_id))
