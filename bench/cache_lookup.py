@@ -1,6 +1,6 @@
 """Script-cache lookups at a million rows: RGrid's own lookup (the pipeline's query, in a
 session with its savepoint, as the cache-lookup step runs it) and its touch (the store step's
-`_remember_script` and commit), against the floor of a bare indexed SELECT (and SELECT +
+`caches.remember_script` and commit), against the floor of a bare indexed SELECT (and SELECT +
 UPDATE + COMMIT) with psycopg2 on the same database. Then the nightly purge of a million
 stale rows.
 
@@ -103,7 +103,7 @@ def main() -> None:
     from rgrid.core.cache_keys import EMPTY_DEPENDENCY_HASH
     from rgrid.core.db import get_engine, get_session_factory, session_scope, upgrade
     from rgrid.core.models import ScriptCache
-    from rgrid.pipeline.chain import _remember_script, script_cache_environment
+    from rgrid.pipeline.caches import remember_script, script_cache_environment
     from rgrid.service.purge import purge_script_cache
 
     with fresh_database("rgrid_bench") as url:
@@ -127,7 +127,7 @@ def main() -> None:
         step_session = factory()
 
         def rgrid_lookup(g: int) -> None:
-            # What the cache-lookup step adds to its transaction (pipeline.cache_reads: no
+            # What the cache-lookup step adds to its transaction (caches.cache_reads: no
             # savepoint, a failure rolls back a transaction that changed nothing yet).
             assert script_cache_environment(step_session, execution(g)) is not None
 
@@ -139,7 +139,7 @@ def main() -> None:
 
         def rgrid_touch(g: int) -> None:
             with session_scope(factory) as session:
-                _remember_script(session, execution(g))
+                remember_script(session, execution(g))
 
         dsn = url.replace("postgresql+psycopg2://", "postgresql://")
         # The select floor is one round trip, as the step's lookup is (it runs inside the
@@ -180,7 +180,7 @@ def main() -> None:
         report("rgrid: lookup in its own transaction", alone, floor_select)
         floor_touch, touch = timed([bare_touch, rgrid_touch], keys)
         report("floor: SELECT + UPDATE + COMMIT (psycopg2)", floor_touch)
-        report("rgrid: touch (pipeline._remember_script)", touch, floor_touch)
+        report("rgrid: touch (caches.remember_script)", touch, floor_touch)
         conn.close()
         reader.close()
 

@@ -28,7 +28,7 @@ from celery.utils.log import get_task_logger
 from celery.worker.control import control_command
 from sqlalchemy.exc import OperationalError
 
-from rgrid.core import cache_keys, metrics, queueing
+from rgrid.core import cache_keys, lifecycle, metrics, queueing
 from rgrid.core.config import DEFAULT_RUNTIME, get_settings
 from rgrid.core.db import forget_engines_after_fork, session_scope
 from rgrid.core.errors import ServiceUnavailable
@@ -36,8 +36,15 @@ from rgrid.core.models import Execution, iso_utc, utcnow
 from rgrid.host import disk, hosts, pool
 from rgrid.host.hosts import HEARTBEAT_EVERY_S, HostRegistry, build_queue, host_queue
 from rgrid.host.slots import AccountBusy
-from rgrid.pipeline import chain as pipeline
-from rgrid.pipeline.chain import PipelineContext
+from rgrid.pipeline.build import build_installs, build_step
+from rgrid.pipeline.chain import crashed, run_and_store_step
+from rgrid.pipeline.claim import warm_up
+from rgrid.pipeline.context import PipelineContext
+from rgrid.pipeline.hash import hash_step
+from rgrid.pipeline.lookup import cache_lookup_step
+from rgrid.pipeline.lost import sweep_lost_workers
+from rgrid.pipeline.rows import update_execution
+from rgrid.pipeline.store import store_step
 from rgrid.service import batches, maintenance, purge
 from rgrid.service.context import redis_client, server_context
 from rgrid.service.maintenance import reap_containers, sweep_lost_executions
@@ -86,7 +93,7 @@ class PipelineTask(Task):
         if not execution_id:
             return
         step = _STEP_OF_TASK.get(self.name, self.name)
-        pipeline.crashed(worker_context(), execution_id, exc, step)
+        crashed(worker_context(), execution_id, exc, step)
         _hand_on(execution_id)
 
 
@@ -157,7 +164,7 @@ def _to_build_pool(task: Task, ctx: PipelineContext, execution_id: str) -> bool:
     """In the run pool, a build that installs a dependency set is handed (with the rest of
     its chain) to this host's build pool, which has slots of its own: an install, up to its
     deadline, never holds a slot that runs need. Returns whether it was handed on."""
-    if ctx.settings.worker_pool == "build" or not pipeline.build_installs(ctx, execution_id):
+    if ctx.settings.worker_pool == "build" or not build_installs(ctx, execution_id):
         return False
     if ctx.hosts is not None and not ctx.hosts.build_pool_alive(ctx.settings.host_name):
         # Nothing consumes this host's build queue: install here, in a run slot, rather
@@ -211,11 +218,8 @@ def _move_elsewhere(task: Task, ctx: PipelineContext, execution_id: str) -> None
     if not hosts.release(ctx.session_factory, execution_id, host):
         return  # held by another host: this copy is stale
 
-    def keep_alive(execution) -> None:
-        if execution.heartbeat_at is not None:
-            execution.heartbeat_at = utcnow()  # not lost: on its way to another host
-
-    pipeline.update_execution(ctx, execution_id, keep_alive)
+    # Not lost: on its way to another host.
+    update_execution(ctx, execution_id, lifecycle.renew_lease)
     ctx.note(execution_id, f"host {host} lost its Docker engine: moving on")
     _resend(ctx.settings.queue, task.name, execution_id, rest)
 
@@ -286,11 +290,11 @@ def rescue_stranded(ctx: PipelineContext) -> list[str]:
 
 
 # Queued by name (rgrid/core/queueing.py builds the chain), so the API never imports this module.
-hash_task = _step(queueing.HASH, pipeline.hash_step)
-cache_lookup_task = _step(queueing.CACHE_LOOKUP, pipeline.cache_lookup_step)
-build_task = _step(queueing.BUILD, pipeline.build_step)
-run_task = _step(queueing.RUN, pipeline.run_and_store_step)
-store_task = _step(queueing.STORE, pipeline.store_step)
+hash_task = _step(queueing.HASH, hash_step)
+cache_lookup_task = _step(queueing.CACHE_LOOKUP, cache_lookup_step)
+build_task = _step(queueing.BUILD, build_step)
+run_task = _step(queueing.RUN, run_and_store_step)
+store_task = _step(queueing.STORE, store_step)
 
 
 @worker_process_init.connect
@@ -501,7 +505,7 @@ def warm_pool(**_kwargs) -> None:
     if get_settings().worker_pool == "build":
         return
     try:
-        started = pipeline.warm_up(server_context(get_settings()), DEFAULT_RUNTIME)
+        started = warm_up(server_context(get_settings()), DEFAULT_RUNTIME)
         log.info("warm pool: started %d sandbox(es) for %s", started, DEFAULT_RUNTIME)
     except Exception:  # noqa: BLE001 - see the docstring
         log.exception("could not fill the warm pool")
@@ -553,7 +557,7 @@ def sweep_lost_workers_task() -> dict[str, list[str]]:
     """Twice per lease: running executions whose worker stopped renewing it, and waiting ones
     pinned to a host that is gone."""
     ctx = worker_context()
-    lost = pipeline.sweep_lost_workers(ctx, resend=_resend_run)
+    lost = sweep_lost_workers(ctx, resend=_resend_run)
     return {"lost": lost, "moved": rescue_stranded(ctx)}
 
 

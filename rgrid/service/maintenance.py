@@ -13,7 +13,7 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid.core import metrics
+from rgrid.core import lifecycle, metrics
 from rgrid.core.cache_keys import PACK_PREFIX, UPLOAD_STAGING_PREFIX
 from rgrid.core.config import Settings
 from rgrid.core.models import DependencyCache, Execution, Upload, utcnow
@@ -134,9 +134,7 @@ def sweep_lost_executions(session: Session) -> list[str]:
         if created.tzinfo is None:  # SQLite drops the zone
             created = created.replace(tzinfo=now.tzinfo)
         if now - created > timedelta(seconds=execution.timeout_s) + LOST_AFTER:
-            execution.status = execution.outcome = "error"
-            execution.error = "lost: no worker finished this execution; run it again"
-            execution.finished_at = now
+            lifecycle.lost(execution, "lost: no worker finished this execution; run it again")
             lost.append(execution.id)
     return lost
 

@@ -21,7 +21,8 @@ import pytest
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Blob
 from rgrid.host import sandbox
-from rgrid.pipeline.chain import PipelineContext, run_all
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.context import PipelineContext
 
 
 def limited(ctx: PipelineContext, **settings) -> PipelineContext:
@@ -292,7 +293,7 @@ def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
     ctx, worker, submit, account
 ):
     from rgrid.core import queueing
-    from rgrid.pipeline import chain as pipeline
+    from rgrid.service.cancelling import cancel
 
     with session_scope(ctx.session_factory) as session:
         other = Account(id=account.id + 1, name=f"acct-{secrets.token_hex(4)}")
@@ -310,8 +311,8 @@ def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
         assert _execution(ctx, second)["status"] == "queued"
         assert _execution(ctx, first)["status"] == "running"
     finally:
-        pipeline.cancel(ctx, second)
-        pipeline.cancel(ctx, first)
+        cancel(ctx, second)
+        cancel(ctx, first)
     assert _wait_for(ctx, first, {"cancelled"}, 30) == "cancelled"
     assert _wait_for(ctx, second, {"cancelled"}, 30) == "cancelled"
 
@@ -500,10 +501,10 @@ def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
 def test_storing_outputs_past_the_runs_time_limit_fails_and_records_none(ctx, submit, monkeypatch):
     """Storing outputs counts within the run's own time limit: a run whose outputs cannot
     be stored in time ends failed, naming it, with no output recorded."""
-    from rgrid.pipeline import chain as pipeline
+    from rgrid.pipeline import outputs
 
     # The run's whole time budget (and the grace) already spent when storing starts.
-    monkeypatch.setattr(pipeline, "OUTPUT_STORE_GRACE_S", -(10.0**6))
+    monkeypatch.setattr(outputs, "OUTPUT_STORE_GRACE_S", -(10.0**6))
     execution_id = submit(
         "for i in range(3):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n",
         timeout_s=30,
