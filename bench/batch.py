@@ -20,19 +20,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run import (  # noqa: E402 - bench/run.py's stack and floor helpers
+from bench.harness import (  # noqa: E402 - the shared harness: paths, the floor's mounts
     RGRID,
     RUNTIME_IMAGE,
     SCRIPT_IN_WORK,
-    WORK_DIR,
     clean_environ,
-    private_stack,
-    remove_containers_mounting,
     writable_outputs,
 )
-
+from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
+from rgrid.host.runtimes import WORK_DIR  # noqa: E402
 from scripts.stack import StackConfig  # noqa: E402
 from tests.wheels import make_wheel  # noqa: E402
 

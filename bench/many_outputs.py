@@ -1,7 +1,7 @@
 """Many-outputs benchmark (`make bench` runs it): 10,000 outputs of 1 KiB (issue 24, item 3).
 
 A script writing one file per record or tile is common. Against a stack of this checkout (an
-API and a Celery worker on their own database, Redis database and bucket: bench/run.py's
+API and a Celery worker on their own database, Redis database and bucket: bench/stacks.py's
 ``private_stack``), side by side in interleaved rounds:
 
 - floor: the same script run by the host's ``python3``, writing the files to a local folder;
@@ -27,7 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.run import clean_environ, private_stack, remove_containers_mounting  # noqa: E402
+from bench.harness import clean_environ  # noqa: E402
+from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
 from scripts import stack  # noqa: E402
 
 RGRID = REPO / ".venv" / "bin" / "rgrid"

@@ -3,7 +3,7 @@
 Rows, timed in interleaved rounds (order rotated), median and minimum, ratios against the floor:
 - floor: `docker run --rm --network none -v PROJECT:/work:ro -w /work rgrid-runtime:python-3.11
   python3 /work/main.py`, the same project bind-mounted into the same image;
-- `rgrid run main.py --json` embedded and against a private stack (bench/run.py's
+- `rgrid run main.py --json` embedded and against a private stack (bench/stacks.py's
   `private_stack`), each round after a one-line edit of `helpers/m07.py`;
 - bytes sent: a repeat of an unchanged tree, and one module of 30 changed.
 
@@ -36,15 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.run import (  # noqa: E402
-    BENCH_STACK_ENV,
-    PYTHON_VERSION,
-    UV,
-    clean_environ,
-    private_stack,
-    remove_containers_mounting,
-    uv_env,
-)
+from bench.harness import PYTHON_VERSION, UV, clean_environ, uv_env  # noqa: E402
+from bench.stacks import BENCH_STACK_ENV, private_stack, remove_containers_mounting  # noqa: E402
 from tests.wheels import make_wheel  # noqa: E402
 
 RGRID = str(REPO / ".venv" / "bin" / "rgrid")
