@@ -313,6 +313,20 @@ def table(sections: list[tuple[str, list[Row]]]) -> str:
     return "\n".join(lines)
 
 
+def median_row(label: str, times: list[float], floor_median: float, note: str = "") -> str:
+    """A markdown row of the smaller benches' tables: median and min (3 decimals), median ÷
+    the floor's median, and a note (blank when none)."""
+    median = statistics.median(times)
+    return f"| {label} | {median:.3f} | {min(times):.3f} | {median / floor_median:.2f}× |" + (
+        f" {note} |" if note else " |"
+    )
+
+
+def say(text: str) -> None:
+    """A progress line, flushed at once (the benches print while they run)."""
+    print(text, flush=True)
+
+
 def writable_outputs(folder: Path) -> Path:
     """An ``outputs`` folder the runtime image's user can write, for a floor's bind mount."""
     outputs = folder / "outputs"
