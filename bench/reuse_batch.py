@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import RGRID, clean_environ  # noqa: E402 - the shared harness
+from bench.harness import RGRID, clean_environ, say  # noqa: E402 - the shared harness
 from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
 
 #: Reads its input and writes one output (no dependencies: the cost is the runs themselves).
@@ -29,10 +29,6 @@ import sys
 text = open(sys.argv[1]).read()
 open("outputs/out.txt", "w").write(text.upper())
 """
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def batch(env: dict[str, str], cwd: Path, *extra: str) -> tuple[float, dict, list[dict]]:
