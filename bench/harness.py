@@ -327,6 +327,39 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+# --- in-process lookups (bench/cache_lookup.py, bench/reuse_lookup.py) ----------------------
+
+
+def p50_p99(samples: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile of sorted ``samples``."""
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def interleaved_ms(fns: list[Callable[[int], object]], keys: list[int]) -> list[list[float]]:
+    """Each function on each key, interleaved (floor, rgrid, floor, ...), so that a busy
+    moment of the machine falls on both alike; sorted samples per function, in ms."""
+    for g in keys[:200]:  # warm the connections, the plan cache and the pages
+        for fn in fns:
+            fn(g)
+    samples: list[list[float]] = [[] for _ in fns]
+    for g in keys:
+        for fn, out in zip(fns, samples, strict=True):
+            started = time.perf_counter()
+            fn(g)
+            out.append((time.perf_counter() - started) * 1000)
+    return [sorted(out) for out in samples]
+
+
+def report_ms(name: str, samples: list[float], floor: list[float] | None = None) -> None:
+    """One line of the lookup benches: p50 and p99 in ms, and their ratios to the floor's."""
+    p50, p99 = p50_p99(samples)
+    line = f"{name:44} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms"
+    if floor:
+        f50, f99 = p50_p99(floor)
+        line += f"  ({p50 / f50:.1f}x / {p99 / f99:.1f}x the floor)"
+    print(line, flush=True)
+
+
 def writable_outputs(folder: Path) -> Path:
     """An ``outputs`` folder the runtime image's user can write, for a floor's bind mount."""
     outputs = folder / "outputs"
