@@ -18,6 +18,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,9 +100,7 @@ def miss_rows(step, dsn: str, keys: list[int]) -> None:
     import psycopg2
 
     from rgrid.core.config import Settings
-    from rgrid.core.models import Execution
     from rgrid.pipeline import reuse
-    from rgrid.store.objectstore import LocalStore
 
     settings = Settings.from_env()
 
@@ -110,27 +109,6 @@ def miss_rows(step, dsn: str, keys: list[int]) -> None:
         parts = reuse.key_parts(settings, run, runtime_image="sha256:bench", resolution="", env={})
         key = reuse.key_of(settings, ACCOUNT, parts)
         assert reuse.lookup(step, ACCOUNT, key) is None
-
-    store = LocalStore(Path("/nonexistent-bench-store"))  # a miss never reaches it
-
-    def submission(reuse_it: bool):
-        def once(g: int) -> None:
-            run = Execution(
-                **{k: v for k, v in vars(execution(g)).items() if k != "runtime_image"},
-                stdin=False,
-            )
-            answered = reuse.at_submission(
-                step,
-                store,
-                settings,
-                run,
-                env=None,
-                runtime_image="sha256:bench",
-                reuse=reuse_it,
-            )
-            assert not answered
-
-        return once
 
     reader = psycopg2.connect(dsn)
     reader.autocommit = True
@@ -145,7 +123,13 @@ def miss_rows(step, dsn: str, keys: list[int]) -> None:
         assert cursor.fetchone() is None
 
     floor, added, with_reuse, without = interleaved_ms(
-        [bare_select, key_and_lookup, submission(True), submission(False)], keys
+        [
+            bare_select,
+            key_and_lookup,
+            submission_miss(step, settings, True),
+            submission_miss(step, settings, False),
+        ],
+        keys,
     )
     step.rollback()
     report_ms("floor: bare indexed SELECT, autocommit", floor)
@@ -155,6 +139,33 @@ def miss_rows(step, dsn: str, keys: list[int]) -> None:
     (w50, w99), (o50, o99) = p50_p99(with_reuse), p50_p99(without)
     print(f"  difference with - without: p50 {w50 - o50:+.3f} ms, p99 {w99 - o99:+.3f} ms")
     reader.close()
+
+
+def submission_miss(step, settings, reuse_it: bool) -> Callable[[int], None]:
+    """``reuse.at_submission`` of run ``g`` (a miss) in ``step``, with or without ``--reuse``."""
+    from rgrid.core.models import Execution
+    from rgrid.pipeline import reuse
+    from rgrid.store.objectstore import LocalStore
+
+    store = LocalStore(Path("/nonexistent-bench-store"))  # a miss never reaches it
+
+    def once(g: int) -> None:
+        run = Execution(
+            **{k: v for k, v in vars(execution(g)).items() if k != "runtime_image"},
+            stdin=False,
+        )
+        answered = reuse.at_submission(
+            step,
+            store,
+            settings,
+            run,
+            env=None,
+            runtime_image="sha256:bench",
+            reuse=reuse_it,
+        )
+        assert not answered
+
+    return once
 
 
 def page_row(step) -> None:
