@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import interleaved_ms, report_ms  # noqa: E402 - the shared harness
+from bench.harness import interleaved_ms, report_ms, seed_table  # noqa: E402 - the shared harness
 from scripts.stack import fresh_database  # noqa: E402 - the one way to make a database
 
 ACCOUNTS = 1000
@@ -34,36 +34,28 @@ def _key(g: int) -> tuple[int, str]:
 
 
 def seed(url: str, rows: int) -> float:
-    from sqlalchemy import create_engine, text
-
+    """``rows`` script-cache rows over ACCOUNTS accounts, in bulk: the seconds it took."""
     from rgrid.core.cache_keys import EMPTY_DEPENDENCY_HASH
 
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    started = time.monotonic()
-    with engine.connect() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO accounts (id, name, created_at) "
-                "SELECT g, 'bench-' || g, now() FROM generate_series(1, :n) g"
-            ),
-            {"n": ACCOUNTS},
-        )
-        conn.execute(
-            text(
-                "INSERT INTO script_cache (account_id, runtime, dependency_hash, script_hash,"
-                " environment, runtime_image, created_at, last_used_at, use_count) "
-                "SELECT 1 + g % :accounts, 'python:3.11', :deps,"
-                " md5(g::text) || md5((-g)::text), NULL, 'sha256:bench', now(), now(), 1 "
-                "FROM generate_series(1, :rows) g"
-            ),
-            {"accounts": ACCOUNTS, "deps": EMPTY_DEPENDENCY_HASH, "rows": rows},
-        )
-        conn.execute(text("VACUUM ANALYZE script_cache"))
-        # Analyzed just now; an autovacuum worker still in the database at the end would keep
-        # it from being dropped (DROP ... WITH (FORCE) may not end a superuser's process).
-        conn.execute(text("ALTER TABLE script_cache SET (autovacuum_enabled = false)"))
-    engine.dispose()
-    return time.monotonic() - started
+    accounts = (
+        "INSERT INTO accounts (id, name, created_at) "
+        "SELECT g, 'bench-' || g, now() FROM generate_series(1, :n) g"
+    )
+    entries = (
+        "INSERT INTO script_cache (account_id, runtime, dependency_hash, script_hash,"
+        " environment, runtime_image, created_at, last_used_at, use_count) "
+        "SELECT 1 + g % :accounts, 'python:3.11', :deps,"
+        " md5(g::text) || md5((-g)::text), NULL, 'sha256:bench', now(), now(), 1 "
+        "FROM generate_series(1, :rows) g"
+    )
+    return seed_table(
+        url,
+        "script_cache",
+        [
+            (accounts, {"n": ACCOUNTS}),
+            (entries, {"accounts": ACCOUNTS, "deps": EMPTY_DEPENDENCY_HASH, "rows": rows}),
+        ],
+    )
 
 
 def main() -> None:

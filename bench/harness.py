@@ -335,6 +335,24 @@ def p50_p99(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
+def seed_table(url: str, table: str, statements: list[tuple[str, dict]]) -> float:
+    """Seconds to run the seeding ``statements`` (SQL, parameters) in autocommit on the
+    scratch database ``url``, then analyze ``table``. Its autovacuum is turned off after: an
+    autovacuum worker still in the database at the end would keep it from being dropped
+    (DROP ... WITH (FORCE) may not end a superuser's process)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    started = time.monotonic()
+    with engine.connect() as conn:
+        for sql, params in statements:
+            conn.execute(text(sql), params)
+        conn.execute(text(f"VACUUM ANALYZE {table}"))
+        conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    engine.dispose()
+    return time.monotonic() - started
+
+
 def interleaved_ms(fns: list[Callable[[int], object]], keys: list[int]) -> list[list[float]]:
     """Each function on each key, interleaved (floor, rgrid, floor, ...), so that a busy
     moment of the machine falls on both alike; sorted samples per function, in ms."""

@@ -23,35 +23,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import interleaved_ms, p50_p99, report_ms  # noqa: E402 - the shared harness
+from bench.harness import interleaved_ms, p50_p99, report_ms, seed_table  # noqa: E402 - the shared harness
 from scripts.stack import fresh_database  # noqa: E402 - the one way to make a database
 
 ACCOUNT = 1
 
 
 def seed(url: str, rows: int) -> float:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    started = time.monotonic()
-    with engine.connect() as conn:
-        conn.execute(
-            text("INSERT INTO accounts (id, name, created_at) VALUES (:id, 'bench', now())"),
-            {"id": ACCOUNT},
-        )
-        conn.execute(
-            text(
-                "INSERT INTO output_cache (account_id, action_key, execution_id, outputs,"
-                " exit_code, run_s, bytes, created_at, last_used_at, use_count) "
-                "SELECT :account, md5(g::text) || md5((-g)::text), 'bench' || g, '[]'::json,"
-                " 0, 1.0, 0, now(), now(), 0 FROM generate_series(1, :rows) g"
-            ),
-            {"account": ACCOUNT, "rows": rows},
-        )
-        conn.execute(text("VACUUM ANALYZE output_cache"))
-        conn.execute(text("ALTER TABLE output_cache SET (autovacuum_enabled = false)"))
-    engine.dispose()
-    return time.monotonic() - started
+    """``rows`` output-cache entries of one account, in bulk: the seconds it took."""
+    entries = (
+        "INSERT INTO output_cache (account_id, action_key, execution_id, outputs,"
+        " exit_code, run_s, bytes, created_at, last_used_at, use_count) "
+        "SELECT :account, md5(g::text) || md5((-g)::text), 'bench' || g, '[]'::json,"
+        " 0, 1.0, 0, now(), now(), 0 FROM generate_series(1, :rows) g"
+    )
+    account = "INSERT INTO accounts (id, name, created_at) VALUES (:id, 'bench', now())"
+    return seed_table(
+        url,
+        "output_cache",
+        [(account, {"id": ACCOUNT}), (entries, {"account": ACCOUNT, "rows": rows})],
+    )
 
 
 def main() -> None:

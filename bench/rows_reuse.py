@@ -8,12 +8,12 @@ from bench.harness import (
     FLOOR,
     Measure,
     Row,
-    bare_run,
     measure_with_retries,
     rgrid_row,
     rows_of,
     run_rounds,
 )
+from bench.rows_warm import warm_floor
 from bench.session import Env, cli_run
 
 
@@ -25,13 +25,7 @@ def reuse_rows(env: Env) -> list[tuple[Row, Measure]]:
     for mode in env.modes:
         script = env.warm_script[mode.name]
         measure_with_retries(env.warmup, lambda m=mode, s=script: cli_run(env, m, s, reuse=True))
-    floor_script = env.warm_script["stack"]
-    rows: list[tuple[Row, Measure]] = [
-        (
-            Row(FLOOR, "floor: `docker run --rm --network none`, script bind-mounted", FLOOR),
-            lambda: bare_run(floor_script),
-        ),
-    ]
+    rows: list[tuple[Row, Measure]] = [warm_floor(env)]
     for mode in env.modes:
         script = env.warm_script[mode.name]
         rows.append(

@@ -43,14 +43,20 @@ def cli_start() -> Sample:
     return elapsed, {}
 
 
+def warm_floor(env: Env) -> tuple[Row, Measure]:
+    """The warm floor: a bare ``docker run`` of the stack row's script (sections 1 and 1c)."""
+    floor_script = env.warm_script["stack"]
+    return (
+        Row(FLOOR, "floor: `docker run --rm --network none`, script bind-mounted", FLOOR),
+        lambda: bare_run(floor_script),
+    )
+
+
 def warm_rows(env: Env) -> list[tuple[Row, Measure]]:
     """Section 1: the same script, every cache hit, next to a bare ``docker run`` of it."""
     floor_script = env.warm_script["stack"]
     rows: list[tuple[Row, Measure]] = [
-        (
-            Row(FLOOR, "floor: `docker run --rm --network none`, script bind-mounted", FLOOR),
-            lambda: bare_run(floor_script),
-        ),
+        warm_floor(env),
         (
             Row(SANDBOX_FLOOR, "floor + RGrid's sandbox flags", FLOOR, SANDBOX_FLOOR),
             lambda: bare_run(floor_script, sandboxed=True),
