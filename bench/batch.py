@@ -31,7 +31,7 @@ from bench.harness import (  # noqa: E402 - the shared harness: paths, the floor
 )
 from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
 from rgrid.host.runtimes import WORK_DIR  # noqa: E402
-from scripts.stack import StackConfig  # noqa: E402
+from scripts.launcher import StackConfig  # noqa: E402
 from tests.wheels import make_wheel  # noqa: E402
 
 #: Reads its input and writes one output, importing a small dependency: one environment.

@@ -30,7 +30,7 @@ from rgrid.client.remote import RemoteClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import load  # noqa: E402
-from scripts import stack  # noqa: E402 - the one stack launcher
+from scripts import devenv, launcher  # noqa: E402 - the one stack launcher
 
 SCRIPT = "print('hosts')\n"
 REQUIREMENTS = "numpy\nsix\n"
@@ -47,11 +47,11 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
 
     from rgrid.core.db import upgrade
 
-    with stack.fresh_database("rgrid_bench_hosts") as url:
+    with devenv.fresh_database("rgrid_bench_hosts") as url:
         upgrade(url)
         env = {
             **os.environ,
-            **stack.dev_env(),
+            **devenv.dev_env(),
             "RGRID_DATABASE_URL": url,
             "RGRID_REDIS_URL": "redis://127.0.0.1:6379/1",
             "RGRID_QUEUE": f"bench-hosts-{secrets.token_hex(4)}",
@@ -59,8 +59,8 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
             "RGRID_MAX_CONCURRENT_PER_ACCOUNT": "0",
         }
         with tempfile.TemporaryDirectory(prefix="rgrid-bench-hosts-") as tmp:
-            port = stack.free_port()
-            config = stack.StackConfig(
+            port = devenv.free_port()
+            config = launcher.StackConfig(
                 env=env,
                 log_dir=Path(tmp),
                 name=f"bench-{port}",
@@ -69,8 +69,8 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
                 supervised=False,
                 hosts=host_count,
             )
-            with stack.Stack(config):
-                key = stack.create_account_key(env, "bench")
+            with launcher.Stack(config):
+                key = launcher.create_account_key(env, "bench")
                 local = threading.local()
 
                 def client() -> RemoteClient:
@@ -96,7 +96,7 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
     from rgrid.host import environments
     from rgrid.service.context import server_context
 
-    dev = stack.dev_env()
+    dev = devenv.dev_env()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, dev[key])
     costs: dict[str, list[float]] = {}
@@ -104,7 +104,7 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
     installs: dict[str, list[float]] = {}
     # The bytecode compile after each first run may still write into the folders at the end.
     with (
-        stack.fresh_database("rgrid_bench_hosts") as url,
+        devenv.fresh_database("rgrid_bench_hosts") as url,
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp,
     ):
         upgrade(url)

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import interleaved_ms, p50_p99, report_ms, seed_table  # noqa: E402 - the shared harness
-from scripts.stack import fresh_database  # noqa: E402 - the one way to make a database
+from scripts.devenv import fresh_database  # noqa: E402 - the one way to make a database
 
 ACCOUNT = 1
 

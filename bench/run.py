@@ -15,7 +15,7 @@ Run with ``make bench`` or ``.venv/bin/python bench/run.py [--repeat N] [--stack
 Needs the runtime image (``make setup``), the local services and the package index (numpy,
 six, pandas; pip for the ``docker build`` floor's Dockerfile). The stack is the one ``make up``
 starts (idempotent), or with ``--stack private`` an API and a worker of this checkout that the
-benchmark starts (with the same launcher, scripts/stack.py) on a database, Redis database and
+benchmark starts (with the same launcher, scripts/launcher.py) on a database, Redis database and
 bucket of their own, and stops at the end. Every image, container, environment folder and
 temporary directory made here (and a private stack's database and bucket) is removed.
 """

@@ -1,5 +1,5 @@
 """The stacks the benchmarks run against: a private API + worker of this checkout on a
-database, Redis database and bucket of their own (started by scripts/stack.py, the one
+database, Redis database and bucket of their own (started by scripts/launcher.py, the one
 launcher), the facts of the stack `make up` runs, and the tidy-up of the containers a bench
 leaves on either (warm sandboxes, background bytecode compiles).
 """
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.harness import BenchError, SetupError, clean_environ, docker_client
-from scripts import stack  # the one stack launcher, found through the repository root
+from scripts import devenv, launcher, stack  # the one launcher; `make up`'s pid files
 
 
 def _claim_redis_db(base_url: str) -> int:
@@ -38,13 +38,13 @@ def private_stack(root: Path, extra_env: dict[str, str] | None = None) -> Iterat
 
     from rgrid.core.db import upgrade
 
-    dev = stack.dev_env()
+    dev = devenv.dev_env()
     token = uuid.uuid4().hex[:8]
     redis_base = dev["RGRID_REDIS_URL"].rsplit("/", 1)[0]
     bucket = f"rgrid-bench-{token}"
     redis_db: int | None = None
     try:
-        with stack.fresh_database("rgrid_bench") as db_url:
+        with devenv.fresh_database("rgrid_bench") as db_url:
             redis_db = _claim_redis_db(redis_base)
             server_env = {
                 **clean_environ(),
@@ -57,17 +57,17 @@ def private_stack(root: Path, extra_env: dict[str, str] | None = None) -> Iterat
                 **(extra_env or {}),
             }
             upgrade(db_url)
-            config = stack.StackConfig(
+            config = launcher.StackConfig(
                 env=server_env,
                 log_dir=root / "stack-logs",
                 name=f"rgrid-bench-{token}",
-                api_port=stack.free_port(),
+                api_port=devenv.free_port(),
                 roles=("api", "worker"),
                 supervised=False,
             )
             try:
-                with stack.Stack(config):
-                    key = stack.create_account_key(server_env, f"bench-{token}")
+                with launcher.Stack(config):
+                    key = launcher.create_account_key(server_env, f"bench-{token}")
                     yield {"RGRID_API_URL": config.api_url, "RGRID_API_KEY": key}
             except RuntimeError as exc:  # the API did not start
                 raise SetupError(str(exc)) from exc
