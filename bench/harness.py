@@ -23,53 +23,28 @@ from rgrid.host.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_
 from rgrid.host.sandbox import DEPS_MOUNT, thread_environment
 
 REPO = Path(__file__).resolve().parent.parent
-
-
 BIN = REPO / ".venv" / "bin"
-
-
 RGRID = BIN / "rgrid"
-
-
 UV = BIN / "uv"
-
-
 #: The runtime every row runs on; the floors use its image, interpreter and platform (their
 #: dependency folder is installed for them exactly as RGrid installs its own), its work folder
 #: (where RGrid's sandbox has the script too) and its uid (the floors' output folders must be
 #: writable by it). The edit floor mounts its dependency set where RGrid mounts one.
 RUNTIME = resolve_runtime(DEFAULT_RUNTIME)
-
-
 RUNTIME_IMAGE = RUNTIME.image
-
-
 PYTHON_VERSION = RUNTIME.python_version
-
-
 PYTHON_PLATFORM = RUNTIME.python_platform
-
-
 SCRIPT_IN_WORK = f"{WORK_DIR}/script.py"
-
-
 #: Where the ``docker build`` floor COPYs the script (it is part of that image).
 SCRIPT_IN_IMAGE = "/app/script.py"
-
-
 #: Longest any one measured command may take (the ``docker build`` floor takes ~30 s here).
 COMMAND_TIMEOUT_S = 900
-
-
 #: RGrid's sandbox (rgrid/host/sandbox.py, with the default limits of rgrid/core/config.py)
 #: as ``docker run`` flags, for the "+ sandbox flags" floors: read-only root, /tmp tmpfs, the
-#: runtime's
-#: user, no capabilities, no new privileges, the memory/CPU/PID limits, no network, and the
-#: thread counts that fit the CPU limit. (RGrid's home tmpfs is left out: the scripts never
-#: write there.)
+#: runtime's user, no capabilities, no new privileges, the memory/CPU/PID limits, no network,
+#: and the thread counts that fit the CPU limit. (RGrid's home tmpfs is left out: the scripts
+#: never write there.)
 _LIMITS = Settings()
-
-
 SANDBOX_FLAGS = [
     *(f"-e{name}={value}" for name, value in thread_environment(_LIMITS.cpu_limit).items()),
     "--read-only",
@@ -128,11 +103,7 @@ class Mode:
 
 #: A measurement: wall seconds and whatever timings the measured thing reported about itself.
 Sample = tuple[float, dict]
-
-
 Measure = Callable[[], Sample]
-
-
 #: Attempts per sample before the benchmark gives up (see :func:`measure_with_retries`).
 MAX_ATTEMPTS = 3
 
@@ -437,29 +408,15 @@ def uv_env(cache_dir: Path) -> dict[str, str]:
     }
 
 
+#: The floor rows' keys: what the rows' ratio columns divide by.
 FLOOR = "warm-floor"
-
-
 SANDBOX_FLOOR = "warm-sandbox-floor"
-
-
 EDIT_FLOOR = "edit-floor"
-
-
 EDIT_SANDBOX_FLOOR = "edit-sandbox-floor"
-
-
 NEW_SET_FLOOR = "new-set-floor"
-
-
 UV_FLOOR = "uv-floor"
-
-
 UV_RUN_FLOOR = "uv-run-floor"
-
-
 STDIN_FLOOR = "stdin-floor"
-
 
 #: Issue 7's targets (ratio of the median to the floor's median), by row key.
 TARGETS = {

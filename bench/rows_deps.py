@@ -47,8 +47,6 @@ from rgrid.host.sandbox import DEPS_MOUNT
 #: The host's CA bundle: the package index is reached through a TLS-intercepting proxy, so the
 #: floor's ``pip install`` inside a build container needs it too.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
 #: Images the floors build are tagged here, so cleanup can never touch anyone else's.
 FLOOR_REPOSITORY = "rgrid-bench-floor"
 

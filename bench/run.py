@@ -45,8 +45,6 @@ from bench.harness import (  # noqa: E402
 from bench.session import Env, bench_env  # noqa: E402
 
 RESULTS_FILE = REPO / "bench" / "results" / "latest.md"
-
-
 #: The benchmark's sections, in the order they run (``--only`` picks some).
 SECTIONS = ("warm", "stdin", "reuse", "edit", "new-set", "pep723")
 

@@ -296,8 +296,6 @@ def _check_dependencies(
 
 #: uv's own summary lines: "Resolved 3 packages in 162ms", "Installed 3 packages in 1.02s".
 _UV_TIMING = re.compile(r"\b(Resolved|Prepared|Installed) \d+ packages? in ([\d.]+)(ms|s)\b")
-
-
 _UV_KEYS = {"Resolved": "uv_resolved_s", "Prepared": "uv_prepared_s", "Installed": "uv_installed_s"}
 
 

@@ -57,8 +57,6 @@ with open("outputs/result.txt", "w") as fh:
 
 #: What the piped-stdin rows pipe in: real bytes, 64 KiB of lines.
 STDIN_DATA = "".join(f"record {i:06d} of the benchmark's piped input\n" for i in range(1430))
-
-
 #: A small pandas script whose dependencies are PEP 723 inline metadata: pandas from the
 #: package index, and the pad package (a new version every time, see :func:`pad_url`) so
 #: that each run is the first run of a new set, for RGrid and for ``uv run`` alike.

@@ -12,8 +12,6 @@ from scripts.devenv import REPO
 
 #: The virtualenv running this launcher: its gunicorn, celery and rgrid are the ones started.
 BIN = Path(sys.executable).parent
-
-
 SUPERVISE = REPO / "scripts" / "supervise.sh"
 
 
