@@ -48,7 +48,7 @@ from bench.workload import (
     unique_script,
 )
 from rgrid.core import cache_keys
-from scripts import stack  # the one stack launcher
+from scripts import stack  # `make up`'s stack (stack.up)
 
 
 @dataclass
