@@ -266,14 +266,17 @@ def ratio(row: Row, floor: Row | None) -> str:
 
 def table(sections: list[tuple[str, list[Row]]]) -> str:
     """Markdown: median and min per row, median ÷ floor median (and issue 7's target for it),
-    median ÷ the sandboxed floor's median, rgrid's own timings."""
+    median ÷ the sandboxed floor's median, rgrid's own timings. A floor is looked up in the
+    row's own section first: sections 1 and 1c each time a warm floor of the same key, and a
+    row is divided by the floor timed in its own rounds."""
     lines = [
         "| row | median s | min s | ÷ floor | target | ÷ sandboxed floor | own timings, median s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    by_key = {row.key: row for _, rows in sections for row in rows}
+    every = {row.key: row for _, rows in sections for row in rows}
     for title, rows in sections:
         lines.append(f"| **{title}** | | | | | | |")
+        by_key = {**every, **{row.key: row for row in rows}}
         for row in rows:
             floor = by_key.get(row.floor) if row.floor else None
             sandbox = by_key.get(row.sandbox_floor) if row.sandbox_floor else None
