@@ -23,10 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rgrid.core.config import DEFAULT_RUNTIME  # noqa: E402
+from bench.harness import RUNTIME_IMAGE  # noqa: E402 - the runtime every bench's floor uses
 from rgrid.core.units import parse_bytes  # noqa: E402
 from rgrid.host import sandbox  # noqa: E402
-from rgrid.host.runtimes import resolve_runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--size", default="4g", help="the image's size (RGRID_DISK_LIMIT)")
     options = parser.parse_args(argv)
-    image = resolve_runtime(DEFAULT_RUNTIME).image
+    image = RUNTIME_IMAGE
     floor, setup, teardown = [], [], []
     with tempfile.TemporaryDirectory(prefix="rgrid-bench-disk-") as tmp:
         for i in range(options.repeat):

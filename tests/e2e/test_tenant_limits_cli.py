@@ -12,7 +12,8 @@ import docker
 import pytest
 
 from rgrid.host.sandbox import RUN_NAME_PREFIX
-from scripts.stack import Stack, StackConfig, create_account_key, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_cli, run_json
 

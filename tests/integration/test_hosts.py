@@ -21,7 +21,8 @@ from rgrid.core.models import DependencyCache, Execution, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.host import environments
 from scripts import hosts
-from scripts.stack import Stack, StackConfig, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig
 from tests.conftest import stored_log, stored_phases
 from tests.wheels import make_wheel
 

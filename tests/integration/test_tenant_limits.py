@@ -260,7 +260,8 @@ def _wait_for(ctx, execution_id: str, statuses: set[str], within_s: float) -> st
 def worker(server_settings, tmp_path) -> Iterator[None]:
     """A real Celery worker (two slots) on this session's queue, with one execution per
     account at a time."""
-    from scripts.stack import Stack, StackConfig, free_port
+    from scripts.devenv import free_port
+    from scripts.launcher import Stack, StackConfig
 
     env = {
         **os.environ,
@@ -332,7 +333,7 @@ def own_redis(tmp_path) -> Iterator[str]:
     (noeviction under a memory limit), so that its peak memory is this test's alone."""
     import redis
 
-    from scripts.stack import free_port
+    from scripts.devenv import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -384,7 +385,8 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
     from rgrid.core import cache_keys
     from rgrid.service.executions import LOG_PAGE_BYTES
     from rgrid.store.logbuffer import RedisLogBuffer
-    from scripts.stack import Stack, StackConfig, create_account_key, free_port
+    from scripts.devenv import free_port
+    from scripts.launcher import Stack, StackConfig, create_account_key
 
     client = redis.Redis.from_url(own_redis)
     context = dataclasses.replace(limited(ctx, redis_url=own_redis), logs=RedisLogBuffer(client))

@@ -14,7 +14,7 @@ from rgrid.core.errors import BadInput
 from rgrid.pipeline.chain import run_all
 from rgrid.service import executions as svc
 from rgrid.service.accounts import create_account
-from scripts.stack import free_port
+from scripts.devenv import free_port
 from tests.conftest import stored_log
 from tests.index_server import private_index
 from tests.wheels import make_wheel
