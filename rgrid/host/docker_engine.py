@@ -7,13 +7,6 @@ from docker.errors import DockerException, ImageNotFound
 
 from rgrid.core.errors import ServiceUnavailable
 
-#: Every container and volume RGrid creates carries this label, so leftovers can be reaped.
-MANAGED_LABEL = "rgrid.managed"
-EXECUTION_LABEL = "rgrid.execution"
-#: Unix time after which an execution container is certainly abandoned (its timeout plus grace):
-#: lets any reaper on the host remove it, even one whose database never heard of it.
-DEADLINE_LABEL = "rgrid.deadline"
-
 
 def get_docker() -> docker.DockerClient:
     try:

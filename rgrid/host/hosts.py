@@ -58,10 +58,10 @@ class HostRegistry:
         self.queue = queue
 
     def _alive_key(self, host: str) -> str:
-        return f"rgrid:{self.queue}:host-alive:{host}"
+        return cache_keys.host_alive_key(self.queue, host)
 
     def _env_key(self, environment: str) -> str:
-        return f"rgrid:{self.queue}:env-hosts:{environment}"
+        return cache_keys.environment_hosts_key(self.queue, environment)
 
     def beat(self, host: str) -> None:
         """This host's engine answers: keep it choosable for another TTL."""
@@ -80,7 +80,7 @@ class HostRegistry:
     # that keeps crashing) would otherwise leave every install waiting ``queued`` for ever.
 
     def _build_pool_key(self, host: str) -> str:
-        return f"rgrid:{self.queue}:build-pool-alive:{host}"
+        return cache_keys.build_pool_alive_key(self.queue, host)
 
     def build_pool_beat(self, host: str) -> None:
         self.client.set(self._build_pool_key(host), str(time.time()), ex=HEARTBEAT_TTL_S)

@@ -55,7 +55,20 @@ from rgrid.core.locks import LockFactory
 from rgrid.core.models import DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES, Status, check_transition
 from rgrid.core.units import human_limit, parse_bytes
-from rgrid.host import dependencies, disk, environments, envlocks, indexes, pool, sandbox, slots
+from rgrid.host import (
+    dependencies,
+    disk,
+    environments,
+    envlocks,
+    indexes,
+    pool,
+    sandbox,
+    sandbox_container,
+    sandbox_files,
+    sandbox_reattach,
+    sandbox_run,
+    slots,
+)
 from rgrid.host.docker_engine import get_docker, image_id
 from rgrid.host.hosts import HostRegistry
 from rgrid.host.requirements import dependency_hash, normalise
@@ -614,7 +627,7 @@ def _store_outputs(
     twice, and thousands of small ones are stored many at a time (``blobs.store_outputs``).
     Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the outputs
     are not recorded, so none of them is half there for the user."""
-    folder = str(sandbox.output_path(box, "")).rstrip("/")
+    folder = str(sandbox_files.output_path(box, "")).rstrip("/")
     blobs.store_outputs(
         ctx.session_factory,
         ctx.store,
@@ -782,14 +795,14 @@ def _cold_box(
     ctx: PipelineContext, env: sandbox.Environment, execution_id: str, timeout_s: int
 ) -> sandbox.Box:
     """A sandbox started now, for one execution (none was warm, or the warm one failed)."""
-    return sandbox.start_box(
+    return sandbox_container.start_box(
         ctx.docker,
         env,
         ctx.limits,
         root=ctx.settings.sandboxes_dir,
         idle_s=ctx.settings.pool_idle_s,
         name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
-        labels=sandbox.execution_labels(execution_id, timeout_s),
+        labels=sandbox_container.execution_labels(execution_id, timeout_s),
     )
 
 
@@ -834,7 +847,7 @@ def _fit_limits(ctx: PipelineContext, execution: Execution, box: sandbox.Box) ->
     """A run that chose its own memory or CPUs gets them on the sandbox it claimed."""
     memory, cpus = _memory_bytes(ctx, execution), execution.cpus or ctx.limits.cpus
     if memory != parse_bytes(ctx.limits.memory) or cpus != ctx.limits.cpus:
-        sandbox.resize(ctx.docker, box, memory, cpus)
+        sandbox_container.resize(ctx.docker, box, memory, cpus)
 
 
 class RunWatch:
@@ -871,7 +884,7 @@ class RunWatch:
                         return
                     if row.cancel_requested:
                         self.cancelled = True
-                        sandbox.kill(self.ctx.docker, self.box)
+                        sandbox_container.kill(self.ctx.docker, self.box)
                         self.stopped.set()
                         return
                     if time.monotonic() - renewed >= renew_every:
@@ -1025,7 +1038,7 @@ def _run_step(ctx: PipelineContext, execution: Execution, after: ExitStack) -> E
         with _holding(box) as held, RunWatch(ctx, execution_id, box):
             # Small files' bytes are kept as they are hashed: packing them reads none again.
             contents: dict[str, bytes] = {}
-            outputs = sandbox.collect_outputs(
+            outputs = sandbox_files.collect_outputs(
                 held,
                 ctx.limits,
                 result.notes,
@@ -1087,15 +1100,17 @@ def _run_afresh(
     if execution.env_names and env_vars is None:
         raise RGridError("the execution's environment variables expired before it could run")
     box, warm = _sandbox_for(ctx, env, execution_id, execution.timeout_s, after)
-    sandbox.mark_claimed(box, execution_id)
+    sandbox_reattach.mark_claimed(box, execution_id)
     result: sandbox.RunResult | None = None
     # Late-bound: the sandbox the run ended in (a retry swaps it), and whether it said so.
     after.callback(
-        lambda: sandbox.discard(ctx.docker, box, ended=result is not None and result.ended)
+        lambda: sandbox_container.discard(
+            ctx.docker, box, ended=result is not None and result.ended
+        )
     )
     _fit_limits(ctx, execution, box)
     try:
-        sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+        sandbox_files.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -1108,7 +1123,7 @@ def _run_afresh(
     for attempt in (1, 2):
         try:
             with RunWatch(ctx, execution_id, box) as watch:
-                result = sandbox.run(
+                result = sandbox_run.run(
                     ctx.docker,
                     box,
                     env,
@@ -1127,11 +1142,11 @@ def _run_afresh(
             # The script never started there, so running it elsewhere runs it once.
             log.warning("%s: %s", execution_id, exc)
             ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
-            sandbox.discard(ctx.docker, box)
+            sandbox_container.discard(ctx.docker, box)
             box, warm = _cold_box(ctx, env, execution_id, execution.timeout_s), False
-            sandbox.mark_claimed(box, execution_id)
+            sandbox_reattach.mark_claimed(box, execution_id)
             _fit_limits(ctx, execution, box)
-            sandbox.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
+            sandbox_files.place_files(box, [(execution.script_name, script), *inputs], ctx.limits)
     return box, warm, result, watch.cancelled
 
 
@@ -1165,21 +1180,21 @@ def _reattach(
     or the sandbox is gone without a result): the caller runs the script afresh, and the
     log says so once."""
     execution_id = execution.id
-    box = sandbox.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
+    box = sandbox_reattach.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
     if box is None:
         # Gone, or on another host (a host whose engine went away moves its runs on).
         ctx.note(execution_id, f"{RUN_AGAIN_NOTE} from this host: running the script again")
         return None
     if not (box.meta / (sandbox.STATUS_FILE + ".started")).exists():
-        sandbox.discard(ctx.docker, box)
+        sandbox_container.discard(ctx.docker, box)
         ctx.note(execution_id, "an earlier attempt of this run ended before the script started")
         return None
     ctx.logs.sync(execution_id)
     seen, size = _forwarded(ctx, execution_id)
-    after.callback(lambda: sandbox.discard(ctx.docker, box, ended=True))
+    after.callback(lambda: sandbox_container.discard(ctx.docker, box, ended=True))
     ctx.note(execution_id, "an earlier attempt of this run was interrupted: following its sandbox")
     with RunWatch(ctx, execution_id, box) as watch:
-        result = sandbox.reattach(
+        result = sandbox_reattach.reattach(
             ctx.docker,
             box,
             timeout_s=execution.timeout_s,
@@ -1190,7 +1205,7 @@ def _reattach(
     if watch.cancelled:
         return box, execution.sandbox_warm, result, True
     if result is None:
-        sandbox.discard(ctx.docker, box)
+        sandbox_container.discard(ctx.docker, box)
         ctx.note(execution_id, f"{RUN_AGAIN_NOTE} without a result: running the script again")
         return None
     if not result.output_kept:
