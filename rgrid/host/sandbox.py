@@ -50,7 +50,7 @@ DEPS_MOUNT = "/opt/rgrid/deps"
 #: working directory shows only what the user put there.
 META_MOUNT = "/run/rgrid"
 STATUS_FILE = "status.json"
-#: The script's output as the supervisor saw it (``read_kept_output``), beside the status:
+#: The script's output as the supervisor saw it (``sandbox_streams.KeptOutput``), beside the status:
 #: on the sandbox's own filesystem, so it is bounded by its disk limit, and on the worker
 #: host, so a runner that dies mid-run loses none of it.
 OUTPUT_FILE = "output.bin"
@@ -139,7 +139,8 @@ class Box:
 
     @property
     def disk(self) -> Path:
-        """The sandbox's own filesystem (see ``_mount_disk``), holding ``work`` and ``meta``."""
+        """The sandbox's own filesystem (see ``sandbox_fs.mount_disk``), holding ``work``
+        and ``meta``."""
         return self.host_dir / DISK_DIR
 
     @property

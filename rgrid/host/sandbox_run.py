@@ -97,7 +97,8 @@ def run(
     The supervisor inside enforces ``timeout_s``; the runner kills the container itself only
     if the supervisor has not ended it ``KILL_GRACE_S`` later. ``cpus``: the sandbox's CPU
     limit, which thread pools are told (``thread_environment``). ``keep_output_bytes``: how
-    much of the output the supervisor keeps in the sandbox's folder (``read_kept_output``)."""
+    much of the output the supervisor keeps in the sandbox's folder (read back by
+    ``sandbox_streams.KeptOutput``)."""
     job = _job(box, env, argv, timeout_s, env_vars or {}, cpus, keep_output_bytes)
     attached = _Attached.to(client, box, timeout_s)
     started = time.monotonic()

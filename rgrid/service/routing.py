@@ -126,7 +126,7 @@ def prefer_host_with_environment(task: Task, ctx: PipelineContext, execution_id:
     host, and the first to take one pins it."""
     with session_scope(ctx.session_factory) as session:
         environment = session.get(Execution, execution_id).environment
-    chosen = ctx.hosts.warm_host(environment) if ctx.hosts else None
+    chosen = ctx.hosts.host_with_environment(environment) if ctx.hosts else None
     if chosen is not None and hosts.claim(ctx.session_factory, execution_id, chosen):
         queueing.route_rest(task.request.chain, host_queue(ctx.settings.queue, chosen))
 
