@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rgrid.client.remote import RemoteClient
+from rgrid.core import cache_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import load  # noqa: E402
@@ -172,7 +173,7 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
         for ctx in contexts:
             ctx.join_background()
             stack_retire(ctx.settings.data_dir)
-        for key in first.hosts.client.scan_iter(f"rgrid:{base.queue}:*"):
+        for key in first.hosts.client.scan_iter(cache_keys.deployment_keys_pattern(base.queue)):
             first.hosts.client.delete(key)
         time.sleep(5)
     print(

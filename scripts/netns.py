@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.host.hosts import HostRegistry
 from rgrid.service.context import redis_client
 from scripts import hosts
@@ -469,6 +469,6 @@ def deployed(
             for net in nets.values():
                 net.disconnect()
             client = redis_client(services["RGRID_REDIS_URL"])
-            for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+            for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
                 for key in client.scan_iter(pattern):
                     client.delete(key)

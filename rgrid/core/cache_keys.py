@@ -179,6 +179,12 @@ def runtime_image_key(queue: str, runtime: str) -> str:
 # the next read each other's keys during an upgrade: values never change.
 
 
+def deployment_keys_pattern(queue: str) -> str:
+    """Every Redis key of one deployment (``SCAN`` pattern): what a test session or a bench
+    run deletes when it is done with its queue name."""
+    return f"rgrid:{queue}:*"
+
+
 def host_alive_key(queue: str, host: str) -> str:
     """A worker host's heartbeat (rgrid/host/hosts.py): set with a TTL, renewed while its
     Docker engine answers; gone means the host is not chosen."""
