@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rgrid.core.config import DEFAULT_RUNTIME, Settings
 from rgrid.host.runtimes import CONTAINER_GID, CONTAINER_UID, WORK_DIR, resolve_runtime
-from rgrid.host.sandbox import DEPS_MOUNT, thread_environment
+from rgrid.host.sandbox import DEPS_MOUNT
+from rgrid.host.sandbox_run import thread_environment
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"

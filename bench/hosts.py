@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rgrid.client.remote import RemoteClient
+from rgrid.core import cache_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import load  # noqa: E402
@@ -205,7 +206,7 @@ def tidy_hosts(contexts: list, queue: str) -> None:
     for ctx in contexts:
         ctx.join_background()
         stack_retire(ctx.settings.data_dir)
-    for key in contexts[0].hosts.client.scan_iter(f"rgrid:{queue}:*"):
+    for key in contexts[0].hosts.client.scan_iter(cache_keys.deployment_keys_pattern(queue)):
         contexts[0].hosts.client.delete(key)
 
 

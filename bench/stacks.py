@@ -157,8 +157,8 @@ def remove_containers_mounting(paths: list[Path]) -> int:
     """End every container (RGrid's, by its label) with a mount at or under one of ``paths``.
     A warm sandbox is retired as RGrid retires it (claimed under a throwaway name first, so no
     execution can be claiming it at that moment); anything else is removed by force."""
+    from rgrid.core.cache_keys import HOST_DIR_LABEL, MANAGED_LABEL
     from rgrid.host import pool, sandbox
-    from rgrid.host.docker_engine import MANAGED_LABEL
 
     client = docker_client()
     prefixes = [str(p).rstrip("/") for p in paths]
@@ -172,7 +172,7 @@ def remove_containers_mounting(paths: list[Path]) -> int:
         if not ours(container):
             continue
         name = container["Names"][0].lstrip("/")
-        host_dir = container["Labels"].get(sandbox.HOST_DIR_LABEL)
+        host_dir = container["Labels"].get(HOST_DIR_LABEL)
         try:
             if name.startswith(sandbox.POOL_NAME_PREFIX) and host_dir:
                 pool.retire(client, sandbox.Box(name, container["Id"], Path(host_dir)))
@@ -190,7 +190,7 @@ def wait_for_compile(environment: str, timeout_s: float = 600) -> float:
     folder and runs compileall). A first run leaves one behind, and it must not land on the
     next row's time. Compiles of other environments (tests, other users) are not waited for.
     Returns the seconds waited."""
-    from rgrid.host.docker_engine import MANAGED_LABEL
+    from rgrid.core.cache_keys import MANAGED_LABEL
 
     filters = {"label": MANAGED_LABEL, "status": "running"}
     started = time.perf_counter()

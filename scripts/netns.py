@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.host.hosts import HostRegistry
 from rgrid.service.context import redis_client
 from scripts import hosts
@@ -491,6 +491,6 @@ def start_workers(grid: Grid, processes: list[Supervised]) -> None:
 def forget_queue(redis_url: str, queue: str) -> None:
     """The grid's queue and its bindings gone from the shared Redis."""
     client = redis_client(redis_url)
-    for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+    for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
         for key in client.scan_iter(pattern):
             client.delete(key)

@@ -11,6 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from rgrid.core.cache_keys import HOST_DIR_LABEL
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from scripts.devenv import free_port
 from scripts.launcher import Stack, StackConfig, create_account_key
@@ -79,8 +80,8 @@ def test_writing_past_the_disk_limit_fails_with_one_line_naming_it(small_disk_st
     deadline = time.monotonic() + 10
     while True:
         live = {
-            c["Labels"]["rgrid.dir"]
-            for c in client.api.containers(all=True, filters={"label": "rgrid.dir"})
+            c["Labels"][HOST_DIR_LABEL]
+            for c in client.api.containers(all=True, filters={"label": HOST_DIR_LABEL})
         }
         left = {str(p) for p in sandboxes.iterdir()} - live
         if not left or time.monotonic() > deadline:

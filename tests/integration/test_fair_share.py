@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import update
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Execution
 from rgrid.host.slots import fair_share
@@ -116,7 +116,7 @@ def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
 
         client = redis_client(server_settings.redis_url)
         # Its registry, and the broker's bindings of its queues (this fixture's own names).
-        for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+        for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
             for key in client.scan_iter(pattern):
                 client.delete(key)
 

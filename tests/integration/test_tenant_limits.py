@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Blob
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_fs
 from rgrid.pipeline.chain import run_all
 from rgrid.pipeline.context import PipelineContext
 
@@ -48,8 +49,8 @@ def _mounts_under(root: Path) -> list[str]:
 
 def _live_host_dirs(ctx) -> set[str]:
     return {
-        c["Labels"][sandbox.HOST_DIR_LABEL]
-        for c in ctx.docker.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"][cache_keys.HOST_DIR_LABEL]
+        for c in ctx.docker.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
 
 
@@ -471,7 +472,9 @@ def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx, tmp
     elsewhere = tmp_path / "other-installation" / "sandboxes"
     elsewhere.mkdir(parents=True)
     orphans = [
-        sandbox._host_folders(folder, f"rgrid-run-{secrets.token_hex(8)}", 1000, 1000, 16 << 20)
+        sandbox_fs.make_host_folder(
+            folder, f"rgrid-run-{secrets.token_hex(8)}", 1000, 1000, 16 << 20
+        )
         for folder in (root, elsewhere)
     ]
     two_minutes_ago = time.time() - 120
