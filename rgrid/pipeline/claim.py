@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rgrid.core import metrics
 from rgrid.core.models import Execution
 from rgrid.core.units import parse_bytes
-from rgrid.host import pool, sandbox
+from rgrid.host import pool, sandbox, sandbox_container
 from rgrid.host.docker_engine import image_id
 from rgrid.host.runtimes import resolve_runtime
 
@@ -21,14 +21,14 @@ def cold_box(
     ctx: PipelineContext, env: sandbox.Environment, execution_id: str, timeout_s: int
 ) -> sandbox.Box:
     """A sandbox started now, for one execution (none was warm, or the warm one failed)."""
-    return sandbox.start_box(
+    return sandbox_container.start_box(
         ctx.docker,
         env,
         ctx.limits,
         root=ctx.settings.sandboxes_dir,
         idle_s=ctx.settings.pool_idle_s,
         name=f"{sandbox.RUN_NAME_PREFIX}{execution_id}",
-        labels=sandbox.execution_labels(execution_id, timeout_s),
+        labels=sandbox_container.execution_labels(execution_id, timeout_s),
     )
 
 
@@ -73,7 +73,7 @@ def fit_limits(ctx: PipelineContext, execution: Execution, box: sandbox.Box) -> 
     """A run that chose its own memory or CPUs gets them on the sandbox it claimed."""
     memory, cpus = memory_bytes(ctx, execution), execution.cpus or ctx.limits.cpus
     if memory != parse_bytes(ctx.limits.memory) or cpus != ctx.limits.cpus:
-        sandbox.resize(ctx.docker, box, memory, cpus)
+        sandbox_container.resize(ctx.docker, box, memory, cpus)
 
 
 def warm_up(ctx: PipelineContext, runtime: str) -> int:

@@ -27,7 +27,7 @@ def _environment_on_a_host(ctx: PipelineContext, name: str | None) -> bool:
     me = ctx.settings.host_name
     try:
         ctx.hosts.lost_environment(me, name)  # this host knows from its own disk
-        return ctx.hosts.warm_host(name, exclude=me) is not None
+        return ctx.hosts.host_with_environment(name, exclude=me) is not None
     except Exception:  # noqa: BLE001 - Redis away: a miss, the build step will see
         return False
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rgrid.core.models import Execution
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_files
 from rgrid.pipeline.rows import patiently
 from rgrid.pipeline.watch import RunWatch
 from rgrid.store import output_blobs
@@ -34,7 +34,7 @@ def store_outputs(
     twice, and thousands of small ones are stored many at a time (``output_blobs.store_outputs``).
     Past ``store_by`` (a ``time.monotonic()``) the run is over its time limit: the outputs
     are not recorded, so none of them is half there for the user."""
-    folder = str(sandbox.output_path(box, "")).rstrip("/")
+    folder = str(sandbox_files.output_path(box, "")).rstrip("/")
     output_blobs.store_outputs(
         ctx.session_factory,
         ctx.store,
@@ -118,7 +118,7 @@ def collect_and_store(
     with holding(box) as held, RunWatch(ctx, execution.id, box):
         # Small files' bytes are kept as they are hashed: packing them reads none again.
         contents: dict[str, bytes] = {}
-        outputs = sandbox.collect_outputs(
+        outputs = sandbox_files.collect_outputs(
             held,
             ctx.limits,
             result.notes,

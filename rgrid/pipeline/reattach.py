@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from rgrid.core.models import Execution
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_container, sandbox_reattach
 from rgrid.pipeline.logs import capped_log, log_incomplete
 from rgrid.pipeline.watch import RunWatch
 from rgrid.store.logbuffer import stored_size
@@ -46,21 +46,21 @@ def reattach(
     or the sandbox is gone without a result): the caller runs the script afresh, and the
     log says so once."""
     execution_id = execution.id
-    box = sandbox.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
+    box = sandbox_reattach.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
     if box is None:
         # Gone, or on another host (a host whose engine went away moves its runs on).
         ctx.note(execution_id, f"{RUN_AGAIN_NOTE} from this host: running the script again")
         return None
     if not (box.meta / (sandbox.STATUS_FILE + ".started")).exists():
-        sandbox.discard(ctx.docker, box)
+        sandbox_container.discard(ctx.docker, box)
         ctx.note(execution_id, "an earlier attempt of this run ended before the script started")
         return None
     ctx.logs.sync(execution_id)
     seen, size = _forwarded(ctx, execution_id)
-    after.callback(lambda: sandbox.discard(ctx.docker, box, ended=True))
+    after.callback(lambda: sandbox_container.discard(ctx.docker, box, ended=True))
     ctx.note(execution_id, "an earlier attempt of this run was interrupted: following its sandbox")
     with RunWatch(ctx, execution_id, box) as watch:
-        result = sandbox.reattach(
+        result = sandbox_reattach.reattach(
             ctx.docker,
             box,
             timeout_s=execution.timeout_s,
@@ -71,7 +71,7 @@ def reattach(
     if watch.cancelled:
         return box, execution.sandbox_warm, result, True
     if result is None:
-        sandbox.discard(ctx.docker, box)
+        sandbox_container.discard(ctx.docker, box)
         ctx.note(execution_id, f"{RUN_AGAIN_NOTE} without a result: running the script again")
         return None
     if not result.output_kept:

@@ -17,7 +17,15 @@ from rgrid.core.errors import RGridError
 from rgrid.core.models import Execution
 from rgrid.core.statuses import Status
 from rgrid.core.units import human_limit, parse_bytes
-from rgrid.host import disk, envlocks, sandbox
+from rgrid.host import (
+    disk,
+    envlocks,
+    sandbox,
+    sandbox_container,
+    sandbox_files,
+    sandbox_reattach,
+    sandbox_run,
+)
 from rgrid.host.docker_engine import image_id
 from rgrid.host.runtimes import RuntimeSpec, resolve_runtime
 from rgrid.pipeline import reuse
@@ -247,16 +255,16 @@ def _run_afresh(
     if execution.env_names and env_vars is None:
         raise RGridError("the execution's environment variables expired before it could run")
     run = _Attempt(*sandbox_for(ctx, env, execution_id, execution.timeout_s, after))
-    sandbox.mark_claimed(run.box, execution_id)
+    sandbox_reattach.mark_claimed(run.box, execution_id)
     # Late-bound: the sandbox the run ended in (a retry swaps it), and whether it said so.
     after.callback(
-        lambda: sandbox.discard(
+        lambda: sandbox_container.discard(
             ctx.docker, run.box, ended=run.result is not None and run.result.ended
         )
     )
     fit_limits(ctx, execution, run.box)
     try:
-        sandbox.place_files(run.box, files, ctx.limits)
+        sandbox_files.place_files(run.box, files, ctx.limits)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -284,7 +292,7 @@ def _run_script(
     for attempt in (1, 2):
         try:
             with RunWatch(ctx, execution_id, run.box) as watch:
-                run.result = sandbox.run(
+                run.result = sandbox_run.run(
                     ctx.docker,
                     run.box,
                     env,
@@ -303,8 +311,8 @@ def _run_script(
                 raise RGridError(str(exc)) from exc
             log.warning("%s: %s", execution_id, exc)
             ctx.note(execution_id, "the sandbox did not start the script: using a fresh one")
-            sandbox.discard(ctx.docker, run.box)
+            sandbox_container.discard(ctx.docker, run.box)
             run.box, run.warm = cold_box(ctx, env, execution_id, execution.timeout_s), False
-            sandbox.mark_claimed(run.box, execution_id)
+            sandbox_reattach.mark_claimed(run.box, execution_id)
             fit_limits(ctx, execution, run.box)
-            sandbox.place_files(run.box, files, ctx.limits)
+            sandbox_files.place_files(run.box, files, ctx.limits)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rgrid.core import lifecycle
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_container
 from rgrid.pipeline.rows import optional_row
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class RunWatch:
                         return
                     if row.cancel_requested:
                         self.cancelled = True
-                        sandbox.kill(self.ctx.docker, self.box)
+                        sandbox_container.kill(self.ctx.docker, self.box)
                         self.stopped.set()
                         return
                     if time.monotonic() - renewed >= renew_every:

@@ -14,12 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rgrid.core import lifecycle, metrics
-from rgrid.core.cache_keys import PACK_PREFIX, UPLOAD_STAGING_PREFIX
+from rgrid.core.cache_keys import DEADLINE_LABEL, MANAGED_LABEL, PACK_PREFIX, UPLOAD_STAGING_PREFIX
 from rgrid.core.config import Settings
 from rgrid.core.models import DependencyCache, Execution, Upload, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.host import disk
-from rgrid.host.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.host.pool import sweep_folders
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from rgrid.store.objectstore import ObjectStore, PresigningStore

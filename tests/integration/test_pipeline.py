@@ -47,8 +47,8 @@ def _leftovers(ctx, execution_id: str, wait_s: float = 15) -> list:
         time.sleep(0.2)
     ctx.join_background()  # a pool refill may be creating a folder for its next sandbox
     owned = {
-        c["Labels"][sandbox.HOST_DIR_LABEL]
-        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"][cache_keys.HOST_DIR_LABEL]
+        for c in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
     root = ctx.settings.sandboxes_dir
     orphans = [p for p in root.iterdir() if str(p) not in owned] if root.is_dir() else []

@@ -14,7 +14,7 @@ from rgrid.core.errors import BadInput
 from rgrid.pipeline.chain import run_all
 from rgrid.service import executions as svc
 from rgrid.service.accounts import create_account
-from scripts.stack import free_port
+from scripts.devenv import free_port
 from tests.conftest import stored_log
 from tests.index_server import private_index
 from tests.wheels import make_wheel
@@ -132,7 +132,7 @@ def test_whatever_listens_on_an_allowed_index_it_is_just_unreachable(ctx, run_sc
 def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplog):
     import requests
 
-    from rgrid.host import sandbox
+    from rgrid.host import sandbox_run
 
     detail = (
         "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out. (read timeout=60)"
@@ -141,7 +141,7 @@ def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplo
     def docker_times_out(*args, **kwargs):
         raise requests.exceptions.ReadTimeout(detail)
 
-    monkeypatch.setattr(sandbox, "run", docker_times_out)
+    monkeypatch.setattr(sandbox_run, "run", docker_times_out)
     execution_id = submit("print('hi')\n")
     with caplog.at_level("ERROR", logger="rgrid.pipeline.chain"):
         run_all(ctx, execution_id)
