@@ -64,11 +64,9 @@ def create_batch(body: BatchRequest):
             ctx.store,
             ctx.settings,
             account_id=g.account_id,
-            **body.script_options(),
+            spec=body.spec(),
             parallel=body.parallel,
             size=body.size,
-            reuse=body.reuse,
-            refresh=body.refresh,
         )
         return jsonify(svc.batch_to_dict(session, batch)), 201
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from rgrid.core.config import DEFAULT_RUNTIME
 from rgrid.core.errors import BadInput
+from rgrid.core.spec import RunSpec
 from rgrid.store.channels import ENV_NAME, MAX_ENV_BYTES, MAX_ENV_VARS
 
 #: No control characters (NUL included): PostgreSQL refuses NUL, and a tar header or a
@@ -103,26 +104,27 @@ class _ScriptRequest(_Strict):
         Annotated[str, StringConstraints(max_length=300, pattern=_PRINTABLE)] | None
     ) = None
 
-    def script_options(self) -> dict[str, Any]:
-        """The shared options as the service functions take them (``create_execution``,
-        ``create_batch``)."""
-        return {
-            "script": self.script,
-            "script_name": self.script_name,
-            "runtime": self.runtime,
-            "timeout_s": self.timeout_s,
-            "args": self.args,
-            "requirements": self.requirements,
-            "refresh_deps": self.refresh_deps,
-            "inputs": [item.model_dump() for item in self.inputs],
-            "sources": [item.model_dump() for item in self.sources]
+    def spec(self, **extra: Any) -> RunSpec:
+        """The run these options describe, as the service takes it (``create_execution``,
+        ``create_batch``), with ``extra``: the fields of a single submission's own."""
+        return RunSpec(
+            script=self.script,
+            script_name=self.script_name,
+            runtime=self.runtime,
+            timeout_s=self.timeout_s,
+            args=self.args,
+            requirements=self.requirements,
+            refresh_deps=self.refresh_deps,
+            inputs=[item.model_dump() for item in self.inputs],
+            sources=[item.model_dump() for item in self.sources]
             if self.sources is not None
             else None,
-            "module": self.module,
-            "dependency_source": self.dependency_source,
-            "memory": self.memory,
-            "cpus": self.cpus,
-        }
+            module=self.module,
+            dependency_source=self.dependency_source,
+            memory=self.memory,
+            cpus=self.cpus,
+            **extra,
+        )
 
 
 class SubmitRequest(_ScriptRequest):
@@ -141,6 +143,16 @@ class SubmitRequest(_ScriptRequest):
     reuse: bool | None = None
     refresh: bool = False
 
+    def spec(self) -> RunSpec:  # type: ignore[override]
+        return super().spec(
+            files_uploaded=self.files_uploaded,
+            bytes_uploaded=self.bytes_uploaded,
+            inline=[item.model_dump() for item in self.inline] if self.inline else None,
+            env=self.env,
+            reuse=self.reuse,
+            refresh=self.refresh,
+        )
+
 
 class BatchRequest(_ScriptRequest):
     """What every execution of a batch shares; its inputs are added in pages afterwards."""
@@ -155,6 +167,9 @@ class BatchRequest(_ScriptRequest):
     #: server's default, RGRID_REUSE_DEFAULT); ``refresh``: run every one anyway.
     reuse: bool | None = None
     refresh: bool = False
+
+    def spec(self) -> RunSpec:  # type: ignore[override]
+        return super().spec(reuse=self.reuse, refresh=self.refresh)
 
 
 class BatchInputsRequest(_Strict):

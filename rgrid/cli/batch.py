@@ -8,6 +8,7 @@ batch. Nothing runs before the batch is started, in one request after the last p
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import sys
@@ -29,9 +30,10 @@ from rgrid.cli.output import (
     stderr_is_terminal,
     table_lines,
 )
-from rgrid.client.remote import Client, make_client
+from rgrid.client.protocol import Client, make_client
 from rgrid.core.config import Settings, get_settings
 from rgrid.core.errors import BadInput, RGridError
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.store.inputs import OUTPUTS_DIR, InputFile, hash_files, input_name
 from rgrid.store.inputs import collect as collect_inputs
@@ -178,12 +180,13 @@ def _send_page(
 def submit_batch(
     client: Client,
     settings: Settings,
+    spec: RunSpec,
     *,
     names: list[str],
     shared: list[InputFile],
     json_mode: bool,
     sources: list[InputFile] = (),
-    **options: object,
+    parallel: int | None = None,
 ) -> dict:
     """Create the batch, add its inputs page by page, start it. A failure before the start
     cancels the batch, so nothing of it ever runs."""
@@ -192,12 +195,12 @@ def submit_batch(
     if shared or sources:
         send_inputs(client, shared, json_mode, sources)
     cwd = Path.cwd()
-    batch = client.create_batch(
+    spec = dataclasses.replace(
+        spec,
         inputs=[item.manifest_entry() for item in shared],
         sources=[item.manifest_entry() for item in sources] or None,
-        size=len(names),
-        **options,
     )
+    batch = client.create_batch(spec, parallel=parallel, size=len(names))
     batch_id = batch["batch_id"]
     try:
         sent_files = sent_bytes = reused = 0
@@ -519,20 +522,18 @@ def follow_and_summarise(
 
 
 def run_batch(
+    spec: RunSpec,
     *,
-    script_text: str,
-    script_name: str,
     patterns: tuple[str, ...],
     batch_file: Path | None,
     parallel: int | None,
     shared_inputs: tuple[str, ...],
-    args: list[str],
     json_mode: bool,
     detach: bool,
     sources: list[InputFile] = (),
-    **options: object,
 ) -> int:
-    """``sources``: the script's shipped modules, sent once for the whole batch."""
+    """``spec``: what every execution shares, its arguments after the shared inputs' names;
+    ``sources``: the script's shipped modules, sent once for the whole batch."""
     settings = get_settings()
     cwd = Path.cwd()
     names = expand(patterns, batch_file, cwd)
@@ -540,21 +541,19 @@ def run_batch(
     clash = {item.name for item in shared} & set(names)
     if clash:
         raise BadInput(f"{sorted(clash)[0]} is both a shared input and a batch input")
-    if script_name in names:
-        raise BadInput(f"the script {script_name} cannot also be one of its batch's inputs")
+    if spec.script_name in names:
+        raise BadInput(f"the script {spec.script_name} cannot also be one of its batch's inputs")
     client = make_client(settings)
+    spec = dataclasses.replace(spec, args=[*(input_name(arg) for arg in shared_inputs), *spec.args])
     batch = submit_batch(
         client,
         settings,
+        spec,
         names=names,
         shared=shared,
         json_mode=json_mode,
         sources=list(sources),
-        script=script_text,
-        script_name=script_name,
-        args=[*(input_name(arg) for arg in shared_inputs), *args],
         parallel=parallel,
-        **options,
     )
     batch_id = batch["batch_id"]
     if detach:

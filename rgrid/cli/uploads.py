@@ -5,7 +5,7 @@ small files inline in the submission when the server allows it. Shared by `rgrid
 from __future__ import annotations
 
 from rgrid.cli.output import note, progress
-from rgrid.client.remote import Client
+from rgrid.client.protocol import Client
 from rgrid.core.units import human_bytes
 from rgrid.store.inputs import InputFile, hash_files
 

@@ -19,6 +19,7 @@ from sqlalchemy import update
 
 from rgrid.core.db import serialized_session_factory, session_scope
 from rgrid.core.models import Execution
+from rgrid.core.spec import RunSpec
 from rgrid.host.docker_engine import get_docker
 from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse
@@ -48,17 +49,19 @@ class EmbeddedBatches:
             )
         return self._writer_ctx
 
-    def create_batch(self, *, parallel: int | None = None, **options: object) -> dict:
+    def create_batch(
+        self, spec: RunSpec, parallel: int | None = None, size: int | None = None
+    ) -> dict:
         get_docker()  # Fail now, with one line, rather than after writing rows.
-        options = {key: value for key, value in options.items() if value is not None}
         with session_scope(self._writer.session_factory) as session:
             batch = batches.create_batch(
                 session,
                 self.ctx.store,
                 self.ctx.settings,
                 account_id=self.account_id,
+                spec=spec,
                 parallel=parallel or EMBEDDED_PARALLEL,
-                **options,  # type: ignore[arg-type]
+                size=size,
             )
             return batches.batch_to_dict(session, batch)
 

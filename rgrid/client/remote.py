@@ -1,7 +1,6 @@
-"""What the CLI talks to: a remote RGrid API, or the embedded default in this process.
-
-Both offer the same calls, so every CLI command works the same way against either.
-"""
+"""The client of a remote RGrid API: JSON calls over HTTP/1.1 on the standard library, and
+streamed uploads and downloads of presigned object-store URLs. It offers the calls of
+``rgrid.client.protocol.Client``, as the embedded default and its agent do."""
 
 from __future__ import annotations
 
@@ -15,11 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 from rgrid.client.downloads import save_outputs, select_outputs
-from rgrid.core.config import Settings
 from rgrid.core.errors import (
     AuthError,
     BadInput,
@@ -28,59 +26,10 @@ from rgrid.core.errors import (
     RGridError,
     ServiceUnavailable,
 )
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.store.channels import StdinSource
 from rgrid.store.inputs import InputFile
-
-
-class Client(Protocol):
-    """``logs(..., wait=True)`` returns as soon as there is something new (or after a few
-    seconds with nothing), and its last page carries the finished ``execution``."""
-
-    def submit(
-        self,
-        *,
-        script: str,
-        script_name: str,
-        runtime: str,
-        timeout_s: int | None,
-        args: list[str],
-        requirements: str | None = None,
-        refresh_deps: bool = False,
-        inputs: list[dict] | None = None,
-        files_uploaded: int = 0,
-        bytes_uploaded: int = 0,
-        memory: str | None = None,
-        cpus: float | None = None,
-        env: dict[str, str] | None = None,
-        stdin_source: StdinSource | None = None,
-        reuse: bool | None = None,
-        refresh: bool = False,
-    ) -> dict: ...
-    def get(self, execution_id: str, check_store: bool = False) -> dict:
-        """``check_store``: also ask the object store whether the log and outputs it was
-        given are still there (``log_lost``, ``lost_outputs``)."""
-        ...
-
-    def why(self, execution_id: str) -> dict: ...
-    def cancel(self, execution_id: str) -> dict: ...
-    def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
-    def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
-    def download_outputs(
-        self,
-        execution: dict,
-        dest: Path,
-        advance: Callable[[int], None] = ...,
-        paths: list[str] | None = None,
-    ) -> list[Path]:
-        """``paths``: only the outputs these name (``select_outputs``); all without."""
-        ...
-
-    def missing(self, digests: list[str]) -> list[str]: ...
-    def upload(self, item: InputFile, advance: Callable[[int], None]) -> None: ...
-    def cache_stats(self) -> dict: ...
-    def cache_entries(self, limit: int) -> list[dict]: ...
-    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict: ...
 
 
 class FileSlice(io.RawIOBase):
@@ -298,17 +247,11 @@ class RemoteClient:
         raise error_class(message)
 
     def submit(
-        self, *, script, script_name, runtime, timeout_s, args, stdin_source=None, **options
+        self, spec: RunSpec | None = None, *, stdin_source: StdinSource | None = None, **fields
     ) -> dict:
-        payload = {
-            "script": script,
-            "script_name": script_name,
-            "runtime": runtime,
-            "timeout_s": timeout_s,
-            "args": args,
-            "stdin": stdin_source is not None,
-            **{key: value for key, value in options.items() if value is not None},
-        }
+        """``spec``: the run (or its fields as keywords, which make one)."""
+        spec = spec if spec is not None else RunSpec(**fields)
+        payload = spec.submit_body(stdin=stdin_source is not None)
         submitted = self._request("POST", "/executions", payload)
         if stdin_source is not None:
             threading.Thread(
@@ -364,8 +307,11 @@ class RemoteClient:
 
     # Batches (rgrid/api/batches.py): created, filled in pages, started, followed.
 
-    def create_batch(self, **payload: object) -> dict:
-        body = {key: value for key, value in payload.items() if value is not None}
+    def create_batch(
+        self, spec: RunSpec, parallel: int | None = None, size: int | None = None
+    ) -> dict:
+        body = spec.batch_body()
+        body.update({k: v for k, v in (("parallel", parallel), ("size", size)) if v is not None})
         return self._request("POST", "/batches", body)
 
     def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
@@ -569,29 +515,3 @@ class RemoteClient:
         if not response.isclosed():  # the rest of a whole pack is not wanted: drop the line
             response.close()
             objects.forget(url)
-
-
-def make_run_client(settings: Settings) -> Client:
-    """The client for `rgrid run`. The embedded default goes through its agent
-    (rgrid/client/agent.py), which keeps the pipeline loaded between runs, unless the agent is
-    turned off
-    (RGRID_AGENT=0). Forwarded stdin goes too: the agent is handed the descriptor itself
-    (the script reads it there)."""
-    if settings.embedded and settings.agent:
-        from rgrid.client.agent_client import connect_or_start
-
-        client = connect_or_start(settings)
-        if client is not None:
-            return client
-    return make_client(settings)
-
-
-def make_client(settings: Settings) -> Client:
-    if settings.embedded:
-        # Imported only here: the database, Docker and pipeline code is heavy to import, and
-        # the remote client needs none of it.
-        from rgrid.client.embedded import EmbeddedClient
-        from rgrid.service.context import embedded_context
-
-        return EmbeddedClient(embedded_context(settings))
-    return RemoteClient(settings.api_url, settings.api_key, settings.api_retry_s)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,13 +29,12 @@ from rgrid.core.config import Settings
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound
 from rgrid.core.models import Batch, Execution, iso_utc, utcnow
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES, Status
-from rgrid.service.executions import (
-    MIN_ID_PREFIX,
-    check_label,
-    check_module,
+from rgrid.service.executions import MIN_ID_PREFIX, execution_to_dict
+from rgrid.service.submission import (
+    CheckedSubmission,
     check_submission,
-    execution_to_dict,
     store_script,
     tree_digest,
 )
@@ -68,80 +68,61 @@ def create_batch(
     settings: Settings,
     *,
     account_id: int,
-    script: str,
-    script_name: str,
-    runtime: str,
-    timeout_s: int | None = None,
-    args: list[str] | None = None,
-    requirements: str | None = None,
-    refresh_deps: bool = False,
-    inputs: list[dict] | None = None,
-    memory: str | int | None = None,
-    cpus: float | None = None,
+    spec: RunSpec | None = None,
     parallel: int | None = None,
     size: int | None = None,
-    sources: list[dict] | None = None,
-    module: str | None = None,
-    dependency_source: str | None = None,
-    reuse: bool | None = None,
-    refresh: bool = False,
+    **fields: Any,
 ) -> Batch:
-    """Check what every execution of the batch will share, once, and store the script; the
-    batch then waits for its inputs (``add_inputs``) and ``start``."""
-    checked = check_submission(
-        session,
-        settings,
-        account_id,
-        script=script,
-        script_name=script_name,
-        runtime=runtime,
-        timeout_s=timeout_s,
-        args=args,
-        requirements=requirements,
-        inputs=inputs,
-        memory=memory,
-        cpus=cpus,
-        sources=sources,
-    )
-    module = check_module(module, script_name)
+    """Check what every execution of the batch will share (``spec``: the run; or its fields
+    as keywords, which make one), once, and store the script; the batch then waits for its
+    inputs (``add_inputs``) and ``start``."""
+    spec = spec if spec is not None else RunSpec(**fields)
+    if spec.env or spec.inline or spec.files_uploaded or spec.bytes_uploaded:
+        raise BadInput("a batch takes no env, inline files or upload counts")
+    checked = check_submission(session, settings, account_id, spec)
     if size is not None and size > settings.max_batch_executions:
         raise BadInput(
             f"{size} inputs: over the limit of {settings.max_batch_executions} per batch"
         )
     if parallel is not None and (isinstance(parallel, bool) or parallel < 1):
         raise BadInput("parallel must be at least 1")
-    digest = store_script(store, account_id, script)
+    digest = store_script(store, account_id, spec.script)
     batch = Batch(
         id=new_batch_id(),
         account_id=account_id,
-        script_name=script_name,
+        script_name=spec.script_name,
         script_hash=digest,
-        runtime=runtime,
+        runtime=spec.runtime,
         parallel=parallel,
         next_index=0,
-        template={
-            "timeout_s": checked.timeout_s,
-            "args": list(args or []),
-            "requirements": checked.requirements,
-            "refresh_deps": bool(refresh_deps),
-            "inputs": checked.inputs,
-            "memory_bytes": checked.memory_bytes,
-            "cpus": checked.cpus,
-            # The source tree is shipped once for the whole batch: every execution names it.
-            "sources": checked.sources or None,
-            "source_digest": tree_digest(script_name, digest, checked.sources, module),
-            "module": module,
-            "dependency_source": check_label(dependency_source),
-            # Instant repeats (rgrid/pipeline/reuse.py): each input added is looked up in the output
-            # cache (None: the server's RGRID_REUSE_DEFAULT when it is added); ``refresh``:
-            # every one runs, and its entry replaces the old one.
-            "reuse": None if reuse is None else bool(reuse),
-            "refresh": bool(refresh),
-        },
+        template=_template(spec, checked, digest),
     )
     session.add(batch)
     session.flush()
     return batch
+
+
+def _template(spec: RunSpec, checked: CheckedSubmission, digest: str) -> dict:
+    """What each execution of the batch is made of, besides its own input."""
+    return {
+        "timeout_s": checked.timeout_s,
+        "args": list(spec.args or []),
+        "requirements": checked.requirements,
+        "refresh_deps": bool(spec.refresh_deps),
+        "inputs": checked.inputs,
+        "memory_bytes": checked.memory_bytes,
+        "cpus": checked.cpus,
+        # The source tree is shipped once for the whole batch: every execution names it.
+        "sources": checked.sources or None,
+        "source_digest": tree_digest(spec.script_name, digest, checked.sources, checked.module),
+        "module": checked.module,
+        "dependency_source": checked.dependency_source,
+        # Instant repeats (rgrid/pipeline/reuse.py): each input added is looked up in the
+        # output cache (None: the server's RGRID_REUSE_DEFAULT when it is added);
+        # ``refresh``: every one runs, and its entry replaces the old one.
+        "reuse": None if spec.reuse is None else bool(spec.reuse),
+        "refresh": bool(spec.refresh),
+    }
 
 
 def _locked(session: Session, account_id: int, batch_id: str) -> Batch:
