@@ -27,6 +27,7 @@ from rgrid.api.schemas import (
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, RGridError, ServiceUnavailable
 from rgrid.core.queueing import enqueue_pipeline
+from rgrid.service import batch_views as views
 from rgrid.service import batches as svc
 
 bp = Blueprint("batches", __name__)
@@ -43,14 +44,14 @@ def _enqueue(execution_id: str) -> None:
 
 def _status(batch_id: str):
     with session_scope(_ctx().session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
-        return svc.batch_to_dict(session, batch)
+        batch = views.get_batch(session, g.account_id, batch_id)
+        return views.batch_to_dict(session, batch)
 
 
 def _batch_id(batch_id: str) -> str:
     """The full id of one of the caller's batches (from a prefix or ``last``)."""
     with session_scope(_ctx().session_factory) as session:
-        return svc.get_batch(session, g.account_id, batch_id).id
+        return views.get_batch(session, g.account_id, batch_id).id
 
 
 @bp.post("/batches")
@@ -68,7 +69,7 @@ def create_batch(body: BatchRequest):
             parallel=body.parallel,
             size=body.size,
         )
-        return jsonify(svc.batch_to_dict(session, batch)), 201
+        return jsonify(views.batch_to_dict(session, batch)), 201
 
 
 @bp.post("/batches/<batch_id>/inputs")
@@ -77,7 +78,7 @@ def add_inputs(batch_id: str, body: BatchInputsRequest):
     """Add a page of inputs to a batch that has not started: one execution each."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
+        batch = views.get_batch(session, g.account_id, batch_id)
         added = svc.add_page(
             session,
             ctx.settings,
@@ -112,8 +113,8 @@ def start_batch(batch_id: str):
 def list_batches(query: ListQuery):
     """The caller's recent batches, newest first, with counts per status."""
     with session_scope(_ctx().session_factory) as session:
-        rows = svc.list_batches(session, g.account_id, query.limit)
-        return jsonify(batches=[svc.batch_to_dict(session, row) for row in rows])
+        rows = views.list_batches(session, g.account_id, query.limit)
+        return jsonify(batches=[views.batch_to_dict(session, row) for row in rows])
 
 
 @bp.get("/batches/<batch_id>")
@@ -135,8 +136,8 @@ def batch_executions(batch_id: str, query: BatchExecutionsQuery):
             raise BadInput("finished_since: not an ISO 8601 time") from None
         since = since.replace(tzinfo=UTC) if since.tzinfo is None else since
     with session_scope(_ctx().session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
-        rows = svc.executions_page(
+        batch = views.get_batch(session, g.account_id, batch_id)
+        rows = views.executions_page(
             session, batch, after=query.after, finished_since=since, limit=query.limit
         )
         return jsonify(batch_id=batch.id, executions=rows)

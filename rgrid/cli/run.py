@@ -270,10 +270,7 @@ def run(
     # A module also given as an input (the habit before trees were shipped) goes as that input.
     given = {item.name for item in files}
     tree.files = [item for item in tree.files if item.name not in given]
-    if timeout_s is not None and timeout_s < 1:
-        raise BadInput("--timeout must be at least 1 second")
-    if memory is not None:
-        parse_bytes(memory, "--memory")  # the format here; the server checks its maximum
+    _check_limits(timeout_s, memory)
     env = read_env(env_pairs, env_files)
     requirements, dependency_source = _dependencies(script, text, tree, requirements_file, extras)
     spec = RunSpec(
@@ -292,29 +289,9 @@ def run(
         refresh=refresh,
     )
     if batch_patterns or batch_file is not None:
-        if env:
-            raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
-        from rgrid.cli.batch import run_batch
-
-        raise SystemExit(
-            run_batch(
-                spec,
-                sources=tree.files,
-                patterns=batch_patterns,
-                batch_file=batch_file,
-                parallel=parallel,
-                shared_inputs=inputs,
-                json_mode=json_mode,
-                detach=detach,
-            )
-        )
-    if parallel is not None:
-        raise BadInput("--parallel needs --batch or --batch-file")
-    if detach and settings.embedded:
-        raise BadInput(
-            "--detach needs an RGrid API (RGRID_API_URL): the embedded default runs the script"
-            " in this process"
-        )
+        batch = (batch_patterns, batch_file, parallel)
+        raise SystemExit(_run_as_batch(spec, env, tree, inputs, batch, json_mode, detach))
+    _check_single(parallel, detach, settings)
     client = make_run_client(settings)
     spec = dataclasses.replace(spec, args=[*(input_name(arg) for arg in inputs), *spec.args])
     submitted = _submit(client, spec, files, tree, env, json_mode, verbose, detach, interactive)
@@ -322,6 +299,53 @@ def run(
         print_json(submitted) if json_mode else click.echo(submitted["execution_id"])
         return
     _follow_and_finish(client, submitted["execution_id"], dependency_source, json_mode, verbose)
+
+
+def _run_as_batch(
+    spec: RunSpec,
+    env: dict[str, str],
+    tree: SourceTree,
+    inputs: tuple[str, ...],
+    batch: tuple[tuple[str, ...], Path | None, int | None],
+    json_mode: bool,
+    detach: bool,
+) -> int:
+    """``--batch``: the spec is the batch's template; ``inputs`` are shared by every run.
+    ``batch``: the patterns, the batch file and ``--parallel``."""
+    if env:
+        raise BadInput("--env cannot be given with --batch: a batch keeps no secrets yet")
+    from rgrid.cli.batch import run_batch
+
+    patterns, batch_file, parallel = batch
+    return run_batch(
+        spec,
+        sources=tree.files,
+        patterns=patterns,
+        batch_file=batch_file,
+        parallel=parallel,
+        shared_inputs=inputs,
+        json_mode=json_mode,
+        detach=detach,
+    )
+
+
+def _check_single(parallel: int | None, detach: bool, settings: Settings) -> None:
+    """Options a single run (no --batch) cannot take here."""
+    if parallel is not None:
+        raise BadInput("--parallel needs --batch or --batch-file")
+    if detach and settings.embedded:
+        raise BadInput(
+            "--detach needs an RGrid API (RGRID_API_URL): the embedded default runs the script"
+            " in this process"
+        )
+
+
+def _check_limits(timeout_s: int | None, memory: str | None) -> None:
+    """What can be told wrong before anything is sent (the server checks the maximums)."""
+    if timeout_s is not None and timeout_s < 1:
+        raise BadInput("--timeout must be at least 1 second")
+    if memory is not None:
+        parse_bytes(memory, "--memory")
 
 
 def _script_and_inputs(

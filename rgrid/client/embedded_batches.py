@@ -24,7 +24,7 @@ from rgrid.host.docker_engine import get_docker
 from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse
 from rgrid.pipeline.chain import PipelineContext
-from rgrid.service import batches
+from rgrid.service import batch_views, batches
 
 #: Executions run at once in process when --parallel is not given: the host's cores, at most 4.
 EMBEDDED_PARALLEL = max(1, min(4, os.cpu_count() or 1))
@@ -63,7 +63,7 @@ class EmbeddedBatches:
                 parallel=parallel or EMBEDDED_PARALLEL,
                 size=size,
             )
-            return batches.batch_to_dict(session, batch)
+            return batch_views.batch_to_dict(session, batch)
 
     def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
         with session_scope(self._writer.session_factory) as session:
@@ -115,8 +115,8 @@ class EmbeddedBatches:
 
     def batch(self, batch_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
-            found = batches.get_batch(session, self.account_id, batch_id)
-            return batches.batch_to_dict(session, found)
+            found = batch_views.get_batch(session, self.account_id, batch_id)
+            return batch_views.batch_to_dict(session, found)
 
     def batch_executions(
         self, batch_id: str, after: str = "", finished_since: str | None = None, limit: int = 500
@@ -125,8 +125,8 @@ class EmbeddedBatches:
         if finished_since is not None:
             since = datetime.fromisoformat(finished_since).astimezone(UTC)
         with session_scope(self.ctx.session_factory) as session:
-            found = batches.get_batch(session, self.account_id, batch_id)
-            return batches.executions_page(
+            found = batch_views.get_batch(session, self.account_id, batch_id)
+            return batch_views.executions_page(
                 session, found, after=after, finished_since=since, limit=limit
             )
 
@@ -167,5 +167,5 @@ class EmbeddedBatches:
 
     def list_batches(self, limit: int) -> list[dict]:
         with session_scope(self.ctx.session_factory) as session:
-            rows = batches.list_batches(session, self.account_id, limit)
-            return [batches.batch_to_dict(session, row) for row in rows]
+            rows = batch_views.list_batches(session, self.account_id, limit)
+            return [batch_views.batch_to_dict(session, row) for row in rows]

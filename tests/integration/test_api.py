@@ -96,7 +96,7 @@ def test_health_and_metrics_need_no_key(app):
 #: Run in a fresh interpreter: the API's own process, as gunicorn builds it.
 _SERVE_ONE_SUBMISSION = """
 import json, sys
-from rgrid import accounts
+from rgrid.service import accounts
 from rgrid.api import create_app
 from rgrid.core.db import session_scope
 

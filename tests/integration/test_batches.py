@@ -15,7 +15,7 @@ from rgrid.core.errors import BadInput
 from rgrid.core.models import Execution
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.pipeline import chain as pipeline
-from rgrid.service import batches
+from rgrid.service import batch_views, batches
 from rgrid.store.blobs import store_file
 
 SCRIPT = """\
@@ -61,7 +61,7 @@ def _batch(ctx, account, items: list[dict], settings=None, **options) -> str:
 
 def _counts(ctx, batch_id: str) -> dict[str, int]:
     with session_scope(ctx.session_factory) as session:
-        return batches.counts(session, batch_id)
+        return batch_views.counts(session, batch_id)
 
 
 def _rows(ctx, batch_id: str) -> list[Execution]:
