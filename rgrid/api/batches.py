@@ -27,6 +27,7 @@ from rgrid.api.schemas import (
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, RGridError, ServiceUnavailable
 from rgrid.core.queueing import enqueue_pipeline
+from rgrid.service import batch_retry
 from rgrid.service import batch_views as views
 from rgrid.service import batches as svc
 
@@ -147,9 +148,8 @@ def batch_executions(batch_id: str, query: BatchExecutionsQuery):
 @validated()
 def cancel_batch(batch_id: str):
     """Cancel a batch: every queued and running execution of it ends `cancelled`."""
-    from rgrid.pipeline.chain import (
-        chain as pipeline,
-    )  # only here: the API loads the pipeline for a cancel alone
+    # Only here: the API loads the pipeline for a cancel alone.
+    from rgrid.pipeline import chain as pipeline
 
     ctx = _ctx()
     full_id = _batch_id(batch_id)
@@ -173,7 +173,7 @@ def retry_batch(batch_id: str):
     """Run the batch's failed executions again (successes are not run again)."""
     ctx = _ctx()
     full_id = _batch_id(batch_id)
-    retried = svc.retry(ctx.session_factory, g.account_id, full_id, _enqueue, ctx.settings)
+    retried = batch_retry.retry(ctx.session_factory, g.account_id, full_id, _enqueue, ctx.settings)
     return jsonify(
         {**_status(full_id), "retried": list(retried), "new_executions": list(retried.values())}
     )

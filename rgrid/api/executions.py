@@ -184,9 +184,8 @@ def feed_stdin(execution_id: str, query: StdinQuery):
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
-    from rgrid.pipeline.chain import (
-        chain as pipeline,
-    )  # only here: the API loads the pipeline for a cancel alone
+    # Only here: the API loads the pipeline for a cancel alone.
+    from rgrid.pipeline import chain as pipeline
 
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:

@@ -24,7 +24,7 @@ from rgrid.host.docker_engine import get_docker
 from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse
 from rgrid.pipeline.chain import PipelineContext
-from rgrid.service import batch_views, batches
+from rgrid.service import batch_retry, batch_views, batches
 
 #: Executions run at once in process when --parallel is not given: the host's cores, at most 4.
 EMBEDDED_PARALLEL = max(1, min(4, os.cpu_count() or 1))
@@ -145,7 +145,7 @@ class EmbeddedBatches:
         status = self.batch(batch_id)
         full_id = status["batch_id"]
         self._start_runner(status["parallel"] or EMBEDDED_PARALLEL)
-        renewed = batches.retry(
+        renewed = batch_retry.retry(
             self._writer.session_factory,
             self.account_id,
             full_id,

@@ -166,63 +166,13 @@ def add_page(
     ``store`` is given to check the hits' objects in): the executions whose action key has
     a live entry are answered at once, in the same INSERT, and are never dispatched;
     ``runtime_image(runtime)``: the image the runs will get. Returns ``{total, reused}``."""
-    if not items:
-        raise BadInput("no inputs to add")
-    if len(items) > PAGE_SIZE:
-        raise BadInput(f"at most {PAGE_SIZE} inputs per request: add them in pages")
-    batch = _locked(session, account_id, batch_id)
-    if batch.started_at is not None:
-        raise BadInput(f"batch {batch.id} has started: no inputs can be added")
-    if batch.next_index + len(items) > settings.max_batch_executions:
-        raise BadInput(
-            f"a batch may hold at most {settings.max_batch_executions} executions"
-            f" (this one would hold {batch.next_index + len(items)})"
-        )
+    batch = _open_batch(session, settings, account_id, batch_id, items)
     template = batch.template
-    shared = template["inputs"]
-    sources = template.get("sources") or []
-    taken = {item["path"] for item in [*shared, *sources]} | {batch.script_name}
-    clean = check_manifest(items, settings)
-    for item in clean:
-        if item["path"] in taken:
-            raise BadInput(f"input {item['path']} has the name of the script or a shared input")
-        check_manifest([*shared, item], settings)  # folder/file clashes and the total size
-    check_uploaded(session, account_id, clean)
-    rows = []
-    for offset, item in enumerate(clean):
-        manifest = [*shared, item]
-        rows.append(
-            {
-                "id": execution_id_for(batch.id, batch.next_index + offset),
-                "account_id": account_id,
-                "status": Status.QUEUED.value,
-                "runtime": batch.runtime,
-                "script_name": batch.script_name,
-                "script_hash": batch.script_hash,
-                "sources": template.get("sources"),
-                "source_digest": template.get("source_digest"),
-                "module": template.get("module"),
-                "dependency_source": template.get("dependency_source"),
-                "requirements": template["requirements"],
-                "refresh_deps": template["refresh_deps"],
-                "inputs": manifest,
-                "input_hash": cache_keys.input_hash(manifest),
-                "input_cache_hit": False,
-                "files_uploaded": 0,
-                "bytes_uploaded": 0,
-                "args": [item["path"], *template["args"]],
-                "timeout_s": template["timeout_s"],
-                "memory_bytes": template["memory_bytes"],
-                "cpus": template["cpus"],
-                "stdin": False,
-                "script_cache_hit": False,
-                "outputs": [],
-                "cancel_requested": False,
-                "batch_id": batch.id,
-                "batch_item": item["path"],
-                "superseded": False,
-            }
-        )
+    clean = _checked_page(session, settings, account_id, batch, items)
+    rows = [
+        _execution_row(batch, account_id, batch.next_index + offset, item)
+        for offset, item in enumerate(clean)
+    ]
     from rgrid.pipeline import reuse
 
     answered = reuse.for_batch(
@@ -238,6 +188,79 @@ def add_page(
     session.execute(insert(Execution), rows)
     batch.next_index += len(rows)
     return {"total": batch.next_index, "reused": len(answered)}
+
+
+def _open_batch(
+    session: Session, settings: Settings, account_id: int, batch_id: str, items: list[dict]
+) -> Batch:
+    """The batch, locked, if it may take this page: not started, and not over its limit."""
+    if not items:
+        raise BadInput("no inputs to add")
+    if len(items) > PAGE_SIZE:
+        raise BadInput(f"at most {PAGE_SIZE} inputs per request: add them in pages")
+    batch = _locked(session, account_id, batch_id)
+    if batch.started_at is not None:
+        raise BadInput(f"batch {batch.id} has started: no inputs can be added")
+    if batch.next_index + len(items) > settings.max_batch_executions:
+        raise BadInput(
+            f"a batch may hold at most {settings.max_batch_executions} executions"
+            f" (this one would hold {batch.next_index + len(items)})"
+        )
+    return batch
+
+
+def _checked_page(
+    session: Session, settings: Settings, account_id: int, batch: Batch, items: list[dict]
+) -> list[dict]:
+    """The page's inputs checked as any manifest, each also beside the shared inputs, none
+    where the script, a shared input or a shipped module goes, and all uploaded."""
+    template = batch.template
+    shared = template["inputs"]
+    sources = template.get("sources") or []
+    taken = {item["path"] for item in [*shared, *sources]} | {batch.script_name}
+    clean = check_manifest(items, settings)
+    for item in clean:
+        if item["path"] in taken:
+            raise BadInput(f"input {item['path']} has the name of the script or a shared input")
+        check_manifest([*shared, item], settings)  # folder/file clashes and the total size
+    check_uploaded(session, account_id, clean)
+    return clean
+
+
+def _execution_row(batch: Batch, account_id: int, index: int, item: dict) -> dict:
+    """The row of the batch's execution ``index``: the template with this input."""
+    template = batch.template
+    manifest = [*template["inputs"], item]
+    return {
+        "id": execution_id_for(batch.id, index),
+        "account_id": account_id,
+        "status": Status.QUEUED.value,
+        "runtime": batch.runtime,
+        "script_name": batch.script_name,
+        "script_hash": batch.script_hash,
+        "sources": template.get("sources"),
+        "source_digest": template.get("source_digest"),
+        "module": template.get("module"),
+        "dependency_source": template.get("dependency_source"),
+        "requirements": template["requirements"],
+        "refresh_deps": template["refresh_deps"],
+        "inputs": manifest,
+        "input_hash": cache_keys.input_hash(manifest),
+        "input_cache_hit": False,
+        "files_uploaded": 0,
+        "bytes_uploaded": 0,
+        "args": [item["path"], *template["args"]],
+        "timeout_s": template["timeout_s"],
+        "memory_bytes": template["memory_bytes"],
+        "cpus": template["cpus"],
+        "stdin": False,
+        "script_cache_hit": False,
+        "outputs": [],
+        "cancel_requested": False,
+        "batch_id": batch.id,
+        "batch_item": item["path"],
+        "superseded": False,
+    }
 
 
 def start(
@@ -413,85 +436,6 @@ def cancel(
             cancel_execution(execution_id)
             count += 1
     return count
-
-
-def retry(
-    session_factory: sessionmaker[Session],
-    account_id: int,
-    batch_id: str,
-    enqueue: Enqueue,
-    settings: Settings,
-) -> dict[str, str]:
-    """Run again every execution of the batch that did not succeed, as new executions of the
-    same batch; the old ones are kept (``superseded``) but no longer counted. Successes are
-    not run again. Returns each old execution's id with its new one's."""
-    with session_scope(session_factory) as session:
-        batch = _locked(session, account_id, batch_id)
-        if batch.started_at is None:
-            raise BadInput(f"batch {batch.id} has not started")
-        current = Execution.batch_id == batch.id, Execution.superseded.is_(False)
-        unfinished = session.scalar(
-            select(func.count())
-            .select_from(Execution)
-            .where(*current, Execution.status.not_in(TERMINAL_STATUSES))
-        )
-        if unfinished:
-            raise BadInput(
-                f"batch {batch.id} still has {unfinished} unfinished execution(s):"
-                " wait for them or cancel the batch first"
-            )
-        failed = list(
-            session.scalars(
-                select(Execution)
-                .where(*current, Execution.status.in_(RETRYABLE))
-                .order_by(Execution.id)
-            )
-        )
-        if batch.next_index + len(failed) > settings.max_batch_executions:
-            raise BadInput(f"a batch may hold at most {settings.max_batch_executions} executions")
-        copied = [
-            "account_id",
-            "runtime",
-            "script_name",
-            "script_hash",
-            "sources",
-            "source_digest",
-            "module",
-            "dependency_source",
-            "requirements",
-            "inputs",
-            "input_hash",
-            "args",
-            "timeout_s",
-            "memory_bytes",
-            "cpus",
-            "batch_id",
-            "batch_item",
-        ]
-        renewed: dict[str, str] = {}
-        for old in failed:
-            old.superseded = True
-            renewed[old.id] = execution_id_for(batch.id, batch.next_index)
-            session.add(
-                Execution(
-                    id=renewed[old.id],
-                    status=Status.QUEUED.value,
-                    refresh_deps=False,
-                    input_cache_hit=True,
-                    files_uploaded=0,
-                    bytes_uploaded=0,
-                    stdin=False,
-                    script_cache_hit=False,
-                    outputs=[],
-                    **{name: getattr(old, name) for name in copied},
-                )
-            )
-            batch.next_index += 1
-        batch.cancelled_at = None
-        if not failed:
-            return {}
-    dispatch(session_factory, batch_id, enqueue)
-    return renewed
 
 
 def _pages(
