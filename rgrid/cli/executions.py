@@ -1,4 +1,5 @@
-"""run, status, logs, outputs, list: the same against the embedded default or a remote API."""
+"""cancel, status, logs, outputs, list: the same against the embedded default or a remote API;
+and how a run is followed and its outputs fetched, which `rgrid run` (rgrid/cli/run.py) shares."""
 
 from __future__ import annotations
 
