@@ -20,20 +20,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run import (  # noqa: E402 - bench/run.py's stack and floor helpers
+from bench.harness import (  # noqa: E402 - the shared harness: paths, the floor's mounts
     RGRID,
     RUNTIME_IMAGE,
     SCRIPT_IN_WORK,
-    WORK_DIR,
     clean_environ,
-    private_stack,
-    remove_containers_mounting,
+    say,
     writable_outputs,
 )
-
-from scripts.stack import StackConfig  # noqa: E402
+from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
+from rgrid.host.runtimes import WORK_DIR  # noqa: E402
+from scripts.launcher import StackConfig  # noqa: E402
 from tests.wheels import make_wheel  # noqa: E402
 
 #: Reads its input and writes one output, importing a small dependency: one environment.
@@ -68,10 +66,6 @@ def child(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, s
     return result["wall"], result["rss"], result["out"]
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def floor(root: Path, runs: int, parallel: int) -> float:
     script = root / "floor" / "script.py"
     script.parent.mkdir()
@@ -102,17 +96,7 @@ def main() -> None:
     parallel = StackConfig.concurrency
     root = Path(tempfile.mkdtemp(prefix="rgrid-bench-batch-"))
     try:
-        cwd = root / "cwd"
-        wheels = root / "wheels"
-        for folder in (cwd, wheels, cwd / "inputs", cwd / "many"):
-            folder.mkdir(parents=True)
-        make_wheel(wheels, "bench-dep", "1.0")
-        (cwd / "process.py").write_text(SCRIPT)
-        (cwd / "requirements.txt").write_text(f"--find-links {wheels}\nbench-dep\n")
-        for number in range(args.runs):
-            (cwd / "inputs" / f"in{number:05d}.txt").write_text(f"item {number}\n")
-        for number in range(args.submit):
-            (cwd / "many" / f"m{number:05d}.txt").write_text(f"{number}\n")
+        cwd = make_inputs(root, args.runs, args.submit)
         extra = {"RGRID_ALLOW_LOCAL_FIND_LINKS": "1"}
         with private_stack(root, extra) as exports:
             env = {**clean_environ(), **exports}
@@ -121,44 +105,8 @@ def main() -> None:
             (cwd / "hello.py").write_text("print('hello')\n")
             warm = [str(RGRID), "run", "hello.py", "--json"]
             subprocess.run(warm, env=env, cwd=cwd, check=True, capture_output=True)
-            batch = [
-                *(str(RGRID), "run", "process.py", "-r", "requirements.txt"),
-                *("--batch", "inputs", "--json"),
-            ]
-            wall, rss, out = child(batch, env, cwd)
-            lines = [json.loads(line) for line in out.splitlines() if line.strip()]
-            summary = lines[-1] if lines and lines[-1].get("summary") else None
-            executions = lines[:-1] if summary else []
-            builds = sum(1 for e in executions if e.get("deps_build_s") is not None)
-            environments = {e.get("environment") for e in executions}
-            say(f"batch of {args.runs} (worker concurrency {parallel}):")
-            if summary is None:
-                say(f"  the batch failed: {lines[-1] if lines else 'no output'}")
-            else:
-                say(f"  statuses {summary['counts']}")
-                say(
-                    f"  rgrid run --batch: {wall:.1f} s whole CLI process,"
-                    f" {args.runs / wall:.2f} executions/s (from the start of the batch:"
-                    f" {summary['executions_per_s']:.2f}/s)"
-                )
-                say(
-                    f"  environment builds in the batch: {builds}"
-                    f" (environments: {len(environments)})"
-                )
-            say(f"  CLI peak memory (ru_maxrss): {rss / 1024:.1f} MiB")
-            submit_cmd = [
-                *(str(RGRID), "run", "process.py", "-r", "requirements.txt"),
-                *("--batch", "many", "--detach", "--parallel", "1"),
-            ]
-            submit_wall, submit_rss, submit_out = child(submit_cmd, env, cwd)
-            batch_id = submit_out.strip()
-            subprocess.run(
-                [str(RGRID), "batch", "cancel", batch_id], env=env, cwd=cwd, capture_output=True
-            )
-            say(
-                f"submitting {args.submit} inputs (hash, upload, add in pages, start): "
-                f"{submit_wall:.1f} s, CLI peak memory {submit_rss / 1024:.1f} MiB"
-            )
+            wall, summary = run_batch(env, cwd, args.runs, parallel)
+            submit_many(env, cwd, args.submit)
         floor_wall = floor(root, args.runs, parallel)
         floor_rate = args.runs / floor_wall
         say(
@@ -173,6 +121,68 @@ def main() -> None:
             remove_containers_mounting([root])
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def make_inputs(root: Path, runs: int, submit: int) -> Path:
+    """The CLI's working folder: the script, its requirements (a local wheel), ``runs``
+    inputs for the timed batch and ``submit`` for the submission-only one."""
+    cwd = root / "cwd"
+    wheels = root / "wheels"
+    for folder in (cwd, wheels, cwd / "inputs", cwd / "many"):
+        folder.mkdir(parents=True)
+    make_wheel(wheels, "bench-dep", "1.0")
+    (cwd / "process.py").write_text(SCRIPT)
+    (cwd / "requirements.txt").write_text(f"--find-links {wheels}\nbench-dep\n")
+    for number in range(runs):
+        (cwd / "inputs" / f"in{number:05d}.txt").write_text(f"item {number}\n")
+    for number in range(submit):
+        (cwd / "many" / f"m{number:05d}.txt").write_text(f"{number}\n")
+    return cwd
+
+
+def run_batch(
+    env: dict[str, str], cwd: Path, runs: int, parallel: int
+) -> tuple[float, dict | None]:
+    """The timed batch of ``runs`` inputs, one CLI process: prints its figures and returns
+    (wall seconds, its summary; None if it failed)."""
+    batch = [
+        *(str(RGRID), "run", "process.py", "-r", "requirements.txt"),
+        *("--batch", "inputs", "--json"),
+    ]
+    wall, rss, out = child(batch, env, cwd)
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    summary = lines[-1] if lines and lines[-1].get("summary") else None
+    executions = lines[:-1] if summary else []
+    builds = sum(1 for e in executions if e.get("deps_build_s") is not None)
+    environments = {e.get("environment") for e in executions}
+    say(f"batch of {runs} (worker concurrency {parallel}):")
+    if summary is None:
+        say(f"  the batch failed: {lines[-1] if lines else 'no output'}")
+    else:
+        say(f"  statuses {summary['counts']}")
+        say(
+            f"  rgrid run --batch: {wall:.1f} s whole CLI process,"
+            f" {runs / wall:.2f} executions/s (from the start of the batch:"
+            f" {summary['executions_per_s']:.2f}/s)"
+        )
+        say(f"  environment builds in the batch: {builds} (environments: {len(environments)})")
+    say(f"  CLI peak memory (ru_maxrss): {rss / 1024:.1f} MiB")
+    return wall, summary
+
+
+def submit_many(env: dict[str, str], cwd: Path, submit: int) -> None:
+    """The submission alone of ``submit`` inputs (``--detach``), then the batch cancelled."""
+    submit_cmd = [
+        *(str(RGRID), "run", "process.py", "-r", "requirements.txt"),
+        *("--batch", "many", "--detach", "--parallel", "1"),
+    ]
+    submit_wall, submit_rss, submit_out = child(submit_cmd, env, cwd)
+    batch_id = submit_out.strip()
+    subprocess.run([str(RGRID), "batch", "cancel", batch_id], env=env, cwd=cwd, capture_output=True)
+    say(
+        f"submitting {submit} inputs (hash, upload, add in pages, start): "
+        f"{submit_wall:.1f} s, CLI peak memory {submit_rss / 1024:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts import netns, stack  # noqa: E402
+from scripts import devenv, netns  # noqa: E402
 
 SCRIPT = "print('deployed')\n"
 TERMINAL = {"succeeded", "failed", "timed_out", "build_failed", "cancelled", "error"}
@@ -106,9 +106,9 @@ def _grid_run(root: Path, names: tuple[str, ...], url: str, runs: int, first: bo
     services = {
         "RGRID_DATABASE_URL": url,
         "RGRID_REDIS_URL": "redis://127.0.0.1:6379/1",
-        "RGRID_S3_ENDPOINT_URL": stack.dev_env()["RGRID_S3_ENDPOINT_URL"],
+        "RGRID_S3_ENDPOINT_URL": devenv.dev_env()["RGRID_S3_ENDPOINT_URL"],
     }
-    dev = stack.dev_env()
+    dev = devenv.dev_env()
     common = {
         "RGRID_S3_BUCKET": bucket,
         "AWS_ACCESS_KEY_ID": dev["AWS_ACCESS_KEY_ID"],
@@ -162,7 +162,7 @@ def main() -> int:
             print(f"wheel + dependencies into a new virtualenv, {label}: {seconds:.1f} s")
         results = {}
         for names in (("b1",), ("b1", "b2")):
-            with stack.fresh_database("rgrid_bench_deploy") as url:
+            with devenv.fresh_database("rgrid_bench_deploy") as url:
                 upgrade(url)
                 results[len(names)] = _grid_run(
                     root / f"grid{len(names)}", names, url, args.runs, first=len(names) == 1

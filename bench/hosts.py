@@ -27,10 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from rgrid.client.remote import RemoteClient
+from rgrid.core import cache_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import load  # noqa: E402
-from scripts import stack  # noqa: E402 - the one stack launcher
+from scripts import devenv, launcher  # noqa: E402 - the one stack launcher
 
 SCRIPT = "print('hosts')\n"
 REQUIREMENTS = "numpy\nsix\n"
@@ -47,11 +48,11 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
 
     from rgrid.core.db import upgrade
 
-    with stack.fresh_database("rgrid_bench_hosts") as url:
+    with devenv.fresh_database("rgrid_bench_hosts") as url:
         upgrade(url)
         env = {
             **os.environ,
-            **stack.dev_env(),
+            **devenv.dev_env(),
             "RGRID_DATABASE_URL": url,
             "RGRID_REDIS_URL": "redis://127.0.0.1:6379/1",
             "RGRID_QUEUE": f"bench-hosts-{secrets.token_hex(4)}",
@@ -59,8 +60,8 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
             "RGRID_MAX_CONCURRENT_PER_ACCOUNT": "0",
         }
         with tempfile.TemporaryDirectory(prefix="rgrid-bench-hosts-") as tmp:
-            port = stack.free_port()
-            config = stack.StackConfig(
+            port = devenv.free_port()
+            config = launcher.StackConfig(
                 env=env,
                 log_dir=Path(tmp),
                 name=f"bench-{port}",
@@ -69,8 +70,8 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
                 supervised=False,
                 hosts=host_count,
             )
-            with stack.Stack(config):
-                key = stack.create_account_key(env, "bench")
+            with launcher.Stack(config):
+                key = launcher.create_account_key(env, "bench")
                 local = threading.local()
 
                 def client() -> RemoteClient:
@@ -92,15 +93,11 @@ def throughput(host_count: int, runs: int, threads: int) -> tuple[float, dict, d
 def first_run_costs(rounds: int) -> dict[str, list[float]]:
     """Wall seconds of runs of IMPORTS (pins known) on hosts in three states, ``rounds``
     times each (a new host each round)."""
-    from rgrid.core.config import Settings
-    from rgrid.core.db import session_scope, upgrade
-    from rgrid.core.models import Account
+    from rgrid.core.db import upgrade
     from rgrid.host import environments
-    from rgrid.pipeline.chain import run_all
-    from rgrid.service import executions as svc
     from rgrid.service.context import server_context
 
-    dev = stack.dev_env()
+    dev = devenv.dev_env()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, dev[key])
     costs: dict[str, list[float]] = {}
@@ -108,48 +105,20 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
     installs: dict[str, list[float]] = {}
     # The bytecode compile after each first run may still write into the folders at the end.
     with (
-        stack.fresh_database("rgrid_bench_hosts") as url,
+        devenv.fresh_database("rgrid_bench_hosts") as url,
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp,
     ):
         upgrade(url)
-        base = replace(
-            Settings.from_env(),
-            database_url=url,
-            redis_url="redis://127.0.0.1:6379/1",
-            s3_endpoint_url=dev["RGRID_S3_ENDPOINT_URL"],
-            s3_bucket=f"rgrid-bench-{secrets.token_hex(4)}",
-            queue=f"bench-hosts-{secrets.token_hex(4)}",
-        )
+        base = host_settings(url, dev)
 
         def host(name: str):
             return server_context(replace(base, data_dir=Path(tmp) / name, host_name=name))
 
         first = host("a")
-        with session_scope(first.session_factory) as session:
-            account = Account(name="bench")
-            session.add(account)
-            session.flush()
-            account_id = account.id
+        account_id = bench_account(first)
 
         def timed(ctx) -> float:
-            with session_scope(ctx.session_factory) as session:
-                execution_id = svc.create_execution(
-                    session,
-                    ctx.store,
-                    ctx.settings,
-                    account_id=account_id,
-                    script=IMPORTS,
-                    script_name="bench.py",
-                    requirements=REQUIREMENTS,
-                ).id
-            started = time.monotonic()
-            run_all(ctx, execution_id)
-            took = time.monotonic() - started
-            with session_scope(ctx.session_factory) as session:
-                row = session.get(svc.Execution, execution_id)
-                assert row.status == "succeeded", row.status
-                installs.setdefault(ctx.settings.host_name, []).append(row.deps_build_s or 0.0)
-            return took
+            return first_run(ctx, account_id, installs)
 
         costs["resolve + install (the set's first run anywhere)"] = [timed(first)]
         first.join_background()
@@ -169,16 +138,76 @@ def first_run_costs(rounds: int) -> dict[str, list[float]]:
             costs.setdefault("host whose environment was purged (uv cache kept)", []).append(
                 timed(other)
             )
-        for ctx in contexts:
-            ctx.join_background()
-            stack_retire(ctx.settings.data_dir)
-        for key in first.hosts.client.scan_iter(f"rgrid:{base.queue}:*"):
-            first.hosts.client.delete(key)
+        tidy_hosts(contexts, base.queue)
         time.sleep(5)
     print(
         "deps_build_s per run, by host:", {h: [round(x, 2) for x in v] for h, v in installs.items()}
     )
     return costs
+
+
+def host_settings(url: str, dev: dict[str, str]):
+    """The settings every in-process host shares: the scratch database, the tests' Redis
+    database, a new bucket and queue (each host adds its data folder and name)."""
+    from rgrid.core.config import Settings
+
+    return replace(
+        Settings.from_env(),
+        database_url=url,
+        redis_url="redis://127.0.0.1:6379/1",
+        s3_endpoint_url=dev["RGRID_S3_ENDPOINT_URL"],
+        s3_bucket=f"rgrid-bench-{secrets.token_hex(4)}",
+        queue=f"bench-hosts-{secrets.token_hex(4)}",
+    )
+
+
+def bench_account(ctx) -> int:
+    """The one account every run is submitted for."""
+    from rgrid.core.db import session_scope
+    from rgrid.core.models import Account
+
+    with session_scope(ctx.session_factory) as session:
+        account = Account(name="bench")
+        session.add(account)
+        session.flush()
+        return account.id
+
+
+def first_run(ctx, account_id: int, installs: dict[str, list[float]]) -> float:
+    """One run of IMPORTS through the pipeline on the host ``ctx``: its wall seconds; its
+    ``deps_build_s`` goes into ``installs`` under the host's name."""
+    from rgrid.core.db import session_scope
+    from rgrid.pipeline.chain import run_all
+    from rgrid.service import executions as svc
+
+    with session_scope(ctx.session_factory) as session:
+        execution_id = svc.create_execution(
+            session,
+            ctx.store,
+            ctx.settings,
+            account_id=account_id,
+            script=IMPORTS,
+            script_name="bench.py",
+            requirements=REQUIREMENTS,
+        ).id
+    started = time.monotonic()
+    run_all(ctx, execution_id)
+    took = time.monotonic() - started
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(svc.Execution, execution_id)
+        assert row.status == "succeeded", row.status
+        installs.setdefault(ctx.settings.host_name, []).append(row.deps_build_s or 0.0)
+    return took
+
+
+def tidy_hosts(contexts: list, queue: str) -> None:
+    """Each host's background work ended and its warm sandboxes retired; the queue's Redis
+    keys removed."""
+    for ctx in contexts:
+        ctx.join_background()
+        stack_retire(ctx.settings.data_dir)
+    for key in contexts[0].hosts.client.scan_iter(cache_keys.deployment_keys_pattern(queue)):
+        contexts[0].hosts.client.delete(key)
 
 
 def stack_retire(data_dir: Path) -> None:

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / ".venv" / "bin"
 RESULTS = REPO / "bench" / "results" / "inputs.md"
 GIB = 1024**3
 SCRIPT = "import os, sys\nprint(sum(os.path.getsize(p) for p in sys.argv[1:]))\n"
 
 sys.path.insert(0, str(REPO))
+from bench.harness import RGRID, timed  # noqa: E402 - the shared harness
 from rgrid.store.inputs import InputFile, hash_files  # noqa: E402
 from scripts import stack  # noqa: E402
 
@@ -50,17 +50,9 @@ def stack_env() -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict, cwd: Path) -> tuple[dict, float, int]:
     """One `rgrid run --json`; returns its JSON, wall seconds and max RSS in KiB."""
-    started = time.perf_counter()
-    result = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", str(BIN / "rgrid"), "run", *args, "--json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
+    wall, result = timed(
+        ["/usr/bin/time", "-f", "%M", str(RGRID), "run", *args, "--json"], env=env, cwd=cwd
     )
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"rgrid run failed: {result.stderr[-2000:]}")
     rss_kib = int(result.stderr.strip().splitlines()[-1])
     return json.loads(result.stdout.strip().splitlines()[-1]), wall, rss_kib
 

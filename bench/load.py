@@ -21,7 +21,7 @@ from rgrid.client.remote import RemoteClient
 from rgrid.core.config import DEFAULT_RUNTIME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts import stack  # noqa: E402 - the one stack launcher
+from scripts import stack  # noqa: E402 - `make up`'s stack (stack.up)
 
 SCRIPT = "print('load')\n"
 

@@ -1,7 +1,7 @@
 """Many-outputs benchmark (`make bench` runs it): 10,000 outputs of 1 KiB (issue 24, item 3).
 
 A script writing one file per record or tile is common. Against a stack of this checkout (an
-API and a Celery worker on their own database, Redis database and bucket: bench/run.py's
+API and a Celery worker on their own database, Redis database and bucket: bench/stacks.py's
 ``private_stack``), side by side in interleaved rounds:
 
 - floor: the same script run by the host's ``python3``, writing the files to a local folder;
@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.run import clean_environ, private_stack, remove_containers_mounting  # noqa: E402
+from bench.harness import RGRID, clean_environ, timed  # noqa: E402
+from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
 from scripts import stack  # noqa: E402
 
-RGRID = REPO / ".venv" / "bin" / "rgrid"
 RESULTS = REPO / "bench" / "results" / "many_outputs.md"
 COUNT = 10_000
 SCRIPT = """
@@ -41,17 +40,6 @@ for i in range({count}):
     with open(os.path.join(out, f'{{i:05}}.txt'), 'w') as fh:
         fh.write(f'{tag} {{i:05}} '.ljust(1024, 'x'))
 """
-
-
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run(
-        cmd, env=env, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    took = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {result.stderr[-2000:]}")
-    return took, result.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +104,15 @@ def measure(root: Path, env: dict[str, str], args, rows: dict[str, list[float]])
         script = work / "tiles.py"
         script.write_text(SCRIPT.format(count=args.count, tag=tag))
         floor, _ = timed(
-            [sys.executable, "-S", str(script), str(work / "local")], clean_environ(), work
+            [sys.executable, "-S", str(script), str(work / "local")], env=clean_environ(), cwd=work
         )
-        run, out = timed([str(RGRID), "run", str(script), "--json"], env, work)
-        execution = json.loads(out.strip().splitlines()[-1])
+        run, proc = timed([str(RGRID), "run", str(script), "--json"], env=env, cwd=work)
+        execution = json.loads(proc.stdout.strip().splitlines()[-1])
         if execution["status"] != "succeeded" or len(execution["outputs"]) != args.count:
             raise RuntimeError(f"the run did not store {args.count} outputs: {execution}")
         fetch_dir = work / "fetch"
         fetch_dir.mkdir()
-        fetch, _ = timed([str(RGRID), "outputs", execution["execution_id"]], env, fetch_dir)
+        fetch, _ = timed([str(RGRID), "outputs", execution["execution_id"]], env=env, cwd=fetch_dir)
         fetched = list((fetch_dir / "rgrid-outputs" / execution["execution_id"]).iterdir())
         if len(fetched) != args.count:
             raise RuntimeError(f"fetched {len(fetched)} of {args.count} outputs")

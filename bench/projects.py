@@ -3,7 +3,7 @@
 Rows, timed in interleaved rounds (order rotated), median and minimum, ratios against the floor:
 - floor: `docker run --rm --network none -v PROJECT:/work:ro -w /work rgrid-runtime:python-3.11
   python3 /work/main.py`, the same project bind-mounted into the same image;
-- `rgrid run main.py --json` embedded and against a private stack (bench/run.py's
+- `rgrid run main.py --json` embedded and against a private stack (bench/stacks.py's
   `private_stack`), each round after a one-line edit of `helpers/m07.py`;
 - bytes sent: a repeat of an unchanged tree, and one module of 30 changed.
 
@@ -36,19 +36,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.run import (  # noqa: E402
-    BENCH_STACK_ENV,
+from bench.harness import (  # noqa: E402
     PYTHON_VERSION,
+    RGRID,
+    RUNTIME_IMAGE,
     UV,
     clean_environ,
-    private_stack,
-    remove_containers_mounting,
+    median_row,
+    timed,
     uv_env,
 )
+from bench.stacks import BENCH_STACK_ENV, private_stack, remove_containers_mounting  # noqa: E402
 from tests.wheels import make_wheel  # noqa: E402
 
-RGRID = str(REPO / ".venv" / "bin" / "rgrid")
-IMAGE = "rgrid-runtime:python-3.11"
 MODULES = 30
 
 
@@ -77,20 +77,9 @@ def edit(project: Path, counter: int) -> int:
     return module.stat().st_size
 
 
-def run(cmd: list[str], env: dict | None, cwd: Path) -> tuple[float, str]:
-    started = time.perf_counter()
-    proc = subprocess.run(
-        cmd, env=env, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd} failed: {proc.stderr[-500:]}")
-    return elapsed, proc.stdout
-
-
 def rgrid_json(env: dict, project: Path) -> tuple[float, dict]:
-    elapsed, out = run([RGRID, "run", "main.py", "--json"], env, project)
-    return elapsed, json.loads(out.strip().splitlines()[-1])
+    elapsed, proc = timed([str(RGRID), "run", "main.py", "--json"], env=env, cwd=project)
+    return elapsed, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 LOCKED_MAIN = "import pandas as pd\nprint('rows', len(pd.DataFrame({'a': [1, 2, 3]})))\n"
@@ -124,7 +113,7 @@ def uv_run(root: Path, project: Path, name: str) -> float:
     """``uv run main.py`` into a project environment of its own: uv creates and fills it."""
     env = {**uv_env(root / "uv-cache"), "UV_PROJECT_ENVIRONMENT": str(root / "venvs" / name)}
     cmd = [str(UV), "run", "--locked", "--python", PYTHON_VERSION, "main.py"]
-    elapsed, out = run(cmd, env, project)
+    elapsed, _ = timed(cmd, env=env, cwd=project)
     return elapsed
 
 
@@ -141,7 +130,7 @@ def compile_checkout() -> None:
         )
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--lock-repeat", type=int, default=3)
@@ -150,69 +139,80 @@ def main() -> None:
         action="store_true",
         help="Do not compile the checkout's bytecode first (see compile_checkout).",
     )
-    options = parser.parse_args()
-    repeat = options.repeat
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = parse_options()
     if not options.no_bytecode:
         compile_checkout()
     root = Path(tempfile.mkdtemp(prefix="rgrid-bench-projects-"))
     try:
         with ExitStack() as exits:
             project = make_project(root)
-            shared_uv = {"RGRID_UV_CACHE_DIR": str(root / "uv-cache")}
-            stack_env = {**BENCH_STACK_ENV, **shared_uv}
-            modes = {
-                "embedded": {
-                    **clean_environ(),
-                    "RGRID_DATA_DIR": str(root / "embedded-data"),
-                    **shared_uv,
-                },
-                "stack": {**clean_environ(), **exits.enter_context(private_stack(root, stack_env))},
-            }
-            floor = ["docker", "run", "--rm", "--network", "none", "-v", f"{project}:/work:ro"]
-            floor += ["-w", "/work", IMAGE, "python3", "/work/main.py"]
-            times: dict[str, list[float]] = {"floor": [], "embedded": [], "stack": []}
-            sent: dict[str, list[tuple[int, int]]] = {"embedded": [], "stack": []}
-            repeat_bytes: dict[str, int] = {}
-            for name, env in modes.items():  # untimed warm-up; then an unchanged repeat
-                rgrid_json(env, project)
-                repeat_bytes[name] = rgrid_json(env, project)[1]["bytes_uploaded"]
-            run(floor, None, project)
-            counter = 0
-            for round_ in range(repeat):
-                order = ["floor", "embedded", "stack"]
-                order = order[round_ % 3 :] + order[: round_ % 3]
-                for name in order:
-                    counter += 1
-                    size = edit(project, counter)
-                    if name == "floor":
-                        times[name].append(run(floor, None, project)[0])
-                        continue
-                    elapsed, execution = rgrid_json(modes[name], project)
-                    assert execution["status"] == "succeeded", execution
-                    times[name].append(elapsed)
-                    sent[name].append((execution["bytes_uploaded"], size))
-            floor_median = statistics.median(times["floor"])
-            print("| row | median s | min s | ÷ floor | bytes sent (repeat / one module) |")
-            print("| --- | --- | --- | --- | --- |")
-            print(
-                f"| floor: docker run, project bind-mounted | {floor_median:.3f} |"
-                f" {min(times['floor']):.3f} | 1.00× | |"
-            )
-            for name in ("stack", "embedded"):
-                median = statistics.median(times[name])
-                pairs = ", ".join(f"{b} of {s}" for b, s in sent[name])
-                print(
-                    f"| `rgrid run`, one-line helper edit, {name} | {median:.3f} |"
-                    f" {min(times[name]):.3f} | {median / floor_median:.2f}× |"
-                    f" {repeat_bytes[name]} B / {pairs} B |"
-                )
+            modes = project_modes(root, exits)
+            edit_rows(project, modes, options.repeat)
             if options.lock_repeat:
                 lock_rows(root, modes, options.lock_repeat)
             # The embedded default's agent serves this data folder: end it with the folder.
-            subprocess.run([RGRID, "agent", "stop"], env=modes["embedded"], capture_output=True)
+            subprocess.run(
+                [str(RGRID), "agent", "stop"], env=modes["embedded"], capture_output=True
+            )
             remove_containers_mounting([root])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def project_modes(root: Path, exits: ExitStack) -> dict[str, dict]:
+    """The CLI's environment per mode: the embedded default on a data folder under ``root``,
+    and a private stack (ended by ``exits``); both share one uv cache."""
+    shared_uv = {"RGRID_UV_CACHE_DIR": str(root / "uv-cache")}
+    stack_env = {**BENCH_STACK_ENV, **shared_uv}
+    return {
+        "embedded": {
+            **clean_environ(),
+            "RGRID_DATA_DIR": str(root / "embedded-data"),
+            **shared_uv,
+        },
+        "stack": {**clean_environ(), **exits.enter_context(private_stack(root, stack_env))},
+    }
+
+
+def edit_rows(project: Path, modes: dict[str, dict], repeat: int) -> None:
+    """A one-line helper edit per run, in rotated rounds against a bare ``docker run`` of the
+    project; then the table, with the bytes each run sent."""
+    floor = ["docker", "run", "--rm", "--network", "none", "-v", f"{project}:/work:ro"]
+    floor += ["-w", "/work", RUNTIME_IMAGE, "python3", "/work/main.py"]
+    times: dict[str, list[float]] = {"floor": [], "embedded": [], "stack": []}
+    sent: dict[str, list[tuple[int, int]]] = {"embedded": [], "stack": []}
+    repeat_bytes: dict[str, int] = {}
+    for name, env in modes.items():  # untimed warm-up; then an unchanged repeat
+        rgrid_json(env, project)
+        repeat_bytes[name] = rgrid_json(env, project)[1]["bytes_uploaded"]
+    timed(floor, cwd=project)
+    counter = 0
+    for round_ in range(repeat):
+        order = ["floor", "embedded", "stack"]
+        order = order[round_ % 3 :] + order[: round_ % 3]
+        for name in order:
+            counter += 1
+            size = edit(project, counter)
+            if name == "floor":
+                times[name].append(timed(floor, cwd=project)[0])
+                continue
+            elapsed, execution = rgrid_json(modes[name], project)
+            assert execution["status"] == "succeeded", execution
+            times[name].append(elapsed)
+            sent[name].append((execution["bytes_uploaded"], size))
+    floor_median = statistics.median(times["floor"])
+    print("| row | median s | min s | ÷ floor | bytes sent (repeat / one module) |")
+    print("| --- | --- | --- | --- | --- |")
+    print(median_row("floor: docker run, project bind-mounted", times["floor"], floor_median))
+    for name in ("stack", "embedded"):
+        pairs = ", ".join(f"{b} of {s}" for b, s in sent[name])
+        label = f"`rgrid run`, one-line helper edit, {name}"
+        note = f"{repeat_bytes[name]} B / {pairs} B"
+        print(median_row(label, times[name], floor_median, note))
 
 
 def lock_rows(root: Path, modes: dict[str, dict], repeat: int) -> None:
@@ -251,17 +251,12 @@ def lock_rows(root: Path, modes: dict[str, dict], repeat: int) -> None:
     print()
     print("| row | median s | min s | ÷ floor | RGrid's install (deps_build_s) |")
     print("| --- | --- | --- | --- | --- |")
-    print(
-        f"| floor: `uv run main.py`, new project environment, uv cache warm | {floor_median:.3f}"
-        f" | {min(times['floor']):.3f} | 1.00× | |"
-    )
+    label = "floor: `uv run main.py`, new project environment, uv cache warm"
+    print(median_row(label, times["floor"], floor_median))
     for name in ("stack", "embedded"):
-        median = statistics.median(times[name])
-        print(
-            f"| `rgrid run main.py`, uv.lock project (pandas), first run, {name} | {median:.3f} |"
-            f" {min(times[name]):.3f} | {median / floor_median:.2f}× |"
-            f" {statistics.median(builds[name]):.2f} s |"
-        )
+        label = f"`rgrid run main.py`, uv.lock project (pandas), first run, {name}"
+        note = f"{statistics.median(builds[name]):.2f} s"
+        print(median_row(label, times[name], floor_median, note))
 
 
 if __name__ == "__main__":

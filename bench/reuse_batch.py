@@ -19,14 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run import (  # noqa: E402 - bench/run.py's stack helpers
-    RGRID,
-    clean_environ,
-    private_stack,
-    remove_containers_mounting,
-)
+from bench.harness import RGRID, clean_environ, say  # noqa: E402 - the shared harness
+from bench.stacks import private_stack, remove_containers_mounting  # noqa: E402
 
 #: Reads its input and writes one output (no dependencies: the cost is the runs themselves).
 SCRIPT = """\
@@ -34,10 +29,6 @@ import sys
 text = open(sys.argv[1]).read()
 open("outputs/out.txt", "w").write(text.upper())
 """
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def batch(env: dict[str, str], cwd: Path, *extra: str) -> tuple[float, dict, list[dict]]:

@@ -1,7 +1,7 @@
 """What a sandbox's own filesystem (the per-execution disk limit) costs, next to the floor.
 
 Every sandbox's ``/work`` is on a sparse ext4 image loop-mounted by the worker
-(``sandbox._mount_disk``): made and mounted when the sandbox is started for the warm pool
+(``sandbox_fs.mount_disk``): made and mounted when the sandbox is started for the warm pool
 (off the user's path), unmounted when it is discarded (after the run). This measures those two
 steps against a bare ``docker run --rm`` of a hello script (the bar a warm run is held to), as
 ratios, in one run. Needs root (mount) and the runtime image (``make setup``).
@@ -23,10 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rgrid.core.config import DEFAULT_RUNTIME  # noqa: E402
+from bench.harness import RUNTIME_IMAGE  # noqa: E402 - the runtime every bench's floor uses
 from rgrid.core.units import parse_bytes  # noqa: E402
-from rgrid.host import sandbox  # noqa: E402
-from rgrid.host.runtimes import resolve_runtime  # noqa: E402
+from rgrid.host import sandbox, sandbox_fs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--size", default="4g", help="the image's size (RGRID_DISK_LIMIT)")
     options = parser.parse_args(argv)
-    image = resolve_runtime(DEFAULT_RUNTIME).image
+    image = RUNTIME_IMAGE
     floor, setup, teardown = [], [], []
     with tempfile.TemporaryDirectory(prefix="rgrid-bench-disk-") as tmp:
         for i in range(options.repeat):
@@ -48,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             host_dir = Path(tmp, f"box-{i}")
             (host_dir / sandbox.DISK_DIR).mkdir(parents=True)
             started = time.perf_counter()
-            sandbox._mount_disk(host_dir, parse_bytes(options.size))
+            sandbox_fs.mount_disk(host_dir, parse_bytes(options.size))
             setup.append(time.perf_counter() - started)
             started = time.perf_counter()
-            sandbox.release_disk(host_dir)
+            sandbox_fs.release_disk(host_dir)
             teardown.append(time.perf_counter() - started)
             shutil.rmtree(host_dir)
     f = statistics.median(floor)

@@ -4,7 +4,7 @@ nothing of the output was kept in the sandbox's folder for a runner that dies).
 
     .venv/bin/python bench/supervisor_output.py --repeat 5
 
-Two scripts, each run through ``sandbox.run`` in a fresh sandbox, rounds interleaved: a hello
+Two scripts, each run through ``sandbox_run.run`` in a fresh sandbox, rounds interleaved: a hello
 line, and a 64 MiB flood of 1 KiB lines. Reports medians and the ratio to the floor. Cleans up
 its sandboxes and their folder.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import docker
 
 from rgrid.core.config import DEFAULT_RUNTIME, Settings
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_container, sandbox_files, sandbox_run, sandbox_supervisor
 from rgrid.host.runtimes import resolve_runtime
 
 # The supervisor as it was (git e070a1a), for the floor: the script's output goes straight
@@ -115,19 +115,19 @@ SCRIPTS = {
 
 def once(client, root: Path, supervisor: str, script: str) -> float:
     """One run in a fresh sandbox started with ``supervisor``; the seconds ``run`` took."""
-    kept, sandbox.SUPERVISOR = sandbox.SUPERVISOR, supervisor
+    kept, sandbox_supervisor.SUPERVISOR = sandbox_supervisor.SUPERVISOR, supervisor
     try:
         env = sandbox.Environment(resolve_runtime(DEFAULT_RUNTIME).image)
         limits = sandbox.Limits.from_settings(Settings())
         name = f"rgrid-bench-sup-{secrets.token_hex(4)}"
-        box = sandbox.start_box(client, env, limits, root=root, idle_s=120, name=name)
+        box = sandbox_container.start_box(client, env, limits, root=root, idle_s=120, name=name)
     finally:
-        sandbox.SUPERVISOR = kept
+        sandbox_supervisor.SUPERVISOR = kept
     try:
-        assert sandbox.claim(client, box, name)
-        sandbox.place_files(box, [("job.py", script.encode())], limits)
+        assert sandbox_container.claim(client, box, name)
+        sandbox_files.place_files(box, [("job.py", script.encode())], limits)
         started = time.perf_counter()
-        result = sandbox.run(
+        result = sandbox_run.run(
             client,
             box,
             env,
@@ -139,7 +139,7 @@ def once(client, root: Path, supervisor: str, script: str) -> float:
         assert result.exit_code == 0, result
         return took
     finally:
-        sandbox.discard(client, box)
+        sandbox_container.discard(client, box)
 
 
 def main() -> None:
@@ -157,7 +157,7 @@ def main() -> None:
         for label, script in SCRIPTS.items():
             times: dict[str, list[float]] = {"floor": [], "kept": []}
             for round_ in range(args.repeat):
-                order = [("floor", DIRECT_SUPERVISOR), ("kept", sandbox.SUPERVISOR)]
+                order = [("floor", DIRECT_SUPERVISOR), ("kept", sandbox_supervisor.SUPERVISOR)]
                 for key, supervisor in order if round_ % 2 == 0 else reversed(order):
                     times[key].append(once(client, root, supervisor, script))
             floor, kept = (statistics.median(times[k]) for k in ("floor", "kept"))

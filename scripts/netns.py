@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.host.hosts import HostRegistry
 from rgrid.service.context import redis_client
 from scripts import hosts
+from scripts.devenv import free_port, read_env_file
+from scripts.launcher import runtime_images, wait_healthy
 from scripts.processes import stop_group
-from scripts.stack import free_port, runtime_images, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 #: Addresses for the veth pairs: one /24 of this block per grid, one /30 per host in it.
@@ -221,18 +222,6 @@ def install_wheel(wheel: Path, venv: Path) -> Path:
     return venv / "bin"
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """What systemd's ``EnvironmentFile=`` makes of the file: ``KEY=VALUE`` lines, ``#``
-    comments and blank lines skipped."""
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
-
-
 def render_env_file(template: Path, values: dict[str, str], out: Path) -> Path:
     """``template`` (deploy/rgrid.env) with ``values`` set: each named line, commented out or
     not, gets its value; required lines not named are dropped (nothing placeholder stays)."""
@@ -372,13 +361,7 @@ def deployed(
     Redis and S3 URLs on loopback (each host gets them on its link's address); ``common``:
     the rest of every host's env file (``RGRID_QUEUE`` among them)."""
     timings: dict[str, float] = {}
-    started = time.monotonic()
-    wheel = build_wheel(root)
-    timings["wheel build"] = time.monotonic() - started
-    started = time.monotonic()
-    bin_dir = install_wheel(wheel, root / "venv")
-    timings["wheel install"] = time.monotonic() - started
-
+    bin_dir = installed_wheel(root, timings)
     queue = common["RGRID_QUEUE"]
     api_port = free_port()
     logs = root / "logs"
@@ -393,45 +376,10 @@ def deployed(
         try:
             for net in nets.values():
                 net.connect()
-            routes = [
-                (net.main_address, port, port)
-                for net in nets.values()
-                for port in [*(_port(u) for u in services.values()), api_port]
-            ]
-            with Forwarder(routes):
-                # The main namespace's roles: the API and beat, on loopback.
+            ports = [*(_port(u) for u in services.values()), api_port]
+            with Forwarder([(n.main_address, p, p) for n in nets.values() for p in ports]):
                 main_file = render_env_file(template, {**services, **common}, root / "main.env")
-                main_env = {
-                    "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME": str(root),
-                    "LANG": "C.UTF-8",
-                    "PROMETHEUS_MULTIPROC_DIR": str(logs),
-                    **read_env_file(main_file),
-                }
-                python = str(bin_dir / "python")
-                api = [python, "-m", "gunicorn", "--bind", f"127.0.0.1:{api_port}"]
-                api += ["--workers", "1", "--threads", "4", "rgrid.api:create_app()"]
-                processes.append(Supervised(api, main_env, logs / "api.log", root).start())
-                beat = [python, "-m", "celery", "-A", "workers.celery_app", "beat"]
-                beat += ["--schedule", str(root / "beat-schedule")]
-                processes.append(Supervised(beat, main_env, logs / "beat.log", root).start())
-                wait_healthy(f"http://127.0.0.1:{api_port}", logs / "api.log")
-
-                env_files = {}
-                for name, net in nets.items():
-                    (net.engine.dir / "metrics").mkdir(exist_ok=True)
-                    values = {
-                        **{k: _on(v, net.main_address) for k, v in services.items()},
-                        **common,
-                        "RGRID_HOST_NAME": name,
-                        "RGRID_DATA_DIR": str(net.engine.data_dir),
-                        "DOCKER_HOST": net.engine.docker_host,
-                        "RGRID_API_URL": f"http://{net.main_address}:{api_port}",
-                        "PROMETHEUS_MULTIPROC_DIR": str(net.engine.dir / "metrics"),
-                    }
-                    env_files[name] = render_env_file(
-                        template, values, net.engine.dir / "rgrid.env"
-                    )
+                start_main_roles(root, bin_dir, main_file, api_port, processes)
                 app = queueing.create_celery_app()
                 app.conf.task_default_queue = queue
                 grid = Grid(
@@ -439,24 +387,14 @@ def deployed(
                     bin=bin_dir,
                     queue=queue,
                     nets=nets,
-                    env_files=env_files,
+                    env_files=host_env_files(nets, template, services, common, api_port),
                     workers={},
                     registry=HostRegistry(redis_client(services["RGRID_REDIS_URL"]), queue),
                     app=app,
                     api_port=api_port,
                     timings=timings,
                 )
-                for name, net in nets.items():
-                    worker = [python, "-m", "celery", "-A", "workers.celery_app", "worker"]
-                    worker += ["--loglevel", "INFO", "--concurrency", "2"]
-                    worker += ["--hostname", f"{name}@%h"]
-                    grid.workers[name] = Supervised(
-                        net.command(worker),
-                        grid.host_env(name),
-                        logs / f"worker-{name}.log",
-                        net.engine.dir,
-                    ).start()
-                    processes.append(grid.workers[name])
+                start_workers(grid, processes)
                 wait_for(
                     "both hosts' heartbeats",
                     lambda: all(grid.registry.alive(n) for n in names),
@@ -468,7 +406,91 @@ def deployed(
                 process.stop()
             for net in nets.values():
                 net.disconnect()
-            client = redis_client(services["RGRID_REDIS_URL"])
-            for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
-                for key in client.scan_iter(pattern):
-                    client.delete(key)
+            forget_queue(services["RGRID_REDIS_URL"], queue)
+
+
+def installed_wheel(root: Path, timings: dict[str, float]) -> Path:
+    """The wheel built from this tree and installed into a virtualenv of its own (what every
+    host runs); the seconds each took go into ``timings``. Returns the virtualenv's bin."""
+    started = time.monotonic()
+    wheel = build_wheel(root)
+    timings["wheel build"] = time.monotonic() - started
+    started = time.monotonic()
+    bin_dir = install_wheel(wheel, root / "venv")
+    timings["wheel install"] = time.monotonic() - started
+    return bin_dir
+
+
+def start_main_roles(
+    root: Path, bin_dir: Path, env_file: Path, api_port: int, processes: list[Supervised]
+) -> None:
+    """The main namespace's roles, the API and beat on loopback, configured by ``env_file``
+    alone, each added to ``processes`` as it starts (the caller stops them, even when the API
+    never answers); returns once the API answers."""
+    logs = root / "logs"
+    main_env = {
+        "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(root),
+        "LANG": "C.UTF-8",
+        "PROMETHEUS_MULTIPROC_DIR": str(logs),
+        **read_env_file(env_file),
+    }
+    python = str(bin_dir / "python")
+    api = [python, "-m", "gunicorn", "--bind", f"127.0.0.1:{api_port}"]
+    api += ["--workers", "1", "--threads", "4", "rgrid.api:create_app()"]
+    processes.append(Supervised(api, main_env, logs / "api.log", root).start())
+    beat = [python, "-m", "celery", "-A", "workers.celery_app", "beat"]
+    beat += ["--schedule", str(root / "beat-schedule")]
+    processes.append(Supervised(beat, main_env, logs / "beat.log", root).start())
+    wait_healthy(f"http://127.0.0.1:{api_port}", logs / "api.log")
+
+
+def host_env_files(
+    nets: dict[str, NetHost],
+    template: Path,
+    services: dict[str, str],
+    common: dict[str, str],
+    api_port: int,
+) -> dict[str, Path]:
+    """Each host's env file, its whole configuration: the services and the API at its link's
+    main address, its own name, data folder, Docker engine and metrics folder."""
+    env_files = {}
+    for name, net in nets.items():
+        (net.engine.dir / "metrics").mkdir(exist_ok=True)
+        values = {
+            **{k: _on(v, net.main_address) for k, v in services.items()},
+            **common,
+            "RGRID_HOST_NAME": name,
+            "RGRID_DATA_DIR": str(net.engine.data_dir),
+            "DOCKER_HOST": net.engine.docker_host,
+            "RGRID_API_URL": f"http://{net.main_address}:{api_port}",
+            "PROMETHEUS_MULTIPROC_DIR": str(net.engine.dir / "metrics"),
+        }
+        env_files[name] = render_env_file(template, values, net.engine.dir / "rgrid.env")
+    return env_files
+
+
+def start_workers(grid: Grid, processes: list[Supervised]) -> None:
+    """A Celery worker per host, in the host's namespace with the host's env file alone, each
+    added to ``processes`` as it starts."""
+    python = str(grid.bin / "python")
+    logs = grid.root / "logs"
+    for name, net in grid.nets.items():
+        worker = [python, "-m", "celery", "-A", "workers.celery_app", "worker"]
+        worker += ["--loglevel", "INFO", "--concurrency", "2"]
+        worker += ["--hostname", f"{name}@%h"]
+        grid.workers[name] = Supervised(
+            net.command(worker),
+            grid.host_env(name),
+            logs / f"worker-{name}.log",
+            net.engine.dir,
+        ).start()
+        processes.append(grid.workers[name])
+
+
+def forget_queue(redis_url: str, queue: str) -> None:
+    """The grid's queue and its bindings gone from the shared Redis."""
+    client = redis_client(redis_url)
+    for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)

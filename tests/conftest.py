@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import dev_env, fresh_database
+from scripts.devenv import dev_env, fresh_database
 
 DEV_ENV = dev_env()
 

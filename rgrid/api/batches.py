@@ -27,7 +27,7 @@ from rgrid.api.schemas import (
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, RGridError, ServiceUnavailable
 from rgrid.core.queueing import enqueue_pipeline
-from rgrid.service import batch_retry
+from rgrid.service import batch_retry, cancelling
 from rgrid.service import batch_views as views
 from rgrid.service import batches as svc
 
@@ -148,21 +148,15 @@ def batch_executions(batch_id: str, query: BatchExecutionsQuery):
 @validated()
 def cancel_batch(batch_id: str):
     """Cancel a batch: every queued and running execution of it ends `cancelled`."""
-    # Only here: the API loads the pipeline for a cancel alone.
-    from rgrid.pipeline import chain as pipeline
-
     ctx = _ctx()
     full_id = _batch_id(batch_id)
-    pipeline_ctx = ctx.pipeline_context()
+    writing = ctx.writing()
     stopped = svc.cancel(
         ctx.session_factory,
         g.account_id,
         full_id,
-        lambda execution_id: pipeline.cancel(pipeline_ctx, execution_id),
-        release=lambda execution_id: (
-            pipeline_ctx.logs.clear(execution_id),
-            pipeline_ctx.channels.forget(execution_id),
-        ),
+        lambda execution_id: cancelling.cancel(writing, execution_id),
+        release=lambda execution_id: cancelling.forget(writing, execution_id),
     )
     return jsonify({**_status(full_id), "stopped": stopped})
 

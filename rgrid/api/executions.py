@@ -19,11 +19,12 @@ from rgrid.api.schemas import (
     SubmitRequest,
     validated,
 )
-from rgrid.core import metrics
+from rgrid.core import lifecycle, metrics
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound, ServiceUnavailable
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.pipeline import reuse
+from rgrid.service import cancelling
 from rgrid.service import executions as svc
 from rgrid.store.channels import check_env
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from rgrid.core.models import Execution
-    from rgrid.pipeline.chain import PipelineContext
+    from rgrid.pipeline.context import PipelineContext
 
 bp = Blueprint("executions", __name__)
 bp.before_request(authenticate_request)
@@ -78,8 +79,7 @@ def create_execution(body: SubmitRequest):
     except Exception as exc:  # noqa: BLE001 - broker down: the row must not stay queued for ever
         with session_scope(ctx.session_factory) as session:
             execution = svc.get_execution(session, g.account_id, execution_id)
-            execution.status = "error"
-            execution.error = "could not queue the execution: broker unavailable"
+            lifecycle.fail(execution, "could not queue the execution: broker unavailable")
         raise ServiceUnavailable(f"could not queue the execution: {exc}") from exc
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
@@ -184,13 +184,10 @@ def feed_stdin(execution_id: str, query: StdinQuery):
 def cancel_execution(execution_id: str):
     """Stop an execution: at once if it has not started running, within a second if it runs
     (its worker watches the row). A finished one is left as it is: ``cancelled`` is false."""
-    # Only here: the API loads the pipeline for a cancel alone.
-    from rgrid.pipeline import chain as pipeline
-
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
         execution_id = svc.get_execution(session, g.account_id, execution_id).id
-    _status, changed = pipeline.cancel(ctx.pipeline_context(), execution_id)
+    _status, changed = cancelling.cancel(ctx.writing(), execution_id)
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)
         return jsonify({**svc.execution_to_dict(execution), "cancelled": changed})

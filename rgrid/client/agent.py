@@ -34,7 +34,7 @@ from rgrid.core.config import Settings, get_settings
 from rgrid.core.errors import RGridError
 from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
-from rgrid.pipeline import chain as pipeline
+from rgrid.service.cancelling import cancel
 from rgrid.service.context import embedded_context
 from rgrid.store.channels import PassedStdin
 from rgrid.store.inputs import InputFile
@@ -81,7 +81,7 @@ class Agent:
             try:
                 if self.client.get(execution_id)["status"] not in TERMINAL_STATUSES:
                     log.info("client left: cancelling %s", execution_id)
-                    pipeline.cancel(self.client.ctx, execution_id)
+                    cancel(self.client.ctx, execution_id)
             except Exception:  # noqa: BLE001 - one failure must not keep the others running
                 log.exception("could not cancel %s", execution_id)
 

@@ -20,11 +20,12 @@ from rgrid.core.spec import RunSpec
 from rgrid.host import disk
 from rgrid.host.docker_engine import get_docker
 from rgrid.host.runtimes import resolve_runtime
-from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse as reuse_mod
-from rgrid.pipeline.chain import PipelineContext
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.context import PipelineContext
+from rgrid.pipeline.lost import recover_interrupted
+from rgrid.service import cancelling, maintenance, purge
 from rgrid.service import executions as svc
-from rgrid.service import maintenance, purge
 from rgrid.service.accounts import get_or_create_account
 from rgrid.store import blobs
 from rgrid.store.channels import StdinSource, check_env
@@ -43,7 +44,7 @@ class EmbeddedClient(EmbeddedBatches):
         # Refilling the warm pool runs beside the script; the process waits for it to finish
         # starting its sandbox, which then outlives the process until it is used or idles out.
         atexit.register(ctx.join_background)
-        pipeline.recover_interrupted(ctx)
+        recover_interrupted(ctx)
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
@@ -65,7 +66,7 @@ class EmbeddedClient(EmbeddedBatches):
         if stdin_source is not None:
             self.ctx.channels.attach_stdin(result["execution_id"], stdin_source)
         thread = threading.Thread(
-            target=pipeline.run_all, args=(self.ctx, result["execution_id"]), daemon=True
+            target=run_all, args=(self.ctx, result["execution_id"]), daemon=True
         )
         thread.start()
         return result
@@ -117,7 +118,7 @@ class EmbeddedClient(EmbeddedBatches):
         with session_scope(self.ctx.session_factory) as session:
             # The account's own, by id, prefix or `last`.
             execution_id = svc.get_execution(session, self.account_id, execution_id).id
-        _status, changed = pipeline.cancel(self.ctx, execution_id)
+        _status, changed = cancelling.cancel(self.ctx, execution_id)
         return {**self.get(execution_id), "cancelled": changed}
 
     def list(self, limit: int, standalone: bool = False) -> list[dict]:

@@ -4,7 +4,7 @@ running one execution's whole pipeline at a time.
 
 The batch's ``parallel`` bounds the threads (default: ``EMBEDDED_PARALLEL``); every row of
 the batch is marked as this process's from the start, so if the process is killed, the next
-`rgrid` on this machine ends what it left (``pipeline.recover_interrupted``).
+`rgrid` on this machine ends what it left (``lost.recover_interrupted``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from rgrid.core.db import serialized_session_factory, session_scope
 from rgrid.core.models import Execution
 from rgrid.core.spec import RunSpec
 from rgrid.host.docker_engine import get_docker
-from rgrid.pipeline import chain as pipeline
 from rgrid.pipeline import reuse
-from rgrid.pipeline.chain import PipelineContext
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.context import PipelineContext
 from rgrid.service import batch_retry, batch_views, batches
+from rgrid.service.cancelling import cancel
 
 #: Executions run at once in process when --parallel is not given: the host's cores, at most 4.
 EMBEDDED_PARALLEL = max(1, min(4, os.cpu_count() or 1))
@@ -92,7 +93,7 @@ class EmbeddedBatches:
         return images[runtime]
 
     def _run(self, execution_id: str) -> None:
-        pipeline.run_all(self._writer, execution_id)
+        run_all(self._writer, execution_id)
         batches.after_execution(self._writer.session_factory, execution_id, self._enqueue)
 
     def _enqueue(self, execution_id: str) -> None:
@@ -136,7 +137,7 @@ class EmbeddedBatches:
             self._writer.session_factory,
             self.account_id,
             full_id,
-            lambda execution_id: pipeline.cancel(self._writer, execution_id),
+            lambda execution_id: cancel(self._writer, execution_id),
             release=self.ctx.logs.clear,
         )
         return {**self.batch(full_id), "stopped": stopped}

@@ -4,6 +4,11 @@ Keys include the account so that no account can learn whether another ran a scri
 script cache's key (its table's unique columns: account, runtime, dependency hash, script hash)
 includes the dependency hash so that a script never gets another requirements set's
 environment.
+
+Besides the cache keys: every Redis key RGrid writes (see "Redis keys") and every Docker label
+it puts on a container or image (see "Docker labels"). They are here for the same reason: a
+running grid finds its state by these exact strings, so each is spelled once and a change to
+one is seen as what it is, a change of what every host and the API agree on.
 """
 
 from __future__ import annotations
@@ -164,3 +169,69 @@ def runtime_image_key(queue: str, runtime: str) -> str:
     """Redis: the image id the deployment's workers last ran ``runtime`` with, so the API can
     compute an action key without a Docker engine of its own."""
     return f"rgrid:{queue}:runtime-image:{runtime}"
+
+
+# --- Redis keys --------------------------------------------------------------------------------
+# Redis holds what a deployment's processes share for a while: hosts' heartbeats, which host has
+# which environment, a run's environment variables and piped input on their way to the worker.
+# A deployment's keys carry its queue name (deployments and test sessions may share a Redis);
+# an execution's carry its id, unique across deployments. Workers of one version and the API of
+# the next read each other's keys during an upgrade: values never change.
+
+
+def deployment_keys_pattern(queue: str) -> str:
+    """Every Redis key of one deployment (``SCAN`` pattern): what a test session or a bench
+    run deletes when it is done with its queue name."""
+    return f"rgrid:{queue}:*"
+
+
+def host_alive_key(queue: str, host: str) -> str:
+    """A worker host's heartbeat (rgrid/host/hosts.py): set with a TTL, renewed while its
+    Docker engine answers; gone means the host is not chosen."""
+    return f"rgrid:{queue}:host-alive:{host}"
+
+
+def build_pool_alive_key(queue: str, host: str) -> str:
+    """A host's build pool's heartbeat: installs are handed to its build queue only while it
+    is set."""
+    return f"rgrid:{queue}:build-pool-alive:{host}"
+
+
+def environment_hosts_key(queue: str, environment: str) -> str:
+    """The set of hosts that have ``environment`` installed (the warm-host preference)."""
+    return f"rgrid:{queue}:env-hosts:{environment}"
+
+
+def execution_env_key(execution_id: str) -> str:
+    """A run's ``--env`` values, encrypted, from the API to the worker (rgrid/store/channels.py)."""
+    return f"rgrid:env:{execution_id}"
+
+
+def execution_stdin_key(execution_id: str) -> str:
+    """A run's piped input, in chunks, from the API to the worker (rgrid/store/channels.py)."""
+    return f"rgrid:stdin:{execution_id}"
+
+
+# --- Docker labels -----------------------------------------------------------------------------
+# Labels are how RGrid finds its own containers and images on an engine it shares with others:
+# the reaper, the warm pool, the disk sweep and a restarted worker read them from containers a
+# process of another version may have started, so their names never change.
+
+#: Every container and volume RGrid creates carries this label, so leftovers can be reaped.
+MANAGED_LABEL = "rgrid.managed"
+#: The execution a container was started for (no warm sandbox was free).
+EXECUTION_LABEL = "rgrid.execution"
+#: Unix time after which an execution container is certainly abandoned (its timeout plus grace):
+#: lets any reaper on the host remove it, even one whose database never heard of it.
+DEADLINE_LABEL = "rgrid.deadline"
+#: A warm sandbox's pool key (``pool.pool_key``): which executions it may be handed to.
+POOL_LABEL = "rgrid.pool"
+#: The host folder behind a sandbox's ``/work``: how its folder is found from its container.
+HOST_DIR_LABEL = "rgrid.dir"
+#: Unix time at which an unclaimed sandbox ends itself: a claim this close to it is not tried.
+IDLE_UNTIL_LABEL = "rgrid.idle-until"
+#: Which installation (API + workers of one deployment, or one embedded data folder) started
+#: a sandbox: each keeps, counts and retires only its own.
+INSTALLATION_LABEL = "rgrid.installation"
+#: On a runtime image: the runtime it was built for.
+RUNTIME_LABEL = "rgrid.runtime"

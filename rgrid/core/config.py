@@ -342,7 +342,7 @@ class Settings:
 
     @property
     def run_locks_dir(self) -> Path:
-        """One lock file per execution whose run step is on this host (``pipeline._run_lock``)."""
+        """One lock file per execution whose run step is on this host (``watch.run_lock``)."""
         return self.data_dir / "run-locks"
 
     @property

@@ -20,8 +20,8 @@ from pathlib import Path
 import docker
 
 from rgrid.core import cache_keys
+from rgrid.core.cache_keys import MANAGED_LABEL
 from rgrid.host import dependencies
-from rgrid.host.docker_engine import MANAGED_LABEL
 from rgrid.host.runtimes import RuntimeSpec
 from rgrid.host.sandbox import DEPS_MOUNT
 

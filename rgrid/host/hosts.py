@@ -6,7 +6,8 @@ caches (environments, warm pool, blob and uv caches). Each host's worker consume
 queue and a queue of its own (:func:`host_queue`): the first step of an execution that touches
 Docker pins the execution to its host and sends the remaining steps to that host's queue, so
 an environment is installed where the script then runs. Before that, the dispatcher prefers
-a live host that already has the execution's environment (:meth:`HostRegistry.warm_host`).
+a live host that already has the execution's environment installed
+(:meth:`HostRegistry.host_with_environment`).
 
 All of it lives in Redis under the deployment's queue name (test sessions have their own),
 with a heartbeat key per host that expires when the host stops renewing it: a host whose
@@ -58,10 +59,10 @@ class HostRegistry:
         self.queue = queue
 
     def _alive_key(self, host: str) -> str:
-        return f"rgrid:{self.queue}:host-alive:{host}"
+        return cache_keys.host_alive_key(self.queue, host)
 
     def _env_key(self, environment: str) -> str:
-        return f"rgrid:{self.queue}:env-hosts:{environment}"
+        return cache_keys.environment_hosts_key(self.queue, environment)
 
     def beat(self, host: str) -> None:
         """This host's engine answers: keep it choosable for another TTL."""
@@ -80,7 +81,7 @@ class HostRegistry:
     # that keeps crashing) would otherwise leave every install waiting ``queued`` for ever.
 
     def _build_pool_key(self, host: str) -> str:
-        return f"rgrid:{self.queue}:build-pool-alive:{host}"
+        return cache_keys.build_pool_alive_key(self.queue, host)
 
     def build_pool_beat(self, host: str) -> None:
         self.client.set(self._build_pool_key(host), str(time.time()), ex=HEARTBEAT_TTL_S)
@@ -126,8 +127,10 @@ class HostRegistry:
         prefix = self._alive_key("")
         return sorted(k.decode()[len(prefix) :] for k in self.client.scan_iter(prefix + "*"))
 
-    def warm_host(self, environment: str | None, exclude: str | None = None) -> str | None:
-        """A live host that has ``environment`` installed (one at random, so one warm host does
+    def host_with_environment(
+        self, environment: str | None, exclude: str | None = None
+    ) -> str | None:
+        """A live host that has ``environment`` installed (one at random, so one such host does
         not take every run), or None: no preference, any host will do. ``exclude``: a host
         that knows better from its own disk."""
         if not environment:

@@ -3,7 +3,7 @@
 The pool's state is the Docker engine itself (containers labelled with their pool key), not a
 process's memory: every Celery child on a host, and the next ``rgrid run`` of the embedded
 default, sees the same pool, and a restarted worker finds what its predecessor started. A
-claim is an atomic rename (``sandbox.claim``), so no sandbox is ever handed out twice.
+claim is an atomic rename (``sandbox_container.claim``), so no sandbox is ever handed out twice.
 Sandboxes nobody claims end themselves after the idle timeout; nothing here has to stop them.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import docker
 
-from rgrid.host import envlocks, sandbox
+from rgrid.core import cache_keys
+from rgrid.host import envlocks, sandbox, sandbox_container, sandbox_fs, sandbox_reattach
 from rgrid.host.sandbox import Box, Environment, Limits
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ class PoolSettings:
     #: Warm sandboxes kept on the host in all; the least recently started go first.
     max_total: int = 6
     idle_s: float = 600.0
-
-
-#: Which installation (API + workers of one deployment, or one embedded data folder) started
-#: a sandbox: each keeps, counts and retires only its own.
-INSTALLATION_LABEL = "rgrid.installation"
 
 
 def installation_id(pool: PoolSettings) -> str:
@@ -62,11 +58,11 @@ def warm_sandboxes(
 ) -> list[dict]:
     """Unclaimed running sandboxes (of one pool, or of one installation), newest first."""
     if key:
-        label = f"{sandbox.POOL_LABEL}={key}"
+        label = f"{cache_keys.POOL_LABEL}={key}"
     elif installation:
-        label = f"{INSTALLATION_LABEL}={installation}"
+        label = f"{cache_keys.INSTALLATION_LABEL}={installation}"
     else:
-        label = sandbox.POOL_LABEL
+        label = cache_keys.POOL_LABEL
     found = client.api.containers(filters={"label": label, "status": "running"})
     warm = [
         c
@@ -81,7 +77,7 @@ def box_of(container: dict) -> Box:
     return Box(
         name=name,
         container_id=container["Id"],
-        host_dir=Path(container["Labels"][sandbox.HOST_DIR_LABEL]),
+        host_dir=Path(container["Labels"][cache_keys.HOST_DIR_LABEL]),
     )
 
 
@@ -110,7 +106,7 @@ def claim_counting_spares(
     warm = warm_sandboxes(client, pool_key(env, limits, pool))
     for index, container in enumerate(warm):
         try:
-            idle_until = int(container["Labels"].get(sandbox.IDLE_UNTIL_LABEL, "0"))
+            idle_until = int(container["Labels"].get(cache_keys.IDLE_UNTIL_LABEL, "0"))
         except ValueError:
             continue
         if idle_until - now < CLAIM_MARGIN_S:
@@ -121,7 +117,7 @@ def claim_counting_spares(
             # files written now would never reach it.
             retire(client, box)
             continue
-        if sandbox.claim(client, box, execution_id):
+        if sandbox_container.claim(client, box, execution_id):
             return box, len(warm) - index - 1
     return None, 0
 
@@ -129,8 +125,8 @@ def claim_counting_spares(
 def start(client: docker.DockerClient, env: Environment, limits: Limits, pool: PoolSettings) -> Box:
     key = pool_key(env, limits, pool)
     name = f"{sandbox.POOL_NAME_PREFIX}{key[:12]}-{secrets.token_hex(4)}"
-    labels = {sandbox.POOL_LABEL: key, INSTALLATION_LABEL: installation_id(pool)}
-    return sandbox.start_box(
+    labels = {cache_keys.POOL_LABEL: key, cache_keys.INSTALLATION_LABEL: installation_id(pool)}
+    return sandbox_container.start_box(
         client, env, limits, root=pool.root, idle_s=pool.idle_s, name=name, labels=labels
     )
 
@@ -145,7 +141,7 @@ def fill(client: docker.DockerClient, env: Environment, limits: Limits, pool: Po
         missing = pool.size - len(warm_sandboxes(client, key)) if present else 0
         while started < missing:
             everyone = warm_sandboxes(client, installation=installation_id(pool))
-            others = [c for c in everyone if c["Labels"].get(sandbox.POOL_LABEL) != key]
+            others = [c for c in everyone if c["Labels"].get(cache_keys.POOL_LABEL) != key]
             while len(everyone) >= pool.max_total and others:
                 oldest = others.pop()
                 retire(client, box_of(oldest))
@@ -160,8 +156,8 @@ def fill(client: docker.DockerClient, env: Environment, limits: Limits, pool: Po
 def retire(client: docker.DockerClient, box: Box) -> None:
     """End an unclaimed sandbox: claim it under a throwaway name first, so that no execution
     can be claiming it at the same moment."""
-    if sandbox.claim(client, box, f"retired-{secrets.token_hex(4)}"):
-        sandbox.discard(client, box)
+    if sandbox_container.claim(client, box, f"retired-{secrets.token_hex(4)}"):
+        sandbox_container.discard(client, box)
 
 
 def retire_mounting(client: docker.DockerClient, path: Path) -> bool:
@@ -169,7 +165,7 @@ def retire_mounting(client: docker.DockerClient, path: Path) -> bool:
     removed: a script there would find no packages). False, retiring nothing, when a claimed
     sandbox still runs on it."""
     warm, running = [], False
-    for container in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL}):
+    for container in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL}):
         if not any(m.get("Source") == str(path) for m in container.get("Mounts") or []):
             continue
         names = [n.lstrip("/") for n in container.get("Names") or []]
@@ -211,22 +207,22 @@ def retire_installation(client: docker.DockerClient, root: Path) -> int:
             retire(client, box)
             ended += 1
     created = client.api.containers(
-        all=True, filters={"label": sandbox.HOST_DIR_LABEL, "status": "created"}
+        all=True, filters={"label": cache_keys.HOST_DIR_LABEL, "status": "created"}
     )
     for container in created:
-        if Path(container["Labels"][sandbox.HOST_DIR_LABEL]).is_relative_to(root):
+        if Path(container["Labels"][cache_keys.HOST_DIR_LABEL]).is_relative_to(root):
             with contextlib.suppress(docker.errors.APIError):
                 client.api.remove_container(container["Id"], force=True)
                 ended += 1
     # Claimed ones too: a worker stopped between a claim and its job leaves its sandbox
     # waiting for a job that never comes (it would end itself only when idle).
     claimed = client.api.containers(
-        filters={"label": sandbox.HOST_DIR_LABEL, "name": sandbox.RUN_NAME_PREFIX}
+        filters={"label": cache_keys.HOST_DIR_LABEL, "name": sandbox.RUN_NAME_PREFIX}
     )
     for container in claimed:
         box = box_of(container)
         if box.host_dir.is_relative_to(root):
-            sandbox.discard(client, box)
+            sandbox_container.discard(client, box)
             ended += 1
     return ended
 
@@ -260,19 +256,19 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
     out and removed itself, or its runner died). Folders younger than ``min_age_s`` are
     left: their sandbox may be starting."""
     alive = {
-        c["Labels"].get(sandbox.HOST_DIR_LABEL)
-        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"].get(cache_keys.HOST_DIR_LABEL)
+        for c in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
     removed = 0
     for folder in root.iterdir() if root.is_dir() else []:
         with contextlib.suppress(FileNotFoundError):
             if str(folder) in alive or time.time() - folder.stat().st_mtime < min_age_s:
                 continue
-            if sandbox.holds_result(folder):
+            if sandbox_reattach.holds_result(folder):
                 continue  # its runner died: the one coming back reads its result here
             # Its filesystem is unmounted first: deleting through the mount would leave
             # the mount (and its loop device) behind.
-            sandbox.remove_folder(folder)
+            sandbox_fs.remove_folder(folder)
             removed += 1
     # Then other installations' (this one's are gone by now), never younger than a minute
     # whatever ``min_age_s`` says: another installation may be storing an ended sandbox's
@@ -290,12 +286,16 @@ def release_orphaned_disks(alive: set[str], min_age_s: float = 60) -> int:
     # The mount table names real paths; a label may name one through a symbolic link.
     alive = {os.path.realpath(path) for path in alive if path}
     released = 0
-    for host_dir in sandbox.sandbox_disks():
+    for host_dir in sandbox_fs.sandbox_disks():
         with contextlib.suppress(OSError):
             young = time.time() - host_dir.stat().st_mtime < min_age_s
-            if young or os.path.realpath(host_dir) in alive or sandbox.holds_result(host_dir):
+            if (
+                young
+                or os.path.realpath(host_dir) in alive
+                or sandbox_reattach.holds_result(host_dir)
+            ):
                 continue
-            sandbox.release_disk(host_dir)
+            sandbox_fs.release_disk(host_dir)
             (host_dir / sandbox.DISK_IMAGE).unlink(missing_ok=True)
             released += 1
     return released

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rgrid.core.cache_keys import RUNTIME_LABEL
 from rgrid.core.config import DEFAULT_RUNTIME  # noqa: F401 - re-exported
 from rgrid.core.errors import BuildError, UnknownRuntime
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     # Only for annotations: the API resolves runtime names and must not load docker-py.
     import docker
 
-RUNTIME_LABEL = "rgrid.runtime"
 CONTAINER_UID = 1000
 CONTAINER_GID = 1000
 CONTAINER_HOME = "/home/rgrid"

@@ -12,8 +12,8 @@ account alone may use every slot; with N accounts each gets at most its 1/N, rou
 never above the fixed cap ``RGRID_MAX_CONCURRENT_PER_ACCOUNT`` if one is set. A step that
 finds its account at its share raises :class:`AccountBusy` before it does anything; the
 worker then sends the step again with a countdown and frees its slot for other accounts'
-work (see ``workers/tasks.py``), and the execution keeps its status. So a waiting account's
-first run takes the next slot that frees, while the busy account's long work goes on.
+work (see ``rgrid/service/routing.py``), and the execution keeps its status. So a waiting
+account's first run takes the next slot that frees, while the busy account's long work goes on.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from rgrid.core import cache_keys
+from rgrid.core import cache_keys, lifecycle
 from rgrid.core.config import Settings
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound
@@ -402,26 +402,13 @@ def cancel(
     (held back, or in the queue but not started) ends ``cancelled`` at once, in one statement
     (its steps then find it over; ``release`` drops what it had in Redis); each one already
     building or running is cancelled as a single run is (``cancel_execution``:
-    pipeline.cancel, which stops its sandbox). Returns how many were still unfinished."""
+    ``cancelling.cancel``, which stops its sandbox). Returns how many were still unfinished."""
     with session_scope(session_factory) as session:
         batch = _locked(session, account_id, batch_id)
         batch.cancelled_at = batch.cancelled_at or utcnow()
-        now = utcnow()
-        # The status test is in the statement: a step that started meanwhile has moved the
-        # row on, and is cancelled below like a running one.
-        ended = session.execute(
-            update(Execution)
-            .where(Execution.batch_id == batch.id, Execution.status == Status.QUEUED)
-            .values(
-                status=Status.CANCELLED.value,
-                outcome=Status.CANCELLED.value,
-                error="cancelled",
-                cancel_requested=True,
-                finished_at=now,
-            )
-            .returning(Execution.id, Execution.dispatched_at),
-            execution_options={"synchronize_session": False},
-        ).all()
+        # A step that started meanwhile has moved the row on, and is cancelled below like a
+        # running one.
+        ended = lifecycle.cancel_queued(session, Execution.batch_id == batch.id)
     for execution_id, dispatched_at in ended:
         if dispatched_at is not None:
             release(execution_id)

@@ -3,7 +3,7 @@ Redis) or the embedded default (SQLite, a local folder, memory, file locks)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from rgrid.store.objectstore import LocalStore, ObjectStore, PresigningStore, st
 if TYPE_CHECKING:
     import redis
 
-    from rgrid.pipeline.chain import PipelineContext
+    from rgrid.pipeline.context import PipelineContext
 
 
 @lru_cache(maxsize=4)
@@ -57,17 +57,26 @@ class Services:
     #: Environment variables and stdin on their way from the API to a worker.
     channels: RedisChannels
 
+    def worker_logs(self) -> JournaledLogBuffer:
+        """The live log as a worker writes it: Redis without retries, and this host's
+        journal of it."""
+        return JournaledLogBuffer(
+            RedisLogBuffer(log_client(self.settings.redis_url)), self.settings.log_journal_dir
+        )
+
+    def writing(self) -> Services:
+        """These services with the log a worker writes through: what the API cancels with,
+        storing an execution's log as a worker would (and without the pipeline's steps)."""
+        return replace(self, logs=self.worker_logs())
+
     def pipeline_context(self) -> PipelineContext:
-        from rgrid.pipeline.chain import PipelineContext  # docker-py and the builder come with it
+        from rgrid.pipeline.context import PipelineContext  # docker-py and the builder with it
 
         return PipelineContext(
             settings=self.settings,
             session_factory=self.session_factory,
             store=self.store,
-            logs=JournaledLogBuffer(
-                RedisLogBuffer(log_client(self.settings.redis_url)),
-                self.settings.log_journal_dir,
-            ),
+            logs=self.worker_logs(),
             locks=RedisLocks(self.redis, lease_s=2 * self.settings.build_lock_timeout_s),
             channels=self.channels,
             hosts=HostRegistry(self.redis, self.settings.queue),
@@ -118,7 +127,7 @@ def _ensure_schema(url: str) -> None:
 def embedded_context(settings: Settings) -> PipelineContext:
     """Everything under the user's data directory; the schema is migrated on first use."""
     from rgrid.core import metrics
-    from rgrid.pipeline.chain import PipelineContext
+    from rgrid.pipeline.context import PipelineContext
 
     metrics.disable()  # nobody scrapes a CLI process
     settings.data_dir.mkdir(parents=True, exist_ok=True)

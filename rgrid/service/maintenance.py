@@ -13,13 +13,12 @@ import docker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rgrid.core import metrics
-from rgrid.core.cache_keys import PACK_PREFIX, UPLOAD_STAGING_PREFIX
+from rgrid.core import lifecycle, metrics
+from rgrid.core.cache_keys import DEADLINE_LABEL, MANAGED_LABEL, PACK_PREFIX, UPLOAD_STAGING_PREFIX
 from rgrid.core.config import Settings
 from rgrid.core.models import DependencyCache, Execution, Upload, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.host import disk
-from rgrid.host.docker_engine import DEADLINE_LABEL, MANAGED_LABEL
 from rgrid.host.pool import sweep_folders
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from rgrid.store.objectstore import ObjectStore, PresigningStore
@@ -134,9 +133,7 @@ def sweep_lost_executions(session: Session) -> list[str]:
         if created.tzinfo is None:  # SQLite drops the zone
             created = created.replace(tzinfo=now.tzinfo)
         if now - created > timedelta(seconds=execution.timeout_s) + LOST_AFTER:
-            execution.status = execution.outcome = "error"
-            execution.error = "lost: no worker finished this execution; run it again"
-            execution.finished_at = now
+            lifecycle.lost(execution, "lost: no worker finished this execution; run it again")
             lost.append(execution.id)
     return lost
 

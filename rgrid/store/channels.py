@@ -19,6 +19,7 @@ import select
 import threading
 from typing import TYPE_CHECKING, Protocol
 
+from rgrid.core import cache_keys
 from rgrid.core.errors import BadInput
 from rgrid.store.logbuffer import redis_unavailable
 
@@ -187,11 +188,11 @@ class RedisChannels:
 
     @staticmethod
     def _env_key(execution_id: str) -> str:
-        return f"rgrid:env:{execution_id}"
+        return cache_keys.execution_env_key(execution_id)
 
     @staticmethod
     def _stdin_key(execution_id: str) -> str:
-        return f"rgrid:stdin:{execution_id}"
+        return cache_keys.execution_stdin_key(execution_id)
 
     @redis_unavailable
     def put_env(self, execution_id: str, env: dict[str, str]) -> None:

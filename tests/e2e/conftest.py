@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import Stack, StackConfig, create_account_key, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 
 RGRID = str(Path(sys.executable).parent / "rgrid")

@@ -14,8 +14,8 @@ from pathlib import Path
 import docker
 import sqlalchemy
 
+from rgrid.core.cache_keys import MANAGED_LABEL
 from rgrid.core.statuses import TERMINAL_STATUSES
-from rgrid.host.docker_engine import MANAGED_LABEL
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from tests.e2e.conftest import assert_one_line_error, run_cli, start_cli
 from tests.wheels import make_wheel

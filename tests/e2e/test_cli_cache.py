@@ -17,7 +17,7 @@ def test_stats_ls_and_purge_show_and_clean_the_account_cache(cli_env, tmp_path):
     env = dict(cli_env)
     if "RGRID_API_URL" in cli_env:
         # A fresh account: its numbers are its own, whatever other tests ran.
-        from scripts.stack import create_account_key
+        from scripts.launcher import create_account_key
 
         env["RGRID_API_KEY"] = create_account_key(cli_env, f"cache-{tmp_path.name[-12:]}")
     (tmp_path / "job.py").write_text("import sys\nprint(open(sys.argv[1]).read())\n")

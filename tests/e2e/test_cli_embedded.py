@@ -4,7 +4,8 @@ from pathlib import Path
 
 import docker
 
-from rgrid.host.sandbox import HOST_DIR_LABEL, POOL_NAME_PREFIX
+from rgrid.core.cache_keys import HOST_DIR_LABEL
+from rgrid.host.sandbox import POOL_NAME_PREFIX
 from tests.e2e.conftest import assert_one_line_error, run_cli, run_json
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import docker
 import requests
 
-from rgrid.host.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
+from rgrid.core.cache_keys import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from tests.e2e.conftest import RGRID, assert_one_line_error, run_cli, run_json
 from tests.wheels import make_wheel

@@ -232,7 +232,7 @@ def test_why_of_an_unknown_execution_is_one_line(embedded_env, tmp_path):
 
 @pytest.fixture
 def second_account(stack_env) -> dict[str, str]:
-    from scripts.stack import create_account_key
+    from scripts.launcher import create_account_key
 
     name = f"reuse-other-{time.time_ns()}"
     return {**stack_env, "RGRID_API_KEY": create_account_key(stack_env, name)}

@@ -11,8 +11,10 @@ from pathlib import Path
 import docker
 import pytest
 
+from rgrid.core.cache_keys import HOST_DIR_LABEL
 from rgrid.host.sandbox import RUN_NAME_PREFIX
-from scripts.stack import Stack, StackConfig, create_account_key, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_cli, run_json
 
@@ -78,8 +80,8 @@ def test_writing_past_the_disk_limit_fails_with_one_line_naming_it(small_disk_st
     deadline = time.monotonic() + 10
     while True:
         live = {
-            c["Labels"]["rgrid.dir"]
-            for c in client.api.containers(all=True, filters={"label": "rgrid.dir"})
+            c["Labels"][HOST_DIR_LABEL]
+            for c in client.api.containers(all=True, filters={"label": HOST_DIR_LABEL})
         }
         left = {str(p) for p in sandboxes.iterdir()} - live
         if not left or time.monotonic() > deadline:

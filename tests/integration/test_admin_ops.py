@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.stack import fresh_database
+from scripts.devenv import fresh_database
 
 RGRID = str(Path(sys.executable).parent / "rgrid")
 

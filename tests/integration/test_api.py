@@ -108,13 +108,20 @@ headers = {"Authorization": f"Bearer {secret}"}
 created = client.post("/v1/executions", json={"script": "print(1)\\n"}, headers=headers)
 assert created.status_code == 201, created.json
 client.get(f"/v1/executions/{created.json['execution_id']}/logs", headers=headers)
-steps = ("docker", "rgrid.pipeline.chain", "workers", "workers.tasks")
+# A cancel is written through the service: the API loads no pipeline step for it either.
+other = client.post("/v1/executions", json={"script": "print(2)\\n"}, headers=headers)
+stopped = client.post(f"/v1/executions/{other.json['execution_id']}/cancel", headers=headers)
+assert stopped.status_code == 200 and stopped.json["status"] == "cancelled", stopped.json
+steps = ("docker", "rgrid.pipeline.context", "rgrid.pipeline.hash", "rgrid.pipeline.lookup",
+         "rgrid.pipeline.build", "rgrid.pipeline.run", "rgrid.pipeline.store",
+         "rgrid.pipeline.chain", "workers", "workers.tasks")
 loaded = [m for m in steps if m in sys.modules]
 print(json.dumps({"execution_id": created.json["execution_id"], "loaded": loaded}))
 """
 
 
 def test_the_api_queues_by_task_name_without_loading_the_worker_side(server_settings, redis_url):
+    """Submitting, reading a log and cancelling load neither Docker nor a pipeline step."""
     import base64
     import json
     import os

@@ -14,8 +14,9 @@ from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput
 from rgrid.core.models import Execution
 from rgrid.core.statuses import TERMINAL_STATUSES
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.chain import run_all
 from rgrid.service import batch_retry, batch_views, batches
+from rgrid.service.cancelling import cancel
 from rgrid.store.blobs import store_file
 
 SCRIPT = """\
@@ -82,7 +83,7 @@ def test_parallel_bounds_what_is_queued_and_each_end_hands_on_the_next(ctx, acco
     assert batches.dispatch(ctx.session_factory, batch_id, queued.append) == []
     while len(set(queued)) < 5 or _counts(ctx, batch_id).get("queued"):
         running = [i for i in queued if i not in {r.id for r in _done(ctx, batch_id)}]
-        pipeline.run_all(ctx, running[0])
+        run_all(ctx, running[0])
         batches.after_execution(ctx.session_factory, running[0], queued.append)
     assert len(queued) == len(set(queued)) == 5
     assert _counts(ctx, batch_id) == {"succeeded": 4, "failed": 1}
@@ -127,12 +128,10 @@ def test_cancel_ends_every_execution_and_retry_runs_only_the_failed(ctx, account
     batch_id = _batch(ctx, account, items, parallel=1)
     queued: list[str] = []
     batches.start(ctx.session_factory, account.id, batch_id, queued.append)
-    pipeline.run_all(ctx, queued[0])
+    run_all(ctx, queued[0])
     batches.after_execution(ctx.session_factory, queued[0], queued.append)
-    pipeline.run_all(ctx, queued[1])  # "bad": fails
-    stopped = batches.cancel(
-        ctx.session_factory, account.id, batch_id, lambda i: pipeline.cancel(ctx, i)
-    )
+    run_all(ctx, queued[1])  # "bad": fails
+    stopped = batches.cancel(ctx.session_factory, account.id, batch_id, lambda i: cancel(ctx, i))
     assert stopped == 1  # the third, never handed on
     assert _counts(ctx, batch_id) == {"succeeded": 1, "failed": 1, "cancelled": 1}
     # Nothing is handed on once cancelled.
@@ -147,9 +146,9 @@ def test_cancel_ends_every_execution_and_retry_runs_only_the_failed(ctx, account
     assert len(retried) == 2 and len(retried_queue) == 1  # parallel 1
     assert _counts(ctx, batch_id) == {"succeeded": 1, "queued": 2}
     for execution_id in retried_queue:
-        pipeline.run_all(ctx, execution_id)
+        run_all(ctx, execution_id)
     batches.after_execution(ctx.session_factory, retried_queue[0], retried_queue.append)
-    pipeline.run_all(ctx, retried_queue[1])
+    run_all(ctx, retried_queue[1])
     assert _counts(ctx, batch_id) == {"succeeded": 2, "failed": 1}
     assert len(_rows(ctx, batch_id)) == 5
 

@@ -13,8 +13,10 @@ import time
 
 from celery import Celery
 
+from scripts.commands import worker_command
+from scripts.devenv import free_port
+from scripts.launcher import spawn
 from scripts.processes import stop_group
-from scripts.stack import free_port, spawn, worker_command
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

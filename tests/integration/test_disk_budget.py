@@ -13,6 +13,7 @@ import docker
 import pytest
 from prometheus_client import REGISTRY
 
+from rgrid.core import cache_keys
 from rgrid.core.config import DEFAULT_RUNTIME
 from rgrid.core.db import session_scope
 from rgrid.core.models import Execution
@@ -71,7 +72,7 @@ def _mounting(path) -> list[str]:
     client = docker.from_env()
     return [
         c["Names"][0]
-        for c in client.api.containers(filters={"label": sandbox.HOST_DIR_LABEL})
+        for c in client.api.containers(filters={"label": cache_keys.HOST_DIR_LABEL})
         if any(m.get("Source") == str(path) for m in c.get("Mounts") or [])
     ]
 

@@ -10,8 +10,14 @@ import docker
 import pytest
 
 from rgrid.core.db import session_scope
+from rgrid.core.models import Execution
 from rgrid.host import environments
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.build import build_step
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.hash import hash_step
+from rgrid.pipeline.lookup import cache_lookup_step
+from rgrid.pipeline.run import run_step
+from rgrid.pipeline.store import store_step
 from tests.conftest import stored_log, stored_phases
 from tests.integration.test_dependencies import _folders
 from tests.wheels import make_wheel
@@ -177,21 +183,21 @@ def test_an_environment_evicted_between_lookup_and_run_is_installed_again(ctx, s
     requirements, module, _ = probe
     script = f"import {module}\nprint({module}.VERSION)\n"
     first = submit(script, requirements=requirements)
-    pipeline.run_all(ctx, first)
+    run_all(ctx, first)
     ctx.join_background()
     second = submit(script, requirements=requirements)
-    for step in (pipeline.hash_step, pipeline.cache_lookup_step, pipeline.build_step):
+    for step in (hash_step, cache_lookup_step, build_step):
         step(ctx, second)
     with session_scope(ctx.session_factory) as session:
-        row = session.get(pipeline.Execution, second)
+        row = session.get(Execution, second)
         assert row.script_cache_hit is True and row.dependency_cache_hit is True
         # Evicted right now, as the product evicts (the bytecode compile may still be writing
         # into it, so a plain rmtree could race it).
         environments.remove(ctx.settings.environments_dir, row.environment)
-    pipeline.run_step(ctx, second)
-    pipeline.store_step(ctx, second)
+    run_step(ctx, second)
+    store_step(ctx, second)
     with session_scope(ctx.session_factory) as session:
-        assert session.get(pipeline.Execution, second).status == "succeeded"
+        assert session.get(Execution, second).status == "succeeded"
     assert stored_log(ctx, second, "stdout") == "1.0\n"
     assert "environment gone from this host" in stored_log(ctx, second, "system")
 

@@ -17,11 +17,11 @@ import pytest
 from celery import Celery
 from sqlalchemy import update
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Execution
 from rgrid.host.slots import fair_share
-from scripts.stack import Stack
+from scripts.launcher import Stack
 from tests.index_server import trickling_index
 
 
@@ -76,7 +76,8 @@ def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
     and the default per-account cap (4, above the two run slots). On a queue of its own:
     the chains earlier tests left on the session's queue (submitted through the API with no
     worker running) are not its work, and would hold its run slots before B's run."""
-    from scripts.stack import StackConfig, free_port
+    from scripts.devenv import free_port
+    from scripts.launcher import StackConfig
     from tests.conftest import retire_sandboxes
 
     name = f"fair-{free_port()}"
@@ -115,7 +116,7 @@ def worker_host(ctx, server_settings, tmp_path) -> Iterator[WorkerHost]:
 
         client = redis_client(server_settings.redis_url)
         # Its registry, and the broker's bindings of its queues (this fixture's own names).
-        for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+        for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
             for key in client.scan_iter(pattern):
                 client.delete(key)
 
@@ -176,7 +177,7 @@ def test_a_host_whose_build_pool_is_not_running_installs_in_its_run_pool(
     from rgrid.host.hosts import HostRegistry
     from rgrid.service.context import redis_client
     from rgrid.store.logbuffer import decode_log
-    from scripts.stack import stop_group
+    from scripts.processes import stop_group
     from tests.wheels import make_wheel
 
     registry = HostRegistry(redis_client(ctx.settings.redis_url), worker_host.queue)

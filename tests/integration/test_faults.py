@@ -26,7 +26,13 @@ from rgrid.core.db import session_scope
 from rgrid.core.errors import ServiceUnavailable
 from rgrid.core.models import Execution
 from rgrid.host import sandbox
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.build import build_step
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.hash import hash_step
+from rgrid.pipeline.lookup import cache_lookup_step
+from rgrid.pipeline.lost import sweep_lost_workers
+from rgrid.pipeline.run import run_step
+from rgrid.service.cancelling import cancel
 from rgrid.store.s3store import S3Store
 from tests.conftest import TICKER, retire_sandboxes
 from tests.integration.test_pipeline import _leftovers, _log
@@ -58,26 +64,26 @@ def _no_sandbox(execution_id: str) -> bool:
 
 def test_cancel_before_it_runs_ends_it_at_once_and_nothing_runs(ctx, submit):
     execution_id = submit(TICKER)
-    assert pipeline.cancel(ctx, execution_id) == ("cancelled", True)
+    assert cancel(ctx, execution_id) == ("cancelled", True)
     row = _row(ctx, execution_id)
     assert (row.status, row.error) == ("cancelled", "cancelled")
     # The chain, delivered later, finds it over: no sandbox is ever claimed.
-    pipeline.run_all(ctx, execution_id)
+    run_all(ctx, execution_id)
     assert _row(ctx, execution_id).status == "cancelled"
     assert _row(ctx, execution_id).started_at is None
     assert _no_sandbox(execution_id)
     assert ("system", "cancelled before it ran\n") in _log(ctx, execution_id)
     # Cancelling again changes nothing.
-    assert pipeline.cancel(ctx, execution_id) == ("cancelled", False)
+    assert cancel(ctx, execution_id) == ("cancelled", False)
 
 
 def test_cancel_while_running_stops_the_script_within_a_second(ctx, submit):
     execution_id = submit(TICKER)
-    runner = threading.Thread(target=pipeline.run_all, args=(ctx, execution_id))
+    runner = threading.Thread(target=run_all, args=(ctx, execution_id))
     runner.start()
     _wait_for(lambda: "tick 2" in _live_log(ctx, execution_id), 30, "ticking")
     started = time.monotonic()
-    assert pipeline.cancel(ctx, execution_id) == ("running", True)
+    assert cancel(ctx, execution_id) == ("running", True)
     runner.join(15)
     took = time.monotonic() - started
     assert not runner.is_alive()
@@ -127,7 +133,7 @@ def test_a_lost_worker_is_noticed_within_its_lease(ctx, submit, server_settings,
         sweeper = replace(ctx, settings=replace(ctx.settings, lease_s=3))
         swept: list[str] = []
         _wait_for(
-            lambda: swept.extend(pipeline.sweep_lost_workers(sweeper)) or execution_id in swept,
+            lambda: swept.extend(sweep_lost_workers(sweeper)) or execution_id in swept,
             30,
             "declared lost",
         )
@@ -142,7 +148,7 @@ def test_a_lost_worker_is_noticed_within_its_lease(ctx, submit, server_settings,
     assert "tick 1\n" in "".join(t for s, t in _log(ctx, execution_id) if s == "stdout")
     assert _wait_for(lambda: _no_sandbox(execution_id), 10, "sandbox removed") < 10
     # A redelivered run step finds it over and runs nothing.
-    pipeline.run_step(ctx, execution_id)
+    run_step(ctx, execution_id)
     assert _row(ctx, execution_id).status == "error"
 
 
@@ -184,9 +190,9 @@ def test_the_store_step_retries_a_store_blip(ctx, submit, monkeypatch):
     from workers import tasks
 
     execution_id = submit("print('ok')\n")
-    for step in (pipeline.hash_step, pipeline.cache_lookup_step, pipeline.build_step):
+    for step in (hash_step, cache_lookup_step, build_step):
         step(ctx, execution_id)
-    pipeline.run_step(ctx, execution_id)
+    run_step(ctx, execution_id)
 
     real_put = ctx.store.put_stream  # the log is streamed to the store
     failures = {"left": 1}
@@ -291,7 +297,7 @@ def test_a_database_restart_mid_run_loses_nothing_and_runs_nothing_twice(ctx, su
     waits for it instead of being lost, and the script is not run again to recover it."""
     script = "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done', flush=True)\n"
     execution_id = submit(script)
-    runner = threading.Thread(target=pipeline.run_all, args=(ctx, execution_id))
+    runner = threading.Thread(target=run_all, args=(ctx, execution_id))
     runner.start()
     _wait_for(lambda: "started" in _live_log(ctx, execution_id), 60, "started")
     version, name = _postgres_cluster()
@@ -337,11 +343,11 @@ def test_cancel_while_building_ends_it_at_once_and_nothing_runs(ctx, submit, tmp
     try:
         requirements = f"--find-links http://127.0.0.1:{server.server_port}/\n{dist}\n"
         execution_id = submit(f"import {dist.replace('-', '_')}\n", requirements=requirements)
-        runner = threading.Thread(target=pipeline.run_all, args=(ctx, execution_id))
+        runner = threading.Thread(target=run_all, args=(ctx, execution_id))
         runner.start()
         _wait_for(lambda: _row(ctx, execution_id).status == "building", 30, "building")
         started = time.monotonic()
-        assert pipeline.cancel(ctx, execution_id) == ("cancelled", True)
+        assert cancel(ctx, execution_id) == ("cancelled", True)
         assert time.monotonic() - started < 1
         assert _row(ctx, execution_id).status == "cancelled"
         runner.join(60)

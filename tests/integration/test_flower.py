@@ -17,7 +17,9 @@ import urllib.request
 import pytest
 
 from rgrid.core import queueing
-from scripts.stack import Stack, StackConfig, create_account_key, flower_command, free_port
+from scripts.commands import flower_command
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_json
 

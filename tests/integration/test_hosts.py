@@ -15,13 +15,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from rgrid.core import queueing
+from rgrid.core import cache_keys, queueing
 from rgrid.core.db import session_scope
 from rgrid.core.models import DependencyCache, Execution, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.host import environments
 from scripts import hosts
-from scripts.stack import Stack, StackConfig, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig
 from tests.conftest import stored_log, stored_phases
 from tests.wheels import make_wheel
 
@@ -71,7 +72,7 @@ def grid(server_settings, tmp_path_factory) -> Iterator[Grid]:
 
     client = redis_client(server_settings.redis_url)
     # Its registry, and the broker's bindings of its queues (this module's own names).
-    for pattern in (f"rgrid:{queue}:*", f"_kombu.binding*{queue}*"):
+    for pattern in (cache_keys.deployment_keys_pattern(queue), f"_kombu.binding*{queue}*"):
         for key in client.scan_iter(pattern):
             client.delete(key)
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from rgrid.core.db import session_scope
 from rgrid.core.models import Execution, utcnow
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.lost import MAX_RUN_RESENDS, sweep_lost_workers
 
 
 def _stale(ctx, execution_id: str, host: str) -> None:
@@ -32,21 +32,21 @@ def test_a_live_host_gets_the_run_step_back_a_bounded_number_of_times(ctx, submi
     host = f"live-{execution_id[:6]}"
     ctx.hosts.beat(host)
     sent: list[tuple[str, str | None]] = []
-    for attempt in range(1, pipeline.MAX_RUN_RESENDS + 1):
+    for attempt in range(1, MAX_RUN_RESENDS + 1):
         _stale(ctx, execution_id, host)
         ctx.hosts.beat(host)
-        assert pipeline.sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == []
+        assert sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == []
         assert sent[-1] == (execution_id, host)
         row = _row(ctx, execution_id)
         assert (row.status, row.run_resends) == ("running", attempt)
         # A second sweep at once does nothing: the lease was renewed for the step on its way.
-        pipeline.sweep_lost_workers(ctx, resend=lambda *a: sent.append(a))
+        sweep_lost_workers(ctx, resend=lambda *a: sent.append(a))
         assert len(sent) == attempt
     _stale(ctx, execution_id, host)
-    assert pipeline.sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == [execution_id]
+    assert sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == [execution_id]
     row = _row(ctx, execution_id)
     assert row.status == "error" and row.error.startswith("worker lost: ")
-    assert len(sent) == pipeline.MAX_RUN_RESENDS
+    assert len(sent) == MAX_RUN_RESENDS
 
 
 def test_a_host_not_seen_again_gets_one_lease_of_grace(ctx, submit):
@@ -54,12 +54,12 @@ def test_a_host_not_seen_again_gets_one_lease_of_grace(ctx, submit):
     host = f"gone-{execution_id[:6]}"
     sent: list[tuple[str, str | None]] = []
     _stale(ctx, execution_id, host)
-    assert pipeline.sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == []
+    assert sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == []
     assert sent == [(execution_id, host)]
     log = [text for _, text in ctx.logs.read(execution_id)]
     assert any("goes back to its host" in text for text in log)
     _stale(ctx, execution_id, host)
-    assert pipeline.sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == [execution_id]
+    assert sweep_lost_workers(ctx, resend=lambda *a: sent.append(a)) == [execution_id]
     assert _row(ctx, execution_id).status == "error"
 
 
@@ -67,7 +67,7 @@ def test_without_a_resend_the_sweep_ends_it_at_once(ctx, submit):
     """The embedded default's sweep (no queue to send to)."""
     execution_id = submit("print('x')\n")
     _stale(ctx, execution_id, "any")
-    swept = pipeline.sweep_lost_workers(replace(ctx, hosts=None))
+    swept = sweep_lost_workers(replace(ctx, hosts=None))
     assert swept == [execution_id]
 
 

@@ -13,7 +13,7 @@ from rgrid.api import create_app
 from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Execution
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.chain import run_all
 from rgrid.service import accounts, batches
 from rgrid.service import executions as svc
 from rgrid.store.blobs import find_blob, store_file
@@ -51,7 +51,7 @@ def test_a_lost_log_and_a_lost_output_are_named_as_lost(api, ctx, submit):
     client, headers = api
     # A script of its own: no other test's run shares its output blobs.
     execution_id = submit(SCRIPT + f"# {uuid.uuid4().hex}\n", runtime="python:3.11", timeout_s=60)
-    pipeline.run_all(ctx, execution_id)
+    run_all(ctx, execution_id)
     base = f"/v1/executions/{execution_id}"
 
     # All there: nothing is said to be lost.
@@ -126,7 +126,7 @@ def test_a_lost_pack_names_every_output_it_held(api, ctx, submit):
     client, headers = api
     script = f"TOKEN = {uuid.uuid4().hex!r}\n" + TILES
     execution_id = submit(script, runtime="python:3.11", timeout_s=60)
-    pipeline.run_all(ctx, execution_id)
+    run_all(ctx, execution_id)
     base = f"/v1/executions/{execution_id}"
     listing = client.get(f"{base}/outputs", headers=headers).json
     assert len(listing["packs"]) == 1 and "key" not in listing["packs"][0]

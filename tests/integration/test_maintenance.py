@@ -8,9 +8,9 @@ from datetime import timedelta
 import docker
 import pytest
 
+from rgrid.core.cache_keys import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.core.db import session_scope
 from rgrid.core.models import ScriptCache, utcnow
-from rgrid.host.docker_engine import DEADLINE_LABEL, EXECUTION_LABEL, MANAGED_LABEL
 from rgrid.host.sandbox import POOL_NAME_PREFIX, RUN_NAME_PREFIX
 from rgrid.service.maintenance import reap_containers
 from rgrid.service.purge import purge_script_cache

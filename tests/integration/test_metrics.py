@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from scripts.stack import Stack, StackConfig, create_account_key, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_json
 from tests.wheels import make_wheel

@@ -47,8 +47,8 @@ def _leftovers(ctx, execution_id: str, wait_s: float = 15) -> list:
         time.sleep(0.2)
     ctx.join_background()  # a pool refill may be creating a folder for its next sandbox
     owned = {
-        c["Labels"][sandbox.HOST_DIR_LABEL]
-        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"][cache_keys.HOST_DIR_LABEL]
+        for c in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
     root = ctx.settings.sandboxes_dir
     orphans = [p for p in root.iterdir() if str(p) not in owned] if root.is_dir() else []
@@ -260,14 +260,14 @@ def test_unknown_runtime_is_refused_and_nothing_is_stored(ctx, account, runtime)
 def test_every_step_run_twice_runs_the_script_once(ctx, submit):
     """Celery may deliver a task again (acks are late): each step, run a second time, finds
     its work done and leaves the result as it was."""
-    from rgrid.pipeline import chain as pipeline
+    from rgrid.pipeline.chain import STEPS
 
     script = "import secrets\nprint('ran', secrets.token_hex(4))\n"
     execution_id = submit(script, requirements="six\n")
-    for step in pipeline.STEPS:
+    for step in STEPS:
         step(ctx, execution_id)
         step(ctx, execution_id)
-    pipeline.run_all(ctx, submit(script, requirements="six\n"))
+    run_all(ctx, submit(script, requirements="six\n"))
     with session_scope(ctx.session_factory) as session:
         row = session.get(Execution, execution_id)
         assert row.status == "succeeded" and row.exit_code == 0

@@ -30,7 +30,7 @@ from rgrid.host import disk, environments
 from rgrid.pipeline.chain import run_all
 from rgrid.service.context import redis_client, server_context
 from rgrid.service.executions import create_execution, execution_to_dict
-from scripts.stack import Stack, StackConfig
+from scripts.launcher import Stack, StackConfig
 from tests.conftest import retire_sandboxes
 from tests.wheels import make_wheel
 

@@ -13,7 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-from scripts.stack import Stack, StackConfig, create_account_key, free_port
+from scripts.devenv import free_port
+from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_cli, start_cli
 from tests.integration.test_broker_restart import _start_redis

@@ -17,8 +17,9 @@ from pathlib import Path
 import docker
 import pytest
 
+from rgrid.core import cache_keys
 from rgrid.core.config import Settings
-from rgrid.host import pool, sandbox
+from rgrid.host import pool, sandbox, sandbox_container, sandbox_files, sandbox_fs, sandbox_run
 from rgrid.host.runtimes import resolve_runtime
 from tests.wheels import make_wheel
 
@@ -37,11 +38,11 @@ def pool_root(tmp_path, client):
     """A sandbox folder root of the test's own; whatever the test left running is ended."""
     root = tmp_path / "sandboxes"
     yield root
-    for container in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL}):
-        if Path(container["Labels"][sandbox.HOST_DIR_LABEL]).is_relative_to(root):
+    for container in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL}):
+        if Path(container["Labels"][cache_keys.HOST_DIR_LABEL]).is_relative_to(root):
             client.api.remove_container(container["Id"], force=True)
     for folder in root.iterdir() if root.is_dir() else []:
-        sandbox.remove_folder(folder)  # and its filesystem's mount
+        sandbox_fs.remove_folder(folder)  # and its filesystem's mount
 
 
 def _exists(client, container_id: str) -> bool:
@@ -60,14 +61,14 @@ def _gone_within(client, container_ids: list[str], timeout_s: float) -> bool:
 def _orphan_folders(client, root: Path) -> list[Path]:
     """Host folders under ``root`` that no container owns any more."""
     owned = {
-        c["Labels"][sandbox.HOST_DIR_LABEL]
-        for c in client.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"][cache_keys.HOST_DIR_LABEL]
+        for c in client.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
     return [p for p in root.iterdir() if str(p) not in owned] if root.is_dir() else []
 
 
 def _warm_ids(client, key: str) -> set[str]:
-    running = client.api.containers(filters={"label": f"{sandbox.POOL_LABEL}={key}"})
+    running = client.api.containers(filters={"label": f"{cache_keys.POOL_LABEL}={key}"})
     return {c["Id"] for c in running if c["Names"][0].lstrip("/").startswith("rgrid-pool-")}
 
 
@@ -122,15 +123,15 @@ def test_a_sandbox_is_claimed_once_and_is_gone_after_its_run(client, pool_root):
     settings = pool.PoolSettings(root=pool_root, idle_s=120)
     box = pool.start(client, env, LIMITS, settings)
     same = sandbox.Box(box.name, box.container_id, box.host_dir)
-    assert sandbox.claim(client, box, secrets.token_hex(8))
+    assert sandbox_container.claim(client, box, secrets.token_hex(8))
     assert box.name.startswith(sandbox.RUN_NAME_PREFIX)
     # The pool no longer offers it, under its old name or any other.
-    assert not sandbox.claim(client, same, secrets.token_hex(8))
+    assert not sandbox_container.claim(client, same, secrets.token_hex(8))
     assert pool.claim(client, env, LIMITS, settings, secrets.token_hex(8)) is None
 
-    sandbox.place_files(box, [("job.py", b"print('once')\n")], LIMITS)
+    sandbox_files.place_files(box, [("job.py", b"print('once')\n")], LIMITS)
     out: list[str] = []
-    result = sandbox.run(
+    result = sandbox_run.run(
         client,
         box,
         env,
@@ -150,7 +151,7 @@ from pathlib import Path
 
 import docker
 
-from rgrid import pool, sandbox
+from rgrid.host import pool, sandbox, sandbox_container
 from rgrid.core.config import Settings
 
 root, image = sys.argv[1:3]
@@ -158,7 +159,7 @@ client = docker.from_env()
 limits = replace(sandbox.Limits.from_settings(Settings()), memory="257m", pids=97)
 settings = pool.PoolSettings(root=Path(root), idle_s=300)
 box = pool.start(client, sandbox.Environment(image), limits, settings)
-assert sandbox.claim(client, box, "claimed-" + box.name[-8:])
+assert sandbox_container.claim(client, box, "claimed-" + box.name[-8:])
 sock = client.api.attach_socket(box.container_id, params={"stdin": 1, "stream": 1})
 print(box.container_id, flush=True)
 time.sleep(600)
@@ -208,7 +209,7 @@ def test_fill_keeps_the_pool_at_size_and_retire_all_ends_them(client, pool_root)
     assert claimed is not None and claimed.container_id in warm
     assert _warm_ids(client, key) == warm - {claimed.container_id}
     assert pool.fill(client, env, LIMITS, settings) == 1
-    sandbox.discard(client, claimed)
+    sandbox_container.discard(client, claimed)
     assert pool.retire_all(client, env, LIMITS, settings) == 2
     assert _warm_ids(client, key) == set()
     assert _gone_within(client, [claimed.container_id, *warm], 15)
@@ -221,20 +222,20 @@ from pathlib import Path
 
 import docker
 
-from rgrid import sandbox
+from rgrid.host import sandbox, sandbox_container, sandbox_files, sandbox_run
 from rgrid.core.config import Settings
 
 root, name, image = sys.argv[1:4]
 client = docker.from_env()
 env = sandbox.Environment(image)
 limits = replace(sandbox.Limits.from_settings(Settings()), memory="257m", pids=97)
-box = sandbox.start_box(client, env, limits, root=Path(root), idle_s=60, name=name)
+box = sandbox_container.start_box(client, env, limits, root=Path(root), idle_s=60, name=name)
 print(box.container_id, flush=True)
-assert sandbox.claim(client, box, name)
-sandbox.place_files(
+assert sandbox_container.claim(client, box, name)
+sandbox_files.place_files(
     box, [("job.py", b"import time\\nprint('sleeping', flush=True)\\ntime.sleep(60)\\n")], limits
 )
-sandbox.run(
+sandbox_run.run(
     client,
     box,
     env,
@@ -315,13 +316,13 @@ def test_a_sandbox_that_never_takes_its_job_is_given_up(client, pool_root):
     JOB_ACK_S (the script never started, so the pipeline may run it elsewhere), and kills it."""
     env = sandbox.Environment(IMAGE)
     box = pool.start(client, env, LIMITS, pool.PoolSettings(root=pool_root, idle_s=120))
-    assert sandbox.claim(client, box, secrets.token_hex(8))
-    sandbox.place_files(box, [("job.py", b"print('never')\n")], LIMITS)
+    assert sandbox_container.claim(client, box, secrets.token_hex(8))
+    sandbox_files.place_files(box, [("job.py", b"print('never')\n")], LIMITS)
     # Freeze the supervisor from the host (nothing inside the sandbox could).
     os.kill(client.api.inspect_container(box.container_id)["State"]["Pid"], signal.SIGSTOP)
     started = time.monotonic()
     with pytest.raises(sandbox.SandboxUnresponsive):
-        sandbox.run(
+        sandbox_run.run(
             client,
             box,
             env,
@@ -330,5 +331,5 @@ def test_a_sandbox_that_never_takes_its_job_is_given_up(client, pool_root):
             on_output=lambda stream, text: None,
         )
     assert sandbox.JOB_ACK_S <= time.monotonic() - started < sandbox.JOB_ACK_S + 10
-    sandbox.discard(client, box)
+    sandbox_container.discard(client, box)
     assert _gone_within(client, [box.container_id], 15)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import docker
 
-from rgrid.host import pool, sandbox
+from rgrid.host import pool, sandbox, sandbox_container
 from rgrid.host.runtimes import resolve_runtime
 
 
@@ -24,7 +24,7 @@ def test_simultaneous_claims_of_one_sandbox_have_one_winner(ctx):
         def claim(number: int, box=box, barrier=barrier, won=won) -> None:
             mine = replace(box)
             barrier.wait()
-            if sandbox.claim(client, mine, f"claim-test-{number}"):
+            if sandbox_container.claim(client, mine, f"claim-test-{number}"):
                 won.append(mine.name)
 
         threads = [threading.Thread(target=claim, args=(n,)) for n in range(4)]
@@ -35,5 +35,5 @@ def test_simultaneous_claims_of_one_sandbox_have_one_winner(ctx):
         winners.append(len(won))
         owner = client.api.inspect_container(box.container_id)["Name"].lstrip("/")
         assert won == [owner]
-        sandbox.discard(client, replace(box, name=owner))
+        sandbox_container.discard(client, replace(box, name=owner))
     assert winners == [1] * 5

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.models import Account, Blob
-from rgrid.host import sandbox
-from rgrid.pipeline.chain import PipelineContext, run_all
+from rgrid.host import sandbox, sandbox_fs
+from rgrid.pipeline.chain import run_all
+from rgrid.pipeline.context import PipelineContext
 
 
 def limited(ctx: PipelineContext, **settings) -> PipelineContext:
@@ -47,8 +49,8 @@ def _mounts_under(root: Path) -> list[str]:
 
 def _live_host_dirs(ctx) -> set[str]:
     return {
-        c["Labels"][sandbox.HOST_DIR_LABEL]
-        for c in ctx.docker.api.containers(all=True, filters={"label": sandbox.HOST_DIR_LABEL})
+        c["Labels"][cache_keys.HOST_DIR_LABEL]
+        for c in ctx.docker.api.containers(all=True, filters={"label": cache_keys.HOST_DIR_LABEL})
     }
 
 
@@ -259,7 +261,8 @@ def _wait_for(ctx, execution_id: str, statuses: set[str], within_s: float) -> st
 def worker(server_settings, tmp_path) -> Iterator[None]:
     """A real Celery worker (two slots) on this session's queue, with one execution per
     account at a time."""
-    from scripts.stack import Stack, StackConfig, free_port
+    from scripts.devenv import free_port
+    from scripts.launcher import Stack, StackConfig
 
     env = {
         **os.environ,
@@ -292,7 +295,7 @@ def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
     ctx, worker, submit, account
 ):
     from rgrid.core import queueing
-    from rgrid.pipeline import chain as pipeline
+    from rgrid.service.cancelling import cancel
 
     with session_scope(ctx.session_factory) as session:
         other = Account(id=account.id + 1, name=f"acct-{secrets.token_hex(4)}")
@@ -310,8 +313,8 @@ def test_an_account_at_its_concurrency_limit_does_not_keep_another_queued(
         assert _execution(ctx, second)["status"] == "queued"
         assert _execution(ctx, first)["status"] == "running"
     finally:
-        pipeline.cancel(ctx, second)
-        pipeline.cancel(ctx, first)
+        cancel(ctx, second)
+        cancel(ctx, first)
     assert _wait_for(ctx, first, {"cancelled"}, 30) == "cancelled"
     assert _wait_for(ctx, second, {"cancelled"}, 30) == "cancelled"
 
@@ -331,7 +334,7 @@ def own_redis(tmp_path) -> Iterator[str]:
     (noeviction under a memory limit), so that its peak memory is this test's alone."""
     import redis
 
-    from scripts.stack import free_port
+    from scripts.devenv import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -383,7 +386,8 @@ def test_a_control_byte_flood_is_capped_in_stored_bytes(
     from rgrid.core import cache_keys
     from rgrid.service.executions import LOG_PAGE_BYTES
     from rgrid.store.logbuffer import RedisLogBuffer
-    from scripts.stack import Stack, StackConfig, create_account_key, free_port
+    from scripts.devenv import free_port
+    from scripts.launcher import Stack, StackConfig, create_account_key
 
     client = redis.Redis.from_url(own_redis)
     context = dataclasses.replace(limited(ctx, redis_url=own_redis), logs=RedisLogBuffer(client))
@@ -468,7 +472,9 @@ def test_the_reaper_unmounts_and_removes_an_orphaned_sandbox_filesystem(ctx, tmp
     elsewhere = tmp_path / "other-installation" / "sandboxes"
     elsewhere.mkdir(parents=True)
     orphans = [
-        sandbox._host_folders(folder, f"rgrid-run-{secrets.token_hex(8)}", 1000, 1000, 16 << 20)
+        sandbox_fs.make_host_folder(
+            folder, f"rgrid-run-{secrets.token_hex(8)}", 1000, 1000, 16 << 20
+        )
         for folder in (root, elsewhere)
     ]
     two_minutes_ago = time.time() - 120
@@ -500,10 +506,10 @@ def test_the_reaper_takes_a_sandbox_container_that_was_never_started():
 def test_storing_outputs_past_the_runs_time_limit_fails_and_records_none(ctx, submit, monkeypatch):
     """Storing outputs counts within the run's own time limit: a run whose outputs cannot
     be stored in time ends failed, naming it, with no output recorded."""
-    from rgrid.pipeline import chain as pipeline
+    from rgrid.pipeline import outputs
 
     # The run's whole time budget (and the grace) already spent when storing starts.
-    monkeypatch.setattr(pipeline, "OUTPUT_STORE_GRACE_S", -(10.0**6))
+    monkeypatch.setattr(outputs, "OUTPUT_STORE_GRACE_S", -(10.0**6))
     execution_id = submit(
         "for i in range(3):\n    open(f'/work/outputs/{i}.txt', 'w').write(str(i))\n",
         timeout_s=30,

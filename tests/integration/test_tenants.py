@@ -11,10 +11,10 @@ import pytest
 
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput
-from rgrid.pipeline import chain as pipeline
+from rgrid.pipeline.chain import run_all
 from rgrid.service import executions as svc
 from rgrid.service.accounts import create_account
-from scripts.stack import free_port
+from scripts.devenv import free_port
 from tests.conftest import stored_log
 from tests.index_server import private_index
 from tests.wheels import make_wheel
@@ -105,7 +105,7 @@ def test_an_index_on_a_local_service_port_is_refused_in_one_sentence(ctx, accoun
 def test_the_worker_refuses_a_source_the_operator_stopped_allowing(ctx, submit):
     execution_id = submit("pass\n", requirements="--index-url http://127.0.0.1:6379/simple\nsix\n")
     strict = replace(ctx, settings=replace(ctx.settings, allowed_indexes=()))
-    pipeline.run_all(strict, execution_id)
+    run_all(strict, execution_id)
     with session_scope(ctx.session_factory) as session:
         row = session.get(svc.Execution, execution_id)
         assert row.status == "build_failed"
@@ -132,7 +132,7 @@ def test_whatever_listens_on_an_allowed_index_it_is_just_unreachable(ctx, run_sc
 def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplog):
     import requests
 
-    from rgrid.host import sandbox
+    from rgrid.host import sandbox_run
 
     detail = (
         "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out. (read timeout=60)"
@@ -141,10 +141,10 @@ def test_users_never_see_internal_exception_text(ctx, submit, monkeypatch, caplo
     def docker_times_out(*args, **kwargs):
         raise requests.exceptions.ReadTimeout(detail)
 
-    monkeypatch.setattr(sandbox, "run", docker_times_out)
+    monkeypatch.setattr(sandbox_run, "run", docker_times_out)
     execution_id = submit("print('hi')\n")
     with caplog.at_level("ERROR", logger="rgrid.pipeline.chain"):
-        pipeline.run_all(ctx, execution_id)
+        run_all(ctx, execution_id)
     with session_scope(ctx.session_factory) as session:
         shown = svc.execution_to_dict(session.get(svc.Execution, execution_id))
     assert shown["status"] == "error"

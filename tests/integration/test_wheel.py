@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import fresh_database
+from scripts.devenv import fresh_database
 
 REPO = Path(__file__).resolve().parents[2]
 #: What a source tree holds that is not part of the product (the build must not see it).

@@ -3,7 +3,8 @@ boundaries, never eating the script's own output, and holding back only what cou
 
 from __future__ import annotations
 
-from rgrid.host.sandbox import END_PREFIX, EndMarker
+from rgrid.host.sandbox_streams import EndMarker
+from rgrid.host.sandbox_supervisor import END_PREFIX
 
 MARKER = END_PREFIX + "0123456789abcdef"
 

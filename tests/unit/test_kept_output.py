@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_streams
 
 
 def _box(tmp_path: Path) -> sandbox.Box:
@@ -24,7 +24,7 @@ def test_frames_are_read_as_they_grow_and_a_split_character_waits(tmp_path):
     path = box.meta / sandbox.OUTPUT_FILE
     snow = "☃".encode()
     whole = _frames((1, b"tick 0\n" + snow[:1]), (2, b"oops\n"), (1, snow[1:] + b"\n"))
-    kept = sandbox.KeptOutput(box)
+    kept = sandbox_streams.KeptOutput(box)
     path.write_bytes(whole[:-3])  # the last frame half written
     assert kept.read() == [("stdout", "tick 0\n"), ("stderr", "oops\n")]
     path.write_bytes(whole)
@@ -34,12 +34,14 @@ def test_frames_are_read_as_they_grow_and_a_split_character_waits(tmp_path):
 def test_a_malformed_frame_ends_the_reading(tmp_path):
     box = _box(tmp_path)
     (box.meta / sandbox.OUTPUT_FILE).write_bytes(_frames((1, b"a\n"), (9, b"forged\n")))
-    assert sandbox.KeptOutput(box).flush() == [("stdout", "a\n")]
+    assert sandbox_streams.KeptOutput(box).flush() == [("stdout", "a\n")]
 
 
 def test_skipping_hands_on_only_what_was_not_forwarded():
     got: list[tuple[str, str]] = []
-    forward = sandbox.Skipping(lambda stream, text: got.append((stream, text)), {"stdout": 9})
+    forward = sandbox_streams.Skipping(
+        lambda stream, text: got.append((stream, text)), {"stdout": 9}
+    )
     forward([("stdout", "tick 0\n"), ("stderr", "e\n"), ("stdout", "tick 1\ntick 2\n")])
     # 9 characters of stdout were forwarded: "tick 0\n" and "ti".
     assert got == [("stderr", "e\n"), ("stdout", "ck 1\ntick 2\n")]
