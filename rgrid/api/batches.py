@@ -27,8 +27,9 @@ from rgrid.api.schemas import (
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, RGridError, ServiceUnavailable
 from rgrid.core.queueing import enqueue_pipeline
+from rgrid.service import batch_retry, cancelling
+from rgrid.service import batch_views as views
 from rgrid.service import batches as svc
-from rgrid.service import cancelling
 
 bp = Blueprint("batches", __name__)
 bp.before_request(authenticate_request)
@@ -44,14 +45,14 @@ def _enqueue(execution_id: str) -> None:
 
 def _status(batch_id: str):
     with session_scope(_ctx().session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
-        return svc.batch_to_dict(session, batch)
+        batch = views.get_batch(session, g.account_id, batch_id)
+        return views.batch_to_dict(session, batch)
 
 
 def _batch_id(batch_id: str) -> str:
     """The full id of one of the caller's batches (from a prefix or ``last``)."""
     with session_scope(_ctx().session_factory) as session:
-        return svc.get_batch(session, g.account_id, batch_id).id
+        return views.get_batch(session, g.account_id, batch_id).id
 
 
 @bp.post("/batches")
@@ -65,13 +66,11 @@ def create_batch(body: BatchRequest):
             ctx.store,
             ctx.settings,
             account_id=g.account_id,
-            **body.script_options(),
+            spec=body.spec(),
             parallel=body.parallel,
             size=body.size,
-            reuse=body.reuse,
-            refresh=body.refresh,
         )
-        return jsonify(svc.batch_to_dict(session, batch)), 201
+        return jsonify(views.batch_to_dict(session, batch)), 201
 
 
 @bp.post("/batches/<batch_id>/inputs")
@@ -80,7 +79,7 @@ def add_inputs(batch_id: str, body: BatchInputsRequest):
     """Add a page of inputs to a batch that has not started: one execution each."""
     ctx = _ctx()
     with session_scope(ctx.session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
+        batch = views.get_batch(session, g.account_id, batch_id)
         added = svc.add_page(
             session,
             ctx.settings,
@@ -115,8 +114,8 @@ def start_batch(batch_id: str):
 def list_batches(query: ListQuery):
     """The caller's recent batches, newest first, with counts per status."""
     with session_scope(_ctx().session_factory) as session:
-        rows = svc.list_batches(session, g.account_id, query.limit)
-        return jsonify(batches=[svc.batch_to_dict(session, row) for row in rows])
+        rows = views.list_batches(session, g.account_id, query.limit)
+        return jsonify(batches=[views.batch_to_dict(session, row) for row in rows])
 
 
 @bp.get("/batches/<batch_id>")
@@ -138,8 +137,8 @@ def batch_executions(batch_id: str, query: BatchExecutionsQuery):
             raise BadInput("finished_since: not an ISO 8601 time") from None
         since = since.replace(tzinfo=UTC) if since.tzinfo is None else since
     with session_scope(_ctx().session_factory) as session:
-        batch = svc.get_batch(session, g.account_id, batch_id)
-        rows = svc.executions_page(
+        batch = views.get_batch(session, g.account_id, batch_id)
+        rows = views.executions_page(
             session, batch, after=query.after, finished_since=since, limit=query.limit
         )
         return jsonify(batch_id=batch.id, executions=rows)
@@ -168,7 +167,7 @@ def retry_batch(batch_id: str):
     """Run the batch's failed executions again (successes are not run again)."""
     ctx = _ctx()
     full_id = _batch_id(batch_id)
-    retried = svc.retry(ctx.session_factory, g.account_id, full_id, _enqueue, ctx.settings)
+    retried = batch_retry.retry(ctx.session_factory, g.account_id, full_id, _enqueue, ctx.settings)
     return jsonify(
         {**_status(full_id), "retried": list(retried), "new_executions": list(retried.values())}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -49,12 +50,8 @@ def create_execution(body: SubmitRequest):
             ctx.store,
             ctx.settings,
             account_id=g.account_id,
-            **body.script_options(),
-            files_uploaded=body.files_uploaded,
-            bytes_uploaded=body.bytes_uploaded,
+            spec=dataclasses.replace(body.spec(), env=env),
             stdin=body.stdin,
-            env_names=list(env) if env else None,
-            inline=[item.model_dump() for item in body.inline] if body.inline else None,
         )
         execution_id = execution.id
         reused = reuse.at_submission(

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from rgrid.core.config import DEFAULT_RUNTIME
 from rgrid.core.errors import BadInput
+from rgrid.core.spec import RunSpec
 from rgrid.store.channels import ENV_NAME, MAX_ENV_BYTES, MAX_ENV_VARS
 
 #: No control characters (NUL included): PostgreSQL refuses NUL, and a tar header or a
@@ -103,26 +104,27 @@ class _ScriptRequest(_Strict):
         Annotated[str, StringConstraints(max_length=300, pattern=_PRINTABLE)] | None
     ) = None
 
-    def script_options(self) -> dict[str, Any]:
-        """The shared options as the service functions take them (``create_execution``,
-        ``create_batch``)."""
-        return {
-            "script": self.script,
-            "script_name": self.script_name,
-            "runtime": self.runtime,
-            "timeout_s": self.timeout_s,
-            "args": self.args,
-            "requirements": self.requirements,
-            "refresh_deps": self.refresh_deps,
-            "inputs": [item.model_dump() for item in self.inputs],
-            "sources": [item.model_dump() for item in self.sources]
+    def spec(self, **extra: Any) -> RunSpec:
+        """The run these options describe, as the service takes it (``create_execution``,
+        ``create_batch``), with ``extra``: the fields of a single submission's own."""
+        return RunSpec(
+            script=self.script,
+            script_name=self.script_name,
+            runtime=self.runtime,
+            timeout_s=self.timeout_s,
+            args=self.args,
+            requirements=self.requirements,
+            refresh_deps=self.refresh_deps,
+            inputs=[item.model_dump() for item in self.inputs],
+            sources=[item.model_dump() for item in self.sources]
             if self.sources is not None
             else None,
-            "module": self.module,
-            "dependency_source": self.dependency_source,
-            "memory": self.memory,
-            "cpus": self.cpus,
-        }
+            module=self.module,
+            dependency_source=self.dependency_source,
+            memory=self.memory,
+            cpus=self.cpus,
+            **extra,
+        )
 
 
 class SubmitRequest(_ScriptRequest):
@@ -141,6 +143,16 @@ class SubmitRequest(_ScriptRequest):
     reuse: bool | None = None
     refresh: bool = False
 
+    def spec(self) -> RunSpec:  # type: ignore[override]
+        return super().spec(
+            files_uploaded=self.files_uploaded,
+            bytes_uploaded=self.bytes_uploaded,
+            inline=[item.model_dump() for item in self.inline] if self.inline else None,
+            env=self.env,
+            reuse=self.reuse,
+            refresh=self.refresh,
+        )
+
 
 class BatchRequest(_ScriptRequest):
     """What every execution of a batch shares; its inputs are added in pages afterwards."""
@@ -155,6 +167,9 @@ class BatchRequest(_ScriptRequest):
     #: server's default, RGRID_REUSE_DEFAULT); ``refresh``: run every one anyway.
     reuse: bool | None = None
     refresh: bool = False
+
+    def spec(self) -> RunSpec:  # type: ignore[override]
+        return super().spec(reuse=self.reuse, refresh=self.refresh)
 
 
 class BatchInputsRequest(_Strict):
@@ -290,57 +305,7 @@ def openapi(app: Flask) -> dict:
         view = app.view_functions[rule.endpoint]
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            operation: dict[str, Any] = {
-                "operationId": rule.endpoint.replace(".", "_"),
-                "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
-                "parameters": [
-                    {
-                        "name": name,
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "pattern": PATH_PARAMETERS[name]},
-                    }
-                    for name in sorted(rule.arguments)
-                ],
-                "responses": {
-                    "200": {"description": "OK"},
-                    "201": {"description": "Created"},
-                    "400": _error_response("Invalid request: the message names the field"),
-                    "401": _error_response("Missing, invalid or revoked API key"),
-                    "404": _error_response("No such execution or upload in this account"),
-                    "413": _error_response("Request body too large"),
-                    "429": _error_response(
-                        "An account's cap on open uploads or staged bytes is reached for now"
-                    ),
-                    "503": _error_response("A service behind the API is unavailable"),
-                },
-            }
-            query = getattr(view, "rgrid_query", None)
-            if query is not None:
-                properties = query.model_json_schema()["properties"]
-                for name, schema in properties.items():
-                    operation["parameters"].append(
-                        {"name": name, "in": "query", "required": False, "schema": schema}
-                    )
-            body = getattr(view, "rgrid_body", None)
-            if body is not None:
-                schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schemas[body.__name__] = schema
-                operation["requestBody"] = {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
-                        }
-                    },
-                }
-            elif method == "POST" and rule.endpoint.endswith("stdin"):
-                operation["requestBody"] = {
-                    "required": True,
-                    "content": {"application/octet-stream": {"schema": {"type": "string"}}},
-                }
-            paths.setdefault(path, {})[method.lower()] = operation
+            paths.setdefault(path, {})[method.lower()] = _operation(rule, view, method, schemas)
     return {
         "openapi": "3.1.0",
         "info": {"title": "RGrid API", "version": "1"},
@@ -354,8 +319,64 @@ def openapi(app: Flask) -> dict:
     }
 
 
+def _operation(rule: Any, view: Callable, method: str, schemas: dict[str, dict]) -> dict:
+    """One route's operation: its parameters, the answers it may give and its body's model
+    (added to ``schemas``)."""
+    operation: dict[str, Any] = {
+        "operationId": rule.endpoint.replace(".", "_"),
+        "summary": (view.__doc__ or rule.endpoint).strip().splitlines()[0],
+        "parameters": [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": PATH_PARAMETERS[name]},
+            }
+            for name in sorted(rule.arguments)
+        ],
+        "responses": dict(RESPONSES),
+    }
+    query = getattr(view, "rgrid_query", None)
+    if query is not None:
+        properties = query.model_json_schema()["properties"]
+        for name, schema in properties.items():
+            operation["parameters"].append(
+                {"name": name, "in": "query", "required": False, "schema": schema}
+            )
+    body = getattr(view, "rgrid_body", None)
+    if body is not None:
+        schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[body.__name__] = schema
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}
+            },
+        }
+    elif method == "POST" and rule.endpoint.endswith("stdin"):
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        }
+    return operation
+
+
 def _error_response(description: str) -> dict:
     return {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
+
+
+#: The answers every operation may give.
+RESPONSES = {
+    "200": {"description": "OK"},
+    "201": {"description": "Created"},
+    "400": _error_response("Invalid request: the message names the field"),
+    "401": _error_response("Missing, invalid or revoked API key"),
+    "404": _error_response("No such execution or upload in this account"),
+    "413": _error_response("Request body too large"),
+    "429": _error_response("An account's cap on open uploads or staged bytes is reached for now"),
+    "503": _error_response("A service behind the API is unavailable"),
+}

@@ -50,7 +50,8 @@ COMMAND_MODULES = {
     "cache": "cache",
     "runtime": "runtime",
     "why": "why",
-    **{name: "executions" for name in ("run", "cancel", "status", "logs", "outputs", "list")},
+    "run": "run",
+    **{name: "executions" for name in ("cancel", "status", "logs", "outputs", "list")},
 }
 
 

@@ -8,7 +8,7 @@ import click
 
 from rgrid.cli import cli
 from rgrid.cli.output import note, print_json, table_lines
-from rgrid.client.remote import make_client
+from rgrid.client.protocol import make_client
 from rgrid.core.config import get_settings
 from rgrid.core.errors import BadInput
 from rgrid.core.units import human_bytes

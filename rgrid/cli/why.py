@@ -6,7 +6,7 @@ import click
 
 from rgrid.cli import cli
 from rgrid.cli.output import print_json
-from rgrid.client.remote import make_client
+from rgrid.client.protocol import make_client
 from rgrid.core.config import get_settings
 
 

@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 
 from rgrid.client.embedded import EmbeddedClient
+from rgrid.client.protocol import CALLS
 from rgrid.core.config import Settings, get_settings
 from rgrid.core.errors import RGridError
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.service.cancelling import cancel
 from rgrid.service.context import embedded_context
@@ -42,6 +44,8 @@ log = logging.getLogger("rgrid.client.agent")
 #: How long stopping waits for cancelled executions to end before exiting anyway (their
 #: sandboxes' own deadlines and the next start's recovery end the rest).
 STOP_WAIT_S = 15.0
+#: The agent's own calls, besides the ``Client`` protocol's.
+AGENT_CALLS = frozenset({"ping", "shutdown"})
 
 
 class Agent:
@@ -96,60 +100,66 @@ class Agent:
 
     # The calls a client makes; each returns JSON-ready values.
     def dispatch(self, method: str, args: dict, owned: set[str], fds: list[int]) -> object:
-        """``fds``: descriptors passed with the request; the call takes over the ones it uses,
-        the caller closes what is left in the list."""
-        client = self.client
-        if method not in ("ping", "shutdown"):
+        """A call of the ``Client`` protocol (or the agent's own ``ping`` and ``shutdown``), by
+        its name: a ``_serve_<name>`` method where its arguments or answer are not JSON values
+        as they are, else the embedded client's call itself. ``fds``: descriptors passed with
+        the request; the call takes over the ones it uses, the caller closes what is left."""
+        if method not in CALLS | AGENT_CALLS:
+            raise RGridError(f"the local rgrid agent has no call '{method}'")
+        if method not in AGENT_CALLS:
             self.touch()  # `rgrid agent status` must not keep an idle agent alive
-        if method == "submit":
-            stdin = None
-            if args.pop("stdin", False):
-                if len(fds) != 1:
-                    raise RGridError("the local rgrid agent got no stdin with this run")
-                stdin = PassedStdin(fds.pop())
-            try:
-                result = client.submit(**args, stdin_source=stdin)
-            except BaseException:
-                if stdin is not None:
-                    stdin.close()
-                raise
-            owned.add(result["execution_id"])
+        serve = getattr(self, f"_serve_{method}", None)
+        if serve is not None:
+            return serve(args, owned, fds)
+        return getattr(self.client, method)(**args)
+
+    def _serve_submit(self, args: dict, owned: set[str], fds: list[int]) -> dict:
+        body = args["spec"]
+        stdin = None
+        if body.get("stdin"):
+            if len(fds) != 1:
+                raise RGridError("the local rgrid agent got no stdin with this run")
+            stdin = PassedStdin(fds.pop())
+        try:
+            result = self.client.submit(RunSpec.from_body(body), stdin_source=stdin)
+        except BaseException:
+            if stdin is not None:
+                stdin.close()
+            raise
+        owned.add(result["execution_id"])
+        with self._lock:
+            self._live.add(result["execution_id"])
+        return result
+
+    def _serve_logs(self, args: dict, owned: set[str], fds: list[int]) -> dict:
+        page = self.client.logs(args["execution_id"], args["offset"], args["wait"])
+        if page.get("complete"):
             with self._lock:
-                self._live.add(result["execution_id"])
-            return result
-        if method == "get":
-            return client.get(args["execution_id"], bool(args.get("check_store")))
-        if method == "cancel":
-            return client.cancel(args["execution_id"])
-        if method == "why":
-            return client.why(args["execution_id"])
-        if method == "list":
-            return client.list(args["limit"])
-        if method == "logs":
-            page = client.logs(args["execution_id"], args["offset"], args["wait"])
-            if page.get("complete"):
-                with self._lock:
-                    self._live.discard(args["execution_id"])
-            return page
-        if method == "missing":
-            return client.missing(args["digests"])
-        if method == "upload":
-            item = InputFile(
-                name=args["name"], path=Path(args["path"]), size=args["size"], sha256=args["sha256"]
-            )
-            client.upload(item, lambda n: None)
-            return None
-        if method == "download_outputs":
-            written = client.download_outputs(
-                args["execution"], Path(args["dest"]), paths=args.get("paths")
-            )
-            return [str(p) for p in written]
-        if method == "ping":
-            return {"pid": os.getpid(), "socket": str(self.path)}
-        if method == "shutdown":
-            threading.Thread(target=self.shutdown, daemon=True).start()
-            return {"pid": os.getpid()}
-        raise RGridError(f"the local rgrid agent has no call '{method}'")
+                self._live.discard(args["execution_id"])
+        return page
+
+    def _serve_upload(self, args: dict, owned: set[str], fds: list[int]) -> None:
+        item = InputFile(
+            name=args["name"], path=Path(args["path"]), size=args["size"], sha256=args["sha256"]
+        )
+        self.client.upload(item, lambda n: None)
+
+    def _serve_download_outputs(self, args: dict, owned: set[str], fds: list[int]) -> list[str]:
+        written = self.client.download_outputs(
+            args["execution"], Path(args["dest"]), paths=args.get("paths")
+        )
+        return [str(p) for p in written]
+
+    def _serve_create_batch(self, args: dict, owned: set[str], fds: list[int]) -> dict:
+        spec = RunSpec.from_body(args["spec"])
+        return self.client.create_batch(spec, args.get("parallel"), args.get("size"))
+
+    def _serve_ping(self, args: dict, owned: set[str], fds: list[int]) -> dict:
+        return {"pid": os.getpid(), "socket": str(self.path)}
+
+    def _serve_shutdown(self, args: dict, owned: set[str], fds: list[int]) -> dict:
+        threading.Thread(target=self.shutdown, daemon=True).start()
+        return {"pid": os.getpid()}
 
     def shutdown(self) -> None:
         if self.server is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rgrid.core import errors
 from rgrid.core.config import Settings, agent_environment
+from rgrid.core.spec import RunSpec
 from rgrid.store.inputs import InputFile
 
 #: A Unix socket's path must fit in sockaddr_un (108 bytes on Linux, with the NUL).
@@ -82,7 +83,7 @@ class AgentGone(errors.ServiceUnavailable):
 
 
 class AgentClient:
-    """The ``Client`` interface of rgrid/client/remote.py, answered by the agent."""
+    """The ``Client`` protocol (rgrid/client/protocol.py), answered by the agent."""
 
     def __init__(self, path: Path, conn: socket.socket):
         self.path = path
@@ -139,16 +140,19 @@ class AgentClient:
             self._conn.close()
             self._conn = None
 
-    # The Client protocol.
-    def submit(self, *, stdin_source=None, **options) -> dict:
+    # The Client protocol (rgrid/client/protocol.py): each call by its own name, with its
+    # arguments as JSON values (a spec as its body, a path as text).
+    def submit(self, spec: RunSpec | None = None, *, stdin_source=None, **fields) -> dict:
         """``stdin_source``: this process's stdin (an ``FdReader``), whose descriptor the agent
-        receives and reads from then on."""
+        receives and reads from then on. ``spec``: the run (or its fields as keywords)."""
+        spec = spec if spec is not None else RunSpec(**fields)
+        body = spec.submit_body(stdin=stdin_source is not None)
         if stdin_source is None:
-            return self._call("submit", **options)  # type: ignore[return-value]
+            return self._call("submit", spec=body)  # type: ignore[return-value]
         fd = getattr(stdin_source, "fd", None)
         if not isinstance(fd, int):
             raise errors.BadInput("the local rgrid agent takes stdin only as a descriptor")
-        return self._call("submit", _fds=(fd,), stdin=True, **options)  # type: ignore[return-value]
+        return self._call("submit", _fds=(fd,), spec=body)  # type: ignore[return-value]
 
     def get(self, execution_id: str, check_store: bool = False) -> dict:
         return self._call("get", execution_id=execution_id, check_store=check_store)  # type: ignore[return-value]
@@ -159,8 +163,8 @@ class AgentClient:
     def why(self, execution_id: str) -> dict:
         return self._call("why", execution_id=execution_id)  # type: ignore[return-value]
 
-    def list(self, limit: int) -> list[dict]:
-        return self._call("list", limit=limit)  # type: ignore[return-value]
+    def list(self, limit: int, standalone: bool = False) -> list[dict]:
+        return self._call("list", limit=limit, standalone=standalone)  # type: ignore[return-value]
 
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:
         return self._call("logs", execution_id=execution_id, offset=offset, wait=wait)  # type: ignore[return-value]
@@ -187,6 +191,50 @@ class AgentClient:
         advance(sum(o["size"] for o in execution.get("outputs") or []))
         return [Path(p) for p in written]  # type: ignore[union-attr]
 
+    def create_batch(
+        self, spec: RunSpec, parallel: int | None = None, size: int | None = None
+    ) -> dict:
+        return self._call("create_batch", spec=spec.batch_body(), parallel=parallel, size=size)  # type: ignore[return-value]
+
+    def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
+        return self._call("add_batch_inputs", batch_id=batch_id, inputs=inputs)  # type: ignore[return-value]
+
+    def start_batch(self, batch_id: str) -> dict:
+        return self._call("start_batch", batch_id=batch_id)  # type: ignore[return-value]
+
+    def batch(self, batch_id: str) -> dict:
+        return self._call("batch", batch_id=batch_id)  # type: ignore[return-value]
+
+    def batch_executions(
+        self, batch_id: str, after: str = "", finished_since: str | None = None, limit: int = 500
+    ) -> list[dict]:
+        return self._call(  # type: ignore[return-value]
+            "batch_executions",
+            batch_id=batch_id,
+            after=after,
+            finished_since=finished_since,
+            limit=limit,
+        )
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._call("cancel_batch", batch_id=batch_id)  # type: ignore[return-value]
+
+    def retry_batch(self, batch_id: str) -> dict:
+        return self._call("retry_batch", batch_id=batch_id)  # type: ignore[return-value]
+
+    def list_batches(self, limit: int) -> list[dict]:
+        return self._call("list_batches", limit=limit)  # type: ignore[return-value]
+
+    def cache_stats(self) -> dict:
+        return self._call("cache_stats")  # type: ignore[return-value]
+
+    def cache_entries(self, limit: int) -> list[dict]:
+        return self._call("cache_entries", limit=limit)  # type: ignore[return-value]
+
+    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict:
+        return self._call("cache_purge", older_than_s=older_than_s, everything=everything)  # type: ignore[return-value]
+
+    # The agent's own calls.
     def ping(self) -> dict:
         return self._call("ping")  # type: ignore[return-value]
 

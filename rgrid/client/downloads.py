@@ -163,35 +163,55 @@ def save_outputs(
     files. One this filesystem cannot hold (a name too long or invalid here, or the same as
     another's once case is folded) is skipped with a line saying so; the others still arrive.
     The first failure of the store stops the rest."""
-    from concurrent.futures import ThreadPoolExecutor
+    return _Download(listing, dest, fetch, advance, fetch_span).run()
 
-    outputs = listing["outputs"]
-    resolve = _Targets(dest)
-    targets = {id(output): resolve(output["path"]) for output in outputs}
-    order = {targets[id(output)]: index for index, output in enumerate(outputs)}
-    placed = threading.Lock()
-    written: list[Path] = []
-    files: set[tuple[int, int]] = set()  # (device, inode) of each file written
-    progress_lock = threading.Lock()
-    failed = threading.Event()
 
-    def counted(n: int) -> None:
-        if failed.is_set():  # Ctrl-C, or the store failed for another output: stop here
+class _Download:
+    """One ``save_outputs``: its jobs (an output or a span of a pack each), run on a pool of
+    threads, and what they share: the files written so far, the progress and whether one
+    has failed (which stops the others)."""
+
+    def __init__(
+        self,
+        listing: dict,
+        dest: Path,
+        fetch: Callable[[dict], AbstractContextManager[Iterable[bytes]]],
+        advance: Callable[[int], None],
+        fetch_span: SpanFetcher | None,
+    ):
+        self.listing, self.fetch, self.advance, self.fetch_span = (
+            listing,
+            fetch,
+            advance,
+            fetch_span,
+        )
+        self.outputs = listing["outputs"]
+        self.resolve = _Targets(dest)
+        self.targets = {id(output): self.resolve(output["path"]) for output in self.outputs}
+        self.order = {self.targets[id(output)]: i for i, output in enumerate(self.outputs)}
+        self.placed = threading.Lock()
+        self.written: list[Path] = []
+        self.files: set[tuple[int, int]] = set()  # (device, inode) of each file written
+        self.progress_lock = threading.Lock()
+        self.failed = threading.Event()
+
+    def counted(self, n: int) -> None:
+        if self.failed.is_set():  # Ctrl-C, or the store failed for another output: stop here
             raise RGridError("output download stopped")
-        with progress_lock:
-            advance(n)
+        with self.progress_lock:
+            self.advance(n)
 
-    def place(partial: Path, target: Path) -> None:
+    def place(self, partial: Path, target: Path) -> None:
         # Placing is one at a time: two names that are one file here (case folded) must not
         # both count as written.
-        with placed:
+        with self.placed:
             try:
                 try:
                     seen = os.stat(target)
                 except FileNotFoundError:
                     pass
                 else:  # a file of a former download, or one just written under another name
-                    if (seen.st_dev, seen.st_ino) in files:
+                    if (seen.st_dev, seen.st_ino) in self.files:
                         raise OSError(
                             errno.EEXIST, "another output has this name on this filesystem"
                         )
@@ -200,10 +220,10 @@ def save_outputs(
             except OSError:
                 partial.unlink(missing_ok=True)
                 raise
-            written.append(target)
-            files.add((now.st_dev, now.st_ino))
+            self.written.append(target)
+            self.files.add((now.st_dev, now.st_ino))
 
-    def create(data: bytes, target: Path, expected_sha256: str) -> bool:
+    def create(self, data: bytes, target: Path, expected_sha256: str) -> bool:
         """A packed output's verified bytes (in memory) written as a new file, in one write,
         without a temporary name and a rename (10,000 files: the time is the file system's,
         per call). False if a file (or link) of that name is there already: ``place`` then
@@ -225,37 +245,40 @@ def save_outputs(
             target.unlink(missing_ok=True)  # never a half-written file under its name
             raise
         os.close(fd)
-        with placed:
-            written.append(target)
-            files.add((info.st_dev, info.st_ino))
+        with self.placed:
+            self.written.append(target)
+            self.files.add((info.st_dev, info.st_ino))
         return True
 
+    @staticmethod
     def skipped(output: dict, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
         print(f"rgrid: skipped output {output['path']!r}: {reason}", file=sys.stderr)
 
-    def one(output: dict) -> None:
-        if failed.is_set():
+    def one(self, output: dict) -> None:
+        """An output of its own object: one GET, verified, then renamed into place."""
+        if self.failed.is_set():
             return
-        target = targets[id(output)]
+        target = self.targets[id(output)]
         try:
-            with fetch(output) as chunks:
-                partial = fetch_verified(_counted(chunks, counted), target, output["sha256"])
-            place(partial, target)
+            with self.fetch(output) as chunks:
+                partial = fetch_verified(_counted(chunks, self.counted), target, output["sha256"])
+            self.place(partial, target)
         except OSError as exc:
-            skipped(output, exc)
+            self.skipped(output, exc)
         except BaseException:
-            failed.set()
+            self.failed.set()
             raise
 
-    def span(pack: dict, members: list[dict], pack_paths: list[str]) -> None:
-        if failed.is_set():
+    def span(self, pack: dict, members: list[dict], pack_paths: list[str]) -> None:
+        """Packed outputs that lie together: one ranged GET of their pack, split into files."""
+        if self.failed.is_set():
             return
         start = members[0]["offset"]
         length = max(o["offset"] + o["size"] for o in members) - start
         try:
-            assert fetch_span is not None
-            with fetch_span(pack, start, length, pack_paths) as chunks:
+            assert self.fetch_span is not None
+            with self.fetch_span(pack, start, length, pack_paths) as chunks:
                 reader, position = _Reader(chunks), start
                 for output in members:
                     if output["offset"] > position:
@@ -265,45 +288,53 @@ def save_outputs(
                         data = reader.read(output["size"])
                         position += len(data)
                     # else: the same bytes as the output before it (one blob, two names)
-                    counted(len(data))
-                    target = targets[id(output)]
+                    self.counted(len(data))
+                    target = self.targets[id(output)]
                     try:
-                        if not create(data, target, output["sha256"]):
-                            place(_verified_file(data, target, output["sha256"]), target)
+                        if not self.create(data, target, output["sha256"]):
+                            self.place(_verified_file(data, target, output["sha256"]), target)
                     except OSError as exc:
-                        skipped(output, exc)
+                        self.skipped(output, exc)
         except BaseException:
-            failed.set()
+            self.failed.set()
             raise
 
-    jobs: list[Callable[[], None]] = []
-    by_pack: dict[int, list[dict]] = {}
-    for output in outputs:
-        if "pack" in output:
-            by_pack.setdefault(output["pack"], []).append(output)
-        else:
-            jobs.append(functools.partial(one, output))
-    for index, members in by_pack.items():
-        pack, paths = listing["packs"][index], [o["path"] for o in members]
-        # The spans first: each holds many outputs.
-        jobs[:0] = [functools.partial(span, pack, part, paths) for part in _spans(members)]
-    if by_pack:
-        resolve.make_folders()
-    if len(jobs) <= 1:
-        for job in jobs:
-            job()
-        return written
-    with ThreadPoolExecutor(min(FETCH_THREADS, len(jobs))) as pool:
-        futures = [pool.submit(job) for job in jobs]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            failed.set()
-            for future in futures:
-                future.cancel()
-            raise
-    return sorted(written, key=order.__getitem__)
+    def jobs(self) -> list[Callable[[], None]]:
+        """The spans of packs first (each holds many outputs), then each output of its own."""
+        jobs: list[Callable[[], None]] = []
+        by_pack: dict[int, list[dict]] = {}
+        for output in self.outputs:
+            if "pack" in output:
+                by_pack.setdefault(output["pack"], []).append(output)
+            else:
+                jobs.append(functools.partial(self.one, output))
+        for index, members in by_pack.items():
+            pack, paths = self.listing["packs"][index], [o["path"] for o in members]
+            # The spans first: each holds many outputs.
+            jobs[:0] = [functools.partial(self.span, pack, part, paths) for part in _spans(members)]
+        if by_pack:
+            self.resolve.make_folders()
+        return jobs
+
+    def run(self) -> list[Path]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = self.jobs()
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
+            return self.written
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(jobs))) as pool:
+            futures = [pool.submit(job) for job in jobs]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                self.failed.set()
+                for future in futures:
+                    future.cancel()
+                raise
+        return sorted(self.written, key=self.order.__getitem__)
 
 
 def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from rgrid.core import cachestats
 from rgrid.core.db import session_scope
 from rgrid.core.errors import LostFromStore, NotFound
 from rgrid.core.models import iso_utc, utcnow
+from rgrid.core.spec import RunSpec
 from rgrid.host import disk
 from rgrid.host.docker_engine import get_docker
 from rgrid.host.runtimes import resolve_runtime
@@ -27,7 +29,7 @@ from rgrid.service import cancelling, maintenance, purge
 from rgrid.service import executions as svc
 from rgrid.service.accounts import get_or_create_account
 from rgrid.store import blobs
-from rgrid.store.channels import check_env
+from rgrid.store.channels import StdinSource, check_env
 from rgrid.store.inputs import InputFile
 
 EMBEDDED_ACCOUNT = "local"
@@ -48,39 +50,42 @@ class EmbeddedClient(EmbeddedBatches):
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
     def submit(
-        self,
-        *,
-        script,
-        script_name,
-        runtime,
-        timeout_s,
-        args,
-        env=None,
-        stdin_source=None,
-        reuse=None,
-        refresh=False,
-        **options,
+        self, spec: RunSpec | None = None, *, stdin_source: StdinSource | None = None, **fields
     ) -> dict:
-        resolve_runtime(runtime)
-        env = check_env(env) if env else None
+        """``spec``: the run (or its fields as keywords, which make one)."""
+        spec = spec if spec is not None else RunSpec(**fields)
+        resolve_runtime(spec.runtime)
+        if spec.env:
+            spec = dataclasses.replace(spec, env=check_env(spec.env))
         get_docker()  # Fail now, with one line, rather than after writing a row.
+        result, reused = self._create(spec, stdin_source is not None)
+        if reused:
+            return result  # answered from the output cache: no sandbox, nothing to run
+        # Handed over in memory: they never reach the database or a file.
+        if spec.env:
+            self.ctx.channels.put_env(result["execution_id"], spec.env)
+        if stdin_source is not None:
+            self.ctx.channels.attach_stdin(result["execution_id"], stdin_source)
+        thread = threading.Thread(
+            target=run_all, args=(self.ctx, result["execution_id"]), daemon=True
+        )
+        thread.start()
+        return result
+
+    def _create(self, spec: RunSpec, stdin: bool) -> tuple[dict, bool]:
+        """Write the row, owned by this process, and look the run up in the output cache;
+        returns the execution and whether it was answered from there."""
         settings = self.ctx.settings
-        wanted = reuse_mod.wanted(settings, reuse) and not refresh
-        image = reuse_mod.local_runtime_image(runtime) if wanted else None
+        wanted = reuse_mod.wanted(settings, spec.reuse) and not spec.refresh
+        image = reuse_mod.local_runtime_image(spec.runtime) if wanted else None
         with session_scope(self.ctx.session_factory) as session:
             execution = svc.create_execution(
                 session,
                 self.ctx.store,
-                self.ctx.settings,
+                settings,
                 account_id=self.account_id,
-                script=script,
-                script_name=script_name,
-                runtime=runtime,
-                timeout_s=timeout_s,
-                args=args,
-                stdin=stdin_source is not None,
-                env_names=list(env) if env else None,
-                **options,
+                spec=spec,
+                stdin=stdin,
             )
             # Owned by this process from the start: if it is killed before the script ends,
             # the next `rgrid` on this machine ends the row (recover_interrupted).
@@ -90,24 +95,12 @@ class EmbeddedClient(EmbeddedBatches):
                 self.ctx.store,
                 settings,
                 execution,
-                env=env,
+                env=spec.env,
                 runtime_image=image,
-                reuse=reuse,
-                refresh=refresh,
+                reuse=spec.reuse,
+                refresh=spec.refresh,
             )
-            result = svc.execution_to_dict(execution)
-        if reused:
-            return result  # answered from the output cache: no sandbox, nothing to run
-        # Handed over in memory: they never reach the database or a file.
-        if env:
-            self.ctx.channels.put_env(result["execution_id"], env)
-        if stdin_source is not None:
-            self.ctx.channels.attach_stdin(result["execution_id"], stdin_source)
-        thread = threading.Thread(
-            target=run_all, args=(self.ctx, result["execution_id"]), daemon=True
-        )
-        thread.start()
-        return result
+            return svc.execution_to_dict(execution), bool(reused)
 
     def get(self, execution_id: str, check_store: bool = False) -> dict:
         with session_scope(self.ctx.session_factory) as session:

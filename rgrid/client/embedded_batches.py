@@ -19,11 +19,12 @@ from sqlalchemy import update
 
 from rgrid.core.db import serialized_session_factory, session_scope
 from rgrid.core.models import Execution
+from rgrid.core.spec import RunSpec
 from rgrid.host.docker_engine import get_docker
 from rgrid.pipeline import reuse
 from rgrid.pipeline.chain import run_all
 from rgrid.pipeline.context import PipelineContext
-from rgrid.service import batches
+from rgrid.service import batch_retry, batch_views, batches
 from rgrid.service.cancelling import cancel
 
 #: Executions run at once in process when --parallel is not given: the host's cores, at most 4.
@@ -49,19 +50,21 @@ class EmbeddedBatches:
             )
         return self._writer_ctx
 
-    def create_batch(self, *, parallel: int | None = None, **options: object) -> dict:
+    def create_batch(
+        self, spec: RunSpec, parallel: int | None = None, size: int | None = None
+    ) -> dict:
         get_docker()  # Fail now, with one line, rather than after writing rows.
-        options = {key: value for key, value in options.items() if value is not None}
         with session_scope(self._writer.session_factory) as session:
             batch = batches.create_batch(
                 session,
                 self.ctx.store,
                 self.ctx.settings,
                 account_id=self.account_id,
+                spec=spec,
                 parallel=parallel or EMBEDDED_PARALLEL,
-                **options,  # type: ignore[arg-type]
+                size=size,
             )
-            return batches.batch_to_dict(session, batch)
+            return batch_views.batch_to_dict(session, batch)
 
     def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
         with session_scope(self._writer.session_factory) as session:
@@ -113,8 +116,8 @@ class EmbeddedBatches:
 
     def batch(self, batch_id: str) -> dict:
         with session_scope(self.ctx.session_factory) as session:
-            found = batches.get_batch(session, self.account_id, batch_id)
-            return batches.batch_to_dict(session, found)
+            found = batch_views.get_batch(session, self.account_id, batch_id)
+            return batch_views.batch_to_dict(session, found)
 
     def batch_executions(
         self, batch_id: str, after: str = "", finished_since: str | None = None, limit: int = 500
@@ -123,8 +126,8 @@ class EmbeddedBatches:
         if finished_since is not None:
             since = datetime.fromisoformat(finished_since).astimezone(UTC)
         with session_scope(self.ctx.session_factory) as session:
-            found = batches.get_batch(session, self.account_id, batch_id)
-            return batches.executions_page(
+            found = batch_views.get_batch(session, self.account_id, batch_id)
+            return batch_views.executions_page(
                 session, found, after=after, finished_since=since, limit=limit
             )
 
@@ -143,7 +146,7 @@ class EmbeddedBatches:
         status = self.batch(batch_id)
         full_id = status["batch_id"]
         self._start_runner(status["parallel"] or EMBEDDED_PARALLEL)
-        renewed = batches.retry(
+        renewed = batch_retry.retry(
             self._writer.session_factory,
             self.account_id,
             full_id,
@@ -165,5 +168,5 @@ class EmbeddedBatches:
 
     def list_batches(self, limit: int) -> list[dict]:
         with session_scope(self.ctx.session_factory) as session:
-            rows = batches.list_batches(session, self.account_id, limit)
-            return [batches.batch_to_dict(session, row) for row in rows]
+            rows = batch_views.list_batches(session, self.account_id, limit)
+            return [batch_views.batch_to_dict(session, row) for row in rows]

@@ -1,13 +1,11 @@
-"""What the CLI talks to: a remote RGrid API, or the embedded default in this process.
-
-Both offer the same calls, so every CLI command works the same way against either.
-"""
+"""The client of a remote RGrid API: JSON calls over HTTP/1.1 on the standard library, and
+streamed uploads and downloads of presigned object-store URLs. It offers the calls of
+``rgrid.client.protocol.Client``, as the embedded default and its agent do."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import io
 import json
 import sys
 import threading
@@ -15,11 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from rgrid.client.downloads import save_outputs, select_outputs
-from rgrid.core.config import Settings
+from rgrid.client.transport import FileSlice, Http
 from rgrid.core.errors import (
     AuthError,
     BadInput,
@@ -28,160 +25,10 @@ from rgrid.core.errors import (
     RGridError,
     ServiceUnavailable,
 )
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.store.channels import StdinSource
 from rgrid.store.inputs import InputFile
-
-
-class Client(Protocol):
-    """``logs(..., wait=True)`` returns as soon as there is something new (or after a few
-    seconds with nothing), and its last page carries the finished ``execution``."""
-
-    def submit(
-        self,
-        *,
-        script: str,
-        script_name: str,
-        runtime: str,
-        timeout_s: int | None,
-        args: list[str],
-        requirements: str | None = None,
-        refresh_deps: bool = False,
-        inputs: list[dict] | None = None,
-        files_uploaded: int = 0,
-        bytes_uploaded: int = 0,
-        memory: str | None = None,
-        cpus: float | None = None,
-        env: dict[str, str] | None = None,
-        stdin_source: StdinSource | None = None,
-        reuse: bool | None = None,
-        refresh: bool = False,
-    ) -> dict: ...
-    def get(self, execution_id: str, check_store: bool = False) -> dict:
-        """``check_store``: also ask the object store whether the log and outputs it was
-        given are still there (``log_lost``, ``lost_outputs``)."""
-        ...
-
-    def why(self, execution_id: str) -> dict: ...
-    def cancel(self, execution_id: str) -> dict: ...
-    def list(self, limit: int, standalone: bool = False) -> list[dict]: ...
-    def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict: ...
-    def download_outputs(
-        self,
-        execution: dict,
-        dest: Path,
-        advance: Callable[[int], None] = ...,
-        paths: list[str] | None = None,
-    ) -> list[Path]:
-        """``paths``: only the outputs these name (``select_outputs``); all without."""
-        ...
-
-    def missing(self, digests: list[str]) -> list[str]: ...
-    def upload(self, item: InputFile, advance: Callable[[int], None]) -> None: ...
-    def cache_stats(self) -> dict: ...
-    def cache_entries(self, limit: int) -> list[dict]: ...
-    def cache_purge(self, older_than_s: int | None, everything: bool) -> dict: ...
-
-
-class FileSlice(io.RawIOBase):
-    """Part of an open file as a request body: streamed (never held in memory), with a length
-    so the presigned PUT gets its Content-Length, and a callback for the progress bar."""
-
-    def __init__(self, fh: BinaryIO, offset: int, length: int, advance: Callable[[int], None]):
-        self.fh, self.remaining, self.advance = fh, length, advance
-        self.length = length
-        fh.seek(offset)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        size = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        data = self.fh.read(min(size, 1024 * 1024))
-        self.remaining -= len(data)
-        self.advance(len(data))
-        return data
-
-
-class _Http:
-    """HTTP/1.1 on the standard library, one kept-alive connection per host.
-
-    Why not requests: importing it costs ~0.1 s of every CLI start, a third of a warm run's
-    budget (a bare ``docker run`` is ~0.36 s here). The CLI needs little of it: JSON calls to
-    the API and streamed PUT/GET of presigned object-store URLs."""
-
-    def __init__(self, timeout_s: float = 60, blocksize: int = 64 * 1024):
-        self.timeout_s, self.blocksize = timeout_s, blocksize
-        self._connections: dict[tuple[str, str], http.client.HTTPConnection] = {}
-
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        key = (scheme, netloc)
-        if key not in self._connections:
-            if scheme == "https":
-                self._connections[key] = http.client.HTTPSConnection(
-                    netloc, timeout=self.timeout_s, blocksize=self.blocksize
-                )
-            elif scheme == "http":
-                self._connections[key] = http.client.HTTPConnection(
-                    netloc, timeout=self.timeout_s, blocksize=self.blocksize
-                )
-            else:
-                raise ValueError(f"unsupported URL scheme {scheme!r}")
-        return self._connections[key]
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        body: bytes | BinaryIO | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> http.client.HTTPResponse:
-        """Send a request and return the response with its body unread. A kept-alive
-        connection the server closed meanwhile is reopened once."""
-        parts = urlsplit(url)
-        if not parts.netloc:
-            raise ValueError(f"not an absolute URL: {url!r}")
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        for attempt in (1, 2):
-            connection = self._connection(parts.scheme, parts.netloc)
-            try:
-                connection.request(method, target, body=body, headers=headers or {})
-                return connection.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                connection.close()
-                if attempt == 2 or not (body is None or isinstance(body, bytes)):
-                    raise
-            except BaseException:
-                # Interrupted half way (Ctrl-C during a long poll): the connection's state is
-                # unknown, so it is never used again.
-                connection.close()
-                raise
-        raise AssertionError("unreachable")
-
-    def forget(self, url: str) -> None:
-        """Close the connection to ``url``'s host: a body left unread on it."""
-        parts = urlsplit(url)
-        connection = self._connections.pop((parts.scheme, parts.netloc), None)
-        if connection is not None:
-            connection.close()
-
-    @contextmanager
-    def reading(self, response: http.client.HTTPResponse, url: str) -> Iterator[None]:
-        """Around reading a response's body: if that is interrupted, the connection is
-        closed, so the next request does not meet the rest of this body."""
-        try:
-            yield
-        except BaseException:
-            response.close()
-            self.forget(url)
-            raise
 
 
 class RemoteClient:
@@ -195,8 +42,8 @@ class RemoteClient:
         self.headers = {"Accept": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.http = _Http()
-        self.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
+        self.http = Http()
+        self.objects = Http(timeout_s=600, blocksize=1024 * 1024)
         #: Object-store connections of the threads that fetch outputs
         #: (rgrid.client.downloads.save_outputs): one kept-alive connection serves one
         #: request at a time.
@@ -260,7 +107,7 @@ class RemoteClient:
         json_body: object,
         params: dict | None,
         raw_body: bytes | None = None,
-        transport: _Http | None = None,
+        transport: Http | None = None,
     ) -> dict:
         url = f"{self.base_url}/v1{path}"
         if params:
@@ -298,17 +145,11 @@ class RemoteClient:
         raise error_class(message)
 
     def submit(
-        self, *, script, script_name, runtime, timeout_s, args, stdin_source=None, **options
+        self, spec: RunSpec | None = None, *, stdin_source: StdinSource | None = None, **fields
     ) -> dict:
-        payload = {
-            "script": script,
-            "script_name": script_name,
-            "runtime": runtime,
-            "timeout_s": timeout_s,
-            "args": args,
-            "stdin": stdin_source is not None,
-            **{key: value for key, value in options.items() if value is not None},
-        }
+        """``spec``: the run (or its fields as keywords, which make one)."""
+        spec = spec if spec is not None else RunSpec(**fields)
+        payload = spec.submit_body(stdin=stdin_source is not None)
         submitted = self._request("POST", "/executions", payload)
         if stdin_source is not None:
             threading.Thread(
@@ -327,7 +168,7 @@ class RemoteClient:
     def _feed_stdin(self, execution_id: str, source: StdinSource) -> None:
         """Send stdin to the execution as it is read, then its end. On its own connection: the
         main thread is following the log meanwhile."""
-        own = _Http()
+        own = Http()
         path = f"/executions/{execution_id}/stdin"
         try:
             while chunk := source.read(self.STDIN_CHUNK):
@@ -364,8 +205,11 @@ class RemoteClient:
 
     # Batches (rgrid/api/batches.py): created, filled in pages, started, followed.
 
-    def create_batch(self, **payload: object) -> dict:
-        body = {key: value for key, value in payload.items() if value is not None}
+    def create_batch(
+        self, spec: RunSpec, parallel: int | None = None, size: int | None = None
+    ) -> dict:
+        body = spec.batch_body()
+        body.update({k: v for k, v in (("parallel", parallel), ("size", size)) if v is not None})
         return self._request("POST", "/batches", body)
 
     def add_batch_inputs(self, batch_id: str, inputs: list[dict]) -> dict:
@@ -478,12 +322,12 @@ class RemoteClient:
         listing = select_outputs(listing, paths)
         return save_outputs(listing, dest, self._fetch_output, advance, self._fetch_span)
 
-    def _objects(self) -> _Http:
+    def _objects(self) -> Http:
         """This thread's object-store connections."""
         if threading.current_thread() is threading.main_thread():
             return self.objects
         if not hasattr(self._threads, "objects"):
-            self._threads.objects = _Http(timeout_s=600, blocksize=1024 * 1024)
+            self._threads.objects = Http(timeout_s=600, blocksize=1024 * 1024)
         return self._threads.objects
 
     @contextmanager
@@ -569,29 +413,3 @@ class RemoteClient:
         if not response.isclosed():  # the rest of a whole pack is not wanted: drop the line
             response.close()
             objects.forget(url)
-
-
-def make_run_client(settings: Settings) -> Client:
-    """The client for `rgrid run`. The embedded default goes through its agent
-    (rgrid/client/agent.py), which keeps the pipeline loaded between runs, unless the agent is
-    turned off
-    (RGRID_AGENT=0). Forwarded stdin goes too: the agent is handed the descriptor itself
-    (the script reads it there)."""
-    if settings.embedded and settings.agent:
-        from rgrid.client.agent_client import connect_or_start
-
-        client = connect_or_start(settings)
-        if client is not None:
-            return client
-    return make_client(settings)
-
-
-def make_client(settings: Settings) -> Client:
-    if settings.embedded:
-        # Imported only here: the database, Docker and pipeline code is heavy to import, and
-        # the remote client needs none of it.
-        from rgrid.client.embedded import EmbeddedClient
-        from rgrid.service.context import embedded_context
-
-        return EmbeddedClient(embedded_context(settings))
-    return RemoteClient(settings.api_url, settings.api_key, settings.api_retry_s)  # type: ignore[arg-type]

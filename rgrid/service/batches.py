@@ -15,26 +15,23 @@ that could drift from them.
 from __future__ import annotations
 
 import itertools
-import re
 import secrets
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from rgrid.core import cache_keys, lifecycle
 from rgrid.core.config import Settings
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound
-from rgrid.core.models import Batch, Execution, iso_utc, utcnow
+from rgrid.core.models import Batch, Execution, utcnow
+from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES, Status
-from rgrid.service.executions import (
-    MIN_ID_PREFIX,
-    check_label,
-    check_module,
+from rgrid.service.submission import (
+    CheckedSubmission,
     check_submission,
-    execution_to_dict,
     store_script,
     tree_digest,
 )
@@ -68,80 +65,61 @@ def create_batch(
     settings: Settings,
     *,
     account_id: int,
-    script: str,
-    script_name: str,
-    runtime: str,
-    timeout_s: int | None = None,
-    args: list[str] | None = None,
-    requirements: str | None = None,
-    refresh_deps: bool = False,
-    inputs: list[dict] | None = None,
-    memory: str | int | None = None,
-    cpus: float | None = None,
+    spec: RunSpec | None = None,
     parallel: int | None = None,
     size: int | None = None,
-    sources: list[dict] | None = None,
-    module: str | None = None,
-    dependency_source: str | None = None,
-    reuse: bool | None = None,
-    refresh: bool = False,
+    **fields: Any,
 ) -> Batch:
-    """Check what every execution of the batch will share, once, and store the script; the
-    batch then waits for its inputs (``add_inputs``) and ``start``."""
-    checked = check_submission(
-        session,
-        settings,
-        account_id,
-        script=script,
-        script_name=script_name,
-        runtime=runtime,
-        timeout_s=timeout_s,
-        args=args,
-        requirements=requirements,
-        inputs=inputs,
-        memory=memory,
-        cpus=cpus,
-        sources=sources,
-    )
-    module = check_module(module, script_name)
+    """Check what every execution of the batch will share (``spec``: the run; or its fields
+    as keywords, which make one), once, and store the script; the batch then waits for its
+    inputs (``add_inputs``) and ``start``."""
+    spec = spec if spec is not None else RunSpec(**fields)
+    if spec.env or spec.inline or spec.files_uploaded or spec.bytes_uploaded:
+        raise BadInput("a batch takes no env, inline files or upload counts")
+    checked = check_submission(session, settings, account_id, spec)
     if size is not None and size > settings.max_batch_executions:
         raise BadInput(
             f"{size} inputs: over the limit of {settings.max_batch_executions} per batch"
         )
     if parallel is not None and (isinstance(parallel, bool) or parallel < 1):
         raise BadInput("parallel must be at least 1")
-    digest = store_script(store, account_id, script)
+    digest = store_script(store, account_id, spec.script)
     batch = Batch(
         id=new_batch_id(),
         account_id=account_id,
-        script_name=script_name,
+        script_name=spec.script_name,
         script_hash=digest,
-        runtime=runtime,
+        runtime=spec.runtime,
         parallel=parallel,
         next_index=0,
-        template={
-            "timeout_s": checked.timeout_s,
-            "args": list(args or []),
-            "requirements": checked.requirements,
-            "refresh_deps": bool(refresh_deps),
-            "inputs": checked.inputs,
-            "memory_bytes": checked.memory_bytes,
-            "cpus": checked.cpus,
-            # The source tree is shipped once for the whole batch: every execution names it.
-            "sources": checked.sources or None,
-            "source_digest": tree_digest(script_name, digest, checked.sources, module),
-            "module": module,
-            "dependency_source": check_label(dependency_source),
-            # Instant repeats (rgrid/pipeline/reuse.py): each input added is looked up in the output
-            # cache (None: the server's RGRID_REUSE_DEFAULT when it is added); ``refresh``:
-            # every one runs, and its entry replaces the old one.
-            "reuse": None if reuse is None else bool(reuse),
-            "refresh": bool(refresh),
-        },
+        template=_template(spec, checked, digest),
     )
     session.add(batch)
     session.flush()
     return batch
+
+
+def _template(spec: RunSpec, checked: CheckedSubmission, digest: str) -> dict:
+    """What each execution of the batch is made of, besides its own input."""
+    return {
+        "timeout_s": checked.timeout_s,
+        "args": list(spec.args or []),
+        "requirements": checked.requirements,
+        "refresh_deps": bool(spec.refresh_deps),
+        "inputs": checked.inputs,
+        "memory_bytes": checked.memory_bytes,
+        "cpus": checked.cpus,
+        # The source tree is shipped once for the whole batch: every execution names it.
+        "sources": checked.sources or None,
+        "source_digest": tree_digest(spec.script_name, digest, checked.sources, checked.module),
+        "module": checked.module,
+        "dependency_source": checked.dependency_source,
+        # Instant repeats (rgrid/pipeline/reuse.py): each input added is looked up in the
+        # output cache (None: the server's RGRID_REUSE_DEFAULT when it is added);
+        # ``refresh``: every one runs, and its entry replaces the old one.
+        "reuse": None if spec.reuse is None else bool(spec.reuse),
+        "refresh": bool(spec.refresh),
+    }
 
 
 def _locked(session: Session, account_id: int, batch_id: str) -> Batch:
@@ -188,63 +166,13 @@ def add_page(
     ``store`` is given to check the hits' objects in): the executions whose action key has
     a live entry are answered at once, in the same INSERT, and are never dispatched;
     ``runtime_image(runtime)``: the image the runs will get. Returns ``{total, reused}``."""
-    if not items:
-        raise BadInput("no inputs to add")
-    if len(items) > PAGE_SIZE:
-        raise BadInput(f"at most {PAGE_SIZE} inputs per request: add them in pages")
-    batch = _locked(session, account_id, batch_id)
-    if batch.started_at is not None:
-        raise BadInput(f"batch {batch.id} has started: no inputs can be added")
-    if batch.next_index + len(items) > settings.max_batch_executions:
-        raise BadInput(
-            f"a batch may hold at most {settings.max_batch_executions} executions"
-            f" (this one would hold {batch.next_index + len(items)})"
-        )
+    batch = _open_batch(session, settings, account_id, batch_id, items)
     template = batch.template
-    shared = template["inputs"]
-    sources = template.get("sources") or []
-    taken = {item["path"] for item in [*shared, *sources]} | {batch.script_name}
-    clean = check_manifest(items, settings)
-    for item in clean:
-        if item["path"] in taken:
-            raise BadInput(f"input {item['path']} has the name of the script or a shared input")
-        check_manifest([*shared, item], settings)  # folder/file clashes and the total size
-    check_uploaded(session, account_id, clean)
-    rows = []
-    for offset, item in enumerate(clean):
-        manifest = [*shared, item]
-        rows.append(
-            {
-                "id": execution_id_for(batch.id, batch.next_index + offset),
-                "account_id": account_id,
-                "status": Status.QUEUED.value,
-                "runtime": batch.runtime,
-                "script_name": batch.script_name,
-                "script_hash": batch.script_hash,
-                "sources": template.get("sources"),
-                "source_digest": template.get("source_digest"),
-                "module": template.get("module"),
-                "dependency_source": template.get("dependency_source"),
-                "requirements": template["requirements"],
-                "refresh_deps": template["refresh_deps"],
-                "inputs": manifest,
-                "input_hash": cache_keys.input_hash(manifest),
-                "input_cache_hit": False,
-                "files_uploaded": 0,
-                "bytes_uploaded": 0,
-                "args": [item["path"], *template["args"]],
-                "timeout_s": template["timeout_s"],
-                "memory_bytes": template["memory_bytes"],
-                "cpus": template["cpus"],
-                "stdin": False,
-                "script_cache_hit": False,
-                "outputs": [],
-                "cancel_requested": False,
-                "batch_id": batch.id,
-                "batch_item": item["path"],
-                "superseded": False,
-            }
-        )
+    clean = _checked_page(session, settings, account_id, batch, items)
+    rows = [
+        _execution_row(batch, account_id, batch.next_index + offset, item)
+        for offset, item in enumerate(clean)
+    ]
     from rgrid.pipeline import reuse_batch
 
     answered = reuse_batch.for_batch(
@@ -260,6 +188,79 @@ def add_page(
     session.execute(insert(Execution), rows)
     batch.next_index += len(rows)
     return {"total": batch.next_index, "reused": len(answered)}
+
+
+def _open_batch(
+    session: Session, settings: Settings, account_id: int, batch_id: str, items: list[dict]
+) -> Batch:
+    """The batch, locked, if it may take this page: not started, and not over its limit."""
+    if not items:
+        raise BadInput("no inputs to add")
+    if len(items) > PAGE_SIZE:
+        raise BadInput(f"at most {PAGE_SIZE} inputs per request: add them in pages")
+    batch = _locked(session, account_id, batch_id)
+    if batch.started_at is not None:
+        raise BadInput(f"batch {batch.id} has started: no inputs can be added")
+    if batch.next_index + len(items) > settings.max_batch_executions:
+        raise BadInput(
+            f"a batch may hold at most {settings.max_batch_executions} executions"
+            f" (this one would hold {batch.next_index + len(items)})"
+        )
+    return batch
+
+
+def _checked_page(
+    session: Session, settings: Settings, account_id: int, batch: Batch, items: list[dict]
+) -> list[dict]:
+    """The page's inputs checked as any manifest, each also beside the shared inputs, none
+    where the script, a shared input or a shipped module goes, and all uploaded."""
+    template = batch.template
+    shared = template["inputs"]
+    sources = template.get("sources") or []
+    taken = {item["path"] for item in [*shared, *sources]} | {batch.script_name}
+    clean = check_manifest(items, settings)
+    for item in clean:
+        if item["path"] in taken:
+            raise BadInput(f"input {item['path']} has the name of the script or a shared input")
+        check_manifest([*shared, item], settings)  # folder/file clashes and the total size
+    check_uploaded(session, account_id, clean)
+    return clean
+
+
+def _execution_row(batch: Batch, account_id: int, index: int, item: dict) -> dict:
+    """The row of the batch's execution ``index``: the template with this input."""
+    template = batch.template
+    manifest = [*template["inputs"], item]
+    return {
+        "id": execution_id_for(batch.id, index),
+        "account_id": account_id,
+        "status": Status.QUEUED.value,
+        "runtime": batch.runtime,
+        "script_name": batch.script_name,
+        "script_hash": batch.script_hash,
+        "sources": template.get("sources"),
+        "source_digest": template.get("source_digest"),
+        "module": template.get("module"),
+        "dependency_source": template.get("dependency_source"),
+        "requirements": template["requirements"],
+        "refresh_deps": template["refresh_deps"],
+        "inputs": manifest,
+        "input_hash": cache_keys.input_hash(manifest),
+        "input_cache_hit": False,
+        "files_uploaded": 0,
+        "bytes_uploaded": 0,
+        "args": [item["path"], *template["args"]],
+        "timeout_s": template["timeout_s"],
+        "memory_bytes": template["memory_bytes"],
+        "cpus": template["cpus"],
+        "stdin": False,
+        "script_cache_hit": False,
+        "outputs": [],
+        "cancel_requested": False,
+        "batch_id": batch.id,
+        "batch_item": item["path"],
+        "superseded": False,
+    }
 
 
 def start(
@@ -424,85 +425,6 @@ def cancel(
     return count
 
 
-def retry(
-    session_factory: sessionmaker[Session],
-    account_id: int,
-    batch_id: str,
-    enqueue: Enqueue,
-    settings: Settings,
-) -> dict[str, str]:
-    """Run again every execution of the batch that did not succeed, as new executions of the
-    same batch; the old ones are kept (``superseded``) but no longer counted. Successes are
-    not run again. Returns each old execution's id with its new one's."""
-    with session_scope(session_factory) as session:
-        batch = _locked(session, account_id, batch_id)
-        if batch.started_at is None:
-            raise BadInput(f"batch {batch.id} has not started")
-        current = Execution.batch_id == batch.id, Execution.superseded.is_(False)
-        unfinished = session.scalar(
-            select(func.count())
-            .select_from(Execution)
-            .where(*current, Execution.status.not_in(TERMINAL_STATUSES))
-        )
-        if unfinished:
-            raise BadInput(
-                f"batch {batch.id} still has {unfinished} unfinished execution(s):"
-                " wait for them or cancel the batch first"
-            )
-        failed = list(
-            session.scalars(
-                select(Execution)
-                .where(*current, Execution.status.in_(RETRYABLE))
-                .order_by(Execution.id)
-            )
-        )
-        if batch.next_index + len(failed) > settings.max_batch_executions:
-            raise BadInput(f"a batch may hold at most {settings.max_batch_executions} executions")
-        copied = [
-            "account_id",
-            "runtime",
-            "script_name",
-            "script_hash",
-            "sources",
-            "source_digest",
-            "module",
-            "dependency_source",
-            "requirements",
-            "inputs",
-            "input_hash",
-            "args",
-            "timeout_s",
-            "memory_bytes",
-            "cpus",
-            "batch_id",
-            "batch_item",
-        ]
-        renewed: dict[str, str] = {}
-        for old in failed:
-            old.superseded = True
-            renewed[old.id] = execution_id_for(batch.id, batch.next_index)
-            session.add(
-                Execution(
-                    id=renewed[old.id],
-                    status=Status.QUEUED.value,
-                    refresh_deps=False,
-                    input_cache_hit=True,
-                    files_uploaded=0,
-                    bytes_uploaded=0,
-                    stdin=False,
-                    script_cache_hit=False,
-                    outputs=[],
-                    **{name: getattr(old, name) for name in copied},
-                )
-            )
-            batch.next_index += 1
-        batch.cancelled_at = None
-        if not failed:
-            return {}
-    dispatch(session_factory, batch_id, enqueue)
-    return renewed
-
-
 def _pages(
     session_factory: sessionmaker[Session], query: Callable, size: int = PAGE_SIZE
 ) -> Iterator[list[str]]:
@@ -520,108 +442,3 @@ def _pages(
             return
         yield page
         after = page[-1]
-
-
-def get_batch(session: Session, account_id: int, batch_id: str) -> Batch:
-    """By id, a unique prefix of one, or ``last``: the account's newest."""
-    mine = select(Batch).where(Batch.account_id == account_id)
-    if batch_id == "last":
-        found = session.scalars(mine.order_by(Batch.created_at.desc()).limit(1)).first()
-        if found is None:
-            raise NotFound("no batches yet")
-        return found
-    if not re.fullmatch(f"[0-9a-f]{{{MIN_ID_PREFIX},{BATCH_ID_DIGITS}}}", batch_id):
-        raise NotFound(f"no batch {batch_id}")
-    matches = list(session.scalars(mine.where(Batch.id.startswith(batch_id)).limit(2)))
-    if len(matches) > 1:
-        raise BadInput(f"{batch_id} is the start of more than one batch id")
-    if not matches:
-        raise NotFound(f"no batch {batch_id}")
-    return matches[0]
-
-
-def counts(session: Session, batch_id: str) -> dict[str, int]:
-    """Executions per status, from the rows themselves (the latest attempt of each input)."""
-    return dict(
-        session.execute(
-            select(Execution.status, func.count())
-            .where(Execution.batch_id == batch_id, Execution.superseded.is_(False))
-            .group_by(Execution.status)
-        ).all()
-    )
-
-
-def reused_count(session: Session, batch_id: str) -> int:
-    """How many of the batch's current executions were answered from the output cache."""
-    return session.scalar(
-        select(func.count())
-        .select_from(Execution)
-        .where(
-            Execution.batch_id == batch_id,
-            Execution.superseded.is_(False),
-            Execution.reused_from.is_not(None),
-        )
-    )
-
-
-def batch_to_dict(session: Session, batch: Batch) -> dict:
-    by_status = counts(session, batch.id)
-    total = sum(by_status.values())
-    reused = reused_count(session, batch.id) if by_status.get(Status.SUCCEEDED) else 0
-    done = sum(n for status, n in by_status.items() if status in TERMINAL_STATUSES)
-    return {
-        "batch_id": batch.id,
-        "script_name": batch.script_name,
-        "script_hash": batch.script_hash,
-        "runtime": batch.runtime,
-        "parallel": batch.parallel,
-        "total": total,
-        "finished": done,
-        "counts": by_status,
-        # Answered from earlier runs' outputs without running (--reuse); counted among
-        # ``succeeded`` too.
-        "reused": reused,
-        "reuse": (batch.template or {}).get("reuse"),
-        "done": batch.started_at is not None and done == total,
-        "cancelled": batch.cancelled_at is not None,
-        "created_at": iso_utc(batch.created_at),
-        "started_at": iso_utc(batch.started_at),
-        "cancelled_at": iso_utc(batch.cancelled_at),
-    }
-
-
-def list_batches(session: Session, account_id: int, limit: int = 20) -> list[Batch]:
-    return list(
-        session.scalars(
-            select(Batch)
-            .where(Batch.account_id == account_id)
-            .order_by(Batch.created_at.desc())
-            .limit(max(1, min(limit, 500)))
-        )
-    )
-
-
-def executions_page(
-    session: Session,
-    batch: Batch,
-    *,
-    after: str = "",
-    finished_since: datetime | None = None,
-    limit: int = 500,
-) -> list[dict]:
-    """A page of the batch's current executions: by id after ``after``; or, with
-    ``finished_since``, the finished ones in the order they finished, from that time on
-    (ties broken by id, after ``after``), which is how a follower learns what just ended."""
-    query = select(Execution).where(Execution.batch_id == batch.id, Execution.superseded.is_(False))
-    if finished_since is None:
-        query = query.where(Execution.id > after).order_by(Execution.id)
-    else:
-        query = query.where(
-            Execution.status.in_(TERMINAL_STATUSES),
-            or_(
-                Execution.finished_at > finished_since,
-                and_(Execution.finished_at == finished_since, Execution.id > after),
-            ),
-        ).order_by(Execution.finished_at, Execution.id)
-    rows = session.scalars(query.limit(max(1, min(limit, PAGE_SIZE))))
-    return [{**execution_to_dict(row), "batch_item": row.batch_item} for row in rows]

@@ -15,7 +15,7 @@ from rgrid.core.errors import BadInput
 from rgrid.core.models import Execution
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.pipeline.chain import run_all
-from rgrid.service import batches
+from rgrid.service import batch_retry, batch_views, batches
 from rgrid.service.cancelling import cancel
 from rgrid.store.blobs import store_file
 
@@ -62,7 +62,7 @@ def _batch(ctx, account, items: list[dict], settings=None, **options) -> str:
 
 def _counts(ctx, batch_id: str) -> dict[str, int]:
     with session_scope(ctx.session_factory) as session:
-        return batches.counts(session, batch_id)
+        return batch_views.counts(session, batch_id)
 
 
 def _rows(ctx, batch_id: str) -> list[Execution]:
@@ -138,7 +138,7 @@ def test_cancel_ends_every_execution_and_retry_runs_only_the_failed(ctx, account
     assert batches.after_execution(ctx.session_factory, queued[1], queued.append) == []
 
     retried_queue: list[str] = []
-    retried = batches.retry(
+    retried = batch_retry.retry(
         ctx.session_factory, account.id, batch_id, retried_queue.append, ctx.settings
     )
     assert sorted(retried) == sorted(r.id for r in _rows(ctx, batch_id) if r.superseded)

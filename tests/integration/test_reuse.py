@@ -222,7 +222,7 @@ def _batch_rows(ctx, batch_id: str) -> dict[str, dict]:
 def test_a_batch_page_is_looked_up_in_one_query_and_only_misses_are_queued(ctx, account, tmp_path):
     from sqlalchemy import event
 
-    from rgrid.service import batches
+    from rgrid.service import batch_views, batches
 
     texts = {f"in{n}.txt": f"item {n}" for n in range(6)}
     first_id, added, queued = _run_batch(ctx, account, _batch_inputs(ctx, account, tmp_path, texts))
@@ -266,7 +266,7 @@ def test_a_batch_page_is_looked_up_in_one_query_and_only_misses_are_queued(ctx, 
         assert second[name]["status"] == "succeeded" and second[name]["output_cache_hit"] is False
         assert second[name]["host"] is not None
     with session_scope(ctx.session_factory) as session:
-        status = batches.batch_to_dict(session, session.get(batches.Batch, second_id))
+        status = batch_views.batch_to_dict(session, session.get(batches.Batch, second_id))
         assert status["reused"] == 4 and status["counts"] == {"succeeded": 6} and status["done"]
         entries = {
             e.execution_id: e

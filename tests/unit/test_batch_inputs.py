@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from rgrid.cli.batch import expand, outputs_root
+from rgrid.cli.batch import expand
+from rgrid.cli.batch_follow import outputs_root
 from rgrid.core.errors import BadInput, RGridError
 
 

@@ -1,7 +1,7 @@
 """The batch progress bar's counts: reused executions (answered from earlier runs with
 --reuse, nothing ran) are counted apart from those that ran."""
 
-from rgrid.cli.batch import Follower
+from rgrid.cli.batch_follow import Follower
 
 
 def _text(status: dict) -> str:
