@@ -54,7 +54,7 @@ def capped_log(ctx: Surroundings, execution_id: str, written: int = 0):
     def append(stream: str, piece: str) -> None:
         # Patiently: a Redis blip (a worker host's link down for seconds) used to fail the
         # append, the run step was retried, and the script ran a second time after the
-        # first run's partial output (tests/integration/test_deploy_hosts.py saw
+        # first run's partial output (tests/integration/host/test_deploy_hosts.py saw
         # "donedone 3"). The script waits on its full pipe meanwhile; its deadline holds
         # inside the sandbox. Numbered, and in order (the lock), so a chunk sent again
         # after a lost reply is stored once.

@@ -9,7 +9,7 @@ import psycopg2.errors
 from prometheus_client import REGISTRY
 from sqlalchemy import event
 
-from tests.integration.test_pipeline import _log
+from tests.integration.pipeline.test_pipeline import _log
 from tests.wheels import make_wheel
 
 #: A statement that reads or writes a cache table (not the executions' cache-hit columns).

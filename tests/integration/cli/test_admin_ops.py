@@ -37,7 +37,7 @@ def test_four_hosts_migrating_a_new_database_at_once_migrate_it_once(tmp_path):
     assert [code for _, code in results] == [0] * 4, results
     outs = sorted(out for (out, _), _ in results)
     head = newest_revision()
-    count = len(list((Path(__file__).parents[2] / "migrations" / "versions").glob("0*.py")))
+    count = len(list((Path(__file__).parents[3] / "migrations" / "versions").glob("0*.py")))
     assert outs == [f"database is up to date (schema {head})\n"] * 3 + [
         f"database migrated to {head} ({count} migration(s) applied)\n"
     ], outs

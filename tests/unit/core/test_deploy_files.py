@@ -8,7 +8,7 @@ from prometheus_client import REGISTRY
 
 from rgrid.core import metrics
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 #: Computed at scrape by the collectors in rgrid/core/metrics.py.
 COLLECTED = {
     "rgrid_cache_entries",

@@ -21,7 +21,7 @@ from rgrid.service import executions as svc
 from rgrid.service import purge
 from rgrid.store import blobs, output_blobs
 from tests.conftest import stored_log
-from tests.integration.test_tenant_limits import _execution, limited
+from tests.integration.host.test_tenant_limits import _execution, limited
 
 TILES = """
 import os

@@ -35,9 +35,9 @@ from rgrid.pipeline.run import run_step
 from rgrid.service.cancelling import cancel
 from rgrid.store.s3store import S3Store
 from tests.conftest import TICKER, retire_sandboxes
-from tests.integration.test_pipeline import _leftovers, _log
+from tests.integration.pipeline.test_pipeline import _leftovers, _log
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _row(ctx, execution_id: str) -> Execution:

@@ -17,7 +17,7 @@ from scripts.devenv import free_port
 from scripts.launcher import Stack, StackConfig, create_account_key
 from tests.conftest import retire_sandboxes
 from tests.e2e.conftest import run_cli, start_cli
-from tests.integration.test_broker_restart import _start_redis
+from tests.integration.workers.test_broker_restart import _start_redis
 
 TICKS = 20
 #: 20 s of one tick a second.

@@ -23,7 +23,7 @@ from rgrid.pipeline.chain import run_all
 from rgrid.service.context import server_context
 from rgrid.service.executions import create_execution, execution_to_dict
 from tests.conftest import retire_sandboxes
-from tests.integration.test_pipeline import _log
+from tests.integration.pipeline.test_pipeline import _log
 from tests.wheels import make_wheel
 
 

@@ -19,7 +19,7 @@ from rgrid.pipeline.lookup import cache_lookup_step
 from rgrid.pipeline.run import run_step
 from rgrid.pipeline.store import store_step
 from tests.conftest import stored_log, stored_phases
-from tests.integration.test_dependencies import _folders
+from tests.integration.host.test_dependencies import _folders
 from tests.wheels import make_wheel
 
 #: The bench builds its ``docker build`` floor's images under this name, maybe meanwhile.
