@@ -43,6 +43,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(blobs_bp, url_prefix="/v1")
     app.register_blueprint(batches_bp, url_prefix="/v1")
     app.register_blueprint(cache_bp, url_prefix="/v1")
+    _answer_errors(app)
+    _own_routes(app, settings)
+    return app
+
+
+def _answer_errors(app: Flask) -> None:
+    """Every error as a one-line JSON ``error``; an outage of a service the API needs as a
+    503 (which a client retries), never a 500."""
 
     @app.errorhandler(RGridError)
     def _rgrid_error(exc: RGridError):
@@ -68,6 +76,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _http_error(exc: HTTPException):
         return jsonify(error=exc.description), exc.code
 
+
+def _own_routes(app: Flask, settings: Settings) -> None:
+    """The routes outside the blueprints: health, the OpenAPI document, metrics."""
+
     @app.get("/healthz")
     def healthz():
         return jsonify(status="ok")
@@ -91,5 +103,3 @@ def create_app(settings: Settings | None = None) -> Flask:
         # from the database now: any process answers with the same numbers.
         collector = rgrid_metrics.DatabaseCacheCollector(app.extensions["rgrid"].session_factory)
         return rgrid_metrics.exposition(collector), 200, {"Content-Type": CONTENT_TYPE_LATEST}
-
-    return app

@@ -222,6 +222,8 @@ Exit status (as with docker run):
     "-d", "--detach", is_flag=True, help="Submit, print the execution id and return at once."
 )
 @click.pass_context
+# Long only in its signature: click passes each of the 24 options as a parameter; the body
+# is the steps below, in order (its docstring is the command's --help).
 def run(
     ctx: click.Context,
     script: Path | None,

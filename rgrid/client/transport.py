@@ -88,8 +88,10 @@ class Http:
                     raise
             except BaseException:
                 # Interrupted half way (Ctrl-C during a long poll): the connection's state is
-                # unknown, so it is never used again.
-                connection.close()
+                # unknown, so it is never used again. Closing is not enough: http.client keeps
+                # a request it had not sent yet in the connection's buffer, and would send it
+                # ahead of the next one on the same object (the server then answers 400).
+                self.forget(url)
                 raise
         raise AssertionError("unreachable")
 
