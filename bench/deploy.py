@@ -1,5 +1,6 @@
 """Deployed worker hosts (issue 25): hosts in network namespaces of their own, from the wheel
-only, configured by their env file (scripts/netns.py, as tests/integration/host/test_deploy_hosts.py).
+only, configured by their env file (scripts/netns.py, as
+tests/integration/host/test_deploy_hosts.py).
 
 1. A new host from nothing to its first run: the wheel installed into a new virtualenv with
    its dependencies (uv; a cold uv cache, from the package index, and a warm one), its

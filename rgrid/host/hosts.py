@@ -177,7 +177,7 @@ def pinned_to_lost_hosts(
 ) -> list[tuple[str, str]]:
     """(execution, host) of executions waiting for a step on a host that stopped renewing its
     heartbeat (its worker died with its engine): their next step sits in a queue nobody
-    consumes. Running ones are the lease sweep's (``pipeline.sweep_lost_workers``)."""
+    consumes. Running ones are the lease sweep's (``rgrid.pipeline.lost.sweep_lost_workers``)."""
     with session_scope(session_factory) as session:
         rows = session.execute(
             select(Execution.id, Execution.host).where(

@@ -272,8 +272,8 @@ def sweep_folders(client: docker.DockerClient, root: Path, min_age_s: float = 60
             removed += 1
     # Then other installations' (this one's are gone by now), never younger than a minute
     # whatever ``min_age_s`` says: another installation may be storing an ended sandbox's
-    # outputs (it renews the folder's mtime meanwhile: rgrid.pipeline.chain._holding), or be between
-    # its script's end and its runner reading the status (a test session tidying its own
+    # outputs (it renews the folder's mtime meanwhile: rgrid.pipeline.outputs.holding), or
+    # be between its script's end and its runner reading the status (a test session tidying its own
     # folders with 0 unmounted another's sandbox there: its status.json gone, seen here).
     return removed + release_orphaned_disks(alive, max(min_age_s, FOREIGN_MIN_AGE_S))
 
