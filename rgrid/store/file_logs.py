@@ -10,12 +10,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
-from rgrid.store.logbuffer import LogChunk, WaitForChange
+from rgrid.store.logbuffer import LogChunk, OwnRecord, WaitForChange
 
 
-class FileLogBuffer:
+class FileLogBuffer(OwnRecord):
     """For the embedded default, where the pipeline runs in the CLI's own process.
 
     The process that runs an execution keeps its log in memory, so its own follower wakes the
@@ -112,19 +111,6 @@ class FileLogBuffer:
             self._path(execution_id).unlink(missing_ok=True)
             self._generation += 1
             self._changed.notify_all()
-
-    def keep(self, execution_id: str) -> None:
-        """Nothing to keep beside it: this buffer is its own record."""
-
-    def sync(self, execution_id: str) -> bool:
-        return True
-
-    @contextmanager
-    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
-        yield None
-
-    def lost_chunks(self, execution_id: str) -> int:
-        return 0
 
     @contextmanager
     def changes(self, execution_id: str) -> Iterator[WaitForChange]:

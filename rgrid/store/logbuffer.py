@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO, Protocol
 
 #: (stream, text); the stream is "stdout" or "stderr" (the script's) or "system" (RGrid's own
@@ -88,6 +88,25 @@ def iter_buffered(logs: LogBuffer, execution_id: str, start: int = 0) -> Iterato
         start += len(batch)
         if len(batch) < READ_BATCH:
             return
+
+
+class OwnRecord:
+    """For a buffer that is its own record (the embedded default's files, a bare Redis list):
+    nothing kept beside it, so always in step, with no journal and no chunk known lost. Only
+    ``JournaledLogBuffer`` keeps a log on the host beside its live copy."""
+
+    def keep(self, execution_id: str) -> None:
+        """Nothing to keep beside it: this buffer is its own record."""
+
+    def sync(self, execution_id: str) -> bool:
+        return True
+
+    @contextmanager
+    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
+        yield None
+
+    def lost_chunks(self, execution_id: str) -> int:
+        return 0
 
 
 class LogReader(io.RawIOBase):

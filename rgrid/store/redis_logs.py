@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from rgrid.core import cache_keys
 from rgrid.core.errors import ServiceUnavailable
-from rgrid.store.logbuffer import LogChunk, WaitForChange, encode_chunk
+from rgrid.store.logbuffer import LogChunk, OwnRecord, WaitForChange, encode_chunk
 from rgrid.store.redis_errors import redis_unavailable
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RedisLogBuffer:
+class RedisLogBuffer(OwnRecord):
     """A Redis list per execution, shared by the workers that write and the API that reads."""
 
     TTL_S = 7 * 24 * 3600
@@ -81,19 +81,6 @@ class RedisLogBuffer:
         )
         pipe.publish(cache_keys.log_changed_channel(execution_id), b"")
         pipe.execute()
-
-    def keep(self, execution_id: str) -> None:
-        """Nothing to keep beside it: this buffer is its own record."""
-
-    def sync(self, execution_id: str) -> bool:
-        return True
-
-    @contextmanager
-    def journal(self, execution_id: str) -> Iterator[BinaryIO | None]:
-        yield None
-
-    def lost_chunks(self, execution_id: str) -> int:
-        return 0
 
     @contextmanager
     def changes(self, execution_id: str) -> Iterator[WaitForChange]:
