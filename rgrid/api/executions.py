@@ -79,7 +79,8 @@ def create_execution(body: SubmitRequest):
     except Exception as exc:  # noqa: BLE001 - broker down: the row must not stay queued for ever
         with session_scope(ctx.session_factory) as session:
             execution = svc.get_execution(session, g.account_id, execution_id)
-            lifecycle.fail(execution, "could not queue the execution: broker unavailable")
+            if execution.status not in TERMINAL_STATUSES:  # a worker got the message after all
+                lifecycle.fail(execution, "could not queue the execution: broker unavailable")
         raise ServiceUnavailable(f"could not queue the execution: {exc}") from exc
     with session_scope(ctx.session_factory) as session:
         execution = svc.get_execution(session, g.account_id, execution_id)

@@ -112,6 +112,13 @@ def source_tree_digest(manifest: list[dict], module: str | None = None) -> str:
     return sha256_bytes("\n".join(lines).encode())
 
 
+def source_key(source_digest: str | None, script_hash: str) -> str:
+    """An execution's source part of the script cache's and the output cache's keys: its
+    source-tree digest (a row written before source trees existed has only its script's
+    hash)."""
+    return source_digest or script_hash
+
+
 def log_object_key(execution_id: str) -> str:
     return f"logs/{execution_id}.jsonl"
 

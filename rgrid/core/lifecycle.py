@@ -4,9 +4,10 @@ to another is made here, through ``statuses.check_transition``.
 An execution moves ``queued -> building -> running`` while its steps work on it. A step that
 decides how it ends records an ``outcome`` (``decide``); the store step turns the outcome into
 the final status once the log is stored (``publish``). Ends that need no store step write the
-final status, outcome and error at once (``finish``): an error, a cancel before it ran, an
-execution whose worker vanished (``lost``). ``cancelled`` is written in one place for a single
-row and for a batch's queued rows alike.
+final status, outcome and error at once (``finish``): an error or an execution nobody will
+finish (``fail``), a cancel before it ran (``cancelled``). ``cancelled`` is written in one
+place for a single row and for a batch's queued rows alike. (A row is born with its first
+status: ``queued``, or ``succeeded`` when the output cache answers it; that is no move.)
 
 Callers hold the row in their own session (the pipeline's ``execution_row``, a service's
 ``session_scope``); nothing here commits."""
@@ -74,19 +75,14 @@ def finish(execution: Execution, status: Status, error: str) -> None:
 
 
 def fail(execution: Execution, message: str) -> None:
-    """End the execution in ``error`` (a step raised, or it could not be queued)."""
+    """End the execution in ``error``: a step raised, it could not be queued, or nobody will
+    finish it (its worker vanished, the process running it was killed, no worker ever
+    finished it); ``message`` says which, and to run it again."""
     finish(execution, Status.ERROR, message)
 
 
-def lost(execution: Execution, reason: str) -> None:
-    """End an execution nobody will finish: its worker vanished (the lease sweep), the
-    process running it was killed (the embedded default), or no worker ever finished it
-    (the maintenance sweep). ``reason`` says which, and to run it again."""
-    fail(execution, reason)
-
-
 def _cancelled(at: datetime) -> dict[str, Any]:
-    """The columns of a cancelled execution's end, for a row and for a bulk UPDATE alike."""
+    """The columns ``finish`` writes for a cancel, for a bulk UPDATE of queued rows."""
     return {
         "status": Status.CANCELLED.value,
         "outcome": Status.CANCELLED.value,
@@ -99,12 +95,10 @@ def cancelled(execution: Execution, *, now: bool) -> None:
     """The execution is cancelled. ``now``: it had not run, and ends ``cancelled`` at once;
     otherwise its run was stopped, and ``cancelled`` is its outcome for the store step to
     publish (after its log is stored)."""
-    columns = _cancelled(utcnow())
     if now:
-        move(execution, Status.CANCELLED)
-        execution.finished_at = columns["finished_at"]
-    execution.outcome = columns["outcome"]
-    execution.error = columns["error"]
+        finish(execution, Status.CANCELLED, CANCELLED_ERROR)
+    else:
+        decide(execution, Status.CANCELLED, CANCELLED_ERROR)
 
 
 def cancel_queued(session: Session, *where: Any) -> Sequence[Row]:

@@ -13,6 +13,7 @@ from sqlalchemy import Row, bindparam, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from rgrid.core import cache_keys
 from rgrid.core.models import DependencyCache, Execution, ScriptCache, utcnow
 from rgrid.host import environments
 
@@ -23,9 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _tree_key(execution: Execution) -> str:
-    """The script part of the script cache's key: the source-tree digest (a row written
-    before source trees existed has only its script hash)."""
-    return execution.source_digest or execution.script_hash
+    return cache_keys.source_key(execution.source_digest, execution.script_hash)
 
 
 def _script_row(session: Session, execution: Execution) -> ScriptCache | None:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from rgrid.core import lifecycle, metrics
 from rgrid.core.errors import user_message
-from rgrid.core.models import Execution
 from rgrid.core.statuses import TERMINAL_STATUSES
 from rgrid.host import slots
 from rgrid.pipeline.build import build_step
@@ -41,14 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fail(
-    ctx: PipelineContext,
-    execution_id: str,
-    message: str,
-    end: Callable[[Execution, str], None] = lifecycle.fail,
-) -> None:
-    """Called when a step raised: the execution ends in ``error`` with its log kept. ``end``
-    writes the row's end (``lifecycle.lost`` for an execution whose runner is gone)."""
+def fail(ctx: PipelineContext, execution_id: str, message: str) -> None:
+    """Called when a step raised, or its runner is gone: the execution ends in ``error`` with
+    its log kept."""
     log.error("execution %s failed: %s", execution_id, message)
     stored = False
     try:
@@ -61,7 +54,7 @@ def fail(
         if execution is None or execution.status in TERMINAL_STATUSES:
             return
         execution.log_stored = stored
-        end(execution, message)
+        lifecycle.fail(execution, message)
     metrics.execution_finished(execution)
     release(ctx, execution_id)
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import docker
 from sqlalchemy import select, update
 
-from rgrid.core import lifecycle
 from rgrid.core.db import session_scope
 from rgrid.core.errors import RGridError
 from rgrid.core.models import Execution, utcnow
@@ -31,7 +30,7 @@ def end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:
     """End an execution whose runner is gone: its sandbox (if on this host) and its row."""
     with contextlib.suppress(docker.errors.DockerException, RGridError):
         ctx.docker.api.kill(f"{sandbox.RUN_NAME_PREFIX}{execution_id}")
-    fail(ctx, execution_id, message, end=lifecycle.lost)
+    fail(ctx, execution_id, message)
 
 
 #: How many times the lease sweep sends a lost runner's run step back to its host before it

@@ -30,13 +30,6 @@ from rgrid.core.models import DependencyCache, Execution
 REQUIRED_PARTS = ("runtime_image", "resolution")
 
 
-def _source_digest(execution: Execution) -> str:
-    """The script's source tree: the entry script and its shipped modules, each at its path
-    (``cache_keys.source_tree_digest``); a row from before source trees has only its
-    script's hash."""
-    return execution.source_digest or execution.script_hash
-
-
 def _env_key(settings: Settings) -> bytes:
     """The server-side key the ``--env`` values are hashed with: derived from
     ``RGRID_SECRET_KEY`` (a key of its own, so a digest reveals nothing about the key that
@@ -112,7 +105,7 @@ def key_parts(
         "runtime_image": runtime_image,
         "requirements": _dependency_hash(execution),
         "resolution": resolution,
-        "source": _source_digest(execution),
+        "source": cache_keys.source_key(execution.source_digest, execution.script_hash),
         "inputs": execution.input_hash or "",
         "args": sha256_bytes(json.dumps(list(execution.args or [])).encode()),
         "env": env,

@@ -133,7 +133,7 @@ def sweep_lost_executions(session: Session) -> list[str]:
         if created.tzinfo is None:  # SQLite drops the zone
             created = created.replace(tzinfo=now.tzinfo)
         if now - created > timedelta(seconds=execution.timeout_s) + LOST_AFTER:
-            lifecycle.lost(execution, "lost: no worker finished this execution; run it again")
+            lifecycle.fail(execution, "lost: no worker finished this execution; run it again")
             lost.append(execution.id)
     return lost
 
