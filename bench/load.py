@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rgrid.client.remote import RemoteClient
 from rgrid.core.config import DEFAULT_RUNTIME
+from rgrid.core.spec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts import stack  # noqa: E402 - `make up`'s stack (stack.up)
@@ -36,9 +37,8 @@ class Clients(threading.local):
 def run_once(client: RemoteClient, script: str = SCRIPT, script_name: str = "load.py") -> dict:
     """Submit ``script`` and follow its log (the long poll, as ``rgrid run`` does) to the end;
     returns the final execution. Also ``bench/hosts.py``'s one run."""
-    submitted = client.submit(
-        script=script, script_name=script_name, runtime=DEFAULT_RUNTIME, timeout_s=60, args=[]
-    )
+    spec = RunSpec(script=script, script_name=script_name, runtime=DEFAULT_RUNTIME, timeout_s=60)
+    submitted = client.submit(spec)
     offset = 0
     while True:
         page = client.logs(submitted["execution_id"], offset, wait=True)

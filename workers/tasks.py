@@ -42,7 +42,6 @@ from rgrid.pipeline.store import store_step
 from rgrid.service import batches, purge_jobs, routing
 from rgrid.service.context import redis_client, server_context
 from rgrid.service.maintenance import reap_containers, sweep_lost_executions
-from rgrid.service.purge_jobs import PURGE_LOCAL_COMMAND
 from workers.celery_app import app
 
 log = get_task_logger(__name__)
@@ -308,7 +307,7 @@ def _resend_run(execution_id: str, host: str | None) -> None:
     routing.resend_run(app, get_settings().queue, execution_id, host)
 
 
-@control_command(name=PURGE_LOCAL_COMMAND)
+@control_command(name=purge_jobs.PURGE_LOCAL_COMMAND)
 def purge_local_command(_state) -> dict:
     """Run by each worker's main process when the purge broadcasts it: each host purges its
     own disk, and replies with what it removed."""

@@ -104,27 +104,11 @@ class _ScriptRequest(_Strict):
         Annotated[str, StringConstraints(max_length=300, pattern=_PRINTABLE)] | None
     ) = None
 
-    def spec(self, **extra: Any) -> RunSpec:
-        """The run these options describe, as the service takes it (``create_execution``,
-        ``create_batch``), with ``extra``: the fields of a single submission's own."""
-        return RunSpec(
-            script=self.script,
-            script_name=self.script_name,
-            runtime=self.runtime,
-            timeout_s=self.timeout_s,
-            args=self.args,
-            requirements=self.requirements,
-            refresh_deps=self.refresh_deps,
-            inputs=[item.model_dump() for item in self.inputs],
-            sources=[item.model_dump() for item in self.sources]
-            if self.sources is not None
-            else None,
-            module=self.module,
-            dependency_source=self.dependency_source,
-            memory=self.memory,
-            cpus=self.cpus,
-            **extra,
-        )
+    def spec(self) -> RunSpec:
+        """The run this checked body describes, as the service takes it (``create_execution``,
+        ``create_batch``): every field the spec has, nested entries as plain dicts; what is
+        the request's alone (``stdin``, a batch's ``parallel`` and ``size``) is left out."""
+        return RunSpec.from_body(self.model_dump())
 
 
 class SubmitRequest(_ScriptRequest):
@@ -143,16 +127,6 @@ class SubmitRequest(_ScriptRequest):
     reuse: bool | None = None
     refresh: bool = False
 
-    def spec(self) -> RunSpec:  # type: ignore[override]
-        return super().spec(
-            files_uploaded=self.files_uploaded,
-            bytes_uploaded=self.bytes_uploaded,
-            inline=[item.model_dump() for item in self.inline] if self.inline else None,
-            env=self.env,
-            reuse=self.reuse,
-            refresh=self.refresh,
-        )
-
 
 class BatchRequest(_ScriptRequest):
     """What every execution of a batch shares; its inputs are added in pages afterwards."""
@@ -167,9 +141,6 @@ class BatchRequest(_ScriptRequest):
     #: server's default, RGRID_REUSE_DEFAULT); ``refresh``: run every one anyway.
     reuse: bool | None = None
     refresh: bool = False
-
-    def spec(self) -> RunSpec:  # type: ignore[override]
-        return super().spec(reuse=self.reuse, refresh=self.refresh)
 
 
 class BatchInputsRequest(_Strict):

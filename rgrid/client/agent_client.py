@@ -142,10 +142,9 @@ class AgentClient:
 
     # The Client protocol (rgrid/client/protocol.py): each call by its own name, with its
     # arguments as JSON values (a spec as its body, a path as text).
-    def submit(self, spec: RunSpec | None = None, *, stdin_source=None, **fields) -> dict:
+    def submit(self, spec: RunSpec, *, stdin_source=None) -> dict:
         """``stdin_source``: this process's stdin (an ``FdReader``), whose descriptor the agent
-        receives and reads from then on. ``spec``: the run (or its fields as keywords)."""
-        spec = spec if spec is not None else RunSpec(**fields)
+        receives and reads from then on."""
         body = spec.submit_body(stdin=stdin_source is not None)
         if stdin_source is None:
             return self._call("submit", spec=body)  # type: ignore[return-value]

@@ -49,11 +49,7 @@ class EmbeddedClient(EmbeddedBatches):
         with session_scope(ctx.session_factory) as session:
             self.account_id = get_or_create_account(session, EMBEDDED_ACCOUNT).id
 
-    def submit(
-        self, spec: RunSpec | None = None, *, stdin_source: StdinSource | None = None, **fields
-    ) -> dict:
-        """``spec``: the run (or its fields as keywords, which make one)."""
-        spec = spec if spec is not None else RunSpec(**fields)
+    def submit(self, spec: RunSpec, *, stdin_source: StdinSource | None = None) -> dict:
         resolve_runtime(spec.runtime)
         if spec.env:
             spec = dataclasses.replace(spec, env=check_env(spec.env))

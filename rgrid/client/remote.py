@@ -144,11 +144,7 @@ class RemoteClient:
         )
         raise error_class(message)
 
-    def submit(
-        self, spec: RunSpec | None = None, *, stdin_source: StdinSource | None = None, **fields
-    ) -> dict:
-        """``spec``: the run (or its fields as keywords, which make one)."""
-        spec = spec if spec is not None else RunSpec(**fields)
+    def submit(self, spec: RunSpec, *, stdin_source: StdinSource | None = None) -> dict:
         payload = spec.submit_body(stdin=stdin_source is not None)
         submitted = self._request("POST", "/executions", payload)
         if stdin_source is not None:

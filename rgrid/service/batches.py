@@ -27,7 +27,7 @@ from rgrid.core.config import Settings
 from rgrid.core.db import session_scope
 from rgrid.core.errors import BadInput, NotFound
 from rgrid.core.models import Batch, Execution, utcnow
-from rgrid.core.spec import RunSpec
+from rgrid.core.spec import SUBMISSION_ONLY, RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES, Status
 from rgrid.service.submission import (
     CheckedSubmission,
@@ -74,7 +74,7 @@ def create_batch(
     as keywords, which make one), once, and store the script; the batch then waits for its
     inputs (``add_inputs``) and ``start``."""
     spec = spec if spec is not None else RunSpec(**fields)
-    if spec.env or spec.inline or spec.files_uploaded or spec.bytes_uploaded:
+    if any(getattr(spec, name) for name in SUBMISSION_ONLY):
         raise BadInput("a batch takes no env, inline files or upload counts")
     checked = check_submission(session, settings, account_id, spec)
     if size is not None and size > settings.max_batch_executions:
