@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 RUNTIME := python:3.11
 
-.PHONY: setup packages services runtime db demo test test-fast up down bench lint
+.PHONY: setup bytecode packages services runtime db demo test test-fast up down bench lint
 
-setup: $(INSTALLED) packages services runtime db
+setup: $(INSTALLED) bytecode packages services runtime db
 
 # Every recipe writes to stderr, so that `make -s up` prints only its export lines.
 $(INSTALLED): setup.cfg pyproject.toml
@@ -15,6 +15,13 @@ $(INSTALLED): setup.cfg pyproject.toml
 	@$(BIN)/pip install -q --upgrade pip >&2
 	@$(BIN)/pip install -q -e '.[dev]' >&2
 	@touch $@
+
+# An installed wheel comes byte-compiled; an editable install does not, and where
+# PYTHONDONTWRITEBYTECODE is set (it is on these machines) Python never writes the cache, so
+# every `rgrid` command compiled its own modules from source: 0.13 s of a 0.29 s `--reuse` run.
+# compileall writes regardless of that variable and skips what is up to date.
+bytecode: $(INSTALLED)
+	@$(BIN)/python -m compileall -q -j0 rgrid workers >&2
 
 packages:
 	@scripts/services.sh install >&2
@@ -29,7 +36,7 @@ db: services
 	@# Not fatal: the services are shared, and another checkout may have migrated further.
 	@$(BIN)/python scripts/stack.py migrate >&2 || true
 
-demo: $(INSTALLED) runtime
+demo: $(INSTALLED) bytecode runtime
 	@scripts/demo.sh
 
 test: setup

@@ -166,6 +166,20 @@ def docker_client():
     return docker.from_env(timeout=120)
 
 
+def compile_checkout() -> None:
+    """The checkout's bytecode, compiled once, as installing RGrid's wheel compiles it. An
+    editable checkout run with PYTHONDONTWRITEBYTECODE (set on this workplace's machines)
+    never writes it, and every CLI start then compiled rgrid's modules from source: 0.13 s of
+    a 0.29 s `rgrid run --reuse` (cProfile: 28 calls of ``compile``), a cost of the
+    checkout, not of what users install. ``make setup`` compiles it too."""
+    for package in ("rgrid", "workers", "migrations"):
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", "-j", "0", str(REPO / package)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+
 def clean_environ() -> dict[str, str]:
     """The caller's environment without RGRID_*: each row states its own configuration, so a
     stray RGRID_API_URL in the shell cannot turn the embedded row into a stack row."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from bench.harness import (  # noqa: E402
     RUNTIME_IMAGE,
     UV,
     clean_environ,
+    compile_checkout,
     median_row,
     timed,
     uv_env,
@@ -115,19 +115,6 @@ def uv_run(root: Path, project: Path, name: str) -> float:
     cmd = [str(UV), "run", "--locked", "--python", PYTHON_VERSION, "main.py"]
     elapsed, _ = timed(cmd, env=env, cwd=project)
     return elapsed
-
-
-def compile_checkout() -> None:
-    """The checkout's bytecode, compiled once, as installing RGrid's wheel compiles it. An
-    editable checkout run with PYTHONDONTWRITEBYTECODE (set on this workplace's machines)
-    never writes it, and every CLI start then compiled ~16 of rgrid's modules (~0.1 s under
-    load; measured with cProfile): a cost of the checkout, not of what users install."""
-    for package in ("rgrid", "workers", "migrations"):
-        subprocess.run(
-            [sys.executable, "-m", "compileall", "-q", str(REPO / package)],
-            check=True,
-            env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
-        )
 
 
 def parse_options() -> argparse.Namespace:

@@ -25,6 +25,7 @@ from bench.harness import (
     Sample,
     SetupError,
     clean_environ,
+    compile_checkout,
     last_json_line,
     raise_for_exit,
     timed,
@@ -99,6 +100,7 @@ class Env:
 def bench_env(stack_kind: str) -> Iterator[Env]:
     """Temp folders, CLI environments and the pad server; on the way out, everything made here
     (see :func:`cleanup`)."""
+    compile_checkout()
     root = Path(tempfile.mkdtemp(prefix="rgrid-bench-"))
     env = Env(
         root=root,

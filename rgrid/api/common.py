@@ -28,4 +28,4 @@ def authenticate_request() -> None:
     header = request.headers.get("Authorization", "")
     secret = header[7:].strip() if header.lower().startswith("bearer ") else None
     with session_scope(context().session_factory) as session:
-        g.account_id = authenticate(session, secret).id
+        g.account_id = authenticate(session, secret)

@@ -66,10 +66,15 @@ def create_execution(body: SubmitRequest):
         )
     metrics.SUBMITTED.inc()
     if reused:
-        # Answered from the output cache: no worker, no sandbox, nothing queued.
+        # Answered from the output cache: no worker, no sandbox, nothing queued. The answer
+        # carries the log's first page too (with the outputs, as the final page does), so a
+        # follower's next request is for the outputs' bytes: a reused run is one API request.
         with session_scope(ctx.session_factory) as session:
             execution = svc.get_execution(session, g.account_id, execution_id)
-            return jsonify(svc.execution_to_dict(execution)), 201
+            answer = svc.execution_to_dict(execution)
+            with contextlib.suppress(NotFound):  # lost since the check: the follower is told
+                answer["log_page"] = _log_page(session, execution, ctx, 0)
+            return jsonify(answer), 201
     if env:
         # Encrypted, in Redis, until the execution ends: never in the database.
         ctx.channels.put_env(execution_id, env)
@@ -151,16 +156,25 @@ def get_logs(execution_id: str, query: LogsQuery):
         while True:
             with session_scope(ctx.session_factory) as session:
                 execution = svc.get_execution(session, g.account_id, execution_id)
-                page = svc.read_logs(execution, ctx.logs, ctx.store, offset)
-                if page["complete"]:
-                    page["execution"] = svc.execution_to_dict(execution)
-                    with contextlib.suppress(NotFound):  # then GET .../outputs says which
-                        listing = _download_listing(session, execution, ctx)
-                        page["outputs"], page["output_packs"] = listing["outputs"], listing["packs"]
+                page = _log_page(session, execution, ctx, offset)
             left = deadline - time.monotonic()
             if page["chunks"] or page["complete"] or left <= 0:
                 return jsonify(page)
             wait_for_change(min(left, LOG_RECHECK_S))
+
+
+def _log_page(session: Session, execution: Execution, ctx: PipelineContext, offset: int) -> dict:
+    """A page of the log from ``offset``; the final one also carries the finished execution
+    and its outputs as ``GET .../outputs`` lists them."""
+    page = svc.read_logs(execution, ctx.logs, ctx.store, offset)
+    if page["complete"]:
+        page["execution"] = svc.execution_to_dict(execution)
+        with contextlib.suppress(NotFound):  # then GET .../outputs says which
+            listing = svc.output_listing(session, execution, ctx.store)
+            svc.inline_small_outputs(listing, ctx.store, ctx.settings.inline_output_bytes)
+            listing = _without_keys(listing)
+            page["outputs"], page["output_packs"] = listing["outputs"], listing["packs"]
+    return page
 
 
 @bp.post("/executions/<execution_id>/stdin")
@@ -208,7 +222,10 @@ def get_outputs(execution_id: str):
 def _download_listing(session: Session, execution: Execution, ctx: PipelineContext) -> dict:
     """Each output with its presigned URL, or its pack and offset; each pack with its URL
     (the object keys stay on the server)."""
-    listing = svc.output_listing(session, execution, ctx.store)
+    return _without_keys(svc.output_listing(session, execution, ctx.store))
+
+
+def _without_keys(listing: dict) -> dict:
     return {
         "outputs": [{k: v for k, v in o.items() if k != "key"} for o in listing["outputs"]],
         "packs": [{k: v for k, v in p.items() if k != "key"} for p in listing["packs"]],

@@ -317,13 +317,14 @@ class _Download:
         return jobs
 
     def run(self) -> list[Path]:
-        from concurrent.futures import ThreadPoolExecutor
-
         jobs = self.jobs()
         if len(jobs) <= 1:
             for job in jobs:
                 job()
             return self.written
+        # Imported only for more than one job: it costs as much as a small output's GET.
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(min(FETCH_THREADS, len(jobs))) as pool:
             futures = [pool.submit(job) for job in jobs]
             try:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from rgrid.client.remote import RemoteClient
 from rgrid.core.config import Settings
 from rgrid.core.spec import RunSpec
 from rgrid.store.channels import StdinSource
@@ -93,4 +92,8 @@ def make_client(settings: Settings) -> Client:
         from rgrid.service.context import embedded_context
 
         return EmbeddedClient(embedded_context(settings))
+    # Imported only here too: http.client (and the email parser it brings) is a quarter of the
+    # CLI's import time, and the embedded default's agent speaks over a socket without it.
+    from rgrid.client.remote import RemoteClient
+
     return RemoteClient(settings.api_url, settings.api_key, settings.api_retry_s)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ streamed uploads and downloads of presigned object-store URLs. It offers the cal
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -51,6 +52,9 @@ class RemoteClient:
         #: Output listings that came with a log's final page, by execution: the download
         #: that follows needs no request of its own.
         self._final_outputs: dict[str, dict] = {}
+        #: Log pages that came with a submission's answer (a run answered from the output
+        #: cache is over before it is returned), by execution and offset.
+        self._pages: dict[tuple[str, int], dict] = {}
         #: What the server's last missing-digests answer said a submission may carry inline.
         self.inline_bytes = 0
 
@@ -147,6 +151,8 @@ class RemoteClient:
     def submit(self, spec: RunSpec, *, stdin_source: StdinSource | None = None) -> dict:
         payload = spec.submit_body(stdin=stdin_source is not None)
         submitted = self._request("POST", "/executions", payload)
+        if isinstance(page := submitted.pop("log_page", None), dict):
+            self._pages[(submitted["execution_id"], page.get("offset", 0))] = page
         if stdin_source is not None:
             threading.Thread(
                 target=self._feed_stdin,
@@ -236,10 +242,13 @@ class RemoteClient:
         return self._request("GET", "/batches", params={"limit": limit})["batches"]
 
     def logs(self, execution_id: str, offset: int, wait: bool = False) -> dict:
-        params = {"offset": offset}
-        if wait:
-            params["wait"] = self.log_wait_s
-        page = self._request("GET", f"/executions/{execution_id}/logs", params=params, retry=wait)
+        page = self._pages.pop((execution_id, offset), None)
+        if page is None:
+            params = {"offset": offset}
+            if wait:
+                params["wait"] = self.log_wait_s
+            path = f"/executions/{execution_id}/logs"
+            page = self._request("GET", path, params=params, retry=wait)
         if page.get("complete") and "outputs" in page:
             self._final_outputs[execution_id] = {
                 "outputs": page["outputs"],
@@ -329,7 +338,11 @@ class RemoteClient:
     @contextmanager
     def _fetch_output(self, output: dict) -> Iterator[Iterator[bytes]]:
         """The output's bytes from its presigned URL. A network failure is the object store's
-        (ServiceUnavailable); an OSError that escapes is this filesystem's."""
+        (ServiceUnavailable); an OSError that escapes is this filesystem's. A small one the
+        log's final page carried (``data``) needs no GET."""
+        if "data" in output:
+            yield iter([base64.b64decode(output["data"])])
+            return
         url = output["url"]
         objects = self._objects()
         try:

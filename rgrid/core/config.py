@@ -167,6 +167,10 @@ class Settings:
     #: before encoding) in place of an upload each: an edited module then costs no round trip
     #: of its own (missing-digests call, presigned PUT, completion). 0: every file is uploaded.
     inline_upload_bytes: int = setting("RGRID_INLINE_UPLOAD_BYTES", 256 * 1024)
+    #: Small outputs the final log page itself carries (base64, at most this many bytes in
+    #: all): the follower that gets it then fetches them with no GET of its own (a reused
+    #: run is one request). 0: every output is fetched from the object store.
+    inline_output_bytes: int = setting("RGRID_INLINE_OUTPUT_BYTES", 256 * 1024)
     #: Seconds an API process trusts that a blob's object is in the store after it last saw
     #: it there, before asking again (one HEAD per file per run otherwise); 0: always ask.
     blob_presence_ttl_s: float = setting("RGRID_BLOB_PRESENCE_TTL", 300.0)

@@ -130,14 +130,14 @@ def lookup(session: Session, account_id: int, key: str) -> OutputCache | None:
 
 def still_stored(session: Session, store: ObjectStore, entry: OutputCache) -> bool:
     """The original's log and every output blob are still in the store: one query for the
-    blobs, one HEAD per object that holds them (a pack of 10,000 small outputs: one)."""
-    if not store.exists(cache_keys.log_object_key(entry.execution_id)):
-        return False
+    blobs, one HEAD per object that holds them (a pack of 10,000 small outputs: one), the
+    log's among them, all at once."""
     outputs = entry.outputs or []
     found = blobs.blobs_for(session, entry.account_id, [o["sha256"] for o in outputs])
     if any(output["sha256"] not in found for output in outputs):
         return False
-    return all(exists_many(store, [blob.object_key for blob in found.values()]).values())
+    log = cache_keys.log_object_key(entry.execution_id)
+    return all(exists_many(store, [log, *(blob.object_key for blob in found.values())]).values())
 
 
 def answered_columns(

@@ -4,11 +4,13 @@ listed, and its log and outputs read back."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import re
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import select
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from rgrid.core import cache_keys
 from rgrid.core.config import Settings
-from rgrid.core.errors import BadInput, LostFromStore, NotFound
+from rgrid.core.errors import BadInput, LostFromStore, NotFound, ServiceUnavailable
 from rgrid.core.models import Execution, iso_utc
 from rgrid.core.spec import RunSpec
 from rgrid.core.statuses import TERMINAL_STATUSES
@@ -270,6 +272,39 @@ def lost_objects(session: Session, execution: Execution, store: ObjectStore) -> 
         if (blob := blobs.get(output["sha256"])) is None or not present[blob.object_key]
     ]
     return {"log_lost": bool(log_lost), "lost_outputs": lost}
+
+
+def inline_small_outputs(listing: dict, store: ObjectStore, budget: int) -> None:
+    """Give the smallest outputs of their own object their bytes (``data``, base64), up to
+    ``budget`` bytes in all, read several at a time. One whose object is gone is left as it
+    is, and so is one the store fails to read now: the client's own GET then says why."""
+    small = sorted(
+        (o for o in listing["outputs"] if "key" in o and "pack" not in o),
+        key=lambda o: o["size"],
+    )
+    chosen, total = [], 0
+    for output in small:
+        if total + output["size"] > budget:
+            break
+        chosen.append(output)
+        total += output["size"]
+    if not chosen:
+        return
+
+    def read(output: dict) -> bytes | None:
+        try:
+            return store.get_bytes(output["key"])
+        except (NotFound, ServiceUnavailable):
+            return None
+
+    with ThreadPoolExecutor(min(INLINE_READ_THREADS, len(chosen))) as pool:
+        for output, data in zip(chosen, pool.map(read, chosen), strict=True):
+            if data is not None:
+                output["data"] = base64.b64encode(data).decode()
+
+
+#: Outputs read at once for :func:`inline_small_outputs`.
+INLINE_READ_THREADS = 8
 
 
 def output_listing(session: Session, execution: Execution, store: ObjectStore) -> dict:

@@ -136,7 +136,7 @@ def exists_many(store: ObjectStore, keys: list[str]) -> dict[str, bool]:
     requests at a time."""
     keys = list(dict.fromkeys(keys))
     lister = getattr(store, "keys_under", None)
-    if isinstance(store, LocalStore) or len(keys) < 4:
+    if isinstance(store, LocalStore) or len(keys) < 2:
         return {key: store.exists(key) for key in keys}
     groups: dict[str, list[str]] = {}
     for key in keys:

@@ -53,6 +53,33 @@ def test_keys_are_stored_hashed(ctx, issue_key):
         assert secret not in (row.key_hash, row.prefix) and len(row.key_hash) == 64
 
 
+def test_a_key_records_its_use_to_the_minute_not_on_every_request(app, ctx, issue_key):
+    """Following a run is many requests: the key's ``last_used_at`` is written at its first
+    use and again once it is a minute old, not by each of them."""
+    from datetime import timedelta
+
+    from rgrid.core.models import ApiKey
+
+    _, key_id, secret = issue_key("key-use-user")
+    client = app.test_client()
+
+    def last_used():
+        with session_scope(ctx.session_factory) as session:
+            return session.get(ApiKey, key_id).last_used_at
+
+    assert last_used() is None
+    assert client.get("/v1/executions", headers=_auth(secret)).status_code == 200
+    first = last_used()
+    assert first is not None
+    assert client.get("/v1/executions", headers=_auth(secret)).status_code == 200
+    assert last_used() == first
+    with session_scope(ctx.session_factory) as session:
+        stale = first - timedelta(seconds=accounts.KEY_USE_RESOLUTION_S)
+        session.get(ApiKey, key_id).last_used_at = stale
+    assert client.get("/v1/executions", headers=_auth(secret)).status_code == 200
+    assert last_used() > first
+
+
 def test_create_validates_and_scopes_to_the_account(app, issue_key):
     client = app.test_client()
     _, _, alice = issue_key("alice")

@@ -1,6 +1,7 @@
 """Following a run against the real Redis, object store and API: the long poll is woken by
 the workers' announcements, and its final page lists the outputs to download."""
 
+import base64
 import io
 import threading
 import time
@@ -113,3 +114,77 @@ def test_a_chunk_sent_again_after_a_lost_reply_is_stored_once(redis_url):
     finally:
         logs.clear(execution_id)
     assert logs.read(execution_id) == []
+
+
+TOKEN_SCRIPT = (
+    "import os, uuid\nos.makedirs('outputs', exist_ok=True)\n"
+    "open('outputs/token.txt', 'w').write(uuid.uuid4().hex)\nprint('ran')\n"
+)
+
+
+def _headers(ctx, account) -> dict:
+    with session_scope(ctx.session_factory) as session:
+        _, secret = accounts.issue_key(session, session.get(Account, account.id))
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def _submit_body(reuse: bool) -> dict:
+    from rgrid.core.spec import RunSpec
+
+    body = RunSpec(script=TOKEN_SCRIPT, script_name="job.py", args=["a"]).submit_body(stdin=False)
+    return {**body, "reuse": reuse}
+
+
+def _ran(ctx, account, body: dict) -> str:
+    """The body's run, submitted as the API does it (created, its action key looked up) but
+    not queued (no worker takes it from under the test), then run here; its id."""
+    from rgrid.core.spec import RunSpec
+    from rgrid.pipeline import reuse
+    from rgrid.pipeline.chain import run_all
+    from rgrid.service.executions import create_execution
+
+    with session_scope(ctx.session_factory) as session:
+        spec = RunSpec.from_body(body)
+        execution = create_execution(
+            session, ctx.store, ctx.settings, account_id=account.id, spec=spec
+        )
+        image = reuse.grid_runtime_image(ctx.hosts.client, ctx.settings.queue, "python:3.11")
+        reuse.at_submission(
+            session, ctx.store, ctx.settings, execution, env=None, runtime_image=image, reuse=False
+        )
+        execution_id = execution.id
+    run_all(ctx, execution_id)
+    ctx.join_background()
+    return execution_id
+
+
+def test_a_reused_submission_answers_with_its_log_and_small_outputs(app, ctx, account):
+    """The answer to a submission the output cache answers is the whole run: its replayed
+    log and its outputs, small ones with their bytes, so the CLI makes no other request."""
+    headers = _headers(ctx, account)
+    client = app.test_client()
+    first_id = _ran(ctx, account, _submit_body(reuse=True))
+
+    answer = client.post("/v1/executions", json=_submit_body(reuse=True), headers=headers)
+    second = answer.json
+    assert answer.status_code == 201 and second["reused_from"] == first_id
+    page = second["log_page"]
+    assert page["complete"] and page["execution"]["execution_id"] == second["execution_id"]
+    assert "ran\n" in [text for stream, text in page["chunks"] if stream == "stdout"]
+    [output] = page["outputs"]
+    with urllib.request.urlopen(output["url"]) as response:
+        token = response.read()
+    assert len(token) == 32 and base64.b64decode(output["data"]) == token
+
+
+def test_outputs_ride_in_the_final_page_only_within_the_setting(server_settings, ctx, account):
+    from dataclasses import replace
+
+    headers = _headers(ctx, account)
+    execution_id = _ran(ctx, account, _submit_body(reuse=False))
+    for budget, inline in ((0, False), (32, True), (31, False)):
+        client = create_app(replace(server_settings, inline_output_bytes=budget)).test_client()
+        page = client.get(f"/v1/executions/{execution_id}/logs?wait=5", headers=headers).json
+        [output] = page["outputs"]
+        assert ("data" in output) is inline, (budget, output)
+        assert output["url"]
