@@ -21,7 +21,7 @@ import docker
 
 from rgrid.core import cache_keys
 from rgrid.core.cache_keys import MANAGED_LABEL
-from rgrid.host import dependencies
+from rgrid.host import bytecode, dependencies
 from rgrid.host.runtimes import RuntimeSpec
 from rgrid.host.sandbox import DEPS_MOUNT
 
@@ -88,11 +88,23 @@ def install(
             account_id, dependencies.resolution_hash(spec, requirements, pins)
         )
         (scratch / ".lock").unlink(missing_ok=True)  # uv's lock for the target folder
+        _take_bytecode(root, scratch, account_id, log)
         with contextlib.suppress(OSError):  # already there: identical content
             os.rename(scratch, root / name)
         return Installed(name, pins, round(time.monotonic() - started, 3))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _take_bytecode(root: Path, folder: Path, account_id: int, log: Callable[[str], None]) -> None:
+    """Before its first run, a new folder takes the bytecode of the package files it shares
+    with the account's compiled folders (rgrid/host/bytecode.py): a first run of pandas in a
+    new set then imports it compiled."""
+    bytecode.drop_shipped(folder)
+    bytecode.mark_account(folder, account_id)
+    givers = bytecode.givers(root, folder, account_id, COMPILED_MARKER)
+    if givers and (linked := bytecode.share(folder, givers)):
+        log(f"bytecode of {linked} module(s) taken from {len(givers)} earlier environment(s)")
 
 
 def compile_bytecode(client: docker.DockerClient, image: str, path: Path) -> None:

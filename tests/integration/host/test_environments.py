@@ -240,3 +240,54 @@ def test_inline_tool_uv_exclude_newer_is_honoured(ctx, run_script):
     assert result["status"] == "succeeded", result["error"]
     assert result["resolved_dependencies"] == ["six==1.16.0"]
     assert stored_log(ctx, result["execution_id"], "stdout") == "1.16.0\n"
+
+
+COMPILED_PROBE = (
+    "import importlib.util, os, {module}\n"
+    "print(os.path.exists(importlib.util.cache_from_source({module}.__file__)))\n"
+)
+
+
+def _compiled(ctx, environment: str) -> None:
+    """Wait for the folder's background bytecode compile to finish."""
+    import time
+
+    marker = ctx.settings.environments_dir / environment / environments.COMPILED_MARKER
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, "bytecode never compiled"
+        time.sleep(0.2)
+
+
+def test_a_new_set_imports_the_files_it_shares_with_the_accounts_earlier_sets_compiled(
+    ctx, run_script, probe
+):
+    """A new set's first run finds compiled bytecode for the package files an earlier set of
+    the same account holds (the same files, from uv's cache); another account's new set
+    gets none of it."""
+    from rgrid.service.accounts import create_account
+
+    requirements, module, wheels = probe
+    script = COMPILED_PROBE.format(module=module)
+    first = run_script(script, requirements=requirements)
+    assert first["status"] == "succeeded", first["error"]
+    # The first set ever: its run imported from source; its bytecode is compiled after.
+    assert stored_log(ctx, first["execution_id"], "stdout") == "False\n"
+    _compiled(ctx, first["environment"])
+
+    extra = f"rgrid-extra-{secrets.token_hex(4)}"
+    make_wheel(wheels, extra, "1.0")
+    second = run_script(script, requirements=f"{requirements}{extra}\n")
+    assert second["status"] == "succeeded", stored_log(ctx, second["execution_id"], "stderr")
+    assert second["environment"] != first["environment"]
+    assert second["dependency_cache_hit"] is False
+    assert stored_log(ctx, second["execution_id"], "stdout") == "True\n"
+    detail = stored_log(ctx, second["execution_id"], "detail")
+    assert "bytecode of 1 module(s) taken from 1 earlier environment(s)" in detail
+
+    with session_scope(ctx.session_factory) as session:
+        other = create_account(session, f"other-{secrets.token_hex(4)}").id
+    theirs = run_script(script, requirements=f"{requirements}{extra}\n", account_id=other)
+    assert theirs["status"] == "succeeded", theirs["error"]
+    assert stored_log(ctx, theirs["execution_id"], "stdout") == "False\n"
+    assert "bytecode of" not in stored_log(ctx, theirs["execution_id"], "detail")
