@@ -67,8 +67,8 @@ def create_execution(body: SubmitRequest):
     metrics.SUBMITTED.inc()
     if reused:
         # Answered from the output cache: no worker, no sandbox, nothing queued. The answer
-        # carries the log's first page too (with the outputs, as the final page does), so a
-        # follower's next request is for the outputs' bytes: a reused run is one API request.
+        # carries the log's first page too (the final one: with the outputs, small ones with
+        # their bytes), so following a reused run needs no other request.
         with session_scope(ctx.session_factory) as session:
             execution = svc.get_execution(session, g.account_id, execution_id)
             answer = svc.execution_to_dict(execution)
