@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 import docker
 from sqlalchemy import select, update
 
+from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.errors import RGridError
 from rgrid.core.models import Execution, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES, Status
-from rgrid.host import sandbox
+from rgrid.host import sandbox, sandbox_fs
 from rgrid.pipeline.chain import fail
 
 if TYPE_CHECKING:
@@ -27,10 +28,19 @@ if TYPE_CHECKING:
 
 
 def end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:
-    """End an execution whose runner is gone: its sandbox (if on this host) and its row."""
+    """End an execution whose runner is gone: its sandbox (if on this host) with its host
+    folder and filesystem, and its row. The runner would have removed the folder; without
+    this its filesystem stayed mounted until a later sweep of this data folder, which for an
+    embedded user's folder may never come."""
+    name, host_dir = f"{sandbox.RUN_NAME_PREFIX}{execution_id}", None
     with contextlib.suppress(docker.errors.DockerException, RGridError):
-        ctx.docker.api.kill(f"{sandbox.RUN_NAME_PREFIX}{execution_id}")
+        labels = ctx.docker.api.inspect_container(name)["Config"]["Labels"] or {}
+        host_dir = labels.get(cache_keys.HOST_DIR_LABEL)
+        ctx.docker.api.kill(name)
     fail(ctx, execution_id, message)
+    if host_dir:
+        # Lazily unmounted (release_disk): the killed container may still be exiting.
+        sandbox_fs.remove_folder(Path(host_dir))
 
 
 #: How many times the lease sweep sends a lost runner's run step back to its host before it

@@ -160,6 +160,8 @@ def test_a_killed_in_process_cli_is_cleaned_up_by_the_next_one(embedded_env, tmp
     assert killed["status"] == "error"
     assert killed["error"] == "interrupted: the rgrid process running it was killed"
     assert _sandbox_gone(killed["execution_id"])
+    # Its host folder and filesystem too: nothing else may ever run in this data folder.
+    assert _no_work_folders(Path(env["RGRID_DATA_DIR"]))
 
 
 def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
@@ -185,6 +187,7 @@ def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
     (killed,) = [e for e in executions if e["script_name"] == "ticker.py"]
     assert killed["status"] == "error"
     assert _sandbox_gone(killed["execution_id"])
+    assert _no_work_folders(Path(embedded_env["RGRID_DATA_DIR"]))
 
 
 def test_detach_returns_at_once_and_the_run_goes_on(stack_env, tmp_path):
