@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 import docker
 from sqlalchemy import select, update
 
-from rgrid.core import cache_keys
 from rgrid.core.db import session_scope
 from rgrid.core.errors import RGridError
 from rgrid.core.models import Execution, utcnow
 from rgrid.core.statuses import TERMINAL_STATUSES, Status
-from rgrid.host import sandbox, sandbox_fs
+from rgrid.host import sandbox_container, sandbox_reattach
 from rgrid.pipeline.chain import fail
 
 if TYPE_CHECKING:
@@ -32,15 +31,11 @@ def end_lost(ctx: PipelineContext, execution_id: str, message: str) -> None:
     folder and filesystem, and its row. The runner would have removed the folder; without
     this its filesystem stayed mounted until a later sweep of this data folder, which for an
     embedded user's folder may never come."""
-    name, host_dir = f"{sandbox.RUN_NAME_PREFIX}{execution_id}", None
-    with contextlib.suppress(docker.errors.DockerException, RGridError):
-        labels = ctx.docker.api.inspect_container(name)["Config"]["Labels"] or {}
-        host_dir = labels.get(cache_keys.HOST_DIR_LABEL)
-        ctx.docker.api.kill(name)
+    with contextlib.suppress(docker.errors.DockerException, RGridError, OSError):
+        box = sandbox_reattach.find_claimed(ctx.docker, ctx.settings.sandboxes_dir, execution_id)
+        if box is not None:
+            sandbox_container.discard(ctx.docker, box)
     fail(ctx, execution_id, message)
-    if host_dir:
-        # Lazily unmounted (release_disk): the killed container may still be exiting.
-        sandbox_fs.remove_folder(Path(host_dir))
 
 
 #: How many times the lease sweep sends a lost runner's run step back to its host before it
