@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib
+import os
 import sys
 
 import click
@@ -22,6 +23,9 @@ EXIT_RGRID = 125
 EXIT_TIMED_OUT = 124
 #: Stopped by Ctrl-C, or cancelled.
 EXIT_INTERRUPTED = 130
+#: Whoever read the output went away (``| head``): 128 + SIGPIPE, as a shell reports a
+#: command the signal ended.
+EXIT_OUTPUT_CLOSED = 141
 
 
 def json_requested(args: list[str]) -> bool:
@@ -75,6 +79,20 @@ class RGridGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("rgrid: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Before click's own answer to it (exit 1): `rgrid list | head -1` ends as
+            # `rgrid run ... | head -1` does.
+            silence(sys.stdout)
+            silence(sys.stderr)
+            sys.exit(EXIT_OUTPUT_CLOSED)
+
+
+def silence(stream) -> None:
+    """Nobody reads ``stream`` any more (``| head``): point it at /dev/null, so that nothing
+    left to write or flush raises again at exit (Python's documented recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 @click.group(cls=RGridGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import click
 
-from rgrid.cli import EXIT_INTERRUPTED, EXIT_RGRID, EXIT_TIMED_OUT, cli, listfile
+from rgrid.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_CLOSED,
+    EXIT_RGRID,
+    EXIT_TIMED_OUT,
+    cli,
+    listfile,
+    silence,
+)
 from rgrid.cli.executions import fetch_outputs, follow, outputs_dir_for
 from rgrid.cli.output import LogPrinter, note, print_json, print_summary
 from rgrid.cli.signals import Stopped, stop_signals
@@ -429,11 +437,15 @@ def _follow_and_finish(
         with stop_signals():
             execution = follow(client, execution_id, printer)
     except (KeyboardInterrupt, Stopped, BrokenPipeError) as exc:
-        code = {KeyboardInterrupt: 130, BrokenPipeError: 141}.get(type(exc)) or exc.exit_code
+        codes = {KeyboardInterrupt: EXIT_INTERRUPTED, BrokenPipeError: EXIT_OUTPUT_CLOSED}
+        code = codes.get(type(exc)) or exc.exit_code
         if isinstance(exc, BrokenPipeError):
-            silence_stdout()
+            silence(sys.stdout)
         status = cancel_and_wait(client, execution_id)
-        click.echo(f"rgrid: stopped; execution {execution_id} {status}", err=True)
+        try:
+            click.echo(f"rgrid: stopped; execution {execution_id} {status}", err=True)
+        except BrokenPipeError:  # stderr went with stdout: `rgrid run ... 2>&1 | head`
+            silence(sys.stderr)
         raise SystemExit(code) from None
     dest = outputs_dir_for(execution_id)
     written = fetch_outputs(client, execution, dest)
@@ -446,13 +458,6 @@ def _follow_and_finish(
     if status == "failed":
         raise SystemExit(execution["exit_code"] or 1)
     raise SystemExit(EXIT_STATUS.get(status, EXIT_RGRID))
-
-
-def silence_stdout() -> None:
-    """Nobody reads stdout any more (``| head``): point it at /dev/null, so that nothing left
-    to flush raises again at exit (Python's documented recipe for SIGPIPE)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 #: How long a stopped `rgrid run` waits for its execution to end before it leaves anyway.

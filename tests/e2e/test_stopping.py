@@ -23,13 +23,25 @@ def _start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
     (cwd / "ticker.py").write_text(TICKER)
     return subprocess.Popen(
         [RGRID, "run", "ticker.py", *args],
-        env=env,
+        # A CLI that hangs is made to print where it is (_ended), so a rare hang says why.
+        env={**env, "PYTHONFAULTHANDLER": "1"},
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
     )
+
+
+def _ended(process: subprocess.Popen, timeout_s: float = 30) -> str:
+    """The stopped CLI's stderr once it has exited; if it has not within ``timeout_s``, the
+    test fails with the stack of every thread of it (faulthandler, on SIGABRT)."""
+    try:
+        return process.communicate(timeout=timeout_s)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _out, err = process.communicate(timeout=10)
+        pytest.fail(f"rgrid run did not end within {timeout_s} s; where it was:\n{err}")
 
 
 def _wait_for_ticks(process: subprocess.Popen) -> None:
@@ -79,7 +91,7 @@ def test_stopping_rgrid_run_cancels_the_execution(embedded_env, tmp_path, signum
     _wait_for_ticks(process)
     started = time.monotonic()
     process.send_signal(signum)
-    _out, err = process.communicate(timeout=30)
+    err = _ended(process)
     took = time.monotonic() - started
     assert process.returncode == exit_code, err
     assert "Traceback" not in err
@@ -106,6 +118,55 @@ def test_a_closed_stdout_cancels_the_execution(embedded_env, tmp_path):
     assert _sandbox_gone(execution_id)
 
 
+def test_output_and_errors_closed_together_cancel_the_execution(embedded_env, tmp_path):
+    """`rgrid run ticker.py 2>&1 | head -2`: RGrid's own last line has nowhere to go either,
+    and the run still stops, with the same exit code."""
+    (tmp_path / "ticker.py").write_text(TICKER)
+    process = subprocess.Popen(
+        [RGRID, "run", "ticker.py"],
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen = [process.stdout.readline()]
+    while not seen[-1].startswith("tick"):
+        assert seen[-1], seen
+        seen.append(process.stdout.readline())
+    process.stdout.close()
+    process.wait(30)
+    assert process.returncode == 141, seen
+    execution_id = _execution_id("".join(seen))
+    assert _status(embedded_env, tmp_path, execution_id)["status"] == "cancelled"
+    assert _sandbox_gone(execution_id)
+
+
+def test_any_command_whose_reader_goes_away_ends_141_without_a_traceback(embedded_env, tmp_path):
+    """`rgrid logs ID | head -1` (a log longer than the pipe holds)."""
+    (tmp_path / "long.py").write_text("for i in range(100_000):\n    print('line', i)\n")
+    ran = run_cli("run", "long.py", "--json", env=embedded_env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    execution_id = json.loads(ran.stdout)["execution_id"]
+    process = subprocess.Popen(
+        [RGRID, "logs", execution_id],
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == "line 0\n"
+    process.stdout.close()
+    err = process.stderr.read()
+    process.wait(30)
+    assert process.returncode == 141, err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
 def test_rgrid_cancel_from_another_terminal(embedded_env, tmp_path):
     process = _start(embedded_env, tmp_path)
     _wait_for_ticks(process)
@@ -119,7 +180,7 @@ def test_rgrid_cancel_from_another_terminal(embedded_env, tmp_path):
     result = run_cli("cancel", execution_id, env=embedded_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"cancelled {execution_id}"
-    _out, err = process.communicate(timeout=30)
+    err = _ended(process)
     # The followed run ended cancelled, and says so in its summary line.
     assert process.returncode == 130, err
     assert "cancelled" in err.strip().splitlines()[-1]
@@ -177,7 +238,7 @@ def test_a_killed_agent_ends_its_run_clearly(embedded_env, tmp_path):
 
     agent_pid = AgentClient.connect(sockets[0]).ping()["pid"]
     os.kill(agent_pid, signal.SIGKILL)
-    _out, err = process.communicate(timeout=30)
+    err = _ended(process)
     assert process.returncode == 125, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("rgrid: error: the local rgrid agent stopped")
@@ -218,7 +279,7 @@ def test_ctrl_c_against_the_stack(stack_env, tmp_path):
     process = _start(stack_env, tmp_path)
     _wait_for_ticks(process)
     process.send_signal(signal.SIGINT)
-    _out, err = process.communicate(timeout=30)
+    err = _ended(process)
     assert process.returncode == 130, err
     execution_id = _execution_id(err)
     assert err.strip().splitlines()[-1] == f"rgrid: stopped; execution {execution_id} cancelled"
