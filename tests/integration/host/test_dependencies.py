@@ -1,7 +1,10 @@
 """Dependency sets on the real services, the real package index (through the host's own
 configuration) and Docker: each installed once into a folder on the worker host."""
 
+import functools
+import http.server
 import secrets
+import threading
 
 import pytest
 
@@ -204,3 +207,65 @@ def test_a_locked_set_is_installed_from_its_pins_without_resolving(ctx, run_scri
     phases = stored_phases(ctx, result["execution_id"])
     assert "installing 1 locked package(s), nothing to resolve" in phases, phases
     assert not [p for p in phases if "resolving" in p]
+
+
+class _CountingIndex(http.server.SimpleHTTPRequestHandler):
+    """A find-links page and its wheels, counting what it is asked."""
+
+    asked: list[str]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.asked.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_pins_already_in_the_uv_cache_are_installed_asking_no_index(ctx, run_script, tmp_path):
+    """A lock's pins are the resolution: a new set whose wheels uv has cached installs without
+    a request to the index (as `uv run` of a lock asks none); a pin the cache lacks is still
+    fetched, and the failed cache-only attempt before it leaves no word in the log."""
+    served, local = tmp_path / "served", tmp_path / "local"
+    dist, other, late = (f"idx-{secrets.token_hex(3)}" for _ in range(3))
+    served.mkdir()
+    local.mkdir()
+    make_wheel(served, dist, "1.0")
+    make_wheel(local, other, "1.0")
+    asked: list[str] = []
+    handler = type("Index", (_CountingIndex,), {"asked": asked})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(served))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"--find-links http://127.0.0.1:{server.server_port}/"
+    modules = [name.replace("-", "_") for name in (dist, other, late)]
+    try:
+        first = run_script(
+            f"import {modules[0]}\n", requirements=f"--locked\n{index}\n{dist}==1.0\n"
+        )
+        assert first["status"] == "succeeded", first["error"]
+        assert asked  # the first install fetched the wheel
+
+        asked.clear()
+        both = f"--locked\n{index}\n--find-links {local}\n{dist}==1.0\n{other}==1.0\n"
+        second = run_script(
+            f"import {modules[0]}, {modules[1]}\nprint('both')\n", requirements=both
+        )
+        assert second["status"] == "succeeded", second["error"]
+        assert second["dependency_cache_hit"] is False
+        assert sorted(second["resolved_dependencies"]) == sorted([f"{dist}==1.0", f"{other}==1.0"])
+        assert asked == []
+        assert stored_log(ctx, second["execution_id"], "stdout") == "both\n"
+
+        make_wheel(served, late, "1.0")
+        third = run_script(
+            f"import {modules[2]}\n", requirements=f"--locked\n{index}\n{late}==1.0\n"
+        )
+        assert third["status"] == "succeeded", third["error"]
+        assert asked  # not cached: asked for after all
+        log = stored_log(ctx, third["execution_id"])
+        assert "error" not in log.lower() and "offline" not in log.lower(), log
+    finally:
+        server.shutdown()
+        server.server_close()
