@@ -13,7 +13,8 @@ What is shared is only what RGrid compiled: a wheel's own ``__pycache__`` is rem
 new folder (``drop_shipped``: Python never needs it, and a crafted one must not travel), and
 a ``.pyc`` is linked only beside a source that is the very inode the giver compiled it from.
 Only the same account's folders give (``.rgrid-account``), so no account can time another's
-installs, as environment folders are per account (``cache_keys.environment_name``).
+installs, as environment folders are per account (``cache_keys.environment_name``). A
+folder gives from the moment its compile starts (``givers``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def mark_account(folder: Path, account_id: int) -> None:
 
 
 def givers(root: Path, folder: Path, account_id: int, compiled_marker: str) -> list[Path]:
-    """The account's compiled folders under ``root`` that share the most installed packages
-    (``*.dist-info`` names: name and version) with ``folder``, at most ``MAX_GIVERS``."""
+    """The account's folders under ``root`` that share the most installed packages
+    (``*.dist-info`` names: name and version) with ``folder``, at most ``MAX_GIVERS``; of
+    two sharing as many, the compiled one (``compiled_marker``) first.
+
+    A folder whose compile is still running gives what it has so far: each ``.pyc`` is
+    written whole under a temporary name and then renamed (``py_compile``), and only names
+    ending ``.pyc`` are taken. Waiting for the marker gave nothing to a set installed within
+    the previous one's compile (pandas: 5-28 s at the compile's low CPU weight, measured
+    here), which is when new sets come: a lock edited and run again."""
     wanted = _dists(folder)
     if not wanted:
         return []
@@ -55,12 +63,13 @@ def givers(root: Path, folder: Path, account_id: int, compiled_marker: str) -> l
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
             giver = Path(entry.path)
-            if not (giver / compiled_marker).exists() or _owner(giver) != account_id:
+            if _owner(giver) != account_id:
                 continue
             if shared := len(wanted & _dists(giver)):
-                scored.append((shared, giver))
-    scored.sort(key=lambda pair: -pair[0])
-    return [giver for _, giver in scored[:MAX_GIVERS]]
+                compiled = (giver / compiled_marker).exists()
+                scored.append((-shared, not compiled, giver.name, giver))
+    scored.sort()
+    return [giver for *_, giver in scored[:MAX_GIVERS]]
 
 
 def share(folder: Path, givers: list[Path]) -> int:

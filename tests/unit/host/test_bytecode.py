@@ -55,19 +55,40 @@ def test_bytecode_is_linked_only_beside_the_same_source_file(tmp_path):
     assert not (taker / "pkg" / "__pycache__" / "other.cpython-311.pyc").exists()
 
 
-def test_only_the_accounts_own_compiled_folders_give(tmp_path):
+def test_only_the_accounts_own_folders_give_the_compiled_first(tmp_path):
     root = tmp_path / "environments"
     mine = _folder(root, "mine", 7, ["pkg", "dep"])
     theirs = _folder(root, "theirs", 8, ["pkg", "dep"])
-    unfinished = _folder(root, "unfinished", 7, ["pkg", "dep"])
+    compiling = _folder(root, "a-compiling", 7, ["pkg", "dep"])
     fewer = _folder(root, "fewer", 7, ["dep"])
     unrelated = _folder(root, "unrelated", 7, ["else"])
+    _folder(root, "later", 7, ["dep"])
     for folder in (mine, theirs, fewer, unrelated):
         (folder / MARKER).touch()
     taker = _folder(root, ".tmp-new", 7, ["pkg", "dep"])
-    assert unfinished.is_dir()
-    assert bytecode.givers(root, taker, 7, MARKER) == [mine, fewer]
+    assert bytecode.givers(root, taker, 7, MARKER) == [mine, compiling, fewer]
     assert bytecode.givers(root, taker, 9, MARKER) == []
+
+
+def test_a_folder_still_compiling_gives_its_whole_pyc_files_only(tmp_path):
+    """py_compile writes ``<name>.pyc.<id>`` and renames it: a name not ending ``.pyc`` is
+    one being written, never linked."""
+    root = tmp_path / "environments"
+    giver = _folder(root, "compiling", 7, ["pkg"])
+    (giver / "pkg").mkdir()
+    for name in ("done", "writing"):
+        (giver / "pkg" / f"{name}.py").write_text("A = 1\n")
+    _compile(giver, "pkg/done.py")
+    half = giver / "pkg" / "__pycache__" / "writing.cpython-311.pyc.140001"
+    half.write_bytes(b"half")
+    taker = _folder(root, ".tmp-new", 7, ["pkg"])
+    (taker / "pkg").mkdir()
+    for name in ("done", "writing"):
+        os.link(giver / "pkg" / f"{name}.py", taker / "pkg" / f"{name}.py")
+    assert bytecode.share(taker, bytecode.givers(root, taker, 7, MARKER)) == 1
+    assert sorted(p.name for p in (taker / "pkg" / "__pycache__").iterdir()) == [
+        "done.cpython-311.pyc"
+    ]
 
 
 def test_a_wheels_own_bytecode_is_dropped(tmp_path):
