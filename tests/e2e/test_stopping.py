@@ -16,7 +16,7 @@ import pytest
 
 from rgrid.host.sandbox import RUN_NAME_PREFIX
 from tests.conftest import TICKER
-from tests.e2e.conftest import RGRID, run_cli
+from tests.e2e.conftest import RGRID, run_cli, start_cli
 
 
 def _start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
@@ -150,14 +150,7 @@ def test_any_command_whose_reader_goes_away_ends_141_without_a_traceback(embedde
     ran = run_cli("run", "long.py", "--json", env=embedded_env, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     execution_id = json.loads(ran.stdout)["execution_id"]
-    process = subprocess.Popen(
-        [RGRID, "logs", execution_id],
-        env=embedded_env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("logs", execution_id, env=embedded_env, cwd=tmp_path)
     assert process.stdout is not None and process.stderr is not None
     assert process.stdout.readline() == "line 0\n"
     process.stdout.close()
